@@ -1,0 +1,82 @@
+//! The Furnace recipe: a TOML file of sections (see `recipe.rs`), read with unknown keys
+//! rejected, overridden from the command line with `--set section.key=value`, validated before
+//! any work starts, and resolved into concrete values (`ResolvedModel`) for the other crates.
+
+pub mod recipe;
+pub mod schema;
+
+mod error;
+mod explain;
+mod model;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+pub use error::RecipeError;
+pub use explain::explain;
+pub use model::ResolvedModel;
+pub use recipe::*;
+
+impl Recipe {
+    /// Read a recipe file, apply `section.key=value` overrides, and validate the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError {
+            file: file.clone(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read the recipe: {e}"),
+            fix: "pass an existing TOML file with --config (see recipes/ for examples)".into(),
+        })?;
+        Self::from_toml(&text, &file, overrides)
+    }
+
+    /// Parse recipe text; `file` names it in errors.
+    pub fn from_toml(text: &str, file: &str, overrides: &[String]) -> Result<Recipe, RecipeError> {
+        let recipe: Recipe = toml::from_str(text).map_err(|e| RecipeError::from_toml(file, text, &e))?;
+        let recipe = if overrides.is_empty() {
+            recipe
+        } else {
+            let mut table = toml::Table::try_from(&recipe).expect("a recipe always serializes");
+            for item in overrides {
+                error::apply_override(&mut table, item, file)?;
+            }
+            Recipe::deserialize_value(table, file)?
+        };
+        validate::validate(&recipe, file, text)?;
+        Ok(recipe)
+    }
+
+    fn deserialize_value(table: toml::Table, file: &str) -> Result<Recipe, RecipeError> {
+        use serde::Deserialize;
+        Recipe::deserialize(toml::Value::Table(table)).map_err(|e| RecipeError {
+            file: file.into(),
+            line: None,
+            key: "--set".into(),
+            message: e.to_string(),
+            fix: "give a value of the type `furnace recipe explain` lists for that key".into(),
+        })
+    }
+
+    /// The folder this run writes to.
+    pub fn output_dir(&self) -> PathBuf {
+        if self.run.output_dir.is_empty() {
+            PathBuf::from("runs").join(&self.run.name)
+        } else {
+            PathBuf::from(&self.run.output_dir)
+        }
+    }
+
+    /// The recipe as TOML, with every default written out (stored in each checkpoint).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a recipe always serializes")
+    }
+
+    /// Tokens consumed by one optimizer step on one rank.
+    pub fn tokens_per_step(&self) -> usize {
+        self.training.local_batch_size * self.training.seq_len * self.training.grad_accum_steps
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,75 @@
+use crate::recipe::*;
+
+/// The model with every choice made: preset, arch defaults and explicit overrides applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedModel {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub d_ff: usize,
+    pub max_seq_len: usize,
+    pub norm: Norm,
+    pub norm_eps: f64,
+    pub position: Position,
+    pub rope_theta: f64,
+    pub mlp: Mlp,
+    pub bias: bool,
+    pub tie_embeddings: bool,
+    pub sliding_window: usize,
+    pub parallel_block: bool,
+    pub dropout: f64,
+}
+
+struct Preset {
+    d_model: usize,
+    n_layers: usize,
+    n_heads: usize,
+    max_seq_len: usize,
+    vocab_size: Option<usize>,
+}
+
+fn preset(flavor: Flavor) -> Preset {
+    match flavor {
+        Flavor::Tiny => Preset { d_model: 64, n_layers: 2, n_heads: 4, max_seq_len: 256, vocab_size: None },
+        Flavor::Quickstart => Preset { d_model: 128, n_layers: 4, n_heads: 4, max_seq_len: 256, vocab_size: None },
+        Flavor::Small => Preset { d_model: 256, n_layers: 4, n_heads: 4, max_seq_len: 1024, vocab_size: None },
+        Flavor::Gpt2_124m => Preset { d_model: 768, n_layers: 12, n_heads: 12, max_seq_len: 1024, vocab_size: Some(50257) },
+    }
+}
+
+impl ModelSection {
+    /// Resolve preset + arch defaults + overrides. `tokenizer_vocab` fills an unset vocab_size.
+    pub fn resolve(&self, tokenizer_vocab: Option<usize>) -> ResolvedModel {
+        let p = preset(self.flavor);
+        let llama = self.arch == Arch::Llama;
+        let d_model = self.d_model.unwrap_or(p.d_model);
+        let mlp = self.mlp.unwrap_or(if llama { Mlp::SwiGlu } else { Mlp::Gelu });
+        let n_heads = self.n_heads.unwrap_or(p.n_heads);
+        ResolvedModel {
+            arch: self.arch,
+            vocab_size: self.vocab_size.or(p.vocab_size).or(tokenizer_vocab).unwrap_or(512),
+            d_model,
+            n_layers: self.n_layers.unwrap_or(p.n_layers),
+            n_heads,
+            n_kv_heads: self.n_kv_heads.unwrap_or(n_heads),
+            d_ff: self.d_ff.unwrap_or(match mlp {
+                Mlp::Gelu => 4 * d_model,
+                Mlp::SwiGlu => (8 * d_model / 3).div_ceil(32) * 32,
+            }),
+            max_seq_len: self.max_seq_len.unwrap_or(p.max_seq_len),
+            norm: self.norm.unwrap_or(if llama { Norm::RmsNorm } else { Norm::LayerNorm }),
+            norm_eps: self.norm_eps.unwrap_or(if llama { 1e-6 } else { 1e-5 }),
+            position: self.position.unwrap_or(if llama { Position::Rope } else { Position::Learned }),
+            rope_theta: self.rope_theta,
+            mlp,
+            bias: self.bias.unwrap_or(!llama),
+            tie_embeddings: self.tie_embeddings.unwrap_or(!llama),
+            sliding_window: self.sliding_window,
+            parallel_block: self.parallel_block,
+            dropout: self.dropout,
+        }
+    }
+}

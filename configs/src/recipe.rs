@@ -1,0 +1,268 @@
+//! Every recipe option, its default and its meaning. This file is the single source of truth:
+//! `furnace recipe explain` prints it, and the loaders deserialize it with unknown keys rejected.
+
+use serde::{Deserialize, Serialize};
+
+use crate::section;
+
+macro_rules! choice {
+    ($(#[doc = $doc:literal])* $name:ident { $($(#[doc = $vdoc:literal])* $variant:ident = $text:literal),* $(,)? }) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+        pub enum $name {
+            $($(#[doc = $vdoc])* #[serde(rename = $text)] $variant,)*
+        }
+
+        impl $name {
+            pub const CHOICES: &'static [&'static str] = &[$($text),*];
+
+            pub fn as_str(&self) -> &'static str {
+                match self { $(Self::$variant => $text,)* }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+choice!(
+    /// Model family.
+    Arch { Llama = "llama", Gpt2 = "gpt2" }
+);
+choice!(
+    /// Named size presets; explicit `[model]` dimensions override them.
+    Flavor {
+        /// 2 layers, d_model 64: unit tests and smoke runs.
+        Tiny = "tiny",
+        /// 4 layers, d_model 128: the quickstart model.
+        Quickstart = "quickstart",
+        /// 4 layers, d_model 256, 4 heads: the benchmark shape (a).
+        Small = "small",
+        /// GPT-2 small: 12 layers, d_model 768, 12 heads, vocab 50257, context 1024.
+        Gpt2_124m = "gpt2-124m",
+    }
+);
+choice!(Norm { RmsNorm = "rmsnorm", LayerNorm = "layernorm" });
+choice!(Position { Rope = "rope", Alibi = "alibi", Learned = "learned" });
+choice!(Mlp { SwiGlu = "swiglu", Gelu = "gelu" });
+choice!(
+    /// Where training tokens come from.
+    DataSource {
+        /// Generated arithmetic problems with answers, e.g. `37+45=82`.
+        Arithmetic = "arithmetic",
+        /// A generated story corpus (a small grammar of characters, places and events).
+        Stories = "stories",
+        /// The user's own `.txt` or `.jsonl` files listed in `data.files`.
+        Files = "files",
+    }
+);
+choice!(OptimizerName { AdamW = "adamw" });
+choice!(Decay { Cosine = "cosine", Linear = "linear", Wsd = "wsd", Constant = "constant" });
+choice!(
+    /// Compute backend; GPU backends exist only in binaries built with their cargo feature.
+    Backend { Flex = "flex", Cuda = "cuda", Wgpu = "wgpu" }
+);
+
+section! {
+    /// Run identity and where its outputs go.
+    RunSection = "run" {
+        /// Name of the run, used in logs and as the default output folder `runs/<name>`.
+        name: String = "furnace".into(),
+        /// Folder for checkpoints, metrics.jsonl, tb/ and the tokenizer. Empty: `runs/<name>`.
+        output_dir: String = String::new(),
+        /// Seed for parameter init, data order and sampling. Same seed, same run.
+        seed: u64 = 1337,
+    }
+}
+
+section! {
+    /// The model. `flavor` picks a preset; any dimension given here overrides the preset.
+    ModelSection = "model" {
+        /// Model family: llama (RMSNorm, RoPE, SwiGLU, no bias) or gpt2 (LayerNorm, learned positions, GELU, bias).
+        arch: Arch = Arch::Llama,
+        /// Size preset: tiny, quickstart, small, gpt2-124m.
+        flavor: Flavor = Flavor::Tiny,
+        /// Vocabulary size. Unset: taken from the tokenizer.
+        vocab_size: Option<usize> = None,
+        /// Hidden size.
+        d_model: Option<usize> = None,
+        /// Number of transformer blocks.
+        n_layers: Option<usize> = None,
+        /// Number of attention (query) heads.
+        n_heads: Option<usize> = None,
+        /// Number of key/value heads: equal to n_heads is MHA, 1 is MQA, between is GQA. Unset: n_heads.
+        n_kv_heads: Option<usize> = None,
+        /// Feed-forward hidden size. Unset: 4·d_model for gelu, 8/3·d_model rounded up to 32 for swiglu.
+        d_ff: Option<usize> = None,
+        /// Longest sequence the model accepts (size of the learned position table, RoPE table).
+        max_seq_len: Option<usize> = None,
+        /// Normalisation: rmsnorm or layernorm. Unset: the arch's.
+        norm: Option<Norm> = None,
+        /// Epsilon inside the norms.
+        norm_eps: Option<f64> = None,
+        /// Position encoding: rope, alibi or learned. Unset: the arch's.
+        position: Option<Position> = None,
+        /// RoPE base frequency.
+        rope_theta: f64 = 10000.0,
+        /// Feed-forward: swiglu or gelu. Unset: the arch's.
+        mlp: Option<Mlp> = None,
+        /// Biases in linear layers and norms. Unset: the arch's (gpt2 yes, llama no).
+        bias: Option<bool> = None,
+        /// Share the input embedding with the output head. Unset: the arch's (gpt2 yes, llama no).
+        tie_embeddings: Option<bool> = None,
+        /// Attend only to the last N positions (Mistral-style). 0: full causal attention.
+        sliding_window: usize = 0,
+        /// Attention and MLP in parallel from one norm (GPT-J / PaLM style).
+        parallel_block: bool = false,
+        /// Dropout probability on attention output and MLP output (0 for exact resume).
+        dropout: f64 = 0.0,
+    }
+}
+
+section! {
+    /// Training data: where it comes from and how it is tokenized.
+    DataSection = "data" {
+        /// Source: arithmetic, stories (both generated, no download) or files.
+        source: DataSource = DataSource::Arithmetic,
+        /// For source = "files": .txt files (one document per blank-line-separated block) or .jsonl files.
+        files: Vec<String> = Vec::new(),
+        /// For source = "files": held-out files for validation. Empty: the last `val_fraction` of the tokens.
+        val_files: Vec<String> = Vec::new(),
+        /// JSONL field holding the text.
+        text_field: String = "text".into(),
+        /// Fraction of tokens held out for validation when no val_files are given.
+        val_fraction: f64 = 0.05,
+        /// Number of generated training examples (arithmetic problems or stories).
+        num_examples: usize = 50000,
+        /// Number of generated held-out examples.
+        num_val_examples: usize = 500,
+        /// Arithmetic: largest number of digits per operand.
+        digits: usize = 2,
+        /// Arithmetic: operators to draw from (any of + - *).
+        operators: Vec<String> = vec!["+".into(), "-".into()],
+        /// A tokenizer.json to use. Empty: train a byte-level BPE on the training text.
+        tokenizer: String = String::new(),
+        /// Vocabulary size when training the tokenizer.
+        tokenizer_vocab_size: usize = 512,
+    }
+}
+
+section! {
+    /// The training loop.
+    TrainingSection = "training" {
+        /// Sequences per micro-batch on each rank.
+        local_batch_size: usize = 8,
+        /// Tokens per sequence.
+        seq_len: usize = 128,
+        /// Micro-batches accumulated into one optimizer step.
+        grad_accum_steps: usize = 1,
+        /// Optimizer steps to run.
+        steps: usize = 1000,
+        /// Clip the global gradient norm to this value. 0: no clipping.
+        max_norm: f64 = 1.0,
+        /// Evaluate validation loss every N steps (and at the last step). 0: never.
+        eval_every: usize = 100,
+        /// Validation batches per evaluation.
+        eval_steps: usize = 10,
+        /// Log metrics every N steps.
+        log_every: usize = 10,
+        /// Save a checkpoint every N steps (and at the last step). 0: only at the last step.
+        save_every: usize = 500,
+        /// Keep the newest N checkpoints. 0: keep all.
+        keep_last: usize = 2,
+    }
+}
+
+section! {
+    /// The optimizer and its parameter groups.
+    OptimizerSection = "optimizer" {
+        /// Optimizer: adamw.
+        name: OptimizerName = OptimizerName::AdamW,
+        /// Peak learning rate.
+        lr: f64 = 3e-4,
+        /// First-moment decay.
+        beta1: f64 = 0.9,
+        /// Second-moment decay.
+        beta2: f64 = 0.95,
+        /// Added to the denominator for stability.
+        eps: f64 = 1e-8,
+        /// Decoupled weight decay (AdamW), applied to the decayed group only.
+        weight_decay: f64 = 0.1,
+        /// Apply weight decay to norm weights as well.
+        decay_norms: bool = false,
+        /// Apply weight decay to biases as well.
+        decay_biases: bool = false,
+        /// Apply weight decay to embeddings (token and position tables) as well.
+        decay_embeddings: bool = false,
+    }
+}
+
+section! {
+    /// Learning-rate schedule: linear warmup, then a decay to `min_lr_ratio · lr`.
+    LrSchedulerSection = "lr_scheduler" {
+        /// Steps of linear warmup from 0 to lr.
+        warmup_steps: usize = 100,
+        /// Decay after warmup: cosine, linear, wsd (warmup-stable-decay) or constant.
+        decay: Decay = Decay::Cosine,
+        /// Final learning rate as a fraction of lr.
+        min_lr_ratio: f64 = 0.1,
+        /// wsd only: fraction of all steps spent in the final linear decay.
+        decay_ratio: f64 = 0.2,
+    }
+}
+
+section! {
+    /// Where and how the computation runs.
+    RuntimeSection = "runtime" {
+        /// Backend: flex (CPU, default), cuda or wgpu (when compiled in).
+        backend: Backend = Backend::Flex,
+        /// CPU threads. 0: all cores.
+        threads: usize = 0,
+    }
+}
+
+section! {
+    /// Metrics and console output.
+    LoggingSection = "logging" {
+        /// Write <output_dir>/metrics.jsonl.
+        jsonl: bool = true,
+        /// Write TensorBoard event files under <output_dir>/tb/.
+        tensorboard: bool = true,
+        /// Show a progress bar.
+        progress: bool = true,
+        /// Peak FLOP/s of the device, in TFLOP/s, for MFU. 0: measure a float matmul at start.
+        peak_tflops: f64 = 0.0,
+    }
+}
+
+section! {
+    /// What the run reports at its end: a sample generation and, for arithmetic data,
+    /// exact-match accuracy on held-out problems.
+    EvalSection = "eval" {
+        /// Prompt for the sample printed at the end. Empty: a held-out problem or a story opening.
+        prompt: String = String::new(),
+        /// Tokens to generate for the sample.
+        max_new_tokens: usize = 64,
+        /// Held-out arithmetic problems solved greedily for exact-match accuracy. 0: skip.
+        arithmetic_problems: usize = 200,
+    }
+}
+
+/// A whole recipe: one table per section, every key optional with a documented default.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recipe {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub training: TrainingSection,
+    pub optimizer: OptimizerSection,
+    pub lr_scheduler: LrSchedulerSection,
+    pub runtime: RuntimeSection,
+    pub logging: LoggingSection,
+    pub eval: EvalSection,
+}

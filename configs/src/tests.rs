@@ -1,0 +1,79 @@
+use crate::*;
+
+fn parse(text: &str) -> Result<Recipe, RecipeError> {
+    Recipe::from_toml(text, "test.toml", &[])
+}
+
+#[test]
+fn empty_recipe_takes_every_default() {
+    assert_eq!(parse("").unwrap(), Recipe::default());
+}
+
+#[test]
+fn unknown_key_names_line_key_and_accepted_keys() {
+    let err = parse("[training]\nsteps = 5\nlearning_rate = 1e-3\n").unwrap_err();
+    assert_eq!(err.line, Some(3));
+    assert!(err.message.contains("learning_rate"), "{err}");
+    assert!(err.message.contains("local_batch_size"), "lists accepted keys: {err}");
+}
+
+#[test]
+fn wrong_type_names_line() {
+    let err = parse("[training]\n\nsteps = \"many\"\n").unwrap_err();
+    assert_eq!(err.line, Some(3));
+    assert!(err.to_string().contains("test.toml"));
+}
+
+#[test]
+fn unknown_choice_lists_accepted_values() {
+    let err = parse("[model]\narch = \"gpt5\"\n").unwrap_err();
+    assert_eq!(err.line, Some(2));
+    assert!(err.message.contains("llama") && err.message.contains("gpt2"), "{err}");
+}
+
+#[test]
+fn bad_value_is_caught_with_line_and_fix() {
+    let err = parse("[model]\nflavor = \"tiny\"\nn_heads = 3\n").unwrap_err();
+    assert_eq!(err.key, "model.n_heads");
+    assert_eq!(err.line, Some(3));
+    assert!(!err.fix.is_empty());
+    let err = parse("[optimizer]\nlr = -1.0\n").unwrap_err();
+    assert_eq!(err.key, "optimizer.lr");
+}
+
+#[test]
+fn overrides_apply_and_are_validated() {
+    let r = Recipe::from_toml("", "t.toml", &["training.lr_typo=1".into()]).unwrap_err();
+    assert!(r.message.contains("lr_typo") && r.fix.contains("steps"), "{r}");
+    let r = Recipe::from_toml("", "t.toml", &["optimizer.lr=1e-2".into(), "model.arch=gpt2".into()]).unwrap();
+    assert_eq!(r.optimizer.lr, 1e-2);
+    assert_eq!(r.model.arch, Arch::Gpt2);
+    let r = Recipe::from_toml("", "t.toml", &["training.steps=abc".into()]).unwrap_err();
+    assert_eq!(r.key, "--set");
+    let r = Recipe::from_toml("", "t.toml", &["optimizer.lr=0".into()]).unwrap_err();
+    assert_eq!(r.key, "optimizer.lr");
+}
+
+#[test]
+fn recipe_round_trips_through_toml() {
+    let r = Recipe::from_toml("[model]\narch = \"gpt2\"\nd_model = 96\n", "t.toml", &[]).unwrap();
+    assert_eq!(Recipe::from_toml(&r.to_toml(), "t.toml", &[]).unwrap(), r);
+}
+
+#[test]
+fn arch_defaults_resolve() {
+    let llama = ModelSection::default().resolve(Some(300));
+    assert_eq!((llama.norm, llama.position, llama.mlp, llama.bias), (Norm::RmsNorm, Position::Rope, Mlp::SwiGlu, false));
+    assert_eq!(llama.vocab_size, 300);
+    let gpt2 = ModelSection { arch: Arch::Gpt2, flavor: Flavor::Gpt2_124m, ..Default::default() }.resolve(Some(300));
+    assert_eq!((gpt2.d_model, gpt2.n_layers, gpt2.vocab_size, gpt2.d_ff), (768, 12, 50257, 3072));
+    assert!(gpt2.tie_embeddings && gpt2.bias);
+}
+
+#[test]
+fn explain_lists_every_section_and_option() {
+    let text = explain();
+    for key in ["[run]", "[model]", "local_batch_size = 8", "warmup_steps", "rmsnorm | layernorm"] {
+        assert!(text.contains(key), "missing {key}");
+    }
+}

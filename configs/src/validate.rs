@@ -1,0 +1,101 @@
+//! Checks on values that parse but cannot work, each reported with the line, key and fix.
+
+use std::path::Path;
+
+use crate::error::line_of_key;
+use crate::*;
+
+pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str) -> Result<(), RecipeError> {
+    let fail = |section: &str, key: &str, message: String, fix: String| {
+        Err(RecipeError {
+            file: file.into(),
+            line: line_of_key(text, section, key),
+            key: format!("{section}.{key}"),
+            message,
+            fix,
+        })
+    };
+    let m = recipe.model.resolve(None);
+    if m.d_model == 0 || m.n_layers == 0 || m.n_heads == 0 || m.n_kv_heads == 0 || m.d_ff == 0 {
+        return fail("model", "d_model", "model dimensions must be positive".into(), "set d_model, n_layers, n_heads, n_kv_heads and d_ff above 0".into());
+    }
+    if m.d_model % m.n_heads != 0 {
+        return fail("model", "n_heads", format!("d_model = {} is not divisible by n_heads = {}", m.d_model, m.n_heads), "pick n_heads dividing d_model".into());
+    }
+    if m.n_heads % m.n_kv_heads != 0 {
+        return fail("model", "n_kv_heads", format!("n_heads = {} is not a multiple of n_kv_heads = {}", m.n_heads, m.n_kv_heads), "pick n_kv_heads dividing n_heads (1 = MQA, n_heads = MHA)".into());
+    }
+    if m.position == Position::Rope && (m.d_model / m.n_heads) % 2 != 0 {
+        return fail("model", "n_heads", format!("RoPE needs an even head dimension, got {}", m.d_model / m.n_heads), "change d_model or n_heads".into());
+    }
+    if !(0.0..1.0).contains(&m.dropout) {
+        return fail("model", "dropout", format!("dropout = {} is outside [0, 1)", m.dropout), "use a probability such as 0.0 or 0.1".into());
+    }
+    if m.norm_eps <= 0.0 || m.rope_theta <= 0.0 {
+        return fail("model", "norm_eps", "norm_eps and rope_theta must be positive".into(), "use e.g. norm_eps = 1e-5, rope_theta = 10000.0".into());
+    }
+    let t = &recipe.training;
+    for (key, value) in [("local_batch_size", t.local_batch_size), ("seq_len", t.seq_len), ("grad_accum_steps", t.grad_accum_steps), ("steps", t.steps), ("log_every", t.log_every)] {
+        if value == 0 {
+            return fail("training", key, format!("{key} must be at least 1"), format!("set training.{key} to a positive integer"));
+        }
+    }
+    if t.seq_len > m.max_seq_len {
+        return fail("training", "seq_len", format!("seq_len = {} exceeds the model's max_seq_len = {}", t.seq_len, m.max_seq_len), "lower training.seq_len or raise model.max_seq_len".into());
+    }
+    if t.max_norm < 0.0 || !t.max_norm.is_finite() {
+        return fail("training", "max_norm", format!("max_norm = {} must be finite and >= 0", t.max_norm), "use 1.0, or 0 to disable clipping".into());
+    }
+    let o = &recipe.optimizer;
+    if !(o.lr > 0.0 && o.lr.is_finite()) {
+        return fail("optimizer", "lr", format!("lr = {} must be positive and finite", o.lr), "use e.g. lr = 3e-4".into());
+    }
+    for (key, value) in [("beta1", o.beta1), ("beta2", o.beta2)] {
+        if !(0.0..1.0).contains(&value) {
+            return fail("optimizer", key, format!("{key} = {value} is outside [0, 1)"), "use e.g. beta1 = 0.9, beta2 = 0.95".into());
+        }
+    }
+    if o.eps <= 0.0 || o.weight_decay < 0.0 {
+        return fail("optimizer", "weight_decay", "eps must be > 0 and weight_decay >= 0".into(), "use e.g. eps = 1e-8, weight_decay = 0.1".into());
+    }
+    let s = &recipe.lr_scheduler;
+    if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+        return fail("lr_scheduler", "min_lr_ratio", format!("min_lr_ratio = {} is outside [0, 1]", s.min_lr_ratio), "use e.g. 0.1".into());
+    }
+    if !(s.decay_ratio > 0.0 && s.decay_ratio <= 1.0) {
+        return fail("lr_scheduler", "decay_ratio", format!("decay_ratio = {} is outside (0, 1]", s.decay_ratio), "use e.g. 0.2".into());
+    }
+    let d = &recipe.data;
+    if d.source == DataSource::Files && d.files.is_empty() {
+        return fail("data", "files", "source = \"files\" but no files are listed".into(), "list text or JSONL files: files = [\"corpus.txt\"]".into());
+    }
+    for f in d.files.iter().chain(&d.val_files) {
+        if !Path::new(f).is_file() {
+            return fail("data", "files", format!("data file `{f}` does not exist"), "give paths relative to where furnace runs, or absolute".into());
+        }
+    }
+    if !d.tokenizer.is_empty() && !Path::new(&d.tokenizer).is_file() {
+        return fail("data", "tokenizer", format!("tokenizer file `{}` does not exist", d.tokenizer), "point to a Hugging Face tokenizer.json, or leave empty to train one".into());
+    }
+    if !(1..=9).contains(&d.digits) {
+        return fail("data", "digits", format!("digits = {} is outside 1..=9", d.digits), "use e.g. digits = 2".into());
+    }
+    if let Some(op) = d.operators.iter().find(|op| !["+", "-", "*"].contains(&op.as_str())) {
+        return fail("data", "operators", format!("unknown operator `{op}`"), "accepted operators are \"+\", \"-\", \"*\"".into());
+    }
+    if d.operators.is_empty() {
+        return fail("data", "operators", "no operators given".into(), "accepted operators are \"+\", \"-\", \"*\"".into());
+    }
+    if !(0.0..0.5).contains(&d.val_fraction) {
+        return fail("data", "val_fraction", format!("val_fraction = {} is outside [0, 0.5)", d.val_fraction), "use e.g. 0.05".into());
+    }
+    if d.tokenizer.is_empty() && d.tokenizer_vocab_size < 260 {
+        return fail("data", "tokenizer_vocab_size", format!("tokenizer_vocab_size = {} is below the 256 byte tokens plus specials", d.tokenizer_vocab_size), "use at least 260".into());
+    }
+    if let Some(v) = recipe.model.vocab_size {
+        if d.tokenizer.is_empty() && v < d.tokenizer_vocab_size {
+            return fail("model", "vocab_size", format!("vocab_size = {v} is smaller than data.tokenizer_vocab_size = {}", d.tokenizer_vocab_size), "raise model.vocab_size or leave it unset to follow the tokenizer".into());
+        }
+    }
+    Ok(())
+}

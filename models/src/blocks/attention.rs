@@ -1,0 +1,163 @@
+//! Causal self-attention shared by every decoder: GQA/MQA/MHA, RoPE or ALiBi or none,
+//! an optional sliding window, and an explicit KV cache for decoding.
+
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use super::Linear;
+use crate::init::SeededRng;
+
+/// Keys and values of one layer for the positions decoded so far: `[batch, kv_heads, len, head_dim]`.
+pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// Per-forward inputs every layer shares: rotary tables for the current positions and the
+/// additive mask/bias. Built once per forward by the model, not per layer.
+#[derive(Debug, Clone)]
+pub struct AttentionContext<B: Backend> {
+    /// cos and sin, `[1, 1, T, head_dim]`, for positions `offset..offset+T`.
+    pub rope: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// Added to the scores: 0 where attention is allowed, -inf where masked, plus the ALiBi
+    /// distance penalty. `[1, 1 or heads, T, offset+T]`.
+    pub bias: Tensor<B, 4>,
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(d_model: usize, n_heads: usize, n_kv_heads: usize, bias: bool, std: f64, out_std: f64, rng: &mut SeededRng, device: &B::Device) -> Self {
+        let head_dim = d_model / n_heads;
+        Self {
+            q_proj: Linear::new(d_model, n_heads * head_dim, bias, std, rng, device),
+            k_proj: Linear::new(d_model, n_kv_heads * head_dim, bias, std, rng, device),
+            v_proj: Linear::new(d_model, n_kv_heads * head_dim, bias, std, rng, device),
+            o_proj: Linear::new(n_heads * head_dim, d_model, bias, out_std, rng, device),
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
+        let mut q = heads(self.q_proj.forward(x.clone()), self.n_heads);
+        let mut k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
+        let mut v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        if let Some((cos, sin)) = &ctx.rope {
+            q = apply_rope(q, cos.clone(), sin.clone());
+            k = apply_rope(k, cos.clone(), sin.clone());
+        }
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.take() {
+                k = Tensor::cat(vec![past_k, k], 2);
+                v = Tensor::cat(vec![past_v, v], 2);
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let k = self.repeat_kv(k);
+        let v = self.repeat_kv(v);
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale + ctx.bias.clone();
+        let out = softmax(scores, 3).matmul(v);
+        let out = out.swap_dims(1, 2).reshape([batch, seq, self.n_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+
+    /// GQA: each key/value head serves `n_heads / n_kv_heads` query heads.
+    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let groups = self.n_heads / self.n_kv_heads;
+        if groups == 1 {
+            return x;
+        }
+        let [batch, kv_heads, len, head_dim] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([batch, kv_heads, groups, len, head_dim])
+            .reshape([batch, kv_heads * groups, len, head_dim])
+    }
+}
+
+/// Rotate pairs (i, i + head_dim/2) — the "rotate_half" layout Hugging Face Llama uses.
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let first = x.clone().narrow(3, 0, half);
+    let second = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![second.neg(), first], 3);
+    x * cos + rotated * sin
+}
+
+/// Rotary position tables, built once per model: `[max_seq_len, head_dim]` cos and sin.
+#[derive(Module, Debug)]
+pub struct Rope<B: Backend> {
+    pub cos: Tensor<B, 2>,
+    pub sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> Rope<B> {
+    pub fn new(head_dim: usize, max_seq_len: usize, theta: f64, device: &B::Device) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_seq_len * head_dim);
+        let mut sin = Vec::with_capacity(max_seq_len * head_dim);
+        for pos in 0..max_seq_len {
+            for i in 0..head_dim {
+                let inv_freq = 1.0 / theta.powf((2 * (i % half)) as f64 / head_dim as f64);
+                let angle = pos as f64 * inv_freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [max_seq_len, head_dim]), device);
+        Self { cos: table(cos), sin: table(sin) }
+    }
+
+    /// Tables for positions `offset..offset+len`, shaped to broadcast over `[batch, heads, len, head_dim]`.
+    pub fn slice(&self, offset: usize, len: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let cut = |t: &Tensor<B, 2>| t.clone().narrow(0, offset, len).unsqueeze::<4>();
+        (cut(&self.cos), cut(&self.sin))
+    }
+}
+
+/// ALiBi slopes (Press et al.): a geometric sequence per head, extended for non powers of two.
+pub fn alibi_slopes(n_heads: usize) -> Vec<f32> {
+    fn power_of_two(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+        (0..n).map(|i| start * start.powi(i as i32)).collect()
+    }
+    let closest = 1usize << (usize::BITS - 1 - n_heads.leading_zeros());
+    let mut slopes = power_of_two(closest);
+    if closest < n_heads {
+        slopes.extend(power_of_two(2 * closest).into_iter().step_by(2).take(n_heads - closest));
+    }
+    slopes.into_iter().map(|s| s as f32).collect()
+}
+
+/// Additive attention bias for queries at `offset..offset+len` over keys `0..offset+len`:
+/// causal mask, optional sliding window, optional ALiBi penalty per head.
+pub fn attention_bias<B: Backend>(len: usize, offset: usize, window: usize, alibi: Option<&[f32]>, device: &B::Device) -> Tensor<B, 4> {
+    let keys = offset + len;
+    let heads = alibi.map_or(1, |s| s.len());
+    let mut bias = Vec::with_capacity(heads * len * keys);
+    for h in 0..heads {
+        for i in 0..len {
+            let q_pos = offset + i;
+            for k_pos in 0..keys {
+                let visible = k_pos <= q_pos && (window == 0 || q_pos - k_pos < window);
+                bias.push(match (visible, alibi) {
+                    (false, _) => f32::NEG_INFINITY,
+                    (true, Some(slopes)) => -slopes[h] * (q_pos - k_pos) as f32,
+                    (true, None) => 0.0,
+                });
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(bias, [1, heads, len, keys]), device)
+}

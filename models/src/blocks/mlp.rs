@@ -1,0 +1,42 @@
+use burn::prelude::*;
+use burn::tensor::activation::{gelu_approximate, silu};
+
+use super::Linear;
+use crate::init::SeededRng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum MlpKind {
+    /// down(silu(gate(x)) · up(x)) — Llama.
+    SwiGlu,
+    /// down(gelu_tanh(up(x))) — GPT-2's `gelu_new`.
+    Gelu,
+}
+
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    pub gate_proj: Option<Linear<B>>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+    #[module(skip)]
+    pub kind: MlpKind,
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// `out_std` initialises the residual-stream projection (scaled by depth, as GPT-2 does).
+    pub fn new(kind: MlpKind, d_model: usize, d_ff: usize, bias: bool, std: f64, out_std: f64, rng: &mut SeededRng, device: &B::Device) -> Self {
+        Self {
+            gate_proj: (kind == MlpKind::SwiGlu).then(|| Linear::new(d_model, d_ff, bias, std, rng, device)),
+            up_proj: Linear::new(d_model, d_ff, bias, std, rng, device),
+            down_proj: Linear::new(d_ff, d_model, bias, out_std, rng, device),
+            kind,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let hidden = match &self.gate_proj {
+            Some(gate) => silu(gate.forward(x.clone())) * self.up_proj.forward(x),
+            None => gelu_approximate(self.up_proj.forward(x)),
+        };
+        self.down_proj.forward(hidden)
+    }
+}

@@ -1,0 +1,253 @@
+//! Decoder-only transformer: one module family for Llama (RMSNorm, RoPE, SwiGLU, GQA, no bias)
+//! and GPT-2 (LayerNorm, learned positions, GELU, bias, tied head), with sliding-window
+//! attention, ALiBi and parallel attention+MLP blocks as options.
+//!
+//! embed → blocks (pre-norm, two residuals) → final norm → head.
+
+use burn::module::Param;
+use burn::nn::{Dropout, DropoutConfig};
+use burn::prelude::*;
+use burn::tensor::module::embedding;
+
+use crate::blocks::*;
+use crate::causal_lm::CausalLm;
+use crate::init::{normal_param, SeededRng};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PositionKind {
+    Rope,
+    Alibi,
+    Learned,
+}
+
+#[derive(Config, Debug)]
+pub struct DecoderConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub d_ff: usize,
+    pub max_seq_len: usize,
+    /// Key/value heads; None means n_heads (MHA).
+    #[config(default = "None")]
+    pub n_kv_heads: Option<usize>,
+    #[config(default = "NormKind::RmsNorm")]
+    pub norm: NormKind,
+    #[config(default = 1e-6)]
+    pub norm_eps: f64,
+    #[config(default = "PositionKind::Rope")]
+    pub position: PositionKind,
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    #[config(default = "MlpKind::SwiGlu")]
+    pub mlp: MlpKind,
+    #[config(default = false)]
+    pub bias: bool,
+    #[config(default = false)]
+    pub tie_embeddings: bool,
+    /// Attend to at most this many past positions; 0 is unlimited.
+    #[config(default = 0)]
+    pub sliding_window: usize,
+    #[config(default = false)]
+    pub parallel_block: bool,
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+impl DecoderConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Parameter count, embeddings included.
+    pub fn num_params(&self) -> usize {
+        let kv = self.kv_heads() * self.head_dim();
+        let b = self.bias as usize;
+        let attn = self.d_model * (self.d_model + 2 * kv) + self.d_model * self.d_model + b * (2 * self.d_model + 2 * kv);
+        let mats = if self.mlp == MlpKind::SwiGlu { 3 } else { 2 };
+        let mlp = mats * self.d_model * self.d_ff + b * (self.d_ff * (mats - 1) + self.d_model);
+        let norm = self.d_model * (1 + (self.bias && self.norm == NormKind::LayerNorm) as usize);
+        let norms_per_block = if self.parallel_block { 1 } else { 2 };
+        let block = attn + mlp + norms_per_block * norm;
+        let positions = if self.position == PositionKind::Learned { self.max_seq_len * self.d_model } else { 0 };
+        let head = if self.tie_embeddings { 0 } else { self.vocab_size * self.d_model };
+        self.vocab_size * self.d_model + positions + self.n_layers * block + norm + head
+    }
+
+    /// Training FLOPs per token at context `seq_len` (PaLM appendix B: 6N + 12·L·d·T,
+    /// with N the non-embedding parameters plus the head).
+    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
+        let embed = self.vocab_size * self.d_model
+            + if self.position == PositionKind::Learned { self.max_seq_len * self.d_model } else { 0 };
+        let head_matmul = if self.tie_embeddings { self.vocab_size * self.d_model } else { 0 };
+        let n = (self.num_params() - embed + head_matmul) as f64;
+        6.0 * n + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
+    }
+
+    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Decoder<B> {
+        let mut rng = SeededRng::new(seed);
+        let std = self.init_std;
+        // GPT-2: residual projections scaled by 1/sqrt(2·n_layers).
+        let out_std = std / (2.0 * self.n_layers as f64).sqrt();
+        let embed_tokens = normal_param([self.vocab_size, self.d_model], std, &mut rng, device);
+        let embed_positions = (self.position == PositionKind::Learned)
+            .then(|| normal_param([self.max_seq_len, self.d_model], std / 2.0, &mut rng, device));
+        let layers = (0..self.n_layers)
+            .map(|_| Block {
+                attention_norm: Norm::new(self.norm, self.d_model, self.norm_eps, self.bias, device),
+                attention: Attention::new(self.d_model, self.n_heads, self.kv_heads(), self.bias, std, out_std, &mut rng, device),
+                ffn_norm: (!self.parallel_block).then(|| Norm::new(self.norm, self.d_model, self.norm_eps, self.bias, device)),
+                feed_forward: FeedForward::new(self.mlp, self.d_model, self.d_ff, self.bias, std, out_std, &mut rng, device),
+                dropout: DropoutConfig::new(self.dropout).init(),
+            })
+            .collect();
+        Decoder {
+            embed_tokens,
+            embed_positions,
+            layers,
+            norm: Norm::new(self.norm, self.d_model, self.norm_eps, self.bias, device),
+            lm_head: (!self.tie_embeddings).then(|| Linear::new(self.d_model, self.vocab_size, false, std, &mut rng, device)),
+            rope: (self.position == PositionKind::Rope).then(|| Rope::new(self.head_dim(), self.max_seq_len, self.rope_theta, device)),
+            alibi_slopes: (self.position == PositionKind::Alibi).then(|| alibi_slopes(self.n_heads)),
+            sliding_window: self.sliding_window,
+            max_seq_len: self.max_seq_len,
+            vocab_size: self.vocab_size,
+            embed_dropout: DropoutConfig::new(self.dropout).init(),
+        }
+    }
+}
+
+/// Pre-norm transformer block with two residuals (or one, when parallel).
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub attention_norm: Norm<B>,
+    pub attention: Attention<B>,
+    /// None in a parallel block: attention and MLP read the same normed input.
+    pub ffn_norm: Option<Norm<B>>,
+    pub feed_forward: FeedForward<B>,
+    pub dropout: Dropout,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
+        let h = self.attention_norm.forward(x.clone());
+        let attn = self.dropout.forward(self.attention.forward(h.clone(), ctx, cache));
+        match &self.ffn_norm {
+            None => x + attn + self.dropout.forward(self.feed_forward.forward(h)),
+            Some(ffn_norm) => {
+                let x = x + attn;
+                let ff = self.feed_forward.forward(ffn_norm.forward(x.clone()));
+                x + self.dropout.forward(ff)
+            }
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// `[vocab_size, d_model]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// `[max_seq_len, d_model]`, only with learned positions.
+    pub embed_positions: Option<Param<Tensor<B, 2>>>,
+    pub layers: Vec<Block<B>>,
+    pub norm: Norm<B>,
+    /// None when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    pub rope: Option<Rope<B>>,
+    #[module(skip)]
+    pub alibi_slopes: Option<Vec<f32>>,
+    pub sliding_window: usize,
+    pub max_seq_len: usize,
+    pub vocab_size: usize,
+    pub embed_dropout: Dropout,
+}
+
+/// Keys and values of every layer, passed to `forward_step` by the caller.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<LayerKv<B>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Final hidden states `[batch, seq, d_model]` (after the final norm).
+    pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [_, seq] = tokens.dims();
+        let device = tokens.device();
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        assert!(
+            offset + seq <= self.max_seq_len,
+            "sequence of {} positions exceeds max_seq_len = {}",
+            offset + seq,
+            self.max_seq_len
+        );
+        let mut x = embedding(self.embed_tokens.val(), tokens);
+        if let Some(positions) = &self.embed_positions {
+            x = x + positions.val().narrow(0, offset, seq).unsqueeze::<3>();
+        }
+        x = self.embed_dropout.forward(x);
+        let ctx = AttentionContext {
+            rope: self.rope.as_ref().map(|r| r.slice(offset, seq)),
+            bias: attention_bias(seq, offset, self.sliding_window, self.alibi_slopes.as_deref(), &device),
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &ctx, layer_cache);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits over the vocabulary for hidden states `[batch, seq, d_model]`.
+    pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [batch, seq, d_model] = hidden.dims();
+                hidden
+                    .reshape([batch * seq, d_model])
+                    .matmul(self.embed_tokens.val().transpose())
+                    .reshape([batch, seq, self.vocab_size])
+            }
+        }
+    }
+}
+
+impl<B: Backend> CausalLm<B> for Decoder<B> {
+    type State = KvCache<B>;
+
+    fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.head(self.forward_hidden(tokens, None))
+    }
+
+    fn init_state(&self) -> KvCache<B> {
+        KvCache { layers: vec![None; self.layers.len()] }
+    }
+
+    fn forward_step(&self, tokens: Tensor<B, 2, Int>, state: &mut KvCache<B>) -> Tensor<B, 3> {
+        self.head(self.forward_hidden(tokens, Some(state)))
+    }
+
+    fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+}

@@ -1,0 +1,54 @@
+//! Generation written once against `CausalLm`: prefill the prompt, then one token at a time
+//! through the model's decoding state.
+
+use burn::prelude::*;
+
+use crate::causal_lm::CausalLm;
+use crate::sampling::{Sampler, SamplingConfig};
+
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub max_new_tokens: usize,
+    pub stop_tokens: Vec<u32>,
+    pub sampling: SamplingConfig,
+}
+
+/// Generate after `prompt`; `on_token` sees each new token as it is produced (for streaming).
+/// Returns the new tokens (a stop token, when hit, is included).
+pub fn generate<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    prompt: &[u32],
+    config: &GenerateConfig,
+    device: &B::Device,
+    mut on_token: impl FnMut(u32),
+) -> Vec<u32> {
+    assert!(!prompt.is_empty(), "generation needs at least one prompt token");
+    let mut sampler = Sampler::new(config.sampling.clone());
+    let mut state = model.init_state();
+    let mut history = prompt.to_vec();
+    let mut input = prompt.to_vec();
+    let mut produced = Vec::new();
+    while produced.len() < config.max_new_tokens && history.len() < model.max_seq_len() {
+        let tokens = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(input.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, input.len()]),
+            device,
+        );
+        let logits = model.forward_step(tokens, &mut state);
+        let [_, seq, vocab] = logits.dims();
+        let last: Vec<f32> = logits
+            .slice([0..1, seq - 1..seq, 0..vocab])
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 logits");
+        let token = sampler.sample(&last, &history);
+        produced.push(token);
+        history.push(token);
+        on_token(token);
+        if config.stop_tokens.contains(&token) {
+            break;
+        }
+        input = vec![token];
+    }
+    produced
+}

@@ -1,0 +1,241 @@
+//! Hugging Face layouts. One table per architecture maps our parameter paths to transformers'
+//! names; the same table drives import (`from_hf`) and export (`to_hf`).
+
+use crate::params::{HostTensor, NamedTensors};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfArch {
+    /// `LlamaForCausalLM`.
+    Llama,
+    /// `GPT2LMHeadModel`.
+    Gpt2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Same shape and order.
+    Same,
+    /// 2-D transpose: torch `nn.Linear` keeps `[out, in]`, we keep `[in, out]`.
+    Transpose,
+    /// Our tensors concatenated along the last axis (GPT-2's fused `c_attn`).
+    Fused,
+}
+
+struct Rule {
+    hf: &'static str,
+    ours: &'static [&'static str],
+    layout: Layout,
+}
+
+const fn rule(hf: &'static str, ours: &'static [&'static str], layout: Layout) -> Rule {
+    Rule { hf, ours, layout }
+}
+
+use Layout::*;
+
+/// `{i}` stands for the layer index.
+const LLAMA: &[Rule] = &[
+    rule("model.embed_tokens.weight", &["embed_tokens"], Same),
+    rule("model.layers.{i}.input_layernorm.weight", &["layers.{i}.attention_norm.weight"], Same),
+    rule("model.layers.{i}.self_attn.q_proj.weight", &["layers.{i}.attention.q_proj.weight"], Transpose),
+    rule("model.layers.{i}.self_attn.k_proj.weight", &["layers.{i}.attention.k_proj.weight"], Transpose),
+    rule("model.layers.{i}.self_attn.v_proj.weight", &["layers.{i}.attention.v_proj.weight"], Transpose),
+    rule("model.layers.{i}.self_attn.o_proj.weight", &["layers.{i}.attention.o_proj.weight"], Transpose),
+    rule("model.layers.{i}.self_attn.q_proj.bias", &["layers.{i}.attention.q_proj.bias"], Same),
+    rule("model.layers.{i}.self_attn.k_proj.bias", &["layers.{i}.attention.k_proj.bias"], Same),
+    rule("model.layers.{i}.self_attn.v_proj.bias", &["layers.{i}.attention.v_proj.bias"], Same),
+    rule("model.layers.{i}.self_attn.o_proj.bias", &["layers.{i}.attention.o_proj.bias"], Same),
+    rule("model.layers.{i}.post_attention_layernorm.weight", &["layers.{i}.ffn_norm.weight"], Same),
+    rule("model.layers.{i}.mlp.gate_proj.weight", &["layers.{i}.feed_forward.gate_proj.weight"], Transpose),
+    rule("model.layers.{i}.mlp.up_proj.weight", &["layers.{i}.feed_forward.up_proj.weight"], Transpose),
+    rule("model.layers.{i}.mlp.down_proj.weight", &["layers.{i}.feed_forward.down_proj.weight"], Transpose),
+    rule("model.layers.{i}.mlp.gate_proj.bias", &["layers.{i}.feed_forward.gate_proj.bias"], Same),
+    rule("model.layers.{i}.mlp.up_proj.bias", &["layers.{i}.feed_forward.up_proj.bias"], Same),
+    rule("model.layers.{i}.mlp.down_proj.bias", &["layers.{i}.feed_forward.down_proj.bias"], Same),
+    rule("model.norm.weight", &["norm.weight"], Same),
+    rule("lm_head.weight", &["lm_head.weight"], Transpose),
+];
+
+/// GPT-2 uses `Conv1D`, whose weight is already `[in, out]`.
+const GPT2: &[Rule] = &[
+    rule("transformer.wte.weight", &["embed_tokens"], Same),
+    rule("transformer.wpe.weight", &["embed_positions"], Same),
+    rule("transformer.h.{i}.ln_1.weight", &["layers.{i}.attention_norm.weight"], Same),
+    rule("transformer.h.{i}.ln_1.bias", &["layers.{i}.attention_norm.bias"], Same),
+    rule(
+        "transformer.h.{i}.attn.c_attn.weight",
+        &["layers.{i}.attention.q_proj.weight", "layers.{i}.attention.k_proj.weight", "layers.{i}.attention.v_proj.weight"],
+        Fused,
+    ),
+    rule(
+        "transformer.h.{i}.attn.c_attn.bias",
+        &["layers.{i}.attention.q_proj.bias", "layers.{i}.attention.k_proj.bias", "layers.{i}.attention.v_proj.bias"],
+        Fused,
+    ),
+    rule("transformer.h.{i}.attn.c_proj.weight", &["layers.{i}.attention.o_proj.weight"], Same),
+    rule("transformer.h.{i}.attn.c_proj.bias", &["layers.{i}.attention.o_proj.bias"], Same),
+    rule("transformer.h.{i}.ln_2.weight", &["layers.{i}.ffn_norm.weight"], Same),
+    rule("transformer.h.{i}.ln_2.bias", &["layers.{i}.ffn_norm.bias"], Same),
+    rule("transformer.h.{i}.mlp.c_fc.weight", &["layers.{i}.feed_forward.up_proj.weight"], Same),
+    rule("transformer.h.{i}.mlp.c_fc.bias", &["layers.{i}.feed_forward.up_proj.bias"], Same),
+    rule("transformer.h.{i}.mlp.c_proj.weight", &["layers.{i}.feed_forward.down_proj.weight"], Same),
+    rule("transformer.h.{i}.mlp.c_proj.bias", &["layers.{i}.feed_forward.down_proj.bias"], Same),
+    rule("transformer.ln_f.weight", &["norm.weight"], Same),
+    rule("transformer.ln_f.bias", &["norm.bias"], Same),
+    rule("lm_head.weight", &["lm_head.weight"], Transpose),
+];
+
+/// HF keys that carry no parameter of ours (buffers, or a head tied to the embedding).
+const IGNORED_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"];
+
+fn table(arch: HfArch) -> &'static [Rule] {
+    match arch {
+        HfArch::Llama => LLAMA,
+        HfArch::Gpt2 => GPT2,
+    }
+}
+
+/// Expand `{i}` rules for `n_layers` layers into (hf name, our names, layout).
+fn expanded(arch: HfArch, n_layers: usize) -> Vec<(String, Vec<String>, Layout)> {
+    let mut out = Vec::new();
+    for r in table(arch) {
+        let layers: Vec<Option<usize>> = if r.hf.contains("{i}") { (0..n_layers).map(Some).collect() } else { vec![None] };
+        for i in layers {
+            let fill = |s: &str| i.map_or(s.to_string(), |i| s.replace("{i}", &i.to_string()));
+            out.push((fill(r.hf), r.ours.iter().map(|s| fill(s)).collect(), r.layout));
+        }
+    }
+    out
+}
+
+fn concat_last_axis(parts: &[&HostTensor]) -> HostTensor {
+    let rows: usize = parts[0].shape[..parts[0].shape.len() - 1].iter().product();
+    let widths: Vec<usize> = parts.iter().map(|p| *p.shape.last().unwrap()).collect();
+    let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+    for r in 0..rows {
+        for (p, &w) in parts.iter().zip(&widths) {
+            data.extend_from_slice(&p.data[r * w..(r + 1) * w]);
+        }
+    }
+    let mut shape = parts[0].shape.clone();
+    *shape.last_mut().unwrap() = widths.iter().sum();
+    HostTensor { shape, data }
+}
+
+fn split_last_axis(t: &HostTensor, parts: usize) -> Vec<HostTensor> {
+    let width = *t.shape.last().unwrap() / parts;
+    let rows = t.data.len() / t.shape.last().unwrap();
+    (0..parts)
+        .map(|p| {
+            let mut data = Vec::with_capacity(rows * width);
+            for r in 0..rows {
+                let start = r * width * parts + p * width;
+                data.extend_from_slice(&t.data[start..start + width]);
+            }
+            let mut shape = t.shape.clone();
+            *shape.last_mut().unwrap() = width;
+            HostTensor { shape, data }
+        })
+        .collect()
+}
+
+/// Our parameters under Hugging Face names and layouts.
+pub fn to_hf(arch: HfArch, ours: &NamedTensors, n_layers: usize) -> Result<NamedTensors, String> {
+    let mut out = NamedTensors::new();
+    let mut used = 0;
+    for (hf, names, layout) in expanded(arch, n_layers) {
+        let parts: Vec<&HostTensor> = names.iter().filter_map(|n| ours.get(n)).collect();
+        if parts.is_empty() {
+            continue;
+        }
+        if parts.len() != names.len() {
+            return Err(format!("`{hf}` needs all of {names:?}"));
+        }
+        used += parts.len();
+        let tensor = match layout {
+            Same => parts[0].clone(),
+            Transpose => parts[0].transposed(),
+            Fused => concat_last_axis(&parts),
+        };
+        out.insert(hf, tensor);
+    }
+    if used != ours.len() {
+        let known: Vec<String> = expanded(arch, n_layers).into_iter().flat_map(|(_, n, _)| n).collect();
+        let missing: Vec<_> = ours.keys().filter(|k| !known.contains(k)).collect();
+        return Err(format!("no Hugging Face name for {missing:?}"));
+    }
+    Ok(out)
+}
+
+/// Hugging Face tensors under our names and layouts. `tied` drops a head that repeats the embedding.
+pub fn from_hf(arch: HfArch, hf: &NamedTensors, n_layers: usize, tied: bool) -> Result<NamedTensors, String> {
+    let mut out = NamedTensors::new();
+    let mut used = 0;
+    for (hf_name, names, layout) in expanded(arch, n_layers) {
+        let Some(tensor) = hf.get(&hf_name) else { continue };
+        used += 1;
+        if tied && hf_name == "lm_head.weight" {
+            continue;
+        }
+        match layout {
+            Same => drop(out.insert(names[0].clone(), tensor.clone())),
+            Transpose => drop(out.insert(names[0].clone(), tensor.transposed())),
+            Fused => {
+                for (name, part) in names.iter().zip(split_last_axis(tensor, names.len())) {
+                    out.insert(name.clone(), part);
+                }
+            }
+        }
+    }
+    let unknown: Vec<_> = hf
+        .keys()
+        .filter(|k| !IGNORED_SUFFIXES.iter().any(|s| k.ends_with(s)))
+        .filter(|k| !expanded(arch, n_layers).iter().any(|(h, _, _)| h == *k))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!("Hugging Face tensors with no place in the model: {unknown:?}"));
+    }
+    if used == 0 {
+        return Err("no tensor of the expected Hugging Face layout was found".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(shape: &[usize], start: f32) -> HostTensor {
+        let n = shape.iter().product();
+        HostTensor { shape: shape.to_vec(), data: (0..n).map(|i| start + i as f32).collect() }
+    }
+
+    #[test]
+    fn gpt2_fused_attention_round_trips() {
+        let mut ours = NamedTensors::new();
+        ours.insert("layers.0.attention.q_proj.weight".into(), t(&[2, 2], 0.0));
+        ours.insert("layers.0.attention.k_proj.weight".into(), t(&[2, 2], 10.0));
+        ours.insert("layers.0.attention.v_proj.weight".into(), t(&[2, 2], 20.0));
+        let hf = to_hf(HfArch::Gpt2, &ours, 1).unwrap();
+        let fused = &hf["transformer.h.0.attn.c_attn.weight"];
+        assert_eq!(fused.shape, vec![2, 6]);
+        assert_eq!(fused.data, vec![0., 1., 10., 11., 20., 21., 2., 3., 12., 13., 22., 23.]);
+        assert_eq!(from_hf(HfArch::Gpt2, &hf, 1, false).unwrap(), ours);
+    }
+
+    #[test]
+    fn llama_linear_is_transposed_and_round_trips() {
+        let mut ours = NamedTensors::new();
+        ours.insert("layers.0.attention.q_proj.weight".into(), t(&[2, 3], 0.0));
+        let hf = to_hf(HfArch::Llama, &ours, 1).unwrap();
+        assert_eq!(hf["model.layers.0.self_attn.q_proj.weight"].shape, vec![3, 2]);
+        assert_eq!(from_hf(HfArch::Llama, &hf, 1, false).unwrap(), ours);
+    }
+
+    #[test]
+    fn unknown_hf_tensor_is_an_error() {
+        let mut hf = NamedTensors::new();
+        hf.insert("model.layers.0.self_attn.rotary_extra".into(), t(&[1], 0.0));
+        assert!(from_hf(HfArch::Llama, &hf, 1, false).is_err());
+    }
+}

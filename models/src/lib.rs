@@ -1,0 +1,17 @@
+//! Furnace models. Shared blocks live in `blocks`; each architecture is one file with its
+//! config beside it; generation and sampling are written once against `CausalLm`.
+
+pub mod blocks;
+pub mod causal_lm;
+pub mod decoder;
+pub mod generate;
+pub mod hf;
+pub mod init;
+pub mod params;
+pub mod sampling;
+
+pub use causal_lm::CausalLm;
+pub use decoder::{Decoder, DecoderConfig, KvCache, PositionKind};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+//! Layer tests: gradients against finite differences, cached decoding against full recompute.
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+
+use crate::blocks::*;
+use crate::generate::{generate, GenerateConfig};
+use crate::init::SeededRng;
+use crate::sampling::{argmax, SamplingConfig};
+use crate::{CausalLm, DecoderConfig, PositionKind};
+
+// f32 central differences: step 1e-2 keeps rounding noise ~1e-4 while the O(h²) truncation
+// stays below the tolerance; a wrong gradient is off by O(1).
+type B = burn::backend::Flex;
+type AB = Autodiff<B>;
+
+fn random(shape: [usize; 3], seed: u64) -> Vec<f32> {
+    let mut rng = SeededRng::new(seed);
+    (0..shape.iter().product::<usize>()).map(|_| rng.normal() as f32).collect()
+}
+
+fn tensor<Bk: Backend>(values: &[f32], shape: [usize; 3]) -> Tensor<Bk, 3> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), &Default::default())
+}
+
+/// Compare d(sum(f(x) · w))/dx from autodiff with central finite differences at every input.
+fn check_input_gradient(shape: [usize; 3], out_shape: [usize; 3], f: impl Fn(Tensor<AB, 3>) -> Tensor<AB, 3>) {
+    let x = random(shape, 1);
+    let w = random(out_shape, 2);
+    let loss = |x: Tensor<AB, 3>| (f(x) * tensor::<AB>(&w, out_shape)).sum();
+    let input = tensor::<AB>(&x, shape).require_grad();
+    let grads = loss(input.clone()).backward();
+    let analytic: Vec<f32> = input.grad(&grads).unwrap().into_data().into_vec().unwrap();
+    let eps = 1e-2;
+    for i in 0..x.len() {
+        let mut plus = x.clone();
+        plus[i] += eps;
+        let mut minus = x.clone();
+        minus[i] -= eps;
+        let numeric = (loss(tensor(&plus, shape)).into_scalar() - loss(tensor(&minus, shape)).into_scalar()) / (2.0 * eps);
+        let err = (numeric - analytic[i]).abs() / numeric.abs().max(1.0);
+        assert!(err < 5e-3, "input {i}: analytic {} vs numeric {numeric}", analytic[i]);
+    }
+}
+
+#[test]
+fn attention_with_rope_and_gqa_matches_finite_differences() {
+    let device = Default::default();
+    let mut rng = SeededRng::new(3);
+    let attn = Attention::<AB>::new(16, 4, 2, false, 0.3, 0.3, &mut rng, &device);
+    let rope = Rope::<AB>::new(4, 8, 10000.0, &device);
+    let ctx = AttentionContext { rope: Some(rope.slice(0, 5)), bias: attention_bias(5, 0, 0, None, &device) };
+    check_input_gradient([2, 5, 16], [2, 5, 16], |x| attn.forward(x, &ctx, None));
+}
+
+#[test]
+fn attention_with_alibi_and_window_matches_finite_differences() {
+    let device = Default::default();
+    let mut rng = SeededRng::new(4);
+    let attn = Attention::<AB>::new(8, 2, 1, true, 0.3, 0.3, &mut rng, &device);
+    let slopes = alibi_slopes(2);
+    let ctx = AttentionContext { rope: None, bias: attention_bias(6, 0, 3, Some(&slopes), &device) };
+    check_input_gradient([1, 6, 8], [1, 6, 8], |x| attn.forward(x, &ctx, None));
+}
+
+#[test]
+fn mlps_match_finite_differences() {
+    let device = Default::default();
+    let mut rng = SeededRng::new(5);
+    for kind in [MlpKind::SwiGlu, MlpKind::Gelu] {
+        let mlp = FeedForward::<AB>::new(kind, 8, 12, true, 0.3, 0.3, &mut rng, &device);
+        check_input_gradient([2, 3, 8], [2, 3, 8], |x| mlp.forward(x));
+    }
+}
+
+#[test]
+fn norms_match_finite_differences() {
+    let device = Default::default();
+    for kind in [NormKind::RmsNorm, NormKind::LayerNorm] {
+        let norm = Norm::<AB>::new(kind, 8, 1e-5, true, &device);
+        check_input_gradient([2, 3, 8], [2, 3, 8], |x| norm.forward(x));
+    }
+}
+
+#[test]
+fn parameter_gradient_matches_finite_differences() {
+    // Gradient with respect to a weight, not only the input: q_proj of a GQA attention layer.
+    let device = Default::default();
+    let shape = [1, 4, 8];
+    let x = random(shape, 9);
+    let w = random(shape, 10);
+    let build = |delta: Option<(usize, f32)>| {
+        let mut rng = SeededRng::new(11);
+        let mut attn = Attention::<AB>::new(8, 2, 1, false, 0.3, 0.3, &mut rng, &device);
+        if let Some((i, d)) = delta {
+            let mut values: Vec<f32> = attn.q_proj.weight.val().into_data().into_vec().unwrap();
+            values[i] += d;
+            attn.q_proj.weight = burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(values, [8, 8]), &device));
+        }
+        attn
+    };
+    let rope = Rope::<AB>::new(4, 8, 10000.0, &device);
+    let ctx = AttentionContext { rope: Some(rope.slice(0, 4)), bias: attention_bias(4, 0, 0, None, &device) };
+    let loss = |attn: &Attention<AB>| (attn.forward(tensor(&x, shape), &ctx, None) * tensor::<AB>(&w, shape)).sum();
+    let attn = build(None);
+    let grads = loss(&attn).backward();
+    let analytic: Vec<f32> = attn.q_proj.weight.val().grad(&grads).unwrap().into_data().into_vec().unwrap();
+    for i in [0, 7, 19, 40, 63] {
+        let numeric = (loss(&build(Some((i, 1e-2)))).into_scalar() - loss(&build(Some((i, -1e-2)))).into_scalar()) / 2e-2;
+        assert!((numeric - analytic[i]).abs() < 5e-3 * numeric.abs().max(1.0), "weight {i}: {} vs {numeric}", analytic[i]);
+    }
+}
+
+fn tiny(position: PositionKind) -> DecoderConfig {
+    DecoderConfig::new(50, 32, 2, 4, 48, 32).with_n_kv_heads(Some(2)).with_position(position)
+}
+
+/// Cached decoding (prefill, then one token at a time) equals recomputing the whole sequence.
+fn check_cache_equals_recompute(config: DecoderConfig) {
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let model = config.init::<F>(7, &device);
+    let tokens: Vec<i64> = (0..12).map(|i| (i * 7 + 3) % 50).collect();
+    let full = model.forward(Tensor::<F, 2, Int>::from_data(TensorData::new(tokens.clone(), [1, 12]), &device));
+    let full: Vec<f32> = full.into_data().into_vec().unwrap();
+    let mut state = model.init_state();
+    let mut stepped = Vec::new();
+    let prefill = 5;
+    let first = model.forward_step(Tensor::from_data(TensorData::new(tokens[..prefill].to_vec(), [1, prefill]), &device), &mut state);
+    stepped.extend(first.into_data().into_vec::<f32>().unwrap());
+    for &t in &tokens[prefill..] {
+        let logits = model.forward_step(Tensor::from_data(TensorData::new(vec![t], [1, 1]), &device), &mut state);
+        stepped.extend(logits.into_data().into_vec::<f32>().unwrap());
+    }
+    assert_eq!(full.len(), stepped.len());
+    for (i, (a, b)) in full.iter().zip(&stepped).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "logit {i}: full {a} vs cached {b}");
+    }
+    for pos in 0..12 {
+        let row = |v: &[f32]| argmax(&v[pos * 50..(pos + 1) * 50]);
+        assert_eq!(row(&full), row(&stepped));
+    }
+}
+
+#[test]
+fn cached_decoding_equals_recompute_llama_gqa_rope() {
+    check_cache_equals_recompute(tiny(PositionKind::Rope));
+}
+
+#[test]
+fn cached_decoding_equals_recompute_gpt2_learned_positions() {
+    check_cache_equals_recompute(
+        tiny(PositionKind::Learned)
+            .with_norm(NormKind::LayerNorm)
+            .with_mlp(MlpKind::Gelu)
+            .with_bias(true)
+            .with_tie_embeddings(true),
+    );
+}
+
+#[test]
+fn cached_decoding_equals_recompute_alibi_sliding_window_parallel() {
+    check_cache_equals_recompute(tiny(PositionKind::Alibi).with_sliding_window(4).with_parallel_block(true));
+}
+
+#[test]
+fn greedy_generation_equals_argmax_of_full_forward() {
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let model = tiny(PositionKind::Rope).init::<F>(3, &device);
+    let prompt = [1u32, 2, 3];
+    let config = GenerateConfig { max_new_tokens: 6, stop_tokens: vec![], sampling: SamplingConfig::default() };
+    let generated = generate(&model, &prompt, &config, &device, |_| {});
+    let mut seq: Vec<u32> = prompt.to_vec();
+    for _ in 0..6 {
+        let input: Vec<i64> = seq.iter().map(|&t| t as i64).collect();
+        let logits = model.forward(Tensor::from_data(TensorData::new(input, [1, seq.len()]), &device));
+        let values: Vec<f32> = logits.into_data().into_vec().unwrap();
+        seq.push(argmax(&values[(seq.len() - 1) * 50..seq.len() * 50]));
+    }
+    assert_eq!(generated, seq[3..]);
+}
+
+#[test]
+fn param_count_matches_the_module() {
+    type F = burn::backend::Flex;
+    for config in [
+        tiny(PositionKind::Rope),
+        tiny(PositionKind::Learned).with_bias(true).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_tie_embeddings(true),
+        tiny(PositionKind::Alibi).with_parallel_block(true),
+    ] {
+        let model = config.init::<F>(1, &Default::default());
+        assert_eq!(model.num_params(), config.num_params());
+    }
+}
+
+#[test]
+fn named_tensors_round_trip_through_load() {
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let a = tiny(PositionKind::Rope).init::<F>(1, &device);
+    let b = tiny(PositionKind::Rope).init::<F>(2, &device);
+    let named = crate::params::named_tensors(&a);
+    assert!(named.contains_key("layers.1.attention.q_proj.weight"), "{:?}", named.keys().collect::<Vec<_>>());
+    let b = crate::params::load_named(b, &named).unwrap();
+    assert_eq!(crate::params::named_tensors(&b), named);
+    let mut wrong = named.clone();
+    wrong.get_mut("norm.weight").unwrap().shape = vec![31];
+    assert!(crate::params::load_named(b, &wrong).unwrap_err().contains("norm.weight"));
+}
