@@ -1,6 +1,10 @@
 //! Hugging Face layouts. One table per architecture maps our parameter paths to transformers'
 //! names; the same table drives import (`from_hf`) and export (`to_hf`).
 
+use serde_json::Value;
+
+use crate::blocks::{MlpKind, NormKind};
+use crate::decoder::{DecoderConfig, PositionKind};
 use crate::params::{HostTensor, NamedTensors};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +203,73 @@ pub fn from_hf(arch: HfArch, hf: &NamedTensors, n_layers: usize, tied: bool) -> 
         return Err("no tensor of the expected Hugging Face layout was found".into());
     }
     Ok(out)
+}
+
+fn field(json: &Value, key: &str) -> Result<usize, String> {
+    json.get(key).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| format!("config.json lacks integer `{key}`"))
+}
+
+fn float(json: &Value, key: &str, default: f64) -> f64 {
+    json.get(key).and_then(Value::as_f64).unwrap_or(default)
+}
+
+fn flag(json: &Value, key: &str, default: bool) -> bool {
+    json.get(key).and_then(Value::as_bool).unwrap_or(default)
+}
+
+/// Read a transformers `config.json` into our decoder config.
+pub fn config_from_hf(json: &Value) -> Result<(HfArch, DecoderConfig), String> {
+    let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or("");
+    match model_type {
+        "llama" | "mistral" => {
+            let d_model = field(json, "hidden_size")?;
+            let n_heads = field(json, "num_attention_heads")?;
+            if json.get("head_dim").and_then(Value::as_u64).is_some_and(|h| h as usize != d_model / n_heads) {
+                return Err("head_dim other than hidden_size / num_attention_heads is not supported".into());
+            }
+            let bias = flag(json, "attention_bias", false);
+            if flag(json, "mlp_bias", false) != bias {
+                return Err("attention_bias and mlp_bias must agree".into());
+            }
+            let rope_theta = json
+                .get("rope_parameters")
+                .and_then(|r| r.get("rope_theta"))
+                .and_then(Value::as_f64)
+                .unwrap_or_else(|| float(json, "rope_theta", 10000.0));
+            let config = DecoderConfig::new(
+                field(json, "vocab_size")?,
+                d_model,
+                field(json, "num_hidden_layers")?,
+                n_heads,
+                field(json, "intermediate_size")?,
+                field(json, "max_position_embeddings")?,
+            )
+            .with_n_kv_heads(Some(json.get("num_key_value_heads").and_then(Value::as_u64).map_or(n_heads, |v| v as usize)))
+            .with_norm_eps(float(json, "rms_norm_eps", 1e-6))
+            .with_rope_theta(rope_theta)
+            .with_bias(bias)
+            .with_sliding_window(json.get("sliding_window").and_then(Value::as_u64).unwrap_or(0) as usize)
+            .with_tie_embeddings(flag(json, "tie_word_embeddings", false));
+            Ok((HfArch::Llama, config))
+        }
+        "gpt2" => {
+            let act = json.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
+            if !["gelu_new", "gelu_pytorch_tanh"].contains(&act) {
+                return Err(format!("GPT-2 activation `{act}` is not supported (gelu_new is)"));
+            }
+            let d_model = field(json, "n_embd")?;
+            let d_ff = json.get("n_inner").and_then(Value::as_u64).map_or(4 * d_model, |v| v as usize);
+            let config = DecoderConfig::new(field(json, "vocab_size")?, d_model, field(json, "n_layer")?, field(json, "n_head")?, d_ff, field(json, "n_positions")?)
+                .with_norm(NormKind::LayerNorm)
+                .with_norm_eps(float(json, "layer_norm_epsilon", 1e-5))
+                .with_position(PositionKind::Learned)
+                .with_mlp(MlpKind::Gelu)
+                .with_bias(true)
+                .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
+            Ok((HfArch::Gpt2, config))
+        }
+        other => Err(format!("model_type `{other}` is not supported (llama, mistral, gpt2 are)")),
+    }
 }
 
 #[cfg(test)]

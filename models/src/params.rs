@@ -150,3 +150,54 @@ pub fn load_named<B: Backend, M: Module<B>>(module: M, tensors: &NamedTensors) -
         Err(load.errors.join("; "))
     }
 }
+
+/// Serialize named f32 tensors as safetensors bytes.
+pub fn to_safetensors(tensors: &NamedTensors) -> Vec<u8> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let bytes: &[u8] = bytemuck_f32(&t.data);
+            (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytes).expect("consistent shape"))
+        })
+        .collect();
+    safetensors::serialize(views, None).expect("safetensors serialization")
+}
+
+fn bytemuck_f32(data: &[f32]) -> &[u8] {
+    // f32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
+}
+
+/// Parse safetensors bytes (F32, F16 or BF16 tensors) into named f32 tensors.
+pub fn from_safetensors(bytes: &[u8]) -> Result<NamedTensors, String> {
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let mut out = NamedTensors::new();
+    for (name, view) in file.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            safetensors::Dtype::BF16 => raw.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
+            safetensors::Dtype::F16 => raw.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+            other => return Err(format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 are read")),
+        };
+        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+    }
+    Ok(out)
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: renormalise.
+            let shift = frac.leading_zeros() - 21;
+            sign | ((127 - 15 + 1 - shift) << 23) | ((frac << shift) & 0x3ff) << 13
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
+    };
+    f32::from_bits(bits)
+}

@@ -1,0 +1,87 @@
+"""Build tiny random Hugging Face models and record what they compute, as test fixtures.
+
+    pip install torch transformers safetensors
+    python scripts/reference/make_hf_fixtures.py
+
+For each of LlamaForCausalLM (with GQA) and GPT2LMHeadModel this writes, under
+tests/fixtures/<name>/: model.safetensors and config.json (as save_pretrained writes them),
+plus tokens.json (a fixed batch) and logits.safetensors (the reference logits, float32).
+The Rust test `models/tests/hf_fidelity.rs` loads the weights through our Hugging Face
+name table and must reproduce the logits to 1e-4.
+"""
+
+import json
+import pathlib
+
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+ROOT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+
+
+def tokens(vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (2, 11), generator=g)
+
+
+def write(name: str, model: torch.nn.Module, vocab: int) -> None:
+    out = ROOT / name
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    # Random norm weights and biases too, so a mapping that drops them cannot pass.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "weight" in pname else 0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out, safe_serialization=True)
+    batch = tokens(vocab)
+    with torch.no_grad():
+        logits = model(batch).logits.float().contiguous()
+    save_file({"logits": logits}, str(out / "logits.safetensors"))
+    (out / "tokens.json").write_text(json.dumps(batch.tolist()))
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} params, logits {tuple(logits.shape)}")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    llama = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        torch_dtype="float32",
+    )
+    llama._attn_implementation = "eager"
+    write("tiny_llama", LlamaForCausalLM(llama), llama.vocab_size)
+
+    gpt2 = GPT2Config(
+        vocab_size=101,
+        n_positions=64,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+        torch_dtype="float32",
+    )
+    gpt2._attn_implementation = "eager"
+    write("tiny_gpt2", GPT2LMHeadModel(gpt2), gpt2.vocab_size)
+
+
+if __name__ == "__main__":
+    main()
