@@ -2,7 +2,9 @@
 //! rejected, overridden from the command line with `--set section.key=value`, validated before
 //! any work starts, and resolved into concrete values (`ResolvedModel`) for the other crates.
 
+pub mod fsutil;
 pub mod recipe;
+pub mod rng;
 pub mod schema;
 
 mod error;

@@ -1,1 +1,12 @@
+//! Furnace data: tokenizers, generated corpora, token shards, and the packed, shuffled,
+//! rank-split, resumable loader.
 
+pub mod corpus;
+pub mod generators;
+pub mod loader;
+pub mod shards;
+pub mod tokenizer;
+
+pub use loader::{Batch, Cursor, Loader};
+pub use shards::Shard;
+pub use tokenizer::TextTokenizer;

@@ -1,0 +1,127 @@
+//! From a recipe's `[data]` section to a tokenizer and train/val token shards in the run folder.
+//! Prepared data is reused when the `[data]` section and seed are unchanged.
+
+use std::path::{Path, PathBuf};
+
+use furnace_configs::fsutil::atomic_write;
+use furnace_configs::{DataSection, DataSource, Recipe};
+
+use crate::generators::{arithmetic, stories, ArithmeticConfig};
+use crate::shards::write_shard;
+use crate::tokenizer::TextTokenizer;
+
+/// What `prepare` leaves in `<output_dir>`.
+pub struct Prepared {
+    pub tokenizer: TextTokenizer,
+    pub tokenizer_path: PathBuf,
+    pub train: PathBuf,
+    pub val: PathBuf,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    pub reused: bool,
+}
+
+pub fn arithmetic_config(data: &DataSection) -> ArithmeticConfig {
+    ArithmeticConfig { digits: data.digits, operators: data.operators.iter().filter_map(|o| o.chars().next()).collect() }
+}
+
+/// Seed of the held-out set, distinct from the training seed.
+pub fn val_seed(seed: u64) -> u64 {
+    seed ^ 0x5EED_0F_7E57
+}
+
+/// Train and validation documents for the recipe.
+pub fn documents(recipe: &Recipe) -> Result<(Vec<String>, Vec<String>), String> {
+    let d = &recipe.data;
+    let seed = recipe.run.seed;
+    Ok(match d.source {
+        DataSource::Arithmetic => {
+            let config = arithmetic_config(d);
+            let text = |held_out, count, seed| arithmetic(&config, count, seed, held_out).iter().map(|p| p.text()).collect();
+            (text(false, d.num_examples, seed), text(true, d.num_val_examples, val_seed(seed)))
+        }
+        DataSource::Stories => (stories(d.num_examples, seed), stories(d.num_val_examples, val_seed(seed))),
+        DataSource::Files => {
+            let mut train = Vec::new();
+            for f in &d.files {
+                train.extend(read_documents(Path::new(f), &d.text_field)?);
+            }
+            let mut val = Vec::new();
+            for f in &d.val_files {
+                val.extend(read_documents(Path::new(f), &d.text_field)?);
+            }
+            if val.is_empty() {
+                let held = ((train.len() as f64 * d.val_fraction).ceil() as usize).max(1).min(train.len().saturating_sub(1));
+                val = train.split_off(train.len() - held);
+            }
+            (train, val)
+        }
+    })
+}
+
+/// Documents of a `.jsonl` file (one object per line, text under `field`) or a text file
+/// (blocks separated by blank lines).
+pub fn read_documents(path: &Path, field: &str) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, line)| {
+                let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{}:{}: invalid JSON: {e}", path.display(), i + 1))?;
+                value
+                    .get(field)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("{}:{}: no string field `{field}` (set data.text_field)", path.display(), i + 1))
+            })
+            .collect()
+    } else {
+        Ok(text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()).map(str::to_string).collect())
+    }
+}
+
+fn tokenize(tokenizer: &TextTokenizer, docs: &[String]) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    for doc in docs {
+        tokens.push(tokenizer.eos());
+        tokens.extend(tokenizer.encode(doc));
+    }
+    tokens
+}
+
+/// Build (or reuse) the tokenizer and the token shards for `recipe` under `out`.
+pub fn prepare(recipe: &Recipe, out: &Path) -> Result<Prepared, String> {
+    let data_dir = out.join("data");
+    let stamp_path = data_dir.join("data_section.toml");
+    let stamp = format!("seed = {}\n{}", recipe.run.seed, toml_section(&recipe.data));
+    let tokenizer_path = if recipe.data.tokenizer.is_empty() { out.join("tokenizer.json") } else { PathBuf::from(&recipe.data.tokenizer) };
+    let (train, val) = (data_dir.join("train.bin"), data_dir.join("val.bin"));
+    let io = |e: std::io::Error| format!("cannot write prepared data under {}: {e}", data_dir.display());
+    if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) && train.is_file() && val.is_file() && tokenizer_path.is_file() {
+        let tokenizer = TextTokenizer::load(&tokenizer_path)?;
+        let (train_tokens, val_tokens) = (crate::Shard::open(&train)?.len(), crate::Shard::open(&val)?.len());
+        return Ok(Prepared { tokenizer, tokenizer_path, train, val, train_tokens, val_tokens, reused: true });
+    }
+    let (train_docs, val_docs) = documents(recipe)?;
+    if train_docs.is_empty() || val_docs.is_empty() {
+        return Err("no training or validation documents: check data.files / data.num_examples".into());
+    }
+    let tokenizer = if recipe.data.tokenizer.is_empty() {
+        let tokenizer = TextTokenizer::train(&train_docs, recipe.data.tokenizer_vocab_size)?;
+        atomic_write(&tokenizer_path, tokenizer.to_json().as_bytes()).map_err(io)?;
+        tokenizer
+    } else {
+        TextTokenizer::load(&tokenizer_path)?
+    };
+    let train_ids = tokenize(&tokenizer, &train_docs);
+    let val_ids = tokenize(&tokenizer, &val_docs);
+    write_shard(&train, &train_ids, tokenizer.vocab_size()).map_err(io)?;
+    write_shard(&val, &val_ids, tokenizer.vocab_size()).map_err(io)?;
+    atomic_write(&stamp_path, stamp.as_bytes()).map_err(io)?;
+    Ok(Prepared { tokenizer, tokenizer_path, train, val, train_tokens: train_ids.len(), val_tokens: val_ids.len(), reused: false })
+}
+
+fn toml_section(data: &DataSection) -> String {
+    furnace_configs::Recipe { data: data.clone(), ..Default::default() }.to_toml()
+}

@@ -1,0 +1,127 @@
+//! Built-in corpora generated from a seed, so the quickstart and the tests need no download.
+
+use furnace_configs::rng::SeededRng;
+
+/// One arithmetic problem: `a op b = answer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub a: u64,
+    pub op: char,
+    pub b: u64,
+}
+
+impl Problem {
+    pub fn answer(&self) -> i64 {
+        let (a, b) = (self.a as i64, self.b as i64);
+        match self.op {
+            '+' => a + b,
+            '-' => a - b,
+            '*' => a * b,
+            other => unreachable!("operator {other} is rejected by recipe validation"),
+        }
+    }
+
+    /// What the model is given: `37+45=`.
+    pub fn prompt(&self) -> String {
+        format!("{}{}{}=", self.a, self.op, self.b)
+    }
+
+    /// The training document: `37+45=82`.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.prompt(), self.answer())
+    }
+
+    /// Held-out problems are a fixed tenth of the problem space, chosen by a hash of the
+    /// problem itself, so no held-out problem ever appears in training data.
+    pub fn is_held_out(&self) -> bool {
+        let mut h = SeededRng::new(self.a.wrapping_mul(1_000_003) ^ self.b.wrapping_mul(7919) ^ self.op as u64);
+        h.next_u64() % 10 == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ArithmeticConfig {
+    pub digits: usize,
+    pub operators: Vec<char>,
+}
+
+/// `count` problems from the training part (or, with `held_out`, the held-out part) of the space.
+pub fn arithmetic(config: &ArithmeticConfig, count: usize, seed: u64, held_out: bool) -> Vec<Problem> {
+    let mut rng = SeededRng::new(seed);
+    let limit = 10u64.pow(config.digits as u32);
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        // Operand lengths are drawn first, so short numbers are as common as long ones.
+        let operand = |rng: &mut SeededRng| {
+            let digits = 1 + rng.below(config.digits);
+            let low = if digits == 1 { 0 } else { 10u64.pow(digits as u32 - 1) };
+            low + rng.below((10u64.pow(digits as u32) - low) as usize) as u64
+        };
+        let a = operand(&mut rng).min(limit - 1);
+        let b = operand(&mut rng).min(limit - 1);
+        let op = config.operators[rng.below(config.operators.len())];
+        let problem = Problem { a, op, b };
+        if problem.is_held_out() == held_out {
+            out.push(problem);
+        }
+    }
+    out
+}
+
+const NAMES: &[&str] = &["Tim", "Lily", "Max", "Sara", "Ben", "Mia", "Leo", "Zoe", "Sam", "Anna"];
+const ANIMALS: &[&str] = &["fox", "cat", "dog", "bird", "bear", "rabbit", "owl", "frog"];
+const PLACES: &[&str] = &["forest", "garden", "village", "river", "hill", "park", "beach", "farm"];
+const OBJECTS: &[&str] = &["key", "ball", "box", "hat", "kite", "book", "shell", "apple"];
+const ADJECTIVES: &[&str] = &["shiny", "red", "small", "big", "old", "soft", "blue", "strange"];
+const FEELINGS: &[&str] = &["happy", "sad", "curious", "brave", "tired", "proud", "scared"];
+
+/// A short story from a small grammar: a character, a place, an object and a few events.
+pub fn story(rng: &mut SeededRng) -> String {
+    let mut pick = |list: &[&'static str]| list[rng.below(list.len())];
+    let name = pick(NAMES);
+    let friend = pick(NAMES);
+    let animal = pick(ANIMALS);
+    let place = pick(PLACES);
+    let object = pick(OBJECTS);
+    let adjective = pick(ADJECTIVES);
+    let feeling = pick(FEELINGS);
+    let other_place = pick(PLACES);
+    let ending = pick(FEELINGS);
+    let mut s = format!("Once upon a time, there was a little {animal} named {name}. {name} lived near the {place}. ");
+    s += &format!("One day, {name} found a {adjective} {object} by the {other_place}. {name} felt {feeling}. ");
+    let event = rng.below(3);
+    s += &match event {
+        0 => format!("{name} showed the {object} to {friend}. {friend} said, \"Let us keep it safe.\" "),
+        1 => format!("{name} lost the {object} in the {place}. {friend} helped {name} look for it. "),
+        _ => format!("{name} gave the {object} to {friend}. {friend} smiled and said thank you. "),
+    };
+    s += &format!("At the end of the day, {name} and {friend} went home. They were {ending}.");
+    s
+}
+
+pub fn stories(count: usize, seed: u64) -> Vec<String> {
+    let mut rng = SeededRng::new(seed);
+    (0..count).map(|_| story(&mut rng)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_are_correct_and_held_out_split_is_disjoint() {
+        let config = ArithmeticConfig { digits: 2, operators: vec!['+', '-', '*'] };
+        let train = arithmetic(&config, 2000, 1, false);
+        let val = arithmetic(&config, 200, 2, true);
+        assert!(train.iter().all(|p| !p.is_held_out()) && val.iter().all(Problem::is_held_out));
+        assert!(train.iter().all(|p| p.a < 100 && p.b < 100));
+        assert_eq!(Problem { a: 37, op: '+', b: 45 }.text(), "37+45=82");
+        assert_eq!(Problem { a: 3, op: '-', b: 45 }.text(), "3-45=-42");
+    }
+
+    #[test]
+    fn same_seed_same_corpus() {
+        assert_eq!(stories(5, 3), stories(5, 3));
+        assert_ne!(stories(5, 3), stories(5, 4));
+    }
+}

@@ -1,0 +1,98 @@
+//! Tokenizers through Hugging Face `tokenizers`: train a byte-level BPE on our text, or load
+//! any `tokenizer.json`.
+
+use std::path::Path;
+
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
+
+/// The document separator, as GPT-2 names it.
+pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    eos: u32,
+}
+
+impl TextTokenizer {
+    /// Train a byte-level BPE with `vocab_size` entries (256 bytes + merges + `<|endoftext|>`).
+    pub fn train(documents: &[String], vocab_size: usize) -> Result<Self, String> {
+        let mut trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
+            .build();
+        let byte_level = ByteLevel::new(false, true, true);
+        let mut tokenizer = TokenizerBuilder::<BPE, _, _, _, _>::new()
+            .with_model(BPE::default())
+            .with_normalizer(None::<tokenizers::NormalizerWrapper>)
+            .with_pre_tokenizer(Some(byte_level))
+            .with_post_processor(Some(byte_level))
+            .with_decoder(Some(byte_level))
+            .build()
+            .map_err(|e| e.to_string())?;
+        tokenizer.train(&mut trainer, documents.iter()).map_err(|e| format!("tokenizer training failed: {e}"))?;
+        Self::from_tokenizer(Tokenizer::from(tokenizer))
+    }
+
+    /// Load a Hugging Face `tokenizer.json`.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let inner = Tokenizer::from_file(path).map_err(|e| format!("cannot load tokenizer {}: {e}", path.display()))?;
+        Self::from_tokenizer(inner)
+    }
+
+    fn from_tokenizer(inner: Tokenizer) -> Result<Self, String> {
+        let eos = ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+            .iter()
+            .find_map(|t| inner.token_to_id(t))
+            .ok_or("the tokenizer has no end-of-text token (<|endoftext|>, </s>, <eos>)")?;
+        Ok(Self { inner, eos })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), String> {
+        self.inner.save(path, false).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    pub fn to_json(&self) -> String {
+        self.inner.to_string(false).expect("tokenizer serializes")
+    }
+
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.inner.encode(text, false).expect("byte-level encoding cannot fail").get_ids().to_vec()
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, true).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trained_tokenizer_round_trips_text_and_reloads() {
+        let docs: Vec<String> = crate::generators::stories(200, 1);
+        let tok = TextTokenizer::train(&docs, 400).unwrap();
+        assert!(tok.vocab_size() <= 400 && tok.vocab_size() > 300);
+        let text = "Once upon a time, Zoë found 42 shells.";
+        assert_eq!(tok.decode(&tok.encode(text)), text);
+        assert!(tok.encode(&docs[0]).len() < docs[0].len() / 2, "merges compress the corpus");
+        let dir = tempfile::tempdir().unwrap();
+        tok.save(&dir.path().join("tokenizer.json")).unwrap();
+        let loaded = TextTokenizer::load(&dir.path().join("tokenizer.json")).unwrap();
+        assert_eq!(loaded.encode(text), tok.encode(text));
+        assert_eq!(loaded.eos(), tok.eos());
+    }
+}
