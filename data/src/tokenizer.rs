@@ -5,6 +5,8 @@ use std::path::Path;
 
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
 
 /// The document separator, as GPT-2 names it.
@@ -17,6 +19,8 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     /// Train a byte-level BPE with `vocab_size` entries (256 bytes + merges + `<|endoftext|>`).
+    /// Digits are split one per token before BPE (as Llama's tokenizer does), so numbers are
+    /// read digit by digit and arithmetic stays learnable.
     pub fn train(documents: &[String], vocab_size: usize) -> Result<Self, String> {
         let mut trainer = BpeTrainerBuilder::new()
             .vocab_size(vocab_size)
@@ -26,10 +30,11 @@ impl TextTokenizer {
             .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
             .build();
         let byte_level = ByteLevel::new(false, true, true);
+        let pre_tokenizer = Sequence::new(vec![Digits::new(true).into(), byte_level.into()]);
         let mut tokenizer = TokenizerBuilder::<BPE, _, _, _, _>::new()
             .with_model(BPE::default())
             .with_normalizer(None::<tokenizers::NormalizerWrapper>)
-            .with_pre_tokenizer(Some(byte_level))
+            .with_pre_tokenizer(Some(pre_tokenizer))
             .with_post_processor(Some(byte_level))
             .with_decoder(Some(byte_level))
             .build()
@@ -89,6 +94,7 @@ mod tests {
         let text = "Once upon a time, Zoë found 42 shells.";
         assert_eq!(tok.decode(&tok.encode(text)), text);
         assert!(tok.encode(&docs[0]).len() < docs[0].len() / 2, "merges compress the corpus");
+        assert_eq!(tok.encode("12345").len(), 5, "one token per digit");
         let dir = tempfile::tempdir().unwrap();
         tok.save(&dir.path().join("tokenizer.json")).unwrap();
         let loaded = TextTokenizer::load(&dir.path().join("tokenizer.json")).unwrap();

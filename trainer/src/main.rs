@@ -1,1 +1,97 @@
-fn main(){}
+//! `furnace`: train, generate, check recipes, prepare data, measure the machine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use furnace_trainer::{commands, GenerateArgs, RecipeArgs, TrainArgs};
+
+// A retaining allocator: Burn allocates a fresh large buffer per op, and glibc's malloc hands
+// those back to the OS and faults them in again on every step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "furnace", version, about = "Train, fine-tune and run language models from one TOML recipe.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model as a recipe describes.
+    Train(TrainArgs),
+    /// Generate text from a checkpoint.
+    Generate(GenerateArgs),
+    /// Validate a recipe, or print every option with its default and meaning.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
+    /// Prepare data: token shards from a recipe, or a tokenizer from text files.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Measure this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum RecipeCommand {
+    /// Parse and validate a recipe; print the resolved model.
+    Check(RecipeArgs),
+    /// Print every section and option with its default and meaning.
+    Explain,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Build the tokenizer and token shards a recipe trains on, under its output folder.
+    Prepare(RecipeArgs),
+    /// Train a byte-level BPE tokenizer on text or JSONL files.
+    Tokenizer {
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        /// JSONL field holding the text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Float matmul throughput (the peak that MFU is measured against).
+    Gemm {
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => commands::train(args),
+        Command::Generate(args) => commands::generate(args),
+        Command::Recipe(RecipeCommand::Check(args)) => commands::recipe_check(args),
+        Command::Recipe(RecipeCommand::Explain) => {
+            print!("{}", furnace_configs::explain());
+            Ok(())
+        }
+        Command::Data(DataCommand::Prepare(args)) => commands::data_prepare(args),
+        Command::Data(DataCommand::Tokenizer { input, vocab_size, text_field, out }) => {
+            commands::data_tokenizer(&input, vocab_size, &text_field, &out)
+        }
+        Command::Bench(BenchCommand::Gemm { size }) => commands::bench_gemm(size),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

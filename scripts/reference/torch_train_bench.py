@@ -1,0 +1,86 @@
+"""PyTorch CPU reference for scripts/bench_train.sh: the same GPT-2-style model and training
+step as Furnace runs (pre-LN blocks, causal attention, tanh-GELU MLP, learned positions,
+tied embeddings, AdamW, global-norm clipping at 1.0, fp32), timed on random tokens.
+
+    python scripts/reference/torch_train_bench.py --layers 4 --d-model 256 --heads 4 \
+        --seq-len 256 --batch 8 --vocab 4096 --steps 8 --threads 2
+
+Prints one line: `tokens_per_sec <median over the timed steps>`.
+"""
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d)
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.mlp_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        # Plain matmul + mask + softmax, as Furnace computes attention today.
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads) + mask
+        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.c_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, ctx: int):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        mask = torch.full((t, t), float("-inf")).triu(1)
+        x = self.wte(idx) + self.wpe(torch.arange(t))
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x) @ self.wte.weight.T
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    for name, default in [("layers", 4), ("d-model", 256), ("heads", 4), ("seq-len", 256), ("batch", 8), ("vocab", 4096), ("steps", 8), ("threads", 2), ("warmup", 2)]:
+        p.add_argument(f"--{name}", type=int, default=default)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = GPT(a.vocab, a.d_model, a.layers, a.heads, max(a.seq_len, 1024))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    times = []
+    for step in range(a.warmup + a.steps):
+        idx = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1))
+        start = time.perf_counter()
+        logits = model(idx[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, a.vocab), idx[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss.item()
+        if step >= a.warmup:
+            times.append(time.perf_counter() - start)
+    print(f"tokens_per_sec {a.batch * a.seq_len / statistics.median(times):.1f}")
+
+
+if __name__ == "__main__":
+    main()

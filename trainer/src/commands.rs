@@ -1,0 +1,148 @@
+//! What each subcommand does, in terms of the library crates.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use furnace_configs::Recipe;
+use furnace_data::corpus::{prepare, read_documents};
+use furnace_data::TextTokenizer;
+use furnace_models::generate::{generate as run_generation, GenerateConfig};
+use furnace_models::params::{from_safetensors, load_named};
+use furnace_models::sampling::SamplingConfig;
+
+use crate::backend::{dispatch, BackendJob};
+use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
+use crate::evaluate::encode_prompt;
+use crate::train::{decoder_config, output_dir, TrainJob};
+use crate::{GenerateArgs, RecipeArgs, TrainArgs};
+
+fn load_recipe(args: &RecipeArgs) -> Result<Recipe> {
+    Ok(Recipe::load(&args.config, &args.overrides)?)
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let recipe = load_recipe(&args.recipe)?;
+    let out = output_dir(&recipe, args.resume.as_deref());
+    let job = TrainJob { output_dir: out, resume: args.resume.is_some(), max_steps: args.max_steps, recipe: recipe.clone() };
+    dispatch(&recipe, job)
+}
+
+pub fn recipe_check(args: RecipeArgs) -> Result<()> {
+    let recipe = load_recipe(&args)?;
+    let vocab = recipe.model.vocab_size.unwrap_or(recipe.data.tokenizer_vocab_size);
+    let model = decoder_config(&recipe.model.resolve(Some(vocab)));
+    println!(
+        "ok: {} — {} {} layers, d_model {}, {} heads ({} kv), ~{:.2}M parameters; {} steps of {} tokens; output {}",
+        args.config.display(),
+        recipe.model.arch,
+        model.n_layers,
+        model.d_model,
+        model.n_heads,
+        model.kv_heads(),
+        model.num_params() as f64 / 1e6,
+        recipe.training.steps,
+        recipe.tokens_per_step(),
+        recipe.output_dir().display()
+    );
+    Ok(())
+}
+
+pub fn data_prepare(args: RecipeArgs) -> Result<()> {
+    let recipe = load_recipe(&args)?;
+    let out = recipe.output_dir();
+    let prepared = prepare(&recipe, &out).map_err(anyhow::Error::msg)?;
+    println!(
+        "{}: {} train tokens in {}, {} val tokens in {}, tokenizer {} (vocab {})",
+        if prepared.reused { "up to date" } else { "prepared" },
+        prepared.train_tokens,
+        prepared.train.display(),
+        prepared.val_tokens,
+        prepared.val.display(),
+        prepared.tokenizer_path.display(),
+        prepared.tokenizer.vocab_size()
+    );
+    Ok(())
+}
+
+pub fn data_tokenizer(inputs: &[PathBuf], vocab_size: usize, text_field: &str, out: &Path) -> Result<()> {
+    let mut docs = Vec::new();
+    for input in inputs {
+        docs.extend(read_documents(input, text_field).map_err(anyhow::Error::msg)?);
+    }
+    let tokenizer = TextTokenizer::train(&docs, vocab_size).map_err(anyhow::Error::msg)?;
+    tokenizer.save(out).map_err(anyhow::Error::msg)?;
+    println!("trained a byte-level BPE of {} tokens on {} documents: {}", tokenizer.vocab_size(), docs.len(), out.display());
+    Ok(())
+}
+
+pub fn bench_gemm(size: usize) -> Result<()> {
+    let gflops = crate::bench::matmul_gflops::<burn::backend::Flex>(size, &Default::default());
+    println!("flex f32 matmul {size}x{size}: {gflops:.1} GFLOP/s");
+    Ok(())
+}
+
+struct GenerateJob {
+    args: GenerateArgs,
+    dir: PathBuf,
+    recipe: Recipe,
+    tokenizer: TextTokenizer,
+}
+
+impl BackendJob for GenerateJob {
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let Self { args, dir, recipe, tokenizer } = self;
+        let config = decoder_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
+        let weights = from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
+        let model = load_named(config.init::<B::InnerBackend>(0, &device), &weights)
+            .map_err(|e| anyhow::anyhow!("{} does not fit the recipe's model: {e}", dir.join(MODEL_FILE).display()))?;
+        let mut stop_tokens = vec![tokenizer.eos()];
+        for s in &args.stop {
+            match tokenizer.encode(s).as_slice() {
+                [single] => stop_tokens.push(*single),
+                _ => bail!("--stop {s:?} is not a single token of this tokenizer"),
+            }
+        }
+        let generation = GenerateConfig {
+            max_new_tokens: args.max_new_tokens,
+            stop_tokens,
+            sampling: SamplingConfig {
+                temperature: args.temperature,
+                top_k: args.top_k,
+                top_p: args.top_p,
+                min_p: args.min_p,
+                repetition_penalty: args.repetition_penalty,
+                seed: args.seed,
+            },
+        };
+        let prompt = encode_prompt(&tokenizer, &args.prompt);
+        print!("{}", args.prompt);
+        let mut produced: Vec<u32> = Vec::new();
+        let mut printed = 0;
+        let mut stdout = std::io::stdout();
+        run_generation(&model, &prompt, &generation, &device, |token| {
+            produced.push(token);
+            let text = tokenizer.decode(&produced);
+            // Hold back a trailing partial UTF-8 character until its bytes arrive.
+            let complete = text.trim_end_matches('\u{FFFD}');
+            if complete.len() > printed {
+                let _ = write!(stdout, "{}", &complete[printed..]);
+                let _ = stdout.flush();
+                printed = complete.len();
+            }
+        });
+        println!();
+        Ok(())
+    }
+}
+
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let dir = checkpoint::resolve(&args.checkpoint)?;
+    let recipe_path = dir.join(RECIPE_FILE);
+    let recipe_text = std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?;
+    let recipe = Recipe::from_toml(&recipe_text, &recipe_path.display().to_string(), &[])?;
+    let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
+    dispatch(&recipe.clone(), GenerateJob { args, dir, recipe, tokenizer })
+}

@@ -1,0 +1,67 @@
+//! The Furnace trainer: the loop, checkpoints, metrics, evaluation and the commands the
+//! `furnace` binary runs.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+pub mod backend;
+pub mod bench;
+pub mod checkpoint;
+pub mod commands;
+pub mod evaluate;
+pub mod metrics;
+pub mod objective;
+pub mod tensorboard;
+pub mod train;
+
+#[derive(Args, Clone)]
+pub struct RecipeArgs {
+    /// The recipe (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Override a recipe key, e.g. `--set training.lr=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Continue the run in this output folder from its newest complete checkpoint.
+    #[arg(long, value_name = "OUTPUT_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Stop (with a checkpoint) after this step; the schedule still spans training.steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A run folder (its newest checkpoint is used) or one checkpoint folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// 0 keeps all tokens.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Extra stop strings, each encoded to one stop token (the end-of-text token always stops).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+

@@ -1,0 +1,327 @@
+//! The training loop, shaped like torchtitan's train.py: setup, then repeat
+//! { step += 1; train_step; log; evaluate; checkpoint }, then a final report.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use furnace_configs::{DataSource, Recipe, ResolvedModel};
+use furnace_data::corpus::{arithmetic_config, prepare, val_seed, Prepared};
+use furnace_data::generators::arithmetic;
+use furnace_data::{Loader, Shard};
+use furnace_models::blocks::{MlpKind, NormKind};
+use furnace_models::generate::generate;
+use furnace_models::params::{load_named, named_tensors};
+use furnace_models::{CausalLm, Decoder, DecoderConfig, PositionKind};
+use furnace_optim::{clip_factor, global_grad_norm, AdamW, AdamWConfig, Schedule};
+
+use crate::backend::BackendJob;
+use crate::bench::matmul_gflops;
+use crate::checkpoint::{self, Checkpointer, TrainState};
+use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss};
+use crate::metrics::Metrics;
+use crate::objective::causal_lm_loss_sum;
+
+/// The decoder a resolved `[model]` section describes.
+pub fn decoder_config(m: &ResolvedModel) -> DecoderConfig {
+    use furnace_configs::{Mlp, Norm, Position};
+    DecoderConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
+        .with_n_kv_heads(Some(m.n_kv_heads))
+        .with_norm(match m.norm {
+            Norm::RmsNorm => NormKind::RmsNorm,
+            Norm::LayerNorm => NormKind::LayerNorm,
+        })
+        .with_norm_eps(m.norm_eps)
+        .with_position(match m.position {
+            Position::Rope => PositionKind::Rope,
+            Position::Alibi => PositionKind::Alibi,
+            Position::Learned => PositionKind::Learned,
+        })
+        .with_rope_theta(m.rope_theta)
+        .with_mlp(match m.mlp {
+            Mlp::SwiGlu => MlpKind::SwiGlu,
+            Mlp::Gelu => MlpKind::Gelu,
+        })
+        .with_bias(m.bias)
+        .with_tie_embeddings(m.tie_embeddings)
+        .with_sliding_window(m.sliding_window)
+        .with_parallel_block(m.parallel_block)
+        .with_dropout(m.dropout)
+}
+
+pub struct TrainJob {
+    pub recipe: Recipe,
+    pub output_dir: PathBuf,
+    pub resume: bool,
+    pub max_steps: Option<usize>,
+}
+
+impl BackendJob for TrainJob {
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let (trainer, model) = Trainer::<B>::setup(self, device)?;
+        trainer.train(model)
+    }
+}
+
+struct Trainer<B: AutodiffBackend> {
+    recipe: Recipe,
+    out: PathBuf,
+    device: B::Device,
+    model_config: DecoderConfig,
+    optimizer: AdamW<B>,
+    schedule: Schedule,
+    loader: Loader,
+    val_loader: Loader,
+    data: Prepared,
+    checkpointer: Checkpointer,
+    metrics: Metrics,
+    state: TrainState,
+    stop_at: usize,
+    peak_flops: f64,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    fn setup(job: TrainJob, device: B::Device) -> Result<(Self, Decoder<B>)> {
+        let TrainJob { recipe, output_dir: out, resume, max_steps } = job;
+        let t = &recipe.training;
+        let checkpointer = Checkpointer::new(&out, t.save_every, t.keep_last);
+        let latest = checkpointer.latest();
+        if !resume {
+            if let Some(latest) = &latest {
+                bail!(
+                    "{} already holds checkpoints (newest: {}); continue it with `--resume {}`, or set run.output_dir (or run.name) to start a new run",
+                    out.display(),
+                    latest.display(),
+                    out.display()
+                );
+            }
+        }
+        std::fs::create_dir_all(&out).with_context(|| format!("cannot create the output folder {}", out.display()))?;
+        println!("preparing data ({}) under {}", recipe.data.source, out.join("data").display());
+        let data = prepare(&recipe, &out).map_err(anyhow::Error::msg)?;
+        println!(
+            "  {} train tokens, {} val tokens, tokenizer vocab {}{}",
+            data.train_tokens,
+            data.val_tokens,
+            data.tokenizer.vocab_size(),
+            if data.reused { " (reused)" } else { "" }
+        );
+        let resolved = recipe.model.resolve(Some(data.tokenizer.vocab_size()));
+        if resolved.vocab_size < data.tokenizer.vocab_size() {
+            bail!(
+                "recipe key model.vocab_size = {} is smaller than the tokenizer's vocabulary ({}); raise it or leave it unset",
+                resolved.vocab_size,
+                data.tokenizer.vocab_size()
+            );
+        }
+        let model_config = decoder_config(&resolved);
+        let mut model = model_config.init::<B>(recipe.run.seed, &device);
+        let mut optimizer = AdamW::<B>::new(AdamWConfig::from(&recipe.optimizer));
+        let (rank, world) = (0, 1);
+        let mut loader = Loader::new(Shard::open(&data.train).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, recipe.run.seed, rank, world, true)
+            .map_err(anyhow::Error::msg)?;
+        let val_loader = Loader::new(Shard::open(&data.val).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, recipe.run.seed, 0, 1, false)
+            .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
+        let mut state = TrainState { step: 0, optimizer_step: 0, data_cursor: loader.cursor(), tokens_seen: 0 };
+        if resume {
+            let dir = latest.with_context(|| format!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display()))?;
+            let loaded = checkpoint::load(&dir)?;
+            let saved = Recipe::from_toml(&loaded.recipe, &dir.join(checkpoint::RECIPE_FILE).display().to_string(), &[])?;
+            if saved.model.resolve(Some(data.tokenizer.vocab_size())) != resolved {
+                bail!(
+                    "the recipe's [model] section differs from the one this checkpoint was trained with ({}); resume with the same model",
+                    dir.join(checkpoint::RECIPE_FILE).display()
+                );
+            }
+            model = load_named(model, &loaded.model).map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", dir.display()))?;
+            optimizer
+                .load_state(loaded.state.optimizer_step, &loaded.optimizer, &device)
+                .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", dir.display()))?;
+            loader.set_cursor(loaded.state.data_cursor);
+            state = loaded.state;
+            println!("resumed from {} (step {})", dir.display(), state.step);
+        }
+        let stop_at = max_steps.unwrap_or(t.steps).min(t.steps);
+        let metrics = Metrics::new(&out, recipe.logging.jsonl, recipe.logging.tensorboard, recipe.logging.progress, t.steps, state.step)?;
+        let peak_flops = if recipe.logging.peak_tflops > 0.0 {
+            recipe.logging.peak_tflops * 1e12
+        } else {
+            matmul_gflops::<B::InnerBackend>(1024, &device) * 1e9
+        };
+        let schedule = Schedule::new(recipe.optimizer.lr, t.steps, &recipe.lr_scheduler);
+        let trainer = Self {
+            recipe,
+            out,
+            device,
+            model_config,
+            optimizer,
+            schedule,
+            loader,
+            val_loader,
+            data,
+            checkpointer,
+            metrics,
+            state,
+            stop_at,
+            peak_flops,
+        };
+        Ok((trainer, model))
+    }
+
+    fn train(mut self, mut model: Decoder<B>) -> Result<()> {
+        let t = self.recipe.training.clone();
+        let tokens_per_step = self.recipe.tokens_per_step();
+        let flops_per_token = self.model_config.train_flops_per_token(t.seq_len);
+        self.metrics.println(format!(
+            "model: {} {} layers, d_model {}, {} heads ({} kv), {:.2}M parameters | {} tokens/step | peak {:.1} GFLOP/s for MFU",
+            self.recipe.model.arch,
+            self.model_config.n_layers,
+            self.model_config.d_model,
+            self.model_config.n_heads,
+            self.model_config.kv_heads(),
+            self.model_config.num_params() as f64 / 1e6,
+            tokens_per_step,
+            self.peak_flops / 1e9
+        ));
+        let mut window_start = Instant::now();
+        let mut window_tokens = 0usize;
+        while self.state.step < self.stop_at {
+            self.state.step += 1;
+            let step = self.state.step;
+            let lr = self.schedule.lr(step);
+            let (updated, loss, grad_norm) = self.train_step(model, lr)?;
+            model = updated;
+            self.state.tokens_seen += tokens_per_step as u64;
+            self.state.optimizer_step = self.optimizer.step;
+            self.state.data_cursor = self.loader.cursor();
+            window_tokens += tokens_per_step;
+            let last = step == self.stop_at;
+            if step % t.log_every == 0 || last {
+                let loss = loss.into_scalar().elem::<f64>();
+                let seconds = window_start.elapsed().as_secs_f64();
+                let tokens_per_sec = window_tokens as f64 / seconds;
+                let mfu = tokens_per_sec * flops_per_token / self.peak_flops;
+                self.metrics.log(
+                    step,
+                    &[("loss", loss), ("lr", lr), ("grad_norm", grad_norm), ("tokens_per_sec", tokens_per_sec), ("mfu", mfu), ("tokens", self.state.tokens_seen as f64)],
+                )?;
+                let line = format!("loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | MFU {:.1}%", mfu * 100.0);
+                self.metrics.advance(step, line.clone());
+                if self.metrics_plain() {
+                    self.metrics.println(format!("step {step:>6}/{} | {line}", t.steps));
+                }
+                window_start = Instant::now();
+                window_tokens = 0;
+            }
+            if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) {
+                let val = self.evaluate_loss(&model);
+                self.metrics.log(step, &[("val_loss", val), ("val_perplexity", val.exp())])?;
+                self.metrics.println(format!("step {step:>6} | val_loss {val:.4} | val_perplexity {:.2}", val.exp()));
+                window_start = Instant::now();
+            }
+            if self.checkpointer.should_save(step, last) {
+                let path = self.save(&model)?;
+                self.metrics.println(format!("step {step:>6} | checkpoint {}", path.display()));
+                window_start = Instant::now();
+            }
+        }
+        self.metrics.finish();
+        if self.state.step < t.steps {
+            println!("stopped at step {} of {}; continue with --resume {}", self.state.step, t.steps, self.out.display());
+            return Ok(());
+        }
+        self.report(&model)
+    }
+
+    fn metrics_plain(&self) -> bool {
+        !self.recipe.logging.progress || !std::io::IsTerminal::is_terminal(&std::io::stderr())
+    }
+
+    /// Zero grads, micro-batches, clip, optimizer step. Returns the step's loss (still on the
+    /// device) and the pre-clip global gradient norm.
+    fn train_step(&mut self, model: Decoder<B>, lr: f64) -> Result<(Decoder<B>, Tensor<B::InnerBackend, 1>, f64)> {
+        let t = &self.recipe.training;
+        let tokens_per_step = (t.local_batch_size * t.seq_len * t.grad_accum_steps) as f64;
+        let mut accumulator = GradientsAccumulator::new();
+        let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
+        for _ in 0..t.grad_accum_steps {
+            let batch = self.loader.next_batch();
+            let shape = [batch.batch, batch.seq_len];
+            let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs, shape), &self.device);
+            let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets, shape), &self.device);
+            let loss = causal_lm_loss_sum(model.forward(inputs), targets) / tokens_per_step;
+            let detached = loss.clone().inner();
+            step_loss = Some(match step_loss.take() {
+                Some(total) => total + detached,
+                None => detached,
+            });
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        let grads = accumulator.grads();
+        let grad_norm = global_grad_norm::<B, _>(&model, &grads);
+        if !grad_norm.is_finite() {
+            bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr or raise lr_scheduler.warmup_steps", self.state.step);
+        }
+        let model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, t.max_norm));
+        Ok((model, step_loss.expect("at least one micro-batch"), grad_norm))
+    }
+
+    fn evaluate_loss(&mut self, model: &Decoder<B>) -> f64 {
+        validation_loss(&model.valid(), &mut self.val_loader, self.recipe.training.eval_steps, &self.device)
+    }
+
+    fn save(&self, model: &Decoder<B>) -> Result<PathBuf> {
+        self.checkpointer.save(
+            self.state.step,
+            &named_tensors(model),
+            &self.optimizer.state_tensors(),
+            &self.state,
+            &self.recipe.to_toml(),
+            &self.data.tokenizer.to_json(),
+        )
+    }
+
+    /// What the finished run measured: validation loss, held-out exact match, a sample.
+    fn report(&mut self, model: &Decoder<B>) -> Result<()> {
+        let val = self.evaluate_loss(model);
+        println!("\n== result after {} steps ({} tokens) ==", self.state.step, self.state.tokens_seen);
+        println!("validation loss {val:.4} (perplexity {:.2})", val.exp());
+        let model = model.valid();
+        let tokenizer = &self.data.tokenizer;
+        let eval = &self.recipe.eval;
+        let mut prompt = eval.prompt.clone();
+        if self.recipe.data.source == DataSource::Arithmetic && eval.arithmetic_problems > 0 {
+            let problems = arithmetic(&arithmetic_config(&self.recipe.data), eval.arithmetic_problems, val_seed(self.recipe.run.seed), true);
+            let (correct, total, shown) = arithmetic_exact_match(&model, tokenizer, &problems, &self.device);
+            println!(
+                "exact match on {total} held-out problems (never seen in training): {correct}/{total} = {:.1}%",
+                100.0 * correct as f64 / total as f64
+            );
+            for (question, answer, ok) in shown {
+                println!("  {question}{answer}  {}", if ok { "✓" } else { "✗" });
+            }
+            let metrics_line = [("eval/exact_match", correct as f64 / total as f64)];
+            self.metrics.log(self.state.step, &metrics_line)?;
+            if prompt.is_empty() {
+                prompt = problems[0].prompt();
+            }
+        }
+        if prompt.is_empty() {
+            prompt = "Once upon a time".into();
+        }
+        let out = generate(&model, &encode_prompt(tokenizer, &prompt), &greedy(tokenizer, eval.max_new_tokens), &self.device, |_| {});
+        println!("sample (greedy): {prompt}{}", tokenizer.decode(&out));
+        println!("checkpoint: {}", self.checkpointer.latest().map(|p| p.display().to_string()).unwrap_or_default());
+        Ok(())
+    }
+}
+
+/// Where a run writes: `--resume DIR` wins over the recipe's run.output_dir.
+pub fn output_dir(recipe: &Recipe, resume: Option<&Path>) -> PathBuf {
+    resume.map(Path::to_path_buf).unwrap_or_else(|| recipe.output_dir())
+}

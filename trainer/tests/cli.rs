@@ -1,0 +1,224 @@
+//! End-to-end tests of the `furnace` binary: recipes, errors, exact resume, generation,
+//! TensorBoard files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn furnace(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).current_dir(workspace()).output().expect("furnace runs")
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// A small, fast recipe for tests.
+const TINY: &str = r#"
+[run]
+seed = 7
+[model]
+flavor = "tiny"
+n_kv_heads = 2
+max_seq_len = 32
+[data]
+source = "stories"
+num_examples = 300
+num_val_examples = 20
+tokenizer_vocab_size = 300
+[training]
+local_batch_size = 4
+seq_len = 32
+grad_accum_steps = 2
+steps = 20
+eval_every = 0
+log_every = 1
+save_every = 0
+keep_last = 0
+[lr_scheduler]
+warmup_steps = 5
+[logging]
+progress = false
+peak_tflops = 1.0
+[eval]
+max_new_tokens = 8
+"#;
+
+fn write_recipe(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn resume_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), TINY);
+    let recipe = recipe.to_str().unwrap();
+    let straight = dir.path().join("straight");
+    let split = dir.path().join("split");
+    let set = |p: &Path| format!("run.output_dir={}", p.display());
+    let out = furnace(&["train", "--config", recipe, "--set", &set(&straight)]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = furnace(&["train", "--config", recipe, "--set", &set(&split), "--max-steps", "10"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("stopped at step 10"));
+    let out = furnace(&["train", "--config", recipe, "--set", &set(&split), "--resume", split.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (a, b) = (losses(&straight), losses(&split));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), b.iter().map(|x| x.0).collect::<Vec<_>>());
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-6, "step {step}: straight {x} vs resumed {y}");
+    }
+    assert!(a[19].1 < a[0].1, "the loss falls");
+}
+
+#[test]
+fn training_into_a_run_with_checkpoints_requires_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), TINY);
+    let set = format!("run.output_dir={}", dir.path().join("run").display());
+    let args = ["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--max-steps", "2"];
+    assert!(furnace(&args).status.success());
+    let before = std::fs::read(dir.path().join("run/checkpoints/step_2/model.safetensors")).unwrap();
+    let out = furnace(&args);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--resume"), "{}", text(&out));
+    assert_eq!(std::fs::read(dir.path().join("run/checkpoints/step_2/model.safetensors")).unwrap(), before);
+}
+
+#[test]
+fn every_recipe_runs_two_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ran = 0;
+    for entry in std::fs::read_dir(workspace().join("recipes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let set = format!("run.output_dir={}", dir.path().join(&name).display());
+        let out = furnace(&[
+            "train",
+            "--config",
+            path.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--set",
+            &set,
+            "--set",
+            "data.num_examples=2000",
+            "--set",
+            "logging.progress=false",
+        ]);
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        assert_eq!(losses(&dir.path().join(&name)).last().map(|l| l.0), Some(2), "{name}");
+        ran += 1;
+    }
+    assert!(ran >= 2, "recipes/ holds the quickstart and gpt2-124m recipes");
+}
+
+#[test]
+fn malformed_recipes_fail_cleanly_without_touching_the_output_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(run.join("checkpoints/step_5")).unwrap();
+    std::fs::write(run.join("checkpoints/step_5/model.safetensors"), b"precious").unwrap();
+    let out_dir = format!("[run]\noutput_dir = \"{}\"\n", run.display());
+    let cases: Vec<(&str, String, Vec<&str>, &str)> = vec![
+        ("unknown key", format!("{out_dir}[training]\nstepz = 3\n"), vec![], "unknown field `stepz`"),
+        ("wrong type", format!("{out_dir}[training]\nsteps = \"ten\"\n"), vec![], "line 4"),
+        ("bad choice", format!("{out_dir}[model]\nnorm = \"batchnorm\"\n"), vec![], "rmsnorm"),
+        ("bad value", format!("{out_dir}[model]\nd_model = 100\nn_heads = 3\n"), vec![], "model.n_heads"),
+        ("missing data file", format!("{out_dir}[data]\nsource = \"files\"\nfiles = [\"nope.txt\"]\n"), vec![], "nope.txt"),
+        ("bad override", out_dir.clone(), vec!["--set", "optimizer.learning_rate=1"], "keys of [optimizer]"),
+        ("backend not built", format!("{out_dir}[runtime]\nbackend = \"cuda\"\n"), vec![], "--features cuda"),
+    ];
+    for (name, body, extra, expect) in cases {
+        let recipe = write_recipe(dir.path(), &body);
+        let mut args = vec!["train", "--config", recipe.to_str().unwrap()];
+        args.extend(extra);
+        let out = furnace(&args);
+        let msg = text(&out);
+        assert!(!out.status.success(), "{name}: succeeded");
+        assert!(msg.contains(expect), "{name}: expected `{expect}` in: {msg}");
+        assert!(msg.contains("fix") || name == "backend not built", "{name}: no fix given: {msg}");
+        assert!(!msg.contains("panicked"), "{name}: panicked: {msg}");
+    }
+    let out = furnace(&["train", "--config", "does/not/exist.toml"]);
+    assert!(!out.status.success() && text(&out).contains("does/not/exist.toml"));
+    let entries: Vec<_> = walk(&run);
+    assert_eq!(entries, vec![run.join("checkpoints"), run.join("checkpoints/step_5"), run.join("checkpoints/step_5/model.safetensors")]);
+    assert_eq!(std::fs::read(run.join("checkpoints/step_5/model.safetensors")).unwrap(), b"precious");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        out.push(path.clone());
+        if path.is_dir() {
+            out.extend(walk(&path));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn generate_from_a_checkpoint_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), TINY);
+    let run = dir.path().join("run");
+    let set = format!("run.output_dir={}", run.display());
+    let out = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("sample (greedy): Once upon a time"), "{}", text(&out));
+    let run = run.to_str().unwrap();
+    let sample = |seed: &str| {
+        let out = furnace(&["generate", "--checkpoint", run, "--prompt", "Once upon", "--max-new-tokens", "12", "--temperature", "1.0", "--top-k", "20", "--seed", seed]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = sample("1");
+    assert!(first.starts_with("Once upon") && first.len() > "Once upon".len() + 1, "{first}");
+    assert_eq!(first, sample("1"));
+    let greedy = furnace(&["generate", "--checkpoint", run, "--prompt", "Once upon", "--temperature", "0", "--max-new-tokens", "5"]);
+    assert!(greedy.status.success());
+    let missing = furnace(&["generate", "--checkpoint", dir.path().join("nothing").to_str().unwrap()]);
+    assert!(!missing.status.success() && text(&missing).contains("no checkpoint"));
+}
+
+#[test]
+fn tensorboard_reads_our_event_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), TINY);
+    let run = dir.path().join("run");
+    let set = format!("run.output_dir={}", run.display());
+    let out = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--max-steps", "3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let script = "import sys\n\
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+acc = EventAccumulator(sys.argv[1]); acc.Reload()\n\
+tags = acc.Tags()['scalars']\n\
+assert {'loss', 'lr', 'grad_norm', 'tokens_per_sec', 'mfu'} <= set(tags), tags\n\
+print(','.join(str(e.step) for e in acc.Scalars('loss')))\n";
+    let py = Command::new("python3").arg("-c").arg(script).arg(run.join("tb")).output().expect("python3 runs");
+    assert!(py.status.success(), "tensorboard could not read the events (pip install tensorboard): {}", text(&py));
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "1,2,3");
+}
