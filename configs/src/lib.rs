@@ -45,7 +45,15 @@ impl Recipe {
             }
             Recipe::deserialize_value(table, file)?
         };
-        validate::validate(&recipe, file, text)?;
+        validate::validate(&recipe, file, text, true)?;
+        Ok(recipe)
+    }
+
+    /// Parse the recipe a checkpoint stored. Its data files may have moved since training,
+    /// so only values are checked, not that files exist.
+    pub fn from_stored(text: &str, file: &str) -> Result<Recipe, RecipeError> {
+        let recipe: Recipe = toml::from_str(text).map_err(|e| RecipeError::from_toml(file, text, &e))?;
+        validate::validate(&recipe, file, text, false)?;
         Ok(recipe)
     }
 
@@ -72,6 +80,17 @@ impl Recipe {
     /// The recipe as TOML, with every default written out (stored in each checkpoint).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a recipe always serializes")
+    }
+
+    /// (beta1, beta2, eps) after the chosen optimizer's defaults fill unset values.
+    pub fn optimizer_betas_eps(&self) -> (f64, f64, f64) {
+        let o = &self.optimizer;
+        let (b1, b2, eps) = match o.name {
+            OptimizerName::AdamW => (0.9, 0.95, 1e-8),
+            OptimizerName::Lion => (0.9, 0.99, 0.0),
+            OptimizerName::Sophia => (0.965, 0.99, 1e-12),
+        };
+        (o.beta1.unwrap_or(b1), o.beta2.unwrap_or(b2), o.eps.unwrap_or(eps))
     }
 
     /// Tokens consumed by one optimizer step on one rank.

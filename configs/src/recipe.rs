@@ -60,7 +60,18 @@ choice!(
         Files = "files",
     }
 );
-choice!(OptimizerName { AdamW = "adamw" });
+choice!(
+    /// Optimizer algorithm.
+    OptimizerName {
+        /// AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay.
+        AdamW = "adamw",
+        /// Lion (Chen et al., 2023): the sign of an interpolated momentum.
+        Lion = "lion",
+        /// Sophia-G (Liu et al., 2023): momentum preconditioned by a clipped diagonal
+        /// Gauss-Newton-Bartlett Hessian estimate, refreshed every `hessian_interval` steps.
+        Sophia = "sophia",
+    }
+);
 choice!(Decay { Cosine = "cosine", Linear = "linear", Wsd = "wsd", Constant = "constant" });
 choice!(
     /// Compute backend; GPU backends exist only in binaries built with their cargo feature.
@@ -178,20 +189,28 @@ section! {
 }
 
 section! {
-    /// The optimizer and its parameter groups.
+    /// The optimizer and its parameter groups. Unset betas and eps take the chosen
+    /// optimizer's published defaults.
     OptimizerSection = "optimizer" {
-        /// Optimizer: adamw.
+        /// Optimizer: adamw, lion or sophia.
         name: OptimizerName = OptimizerName::AdamW,
         /// Peak learning rate.
         lr: f64 = 3e-4,
-        /// First-moment decay.
-        beta1: f64 = 0.9,
-        /// Second-moment decay.
-        beta2: f64 = 0.95,
-        /// Added to the denominator for stability.
-        eps: f64 = 1e-8,
-        /// Decoupled weight decay (AdamW), applied to the decayed group only.
+        /// First-moment decay (Lion: interpolation for the update). Unset: adamw 0.9
+        /// (GPT-3 / nanoGPT), lion 0.9 (Lion paper), sophia 0.965 (Sophia paper, GPT-2 runs).
+        beta1: Option<f64> = None,
+        /// Second-moment decay (Lion: momentum decay; Sophia: Hessian EMA). Unset: adamw 0.95
+        /// (GPT-3 / nanoGPT), lion 0.99 (Lion paper), sophia 0.99 (Sophia paper).
+        beta2: Option<f64> = None,
+        /// Denominator floor. Unset: adamw 1e-8 (PyTorch), sophia 1e-12 (authors' code); Lion has none.
+        eps: Option<f64> = None,
+        /// Decoupled weight decay, applied to the decayed group only (θ ← θ − lr·λ·θ).
         weight_decay: f64 = 0.1,
+        /// Sophia's γ (the paper's ρ): scale of the Hessian in the clipped preconditioner
+        /// max(γ·h, ε). Paper's GPT-2 runs: 0.01... 0.05; default 0.01.
+        rho: f64 = 0.01,
+        /// Sophia: refresh the Hessian estimate every k steps (paper: k = 10).
+        hessian_interval: usize = 10,
         /// Apply weight decay to norm weights as well.
         decay_norms: bool = false,
         /// Apply weight decay to biases as well.

@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::error::line_of_key;
 use crate::*;
 
-pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str) -> Result<(), RecipeError> {
+pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: bool) -> Result<(), RecipeError> {
     let fail = |section: &str, key: &str, message: String, fix: String| {
         Err(RecipeError {
             file: file.into(),
@@ -51,12 +51,21 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str) -> Result<(), Re
         return fail("optimizer", "lr", format!("lr = {} must be positive and finite", o.lr), "use e.g. lr = 3e-4".into());
     }
     for (key, value) in [("beta1", o.beta1), ("beta2", o.beta2)] {
-        if !(0.0..1.0).contains(&value) {
-            return fail("optimizer", key, format!("{key} = {value} is outside [0, 1)"), "use e.g. beta1 = 0.9, beta2 = 0.95".into());
+        if let Some(value) = value.filter(|v| !(0.0..1.0).contains(v)) {
+            return fail("optimizer", key, format!("{key} = {value} is outside [0, 1)"), "use e.g. beta1 = 0.9, beta2 = 0.95, or leave unset for the optimizer's default".into());
         }
     }
-    if o.eps <= 0.0 || o.weight_decay < 0.0 {
-        return fail("optimizer", "weight_decay", "eps must be > 0 and weight_decay >= 0".into(), "use e.g. eps = 1e-8, weight_decay = 0.1".into());
+    if o.eps.is_some_and(|e| e < 0.0 || !e.is_finite()) {
+        return fail("optimizer", "eps", "eps must be finite and >= 0".into(), "use e.g. eps = 1e-8, or leave unset".into());
+    }
+    if o.weight_decay < 0.0 || !o.weight_decay.is_finite() {
+        return fail("optimizer", "weight_decay", format!("weight_decay = {} must be finite and >= 0", o.weight_decay), "use e.g. weight_decay = 0.1".into());
+    }
+    if !(o.rho > 0.0 && o.rho.is_finite()) {
+        return fail("optimizer", "rho", format!("rho = {} must be positive", o.rho), "use e.g. rho = 0.01 (Sophia's γ)".into());
+    }
+    if o.hessian_interval == 0 {
+        return fail("optimizer", "hessian_interval", "hessian_interval must be at least 1".into(), "use e.g. hessian_interval = 10".into());
     }
     let s = &recipe.lr_scheduler;
     if !(0.0..=1.0).contains(&s.min_lr_ratio) {
@@ -69,12 +78,12 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str) -> Result<(), Re
     if d.source == DataSource::Files && d.files.is_empty() {
         return fail("data", "files", "source = \"files\" but no files are listed".into(), "list text or JSONL files: files = [\"corpus.txt\"]".into());
     }
-    for f in d.files.iter().chain(&d.val_files) {
+    for f in d.files.iter().chain(&d.val_files).filter(|_| check_files) {
         if !Path::new(f).is_file() {
             return fail("data", "files", format!("data file `{f}` does not exist"), "give paths relative to where furnace runs, or absolute".into());
         }
     }
-    if !d.tokenizer.is_empty() && !Path::new(&d.tokenizer).is_file() {
+    if check_files && !d.tokenizer.is_empty() && !Path::new(&d.tokenizer).is_file() {
         return fail("data", "tokenizer", format!("tokenizer file `{}` does not exist", d.tokenizer), "point to a Hugging Face tokenizer.json, or leave empty to train one".into());
     }
     if !(1..=9).contains(&d.digits) {

@@ -1,11 +1,16 @@
-//! Furnace optimizers: AdamW with parameter groups, global-norm clipping, LR schedules.
+//! Furnace optimizers: AdamW, Lion and Sophia over parameter groups, global-norm clipping,
+//! LR schedules.
 
-pub mod adamw;
+pub mod algorithm;
 pub mod clip;
+pub mod groups;
+pub mod optimizer;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig, ParamKind};
+pub use algorithm::Algorithm;
 pub use clip::{clip_factor, global_grad_norm};
+pub use groups::{DecayGroups, ParamKind};
+pub use optimizer::Optimizer;
 pub use schedule::Schedule;
 
 #[cfg(test)]

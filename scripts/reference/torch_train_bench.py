@@ -63,6 +63,9 @@ def main() -> None:
         p.add_argument(f"--{name}", type=int, default=default)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    # Without this, once the large-vocabulary softmax produces subnormal probabilities the
+    # backward pass slows down 10-20x on x86 (measured: 1 s -> 25 s per step by step 8).
+    torch.set_flush_denormal(True)
     torch.manual_seed(0)
     model = GPT(a.vocab, a.d_model, a.layers, a.heads, max(a.seq_len, 1024))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)

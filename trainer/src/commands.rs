@@ -49,6 +49,14 @@ pub fn recipe_check(args: RecipeArgs) -> Result<()> {
     Ok(())
 }
 
+pub fn recipe_explain(file: Option<&Path>) -> Result<()> {
+    match file {
+        None => print!("{}", furnace_configs::explain()),
+        Some(path) => print!("{}", Recipe::load(path, &[])?.to_toml()),
+    }
+    Ok(())
+}
+
 pub fn data_prepare(args: RecipeArgs) -> Result<()> {
     let recipe = load_recipe(&args)?;
     let out = recipe.output_dir();
@@ -142,7 +150,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let dir = checkpoint::resolve(&args.checkpoint)?;
     let recipe_path = dir.join(RECIPE_FILE);
     let recipe_text = std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?;
-    let recipe = Recipe::from_toml(&recipe_text, &recipe_path.display().to_string(), &[])?;
+    let recipe = Recipe::from_stored(&recipe_text, &recipe_path.display().to_string())?;
     let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
     dispatch(&recipe.clone(), GenerateJob { args, dir, recipe, tokenizer })
 }

@@ -39,9 +39,18 @@ enum Command {
 #[derive(Subcommand)]
 enum RecipeCommand {
     /// Parse and validate a recipe; print the resolved model.
-    Check(RecipeArgs),
-    /// Print every section and option with its default and meaning.
-    Explain,
+    Check {
+        /// The recipe (TOML).
+        file: PathBuf,
+        /// Override a recipe key, e.g. `--set training.lr=1e-4` (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Print every section and option with its default and meaning; given a recipe, print
+    /// that recipe with every default filled in.
+    Explain {
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -76,11 +85,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => commands::train(args),
         Command::Generate(args) => commands::generate(args),
-        Command::Recipe(RecipeCommand::Check(args)) => commands::recipe_check(args),
-        Command::Recipe(RecipeCommand::Explain) => {
-            print!("{}", furnace_configs::explain());
-            Ok(())
-        }
+        Command::Recipe(RecipeCommand::Check { file, overrides }) => commands::recipe_check(RecipeArgs { config: file, overrides }),
+        Command::Recipe(RecipeCommand::Explain { file }) => commands::recipe_explain(file.as_deref()),
         Command::Data(DataCommand::Prepare(args)) => commands::data_prepare(args),
         Command::Data(DataCommand::Tokenizer { input, vocab_size, text_field, out }) => {
             commands::data_tokenizer(&input, vocab_size, &text_field, &out)

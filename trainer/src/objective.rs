@@ -1,7 +1,8 @@
 //! Losses live here, apart from the model (which only returns logits).
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_softmax, softmax};
+use furnace_configs::rng::SeededRng;
 
 /// Summed next-token cross-entropy over every position: the caller divides by the global
 /// token count of the step, so accumulated micro-batches average over tokens, not batches.
@@ -9,4 +10,47 @@ pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2
     let [batch, seq, vocab] = logits.dims();
     let log_probs = log_softmax(logits.reshape([batch * seq, vocab]), 1);
     log_probs.gather(1, targets.reshape([batch * seq, 1])).sum().neg()
+}
+
+/// One label per position drawn from the model's own predictive distribution (inverse-CDF
+/// sampling on the host with a seeded RNG, so the draw is reproducible).
+pub fn sample_labels<B: Backend>(logits: Tensor<B, 3>, rng: &mut SeededRng) -> Tensor<B, 2, Int> {
+    let [batch, seq, vocab] = logits.dims();
+    let device = logits.device();
+    let probs: Vec<f32> = softmax(logits.reshape([batch * seq, vocab]), 1).into_data().convert::<f32>().into_vec().expect("f32 probabilities");
+    let labels: Vec<i64> = probs
+        .chunks(vocab)
+        .map(|row| {
+            let mut target = rng.uniform() as f32;
+            row.iter().position(|&p| {
+                target -= p;
+                target <= 0.0
+            })
+            .unwrap_or(vocab - 1) as i64
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(labels, [batch, seq]), &device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = burn::backend::Flex;
+
+    #[test]
+    fn sampled_labels_follow_the_softmax() {
+        let device = Default::default();
+        // Position 0 puts all mass on token 2; position 1 splits evenly between tokens 0 and 1.
+        let logits = Tensor::<B, 3>::from_data(TensorData::new(vec![-30.0f32, -30.0, 30.0, 0.0, 0.0, -30.0], [1, 2, 3]), &device);
+        let mut rng = SeededRng::new(1);
+        let mut counts = [0usize; 3];
+        for _ in 0..400 {
+            let labels: Vec<i64> = sample_labels(logits.clone(), &mut rng).into_data().convert::<i64>().into_vec().unwrap();
+            assert_eq!(labels[0], 2);
+            counts[labels[1] as usize] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        assert!((150..250).contains(&counts[0]), "{counts:?}");
+    }
 }

@@ -17,14 +17,15 @@ use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::generate::generate;
 use furnace_models::params::{load_named, named_tensors};
 use furnace_models::{CausalLm, Decoder, DecoderConfig, PositionKind};
-use furnace_optim::{clip_factor, global_grad_norm, AdamW, AdamWConfig, Schedule};
+use furnace_configs::rng::SeededRng;
+use furnace_optim::{clip_factor, global_grad_norm, Algorithm, DecayGroups, Optimizer, Schedule};
 
 use crate::backend::BackendJob;
 use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss};
 use crate::metrics::Metrics;
-use crate::objective::causal_lm_loss_sum;
+use crate::objective::{causal_lm_loss_sum, sample_labels};
 
 /// The decoder a resolved `[model]` section describes.
 pub fn decoder_config(m: &ResolvedModel) -> DecoderConfig {
@@ -72,7 +73,7 @@ struct Trainer<B: AutodiffBackend> {
     out: PathBuf,
     device: B::Device,
     model_config: DecoderConfig,
-    optimizer: AdamW<B>,
+    optimizer: Optimizer<B>,
     schedule: Schedule,
     loader: Loader,
     val_loader: Loader,
@@ -120,7 +121,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let model_config = decoder_config(&resolved);
         let mut model = model_config.init::<B>(recipe.run.seed, &device);
-        let mut optimizer = AdamW::<B>::new(AdamWConfig::from(&recipe.optimizer));
+        let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
         let (rank, world) = (0, 1);
         let mut loader = Loader::new(Shard::open(&data.train).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, recipe.run.seed, rank, world, true)
             .map_err(anyhow::Error::msg)?;
@@ -130,7 +131,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         if resume {
             let dir = latest.with_context(|| format!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display()))?;
             let loaded = checkpoint::load(&dir)?;
-            let saved = Recipe::from_toml(&loaded.recipe, &dir.join(checkpoint::RECIPE_FILE).display().to_string(), &[])?;
+            let saved = Recipe::from_stored(&loaded.recipe, &dir.join(checkpoint::RECIPE_FILE).display().to_string())?;
             if saved.model.resolve(Some(data.tokenizer.vocab_size())) != resolved {
                 bail!(
                     "the recipe's [model] section differs from the one this checkpoint was trained with ({}); resume with the same model",
@@ -205,10 +206,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let seconds = window_start.elapsed().as_secs_f64();
                 let tokens_per_sec = window_tokens as f64 / seconds;
                 let mfu = tokens_per_sec * flops_per_token / self.peak_flops;
-                self.metrics.log(
-                    step,
-                    &[("loss", loss), ("lr", lr), ("grad_norm", grad_norm), ("tokens_per_sec", tokens_per_sec), ("mfu", mfu), ("tokens", self.state.tokens_seen as f64)],
-                )?;
+                let mut values = vec![("loss", loss), ("lr", lr), ("grad_norm", grad_norm), ("tokens_per_sec", tokens_per_sec), ("mfu", mfu), ("tokens", self.state.tokens_seen as f64)];
+                values.extend(self.optimizer.take_metrics());
+                self.metrics.log(step, &values)?;
                 let line = format!("loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | MFU {:.1}%", mfu * 100.0);
                 self.metrics.advance(step, line.clone());
                 if self.metrics_plain() {
@@ -248,11 +248,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         let tokens_per_step = (t.local_batch_size * t.seq_len * t.grad_accum_steps) as f64;
         let mut accumulator = GradientsAccumulator::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
+        let mut last_inputs = None;
         for _ in 0..t.grad_accum_steps {
             let batch = self.loader.next_batch();
             let shape = [batch.batch, batch.seq_len];
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs, shape), &self.device);
             let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets, shape), &self.device);
+            last_inputs = Some(inputs.clone());
             let loss = causal_lm_loss_sum(model.forward(inputs), targets) / tokens_per_step;
             let detached = loss.clone().inner();
             step_loss = Some(match step_loss.take() {
@@ -263,12 +265,30 @@ impl<B: AutodiffBackend> Trainer<B> {
             accumulator.accumulate(&model, grads);
         }
         let grads = accumulator.grads();
+        if self.optimizer.needs_curvature(self.optimizer.step + 1) {
+            let (curvature, batch_tokens) = self.curvature_grads(&model, last_inputs.expect("at least one micro-batch"));
+            self.optimizer.update_curvature(&model, &curvature, batch_tokens);
+        }
         let grad_norm = global_grad_norm::<B, _>(&model, &grads);
         if !grad_norm.is_finite() {
             bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr or raise lr_scheduler.warmup_steps", self.state.step);
         }
         let model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, t.max_norm));
         Ok((model, step_loss.expect("at least one micro-batch"), grad_norm))
+    }
+
+    /// Gauss-Newton-Bartlett (Sophia-G): gradients of the mean loss on labels sampled from the
+    /// model's own softmax, on the current parameters. Labels come from the seeded RNG so a
+    /// resumed run draws the same ones. Returns the gradients and the batch size in tokens,
+    /// the scale of the estimate B·ĝ⊙ĝ (as the Sophia authors' code scales it).
+    fn curvature_grads(&self, model: &Decoder<B>, inputs: Tensor<B, 2, Int>) -> (GradientsParams, f64) {
+        let [batch, seq] = inputs.dims();
+        let tokens = (batch * seq) as f64;
+        let logits = model.forward(inputs);
+        let mut rng = SeededRng::new(self.recipe.run.seed ^ (self.optimizer.step + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let labels = sample_labels(logits.clone().detach(), &mut rng);
+        let loss = causal_lm_loss_sum(logits, labels) / tokens;
+        (GradientsParams::from_grads(loss.backward(), model), tokens)
     }
 
     fn evaluate_loss(&mut self, model: &Decoder<B>) -> f64 {

@@ -64,28 +64,62 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-#[test]
-fn resume_is_exact() {
+/// 20 steps straight equal 10 steps, stop, `--resume`, 10 more: same loss at every step.
+fn check_resume_is_exact(optimizer: &str) {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), TINY);
     let recipe = recipe.to_str().unwrap();
     let straight = dir.path().join("straight");
     let split = dir.path().join("split");
     let set = |p: &Path| format!("run.output_dir={}", p.display());
-    let out = furnace(&["train", "--config", recipe, "--set", &set(&straight)]);
+    let name = format!("optimizer.name={optimizer}");
+    let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&straight)]);
     assert!(out.status.success(), "{}", text(&out));
-    let out = furnace(&["train", "--config", recipe, "--set", &set(&split), "--max-steps", "10"]);
+    let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&split), "--max-steps", "10"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("stopped at step 10"));
-    let out = furnace(&["train", "--config", recipe, "--set", &set(&split), "--resume", split.to_str().unwrap()]);
+    let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&split), "--resume", split.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let (a, b) = (losses(&straight), losses(&split));
     assert_eq!(a.len(), 20);
     assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), b.iter().map(|x| x.0).collect::<Vec<_>>());
     for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-6, "step {step}: straight {x} vs resumed {y}");
+        assert!((x - y).abs() <= 1e-6, "{optimizer} step {step}: straight {x} vs resumed {y}");
     }
-    assert!(a[19].1 < a[0].1, "the loss falls");
+    assert!(a[19].1 < a[0].1, "{optimizer}: the loss falls");
+}
+
+#[test]
+fn resume_is_exact_adamw() {
+    check_resume_is_exact("adamw");
+}
+
+#[test]
+fn resume_is_exact_lion() {
+    check_resume_is_exact("lion");
+}
+
+#[test]
+fn resume_is_exact_sophia() {
+    // Hessian refreshes on steps 1 and 11: the second falls after the resume.
+    check_resume_is_exact("sophia");
+}
+
+#[test]
+fn sophia_logs_its_clip_fraction() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), TINY);
+    let run = dir.path().join("run");
+    let set = format!("run.output_dir={}", run.display());
+    let out = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--set", "optimizer.name=sophia", "--max-steps", "3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let fractions: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["sophia/clip_fraction"].as_f64())
+        .collect();
+    assert_eq!(fractions.len(), 3);
+    assert!(fractions.iter().all(|f| (0.0..=1.0).contains(f)));
 }
 
 #[test]
@@ -147,6 +181,9 @@ fn malformed_recipes_fail_cleanly_without_touching_the_output_dir() {
         ("bad value", format!("{out_dir}[model]\nd_model = 100\nn_heads = 3\n"), vec![], "model.n_heads"),
         ("missing data file", format!("{out_dir}[data]\nsource = \"files\"\nfiles = [\"nope.txt\"]\n"), vec![], "nope.txt"),
         ("bad override", out_dir.clone(), vec!["--set", "optimizer.learning_rate=1"], "keys of [optimizer]"),
+        ("unknown optimizer", format!("{out_dir}[optimizer]\nname = \"sgd\"\n"), vec![], "lion"),
+        ("negative lr", format!("{out_dir}[optimizer]\nlr = -0.1\n"), vec![], "optimizer.lr"),
+        ("beta out of range", format!("{out_dir}[optimizer]\nbeta2 = 1.0\n"), vec![], "optimizer.beta2"),
         ("backend not built", format!("{out_dir}[runtime]\nbackend = \"cuda\"\n"), vec![], "--features cuda"),
     ];
     for (name, body, extra, expect) in cases {
@@ -221,4 +258,17 @@ print(','.join(str(e.step) for e in acc.Scalars('loss')))\n";
     let py = Command::new("python3").arg("-c").arg(script).arg(run.join("tb")).output().expect("python3 runs");
     assert!(py.status.success(), "tensorboard could not read the events (pip install tensorboard): {}", text(&py));
     assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "1,2,3");
+}
+
+#[test]
+fn recipe_check_and_explain() {
+    let out = furnace(&["recipe", "check", "recipes/quickstart.toml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("ok: recipes/quickstart.toml") && text(&out).contains("4 layers"), "{}", text(&out));
+    let out = furnace(&["recipe", "check", "recipes/quickstart.toml", "--set", "model.n_layers=6"]);
+    assert!(text(&out).contains("6 layers"), "{}", text(&out));
+    let out = furnace(&["recipe", "explain"]);
+    assert!(out.status.success() && text(&out).contains("local_batch_size = 8"));
+    let out = furnace(&["recipe", "explain", "recipes/quickstart.toml"]);
+    assert!(text(&out).contains("lr = 0.003"), "{}", text(&out));
 }

@@ -6,7 +6,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use furnace_configs::rng::SeededRng;
 use furnace_models::{CausalLm, DecoderConfig};
-use furnace_optim::{AdamW, AdamWConfig};
+use furnace_optim::{Algorithm, DecayGroups, Optimizer};
 use furnace_trainer::objective::causal_lm_loss_sum;
 
 type B = Autodiff<burn::backend::Flex>;
@@ -21,15 +21,10 @@ fn tiny_model_overfits_one_fixed_batch() {
     let inputs: Vec<i64> = rows.iter().flat_map(|r| r[..seq].to_vec()).collect();
     let targets: Vec<i64> = rows.iter().flat_map(|r| r[1..].to_vec()).collect();
     let mut model = DecoderConfig::new(vocab, 64, 2, 4, 128, 32).with_n_kv_heads(Some(2)).init::<B>(1, &device);
-    let mut optimizer = AdamW::<B>::new(AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.99,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        decay_norms: false,
-        decay_biases: false,
-        decay_embeddings: false,
-    });
+    let mut optimizer = Optimizer::<B>::new(
+        Algorithm::AdamW { beta1: 0.9, beta2: 0.99, eps: 1e-8 },
+        DecayGroups { weight_decay: 0.0, decay_norms: false, decay_biases: false, decay_embeddings: false },
+    );
     let mut loss_value = f64::INFINITY;
     for _ in 0..300 {
         let x = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.clone(), [batch, seq]), &device);

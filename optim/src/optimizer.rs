@@ -1,0 +1,147 @@
+//! The optimizer the trainer drives: an `Algorithm` applied to every parameter with a
+//! gradient, weight decay by parameter group, state keyed by parameter path (so a checkpoint
+//! resumes it exactly), and a curvature hook for second-order methods.
+
+use std::collections::HashMap;
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use furnace_models::params::{HostTensor, NamedTensors, PathStack};
+
+use crate::algorithm::{Algorithm, Slots};
+use crate::groups::DecayGroups;
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+pub struct Optimizer<B: AutodiffBackend> {
+    pub algorithm: Algorithm,
+    pub groups: DecayGroups,
+    /// Optimizer steps taken (bias correction and the curvature schedule use it).
+    pub step: u64,
+    state: HashMap<String, Slots<Inner<B>>>,
+    /// Sophia: clipped coordinates and all coordinates since the last `take_metrics`.
+    clipped: Option<Tensor<Inner<B>, 1>>,
+    coordinates: usize,
+}
+
+impl<B: AutodiffBackend> Optimizer<B> {
+    pub fn new(algorithm: Algorithm, groups: DecayGroups) -> Self {
+        Self { algorithm, groups, step: 0, state: HashMap::new(), clipped: None, coordinates: 0 }
+    }
+
+    /// One update of every parameter that has a gradient. `grad_scale` multiplies the
+    /// gradients first (global-norm clipping folds in here, saving a pass).
+    pub fn step<M: AutodiffModule<B>>(&mut self, lr: f64, model: M, mut grads: GradientsParams, grad_scale: f64) -> M {
+        self.step += 1;
+        let mut update = Update { optimizer: self, lr, grad_scale, grads: &mut grads, path: PathStack::default() };
+        model.map(&mut update)
+    }
+
+    /// "I need a curvature estimate before optimizer step `step`" (1-based). The trainer then
+    /// computes one and passes it to `update_curvature` before calling `step`.
+    pub fn needs_curvature(&self, step: u64) -> bool {
+        self.algorithm.needs_curvature(step)
+    }
+
+    /// Gauss-Newton-Bartlett: `grads` are the gradients of the mean loss on labels sampled
+    /// from the model itself; the estimate is `scale · ĝ ⊙ ĝ` (scale = the batch size).
+    pub fn update_curvature<M: AutodiffModule<B>>(&mut self, model: &M, grads: &GradientsParams, scale: f64) {
+        struct Curvature<'a, B: AutodiffBackend> {
+            optimizer: &'a mut Optimizer<B>,
+            grads: &'a GradientsParams,
+            scale: f64,
+            path: PathStack,
+        }
+        impl<B: AutodiffBackend> ModuleVisitor<B> for Curvature<'_, B> {
+            fn enter_module(&mut self, name: &str, _: &str) {
+                self.path.enter(name);
+            }
+            fn exit_module(&mut self, _: &str, _: &str) {
+                self.path.exit();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                if let Some(g) = self.grads.get::<Inner<B>, D>(param.id) {
+                    let n = g.shape().num_elements();
+                    let estimate = g.reshape([n]).square() * self.scale;
+                    let slots = self.optimizer.state.entry(self.path.path()).or_default();
+                    self.optimizer.algorithm.update_curvature(estimate, slots);
+                }
+            }
+        }
+        model.visit(&mut Curvature { optimizer: self, grads, scale, path: PathStack::default() });
+    }
+
+    /// Optimizer-specific metrics since the last call (read back from the device now).
+    pub fn take_metrics(&mut self) -> Vec<(&'static str, f64)> {
+        let coordinates = std::mem::take(&mut self.coordinates);
+        match self.clipped.take() {
+            Some(count) if coordinates > 0 => vec![("sophia/clip_fraction", count.into_scalar().elem::<f64>() / coordinates as f64)],
+            _ => vec![],
+        }
+    }
+
+    /// State by name (`<slot>.<parameter path>`), for checkpoints.
+    pub fn state_tensors(&self) -> NamedTensors {
+        let mut out = NamedTensors::new();
+        for (path, slots) in &self.state {
+            for (slot, tensor) in slots {
+                out.insert(format!("{slot}.{path}"), HostTensor::from_tensor(tensor.clone()));
+            }
+        }
+        out
+    }
+
+    pub fn load_state(&mut self, step: u64, tensors: &NamedTensors, device: &burn::tensor::Device<Inner<B>>) -> Result<(), String> {
+        self.step = step;
+        self.state.clear();
+        for (name, tensor) in tensors {
+            let (slot, path) = name.split_once('.').ok_or_else(|| format!("optimizer state `{name}` is not `<slot>.<path>`"))?;
+            self.state.entry(path.to_string()).or_default().insert(slot.to_string(), tensor.to_tensor(device));
+        }
+        Ok(())
+    }
+}
+
+struct Update<'a, B: AutodiffBackend> {
+    optimizer: &'a mut Optimizer<B>,
+    lr: f64,
+    grad_scale: f64,
+    grads: &'a mut GradientsParams,
+    path: PathStack,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<Inner<B>, D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let path = self.path.path();
+        let weight_decay = self.optimizer.groups.weight_decay_for(&path, D);
+        let dims = tensor.dims();
+        let n = tensor.shape().num_elements();
+        let mut grad = grad.reshape([n]);
+        if self.grad_scale != 1.0 {
+            grad = grad * self.grad_scale;
+        }
+        let optimizer = &mut *self.optimizer;
+        let slots = optimizer.state.entry(path).or_default();
+        let value = tensor.inner().reshape([n]);
+        let updated = optimizer.algorithm.update(optimizer.step, self.lr, weight_decay, value, grad, slots, &mut optimizer.clipped);
+        if matches!(optimizer.algorithm, Algorithm::Sophia { .. }) {
+            optimizer.coordinates += n;
+        }
+        let updated = Tensor::<B, D>::from_inner(updated.reshape(dims)).require_grad();
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
