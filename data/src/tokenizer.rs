@@ -77,6 +77,11 @@ impl TextTokenizer {
         self.inner.encode(text, false).expect("byte-level encoding cannot fail").get_ids().to_vec()
     }
 
+    /// The text of one token, special tokens included (e.g. `<|endoftext|>`).
+    pub fn decode_special(&self, id: u32) -> String {
+        self.inner.id_to_token(id).unwrap_or_default()
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         self.inner.decode(ids, true).unwrap_or_default()
     }

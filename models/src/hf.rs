@@ -272,6 +272,76 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, DecoderConfig), String> {
     }
 }
 
+/// The transformers class that can hold `config` exactly, or why none can.
+pub fn hf_arch_for(config: &DecoderConfig) -> Result<HfArch, String> {
+    let llama_like = config.norm == NormKind::RmsNorm && config.position == PositionKind::Rope && config.mlp == MlpKind::SwiGlu;
+    let gpt2_like = config.norm == NormKind::LayerNorm
+        && config.position == PositionKind::Learned
+        && config.mlp == MlpKind::Gelu
+        && config.bias
+        && config.kv_heads() == config.n_heads;
+    let unsupported = if config.parallel_block {
+        Some("parallel attention+MLP blocks")
+    } else if config.sliding_window > 0 {
+        Some("sliding-window attention")
+    } else {
+        None
+    };
+    match (unsupported, llama_like, gpt2_like) {
+        (Some(what), _, _) => Err(format!("the model uses {what}, which neither LlamaForCausalLM nor GPT2LMHeadModel expresses")),
+        (None, true, _) => Ok(HfArch::Llama),
+        (None, _, true) => Ok(HfArch::Gpt2),
+        _ => Err("the model mixes Llama and GPT-2 parts (norm, positions, MLP, bias); Hugging Face export needs RMSNorm+RoPE+SwiGLU (Llama) or LayerNorm+learned positions+GELU+bias with MHA (GPT-2)".into()),
+    }
+}
+
+/// A transformers `config.json` for `config` (the inverse of `config_from_hf`).
+pub fn config_to_hf(config: &DecoderConfig, bos: u32, eos: u32, dtype: &str) -> Result<Value, String> {
+    let c = config;
+    Ok(match hf_arch_for(c)? {
+        HfArch::Llama => serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.d_model,
+            "intermediate_size": c.d_ff,
+            "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads,
+            "num_key_value_heads": c.kv_heads(),
+            "head_dim": c.head_dim(),
+            "max_position_embeddings": c.max_seq_len,
+            "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta,
+            "hidden_act": "silu",
+            "attention_bias": c.bias,
+            "mlp_bias": c.bias,
+            "tie_word_embeddings": c.tie_embeddings,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "torch_dtype": dtype,
+        }),
+        HfArch::Gpt2 => serde_json::json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": c.vocab_size,
+            "n_embd": c.d_model,
+            "n_inner": c.d_ff,
+            "n_layer": c.n_layers,
+            "n_head": c.n_heads,
+            "n_positions": c.max_seq_len,
+            "layer_norm_epsilon": c.norm_eps,
+            "activation_function": "gelu_new",
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": c.tie_embeddings,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "torch_dtype": dtype,
+        }),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +371,27 @@ mod tests {
         let hf = to_hf(HfArch::Llama, &ours, 1).unwrap();
         assert_eq!(hf["model.layers.0.self_attn.q_proj.weight"].shape, vec![3, 2]);
         assert_eq!(from_hf(HfArch::Llama, &hf, 1, false).unwrap(), ours);
+    }
+
+    #[test]
+    fn config_round_trips_through_config_json() {
+        let llama = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_n_kv_heads(Some(2)).with_rope_theta(5e5);
+        let gpt2 = DecoderConfig::new(101, 48, 2, 4, 192, 64)
+            .with_norm(NormKind::LayerNorm)
+            .with_norm_eps(1e-5)
+            .with_position(PositionKind::Learned)
+            .with_mlp(MlpKind::Gelu)
+            .with_bias(true)
+            .with_tie_embeddings(true);
+        for config in [llama, gpt2] {
+            let json = config_to_hf(&config, 1, 2, "float32").unwrap();
+            let (_, back) = config_from_hf(&json).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{config:?}"));
+        }
+        let alibi = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_position(PositionKind::Alibi);
+        assert!(config_to_hf(&alibi, 1, 2, "float32").unwrap_err().contains("mixes"));
+        let window = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_sliding_window(8);
+        assert!(config_to_hf(&window, 1, 2, "float32").unwrap_err().contains("sliding"));
     }
 
     #[test]

@@ -40,88 +40,92 @@ impl HostTensor {
 
 pub type NamedTensors = BTreeMap<String, HostTensor>;
 
-/// Tracks the module path during a visit or a map.
-#[derive(Debug, Default)]
-pub struct PathStack(Vec<String>);
+/// Sees each float parameter together with its module path (`layers.0.attention.q_proj.weight`).
+pub trait PathVisitor<B: Backend> {
+    fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>);
+}
 
-impl PathStack {
-    pub fn enter(&mut self, name: &str) {
-        self.0.push(name.to_string());
-    }
+/// Rewrites each float parameter, knowing its module path.
+pub trait PathMapper<B: Backend> {
+    fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>>;
+}
 
-    pub fn exit(&mut self) {
-        self.0.pop();
-    }
+/// Keeps the path during Burn's visit or map and hands each parameter on with it.
+struct Tracking<'a, T> {
+    path: Vec<String>,
+    inner: &'a mut T,
+}
 
-    pub fn path(&self) -> String {
-        self.0.join(".")
+impl<B: Backend, T: PathVisitor<B>> ModuleVisitor<B> for Tracking<'_, T> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
     }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.inner.visit(&self.path.join("."), param);
+    }
+}
+
+impl<B: Backend, T: PathMapper<B>> ModuleMapper<B> for Tracking<'_, T> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        self.inner.map(&self.path.join("."), param)
+    }
+}
+
+pub fn visit_with_paths<B: Backend, M: Module<B>>(module: &M, visitor: &mut impl PathVisitor<B>) {
+    module.visit(&mut Tracking { path: Vec::new(), inner: visitor });
+}
+
+pub fn map_with_paths<B: Backend, M: Module<B>>(module: M, mapper: &mut impl PathMapper<B>) -> M {
+    module.map(&mut Tracking { path: Vec::new(), inner: mapper })
 }
 
 /// Every float parameter of `module`, by path.
 pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> NamedTensors {
-    struct Collect {
-        path: PathStack,
-        out: NamedTensors,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Collect {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.enter(name);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.out.insert(self.path.path(), HostTensor::from_tensor(param.val()));
+    struct Collect(NamedTensors);
+    impl<B: Backend> PathVisitor<B> for Collect {
+        fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
+            self.0.insert(path.to_string(), HostTensor::from_tensor(param.val()));
         }
     }
-    let mut collect = Collect { path: PathStack::default(), out: NamedTensors::new() };
-    module.visit(&mut collect);
-    collect.out
+    let mut collect = Collect(NamedTensors::new());
+    visit_with_paths(module, &mut collect);
+    collect.0
 }
 
 /// Parameter paths and shapes, without copying data.
 pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
-    struct Shapes {
-        path: PathStack,
-        out: BTreeMap<String, Vec<usize>>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Shapes {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.enter(name);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.out.insert(self.path.path(), param.lazy_shape().to_vec());
+    struct Shapes(BTreeMap<String, Vec<usize>>);
+    impl<B: Backend> PathVisitor<B> for Shapes {
+        fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
+            self.0.insert(path.to_string(), param.lazy_shape().to_vec());
         }
     }
-    let mut shapes = Shapes { path: PathStack::default(), out: BTreeMap::new() };
-    module.visit(&mut shapes);
-    shapes.out
+    let mut shapes = Shapes(BTreeMap::new());
+    visit_with_paths(module, &mut shapes);
+    shapes.0
 }
 
 /// Replace every float parameter of `module` with the tensor of the same path.
 /// Fails on a missing path, a shape mismatch, or a tensor that matches no parameter.
 pub fn load_named<B: Backend, M: Module<B>>(module: M, tensors: &NamedTensors) -> Result<M, String> {
     struct Load<'a> {
-        path: PathStack,
         tensors: &'a NamedTensors,
         used: usize,
         errors: Vec<String>,
     }
-    impl<B: Backend> ModuleMapper<B> for Load<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.enter(name);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+    impl<B: Backend> PathMapper<B> for Load<'_> {
+        fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let (id, tensor, mapper) = param.consume();
-            let path = self.path.path();
-            let Some(host) = self.tensors.get(&path) else {
+            let Some(host) = self.tensors.get(path) else {
                 self.errors.push(format!("missing tensor `{path}`"));
                 return Param::from_mapped_value(id, tensor, mapper);
             };
@@ -137,8 +141,8 @@ pub fn load_named<B: Backend, M: Module<B>>(module: M, tensors: &NamedTensors) -
             Param::from_mapped_value(id, loaded, mapper)
         }
     }
-    let mut load = Load { path: PathStack::default(), tensors, used: 0, errors: Vec::new() };
-    let module = module.map(&mut load);
+    let mut load = Load { tensors, used: 0, errors: Vec::new() };
+    let module = map_with_paths(module, &mut load);
     if load.used != tensors.len() && load.errors.is_empty() {
         let expected = param_shapes::<B, M>(&module);
         let extra: Vec<_> = tensors.keys().filter(|k| !expected.contains_key(*k)).cloned().collect();
@@ -151,21 +155,60 @@ pub fn load_named<B: Backend, M: Module<B>>(module: M, tensors: &NamedTensors) -
     }
 }
 
-/// Serialize named f32 tensors as safetensors bytes.
-pub fn to_safetensors(tensors: &NamedTensors) -> Vec<u8> {
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+/// Element type of tensors written to safetensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl StoreDtype {
+    /// The name transformers uses in `torch_dtype`.
+    pub fn torch_name(&self) -> &'static str {
+        match self {
+            StoreDtype::F32 => "float32",
+            StoreDtype::F16 => "float16",
+            StoreDtype::BF16 => "bfloat16",
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            StoreDtype::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+/// Serialize named tensors as safetensors bytes in `dtype` (rounded to nearest even).
+pub fn to_safetensors_as(tensors: &NamedTensors, dtype: StoreDtype) -> Vec<u8> {
+    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {
-            let bytes: &[u8] = bytemuck_f32(&t.data);
-            (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytes).expect("consistent shape"))
+            let bytes: Vec<u8> = match dtype {
+                StoreDtype::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                StoreDtype::F16 => t.data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                StoreDtype::BF16 => t.data.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+            };
+            (name.clone(), t.shape.clone(), bytes)
         })
+        .collect();
+    let st_dtype = match dtype {
+        StoreDtype::F32 => safetensors::Dtype::F32,
+        StoreDtype::F16 => safetensors::Dtype::F16,
+        StoreDtype::BF16 => safetensors::Dtype::BF16,
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = encoded
+        .iter()
+        .map(|(name, shape, bytes)| (name.clone(), safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes).expect("consistent shape")))
         .collect();
     safetensors::serialize(views, None).expect("safetensors serialization")
 }
 
-fn bytemuck_f32(data: &[f32]) -> &[u8] {
-    // f32 has no padding and any byte pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
+/// Serialize named f32 tensors as safetensors bytes.
+pub fn to_safetensors(tensors: &NamedTensors) -> Vec<u8> {
+    to_safetensors_as(tensors, StoreDtype::F32)
 }
 
 /// Parse safetensors bytes (F32, F16 or BF16 tensors) into named f32 tensors.
@@ -176,28 +219,11 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<NamedTensors, String> {
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
             safetensors::Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            safetensors::Dtype::BF16 => raw.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
-            safetensors::Dtype::F16 => raw.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+            safetensors::Dtype::BF16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            safetensors::Dtype::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             other => return Err(format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 are read")),
         };
         out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
     }
     Ok(out)
-}
-
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, _) => {
-            // Subnormal: renormalise.
-            let shift = frac.leading_zeros() - 21;
-            sign | ((127 - 15 + 1 - shift) << 23) | ((frac << shift) & 0x3ff) << 13
-        }
-        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
-        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
-    };
-    f32::from_bits(bits)
 }

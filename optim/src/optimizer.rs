@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use furnace_models::params::{HostTensor, NamedTensors, PathStack};
+use furnace_models::params::{map_with_paths, visit_with_paths, HostTensor, NamedTensors, PathMapper, PathVisitor};
 
 use crate::algorithm::{Algorithm, Slots};
 use crate::groups::DecayGroups;
@@ -35,8 +35,8 @@ impl<B: AutodiffBackend> Optimizer<B> {
     /// gradients first (global-norm clipping folds in here, saving a pass).
     pub fn step<M: AutodiffModule<B>>(&mut self, lr: f64, model: M, mut grads: GradientsParams, grad_scale: f64) -> M {
         self.step += 1;
-        let mut update = Update { optimizer: self, lr, grad_scale, grads: &mut grads, path: PathStack::default() };
-        model.map(&mut update)
+        let mut update = Update { optimizer: self, lr, grad_scale, grads: &mut grads };
+        map_with_paths(model, &mut update)
     }
 
     /// "I need a curvature estimate before optimizer step `step`" (1-based). The trainer then
@@ -52,25 +52,18 @@ impl<B: AutodiffBackend> Optimizer<B> {
             optimizer: &'a mut Optimizer<B>,
             grads: &'a GradientsParams,
             scale: f64,
-            path: PathStack,
         }
-        impl<B: AutodiffBackend> ModuleVisitor<B> for Curvature<'_, B> {
-            fn enter_module(&mut self, name: &str, _: &str) {
-                self.path.enter(name);
-            }
-            fn exit_module(&mut self, _: &str, _: &str) {
-                self.path.exit();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        impl<B: AutodiffBackend> PathVisitor<B> for Curvature<'_, B> {
+            fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
                 if let Some(g) = self.grads.get::<Inner<B>, D>(param.id) {
                     let n = g.shape().num_elements();
                     let estimate = g.reshape([n]).square() * self.scale;
-                    let slots = self.optimizer.state.entry(self.path.path()).or_default();
+                    let slots = self.optimizer.state.entry(path.to_string()).or_default();
                     self.optimizer.algorithm.update_curvature(estimate, slots);
                 }
             }
         }
-        model.visit(&mut Curvature { optimizer: self, grads, scale, path: PathStack::default() });
+        visit_with_paths(model, &mut Curvature { optimizer: self, grads, scale });
     }
 
     /// Optimizer-specific metrics since the last call (read back from the device now).
@@ -109,25 +102,15 @@ struct Update<'a, B: AutodiffBackend> {
     lr: f64,
     grad_scale: f64,
     grads: &'a mut GradientsParams,
-    path: PathStack,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.enter(name);
-    }
-
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+impl<B: AutodiffBackend> PathMapper<B> for Update<'_, B> {
+    fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let Some(grad) = self.grads.remove::<Inner<B>, D>(id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
-        let path = self.path.path();
-        let weight_decay = self.optimizer.groups.weight_decay_for(&path, D);
+        let weight_decay = self.optimizer.groups.weight_decay_for(path, D);
         let dims = tensor.dims();
         let n = tensor.shape().num_elements();
         let mut grad = grad.reshape([n]);
@@ -135,7 +118,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
             grad = grad * self.grad_scale;
         }
         let optimizer = &mut *self.optimizer;
-        let slots = optimizer.state.entry(path).or_default();
+        let slots = optimizer.state.entry(path.to_string()).or_default();
         let value = tensor.inner().reshape([n]);
         let updated = optimizer.algorithm.update(optimizer.step, self.lr, weight_decay, value, grad, slots, &mut optimizer.clipped);
         if matches!(optimizer.algorithm, Algorithm::Sophia { .. }) {

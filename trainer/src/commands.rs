@@ -9,14 +9,15 @@ use furnace_configs::Recipe;
 use furnace_data::corpus::{prepare, read_documents};
 use furnace_data::TextTokenizer;
 use furnace_models::generate::{generate as run_generation, GenerateConfig};
-use furnace_models::params::{from_safetensors, load_named};
+use furnace_models::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
+use furnace_models::CausalLm;
 use furnace_models::sampling::SamplingConfig;
 
 use crate::backend::{dispatch, BackendJob};
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::evaluate::encode_prompt;
 use crate::train::{decoder_config, output_dir, TrainJob};
-use crate::{GenerateArgs, RecipeArgs, TrainArgs};
+use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
 fn load_recipe(args: &RecipeArgs) -> Result<Recipe> {
     Ok(Recipe::load(&args.config, &args.overrides)?)
@@ -126,6 +127,17 @@ impl BackendJob for GenerateJob {
             },
         };
         let prompt = encode_prompt(&tokenizer, &args.prompt);
+        if let Some(path) = &args.logits_out {
+            let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+            let logits = model.forward(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ids, [1, prompt.len()]), &device));
+            let [_, positions, vocab] = logits.dims();
+            let mut out = NamedTensors::new();
+            out.insert("logits".into(), HostTensor::from_tensor(logits.reshape([positions, vocab])));
+            let mut ids = NamedTensors::new();
+            ids.insert("input_ids".into(), HostTensor { shape: vec![prompt.len()], data: prompt.iter().map(|&t| t as f32).collect() });
+            out.extend(ids);
+            std::fs::write(path, to_safetensors(&out)).with_context(|| format!("cannot write {}", path.display()))?;
+        }
         print!("{}", args.prompt);
         let mut produced: Vec<u32> = Vec::new();
         let mut printed = 0;
@@ -144,6 +156,15 @@ impl BackendJob for GenerateJob {
         println!();
         Ok(())
     }
+}
+
+pub fn export(args: ExportArgs) -> Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "f16" => StoreDtype::F16,
+        "bf16" => StoreDtype::BF16,
+        _ => StoreDtype::F32,
+    };
+    crate::export::export_hf(&args.checkpoint, &args.out, dtype, args.max_shard_size)
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod commands;
 pub mod evaluate;
+pub mod export;
 pub mod metrics;
 pub mod objective;
 pub mod tensorboard;
@@ -63,5 +64,38 @@ pub struct GenerateArgs {
     /// Extra stop strings, each encoded to one stop token (the end-of-text token always stops).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Also write the prompt's logits (full forward, `[positions, vocab]`) to this safetensors file.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
 }
 
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A run folder (its newest checkpoint) or one checkpoint folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output format: safetensors (a Hugging Face model folder).
+    #[arg(long, value_parser = ["safetensors"], default_value = "safetensors")]
+    pub format: String,
+    /// Weight dtype.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"], default_value = "f32")]
+    pub dtype: String,
+    /// Largest weights file before they split into model-0000N-of-0000M.safetensors
+    /// (transformers' `max_shard_size`: e.g. 5GB, 500MB, 200KB).
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub max_shard_size: usize,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+
+/// "5GB" / "500MB" / "200KB" / "1000" (bytes), decimal units as transformers uses them.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let (number, scale) = [("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0)]
+        .iter()
+        .find_map(|(unit, scale)| upper.strip_suffix(unit).map(|n| (n.trim().to_string(), *scale)))
+        .unwrap_or((upper.clone(), 1.0));
+    let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a size like 5GB, 500MB or 200KB"))?;
+    Ok((value * scale) as usize)
+}

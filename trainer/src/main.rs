@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use furnace_trainer::{commands, GenerateArgs, RecipeArgs, TrainArgs};
+use furnace_trainer::{commands, ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
 // A retaining allocator: Burn allocates a fresh large buffer per op, and glibc's malloc hands
 // those back to the OS and faults them in again on every step.
@@ -25,6 +25,8 @@ enum Command {
     Train(TrainArgs),
     /// Generate text from a checkpoint.
     Generate(GenerateArgs),
+    /// Export a checkpoint to another format (a Hugging Face model folder).
+    Export(ExportArgs),
     /// Validate a recipe, or print every option with its default and meaning.
     #[command(subcommand)]
     Recipe(RecipeCommand),
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => commands::train(args),
         Command::Generate(args) => commands::generate(args),
+        Command::Export(args) => commands::export(args),
         Command::Recipe(RecipeCommand::Check { file, overrides }) => commands::recipe_check(RecipeArgs { config: file, overrides }),
         Command::Recipe(RecipeCommand::Explain { file }) => commands::recipe_explain(file.as_deref()),
         Command::Data(DataCommand::Prepare(args)) => commands::data_prepare(args),

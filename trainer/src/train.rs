@@ -249,6 +249,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut accumulator = GradientsAccumulator::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut last_inputs = None;
+        // Dropout draws from the backend RNG: reseeding it from (seed, step) makes every mask a
+        // pure function of the step, so a resumed run draws the same masks.
+        B::seed(&self.device, self.recipe.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9));
         for _ in 0..t.grad_accum_steps {
             let batch = self.loader.next_batch();
             let shape = [batch.batch, batch.seq_len];

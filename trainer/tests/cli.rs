@@ -65,7 +65,7 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 }
 
 /// 20 steps straight equal 10 steps, stop, `--resume`, 10 more: same loss at every step.
-fn check_resume_is_exact(optimizer: &str) {
+fn check_resume_is_exact(optimizer: &str, dropout: f64) {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), TINY);
     let recipe = recipe.to_str().unwrap();
@@ -73,6 +73,8 @@ fn check_resume_is_exact(optimizer: &str) {
     let split = dir.path().join("split");
     let set = |p: &Path| format!("run.output_dir={}", p.display());
     let name = format!("optimizer.name={optimizer}");
+    let dropout = format!("model.dropout={dropout}");
+    let furnace = |args: &[&str]| furnace(&[args, &["--set", dropout.as_str()]].concat());
     let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&straight)]);
     assert!(out.status.success(), "{}", text(&out));
     let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&split), "--max-steps", "10"]);
@@ -91,18 +93,44 @@ fn check_resume_is_exact(optimizer: &str) {
 
 #[test]
 fn resume_is_exact_adamw() {
-    check_resume_is_exact("adamw");
+    check_resume_is_exact("adamw", 0.0);
 }
 
 #[test]
 fn resume_is_exact_lion() {
-    check_resume_is_exact("lion");
+    check_resume_is_exact("lion", 0.0);
 }
 
 #[test]
 fn resume_is_exact_sophia() {
     // Hessian refreshes on steps 1 and 11: the second falls after the resume.
-    check_resume_is_exact("sophia");
+    check_resume_is_exact("sophia", 0.0);
+}
+
+#[test]
+fn resume_is_exact_with_dropout() {
+    check_resume_is_exact("adamw", 0.1);
+}
+
+#[test]
+fn trains_on_the_users_own_text_and_jsonl_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus: String = (0..60).map(|i| format!("Document {i}: the quick brown fox jumps over the lazy dog {i} times.\n\n")).collect();
+    std::fs::write(dir.path().join("corpus.txt"), &corpus).unwrap();
+    let jsonl: String = (0..20).map(|i| format!("{{\"body\": \"Held out line {i} about a lazy dog.\"}}\n")).collect();
+    std::fs::write(dir.path().join("val.jsonl"), jsonl).unwrap();
+    let body = TINY.replace(
+        "source = \"stories\"",
+        &format!("source = \"files\"\nfiles = [\"{}\"]\nval_files = [\"{}\"]\ntext_field = \"body\"", dir.path().join("corpus.txt").display(), dir.path().join("val.jsonl").display()),
+    );
+    let recipe = write_recipe(dir.path(), &body);
+    let run = dir.path().join("run");
+    let set = format!("run.output_dir={}", run.display());
+    let out = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--set", "training.local_batch_size=2", "--max-steps", "3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(run.join("tokenizer.json").is_file() && run.join("data/train.bin").is_file());
+    let out = furnace(&["data", "prepare", "--config", recipe.to_str().unwrap(), "--set", &set]);
+    assert!(text(&out).contains("up to date"), "{}", text(&out));
 }
 
 #[test]
@@ -271,4 +299,58 @@ fn recipe_check_and_explain() {
     assert!(out.status.success() && text(&out).contains("local_batch_size = 8"));
     let out = furnace(&["recipe", "explain", "recipes/quickstart.toml"]);
     assert!(text(&out).contains("lr = 0.003"), "{}", text(&out));
+}
+
+#[test]
+fn export_writes_a_hugging_face_folder_that_round_trips() {
+    use furnace_models::hf::{config_from_hf, from_hf};
+    use furnace_models::params::from_safetensors;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), TINY);
+    let run = dir.path().join("run");
+    let set = format!("run.output_dir={}", run.display());
+    assert!(furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--max-steps", "2"]).status.success());
+    let ours = from_safetensors(&std::fs::read(run.join("checkpoints/step_2/model.safetensors")).unwrap()).unwrap();
+    let read_folder = |hf: &Path| {
+        let index = hf.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.is_file() {
+            let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(index).unwrap()).unwrap();
+            let mut files: Vec<String> = index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap().to_string()).collect();
+            files.sort();
+            files.dedup();
+            files.into_iter().map(|f| hf.join(f)).collect()
+        } else {
+            vec![hf.join("model.safetensors")]
+        };
+        let mut tensors = furnace_models::params::NamedTensors::new();
+        for f in &files {
+            tensors.extend(from_safetensors(&std::fs::read(f).unwrap()).unwrap());
+        }
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+        let (arch, config) = config_from_hf(&config).unwrap();
+        (files.len(), from_hf(arch, &tensors, config.n_layers, config.tie_embeddings).unwrap(), config)
+    };
+    let hf = dir.path().join("hf");
+    let out = furnace(&["export", "--checkpoint", run.to_str().unwrap(), "--format", "safetensors", "--out", hf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (files, back, config) = read_folder(&hf);
+    assert_eq!((files, config.n_layers, config.kv_heads()), (1, 2, 2));
+    assert_eq!(back, ours, "f32 export round-trips exactly");
+    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(hf.join(name).is_file(), "{name}");
+    }
+    let sharded = dir.path().join("hf_bf16");
+    let out = furnace(&["export", "--checkpoint", run.to_str().unwrap(), "--dtype", "bf16", "--max-shard-size", "60KB", "--out", sharded.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (files, back, _) = read_folder(&sharded);
+    assert!(files > 1, "sharded into {files} files");
+    for (name, t) in &ours {
+        for (a, b) in t.data.iter().zip(&back[name].data) {
+            assert!((a - b).abs() <= a.abs() / 128.0 + 1e-30, "{name}: {a} vs bf16 {b}");
+        }
+    }
+    let alibi = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &format!("run.output_dir={}", dir.path().join("alibi").display()), "--set", "model.position=alibi", "--max-steps", "1"]);
+    assert!(alibi.status.success(), "{}", text(&alibi));
+    let out = furnace(&["export", "--checkpoint", dir.path().join("alibi").to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out).contains("cannot export"), "{}", text(&out));
 }
