@@ -70,7 +70,7 @@ def check(arch: str, extra: str, work: pathlib.Path) -> bool:
     ours = load_file(str(logits_file))
     ids = ours["input_ids"].long().unsqueeze(0)
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     expected_ids = [tokenizer.eos_token_id] + tokenizer.encode(PROMPT, add_special_tokens=False)
