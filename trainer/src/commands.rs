@@ -159,6 +159,15 @@ impl BackendJob for GenerateJob {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
+    if args.format == "gguf" {
+        let quant = match args.quant.as_str() {
+            "f16" => crate::gguf::GgmlType::F16,
+            "q8_0" => crate::gguf::GgmlType::Q8_0,
+            "q4_0" => crate::gguf::GgmlType::Q4_0,
+            _ => crate::gguf::GgmlType::F32,
+        };
+        return crate::export::export_gguf(&args.checkpoint, &args.out, quant);
+    }
     let dtype = match args.dtype.as_str() {
         "f16" => StoreDtype::F16,
         "bf16" => StoreDtype::BF16,

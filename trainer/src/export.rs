@@ -12,20 +12,36 @@ use furnace_models::params::{from_safetensors, to_safetensors_as, NamedTensors, 
 use serde_json::json;
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
+use crate::gguf::{encode, GgmlType, Gguf, GgufTensor, Value};
 use crate::train::decoder_config;
 
-/// Write `checkpoint` (a run folder or a step folder) to `out` in Hugging Face layout: weights
-/// (sharded above `max_shard_bytes`, with `model.safetensors.index.json`), config.json,
-/// generation_config.json and the tokenizer files.
-pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_bytes: usize) -> Result<()> {
+/// What an export reads from a checkpoint: the model's weights under Hugging Face names.
+struct Source {
+    dir: std::path::PathBuf,
+    recipe: Recipe,
+    tokenizer: TextTokenizer,
+    config: furnace_models::DecoderConfig,
+    arch: furnace_models::hf::HfArch,
+    hf: NamedTensors,
+}
+
+fn read_source(checkpoint: &Path) -> Result<Source> {
     let dir = checkpoint::resolve(checkpoint)?;
     let recipe_path = dir.join(RECIPE_FILE);
     let recipe = Recipe::from_stored(&std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?, &recipe_path.display().to_string())?;
     let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
     let config = decoder_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
-    let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {} to Hugging Face: {e}", dir.display()))?;
+    let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {}: {e}", dir.display()))?;
     let weights = from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
     let hf = to_hf(arch, &weights, config.n_layers).map_err(anyhow::Error::msg)?;
+    Ok(Source { dir, recipe, tokenizer, config, arch, hf })
+}
+
+/// Write `checkpoint` (a run folder or a step folder) to `out` in Hugging Face layout: weights
+/// (sharded above `max_shard_bytes`, with `model.safetensors.index.json`), config.json,
+/// generation_config.json and the tokenizer files.
+pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_bytes: usize) -> Result<()> {
+    let Source { dir, tokenizer, config, arch, hf, .. } = read_source(checkpoint)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let write = |name: &str, bytes: &[u8]| atomic_write(&out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()));
 
@@ -74,6 +90,156 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
         out.display()
     );
     Ok(())
+}
+
+/// The llama.cpp tensor name for a Hugging Face Llama tensor name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let part = match part {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{part}"))
+}
+
+/// llama.cpp applies RoPE to adjacent pairs, Hugging Face to the two halves of each head:
+/// reorder each head's rows from (half, i) to (i, half), as llama.cpp's converter does.
+fn permute_rope_rows(t: &furnace_models::params::HostTensor, heads: usize) -> furnace_models::params::HostTensor {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let head_dim = rows / heads;
+    let mut data = vec![0.0; t.data.len()];
+    for h in 0..heads {
+        for half in 0..2 {
+            for i in 0..head_dim / 2 {
+                let from = h * head_dim + half * head_dim / 2 + i;
+                let to = h * head_dim + i * 2 + half;
+                data[to * cols..(to + 1) * cols].copy_from_slice(&t.data[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    furnace_models::params::HostTensor { shape: t.shape.clone(), data }
+}
+
+/// `general.file_type` for a quantization choice.
+fn file_type(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q8_0 => 7,
+    }
+}
+
+/// Write `checkpoint` as a GGUF file llama.cpp loads (Llama architecture). Matrices whose rows
+/// are a multiple of 32 take `quant`; norms stay f32, as llama.cpp's converter keeps them.
+pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType) -> Result<()> {
+    let Source { dir, recipe, tokenizer, config, arch, hf } = read_source(checkpoint)?;
+    if arch != furnace_models::hf::HfArch::Llama {
+        anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture is written so far", dir.display());
+    }
+    let c = &config;
+    let mut g = Gguf::default();
+    let mut meta = |k: &str, v: Value| g.metadata.insert(k.to_string(), v);
+    meta("general.architecture", Value::Str("llama".into()));
+    meta("general.name", Value::Str(recipe.run.name.clone()));
+    meta("general.file_type", Value::U32(file_type(quant)));
+    meta("general.quantization_version", Value::U32(2));
+    meta("general.alignment", Value::U32(crate::gguf::ALIGNMENT as u32));
+    meta("llama.context_length", Value::U32(c.max_seq_len as u32));
+    meta("llama.embedding_length", Value::U32(c.d_model as u32));
+    meta("llama.block_count", Value::U32(c.n_layers as u32));
+    meta("llama.feed_forward_length", Value::U32(c.d_ff as u32));
+    meta("llama.attention.head_count", Value::U32(c.n_heads as u32));
+    meta("llama.attention.head_count_kv", Value::U32(c.kv_heads() as u32));
+    meta("llama.attention.layer_norm_rms_epsilon", Value::F32(c.norm_eps as f32));
+    meta("llama.rope.freq_base", Value::F32(c.rope_theta as f32));
+    meta("llama.rope.dimension_count", Value::U32(c.head_dim() as u32));
+    meta("llama.vocab_size", Value::U32(c.vocab_size as u32));
+    let vocab = gguf_vocabulary(&tokenizer, c.vocab_size)?;
+    meta("tokenizer.ggml.model", Value::Str("gpt2".into()));
+    meta("tokenizer.ggml.pre", Value::Str("default".into()));
+    meta("tokenizer.ggml.tokens", Value::ArrStr(vocab.tokens));
+    meta("tokenizer.ggml.token_type", Value::ArrI32(vocab.types));
+    meta("tokenizer.ggml.merges", Value::ArrStr(vocab.merges));
+    meta("tokenizer.ggml.bos_token_id", Value::U32(tokenizer.eos()));
+    meta("tokenizer.ggml.eos_token_id", Value::U32(tokenizer.eos()));
+    meta("tokenizer.ggml.padding_token_id", Value::U32(tokenizer.eos()));
+    meta("tokenizer.ggml.add_bos_token", Value::Bool(true));
+    for (hf_name, tensor) in &hf {
+        let name = gguf_name(hf_name).with_context(|| format!("no GGUF name for `{hf_name}`"))?;
+        let tensor = match name.rsplit('.').nth(1) {
+            Some("attn_q") => permute_rope_rows(tensor, c.n_heads),
+            Some("attn_k") => permute_rope_rows(tensor, c.kv_heads()),
+            _ => tensor.clone(),
+        };
+        let dims: Vec<usize> = tensor.shape.iter().rev().copied().collect();
+        let ty = if dims.len() == 2 && dims[0] % 32 == 0 { quant } else { GgmlType::F32 };
+        g.tensors.push((name, GgufTensor { dims, ty, bytes: encode(&tensor.data, ty) }));
+    }
+    atomic_write(out, &g.to_bytes()).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("exported {} (llama, {:?}, {} tensors) to {}", dir.display(), quant, g.tensors.len(), out.display());
+    Ok(())
+}
+
+struct GgufVocabulary {
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    merges: Vec<String>,
+}
+
+/// Tokens in id order (padded to the model's vocabulary), their types (1 normal, 3 control)
+/// and the BPE merges, read from the tokenizer.json.
+fn gguf_vocabulary(tokenizer: &TextTokenizer, vocab_size: usize) -> Result<GgufVocabulary> {
+    let json: serde_json::Value = serde_json::from_str(&tokenizer.to_json())?;
+    let model = &json["model"];
+    if model["type"].as_str() != Some("BPE") {
+        anyhow::bail!("GGUF export needs a BPE tokenizer; this one is {:?}", model["type"]);
+    }
+    let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
+    let mut types = vec![1i32; vocab_size];
+    for (token, id) in model["vocab"].as_object().context("tokenizer.json has no model.vocab")? {
+        let id = id.as_u64().context("token ids are integers")? as usize;
+        if id < vocab_size {
+            tokens[id] = token.clone();
+        }
+    }
+    for added in json["added_tokens"].as_array().into_iter().flatten() {
+        let id = added["id"].as_u64().unwrap_or(0) as usize;
+        if id < vocab_size {
+            tokens[id] = added["content"].as_str().unwrap_or_default().to_string();
+            if added["special"].as_bool() == Some(true) {
+                types[id] = 3;
+            }
+        }
+    }
+    for (id, token) in tokens.iter().enumerate() {
+        if token.starts_with("[PAD") && id >= tokenizer.vocab_size() {
+            types[id] = 5; // unused
+        }
+    }
+    let merges = model["merges"]
+        .as_array()
+        .context("tokenizer.json has no model.merges")?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::Array(pair) => format!("{} {}", pair[0].as_str().unwrap_or_default(), pair[1].as_str().unwrap_or_default()),
+            other => other.as_str().unwrap_or_default().to_string(),
+        })
+        .collect();
+    Ok(GgufVocabulary { tokens, types, merges })
 }
 
 /// Split tensors, in name order, into groups of at most `max_bytes` (a larger tensor alone).

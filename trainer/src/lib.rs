@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod commands;
 pub mod evaluate;
 pub mod export;
+pub mod gguf;
 pub mod metrics;
 pub mod objective;
 pub mod tensorboard;
@@ -74,16 +75,20 @@ pub struct ExportArgs {
     /// A run folder (its newest checkpoint) or one checkpoint folder.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Output format: safetensors (a Hugging Face model folder).
-    #[arg(long, value_parser = ["safetensors"], default_value = "safetensors")]
+    /// Output format: safetensors (a Hugging Face model folder) or gguf (one llama.cpp file).
+    #[arg(long, value_parser = ["safetensors", "gguf"], default_value = "safetensors")]
     pub format: String,
-    /// Weight dtype.
+    /// safetensors: weight dtype.
     #[arg(long, value_parser = ["f32", "f16", "bf16"], default_value = "f32")]
     pub dtype: String,
+    /// gguf: weight type of the matrices (norms stay f32).
+    #[arg(long, value_parser = ["f32", "f16", "q8_0", "q4_0"], default_value = "f32")]
+    pub quant: String,
     /// Largest weights file before they split into model-0000N-of-0000M.safetensors
-    /// (transformers' `max_shard_size`: e.g. 5GB, 500MB, 200KB).
+    /// (transformers' `max_shard_size`: e.g. 5GB, 500MB, 200KB). safetensors only.
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     pub max_shard_size: usize,
+    /// A folder (safetensors) or a file (gguf).
     #[arg(long)]
     pub out: PathBuf,
 }

@@ -354,3 +354,29 @@ fn export_writes_a_hugging_face_folder_that_round_trips() {
     let out = furnace(&["export", "--checkpoint", dir.path().join("alibi").to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
     assert!(!out.status.success() && text(&out).contains("cannot export"), "{}", text(&out));
 }
+
+#[test]
+fn gguf_export_reads_back_with_llama_names() {
+    use furnace_trainer::gguf::{GgmlType, Gguf, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), TINY);
+    let run = dir.path().join("run");
+    let set = format!("run.output_dir={}", run.display());
+    assert!(furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--max-steps", "1"]).status.success());
+    let file = dir.path().join("m.gguf");
+    let out = furnace(&["export", "--checkpoint", run.to_str().unwrap(), "--format", "gguf", "--quant", "q8_0", "--out", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let bytes = std::fs::read(&file).unwrap();
+    let g = Gguf::from_bytes(&bytes).unwrap();
+    assert_eq!(g.metadata["general.architecture"], Value::Str("llama".into()));
+    assert_eq!(g.metadata["llama.attention.head_count_kv"], Value::U32(2));
+    let names: Vec<&str> = g.tensors.iter().map(|(n, _)| n.as_str()).collect();
+    for name in ["token_embd.weight", "output_norm.weight", "output.weight", "blk.1.attn_q.weight", "blk.0.ffn_gate.weight"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    let q = g.tensors.iter().find(|(n, _)| n == "blk.0.attn_q.weight").unwrap();
+    assert_eq!((q.1.ty, q.1.dims.clone()), (GgmlType::Q8_0, vec![64, 64]));
+    let norm = g.tensors.iter().find(|(n, _)| n == "blk.0.attn_norm.weight").unwrap();
+    assert_eq!(norm.1.ty, GgmlType::F32);
+    assert!(Gguf::from_bytes(&bytes[..bytes.len() * 2 / 3]).unwrap_err().contains("truncated"));
+}
