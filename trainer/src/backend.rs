@@ -29,7 +29,7 @@ pub fn dispatch(recipe: &Recipe, job: impl BackendJob) -> Result<()> {
     }
 }
 
-#[allow(dead_code)]
+#[cfg(not(all(feature = "cuda", feature = "wgpu")))]
 fn not_compiled(name: &str) -> String {
     format!(
         "recipe key runtime.backend = \"{name}\": this furnace binary was built without the `{name}` feature; \

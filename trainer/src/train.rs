@@ -122,7 +122,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         let model_config = decoder_config(&resolved);
         let mut model = model_config.init::<B>(recipe.run.seed, &device);
         let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
-        let (rank, world) = (0, 1);
+        let world = furnace_distributed::World::from_env();
+        if world.size > 1 {
+            bail!(
+                "launched as rank {} of {} (mpirun), but data-parallel training is not built yet; run `furnace train` without mpirun",
+                world.rank,
+                world.size
+            );
+        }
+        let (rank, world) = (world.rank, world.size);
         let mut loader = Loader::new(Shard::open(&data.train).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, recipe.run.seed, rank, world, true)
             .map_err(anyhow::Error::msg)?;
         let val_loader = Loader::new(Shard::open(&data.val).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, recipe.run.seed, 0, 1, false)

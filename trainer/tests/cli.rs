@@ -380,3 +380,18 @@ fn gguf_export_reads_back_with_llama_names() {
     assert_eq!(norm.1.ty, GgmlType::F32);
     assert!(Gguf::from_bytes(&bytes[..bytes.len() * 2 / 3]).unwrap_err().contains("truncated"));
 }
+
+#[test]
+fn a_multi_rank_launch_is_refused_clearly_until_data_parallel_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), TINY);
+    let set = format!("run.output_dir={}", dir.path().join("run").display());
+    let out = Command::new(env!("CARGO_BIN_EXE_furnace"))
+        .args(["train", "--config", recipe.to_str().unwrap(), "--set", &set])
+        .env("OMPI_COMM_WORLD_RANK", "1")
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("rank 1 of 2"), "{}", text(&out));
+}
