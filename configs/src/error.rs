@@ -88,8 +88,7 @@ fn section_keys(section: &str) -> Option<Vec<&'static str>> {
     })
 }
 
-pub(crate) const SECTIONS: &[&str] =
-    &["run", "model", "data", "training", "optimizer", "lr_scheduler", "runtime", "logging", "eval"];
+pub(crate) const SECTIONS: &[&str] = &["run", "model", "data", "training", "optimizer", "lr_scheduler", "runtime", "logging", "eval"];
 
 /// Apply one `section.key=value` override. The value is read as TOML (`3e-4`, `true`,
 /// `["+"]`), and as a plain string when it is not valid TOML (`llama`).
@@ -101,33 +100,23 @@ pub(crate) fn apply_override(table: &mut toml::Table, item: &str, file: &str) ->
         message: format!("in --set {item}: {message}"),
         fix,
     };
-    let (path, raw) = item.split_once('=').ok_or_else(|| {
-        err("", "expected section.key=value".into(), "write e.g. --set training.lr=1e-4".into())
-    })?;
+    let (path, raw) =
+        item.split_once('=').ok_or_else(|| err("", "expected section.key=value".into(), "write e.g. --set training.lr=1e-4".into()))?;
     let path = path.trim();
-    let (section, key) = path.split_once('.').ok_or_else(|| {
-        err(path, "expected section.key".into(), format!("sections are: {}", SECTIONS.join(", ")))
-    })?;
-    let keys = section_keys(section).ok_or_else(|| {
-        err(path, format!("unknown section `{section}`"), format!("sections are: {}", SECTIONS.join(", ")))
-    })?;
+    let (section, key) =
+        path.split_once('.').ok_or_else(|| err(path, "expected section.key".into(), format!("sections are: {}", SECTIONS.join(", "))))?;
+    let keys = section_keys(section)
+        .ok_or_else(|| err(path, format!("unknown section `{section}`"), format!("sections are: {}", SECTIONS.join(", "))))?;
     if !keys.contains(&key) {
-        return Err(err(
-            path,
-            format!("unknown key `{key}` in [{section}]"),
-            format!("keys of [{section}] are: {}", keys.join(", ")),
-        ));
+        return Err(err(path, format!("unknown key `{key}` in [{section}]"), format!("keys of [{section}] are: {}", keys.join(", "))));
     }
     let raw = raw.trim();
     let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let section_table = table
-        .entry(section)
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-        .as_table_mut()
-        .expect("recipe sections are tables");
+    let section_table =
+        table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new())).as_table_mut().expect("recipe sections are tables");
     section_table.insert(key.to_string(), value);
     Ok(())
 }

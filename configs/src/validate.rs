@@ -7,44 +7,84 @@ use crate::*;
 
 pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: bool) -> Result<(), RecipeError> {
     let fail = |section: &str, key: &str, message: String, fix: String| {
-        Err(RecipeError {
-            file: file.into(),
-            line: line_of_key(text, section, key),
-            key: format!("{section}.{key}"),
-            message,
-            fix,
-        })
+        Err(RecipeError { file: file.into(), line: line_of_key(text, section, key), key: format!("{section}.{key}"), message, fix })
     };
     let m = recipe.model.resolve(None);
     if m.d_model == 0 || m.n_layers == 0 || m.n_heads == 0 || m.n_kv_heads == 0 || m.d_ff == 0 {
-        return fail("model", "d_model", "model dimensions must be positive".into(), "set d_model, n_layers, n_heads, n_kv_heads and d_ff above 0".into());
+        return fail(
+            "model",
+            "d_model",
+            "model dimensions must be positive".into(),
+            "set d_model, n_layers, n_heads, n_kv_heads and d_ff above 0".into(),
+        );
     }
     if m.d_model % m.n_heads != 0 {
-        return fail("model", "n_heads", format!("d_model = {} is not divisible by n_heads = {}", m.d_model, m.n_heads), "pick n_heads dividing d_model".into());
+        return fail(
+            "model",
+            "n_heads",
+            format!("d_model = {} is not divisible by n_heads = {}", m.d_model, m.n_heads),
+            "pick n_heads dividing d_model".into(),
+        );
     }
     if m.n_heads % m.n_kv_heads != 0 {
-        return fail("model", "n_kv_heads", format!("n_heads = {} is not a multiple of n_kv_heads = {}", m.n_heads, m.n_kv_heads), "pick n_kv_heads dividing n_heads (1 = MQA, n_heads = MHA)".into());
+        return fail(
+            "model",
+            "n_kv_heads",
+            format!("n_heads = {} is not a multiple of n_kv_heads = {}", m.n_heads, m.n_kv_heads),
+            "pick n_kv_heads dividing n_heads (1 = MQA, n_heads = MHA)".into(),
+        );
     }
     if m.position == Position::Rope && (m.d_model / m.n_heads) % 2 != 0 {
-        return fail("model", "n_heads", format!("RoPE needs an even head dimension, got {}", m.d_model / m.n_heads), "change d_model or n_heads".into());
+        return fail(
+            "model",
+            "n_heads",
+            format!("RoPE needs an even head dimension, got {}", m.d_model / m.n_heads),
+            "change d_model or n_heads".into(),
+        );
     }
     if !(0.0..1.0).contains(&m.dropout) {
-        return fail("model", "dropout", format!("dropout = {} is outside [0, 1)", m.dropout), "use a probability such as 0.0 or 0.1".into());
+        return fail(
+            "model",
+            "dropout",
+            format!("dropout = {} is outside [0, 1)", m.dropout),
+            "use a probability such as 0.0 or 0.1".into(),
+        );
     }
     if m.norm_eps <= 0.0 || m.rope_theta <= 0.0 {
-        return fail("model", "norm_eps", "norm_eps and rope_theta must be positive".into(), "use e.g. norm_eps = 1e-5, rope_theta = 10000.0".into());
+        return fail(
+            "model",
+            "norm_eps",
+            "norm_eps and rope_theta must be positive".into(),
+            "use e.g. norm_eps = 1e-5, rope_theta = 10000.0".into(),
+        );
     }
     let t = &recipe.training;
-    for (key, value) in [("local_batch_size", t.local_batch_size), ("seq_len", t.seq_len), ("grad_accum_steps", t.grad_accum_steps), ("steps", t.steps), ("log_every", t.log_every)] {
+    for (key, value) in [
+        ("local_batch_size", t.local_batch_size),
+        ("seq_len", t.seq_len),
+        ("grad_accum_steps", t.grad_accum_steps),
+        ("steps", t.steps),
+        ("log_every", t.log_every),
+    ] {
         if value == 0 {
             return fail("training", key, format!("{key} must be at least 1"), format!("set training.{key} to a positive integer"));
         }
     }
     if t.seq_len > m.max_seq_len {
-        return fail("training", "seq_len", format!("seq_len = {} exceeds the model's max_seq_len = {}", t.seq_len, m.max_seq_len), "lower training.seq_len or raise model.max_seq_len".into());
+        return fail(
+            "training",
+            "seq_len",
+            format!("seq_len = {} exceeds the model's max_seq_len = {}", t.seq_len, m.max_seq_len),
+            "lower training.seq_len or raise model.max_seq_len".into(),
+        );
     }
     if t.max_norm < 0.0 || !t.max_norm.is_finite() {
-        return fail("training", "max_norm", format!("max_norm = {} must be finite and >= 0", t.max_norm), "use 1.0, or 0 to disable clipping".into());
+        return fail(
+            "training",
+            "max_norm",
+            format!("max_norm = {} must be finite and >= 0", t.max_norm),
+            "use 1.0, or 0 to disable clipping".into(),
+        );
     }
     let o = &recipe.optimizer;
     if !(o.lr > 0.0 && o.lr.is_finite()) {
@@ -52,20 +92,35 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     }
     for (key, value) in [("beta1", o.beta1), ("beta2", o.beta2)] {
         if let Some(value) = value.filter(|v| !(0.0..1.0).contains(v)) {
-            return fail("optimizer", key, format!("{key} = {value} is outside [0, 1)"), "use e.g. beta1 = 0.9, beta2 = 0.95, or leave unset for the optimizer's default".into());
+            return fail(
+                "optimizer",
+                key,
+                format!("{key} = {value} is outside [0, 1)"),
+                "use e.g. beta1 = 0.9, beta2 = 0.95, or leave unset for the optimizer's default".into(),
+            );
         }
     }
     if o.eps.is_some_and(|e| e < 0.0 || !e.is_finite()) {
         return fail("optimizer", "eps", "eps must be finite and >= 0".into(), "use e.g. eps = 1e-8, or leave unset".into());
     }
     if o.weight_decay < 0.0 || !o.weight_decay.is_finite() {
-        return fail("optimizer", "weight_decay", format!("weight_decay = {} must be finite and >= 0", o.weight_decay), "use e.g. weight_decay = 0.1".into());
+        return fail(
+            "optimizer",
+            "weight_decay",
+            format!("weight_decay = {} must be finite and >= 0", o.weight_decay),
+            "use e.g. weight_decay = 0.1".into(),
+        );
     }
     if !(o.rho > 0.0 && o.rho.is_finite()) {
         return fail("optimizer", "rho", format!("rho = {} must be positive", o.rho), "use e.g. rho = 0.01 (Sophia's γ)".into());
     }
     if o.hessian_interval == 0 {
-        return fail("optimizer", "hessian_interval", "hessian_interval must be at least 1".into(), "use e.g. hessian_interval = 10".into());
+        return fail(
+            "optimizer",
+            "hessian_interval",
+            "hessian_interval must be at least 1".into(),
+            "use e.g. hessian_interval = 10".into(),
+        );
     }
     let s = &recipe.lr_scheduler;
     if !(0.0..=1.0).contains(&s.min_lr_ratio) {
@@ -76,15 +131,30 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     }
     let d = &recipe.data;
     if d.source == DataSource::Files && d.files.is_empty() {
-        return fail("data", "files", "source = \"files\" but no files are listed".into(), "list text or JSONL files: files = [\"corpus.txt\"]".into());
+        return fail(
+            "data",
+            "files",
+            "source = \"files\" but no files are listed".into(),
+            "list text or JSONL files: files = [\"corpus.txt\"]".into(),
+        );
     }
     for f in d.files.iter().chain(&d.val_files).filter(|_| check_files) {
         if !Path::new(f).is_file() {
-            return fail("data", "files", format!("data file `{f}` does not exist"), "give paths relative to where furnace runs, or absolute".into());
+            return fail(
+                "data",
+                "files",
+                format!("data file `{f}` does not exist"),
+                "give paths relative to where furnace runs, or absolute".into(),
+            );
         }
     }
     if check_files && !d.tokenizer.is_empty() && !Path::new(&d.tokenizer).is_file() {
-        return fail("data", "tokenizer", format!("tokenizer file `{}` does not exist", d.tokenizer), "point to a Hugging Face tokenizer.json, or leave empty to train one".into());
+        return fail(
+            "data",
+            "tokenizer",
+            format!("tokenizer file `{}` does not exist", d.tokenizer),
+            "point to a Hugging Face tokenizer.json, or leave empty to train one".into(),
+        );
     }
     if !(1..=9).contains(&d.digits) {
         return fail("data", "digits", format!("digits = {} is outside 1..=9", d.digits), "use e.g. digits = 2".into());
@@ -99,11 +169,21 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         return fail("data", "val_fraction", format!("val_fraction = {} is outside [0, 0.5)", d.val_fraction), "use e.g. 0.05".into());
     }
     if d.tokenizer.is_empty() && d.tokenizer_vocab_size < 260 {
-        return fail("data", "tokenizer_vocab_size", format!("tokenizer_vocab_size = {} is below the 256 byte tokens plus specials", d.tokenizer_vocab_size), "use at least 260".into());
+        return fail(
+            "data",
+            "tokenizer_vocab_size",
+            format!("tokenizer_vocab_size = {} is below the 256 byte tokens plus specials", d.tokenizer_vocab_size),
+            "use at least 260".into(),
+        );
     }
     if let Some(v) = recipe.model.vocab_size {
         if d.tokenizer.is_empty() && v < d.tokenizer_vocab_size {
-            return fail("model", "vocab_size", format!("vocab_size = {v} is smaller than data.tokenizer_vocab_size = {}", d.tokenizer_vocab_size), "raise model.vocab_size or leave it unset to follow the tokenizer".into());
+            return fail(
+                "model",
+                "vocab_size",
+                format!("vocab_size = {v} is smaller than data.tokenizer_vocab_size = {}", d.tokenizer_vocab_size),
+                "raise model.vocab_size or leave it unset to follow the tokenizer".into(),
+            );
         }
     }
     Ok(())

@@ -68,7 +68,8 @@ pub fn read_documents(path: &Path, field: &str) -> Result<Vec<String>, String> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, line)| {
-                let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{}:{}: invalid JSON: {e}", path.display(), i + 1))?;
+                let value: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| format!("{}:{}: invalid JSON: {e}", path.display(), i + 1))?;
                 value
                     .get(field)
                     .and_then(|v| v.as_str())
@@ -98,7 +99,11 @@ pub fn prepare(recipe: &Recipe, out: &Path) -> Result<Prepared, String> {
     let tokenizer_path = if recipe.data.tokenizer.is_empty() { out.join("tokenizer.json") } else { PathBuf::from(&recipe.data.tokenizer) };
     let (train, val) = (data_dir.join("train.bin"), data_dir.join("val.bin"));
     let io = |e: std::io::Error| format!("cannot write prepared data under {}: {e}", data_dir.display());
-    if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) && train.is_file() && val.is_file() && tokenizer_path.is_file() {
+    if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str())
+        && train.is_file()
+        && val.is_file()
+        && tokenizer_path.is_file()
+    {
         let tokenizer = TextTokenizer::load(&tokenizer_path)?;
         let (train_tokens, val_tokens) = (crate::Shard::open(&train)?.len(), crate::Shard::open(&val)?.len());
         return Ok(Prepared { tokenizer, tokenizer_path, train, val, train_tokens, val_tokens, reused: true });

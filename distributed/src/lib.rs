@@ -64,11 +64,11 @@ mod tests {
 
     #[test]
     fn world_comes_from_open_mpi_variables_or_defaults_to_one() {
-        let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
-        };
+        let vars =
+            |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
         assert_eq!(World::from_vars(vars(&[])), World::SINGLE);
-        let w = World::from_vars(vars(&[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_LOCAL_RANK", "0")]));
+        let w =
+            World::from_vars(vars(&[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_LOCAL_RANK", "0")]));
         assert_eq!(w, World { rank: 2, size: 4, local_rank: 0 });
         assert_eq!(World::from_vars(vars(&[("OMPI_COMM_WORLD_RANK", "5"), ("OMPI_COMM_WORLD_SIZE", "4")])), World::SINGLE);
     }

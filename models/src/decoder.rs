@@ -83,8 +83,8 @@ impl DecoderConfig {
     /// Training FLOPs per token at context `seq_len` (PaLM appendix B: 6N + 12·L·d·T,
     /// with N the non-embedding parameters plus the head).
     pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
-        let embed = self.vocab_size * self.d_model
-            + if self.position == PositionKind::Learned { self.max_seq_len * self.d_model } else { 0 };
+        let embed =
+            self.vocab_size * self.d_model + if self.position == PositionKind::Learned { self.max_seq_len * self.d_model } else { 0 };
         let head_matmul = if self.tie_embeddings { self.vocab_size * self.d_model } else { 0 };
         let n = (self.num_params() - embed + head_matmul) as f64;
         6.0 * n + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
@@ -96,8 +96,8 @@ impl DecoderConfig {
         // GPT-2: residual projections scaled by 1/sqrt(2·n_layers).
         let out_std = std / (2.0 * self.n_layers as f64).sqrt();
         let embed_tokens = normal_param([self.vocab_size, self.d_model], std, &mut rng, device);
-        let embed_positions = (self.position == PositionKind::Learned)
-            .then(|| normal_param([self.max_seq_len, self.d_model], std / 2.0, &mut rng, device));
+        let embed_positions =
+            (self.position == PositionKind::Learned).then(|| normal_param([self.max_seq_len, self.d_model], std / 2.0, &mut rng, device));
         let layers = (0..self.n_layers)
             .map(|_| Block {
                 attention_norm: Norm::new(self.norm, self.d_model, self.norm_eps, self.bias, device),
@@ -191,12 +191,7 @@ impl<B: Backend> Decoder<B> {
         let [_, seq] = tokens.dims();
         let device = tokens.device();
         let offset = cache.as_ref().map_or(0, |c| c.len());
-        assert!(
-            offset + seq <= self.max_seq_len,
-            "sequence of {} positions exceeds max_seq_len = {}",
-            offset + seq,
-            self.max_seq_len
-        );
+        assert!(offset + seq <= self.max_seq_len, "sequence of {} positions exceeds max_seq_len = {}", offset + seq, self.max_seq_len);
         let mut x = embedding(self.embed_tokens.val(), tokens);
         if let Some(positions) = &self.embed_positions {
             x = x + positions.val().narrow(0, offset, seq).unsqueeze::<3>();
@@ -219,10 +214,7 @@ impl<B: Backend> Decoder<B> {
             Some(head) => head.forward(hidden),
             None => {
                 let [batch, seq, d_model] = hidden.dims();
-                hidden
-                    .reshape([batch * seq, d_model])
-                    .matmul(self.embed_tokens.val().transpose())
-                    .reshape([batch, seq, self.vocab_size])
+                hidden.reshape([batch * seq, d_model]).matmul(self.embed_tokens.val().transpose()).reshape([batch, seq, self.vocab_size])
             }
         }
     }

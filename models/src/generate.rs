@@ -29,18 +29,11 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
     let mut input = prompt.to_vec();
     let mut produced = Vec::new();
     while produced.len() < config.max_new_tokens && history.len() < model.max_seq_len() {
-        let tokens = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(input.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, input.len()]),
-            device,
-        );
+        let tokens =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(input.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, input.len()]), device);
         let logits = model.forward_step(tokens, &mut state);
         let [_, seq, vocab] = logits.dims();
-        let last: Vec<f32> = logits
-            .slice([0..1, seq - 1..seq, 0..vocab])
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32 logits");
+        let last: Vec<f32> = logits.slice([0..1, seq - 1..seq, 0..vocab]).into_data().convert::<f32>().into_vec().expect("f32 logits");
         let token = sampler.sample(&last, &history);
         produced.push(token);
         history.push(token);

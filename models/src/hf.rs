@@ -259,13 +259,20 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, DecoderConfig), String> {
             }
             let d_model = field(json, "n_embd")?;
             let d_ff = json.get("n_inner").and_then(Value::as_u64).map_or(4 * d_model, |v| v as usize);
-            let config = DecoderConfig::new(field(json, "vocab_size")?, d_model, field(json, "n_layer")?, field(json, "n_head")?, d_ff, field(json, "n_positions")?)
-                .with_norm(NormKind::LayerNorm)
-                .with_norm_eps(float(json, "layer_norm_epsilon", 1e-5))
-                .with_position(PositionKind::Learned)
-                .with_mlp(MlpKind::Gelu)
-                .with_bias(true)
-                .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
+            let config = DecoderConfig::new(
+                field(json, "vocab_size")?,
+                d_model,
+                field(json, "n_layer")?,
+                field(json, "n_head")?,
+                d_ff,
+                field(json, "n_positions")?,
+            )
+            .with_norm(NormKind::LayerNorm)
+            .with_norm_eps(float(json, "layer_norm_epsilon", 1e-5))
+            .with_position(PositionKind::Learned)
+            .with_mlp(MlpKind::Gelu)
+            .with_bias(true)
+            .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
             Ok((HfArch::Gpt2, config))
         }
         other => Err(format!("model_type `{other}` is not supported (llama, mistral, gpt2 are)")),

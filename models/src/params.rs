@@ -201,7 +201,9 @@ pub fn to_safetensors_as(tensors: &NamedTensors, dtype: StoreDtype) -> Vec<u8> {
     };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = encoded
         .iter()
-        .map(|(name, shape, bytes)| (name.clone(), safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes).expect("consistent shape")))
+        .map(|(name, shape, bytes)| {
+            (name.clone(), safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes).expect("consistent shape"))
+        })
         .collect();
     safetensors::serialize(views, None).expect("safetensors serialization")
 }

@@ -56,11 +56,8 @@ impl Sampler {
             return argmax(&logits);
         }
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, (((l - max) as f64) / c.temperature).exp()))
-            .collect();
+        let mut probs: Vec<(u32, f64)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, (((l - max) as f64) / c.temperature).exp())).collect();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if c.top_k > 0 {
             probs.truncate(c.top_k);
@@ -94,11 +91,7 @@ impl Sampler {
 }
 
 pub fn argmax(values: &[f32]) -> u32 {
-    values
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
-        .0 as u32
+    values.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
 }
 
 #[cfg(test)]

@@ -150,11 +150,7 @@ fn cached_decoding_equals_recompute_llama_gqa_rope() {
 #[test]
 fn cached_decoding_equals_recompute_gpt2_learned_positions() {
     check_cache_equals_recompute(
-        tiny(PositionKind::Learned)
-            .with_norm(NormKind::LayerNorm)
-            .with_mlp(MlpKind::Gelu)
-            .with_bias(true)
-            .with_tie_embeddings(true),
+        tiny(PositionKind::Learned).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true),
     );
 }
 

@@ -26,7 +26,9 @@ impl Algorithm {
         match recipe.optimizer.name {
             OptimizerName::AdamW => Algorithm::AdamW { beta1, beta2, eps },
             OptimizerName::Lion => Algorithm::Lion { beta1, beta2 },
-            OptimizerName::Sophia => Algorithm::Sophia { beta1, beta2, rho: recipe.optimizer.rho, eps, hessian_interval: recipe.optimizer.hessian_interval },
+            OptimizerName::Sophia => {
+                Algorithm::Sophia { beta1, beta2, rho: recipe.optimizer.rho, eps, hessian_interval: recipe.optimizer.hessian_interval }
+            }
         }
     }
 

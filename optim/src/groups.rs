@@ -38,7 +38,12 @@ pub struct DecayGroups {
 
 impl From<&OptimizerSection> for DecayGroups {
     fn from(o: &OptimizerSection) -> Self {
-        Self { weight_decay: o.weight_decay, decay_norms: o.decay_norms, decay_biases: o.decay_biases, decay_embeddings: o.decay_embeddings }
+        Self {
+            weight_decay: o.weight_decay,
+            decay_norms: o.decay_norms,
+            decay_biases: o.decay_biases,
+            decay_embeddings: o.decay_embeddings,
+        }
     }
 }
 

@@ -47,7 +47,12 @@ fn run(algorithm: Algorithm, fx: &Value) -> (Vec<f32>, Vec<f32>, Vec<f64>) {
         weight: Param::from_tensor(tensor(&fx["init"]["weight"]).reshape([3, 4]).require_grad()),
         norm: Param::from_tensor(tensor(&fx["init"]["norm"]).require_grad()),
     };
-    let groups = DecayGroups { weight_decay: fx["weight_decay"].as_f64().unwrap(), decay_norms: false, decay_biases: false, decay_embeddings: false };
+    let groups = DecayGroups {
+        weight_decay: fx["weight_decay"].as_f64().unwrap(),
+        decay_norms: false,
+        decay_biases: false,
+        decay_embeddings: false,
+    };
     let mut optimizer = Optimizer::<B>::new(algorithm, groups);
     let max_norm = fx["max_norm"].as_f64().unwrap();
     let batch = fx["sophia"]["config"]["batch"].as_f64().unwrap();
@@ -82,7 +87,8 @@ fn config(fx: &Value, name: &str, key: &str) -> f64 {
 #[test]
 fn adamw_matches_pytorch() {
     let fx = fixture();
-    let algorithm = Algorithm::AdamW { beta1: config(&fx, "adamw", "beta1"), beta2: config(&fx, "adamw", "beta2"), eps: config(&fx, "adamw", "eps") };
+    let algorithm =
+        Algorithm::AdamW { beta1: config(&fx, "adamw", "beta1"), beta2: config(&fx, "adamw", "beta2"), eps: config(&fx, "adamw", "eps") };
     assert_matches("adamw", &fx, run(algorithm, &fx));
 }
 

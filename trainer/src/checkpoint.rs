@@ -76,7 +76,15 @@ impl Checkpointer {
         self.list().pop().map(|(_, p)| p)
     }
 
-    pub fn save(&self, step: usize, model: &NamedTensors, optimizer: &NamedTensors, state: &TrainState, recipe: &str, tokenizer: &str) -> Result<PathBuf> {
+    pub fn save(
+        &self,
+        step: usize,
+        model: &NamedTensors,
+        optimizer: &NamedTensors,
+        state: &TrainState,
+        recipe: &str,
+        tokenizer: &str,
+    ) -> Result<PathBuf> {
         fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
         let final_dir = self.dir.join(format!("step_{step}"));
         if final_dir.exists() {

@@ -28,11 +28,15 @@ struct Source {
 fn read_source(checkpoint: &Path) -> Result<Source> {
     let dir = checkpoint::resolve(checkpoint)?;
     let recipe_path = dir.join(RECIPE_FILE);
-    let recipe = Recipe::from_stored(&std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?, &recipe_path.display().to_string())?;
+    let recipe = Recipe::from_stored(
+        &std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?,
+        &recipe_path.display().to_string(),
+    )?;
     let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
     let config = decoder_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
     let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {}: {e}", dir.display()))?;
-    let weights = from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
+    let weights =
+        from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
     let hf = to_hf(arch, &weights, config.n_layers).map_err(anyhow::Error::msg)?;
     Ok(Source { dir, recipe, tokenizer, config, arch, hf })
 }
@@ -43,7 +47,9 @@ fn read_source(checkpoint: &Path) -> Result<Source> {
 pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_bytes: usize) -> Result<()> {
     let Source { dir, tokenizer, config, arch, hf, .. } = read_source(checkpoint)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let write = |name: &str, bytes: &[u8]| atomic_write(&out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()));
+    let write = |name: &str, bytes: &[u8]| {
+        atomic_write(&out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()))
+    };
 
     let shards = shard(&hf, dtype, max_shard_bytes);
     if shards.len() == 1 {
@@ -81,20 +87,17 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
         "add_bos_token": false,
     });
     write("tokenizer_config.json", serde_json::to_string_pretty(&tokenizer_config)?.as_bytes())?;
-    println!(
-        "exported {} ({:?}, {} tensors, {}) to {}",
-        dir.display(),
-        arch,
-        hf.len(),
-        dtype.torch_name(),
-        out.display()
-    );
+    println!("exported {} ({:?}, {} tensors, {}) to {}", dir.display(), arch, hf.len(), dtype.torch_name(), out.display());
     Ok(())
 }
 
 /// The llama.cpp tensor name for a Hugging Face Llama tensor name.
 fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
     if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
         return Some(g.to_string());
     }

@@ -72,7 +72,13 @@ fn roundf(x: f32) -> f32 {
     let a = x.abs();
     let floored = a.floor();
     let b = floored + (2.0 * (a - floored)).floor();
-    b * if x > 0.0 { 1.0 } else if x < 0.0 { -1.0 } else { 0.0 }
+    b * if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
 }
 
 pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
@@ -244,7 +250,8 @@ impl Gguf {
         for (name, dims, ty, offset) in infos {
             let len = ty.bytes(dims.iter().product());
             let start = data_start + offset;
-            let bytes = bytes.get(start..start + len).ok_or_else(|| format!("tensor `{name}` runs past the end of the file (truncated?)"))?;
+            let bytes =
+                bytes.get(start..start + len).ok_or_else(|| format!("tensor `{name}` runs past the end of the file (truncated?)"))?;
             gguf.tensors.push((name, GgufTensor { dims, ty, bytes: bytes.to_vec() }));
         }
         Ok(gguf)

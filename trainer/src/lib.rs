@@ -93,7 +93,6 @@ pub struct ExportArgs {
     pub out: PathBuf,
 }
 
-
 /// "5GB" / "500MB" / "200KB" / "1000" (bytes), decimal units as transformers uses them.
 fn parse_size(text: &str) -> Result<usize, String> {
     let upper = text.trim().to_ascii_uppercase();

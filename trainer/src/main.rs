@@ -50,9 +50,7 @@ enum RecipeCommand {
     },
     /// Print every section and option with its default and meaning; given a recipe, print
     /// that recipe with every default filled in.
-    Explain {
-        file: Option<PathBuf>,
-    },
+    Explain { file: Option<PathBuf> },
 }
 
 #[derive(Subcommand)]

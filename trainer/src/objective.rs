@@ -17,16 +17,18 @@ pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2
 pub fn sample_labels<B: Backend>(logits: Tensor<B, 3>, rng: &mut SeededRng) -> Tensor<B, 2, Int> {
     let [batch, seq, vocab] = logits.dims();
     let device = logits.device();
-    let probs: Vec<f32> = softmax(logits.reshape([batch * seq, vocab]), 1).into_data().convert::<f32>().into_vec().expect("f32 probabilities");
+    let probs: Vec<f32> =
+        softmax(logits.reshape([batch * seq, vocab]), 1).into_data().convert::<f32>().into_vec().expect("f32 probabilities");
     let labels: Vec<i64> = probs
         .chunks(vocab)
         .map(|row| {
             let mut target = rng.uniform() as f32;
-            row.iter().position(|&p| {
-                target -= p;
-                target <= 0.0
-            })
-            .unwrap_or(vocab - 1) as i64
+            row.iter()
+                .position(|&p| {
+                    target -= p;
+                    target <= 0.0
+                })
+                .unwrap_or(vocab - 1) as i64
         })
         .collect();
     Tensor::from_data(TensorData::new(labels, [batch, seq]), &device)

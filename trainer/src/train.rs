@@ -9,6 +9,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use furnace_configs::rng::SeededRng;
 use furnace_configs::{DataSource, Recipe, ResolvedModel};
 use furnace_data::corpus::{arithmetic_config, prepare, val_seed, Prepared};
 use furnace_data::generators::arithmetic;
@@ -17,7 +18,6 @@ use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::generate::generate;
 use furnace_models::params::{load_named, named_tensors};
 use furnace_models::{CausalLm, Decoder, DecoderConfig, PositionKind};
-use furnace_configs::rng::SeededRng;
 use furnace_optim::{clip_factor, global_grad_norm, Algorithm, DecayGroups, Optimizer, Schedule};
 
 use crate::backend::BackendJob;
@@ -131,13 +131,23 @@ impl<B: AutodiffBackend> Trainer<B> {
             );
         }
         let (rank, world) = (world.rank, world.size);
-        let mut loader = Loader::new(Shard::open(&data.train).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, recipe.run.seed, rank, world, true)
-            .map_err(anyhow::Error::msg)?;
-        let val_loader = Loader::new(Shard::open(&data.val).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, recipe.run.seed, 0, 1, false)
-            .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
+        let mut loader = Loader::new(
+            Shard::open(&data.train).map_err(anyhow::Error::msg)?,
+            t.seq_len,
+            t.local_batch_size,
+            recipe.run.seed,
+            rank,
+            world,
+            true,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let val_loader =
+            Loader::new(Shard::open(&data.val).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, recipe.run.seed, 0, 1, false)
+                .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
         let mut state = TrainState { step: 0, optimizer_step: 0, data_cursor: loader.cursor(), tokens_seen: 0 };
         if resume {
-            let dir = latest.with_context(|| format!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display()))?;
+            let dir =
+                latest.with_context(|| format!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display()))?;
             let loaded = checkpoint::load(&dir)?;
             let saved = Recipe::from_stored(&loaded.recipe, &dir.join(checkpoint::RECIPE_FILE).display().to_string())?;
             if saved.model.resolve(Some(data.tokenizer.vocab_size())) != resolved {
@@ -214,10 +224,20 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let seconds = window_start.elapsed().as_secs_f64();
                 let tokens_per_sec = window_tokens as f64 / seconds;
                 let mfu = tokens_per_sec * flops_per_token / self.peak_flops;
-                let mut values = vec![("loss", loss), ("lr", lr), ("grad_norm", grad_norm), ("tokens_per_sec", tokens_per_sec), ("mfu", mfu), ("tokens", self.state.tokens_seen as f64)];
+                let mut values = vec![
+                    ("loss", loss),
+                    ("lr", lr),
+                    ("grad_norm", grad_norm),
+                    ("tokens_per_sec", tokens_per_sec),
+                    ("mfu", mfu),
+                    ("tokens", self.state.tokens_seen as f64),
+                ];
                 values.extend(self.optimizer.take_metrics());
                 self.metrics.log(step, &values)?;
-                let line = format!("loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | MFU {:.1}%", mfu * 100.0);
+                let line = format!(
+                    "loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | MFU {:.1}%",
+                    mfu * 100.0
+                );
                 self.metrics.advance(step, line.clone());
                 if self.metrics_plain() {
                     self.metrics.println(format!("step {step:>6}/{} | {line}", t.steps));
@@ -327,7 +347,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         let eval = &self.recipe.eval;
         let mut prompt = eval.prompt.clone();
         if self.recipe.data.source == DataSource::Arithmetic && eval.arithmetic_problems > 0 {
-            let problems = arithmetic(&arithmetic_config(&self.recipe.data), eval.arithmetic_problems, val_seed(self.recipe.run.seed), true);
+            let problems =
+                arithmetic(&arithmetic_config(&self.recipe.data), eval.arithmetic_problems, val_seed(self.recipe.run.seed), true);
             let (correct, total, shown) = arithmetic_exact_match(&model, tokenizer, &problems, &self.device);
             println!(
                 "exact match on {total} held-out problems (never seen in training): {correct}/{total} = {:.1}%",

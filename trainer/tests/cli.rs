@@ -47,6 +47,28 @@ peak_tflops = 1.0
 max_new_tokens = 8
 "#;
 
+/// A temporary folder holding the TINY recipe and a run folder for it.
+struct TinyRun {
+    dir: tempfile::TempDir,
+    recipe: PathBuf,
+    run: PathBuf,
+}
+
+impl TinyRun {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = write_recipe(dir.path(), TINY);
+        let run = dir.path().join("run");
+        Self { dir, recipe, run }
+    }
+
+    /// `furnace train` on the tiny recipe into the run folder, with `extra` arguments.
+    fn train(&self, extra: &[&str]) -> Output {
+        let set = format!("run.output_dir={}", self.run.display());
+        furnace(&[&["train", "--config", self.recipe.to_str().unwrap(), "--set", set.as_str()][..], extra].concat())
+    }
+}
+
 fn write_recipe(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("recipe.toml");
     std::fs::write(&path, body).unwrap();
@@ -121,12 +143,26 @@ fn trains_on_the_users_own_text_and_jsonl_files() {
     std::fs::write(dir.path().join("val.jsonl"), jsonl).unwrap();
     let body = TINY.replace(
         "source = \"stories\"",
-        &format!("source = \"files\"\nfiles = [\"{}\"]\nval_files = [\"{}\"]\ntext_field = \"body\"", dir.path().join("corpus.txt").display(), dir.path().join("val.jsonl").display()),
+        &format!(
+            "source = \"files\"\nfiles = [\"{}\"]\nval_files = [\"{}\"]\ntext_field = \"body\"",
+            dir.path().join("corpus.txt").display(),
+            dir.path().join("val.jsonl").display()
+        ),
     );
     let recipe = write_recipe(dir.path(), &body);
     let run = dir.path().join("run");
     let set = format!("run.output_dir={}", run.display());
-    let out = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--set", "training.local_batch_size=2", "--max-steps", "3"]);
+    let out = furnace(&[
+        "train",
+        "--config",
+        recipe.to_str().unwrap(),
+        "--set",
+        &set,
+        "--set",
+        "training.local_batch_size=2",
+        "--max-steps",
+        "3",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(run.join("tokenizer.json").is_file() && run.join("data/train.bin").is_file());
     let out = furnace(&["data", "prepare", "--config", recipe.to_str().unwrap(), "--set", &set]);
@@ -135,33 +171,26 @@ fn trains_on_the_users_own_text_and_jsonl_files() {
 
 #[test]
 fn sophia_logs_its_clip_fraction() {
-    let dir = tempfile::tempdir().unwrap();
-    let recipe = write_recipe(dir.path(), TINY);
-    let run = dir.path().join("run");
-    let set = format!("run.output_dir={}", run.display());
-    let out = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--set", "optimizer.name=sophia", "--max-steps", "3"]);
+    let tiny = TinyRun::new();
+    let out = tiny.train(&["--set", "optimizer.name=sophia", "--max-steps", "3"]);
     assert!(out.status.success(), "{}", text(&out));
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let fractions: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["sophia/clip_fraction"].as_f64())
-        .collect();
+    let metrics = std::fs::read_to_string(tiny.run.join("metrics.jsonl")).unwrap();
+    let fractions: Vec<f64> =
+        metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["sophia/clip_fraction"].as_f64()).collect();
     assert_eq!(fractions.len(), 3);
     assert!(fractions.iter().all(|f| (0.0..=1.0).contains(f)));
 }
 
 #[test]
 fn training_into_a_run_with_checkpoints_requires_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let recipe = write_recipe(dir.path(), TINY);
-    let set = format!("run.output_dir={}", dir.path().join("run").display());
-    let args = ["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--max-steps", "2"];
-    assert!(furnace(&args).status.success());
-    let before = std::fs::read(dir.path().join("run/checkpoints/step_2/model.safetensors")).unwrap();
-    let out = furnace(&args);
+    let tiny = TinyRun::new();
+    assert!(tiny.train(&["--max-steps", "2"]).status.success());
+    let checkpoint = tiny.run.join("checkpoints/step_2/model.safetensors");
+    let before = std::fs::read(&checkpoint).unwrap();
+    let out = tiny.train(&["--max-steps", "2"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("--resume"), "{}", text(&out));
-    assert_eq!(std::fs::read(dir.path().join("run/checkpoints/step_2/model.safetensors")).unwrap(), before);
+    assert_eq!(std::fs::read(&checkpoint).unwrap(), before);
 }
 
 #[test]
@@ -247,16 +276,27 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn generate_from_a_checkpoint_is_reproducible() {
-    let dir = tempfile::tempdir().unwrap();
-    let recipe = write_recipe(dir.path(), TINY);
-    let run = dir.path().join("run");
-    let set = format!("run.output_dir={}", run.display());
-    let out = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set]);
+    let tiny = TinyRun::new();
+    let out = tiny.train(&[]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("sample (greedy): Once upon a time"), "{}", text(&out));
-    let run = run.to_str().unwrap();
+    let run = tiny.run.to_str().unwrap();
     let sample = |seed: &str| {
-        let out = furnace(&["generate", "--checkpoint", run, "--prompt", "Once upon", "--max-new-tokens", "12", "--temperature", "1.0", "--top-k", "20", "--seed", seed]);
+        let out = furnace(&[
+            "generate",
+            "--checkpoint",
+            run,
+            "--prompt",
+            "Once upon",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "20",
+            "--seed",
+            seed,
+        ]);
         assert!(out.status.success(), "{}", text(&out));
         String::from_utf8(out.stdout).unwrap()
     };
@@ -265,18 +305,16 @@ fn generate_from_a_checkpoint_is_reproducible() {
     assert_eq!(first, sample("1"));
     let greedy = furnace(&["generate", "--checkpoint", run, "--prompt", "Once upon", "--temperature", "0", "--max-new-tokens", "5"]);
     assert!(greedy.status.success());
-    let missing = furnace(&["generate", "--checkpoint", dir.path().join("nothing").to_str().unwrap()]);
+    let missing = furnace(&["generate", "--checkpoint", tiny.dir.path().join("nothing").to_str().unwrap()]);
     assert!(!missing.status.success() && text(&missing).contains("no checkpoint"));
 }
 
 #[test]
 fn tensorboard_reads_our_event_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let recipe = write_recipe(dir.path(), TINY);
-    let run = dir.path().join("run");
-    let set = format!("run.output_dir={}", run.display());
-    let out = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--max-steps", "3"]);
+    let tiny = TinyRun::new();
+    let out = tiny.train(&["--max-steps", "3"]);
     assert!(out.status.success(), "{}", text(&out));
+    let run = &tiny.run;
     let script = "import sys\n\
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
 acc = EventAccumulator(sys.argv[1]); acc.Reload()\n\
@@ -305,17 +343,16 @@ fn recipe_check_and_explain() {
 fn export_writes_a_hugging_face_folder_that_round_trips() {
     use furnace_models::hf::{config_from_hf, from_hf};
     use furnace_models::params::from_safetensors;
-    let dir = tempfile::tempdir().unwrap();
-    let recipe = write_recipe(dir.path(), TINY);
-    let run = dir.path().join("run");
-    let set = format!("run.output_dir={}", run.display());
-    assert!(furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--max-steps", "2"]).status.success());
+    let tiny = TinyRun::new();
+    let (dir, recipe, run) = (&tiny.dir, &tiny.recipe, &tiny.run);
+    assert!(tiny.train(&["--max-steps", "2"]).status.success());
     let ours = from_safetensors(&std::fs::read(run.join("checkpoints/step_2/model.safetensors")).unwrap()).unwrap();
     let read_folder = |hf: &Path| {
         let index = hf.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.is_file() {
             let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(index).unwrap()).unwrap();
-            let mut files: Vec<String> = index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap().to_string()).collect();
+            let mut files: Vec<String> =
+                index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap().to_string()).collect();
             files.sort();
             files.dedup();
             files.into_iter().map(|f| hf.join(f)).collect()
@@ -340,7 +377,17 @@ fn export_writes_a_hugging_face_folder_that_round_trips() {
         assert!(hf.join(name).is_file(), "{name}");
     }
     let sharded = dir.path().join("hf_bf16");
-    let out = furnace(&["export", "--checkpoint", run.to_str().unwrap(), "--dtype", "bf16", "--max-shard-size", "60KB", "--out", sharded.to_str().unwrap()]);
+    let out = furnace(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+        "--max-shard-size",
+        "60KB",
+        "--out",
+        sharded.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let (files, back, _) = read_folder(&sharded);
     assert!(files > 1, "sharded into {files} files");
@@ -349,22 +396,32 @@ fn export_writes_a_hugging_face_folder_that_round_trips() {
             assert!((a - b).abs() <= a.abs() / 128.0 + 1e-30, "{name}: {a} vs bf16 {b}");
         }
     }
-    let alibi = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &format!("run.output_dir={}", dir.path().join("alibi").display()), "--set", "model.position=alibi", "--max-steps", "1"]);
+    let alibi = furnace(&[
+        "train",
+        "--config",
+        recipe.to_str().unwrap(),
+        "--set",
+        &format!("run.output_dir={}", dir.path().join("alibi").display()),
+        "--set",
+        "model.position=alibi",
+        "--max-steps",
+        "1",
+    ]);
     assert!(alibi.status.success(), "{}", text(&alibi));
-    let out = furnace(&["export", "--checkpoint", dir.path().join("alibi").to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
+    let out =
+        furnace(&["export", "--checkpoint", dir.path().join("alibi").to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
     assert!(!out.status.success() && text(&out).contains("cannot export"), "{}", text(&out));
 }
 
 #[test]
 fn gguf_export_reads_back_with_llama_names() {
     use furnace_trainer::gguf::{GgmlType, Gguf, Value};
-    let dir = tempfile::tempdir().unwrap();
-    let recipe = write_recipe(dir.path(), TINY);
-    let run = dir.path().join("run");
-    let set = format!("run.output_dir={}", run.display());
-    assert!(furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--max-steps", "1"]).status.success());
-    let file = dir.path().join("m.gguf");
-    let out = furnace(&["export", "--checkpoint", run.to_str().unwrap(), "--format", "gguf", "--quant", "q8_0", "--out", file.to_str().unwrap()]);
+    let tiny = TinyRun::new();
+    let run = &tiny.run;
+    assert!(tiny.train(&["--max-steps", "1"]).status.success());
+    let file = tiny.dir.path().join("m.gguf");
+    let out =
+        furnace(&["export", "--checkpoint", run.to_str().unwrap(), "--format", "gguf", "--quant", "q8_0", "--out", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let bytes = std::fs::read(&file).unwrap();
     let g = Gguf::from_bytes(&bytes).unwrap();

@@ -34,7 +34,16 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(d_model: usize, n_heads: usize, n_kv_heads: usize, bias: bool, std: f64, out_std: f64, rng: &mut SeededRng, device: &B::Device) -> Self {
+    pub fn new(
+        d_model: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        bias: bool,
+        std: f64,
+        out_std: f64,
+        rng: &mut SeededRng,
+        device: &B::Device,
+    ) -> Self {
         let head_dim = d_model / n_heads;
         Self {
             q_proj: Linear::new(d_model, n_heads * head_dim, bias, std, rng, device),
@@ -80,9 +89,7 @@ impl<B: Backend> Attention<B> {
             return x;
         }
         let [batch, kv_heads, len, head_dim] = x.dims();
-        x.unsqueeze_dim::<5>(2)
-            .expand([batch, kv_heads, groups, len, head_dim])
-            .reshape([batch, kv_heads * groups, len, head_dim])
+        x.unsqueeze_dim::<5>(2).expand([batch, kv_heads, groups, len, head_dim]).reshape([batch, kv_heads * groups, len, head_dim])
     }
 }
 

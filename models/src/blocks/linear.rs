@@ -13,10 +13,7 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     pub fn new(d_in: usize, d_out: usize, bias: bool, std: f64, rng: &mut SeededRng, device: &B::Device) -> Self {
-        Self {
-            weight: normal_param([d_in, d_out], std, rng, device),
-            bias: bias.then(|| constant_param([d_out], 0.0, device)),
-        }
+        Self { weight: normal_param([d_in, d_out], std, rng, device), bias: bias.then(|| constant_param([d_out], 0.0, device)) }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {

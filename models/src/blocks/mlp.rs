@@ -23,7 +23,16 @@ pub struct FeedForward<B: Backend> {
 
 impl<B: Backend> FeedForward<B> {
     /// `out_std` initialises the residual-stream projection (scaled by depth, as GPT-2 does).
-    pub fn new(kind: MlpKind, d_model: usize, d_ff: usize, bias: bool, std: f64, out_std: f64, rng: &mut SeededRng, device: &B::Device) -> Self {
+    pub fn new(
+        kind: MlpKind,
+        d_model: usize,
+        d_ff: usize,
+        bias: bool,
+        std: f64,
+        out_std: f64,
+        rng: &mut SeededRng,
+        device: &B::Device,
+    ) -> Self {
         Self {
             gate_proj: (kind == MlpKind::SwiGlu).then(|| Linear::new(d_model, d_ff, bias, std, rng, device)),
             up_proj: Linear::new(d_model, d_ff, bias, std, rng, device),
