@@ -12,6 +12,7 @@ use burn::tensor::module::embedding;
 use crate::blocks::*;
 use crate::causal_lm::CausalLm;
 use crate::init::{normal_param, SeededRng};
+use crate::kernels::FusedOps;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PositionKind {
@@ -134,7 +135,7 @@ pub struct Block<B: Backend> {
     pub dropout: Dropout,
 }
 
-impl<B: Backend> Block<B> {
+impl<B: FusedOps> Block<B> {
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
         let h = self.attention_norm.forward(x.clone());
         let attn = self.dropout.forward(self.attention.forward(h.clone(), ctx, cache));
@@ -185,7 +186,7 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-impl<B: Backend> Decoder<B> {
+impl<B: FusedOps> Decoder<B> {
     /// Final hidden states `[batch, seq, d_model]` (after the final norm).
     pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let [_, seq] = tokens.dims();
@@ -220,7 +221,7 @@ impl<B: Backend> Decoder<B> {
     }
 }
 
-impl<B: Backend> CausalLm<B> for Decoder<B> {
+impl<B: FusedOps> CausalLm<B> for Decoder<B> {
     type State = KvCache<B>;
 
     fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {

@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod generate;
 pub mod hf;
 pub mod init;
+pub mod kernels;
 pub mod params;
 pub mod sampling;
 

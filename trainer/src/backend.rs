@@ -2,12 +2,12 @@
 
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::{Backend, Recipe};
+use furnace_models::kernels::TrainBackend;
 
 /// Work that runs on whichever backend the recipe selects.
 pub trait BackendJob {
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<()>;
 }
 
 pub fn dispatch(recipe: &Recipe, job: impl BackendJob) -> Result<()> {

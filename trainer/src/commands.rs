@@ -4,11 +4,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::Recipe;
 use furnace_data::corpus::{prepare, read_documents};
 use furnace_data::TextTokenizer;
 use furnace_models::generate::{generate as run_generation, GenerateConfig};
+use furnace_models::kernels::TrainBackend;
 use furnace_models::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::CausalLm;
@@ -100,7 +100,7 @@ struct GenerateJob {
 }
 
 impl BackendJob for GenerateJob {
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
         let Self { args, dir, recipe, tokenizer } = self;
         let config = decoder_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
         let weights = from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?)

@@ -4,13 +4,14 @@ use burn::prelude::*;
 use furnace_data::generators::Problem;
 use furnace_data::{Loader, TextTokenizer};
 use furnace_models::generate::{generate, GenerateConfig};
+use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::CausalLm;
 
 use crate::objective::causal_lm_loss_sum;
 
 /// Mean next-token loss over `steps` validation batches (the same batches every time).
-pub fn validation_loss<B: Backend, M: CausalLm<B>>(model: &M, loader: &mut Loader, steps: usize, device: &B::Device) -> f64 {
+pub fn validation_loss<B: FusedOps, M: CausalLm<B>>(model: &M, loader: &mut Loader, steps: usize, device: &B::Device) -> f64 {
     loader.set_cursor(Default::default());
     let mut total = 0.0;
     let mut tokens = 0usize;

@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::rng::SeededRng;
 use furnace_configs::{DataSource, Recipe, ResolvedModel};
 use furnace_data::corpus::{arithmetic_config, prepare, val_seed, Prepared};
@@ -16,6 +15,7 @@ use furnace_data::generators::arithmetic;
 use furnace_data::{Loader, Shard};
 use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::generate::generate;
+use furnace_models::kernels::TrainBackend;
 use furnace_models::params::{load_named, named_tensors};
 use furnace_models::{CausalLm, Decoder, DecoderConfig, PositionKind};
 use furnace_optim::{clip_factor, global_grad_norm, Algorithm, DecayGroups, Optimizer, Schedule};
@@ -62,13 +62,13 @@ pub struct TrainJob {
 }
 
 impl BackendJob for TrainJob {
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
         let (trainer, model) = Trainer::<B>::setup(self, device)?;
         trainer.train(model)
     }
 }
 
-struct Trainer<B: AutodiffBackend> {
+struct Trainer<B: TrainBackend> {
     recipe: Recipe,
     out: PathBuf,
     device: B::Device,
@@ -85,7 +85,7 @@ struct Trainer<B: AutodiffBackend> {
     peak_flops: f64,
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: TrainBackend> Trainer<B> {
     fn setup(job: TrainJob, device: B::Device) -> Result<(Self, Decoder<B>)> {
         let TrainJob { recipe, output_dir: out, resume, max_steps } = job;
         let t = &recipe.training;

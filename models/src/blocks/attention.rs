@@ -2,10 +2,10 @@
 //! an optional sliding window, and an explicit KV cache for decoding.
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
 use super::Linear;
 use crate::init::SeededRng;
+use crate::kernels::{attention_softmax, FusedOps};
 
 /// Keys and values of one layer for the positions decoded so far: `[batch, kv_heads, len, head_dim]`.
 pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
@@ -55,7 +55,9 @@ impl<B: Backend> Attention<B> {
             head_dim,
         }
     }
+}
 
+impl<B: FusedOps> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
@@ -75,9 +77,9 @@ impl<B: Backend> Attention<B> {
         }
         let k = self.repeat_kv(k);
         let v = self.repeat_kv(v);
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)) * scale + ctx.bias.clone();
-        let out = softmax(scores, 3).matmul(v);
+        let scale = (self.head_dim as f32).powf(-0.5);
+        let probs = attention_softmax(q.matmul(k.swap_dims(2, 3)), scale, ctx.bias.clone());
+        let out = probs.matmul(v);
         let out = out.swap_dims(1, 2).reshape([batch, seq, self.n_heads * self.head_dim]);
         self.o_proj.forward(out)
     }

@@ -1,8 +1,8 @@
 use burn::prelude::*;
-use burn::tensor::activation::{gelu_approximate, silu};
 
 use super::Linear;
 use crate::init::SeededRng;
+use crate::kernels::{gelu_tanh, swiglu, FusedOps};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MlpKind {
@@ -40,11 +40,13 @@ impl<B: Backend> FeedForward<B> {
             kind,
         }
     }
+}
 
+impl<B: FusedOps> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let hidden = match &self.gate_proj {
-            Some(gate) => silu(gate.forward(x.clone())) * self.up_proj.forward(x),
-            None => gelu_approximate(self.up_proj.forward(x)),
+            Some(gate) => swiglu(gate.forward(x.clone()), self.up_proj.forward(x)),
+            None => gelu_tanh(self.up_proj.forward(x)),
         };
         self.down_proj.forward(hidden)
     }

@@ -2,6 +2,7 @@ use burn::module::Param;
 use burn::prelude::*;
 
 use crate::init::constant_param;
+use crate::kernels::{norm, FusedOps};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NormKind {
@@ -9,7 +10,7 @@ pub enum NormKind {
     LayerNorm,
 }
 
-/// RMSNorm (Llama) or LayerNorm (GPT-2) over the last dimension, always computed in f32.
+/// RMSNorm (Llama) or LayerNorm (GPT-2) over the last dimension.
 #[derive(Module, Debug)]
 pub struct Norm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
@@ -28,23 +29,10 @@ impl<B: Backend> Norm<B> {
             eps,
         }
     }
+}
 
+impl<B: FusedOps> Norm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let normed = match self.kind {
-            NormKind::RmsNorm => {
-                let mean_square = x.clone().square().mean_dim(D - 1);
-                x * (mean_square + self.eps).sqrt().recip()
-            }
-            NormKind::LayerNorm => {
-                let centred = x.clone() - x.mean_dim(D - 1);
-                let var = centred.clone().square().mean_dim(D - 1);
-                centred * (var + self.eps).sqrt().recip()
-            }
-        };
-        let weight = self.weight.val().unsqueeze::<D>();
-        match &self.bias {
-            Some(bias) => normed * weight + bias.val().unsqueeze::<D>(),
-            None => normed * weight,
-        }
+        norm(x, self.weight.val(), self.bias.as_ref().map(Param::val), self.kind, self.eps as f32)
     }
 }

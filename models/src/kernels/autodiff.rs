@@ -1,0 +1,155 @@
+//! Each fused op recorded as one autodiff node whose backward calls the fused backward of the
+//! inner backend. State holds the inputs the backward needs (no recomputation of the forward).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+
+use super::FusedOps;
+use crate::blocks::NormKind;
+
+type AdTensor<B, C> = FloatTensor<Autodiff<B, C>>;
+
+pub fn gelu_tanh<B: FusedOps, C: CheckpointStrategy>(x: AdTensor<B, C>) -> AdTensor<B, C> {
+    #[derive(Debug)]
+    struct GeluTanh;
+
+    impl<B: FusedOps> Backward<B, 1> for GeluTanh {
+        type State = FloatTensor<B>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let x = ops.state;
+            unary::<B, _>(ops.parents, ops.node, grads, |grad| B::gelu_tanh_backward(x, grad));
+        }
+    }
+
+    match GeluTanh.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(x.primitive.clone(), B::gelu_tanh(x.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(B::gelu_tanh(x.primitive)),
+    }
+}
+
+pub fn swiglu<B: FusedOps, C: CheckpointStrategy>(gate: AdTensor<B, C>, up: AdTensor<B, C>) -> AdTensor<B, C> {
+    #[derive(Debug)]
+    struct SwiGlu;
+
+    impl<B: FusedOps> Backward<B, 2> for SwiGlu {
+        type State = (FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (gate, up) = ops.state;
+            let grad = grads.consume::<B>(&ops.node);
+            let (grad_gate, grad_up) = B::swiglu_backward(gate, up, grad);
+            let [gate_node, up_node] = ops.parents;
+            if let Some(node) = gate_node {
+                grads.register::<B>(node.id, grad_gate);
+            }
+            if let Some(node) = up_node {
+                grads.register::<B>(node.id, grad_up);
+            }
+        }
+    }
+
+    match SwiGlu.prepare::<C>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let state = (gate.primitive.clone(), up.primitive.clone());
+            prep.finish(state, B::swiglu(gate.primitive, up.primitive))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.primitive, up.primitive)),
+    }
+}
+
+pub fn attention_softmax<B: FusedOps, C: CheckpointStrategy>(scores: AdTensor<B, C>, scale: f32, bias: AdTensor<B, C>) -> AdTensor<B, C> {
+    #[derive(Debug)]
+    struct AttentionSoftmax {
+        scale: f32,
+    }
+
+    impl<B: FusedOps> Backward<B, 1> for AttentionSoftmax {
+        type State = FloatTensor<B>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let probs = ops.state;
+            unary::<B, _>(ops.parents, ops.node, grads, |grad| B::attention_softmax_backward(probs, grad, self.scale));
+        }
+    }
+
+    let probs = B::attention_softmax(scores.primitive, scale, bias.primitive);
+    match (AttentionSoftmax { scale }).prepare::<C>([scores.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(probs.clone(), probs),
+        OpsKind::UnTracked(prep) => prep.finish(probs),
+    }
+}
+
+pub fn norm<B: FusedOps, C: CheckpointStrategy>(
+    x: AdTensor<B, C>,
+    weight: AdTensor<B, C>,
+    bias: Option<AdTensor<B, C>>,
+    kind: NormKind,
+    eps: f32,
+) -> AdTensor<B, C> {
+    #[derive(Debug)]
+    struct Norm {
+        kind: NormKind,
+        eps: f32,
+        with_bias: bool,
+    }
+
+    impl<B: FusedOps> Backward<B, 3> for Norm {
+        type State = (FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (x, weight) = ops.state;
+            let grad = grads.consume::<B>(&ops.node);
+            let (grad_x, grad_weight, grad_bias) = B::norm_backward(x, weight, grad, self.kind, self.eps, self.with_bias);
+            let [x_node, weight_node, bias_node] = ops.parents;
+            if let Some(node) = x_node {
+                grads.register::<B>(node.id, grad_x);
+            }
+            if let Some(node) = weight_node {
+                grads.register::<B>(node.id, grad_weight);
+            }
+            if let (Some(node), Some(grad_bias)) = (bias_node, grad_bias) {
+                grads.register::<B>(node.id, grad_bias);
+            }
+        }
+    }
+
+    // Without a bias the third parent is the weight again; its slot gets no gradient.
+    let bias_node = bias.as_ref().unwrap_or(&weight).node.clone();
+    let backward = Norm { kind, eps, with_bias: bias.is_some() };
+    let prep = backward.prepare::<C>([x.node.clone(), weight.node.clone(), bias_node]).compute_bound().stateful();
+    let output = |x, weight| B::norm(x, weight, bias.map(|b| b.primitive), kind, eps);
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let state = (x.primitive.clone(), weight.primitive.clone());
+            prep.finish(state, output(x.primitive, weight.primitive))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(output(x.primitive, weight.primitive)),
+    }
+}
+
+pub fn cross_entropy<B: FusedOps, C: CheckpointStrategy>(logits: AdTensor<B, C>, targets: IntTensor<Autodiff<B, C>>) -> AdTensor<B, C> {
+    #[derive(Debug)]
+    struct CrossEntropy;
+
+    impl<B: FusedOps> Backward<B, 1> for CrossEntropy {
+        type State = (FloatTensor<B>, IntTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (logits, targets) = ops.state;
+            unary::<B, _>(ops.parents, ops.node, grads, |grad| B::cross_entropy_backward(logits, targets, grad));
+        }
+    }
+
+    match CrossEntropy.prepare::<C>([logits.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let state = (logits.primitive.clone(), targets.clone());
+            prep.finish(state, B::cross_entropy(logits.primitive, targets))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::cross_entropy(logits.primitive, targets)),
+    }
+}

@@ -1,0 +1,173 @@
+//! Fused kernels for the ops that dominate a training step once the matmuls are fast.
+//!
+//! Built from Burn's tensor API, each of these is 5–10 separate ops, every one with its own
+//! output buffer, autodiff node and backward pass. `FusedOps` is a backend extension (Burn's
+//! idiom for custom ops): every backend gets the composed version from [`reference`] by
+//! default, the flex CPU backend overrides it with single-pass, multi-threaded, vectorised
+//! kernels ([`flex`]), and `Autodiff<B>` records each op as one node whose backward is the
+//! fused backward ([`autodiff`]). Results are deterministic: work is split by size, never by
+//! thread timing, and partial sums are combined in a fixed order.
+
+mod autodiff;
+mod flex;
+mod math;
+pub mod reference;
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::TensorPrimitive;
+
+use crate::blocks::NormKind;
+
+/// Ops with a fused forward and backward. Every method has the composed reference as default.
+pub trait FusedOps: Backend {
+    /// GPT-2's `gelu_new`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, elementwise.
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::gelu_tanh::<Self>(x)
+    }
+
+    /// Gradient of [`Self::gelu_tanh`] with respect to `x`, given the output gradient.
+    fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::gelu_tanh_backward::<Self>(x, grad)
+    }
+
+    /// Llama's gated MLP activation `silu(gate) · up`, elementwise.
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::swiglu::<Self>(gate, up)
+    }
+
+    /// Gradients of [`Self::swiglu`] with respect to `gate` and `up`.
+    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::swiglu_backward::<Self>(gate, up, grad)
+    }
+
+    /// Attention probabilities `softmax(scores · scale + bias)` over the last dimension.
+    /// `scores` is `[batch, heads, queries, keys]`; `bias` (mask and position bias) broadcasts
+    /// over batch and heads and is a constant: it gets no gradient.
+    fn attention_softmax(scores: FloatTensor<Self>, scale: f32, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::attention_softmax::<Self>(scores, scale, bias)
+    }
+
+    /// Gradient of [`Self::attention_softmax`] with respect to `scores`, from its output.
+    fn attention_softmax_backward(probs: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        reference::attention_softmax_backward::<Self>(probs, grad, scale)
+    }
+
+    /// RMSNorm or LayerNorm over the last dimension, with a learned weight (and bias).
+    fn norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        kind: NormKind,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        reference::norm::<Self>(x, weight, bias, kind, eps)
+    }
+
+    /// Gradients of [`Self::norm`] with respect to `x`, `weight` and (when `with_bias`) the bias.
+    fn norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        kind: NormKind,
+        eps: f32,
+        with_bias: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        reference::norm_backward::<Self>(x, weight, grad, kind, eps, with_bias)
+    }
+
+    /// Per-row cross-entropy `logsumexp(logits) − logits[target]` for `[rows, vocab]` logits
+    /// and `[rows]` targets; a negative target marks a row to ignore (loss 0, no gradient).
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        reference::cross_entropy::<Self>(logits, targets)
+    }
+
+    /// Gradient of [`Self::cross_entropy`] with respect to the logits, given `[rows]` output
+    /// gradients: `grad · (softmax(logits) − onehot(target))`.
+    fn cross_entropy_backward(logits: FloatTensor<Self>, targets: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::cross_entropy_backward::<Self>(logits, targets, grad)
+    }
+}
+
+/// A backend that trains Furnace models: autodiff over a backend with fused kernels.
+pub trait TrainBackend: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
+
+impl<B: AutodiffBackend<InnerBackend: FusedOps> + FusedOps> TrainBackend for B {}
+
+impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        autodiff::gelu_tanh::<B, C>(x)
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        autodiff::swiglu::<B, C>(gate, up)
+    }
+
+    fn attention_softmax(scores: FloatTensor<Self>, scale: f32, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        autodiff::attention_softmax::<B, C>(scores, scale, bias)
+    }
+
+    fn norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        kind: NormKind,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        autodiff::norm::<B, C>(x, weight, bias, kind, eps)
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        autodiff::cross_entropy::<B, C>(logits, targets)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl FusedOps for burn::backend::Cuda {}
+
+#[cfg(feature = "wgpu")]
+impl FusedOps for burn::backend::Wgpu {}
+
+fn primitive<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
+    x.into_primitive().tensor()
+}
+
+fn tensor<B: Backend, const D: usize>(x: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(x))
+}
+
+/// GPT-2's tanh-approximated GELU.
+pub fn gelu_tanh<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    tensor(B::gelu_tanh(primitive(x)))
+}
+
+/// `silu(gate) · up`.
+pub fn swiglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    tensor(B::swiglu(primitive(gate), primitive(up)))
+}
+
+/// `softmax(scores · scale + bias)` over keys; see [`FusedOps::attention_softmax`].
+pub fn attention_softmax<B: FusedOps>(scores: Tensor<B, 4>, scale: f32, bias: Tensor<B, 4>) -> Tensor<B, 4> {
+    tensor(B::attention_softmax(primitive(scores), scale, primitive(bias)))
+}
+
+/// RMSNorm or LayerNorm over the last dimension.
+pub fn norm<B: FusedOps, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
+    kind: NormKind,
+    eps: f32,
+) -> Tensor<B, D> {
+    tensor(B::norm(primitive(x), primitive(weight), bias.map(primitive), kind, eps))
+}
+
+/// Per-row cross-entropy of `[rows, vocab]` logits against `[rows]` targets (negative = ignored).
+pub fn cross_entropy<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    tensor(B::cross_entropy(primitive(logits), targets.into_primitive()))
+}
+
+#[cfg(test)]
+mod tests;

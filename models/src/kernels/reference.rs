@@ -1,0 +1,139 @@
+//! The fused ops written with Burn's tensor API: the default for backends without their own
+//! kernels (CUDA, wgpu) and the reference the fused kernels are tested against.
+
+use burn::prelude::*;
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Shape, TensorMetadata};
+
+use super::{primitive, tensor};
+use crate::blocks::NormKind;
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044715;
+
+/// The tensor as `[rows, last_dim]`, and its original shape.
+fn as_rows<B: Backend>(x: FloatTensor<B>) -> (Tensor<B, 2>, Shape) {
+    let shape = x.shape();
+    let last = shape[shape.num_dims() - 1];
+    let rows = shape.num_elements() / last;
+    (tensor::<B, 2>(x).reshape([rows, last]), shape)
+}
+
+fn restore<B: Backend, const D: usize>(x: Tensor<B, D>, shape: Shape) -> FloatTensor<B> {
+    B::float_reshape(primitive(x), shape)
+}
+
+pub fn gelu_tanh<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let (x, shape) = as_rows::<B>(x);
+    let inner = (x.clone() + x.clone().powi_scalar(3) * GELU_CUBIC) * SQRT_2_OVER_PI;
+    restore((x * (inner.tanh() + 1.0)) * 0.5, shape)
+}
+
+pub fn gelu_tanh_backward<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let (x, shape) = as_rows::<B>(x);
+    let (grad, _) = as_rows::<B>(grad);
+    let x2 = x.clone().powi_scalar(2);
+    let t = ((x.clone() + x.clone() * x2.clone() * GELU_CUBIC) * SQRT_2_OVER_PI).tanh();
+    let dt = (t.clone().powi_scalar(2).neg() + 1.0) * ((x2 * (3.0 * GELU_CUBIC) + 1.0) * SQRT_2_OVER_PI);
+    let derivative = (t + 1.0) * 0.5 + x * dt * 0.5;
+    restore(grad * derivative, shape)
+}
+
+pub fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let (gate, shape) = as_rows::<B>(gate);
+    let (up, _) = as_rows::<B>(up);
+    restore(gate.clone() * sigmoid(gate) * up, shape)
+}
+
+pub fn swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, grad: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (gate, shape) = as_rows::<B>(gate);
+    let (up, _) = as_rows::<B>(up);
+    let (grad, _) = as_rows::<B>(grad);
+    let s = sigmoid(gate.clone());
+    let silu = gate.clone() * s.clone();
+    let dsilu = s.clone() * ((s.neg() + 1.0) * gate + 1.0);
+    (restore(grad.clone() * up * dsilu, shape.clone()), restore(grad * silu, shape))
+}
+
+pub fn attention_softmax<B: Backend>(scores: FloatTensor<B>, scale: f32, bias: FloatTensor<B>) -> FloatTensor<B> {
+    primitive(softmax(tensor::<B, 4>(scores) * scale + tensor::<B, 4>(bias), 3))
+}
+
+pub fn attention_softmax_backward<B: Backend>(probs: FloatTensor<B>, grad: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
+    let (probs, shape) = as_rows::<B>(probs);
+    let (grad, _) = as_rows::<B>(grad);
+    let dot = (grad.clone() * probs.clone()).sum_dim(1);
+    restore(probs * (grad - dot) * scale, shape)
+}
+
+/// Normalised rows before the affine part, and 1/σ (or 1/rms) per row.
+fn normalize<B: Backend>(x: Tensor<B, 2>, kind: NormKind, eps: f32) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let centred = match kind {
+        NormKind::RmsNorm => x,
+        NormKind::LayerNorm => x.clone() - x.mean_dim(1),
+    };
+    let rstd = (centred.clone().square().mean_dim(1) + eps).sqrt().recip();
+    (centred * rstd.clone(), rstd)
+}
+
+pub fn norm<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    kind: NormKind,
+    eps: f32,
+) -> FloatTensor<B> {
+    let (x, shape) = as_rows::<B>(x);
+    let (normed, _) = normalize(x, kind, eps);
+    let mut out = normed * tensor::<B, 1>(weight).unsqueeze::<2>();
+    if let Some(bias) = bias {
+        out = out + tensor::<B, 1>(bias).unsqueeze::<2>();
+    }
+    restore(out, shape)
+}
+
+pub fn norm_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    kind: NormKind,
+    eps: f32,
+    with_bias: bool,
+) -> (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>) {
+    let (x, shape) = as_rows::<B>(x);
+    let (grad, _) = as_rows::<B>(grad);
+    let (normed, rstd) = normalize(x, kind, eps);
+    let grad_normed = grad.clone() * tensor::<B, 1>(weight).unsqueeze::<2>();
+    let projection = (grad_normed.clone() * normed.clone()).mean_dim(1);
+    let mut grad_x = grad_normed.clone() - normed.clone() * projection;
+    if kind == NormKind::LayerNorm {
+        grad_x = grad_x - grad_normed.mean_dim(1);
+    }
+    let grad_weight = (grad.clone() * normed).sum_dim(0).squeeze_dim::<1>(0);
+    let grad_bias = with_bias.then(|| primitive(grad.sum_dim(0).squeeze_dim::<1>(0)));
+    (restore(grad_x * rstd, shape), primitive(grad_weight), grad_bias)
+}
+
+/// Targets as `[rows, 1]` indices with ignored (negative) rows pointed at column 0, and the
+/// `[rows, 1]` 0/1 mask of rows that count.
+fn targets_and_mask<B: Backend>(targets: IntTensor<B>) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets).unsqueeze_dim::<2>(1);
+    let keep = targets.clone().greater_equal_elem(0);
+    (targets.clamp_min(0), keep.float())
+}
+
+pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) -> FloatTensor<B> {
+    let logits = tensor::<B, 2>(logits);
+    let (targets, keep) = targets_and_mask::<B>(targets);
+    let picked = log_softmax(logits, 1).gather(1, targets);
+    primitive((picked.neg() * keep).squeeze_dim::<1>(1))
+}
+
+pub fn cross_entropy_backward<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let logits = tensor::<B, 2>(logits);
+    let (targets, keep) = targets_and_mask::<B>(targets);
+    let onehot = logits.zeros_like().scatter(1, targets, keep.ones_like(), burn::tensor::IndexingUpdateOp::Add);
+    let grad = tensor::<B, 1>(grad).unsqueeze_dim::<2>(1) * keep;
+    primitive((softmax(logits, 1) - onehot) * grad)
+}
