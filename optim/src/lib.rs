@@ -3,12 +3,14 @@
 
 pub mod algorithm;
 pub mod clip;
+pub mod fused;
 pub mod groups;
 pub mod optimizer;
 pub mod schedule;
 
 pub use algorithm::Algorithm;
 pub use clip::{clip_factor, global_grad_norm};
+pub use fused::FusedUpdate;
 pub use groups::{DecayGroups, ParamKind};
 pub use optimizer::Optimizer;
 pub use schedule::Schedule;

@@ -11,11 +11,12 @@ use burn::tensor::backend::AutodiffBackend;
 use furnace_models::params::{map_with_paths, visit_with_paths, HostTensor, NamedTensors, PathMapper, PathVisitor};
 
 use crate::algorithm::{Algorithm, Slots};
+use crate::fused::FusedUpdate;
 use crate::groups::DecayGroups;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
-pub struct Optimizer<B: AutodiffBackend> {
+pub struct Optimizer<B: AutodiffBackend<InnerBackend: FusedUpdate>> {
     pub algorithm: Algorithm,
     pub groups: DecayGroups,
     /// Optimizer steps taken (bias correction and the curvature schedule use it).
@@ -26,7 +27,7 @@ pub struct Optimizer<B: AutodiffBackend> {
     coordinates: usize,
 }
 
-impl<B: AutodiffBackend> Optimizer<B> {
+impl<B: AutodiffBackend<InnerBackend: FusedUpdate>> Optimizer<B> {
     pub fn new(algorithm: Algorithm, groups: DecayGroups) -> Self {
         Self { algorithm, groups, step: 0, state: HashMap::new(), clipped: None, coordinates: 0 }
     }
@@ -48,12 +49,12 @@ impl<B: AutodiffBackend> Optimizer<B> {
     /// Gauss-Newton-Bartlett: `grads` are the gradients of the mean loss on labels sampled
     /// from the model itself; the estimate is `scale · ĝ ⊙ ĝ` (scale = the batch size).
     pub fn update_curvature<M: AutodiffModule<B>>(&mut self, model: &M, grads: &GradientsParams, scale: f64) {
-        struct Curvature<'a, B: AutodiffBackend> {
+        struct Curvature<'a, B: AutodiffBackend<InnerBackend: FusedUpdate>> {
             optimizer: &'a mut Optimizer<B>,
             grads: &'a GradientsParams,
             scale: f64,
         }
-        impl<B: AutodiffBackend> PathVisitor<B> for Curvature<'_, B> {
+        impl<B: AutodiffBackend<InnerBackend: FusedUpdate>> PathVisitor<B> for Curvature<'_, B> {
             fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
                 if let Some(g) = self.grads.get::<Inner<B>, D>(param.id) {
                     let n = g.shape().num_elements();
@@ -97,14 +98,14 @@ impl<B: AutodiffBackend> Optimizer<B> {
     }
 }
 
-struct Update<'a, B: AutodiffBackend> {
+struct Update<'a, B: AutodiffBackend<InnerBackend: FusedUpdate>> {
     optimizer: &'a mut Optimizer<B>,
     lr: f64,
     grad_scale: f64,
     grads: &'a mut GradientsParams,
 }
 
-impl<B: AutodiffBackend> PathMapper<B> for Update<'_, B> {
+impl<B: AutodiffBackend<InnerBackend: FusedUpdate>> PathMapper<B> for Update<'_, B> {
     fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let Some(grad) = self.grads.remove::<Inner<B>, D>(id) else {
@@ -113,14 +114,12 @@ impl<B: AutodiffBackend> PathMapper<B> for Update<'_, B> {
         let weight_decay = self.optimizer.groups.weight_decay_for(path, D);
         let dims = tensor.dims();
         let n = tensor.shape().num_elements();
-        let mut grad = grad.reshape([n]);
-        if self.grad_scale != 1.0 {
-            grad = grad * self.grad_scale;
-        }
+        let grad = grad.reshape([n]);
         let optimizer = &mut *self.optimizer;
         let slots = optimizer.state.entry(path.to_string()).or_default();
         let value = tensor.inner().reshape([n]);
-        let updated = optimizer.algorithm.update(optimizer.step, self.lr, weight_decay, value, grad, slots, &mut optimizer.clipped);
+        let (algorithm, step, clipped) = (&optimizer.algorithm, optimizer.step, &mut optimizer.clipped);
+        let updated = Inner::<B>::update(algorithm, step, self.lr, weight_decay, self.grad_scale, value, grad, slots, clipped);
         if matches!(optimizer.algorithm, Algorithm::Sophia { .. }) {
             optimizer.coordinates += n;
         }

@@ -2,8 +2,16 @@
 
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::{Backend, Recipe};
-use furnace_models::kernels::TrainBackend;
+use furnace_models::kernels::FusedOps;
+use furnace_optim::FusedUpdate;
+
+/// A backend that trains Furnace models: autodiff over a backend with the fused model kernels
+/// and the fused optimizer update.
+pub trait TrainBackend: AutodiffBackend<InnerBackend: FusedOps + FusedUpdate> + FusedOps {}
+
+impl<B: AutodiffBackend<InnerBackend: FusedOps + FusedUpdate> + FusedOps> TrainBackend for B {}
 
 /// Work that runs on whichever backend the recipe selects.
 pub trait BackendJob {

@@ -8,12 +8,11 @@ use furnace_configs::Recipe;
 use furnace_data::corpus::{prepare, read_documents};
 use furnace_data::TextTokenizer;
 use furnace_models::generate::{generate as run_generation, GenerateConfig};
-use furnace_models::kernels::TrainBackend;
 use furnace_models::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::CausalLm;
 
-use crate::backend::{dispatch, BackendJob};
+use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::evaluate::encode_prompt;
 use crate::train::{decoder_config, output_dir, TrainJob};

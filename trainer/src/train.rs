@@ -15,12 +15,11 @@ use furnace_data::generators::arithmetic;
 use furnace_data::{Loader, Shard};
 use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::generate::generate;
-use furnace_models::kernels::TrainBackend;
 use furnace_models::params::{load_named, named_tensors};
 use furnace_models::{CausalLm, Decoder, DecoderConfig, PositionKind};
 use furnace_optim::{clip_factor, global_grad_norm, Algorithm, DecayGroups, Optimizer, Schedule};
 
-use crate::backend::BackendJob;
+use crate::backend::{BackendJob, TrainBackend};
 use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss};

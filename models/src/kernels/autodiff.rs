@@ -137,18 +137,19 @@ pub fn cross_entropy<B: FusedOps, C: CheckpointStrategy>(logits: AdTensor<B, C>,
     struct CrossEntropy;
 
     impl<B: FusedOps> Backward<B, 1> for CrossEntropy {
-        type State = (FloatTensor<B>, IntTensor<B>);
+        /// The gradient for unit output gradients, computed in the forward pass.
+        type State = FloatTensor<B>;
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let (logits, targets) = ops.state;
-            unary::<B, _>(ops.parents, ops.node, grads, |grad| B::cross_entropy_backward(logits, targets, grad));
+            let unit_grad = ops.state;
+            unary::<B, _>(ops.parents, ops.node, grads, |grad| B::scale_rows(unit_grad, grad));
         }
     }
 
     match CrossEntropy.prepare::<C>([logits.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let state = (logits.primitive.clone(), targets.clone());
-            prep.finish(state, B::cross_entropy(logits.primitive, targets))
+            let (loss, unit_grad) = B::cross_entropy_with_grad(logits.primitive, targets);
+            prep.finish(unit_grad, loss)
         }
         OpsKind::UnTracked(prep) => prep.finish(B::cross_entropy(logits.primitive, targets)),
     }

@@ -187,23 +187,41 @@ impl FusedOps for Flex {
         from_vec(Shape::new([rows]), loss)
     }
 
-    fn cross_entropy_backward(logits: FloatTensor<Self>, targets: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (Some(logits), Some(grad)) = (contiguous_f32(&logits), contiguous_f32(&grad)) else {
-            return reference::cross_entropy_backward::<Self>(logits, targets, grad);
-        };
+    fn cross_entropy_with_grad(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(logits) = contiguous_f32(&logits) else { return reference::cross_entropy_with_grad::<Self>(logits, targets) };
         let shape = logits.shape();
         let &[rows, vocab] = shape.as_slice() else { panic!("cross_entropy: logits must be [rows, vocab]") };
         let targets = target_indices(&targets, rows, vocab);
-        let (x, dy) = (values(&logits), values(&grad));
-        let mut out = vec![0.0; x.len()];
-        out.par_chunks_mut(vocab).zip(x.par_chunks(vocab)).enumerate().for_each(|(row, (out, x))| {
-            if let Some(target) = targets[row] {
-                let lse = log_sum_exp(x);
-                scaled_softmax_shifted(x, lse, dy[row], out);
-                out[target] -= dy[row];
-            }
-        });
-        from_vec(shape, out)
+        let x = values(&logits);
+        let mut loss = vec![0.0; rows];
+        let mut grad = vec![0.0; x.len()];
+        grad.par_chunks_mut(vocab).zip(loss.par_iter_mut()).zip(x.par_chunks(vocab)).zip(targets.par_iter()).for_each(
+            |(((grad, loss), x), &target)| {
+                if let Some(target) = target {
+                    *loss = softmax_and_log_sum_exp(x, grad) - x[target];
+                    grad[target] -= 1.0;
+                }
+            },
+        );
+        (from_vec(Shape::new([rows]), loss), from_vec(shape, grad))
+    }
+
+    fn scale_rows(x: FloatTensor<Self>, factors: FloatTensor<Self>) -> FloatTensor<Self> {
+        let Some(factors) = contiguous_f32(&factors) else { return reference::scale_rows::<Self>(x, factors) };
+        if x.dtype() != DType::F32 {
+            return reference::scale_rows::<Self>(x, factors);
+        }
+        let mut x = {
+            let contiguous = x.to_contiguous();
+            // Dropping the original handle leaves the buffer unshared, so it is written in place
+            // (the usual case: the unit gradient saved by the forward pass).
+            drop(x);
+            contiguous
+        };
+        let factors = values(&factors);
+        let cols = x.shape()[1];
+        x.storage_mut::<f32>().par_chunks_mut(cols).zip(factors.par_iter()).for_each(|(row, &f)| scale_kernel(row, f));
+        x
     }
 }
 
@@ -427,10 +445,21 @@ multiversion! {
 }
 
 multiversion! {
-    /// `out = scale · exp(x − shift)`: softmax rows when `shift` is their log-sum-exp.
-    fn scaled_softmax_shifted(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    /// Writes `softmax(x)` to `out` and returns `logsumexp(x)`, with one `exp` per element.
+    fn softmax_and_log_sum_exp(x: &[f32], out: &mut [f32]) -> f32 {
+        let max = max_of(x);
         for (out, &x) in out.iter_mut().zip(x) {
-            *out = scale * math::exp(x - shift);
+            *out = math::exp(x - max);
         }
+        let sum = sum_by(out, |v| v);
+        let inv_sum = 1.0 / sum;
+        out.iter_mut().for_each(|v| *v *= inv_sum);
+        max + sum.ln()
+    }
+}
+
+multiversion! {
+    fn scale_kernel(x: &mut [f32], factor: f32) {
+        x.iter_mut().for_each(|v| *v *= factor);
     }
 }

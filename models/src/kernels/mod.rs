@@ -15,7 +15,6 @@ pub mod reference;
 
 use burn::backend::Autodiff;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::TensorPrimitive;
 
@@ -84,17 +83,18 @@ pub trait FusedOps: Backend {
         reference::cross_entropy::<Self>(logits, targets)
     }
 
-    /// Gradient of [`Self::cross_entropy`] with respect to the logits, given `[rows]` output
-    /// gradients: `grad · (softmax(logits) − onehot(target))`.
-    fn cross_entropy_backward(logits: FloatTensor<Self>, targets: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        reference::cross_entropy_backward::<Self>(logits, targets, grad)
+    /// [`Self::cross_entropy`] and, from the same pass over the logits, its gradient for an
+    /// output gradient of 1 per row: `softmax(logits) − onehot(target)` (0 on ignored rows).
+    /// Training keeps this instead of the logits; the backward pass only scales its rows.
+    fn cross_entropy_with_grad(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::cross_entropy_with_grad::<Self>(logits, targets)
+    }
+
+    /// Row `i` of the `[rows, cols]` tensor `x` times `factors[i]`.
+    fn scale_rows(x: FloatTensor<Self>, factors: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::scale_rows::<Self>(x, factors)
     }
 }
-
-/// A backend that trains Furnace models: autodiff over a backend with fused kernels.
-pub trait TrainBackend: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
-
-impl<B: AutodiffBackend<InnerBackend: FusedOps> + FusedOps> TrainBackend for B {}
 
 impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {

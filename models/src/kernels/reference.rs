@@ -130,10 +130,14 @@ pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) 
     primitive((picked.neg() * keep).squeeze_dim::<1>(1))
 }
 
-pub fn cross_entropy_backward<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+pub fn cross_entropy_with_grad<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let loss = cross_entropy::<B>(logits.clone(), targets.clone());
     let logits = tensor::<B, 2>(logits);
     let (targets, keep) = targets_and_mask::<B>(targets);
     let onehot = logits.zeros_like().scatter(1, targets, keep.ones_like(), burn::tensor::IndexingUpdateOp::Add);
-    let grad = tensor::<B, 1>(grad).unsqueeze_dim::<2>(1) * keep;
-    primitive((softmax(logits, 1) - onehot) * grad)
+    (loss, primitive((softmax(logits, 1) - onehot) * keep))
+}
+
+pub fn scale_rows<B: Backend>(x: FloatTensor<B>, factors: FloatTensor<B>) -> FloatTensor<B> {
+    primitive(tensor::<B, 2>(x) * tensor::<B, 1>(factors).unsqueeze_dim::<2>(1))
 }
