@@ -5,16 +5,16 @@ use burn::prelude::*;
 
 use super::Linear;
 use crate::init::SeededRng;
-use crate::kernels::{attention_softmax, FusedOps};
+use crate::kernels::{multi_head_attention, FusedOps};
 
-/// Keys and values of one layer for the positions decoded so far: `[batch, kv_heads, len, head_dim]`.
+/// Keys and values of one layer for the positions decoded so far: `[batch, len, kv_heads, head_dim]`.
 pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 /// Per-forward inputs every layer shares: rotary tables for the current positions and the
 /// additive mask/bias. Built once per forward by the model, not per layer.
 #[derive(Debug, Clone)]
 pub struct AttentionContext<B: Backend> {
-    /// cos and sin, `[1, 1, T, head_dim]`, for positions `offset..offset+T`.
+    /// cos and sin, `[1, T, 1, head_dim]`, for positions `offset..offset+T`.
     pub rope: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     /// Added to the scores: 0 where attention is allowed, -inf where masked, plus the ALiBi
     /// distance penalty. `[1, 1 or heads, T, offset+T]`.
@@ -58,9 +58,11 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: FusedOps> Attention<B> {
+    /// Heads stay in the projections' `[batch, seq, heads, head_dim]` layout throughout: the
+    /// fused attention reads them with strides, so nothing is transposed or repeated.
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
         let mut q = heads(self.q_proj.forward(x.clone()), self.n_heads);
         let mut k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
         let mut v = heads(self.v_proj.forward(x), self.n_kv_heads);
@@ -70,28 +72,14 @@ impl<B: FusedOps> Attention<B> {
         }
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.take() {
-                k = Tensor::cat(vec![past_k, k], 2);
-                v = Tensor::cat(vec![past_v, v], 2);
+                k = Tensor::cat(vec![past_k, k], 1);
+                v = Tensor::cat(vec![past_v, v], 1);
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let k = self.repeat_kv(k);
-        let v = self.repeat_kv(v);
         let scale = (self.head_dim as f32).powf(-0.5);
-        let probs = attention_softmax(q.matmul(k.swap_dims(2, 3)), scale, ctx.bias.clone());
-        let out = probs.matmul(v);
-        let out = out.swap_dims(1, 2).reshape([batch, seq, self.n_heads * self.head_dim]);
-        self.o_proj.forward(out)
-    }
-
-    /// GQA: each key/value head serves `n_heads / n_kv_heads` query heads.
-    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let groups = self.n_heads / self.n_kv_heads;
-        if groups == 1 {
-            return x;
-        }
-        let [batch, kv_heads, len, head_dim] = x.dims();
-        x.unsqueeze_dim::<5>(2).expand([batch, kv_heads, groups, len, head_dim]).reshape([batch, kv_heads * groups, len, head_dim])
+        let out = multi_head_attention(q, k, v, ctx.bias.clone(), scale);
+        self.o_proj.forward(out.reshape([batch, seq, self.n_heads * self.head_dim]))
     }
 }
 
@@ -130,7 +118,7 @@ impl<B: Backend> Rope<B> {
 
     /// Tables for positions `offset..offset+len`, shaped to broadcast over `[batch, heads, len, head_dim]`.
     pub fn slice(&self, offset: usize, len: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let cut = |t: &Tensor<B, 2>| t.clone().narrow(0, offset, len).unsqueeze::<4>();
+        let cut = |t: &Tensor<B, 2>| t.clone().narrow(0, offset, len).reshape([1, len, 1, t.dims()[1]]);
         (cut(&self.cos), cut(&self.sin))
     }
 }

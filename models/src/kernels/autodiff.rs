@@ -62,25 +62,42 @@ pub fn swiglu<B: FusedOps, C: CheckpointStrategy>(gate: AdTensor<B, C>, up: AdTe
     }
 }
 
-pub fn attention_softmax<B: FusedOps, C: CheckpointStrategy>(scores: AdTensor<B, C>, scale: f32, bias: AdTensor<B, C>) -> AdTensor<B, C> {
+pub fn multi_head_attention<B: FusedOps, C: CheckpointStrategy>(
+    q: AdTensor<B, C>,
+    k: AdTensor<B, C>,
+    v: AdTensor<B, C>,
+    bias: AdTensor<B, C>,
+    scale: f32,
+) -> AdTensor<B, C> {
     #[derive(Debug)]
-    struct AttentionSoftmax {
+    struct Attention {
         scale: f32,
     }
 
-    impl<B: FusedOps> Backward<B, 1> for AttentionSoftmax {
-        type State = FloatTensor<B>;
+    impl<B: FusedOps> Backward<B, 3> for Attention {
+        /// q, k, v and the attention probabilities.
+        type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
-        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let probs = ops.state;
-            unary::<B, _>(ops.parents, ops.node, grads, |grad| B::attention_softmax_backward(probs, grad, self.scale));
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (q, k, v, probs) = ops.state;
+            let grad = grads.consume::<B>(&ops.node);
+            let (grad_q, grad_k, grad_v) = B::multi_head_attention_backward(q, k, v, probs, grad, self.scale);
+            for (node, grad) in ops.parents.into_iter().zip([grad_q, grad_k, grad_v]) {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, grad);
+                }
+            }
         }
     }
 
-    let probs = B::attention_softmax(scores.primitive, scale, bias.primitive);
-    match (AttentionSoftmax { scale }).prepare::<C>([scores.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(probs.clone(), probs),
-        OpsKind::UnTracked(prep) => prep.finish(probs),
+    let prep = (Attention { scale }).prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful();
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let (out, probs) =
+                B::multi_head_attention_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), bias.primitive, scale);
+            prep.finish((q.primitive, k.primitive, v.primitive, probs), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::multi_head_attention(q.primitive, k.primitive, v.primitive, bias.primitive, scale)),
     }
 }
 

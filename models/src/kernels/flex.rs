@@ -66,49 +66,105 @@ impl FusedOps for Flex {
         (from_vec(gate.shape(), grad_gate), from_vec(gate.shape(), grad_up))
     }
 
-    fn attention_softmax(scores: FloatTensor<Self>, scale: f32, bias: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (Some(scores), Some(bias)) = (contiguous_f32(&scores), contiguous_f32(&bias)) else {
-            return reference::attention_softmax::<Self>(scores, scale, bias);
+    fn multi_head_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let inputs = [&q, &k, &v, &bias].map(contiguous_f32);
+        let [Some(q), Some(k), Some(v), Some(bias)] = inputs else {
+            return reference::attention_forward::<Self>(q, k, v, bias, scale);
         };
-        let shape = scores.shape();
-        let (dims, bias_dims) = (shape.as_slice(), bias.shape().to_vec());
-        assert!(
-            dims.len() == 4 && bias_dims.len() == 4 && bias_dims[3] == dims[3],
-            "attention_softmax: scores {dims:?}, bias {bias_dims:?}"
-        );
-        let keys = dims[3];
-        // Row (b, h, q) of the scores reads bias row (b or 0, h or 0, q or 0).
-        let bias_row = |row: usize| {
-            let (q, h, b) = (row % dims[2], (row / dims[2]) % dims[1], row / (dims[2] * dims[1]));
-            let pick = |i: usize, axis: usize| if bias_dims[axis] == 1 { 0 } else { i };
-            (pick(b, 0) * bias_dims[1] + pick(h, 1)) * bias_dims[2] + pick(q, 2)
-        };
-        let (x, bias_values) = (values(&scores), values(&bias));
-        let mut out = vec![0.0; x.len()];
-        let rows_per_task = (TASK_ELEMS / keys).max(1);
-        out.par_chunks_mut(rows_per_task * keys).enumerate().for_each(|(task, out)| {
-            for (i, out_row) in out.chunks_mut(keys).enumerate() {
-                let row = task * rows_per_task + i;
-                let bias = &bias_values[bias_row(row) * keys..][..keys];
-                softmax_row(&x[row * keys..][..keys], bias, scale, out_row);
+        let dims = AttentionDims::new(&q, &k, bias.shape().dims());
+        let AttentionDims { batch, queries, keys, heads, dim, .. } = dims;
+        let (q, k, v, bias) = (values(&q), values(&k), values(&v), values(&bias));
+        let mut out = vec![0.0; batch * queries * heads * dim];
+        let mut probs = vec![0.0; batch * heads * queries * keys];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        // One task per (batch, head): scores = q·kᵀ straight from the strided inputs, softmax in
+        // place, then probs·v written into this head's columns of the output.
+        probs.par_chunks_mut(queries * keys).enumerate().for_each(|(task, probs)| {
+            let (b, h) = (task / heads, task % heads);
+            let out_ptr = &out_ptr;
+            // Safety: every strided element lies inside its buffer (shapes checked by
+            // AttentionDims::new), and each task writes only head h's columns of `out`.
+            unsafe {
+                let (q, k) = (q.as_ptr().add(dims.q_offset(b, h)), k.as_ptr().add(dims.kv_offset(b, h)));
+                matmul([queries, keys, dim], (probs.as_mut_ptr(), keys, 1), false, (q, dims.q_row(), 1), (k, 1, dims.kv_row()));
+            }
+            for (i, row) in probs.chunks_mut(keys).enumerate() {
+                softmax_in_place(row, &bias[dims.bias_offset(b, h, i)..][..keys], scale);
+            }
+            unsafe {
+                let (out, v) = (out_ptr.0.add(dims.q_offset(b, h)), v.as_ptr().add(dims.kv_offset(b, h)));
+                matmul([queries, dim, keys], (out, dims.q_row(), 1), false, (probs.as_ptr(), keys, 1), (v, dims.kv_row(), 1));
             }
         });
-        from_vec(shape, out)
+        (from_vec(Shape::new([batch, queries, heads, dim]), out), from_vec(Shape::new([batch, heads, queries, keys]), probs))
     }
 
-    fn attention_softmax_backward(probs: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        let (Some(probs), Some(grad)) = (contiguous_f32(&probs), contiguous_f32(&grad)) else {
-            return reference::attention_softmax_backward::<Self>(probs, grad, scale);
+    fn multi_head_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let inputs = [&q, &k, &v, &probs, &grad].map(contiguous_f32);
+        let [Some(q), Some(k), Some(v), Some(probs), Some(grad)] = inputs else {
+            return reference::attention_backward::<Self>(q, k, v, probs, grad, scale);
         };
-        let shape = probs.shape();
-        let keys = shape[shape.num_dims() - 1];
-        let (y, dy) = (values(&probs), values(&grad));
-        let mut out = vec![0.0; y.len()];
-        let task = (TASK_ELEMS / keys).max(1) * keys;
-        out.par_chunks_mut(task)
-            .zip(y.par_chunks(task).zip(dy.par_chunks(task)))
-            .for_each(|(out, (y, dy))| softmax_backward_rows(y, dy, scale, keys, out));
-        from_vec(shape, out)
+        let [_, _, queries, keys] = probs.shape().dims();
+        let dims = AttentionDims::new(&q, &k, [1, 1, queries, keys]);
+        let AttentionDims { batch, heads, kv_heads, group, dim, .. } = dims;
+        let (q, k, v, probs, grad) = (values(&q), values(&k), values(&v), values(&probs), values(&grad));
+        let mut grad_q = vec![0.0; q.len()];
+        let mut grad_k = vec![0.0; k.len()];
+        let mut grad_v = vec![0.0; v.len()];
+        let outs = [SharedMut(grad_q.as_mut_ptr()), SharedMut(grad_k.as_mut_ptr()), SharedMut(grad_v.as_mut_ptr())];
+        // One task per (batch, key/value head): the query heads sharing it add their key and
+        // value gradients one after another, in a fixed order, without racing.
+        (0..batch * kv_heads).into_par_iter().for_each(|task| {
+            let (b, kv_head) = (task / kv_heads, task % kv_heads);
+            let [grad_q, grad_k, grad_v] = &outs;
+            let mut grad_scores = vec![0.0; queries * keys];
+            for h in kv_head * group..(kv_head + 1) * group {
+                let probs = &probs[(b * heads + h) * queries * keys..][..queries * keys];
+                let (q_at, kv_at) = (dims.q_offset(b, h), dims.kv_offset(b, h));
+                let accumulate = h > kv_head * group;
+                // Safety: every strided element lies inside its buffer; head h's columns of
+                // grad_q and this key/value head's columns of grad_k and grad_v are this task's.
+                unsafe {
+                    let (q, k, v, dout) = (q.as_ptr().add(q_at), k.as_ptr().add(kv_at), v.as_ptr().add(kv_at), grad.as_ptr().add(q_at));
+                    let scores = grad_scores.as_mut_ptr();
+                    // d probs = d out · vᵀ; d scores = scale · p ∘ (d probs − rowdot(d probs, p)).
+                    matmul([queries, keys, dim], (scores, keys, 1), false, (dout, dims.q_row(), 1), (v, 1, dims.kv_row()));
+                    softmax_backward_in_place(probs, &mut grad_scores, scale, keys);
+                    let scores = grad_scores.as_ptr();
+                    // d q = d scores · k; d k += d scoresᵀ · q; d v += pᵀ · d out.
+                    matmul([queries, dim, keys], (grad_q.0.add(q_at), dims.q_row(), 1), false, (scores, keys, 1), (k, dims.kv_row(), 1));
+                    matmul(
+                        [keys, dim, queries],
+                        (grad_k.0.add(kv_at), dims.kv_row(), 1),
+                        accumulate,
+                        (scores, 1, keys),
+                        (q, dims.q_row(), 1),
+                    );
+                    matmul(
+                        [keys, dim, queries],
+                        (grad_v.0.add(kv_at), dims.kv_row(), 1),
+                        accumulate,
+                        (probs.as_ptr(), 1, keys),
+                        (dout, dims.q_row(), 1),
+                    );
+                }
+            }
+        });
+        let kv_shape = Shape::new([batch, dims.keys, kv_heads, dim]);
+        (from_vec(Shape::new([batch, queries, heads, dim]), grad_q), from_vec(kv_shape.clone(), grad_k), from_vec(kv_shape, grad_v))
     }
 
     fn norm(
@@ -223,6 +279,101 @@ impl FusedOps for Flex {
         x.storage_mut::<f32>().par_chunks_mut(cols).zip(factors.par_iter()).for_each(|(row, &f)| scale_kernel(row, f));
         x
     }
+}
+
+/// Sizes and strides of one attention call over `[batch, seq, heads, head_dim]` buffers.
+#[derive(Clone, Copy)]
+struct AttentionDims {
+    batch: usize,
+    queries: usize,
+    keys: usize,
+    heads: usize,
+    kv_heads: usize,
+    group: usize,
+    dim: usize,
+    /// Bias extent over `[batch, heads]` (1 where it broadcasts).
+    bias_dims: [usize; 2],
+}
+
+impl AttentionDims {
+    fn new(q: &FlexTensor, k: &FlexTensor, bias: [usize; 4]) -> Self {
+        let [batch, queries, heads, dim] = q.shape().dims();
+        let [k_batch, keys, kv_heads, k_dim] = k.shape().dims();
+        assert!(
+            k_batch == batch && k_dim == dim && kv_heads > 0 && heads % kv_heads == 0,
+            "attention: q {:?} does not match k {:?}",
+            q.shape(),
+            k.shape()
+        );
+        let broadcasts = |extent: usize, full: usize| extent == 1 || extent == full;
+        assert!(
+            broadcasts(bias[0], batch) && broadcasts(bias[1], heads) && bias[2] == queries && bias[3] == keys,
+            "attention: bias {bias:?} for {queries} queries and {keys} keys"
+        );
+        Self { batch, queries, keys, heads, kv_heads, group: heads / kv_heads, dim, bias_dims: [bias[0], bias[1]] }
+    }
+
+    /// Row stride of q, the output and its gradient.
+    fn q_row(&self) -> usize {
+        self.heads * self.dim
+    }
+
+    /// Row stride of k and v.
+    fn kv_row(&self) -> usize {
+        self.kv_heads * self.dim
+    }
+
+    fn q_offset(&self, b: usize, h: usize) -> usize {
+        (b * self.queries * self.heads + h) * self.dim
+    }
+
+    /// Where the key/value head serving query head `h` starts.
+    fn kv_offset(&self, b: usize, h: usize) -> usize {
+        (b * self.keys * self.kv_heads + h / self.group) * self.dim
+    }
+
+    fn bias_offset(&self, b: usize, h: usize, query: usize) -> usize {
+        let pick = |i: usize, axis: usize| if self.bias_dims[axis] == 1 { 0 } else { i };
+        ((pick(b, 0) * self.bias_dims[1] + pick(h, 1)) * self.queries + query) * self.keys
+    }
+}
+
+/// A raw output pointer that parallel tasks share, each writing only its own elements.
+struct SharedMut(*mut f32);
+// Safety: the tasks that share it write disjoint elements (see each use).
+unsafe impl Sync for SharedMut {}
+
+/// A matrix operand: pointer, row stride, column stride (in elements).
+type Strided<P> = (P, usize, usize);
+
+/// `dst[m×n] = lhs[m×k] · rhs[k×n]` (added to `dst` when `accumulate`), single-threaded since
+/// callers run many at once.
+///
+/// # Safety
+/// Every strided element of the three operands must lie inside its allocation.
+unsafe fn matmul([m, n, k]: [usize; 3], dst: Strided<*mut f32>, accumulate: bool, lhs: Strided<*const f32>, rhs: Strided<*const f32>) {
+    let s = |stride: usize| stride as isize;
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        s(dst.2),
+        s(dst.1),
+        accumulate,
+        lhs.0,
+        s(lhs.2),
+        s(lhs.1),
+        rhs.0,
+        s(rhs.2),
+        s(rhs.1),
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 /// The tensor as contiguous f32, or None when it holds another dtype.
@@ -369,28 +520,30 @@ multiversion! {
 }
 
 multiversion! {
-    fn softmax_row(x: &[f32], bias: &[f32], scale: f32, out: &mut [f32]) {
-        for ((out, &x), &b) in out.iter_mut().zip(x).zip(bias) {
-            *out = x * scale + b;
+    /// `row ← softmax(row · scale + bias)`.
+    fn softmax_in_place(row: &mut [f32], bias: &[f32], scale: f32) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v = *v * scale + b;
         }
-        let max = max_of(out);
+        let max = max_of(row);
         if max == f32::NEG_INFINITY {
             // A fully masked row attends to nothing.
-            out.fill(0.0);
+            row.fill(0.0);
             return;
         }
-        out.iter_mut().for_each(|v| *v = math::exp(*v - max));
-        let inv_sum = 1.0 / sum_by(out, |v| v);
-        out.iter_mut().for_each(|v| *v *= inv_sum);
+        row.iter_mut().for_each(|v| *v = math::exp(*v - max));
+        let inv_sum = 1.0 / sum_by(row, |v| v);
+        row.iter_mut().for_each(|v| *v *= inv_sum);
     }
 }
 
 multiversion! {
-    fn softmax_backward_rows(probs: &[f32], grad: &[f32], scale: f32, keys: usize, out: &mut [f32]) {
-        for ((out, y), dy) in out.chunks_mut(keys).zip(probs.chunks(keys)).zip(grad.chunks(keys)) {
-            let dot = sum_by2(y, dy, |y, dy| y * dy);
-            for ((out, &y), &dy) in out.iter_mut().zip(y).zip(dy) {
-                *out = scale * y * (dy - dot);
+    /// `grad ← scale · p ∘ (grad − rowdot(grad, p))`, row by row: the softmax backward.
+    fn softmax_backward_in_place(probs: &[f32], grad: &mut [f32], scale: f32, keys: usize) {
+        for (p, g) in probs.chunks(keys).zip(grad.chunks_mut(keys)) {
+            let dot = sum_by2(p, g, |p, g| p * g);
+            for (g, &p) in g.iter_mut().zip(p) {
+                *g = scale * p * (*g - dot);
             }
         }
     }

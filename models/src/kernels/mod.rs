@@ -42,16 +42,42 @@ pub trait FusedOps: Backend {
         reference::swiglu_backward::<Self>(gate, up, grad)
     }
 
-    /// Attention probabilities `softmax(scores · scale + bias)` over the last dimension.
-    /// `scores` is `[batch, heads, queries, keys]`; `bias` (mask and position bias) broadcasts
-    /// over batch and heads and is a constant: it gets no gradient.
-    fn attention_softmax(scores: FloatTensor<Self>, scale: f32, bias: FloatTensor<Self>) -> FloatTensor<Self> {
-        reference::attention_softmax::<Self>(scores, scale, bias)
+    /// Multi-head attention `softmax(q·kᵀ·scale + bias)·v` with grouped key/value heads.
+    /// `q` is `[batch, queries, heads, head_dim]`, `k` and `v` are `[batch, keys, kv_heads,
+    /// head_dim]` (the projections' own layout: no transposes), `bias` (mask and position
+    /// bias, `[1 or batch, 1 or heads, queries, keys]`) is a constant without gradient.
+    /// Returns `[batch, queries, heads, head_dim]`.
+    fn multi_head_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        Self::multi_head_attention_forward(q, k, v, bias, scale).0
     }
 
-    /// Gradient of [`Self::attention_softmax`] with respect to `scores`, from its output.
-    fn attention_softmax_backward(probs: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        reference::attention_softmax_backward::<Self>(probs, grad, scale)
+    /// [`Self::multi_head_attention`] and the probabilities `[batch, heads, queries, keys]` its backward needs.
+    fn multi_head_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::attention_forward::<Self>(q, k, v, bias, scale)
+    }
+
+    /// Gradients of [`Self::multi_head_attention`] with respect to `q`, `k` and `v`.
+    fn multi_head_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::attention_backward::<Self>(q, k, v, probs, grad, scale)
     }
 
     /// RMSNorm or LayerNorm over the last dimension, with a learned weight (and bias).
@@ -105,8 +131,14 @@ impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointSt
         autodiff::swiglu::<B, C>(gate, up)
     }
 
-    fn attention_softmax(scores: FloatTensor<Self>, scale: f32, bias: FloatTensor<Self>) -> FloatTensor<Self> {
-        autodiff::attention_softmax::<B, C>(scores, scale, bias)
+    fn multi_head_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        autodiff::multi_head_attention::<B, C>(q, k, v, bias, scale)
     }
 
     fn norm(
@@ -148,9 +180,15 @@ pub fn swiglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>)
     tensor(B::swiglu(primitive(gate), primitive(up)))
 }
 
-/// `softmax(scores · scale + bias)` over keys; see [`FusedOps::attention_softmax`].
-pub fn attention_softmax<B: FusedOps>(scores: Tensor<B, 4>, scale: f32, bias: Tensor<B, 4>) -> Tensor<B, 4> {
-    tensor(B::attention_softmax(primitive(scores), scale, primitive(bias)))
+/// Multi-head attention over `[batch, seq, heads, head_dim]` inputs; see [`FusedOps::multi_head_attention`].
+pub fn multi_head_attention<B: FusedOps>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Tensor<B, 4>,
+    scale: f32,
+) -> Tensor<B, 4> {
+    tensor(B::multi_head_attention(primitive(q), primitive(k), primitive(v), primitive(bias), scale))
 }
 
 /// RMSNorm or LayerNorm over the last dimension.

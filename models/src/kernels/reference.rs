@@ -56,15 +56,60 @@ pub fn swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, gra
     (restore(grad.clone() * up * dsilu, shape.clone()), restore(grad * silu, shape))
 }
 
-pub fn attention_softmax<B: Backend>(scores: FloatTensor<B>, scale: f32, bias: FloatTensor<B>) -> FloatTensor<B> {
-    primitive(softmax(tensor::<B, 4>(scores) * scale + tensor::<B, 4>(bias), 3))
+/// `[batch, seq, kv_heads, head_dim]` → `[batch, heads, seq, head_dim]`, each key/value head
+/// repeated for the `group` query heads it serves.
+fn heads_first_repeated<B: Backend>(x: FloatTensor<B>, group: usize) -> Tensor<B, 4> {
+    let x = tensor::<B, 4>(x).swap_dims(1, 2);
+    let [batch, kv_heads, seq, dim] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([batch, kv_heads, group, seq, dim]).reshape([batch, kv_heads * group, seq, dim])
 }
 
-pub fn attention_softmax_backward<B: Backend>(probs: FloatTensor<B>, grad: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
-    let (probs, shape) = as_rows::<B>(probs);
-    let (grad, _) = as_rows::<B>(grad);
-    let dot = (grad.clone() * probs.clone()).sum_dim(1);
-    restore(probs * (grad - dot) * scale, shape)
+/// Sum the gradients of the `group` query heads that share each key/value head, back to
+/// `[batch, seq, kv_heads, head_dim]`.
+fn fold_groups<B: Backend>(x: Tensor<B, 4>, group: usize) -> FloatTensor<B> {
+    let [batch, heads, seq, dim] = x.dims();
+    let folded = x.reshape([batch, heads / group, group, seq, dim]).sum_dim(2).reshape([batch, heads / group, seq, dim]);
+    primitive(folded.swap_dims(1, 2))
+}
+
+fn group_size<B: Backend>(q: &FloatTensor<B>, k: &FloatTensor<B>) -> usize {
+    q.shape()[2] / k.shape()[2]
+}
+
+pub fn attention_forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    scale: f32,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let group = group_size::<B>(&q, &k);
+    let q = tensor::<B, 4>(q).swap_dims(1, 2);
+    let (k, v) = (heads_first_repeated::<B>(k, group), heads_first_repeated::<B>(v, group));
+    let probs = softmax(q.matmul(k.swap_dims(2, 3)) * scale + tensor::<B, 4>(bias), 3);
+    let out = probs.clone().matmul(v).swap_dims(1, 2);
+    (primitive(out), primitive(probs))
+}
+
+pub fn attention_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    probs: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    scale: f32,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let group = group_size::<B>(&q, &k);
+    let q = tensor::<B, 4>(q).swap_dims(1, 2);
+    let (k, v) = (heads_first_repeated::<B>(k, group), heads_first_repeated::<B>(v, group));
+    let (probs, grad) = (tensor::<B, 4>(probs), tensor::<B, 4>(grad).swap_dims(1, 2));
+    let grad_v = probs.clone().swap_dims(2, 3).matmul(grad.clone());
+    let grad_probs = grad.matmul(v.swap_dims(2, 3));
+    let dot = (grad_probs.clone() * probs.clone()).sum_dim(3);
+    let grad_scores = probs * (grad_probs - dot) * scale;
+    let grad_q = grad_scores.clone().matmul(k).swap_dims(1, 2);
+    let grad_k = grad_scores.swap_dims(2, 3).matmul(q);
+    (primitive(grad_q), fold_groups(grad_k, group), fold_groups(grad_v, group))
 }
 
 /// Normalised rows before the affine part, and 1/σ (or 1/rms) per row.

@@ -81,21 +81,27 @@ fn causal_bias(heads: usize, queries: usize, keys: usize) -> Tensor<Ad, 4> {
 }
 
 #[test]
-fn attention_softmax_matches_reference() {
-    // Training shape with a shared mask, a per-head bias, and a decode step against a cache.
-    for (shape, bias_heads) in [([2, 3, 67, 67], 1), ([2, 3, 67, 67], 3), ([2, 3, 1, 40], 1)] {
-        let scores = random(shape, 2.0, 6).require_grad();
-        let weights = random(shape, 1.0, 7);
-        let bias = causal_bias(bias_heads, shape[2], shape[3]);
-        let scale = 0.125;
-        let want = fused::<4>(reference::attention_softmax::<Ad>(
-            scores.clone().into_primitive().tensor(),
-            scale,
-            bias.clone().into_primitive().tensor(),
-        ));
-        let got = attention_softmax(scores.clone(), scale, bias);
-        assert_close(got.clone().inner(), want.clone().inner(), 1e-6, "attention_softmax");
-        assert_close(grad_of(&scores, got, &weights), grad_of(&scores, want, &weights), 1e-6, "attention_softmax grad");
+fn attention_matches_reference() {
+    // (batch, queries, keys, heads, kv_heads, per-head bias): training with a shared causal mask,
+    // grouped key/value heads with a per-head (ALiBi-like) bias, and one decode step on a cache.
+    for (batch, queries, keys, heads, kv_heads, bias_heads) in [(2, 67, 67, 4, 4, 1), (2, 37, 37, 6, 2, 6), (3, 1, 40, 4, 1, 1)] {
+        let dim = 24;
+        let q = random([batch, queries, heads, dim], 1.0, 6).require_grad();
+        let k = random([batch, keys, kv_heads, dim], 1.0, 7).require_grad();
+        let v = random([batch, keys, kv_heads, dim], 1.0, 8).require_grad();
+        let weights = random([batch, queries, heads, dim], 1.0, 9);
+        let bias = causal_bias(bias_heads, queries, keys);
+        let scale = (dim as f32).powf(-0.5);
+        let prim = |t: &Tensor<Ad, 4>| t.clone().into_primitive().tensor();
+        let want = fused::<4>(reference::attention_forward::<Ad>(prim(&q), prim(&k), prim(&v), prim(&bias), scale).0);
+        let got = multi_head_attention(q.clone(), k.clone(), v.clone(), bias, scale);
+        let what = format!("attention b{batch} q{queries} k{keys} h{heads}/{kv_heads}");
+        assert_close(got.clone().inner(), want.clone().inner(), 1e-5, &what);
+        let grads_got = (got * weights.clone()).sum().backward();
+        let grads_want = (want * weights).sum().backward();
+        for (name, input) in [("q", &q), ("k", &k), ("v", &v)] {
+            assert_close(input.grad(&grads_got).unwrap(), input.grad(&grads_want).unwrap(), 1e-5, &format!("{what} grad {name}"));
+        }
     }
 }
 
