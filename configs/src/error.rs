@@ -84,11 +84,13 @@ fn section_keys(section: &str) -> Option<Vec<&'static str>> {
         "runtime" => keys::<RuntimeSection>(),
         "logging" => keys::<LoggingSection>(),
         "eval" => keys::<EvalSection>(),
+        "lora" => keys::<LoraSection>(),
         _ => return None,
     })
 }
 
-pub(crate) const SECTIONS: &[&str] = &["run", "model", "data", "training", "optimizer", "lr_scheduler", "runtime", "logging", "eval"];
+pub(crate) const SECTIONS: &[&str] =
+    &["run", "model", "data", "training", "optimizer", "lr_scheduler", "runtime", "logging", "eval", "lora"];
 
 /// Apply one `section.key=value` override. The value is read as TOML (`3e-4`, `true`,
 /// `["+"]`), and as a plain string when it is not valid TOML (`llama`).

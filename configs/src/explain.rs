@@ -29,6 +29,7 @@ pub fn explain() -> String {
     section_text::<RuntimeSection>(&mut out);
     section_text::<LoggingSection>(&mut out);
     section_text::<EvalSection>(&mut out);
+    section_text::<LoraSection>(&mut out);
     out.push_str("# Choices:\n");
     for (name, choices) in [
         ("model.arch", Arch::CHOICES),

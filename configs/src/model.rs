@@ -73,3 +73,32 @@ impl ModelSection {
         }
     }
 }
+
+impl ResolvedModel {
+    /// A `[model]` section that resolves to exactly this model (every dimension explicit), as
+    /// a checkpoint stores a model that came from `init_from`.
+    pub fn to_section(&self, init_from: &str) -> ModelSection {
+        ModelSection {
+            arch: self.arch,
+            flavor: Flavor::Tiny,
+            vocab_size: Some(self.vocab_size),
+            d_model: Some(self.d_model),
+            n_layers: Some(self.n_layers),
+            n_heads: Some(self.n_heads),
+            n_kv_heads: Some(self.n_kv_heads),
+            d_ff: Some(self.d_ff),
+            max_seq_len: Some(self.max_seq_len),
+            norm: Some(self.norm),
+            norm_eps: Some(self.norm_eps),
+            position: Some(self.position),
+            rope_theta: self.rope_theta,
+            mlp: Some(self.mlp),
+            bias: Some(self.bias),
+            tie_embeddings: Some(self.tie_embeddings),
+            sliding_window: self.sliding_window,
+            parallel_block: self.parallel_block,
+            dropout: self.dropout,
+            init_from: init_from.to_string(),
+        }
+    }
+}

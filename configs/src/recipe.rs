@@ -72,6 +72,15 @@ choice!(
         Sophia = "sophia",
     }
 );
+choice!(
+    /// How LoRA's A matrix starts (B starts at zero either way, so step 0 is the base model).
+    LoraInit {
+        /// Kaiming-uniform with a = √5, PEFT's default (`init_lora_weights = true`).
+        Kaiming = "kaiming",
+        /// Normal with std 1/r, PEFT's `init_lora_weights = "gaussian"`.
+        Gaussian = "gaussian",
+    }
+);
 choice!(Decay { Cosine = "cosine", Linear = "linear", Wsd = "wsd", Constant = "constant" });
 choice!(
     /// Compute backend; GPU backends exist only in binaries built with their cargo feature.
@@ -131,6 +140,33 @@ section! {
         parallel_block: bool = false,
         /// Dropout probability on attention output and MLP output (0 for exact resume).
         dropout: f64 = 0.0,
+        /// Start from these weights instead of a random init: a Furnace run or checkpoint folder,
+        /// or a Hugging Face model folder (config.json, safetensors, tokenizer.json). The
+        /// architecture and the tokenizer then come from that folder, and the other [model]
+        /// keys, dropout aside, are not used.
+        init_from: String = String::new(),
+    }
+}
+
+section! {
+    /// LoRA adapters (Hu et al., 2021): the base weights freeze and each targeted linear layer
+    /// learns a low-rank update `x·A·B·scale`, scale = alpha/r (alpha/√r with use_rslora).
+    /// Names, defaults and file format follow Hugging Face PEFT.
+    LoraSection = "lora" {
+        /// Rank of the adapters. 0: no adapters, every parameter trains.
+        r: usize = 0,
+        /// Scaling numerator: the update is multiplied by alpha/r.
+        alpha: f64 = 16.0,
+        /// Dropout on the adapter's input.
+        dropout: f64 = 0.0,
+        /// Layers that get adapters, by PEFT name: q_proj k_proj v_proj o_proj gate_proj up_proj
+        /// down_proj lm_head, GPT-2's c_attn (= q,k,v) attn.c_proj mlp.c_proj c_proj c_fc, or
+        /// "all-linear" (every linear layer but the head).
+        target_modules: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].iter().map(|s| s.to_string()).collect(),
+        /// Initialisation of A: kaiming (PEFT's default) or gaussian.
+        init: LoraInit = LoraInit::Kaiming,
+        /// Rank-stabilised scaling alpha/√r (Kalajdzievski, 2023), as PEFT's use_rslora.
+        use_rslora: bool = false,
     }
 }
 
@@ -288,4 +324,5 @@ pub struct Recipe {
     pub runtime: RuntimeSection,
     pub logging: LoggingSection,
     pub eval: EvalSection,
+    pub lora: LoraSection,
 }

@@ -70,7 +70,8 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             return fail("training", key, format!("{key} must be at least 1"), format!("set training.{key} to a positive integer"));
         }
     }
-    if t.seq_len > m.max_seq_len {
+    // With init_from the model comes from the base; the trainer checks seq_len against it.
+    if t.seq_len > m.max_seq_len && recipe.model.init_from.is_empty() {
         return fail(
             "training",
             "seq_len",
@@ -175,6 +176,31 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             format!("tokenizer_vocab_size = {} is below the 256 byte tokens plus specials", d.tokenizer_vocab_size),
             "use at least 260".into(),
         );
+    }
+    if check_files && !recipe.model.init_from.is_empty() && !Path::new(&recipe.model.init_from).is_dir() {
+        return fail(
+            "model",
+            "init_from",
+            format!("init_from = `{}` is not a folder", recipe.model.init_from),
+            "point to a Furnace run or checkpoint folder, or a Hugging Face model folder".into(),
+        );
+    }
+    let l = &recipe.lora;
+    if l.r > 0 {
+        if !(l.alpha > 0.0 && l.alpha.is_finite()) {
+            return fail("lora", "alpha", format!("alpha = {} must be positive", l.alpha), "use e.g. alpha = 16 (or 2·r)".into());
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            return fail("lora", "dropout", format!("dropout = {} is outside [0, 1)", l.dropout), "use e.g. dropout = 0.05".into());
+        }
+        if l.target_modules.is_empty() {
+            return fail(
+                "lora",
+                "target_modules",
+                "no target modules given".into(),
+                "list layers such as [\"q_proj\", \"v_proj\"], or [\"all-linear\"]".into(),
+            );
+        }
     }
     if let Some(v) = recipe.model.vocab_size {
         if d.tokenizer.is_empty() && v < d.tokenizer_vocab_size {

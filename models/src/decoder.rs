@@ -13,6 +13,7 @@ use crate::blocks::*;
 use crate::causal_lm::CausalLm;
 use crate::init::{normal_param, SeededRng};
 use crate::kernels::FusedOps;
+use crate::lora::LinearLayers;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PositionKind {
@@ -167,6 +168,29 @@ pub struct Decoder<B: Backend> {
     pub max_seq_len: usize,
     pub vocab_size: usize,
     pub embed_dropout: Dropout,
+}
+
+impl<B: Backend> LinearLayers<B> for Decoder<B> {
+    fn linear_layers_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out: Vec<(&'static str, &mut Linear<B>)> = Vec::new();
+        for layer in &mut self.layers {
+            let (attn, ffn) = (&mut layer.attention, &mut layer.feed_forward);
+            out.extend([
+                ("q_proj", &mut attn.q_proj),
+                ("k_proj", &mut attn.k_proj),
+                ("v_proj", &mut attn.v_proj),
+                ("o_proj", &mut attn.o_proj),
+            ]);
+            if let Some(gate) = &mut ffn.gate_proj {
+                out.push(("gate_proj", gate));
+            }
+            out.extend([("up_proj", &mut ffn.up_proj), ("down_proj", &mut ffn.down_proj)]);
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head", head));
+        }
+        out
+    }
 }
 
 /// Keys and values of every layer, passed to `forward_step` by the caller.

@@ -349,6 +349,78 @@ pub fn config_to_hf(config: &DecoderConfig, bos: u32, eos: u32, dtype: &str) -> 
     })
 }
 
+/// LoRA adapters in Hugging Face PEFT's layout: `base_model.model.<hf module>.lora_A.weight`
+/// `[r, d_in]` and `lora_B.weight` `[d_out, r]` (torch `nn.Linear` layout, also for GPT-2's
+/// Conv1D). Our q/k/v adapters on GPT-2 become one adapter on the fused `c_attn`: A stacks
+/// theirs, B is block-diagonal, so its rank is the sum and `rank_pattern`/`alpha_pattern` keep
+/// its scale. Returns the tensors and the adapted modules (PEFT target names, ranks, alphas).
+pub fn to_peft(arch: HfArch, ours: &NamedTensors, n_layers: usize, scale: f64, rslora: bool) -> Result<PeftAdapters, String> {
+    let mut adapters = PeftAdapters::default();
+    for (hf_name, names, _) in expanded(arch, n_layers) {
+        let Some(module) = hf_name.strip_suffix(".weight") else { continue };
+        let prefixes: Vec<&str> = names.iter().filter_map(|n| n.strip_suffix(".weight")).collect();
+        let parts: Vec<Option<(&HostTensor, &HostTensor)>> =
+            prefixes.iter().map(|p| Some((ours.get(&format!("{p}.lora.a"))?, ours.get(&format!("{p}.lora.b"))?))).collect();
+        if parts.iter().all(Option::is_none) {
+            continue;
+        }
+        let widths: Vec<usize> = names
+            .iter()
+            .map(|n| ours.get(n).map(|w| w.shape[1]).ok_or_else(|| format!("no base weight `{n}`")))
+            .collect::<Result<_, _>>()?;
+        let d_in = parts.iter().flatten().next().expect("one adapter").0.shape[0];
+        let rank: usize = parts.iter().flatten().map(|(a, _)| a.shape[1]).sum();
+        let d_out: usize = widths.iter().sum();
+        let mut lora_a = HostTensor { shape: vec![rank, d_in], data: vec![0.0; rank * d_in] };
+        let mut lora_b = HostTensor { shape: vec![d_out, rank], data: vec![0.0; d_out * rank] };
+        let (mut r0, mut row0) = (0, 0);
+        for (part, &width) in parts.iter().zip(&widths) {
+            if let Some((a, b)) = part {
+                let r = a.shape[1];
+                for i in 0..d_in {
+                    for k in 0..r {
+                        lora_a.data[(r0 + k) * d_in + i] = a.data[i * r + k];
+                    }
+                }
+                for k in 0..r {
+                    for j in 0..width {
+                        lora_b.data[(row0 + j) * rank + r0 + k] = b.data[k * width + j];
+                    }
+                }
+                r0 += r;
+            }
+            row0 += width;
+        }
+        let target = peft_target(module);
+        let alpha = if rslora { scale * (rank as f64).sqrt() } else { scale * rank as f64 };
+        adapters.tensors.insert(format!("base_model.model.{module}.lora_A.weight"), lora_a);
+        adapters.tensors.insert(format!("base_model.model.{module}.lora_B.weight"), lora_b);
+        adapters.modules.insert(target, (rank, alpha));
+    }
+    if adapters.tensors.is_empty() {
+        return Err("the checkpoint holds no LoRA adapters".into());
+    }
+    Ok(adapters)
+}
+
+/// What `to_peft` produces.
+#[derive(Debug, Default)]
+pub struct PeftAdapters {
+    pub tensors: NamedTensors,
+    /// PEFT target name → (rank, alpha) of every adapted module.
+    pub modules: std::collections::BTreeMap<String, (usize, f64)>,
+}
+
+/// The module's name below its layer (`self_attn.q_proj`, `attn.c_attn`, `lm_head`): what
+/// PEFT's `target_modules` matches as a suffix.
+fn peft_target(module: &str) -> String {
+    let parts: Vec<&str> = module.split('.').collect();
+    match parts.iter().position(|p| p.parse::<usize>().is_ok()) {
+        Some(i) => parts[i + 1..].join("."),
+        None => module.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod hf;
 pub mod init;
 pub mod kernels;
+pub mod lora;
 pub mod params;
 pub mod sampling;
 

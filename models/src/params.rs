@@ -101,6 +101,23 @@ pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> NamedTensors {
     collect.0
 }
 
+/// (parameters that train, all parameters), counted in elements.
+pub fn trainable_params<B: Backend, M: Module<B>>(module: &M) -> (usize, usize) {
+    struct Count(usize, usize);
+    impl<B: Backend> PathVisitor<B> for Count {
+        fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<B, D>>) {
+            let n = param.lazy_shape().num_elements();
+            self.1 += n;
+            if param.val().is_require_grad() {
+                self.0 += n;
+            }
+        }
+    }
+    let mut count = Count(0, 0);
+    visit_with_paths(module, &mut count);
+    (count.0, count.1)
+}
+
 /// Parameter paths and shapes, without copying data.
 pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
     struct Shapes(BTreeMap<String, Vec<usize>>);

@@ -204,3 +204,135 @@ fn named_tensors_round_trip_through_load() {
     wrong.get_mut("norm.weight").unwrap().shape = vec![31];
     assert!(crate::params::load_named(b, &wrong).unwrap_err().contains("norm.weight"));
 }
+
+mod lora {
+    use burn::optim::GradientsParams;
+
+    use super::*;
+    use crate::hf::{to_peft, HfArch};
+    use crate::lora::{attach_lora, merge_lora, LoraConfig, LoraInit};
+    use crate::params::{load_named, named_tensors, trainable_params, HostTensor};
+
+    fn tokens<Bk: Backend>() -> Tensor<Bk, 2, Int> {
+        Tensor::from_data(TensorData::new((0..24).map(|i| (i * 7 % 50) as i64).collect::<Vec<_>>(), [2, 12]), &Default::default())
+    }
+
+    fn config(targets: &[&str]) -> LoraConfig {
+        LoraConfig::new(4, 8.0, targets.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn logits<Bk: Backend, M: CausalLm<Bk>>(model: &M) -> Vec<f32> {
+        model.forward(tokens()).into_data().into_vec().unwrap()
+    }
+
+    /// Give every adapter a random B, as training would.
+    fn train_b<Bk: Backend, M: Module<Bk>>(model: M, seed: u64) -> M {
+        let mut tensors = named_tensors(&model);
+        let mut rng = SeededRng::new(seed);
+        for (name, t) in tensors.iter_mut() {
+            if name.ends_with(".lora.b") {
+                t.data.iter_mut().for_each(|v| *v = (rng.normal() * 0.05) as f32);
+            }
+        }
+        load_named(model, &tensors).unwrap()
+    }
+
+    #[test]
+    fn adapters_start_as_the_base_model() {
+        let base = DecoderConfig::new(50, 32, 2, 4, 64, 16).with_n_kv_heads(Some(2)).init::<B>(3, &Default::default());
+        let before = logits(&base);
+        for init in [LoraInit::Kaiming, LoraInit::Gaussian] {
+            let (adapted, count) = attach_lora(base.clone(), &config(&["all-linear"]).with_init(init), 1, &Default::default()).unwrap();
+            assert_eq!(count, 2 * 7);
+            assert_eq!(logits(&adapted), before, "B = 0: the update is exactly zero");
+        }
+    }
+
+    #[test]
+    fn only_adapters_train() {
+        let base = DecoderConfig::new(50, 32, 2, 4, 64, 16).init::<AB>(3, &Default::default());
+        let (model, count) = attach_lora(base, &config(&["q_proj", "v_proj", "down_proj"]), 1, &Default::default()).unwrap();
+        assert_eq!(count, 6);
+        let (trainable, total) = trainable_params(&model);
+        assert_eq!(trainable, 2 * (2 * 4 * (32 + 32) + 4 * (64 + 32)));
+        assert!(total > 10 * trainable);
+        let model = train_b(model, 5);
+        let grads = GradientsParams::from_grads(model.forward(tokens()).sum().backward(), &model);
+        assert_eq!(grads.len(), 2 * count, "gradients for A and B of each adapter, none for frozen weights");
+    }
+
+    #[test]
+    fn merged_weights_give_the_adapted_logits() {
+        let decoder = DecoderConfig::new(50, 32, 2, 4, 64, 16).with_n_kv_heads(Some(2));
+        let lora = config(&["all-linear", "lm_head"]).with_use_rslora(true);
+        let (adapted, _) = attach_lora(decoder.init::<B>(3, &Default::default()), &lora, 1, &Default::default()).unwrap();
+        let adapted = train_b(adapted, 9);
+        let merged = merge_lora(&named_tensors(&adapted), lora.scale());
+        assert!(merged.keys().all(|k| !k.contains("lora")));
+        let plain = load_named(decoder.init::<B>(0, &Default::default()), &merged).unwrap();
+        let (a, b) = (logits(&adapted), logits(&plain));
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-5 * scale.max(1.0), "merged vs adapted: {diff}");
+        assert!(logits(&decoder.init::<B>(3, &Default::default())) != a, "the trained adapters change the output");
+    }
+
+    #[test]
+    fn unknown_targets_list_the_layers_there_are() {
+        let llama = DecoderConfig::new(50, 32, 2, 4, 64, 16).init::<B>(3, &Default::default());
+        let err = attach_lora(llama.clone(), &config(&["qkv"]), 1, &Default::default()).unwrap_err();
+        assert!(err.contains("`qkv`") && err.contains("q_proj") && err.contains("gate_proj"), "{err}");
+        let tied = DecoderConfig::new(50, 32, 2, 4, 64, 16).with_tie_embeddings(true).init::<B>(3, &Default::default());
+        let err = attach_lora(tied, &config(&["lm_head"]), 1, &Default::default()).unwrap_err();
+        assert!(err.contains("`lm_head`"), "{err}");
+        assert!(attach_lora(llama, &config(&["lm_head"]), 1, &Default::default()).is_ok());
+        let gpt2 =
+            DecoderConfig::new(50, 32, 2, 4, 64, 16).with_mlp(MlpKind::Gelu).with_tie_embeddings(true).init::<B>(3, &Default::default());
+        let err = attach_lora(gpt2, &config(&["gate_proj"]), 1, &Default::default()).unwrap_err();
+        assert!(err.contains("c_attn") && !err.contains("gate_proj,"), "{err}");
+    }
+
+    /// PEFT's update for a module is `(lora_B · lora_A)ᵀ` in our `[in, out]` layout, times
+    /// alpha/r of that module: it must equal our `A·B·scale` for every layer, including GPT-2's
+    /// fused c_attn whose adapter stacks ours.
+    #[test]
+    fn peft_layout_holds_the_same_updates() {
+        for (arch, decoder) in [
+            (HfArch::Llama, DecoderConfig::new(50, 32, 2, 4, 64, 16).with_n_kv_heads(Some(2))),
+            (HfArch::Gpt2, DecoderConfig::new(50, 32, 2, 4, 64, 16).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true)),
+        ] {
+            let lora = config(&["q_proj", "v_proj", "o_proj", "up_proj"]);
+            let (model, _) = attach_lora(decoder.init::<B>(3, &Default::default()), &lora, 1, &Default::default()).unwrap();
+            let ours = named_tensors(&train_b(model, 2));
+            let peft = to_peft(arch, &ours, 2, lora.scale(), false).unwrap();
+            let merged_ours = merge_lora(&ours, lora.scale());
+            // Apply PEFT's adapters to the base weights in torch layout, then compare per layer.
+            let mut applied = crate::hf::to_hf(arch, &merge_lora(&ours, 0.0), 2).unwrap();
+            for (key, a) in peft.tensors.iter().filter(|(k, _)| k.ends_with("lora_A.weight")) {
+                let module = key.strip_prefix("base_model.model.").unwrap().strip_suffix(".lora_A.weight").unwrap();
+                let b = &peft.tensors[&key.replace("lora_A", "lora_B")];
+                let target = peft.modules.iter().find(|(t, _)| module.ends_with(t.as_str())).unwrap();
+                let (rank, alpha) = *target.1;
+                let weight = applied.get_mut(&format!("{module}.weight")).unwrap();
+                add_peft_update(weight, a, b, alpha / rank as f64, arch == HfArch::Gpt2);
+            }
+            let expected = crate::hf::to_hf(arch, &merged_ours, 2).unwrap();
+            for (name, t) in &expected {
+                let diff = t.data.iter().zip(&applied[name].data).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(diff < 1e-6, "{arch:?} {name}: {diff}");
+            }
+        }
+    }
+
+    /// `weight += (B·A)·scale`, with B·A `[out, in]` transposed for a Conv1D (`[in, out]`) weight.
+    fn add_peft_update(weight: &mut HostTensor, a: &HostTensor, b: &HostTensor, scale: f64, conv1d: bool) {
+        let (r, d_in, d_out) = (a.shape[0], a.shape[1], b.shape[0]);
+        for o in 0..d_out {
+            for i in 0..d_in {
+                let update: f64 = (0..r).map(|k| b.data[o * r + k] as f64 * a.data[k * d_in + i] as f64).sum();
+                let index = if conv1d { i * d_out + o } else { o * d_in + i };
+                weight.data[index] += (update * scale) as f32;
+            }
+        }
+    }
+}

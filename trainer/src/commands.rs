@@ -15,7 +15,8 @@ use furnace_models::CausalLm;
 use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::evaluate::encode_prompt;
-use crate::train::{decoder_config, output_dir, TrainJob};
+use crate::model::{build_model, decoder_config, load_base};
+use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
 fn load_recipe(args: &RecipeArgs) -> Result<Recipe> {
@@ -93,19 +94,16 @@ pub fn bench_gemm(size: usize) -> Result<()> {
 
 struct GenerateJob {
     args: GenerateArgs,
-    dir: PathBuf,
     recipe: Recipe,
     tokenizer: TextTokenizer,
+    weights: NamedTensors,
 }
 
 impl BackendJob for GenerateJob {
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
-        let Self { args, dir, recipe, tokenizer } = self;
-        let config = decoder_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
-        let weights = from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
-        let model = load_named(config.init::<B::InnerBackend>(0, &device), &weights)
-            .map_err(|e| anyhow::anyhow!("{} does not fit the recipe's model: {e}", dir.join(MODEL_FILE).display()))?;
+        let Self { args, recipe, tokenizer, weights } = self;
+        let model = load_named(build_model::<B::InnerBackend>(&recipe, tokenizer.vocab_size(), None, &device)?, &weights)
+            .map_err(|e| anyhow::anyhow!("{} does not fit its model: {e}", args.checkpoint.display()))?;
         let mut stop_tokens = vec![tokenizer.eos()];
         for s in &args.stop {
             match tokenizer.encode(s).as_slice() {
@@ -165,21 +163,34 @@ pub fn export(args: ExportArgs) -> Result<()> {
             "q4_0" => crate::gguf::GgmlType::Q4_0,
             _ => crate::gguf::GgmlType::F32,
         };
-        return crate::export::export_gguf(&args.checkpoint, &args.out, quant);
+        return crate::export::export_gguf(&args.checkpoint, &args.out, quant, args.merge_lora);
+    }
+    if args.format == "peft" {
+        return crate::export::export_peft(&args.checkpoint, &args.out);
     }
     let dtype = match args.dtype.as_str() {
         "f16" => StoreDtype::F16,
         "bf16" => StoreDtype::BF16,
         _ => StoreDtype::F32,
     };
-    crate::export::export_hf(&args.checkpoint, &args.out, dtype, args.max_shard_size)
+    crate::export::export_hf(&args.checkpoint, &args.out, dtype, args.max_shard_size, args.merge_lora)
 }
 
+/// Generate from a Furnace checkpoint (adapters included) or a Hugging Face model folder.
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let dir = checkpoint::resolve(&args.checkpoint)?;
-    let recipe_path = dir.join(RECIPE_FILE);
-    let recipe_text = std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?;
-    let recipe = Recipe::from_stored(&recipe_text, &recipe_path.display().to_string())?;
-    let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
-    dispatch(&recipe.clone(), GenerateJob { args, dir, recipe, tokenizer })
+    let (recipe, tokenizer, weights) = if args.checkpoint.join("config.json").is_file() {
+        let base = load_base(&args.checkpoint)?;
+        let recipe = Recipe { model: base.model.to_section(&args.checkpoint.display().to_string()), ..Default::default() };
+        (recipe, TextTokenizer::load(&base.tokenizer).map_err(anyhow::Error::msg)?, base.weights)
+    } else {
+        let dir = checkpoint::resolve(&args.checkpoint)?;
+        let recipe_path = dir.join(RECIPE_FILE);
+        let recipe_text = std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?;
+        let recipe = Recipe::from_stored(&recipe_text, &recipe_path.display().to_string())?;
+        let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
+        let weights = from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
+        (recipe, tokenizer, weights)
+    };
+    dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights })
 }

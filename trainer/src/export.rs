@@ -1,19 +1,21 @@
 //! `furnace export`: a checkpoint as a Hugging Face model folder that
-//! `transformers.AutoModelForCausalLM.from_pretrained` loads offline.
+//! `transformers.AutoModelForCausalLM.from_pretrained` loads offline, as a GGUF file for
+//! llama.cpp, or (LoRA runs) as a PEFT adapter folder.
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use furnace_configs::fsutil::atomic_write;
 use furnace_configs::Recipe;
 use furnace_data::TextTokenizer;
-use furnace_models::hf::{config_to_hf, hf_arch_for, to_hf};
+use furnace_models::hf::{config_to_hf, hf_arch_for, to_hf, to_peft, HfArch};
+use furnace_models::lora::{has_lora, merge_lora, LoraInit};
 use furnace_models::params::{from_safetensors, to_safetensors_as, NamedTensors, StoreDtype};
 use serde_json::json;
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::gguf::{encode, GgmlType, Gguf, GgufTensor, Value};
-use crate::train::decoder_config;
+use crate::model::{decoder_config, lora_config};
 
 /// What an export reads from a checkpoint: the model's weights under Hugging Face names.
 struct Source {
@@ -25,7 +27,8 @@ struct Source {
     hf: NamedTensors,
 }
 
-fn read_source(checkpoint: &Path) -> Result<Source> {
+/// A checkpoint's recipe, tokenizer, model config and weights under our names.
+fn read_checkpoint(checkpoint: &Path) -> Result<(std::path::PathBuf, Recipe, TextTokenizer, furnace_models::DecoderConfig, NamedTensors)> {
     let dir = checkpoint::resolve(checkpoint)?;
     let recipe_path = dir.join(RECIPE_FILE);
     let recipe = Recipe::from_stored(
@@ -34,18 +37,85 @@ fn read_source(checkpoint: &Path) -> Result<Source> {
     )?;
     let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
     let config = decoder_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
-    let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {}: {e}", dir.display()))?;
     let weights =
         from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
+    Ok((dir, recipe, tokenizer, config, weights))
+}
+
+/// A checkpoint's whole model under Hugging Face names; LoRA adapters are folded into the base
+/// weights when `merge_adapters`, and refused otherwise (an export holds one set of weights).
+fn read_source(checkpoint: &Path, merge_adapters: bool) -> Result<Source> {
+    let (dir, recipe, tokenizer, config, mut weights) = read_checkpoint(checkpoint)?;
+    if has_lora(&weights) {
+        if !merge_adapters {
+            bail!(
+                "{} holds LoRA adapters: add --merge-lora to fold them into the base weights, or export them alone with --format peft",
+                dir.display()
+            );
+        }
+        let lora = lora_config(&recipe.lora).with_context(|| format!("{}: adapters present but [lora] r = 0", dir.display()))?;
+        weights = merge_lora(&weights, lora.scale());
+    }
+    let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {}: {e}", dir.display()))?;
     let hf = to_hf(arch, &weights, config.n_layers).map_err(anyhow::Error::msg)?;
     Ok(Source { dir, recipe, tokenizer, config, arch, hf })
+}
+
+/// Write the LoRA adapters of `checkpoint` alone, as PEFT saves them: `adapter_config.json` and
+/// `adapter_model.safetensors`, loadable with `PeftModel.from_pretrained(base, out)` on the
+/// base model exported with `--format safetensors` (of the base run, or of this one merged
+/// with zero adapters — the frozen weights are the base's).
+pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<()> {
+    let (dir, recipe, _, config, weights) = read_checkpoint(checkpoint)?;
+    let lora = lora_config(&recipe.lora).filter(|_| has_lora(&weights)).with_context(|| {
+        format!("{} holds no LoRA adapters (its recipe has lora.r = 0); export the whole model with --format safetensors", dir.display())
+    })?;
+    let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {}: {e}", dir.display()))?;
+    let adapters = to_peft(arch, &weights, config.n_layers, lora.scale(), lora.use_rslora).map_err(anyhow::Error::msg)?;
+    // PEFT takes one r and alpha plus per-module patterns; modules whose rank differs (GPT-2's
+    // fused c_attn) go into the patterns.
+    let rank_pattern: serde_json::Map<String, serde_json::Value> =
+        adapters.modules.iter().filter(|(_, (r, _))| *r != lora.r).map(|(m, (r, _))| (m.clone(), json!(r))).collect();
+    let alpha_pattern: serde_json::Map<String, serde_json::Value> =
+        adapters.modules.iter().filter(|(_, (r, _))| *r != lora.r).map(|(m, (_, a))| (m.clone(), json!(a))).collect();
+    let config_json = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": adapters.modules.keys().collect::<Vec<_>>(),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": arch == HfArch::Gpt2,
+        "use_rslora": lora.use_rslora,
+        "init_lora_weights": match lora.init { LoraInit::Kaiming => json!(true), LoraInit::Gaussian => json!("gaussian") },
+        "modules_to_save": null,
+        "base_model_name_or_path": recipe.model.init_from,
+        "inference_mode": true,
+    });
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let write = |name: &str, bytes: &[u8]| {
+        atomic_write(&out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()))
+    };
+    write("adapter_model.safetensors", &to_safetensors_as(&adapters.tensors, StoreDtype::F32))?;
+    write("adapter_config.json", serde_json::to_string_pretty(&config_json)?.as_bytes())?;
+    println!(
+        "exported the LoRA adapters of {} ({} modules, {} tensors) to {}",
+        dir.display(),
+        adapters.modules.len(),
+        adapters.tensors.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 /// Write `checkpoint` (a run folder or a step folder) to `out` in Hugging Face layout: weights
 /// (sharded above `max_shard_bytes`, with `model.safetensors.index.json`), config.json,
 /// generation_config.json and the tokenizer files.
-pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_bytes: usize) -> Result<()> {
-    let Source { dir, tokenizer, config, arch, hf, .. } = read_source(checkpoint)?;
+pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_bytes: usize, merge_adapters: bool) -> Result<()> {
+    let Source { dir, tokenizer, config, arch, hf, .. } = read_source(checkpoint, merge_adapters)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let write = |name: &str, bytes: &[u8]| {
         atomic_write(&out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()))
@@ -148,8 +218,8 @@ fn file_type(ty: GgmlType) -> u32 {
 
 /// Write `checkpoint` as a GGUF file llama.cpp loads (Llama architecture). Matrices whose rows
 /// are a multiple of 32 take `quant`; norms stay f32, as llama.cpp's converter keeps them.
-pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType) -> Result<()> {
-    let Source { dir, recipe, tokenizer, config, arch, hf } = read_source(checkpoint)?;
+pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType, merge_adapters: bool) -> Result<()> {
+    let Source { dir, recipe, tokenizer, config, arch, hf } = read_source(checkpoint, merge_adapters)?;
     if arch != furnace_models::hf::HfArch::Llama {
         anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture is written so far", dir.display());
     }

@@ -13,6 +13,7 @@ pub mod evaluate;
 pub mod export;
 pub mod gguf;
 pub mod metrics;
+pub mod model;
 pub mod objective;
 pub mod tensorboard;
 pub mod train;
@@ -41,7 +42,8 @@ pub struct TrainArgs {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A run folder (its newest checkpoint is used) or one checkpoint folder.
+    /// A run folder (its newest checkpoint is used), one checkpoint folder, or a Hugging Face
+    /// model folder (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub checkpoint: PathBuf,
     #[arg(long, default_value = "")]
@@ -75,9 +77,13 @@ pub struct ExportArgs {
     /// A run folder (its newest checkpoint) or one checkpoint folder.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Output format: safetensors (a Hugging Face model folder) or gguf (one llama.cpp file).
-    #[arg(long, value_parser = ["safetensors", "gguf"], default_value = "safetensors")]
+    /// Output format: safetensors (a Hugging Face model folder), gguf (one llama.cpp file) or
+    /// peft (a LoRA run's adapters alone, as Hugging Face PEFT saves them).
+    #[arg(long, value_parser = ["safetensors", "gguf", "peft"], default_value = "safetensors")]
     pub format: String,
+    /// Fold a LoRA run's adapters into the base weights (W + A·B·alpha/r) before writing.
+    #[arg(long)]
+    pub merge_lora: bool,
     /// safetensors: weight dtype.
     #[arg(long, value_parser = ["f32", "f16", "bf16"], default_value = "f32")]
     pub dtype: String,

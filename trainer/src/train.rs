@@ -9,14 +9,13 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{DataSource, Recipe, ResolvedModel};
+use furnace_configs::{DataSource, Recipe};
 use furnace_data::corpus::{arithmetic_config, prepare, val_seed, Prepared};
 use furnace_data::generators::arithmetic;
 use furnace_data::{Loader, Shard};
-use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::generate::generate;
-use furnace_models::params::{load_named, named_tensors};
-use furnace_models::{CausalLm, Decoder, DecoderConfig, PositionKind};
+use furnace_models::params::{load_named, named_tensors, trainable_params};
+use furnace_models::{CausalLm, Decoder, DecoderConfig};
 use furnace_optim::{clip_factor, global_grad_norm, Algorithm, DecayGroups, Optimizer, Schedule};
 
 use crate::backend::{BackendJob, TrainBackend};
@@ -24,34 +23,8 @@ use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss};
 use crate::metrics::Metrics;
+use crate::model::{build_model, decoder_config, describe, load_base, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
-
-/// The decoder a resolved `[model]` section describes.
-pub fn decoder_config(m: &ResolvedModel) -> DecoderConfig {
-    use furnace_configs::{Mlp, Norm, Position};
-    DecoderConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
-        .with_n_kv_heads(Some(m.n_kv_heads))
-        .with_norm(match m.norm {
-            Norm::RmsNorm => NormKind::RmsNorm,
-            Norm::LayerNorm => NormKind::LayerNorm,
-        })
-        .with_norm_eps(m.norm_eps)
-        .with_position(match m.position {
-            Position::Rope => PositionKind::Rope,
-            Position::Alibi => PositionKind::Alibi,
-            Position::Learned => PositionKind::Learned,
-        })
-        .with_rope_theta(m.rope_theta)
-        .with_mlp(match m.mlp {
-            Mlp::SwiGlu => MlpKind::SwiGlu,
-            Mlp::Gelu => MlpKind::Gelu,
-        })
-        .with_bias(m.bias)
-        .with_tie_embeddings(m.tie_embeddings)
-        .with_sliding_window(m.sliding_window)
-        .with_parallel_block(m.parallel_block)
-        .with_dropout(m.dropout)
-}
 
 pub struct TrainJob {
     pub recipe: Recipe,
@@ -86,7 +59,15 @@ struct Trainer<B: TrainBackend> {
 
 impl<B: TrainBackend> Trainer<B> {
     fn setup(job: TrainJob, device: B::Device) -> Result<(Self, Decoder<B>)> {
-        let TrainJob { recipe, output_dir: out, resume, max_steps } = job;
+        let TrainJob { mut recipe, output_dir: out, resume, max_steps } = job;
+        let base = if recipe.model.init_from.is_empty() {
+            None
+        } else {
+            println!("loading base weights from {}", recipe.model.init_from);
+            let base = load_base(Path::new(&recipe.model.init_from))?;
+            recipe = with_base(recipe, &base);
+            Some(base)
+        };
         let t = &recipe.training;
         let checkpointer = Checkpointer::new(&out, t.save_every, t.keep_last);
         let latest = checkpointer.latest();
@@ -118,8 +99,17 @@ impl<B: TrainBackend> Trainer<B> {
                 data.tokenizer.vocab_size()
             );
         }
+        if t.seq_len > resolved.max_seq_len {
+            bail!(
+                "recipe key training.seq_len = {} exceeds the model's max_seq_len = {} ({}); lower training.seq_len",
+                t.seq_len,
+                resolved.max_seq_len,
+                describe(&recipe.model)
+            );
+        }
         let model_config = decoder_config(&resolved);
-        let mut model = model_config.init::<B>(recipe.run.seed, &device);
+        let mut model = build_model::<B>(&recipe, data.tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
+        drop(base);
         let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
         let world = furnace_distributed::World::from_env();
         if world.size > 1 {
@@ -205,6 +195,17 @@ impl<B: TrainBackend> Trainer<B> {
             tokens_per_step,
             self.peak_flops / 1e9
         ));
+        if self.recipe.lora.r > 0 {
+            let (trainable, total) = trainable_params(&model);
+            let l = &self.recipe.lora;
+            self.metrics.println(format!(
+                "LoRA r={} alpha={} on {:?}: trainable params {trainable} || all params {total} || trainable% {:.4}",
+                l.r,
+                l.alpha,
+                l.target_modules,
+                100.0 * trainable as f64 / total as f64
+            ));
+        }
         let mut window_start = Instant::now();
         let mut window_tokens = 0usize;
         while self.state.step < self.stop_at {

@@ -1,0 +1,195 @@
+//! From a recipe to a model: the decoder its `[model]` section describes, the weights it
+//! starts from (`model.init_from`), and the LoRA adapters its `[lora]` section asks for.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use furnace_configs::{Arch, LoraSection, Mlp, ModelSection, Norm, Position, Recipe, ResolvedModel};
+use furnace_models::blocks::{MlpKind, NormKind};
+use furnace_models::hf::{config_from_hf, from_hf, HfArch};
+use furnace_models::lora::{attach_lora, has_lora, merge_lora, LoraConfig, LoraInit};
+use furnace_models::params::{from_safetensors, NamedTensors};
+use furnace_models::{Decoder, DecoderConfig, PositionKind};
+
+use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
+
+/// The decoder a resolved `[model]` section describes.
+pub fn decoder_config(m: &ResolvedModel) -> DecoderConfig {
+    DecoderConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
+        .with_n_kv_heads(Some(m.n_kv_heads))
+        .with_norm(match m.norm {
+            Norm::RmsNorm => NormKind::RmsNorm,
+            Norm::LayerNorm => NormKind::LayerNorm,
+        })
+        .with_norm_eps(m.norm_eps)
+        .with_position(match m.position {
+            Position::Rope => PositionKind::Rope,
+            Position::Alibi => PositionKind::Alibi,
+            Position::Learned => PositionKind::Learned,
+        })
+        .with_rope_theta(m.rope_theta)
+        .with_mlp(match m.mlp {
+            Mlp::SwiGlu => MlpKind::SwiGlu,
+            Mlp::Gelu => MlpKind::Gelu,
+        })
+        .with_bias(m.bias)
+        .with_tie_embeddings(m.tie_embeddings)
+        .with_sliding_window(m.sliding_window)
+        .with_parallel_block(m.parallel_block)
+        .with_dropout(m.dropout)
+}
+
+/// The resolved model of a decoder config (the inverse of `decoder_config`).
+fn resolved_model(arch: Arch, c: &DecoderConfig) -> ResolvedModel {
+    ResolvedModel {
+        arch,
+        vocab_size: c.vocab_size,
+        d_model: c.d_model,
+        n_layers: c.n_layers,
+        n_heads: c.n_heads,
+        n_kv_heads: c.kv_heads(),
+        d_ff: c.d_ff,
+        max_seq_len: c.max_seq_len,
+        norm: match c.norm {
+            NormKind::RmsNorm => Norm::RmsNorm,
+            NormKind::LayerNorm => Norm::LayerNorm,
+        },
+        norm_eps: c.norm_eps,
+        position: match c.position {
+            PositionKind::Rope => Position::Rope,
+            PositionKind::Alibi => Position::Alibi,
+            PositionKind::Learned => Position::Learned,
+        },
+        rope_theta: c.rope_theta,
+        mlp: match c.mlp {
+            MlpKind::SwiGlu => Mlp::SwiGlu,
+            MlpKind::Gelu => Mlp::Gelu,
+        },
+        bias: c.bias,
+        tie_embeddings: c.tie_embeddings,
+        sliding_window: c.sliding_window,
+        parallel_block: c.parallel_block,
+        dropout: c.dropout,
+    }
+}
+
+/// The adapters a `[lora]` section asks for; None when r = 0.
+pub fn lora_config(l: &LoraSection) -> Option<LoraConfig> {
+    (l.r > 0).then(|| {
+        LoraConfig::new(l.r, l.alpha, l.target_modules.clone()).with_dropout(l.dropout).with_use_rslora(l.use_rslora).with_init(
+            match l.init {
+                furnace_configs::LoraInit::Kaiming => LoraInit::Kaiming,
+                furnace_configs::LoraInit::Gaussian => LoraInit::Gaussian,
+            },
+        )
+    })
+}
+
+/// The model a recipe describes for a tokenizer of `vocab` tokens: initialised from the seed,
+/// with LoRA adapters attached (and everything else frozen) when `[lora]` asks for them.
+/// Weights loaded afterwards (`load_named`) keep each parameter's trainable flag.
+pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&NamedTensors>, device: &B::Device) -> Result<Decoder<B>> {
+    let config = decoder_config(&recipe.model.resolve(Some(vocab)));
+    let mut model = config.init::<B>(recipe.run.seed, device);
+    if let Some(weights) = base {
+        model = furnace_models::params::load_named(model, weights)
+            .map_err(|e| anyhow::anyhow!("model.init_from = {}: {e}", recipe.model.init_from))?;
+    }
+    match lora_config(&recipe.lora) {
+        None => Ok(model),
+        Some(lora) => Ok(attach_lora(model, &lora, recipe.run.seed, device).map_err(anyhow::Error::msg)?.0),
+    }
+}
+
+/// Pretrained weights to start from, with the model they fit and their tokenizer.
+pub struct Base {
+    pub model: ResolvedModel,
+    /// Under our parameter names, adapters already merged.
+    pub weights: NamedTensors,
+    pub tokenizer: PathBuf,
+}
+
+/// Read `model.init_from`: a Furnace run or checkpoint folder, or a Hugging Face model folder.
+pub fn load_base(path: &Path) -> Result<Base> {
+    let tokenizer = path.join(TOKENIZER_FILE);
+    if path.join("config.json").is_file() {
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path.join("config.json"))?)
+            .with_context(|| format!("{} is not valid JSON", path.join("config.json").display()))?;
+        let (hf_arch, config) = config_from_hf(&json).map_err(|e| anyhow::anyhow!("{}: {e}", path.join("config.json").display()))?;
+        let hf = read_hf_weights(path)?;
+        let weights =
+            from_hf(hf_arch, &hf, config.n_layers, config.tie_embeddings).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let arch = match hf_arch {
+            HfArch::Llama => Arch::Llama,
+            HfArch::Gpt2 => Arch::Gpt2,
+        };
+        if !tokenizer.is_file() {
+            bail!("{} has no tokenizer.json; Furnace reads Hugging Face fast tokenizers only", path.display());
+        }
+        return Ok(Base { model: resolved_model(arch, &config), weights, tokenizer });
+    }
+    let dir = checkpoint::resolve(path)?;
+    let recipe_path = dir.join(RECIPE_FILE);
+    let recipe = Recipe::from_stored(
+        &std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?,
+        &recipe_path.display().to_string(),
+    )?;
+    let weights =
+        from_safetensors(&std::fs::read(dir.join(MODEL_FILE)).with_context(|| format!("cannot read {}", dir.join(MODEL_FILE).display()))?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
+    let weights = match lora_config(&recipe.lora) {
+        Some(lora) if has_lora(&weights) => merge_lora(&weights, lora.scale()),
+        _ => weights,
+    };
+    let vocab = weights.get("embed_tokens").map(|t| t.shape[0]);
+    Ok(Base { model: recipe.model.resolve(vocab), weights, tokenizer: dir.join(TOKENIZER_FILE) })
+}
+
+/// A Hugging Face folder's weights: `model.safetensors`, or the shards its index lists.
+fn read_hf_weights(dir: &Path) -> Result<NamedTensors> {
+    let read = |name: &str| -> Result<NamedTensors> {
+        let path = dir.join(name);
+        from_safetensors(&std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    };
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return read("model.safetensors");
+    }
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&index)?)?;
+    let mut files: Vec<&str> = json["weight_map"]
+        .as_object()
+        .with_context(|| format!("{} has no weight_map", index.display()))?
+        .values()
+        .filter_map(|v| v.as_str())
+        .collect();
+    files.sort();
+    files.dedup();
+    let mut all = NamedTensors::new();
+    for file in files {
+        all.extend(read(file)?);
+    }
+    Ok(all)
+}
+
+/// The recipe with `model.init_from` applied: its `[model]` section becomes the base's model
+/// (dropout kept from the recipe) and, unless the recipe names one, the base's tokenizer is used.
+pub fn with_base(mut recipe: Recipe, base: &Base) -> Recipe {
+    let mut model = base.model.clone();
+    model.dropout = recipe.model.dropout;
+    recipe.model = model.to_section(&recipe.model.init_from);
+    if recipe.data.tokenizer.is_empty() {
+        recipe.data.tokenizer = base.tokenizer.display().to_string();
+    }
+    recipe
+}
+
+/// Why a `[model]` section that came from `init_from` is what it is, for messages.
+pub fn describe(section: &ModelSection) -> String {
+    if section.init_from.is_empty() {
+        format!("{}", section.arch)
+    } else {
+        format!("{} from {}", section.arch, section.init_from)
+    }
+}
