@@ -9,6 +9,7 @@ pub mod hf;
 pub mod init;
 pub mod kernels;
 pub mod lora;
+pub mod nf4;
 pub mod params;
 pub mod sampling;
 
