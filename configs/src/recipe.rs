@@ -81,6 +81,16 @@ choice!(
         Gaussian = "gaussian",
     }
 );
+choice!(
+    /// Storage of the frozen base's linear layers under LoRA.
+    BaseQuant {
+        /// Dense f32, as trained.
+        None = "none",
+        /// QLoRA: NF4 with double-quantized block maxima (≈4.13 bits a weight), dequantized
+        /// inside each layer's forward and backward.
+        Nf4 = "nf4",
+    }
+);
 choice!(Decay { Cosine = "cosine", Linear = "linear", Wsd = "wsd", Constant = "constant" });
 choice!(
     /// Compute backend; GPU backends exist only in binaries built with their cargo feature.
@@ -167,6 +177,10 @@ section! {
         init: LoraInit = LoraInit::Kaiming,
         /// Rank-stabilised scaling alpha/√r (Kalajdzievski, 2023), as PEFT's use_rslora.
         use_rslora: bool = false,
+        /// QLoRA: "nf4" stores the frozen base's linear layers (all but the output head) in 4-bit
+        /// NormalFloat, as bitsandbytes' load_in_4bit with nf4 and double quantization.
+        /// Needs model.init_from.
+        quantize_base: BaseQuant = BaseQuant::None,
     }
 }
 

@@ -202,6 +202,14 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             );
         }
     }
+    if l.quantize_base == BaseQuant::Nf4 && (l.r == 0 || recipe.model.init_from.is_empty()) {
+        return fail(
+            "lora",
+            "quantize_base",
+            "quantize_base = \"nf4\" (QLoRA) freezes a pretrained base in 4 bits and trains adapters on it".into(),
+            "set model.init_from to the base model and lora.r above 0".into(),
+        );
+    }
     if let Some(v) = recipe.model.vocab_size {
         if d.tokenizer.is_empty() && v < d.tokenizer_vocab_size {
             return fail(

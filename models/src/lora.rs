@@ -117,7 +117,7 @@ pub fn attach_lora<B: Backend, M: Module<B> + LinearLayers<B>>(
     let mut adapted = 0;
     for (name, linear) in layers.iter_mut() {
         if targets.contains(name) {
-            let [d_in, d_out] = linear.weight.val().dims();
+            let [d_in, d_out] = linear.dims();
             linear.lora = Some(LoraAdapter::new(d_in, d_out, config, &mut rng, device));
             adapted += 1;
         }
@@ -177,4 +177,21 @@ pub fn merge_lora(tensors: &NamedTensors, scale: f64) -> NamedTensors {
 /// True when the parameter map holds LoRA adapters.
 pub fn has_lora(tensors: &NamedTensors) -> bool {
     tensors.keys().any(|k| k.contains(".lora."))
+}
+
+/// QLoRA: store every linear layer of the transformer blocks in NF4, frozen (the output head
+/// stays dense, as bitsandbytes leaves `lm_head`). Returns the model and the bytes of the
+/// quantized layers: (in NF4, as bf16 would hold them).
+pub fn quantize_base<B: Backend, M: LinearLayers<B>>(mut model: M) -> (M, usize, usize) {
+    let (mut nf4_bytes, mut bf16_bytes) = (0, 0);
+    for (name, linear) in model.linear_layers_mut() {
+        if name == "lm_head" {
+            continue;
+        }
+        linear.quantize_nf4();
+        let nf4 = linear.nf4.as_ref().expect("just quantized");
+        nf4_bytes += nf4.bytes();
+        bf16_bytes += 2 * nf4.shape[0] * nf4.shape[1];
+    }
+    (model, nf4_bytes, bf16_bytes)
 }

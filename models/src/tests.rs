@@ -93,9 +93,9 @@ fn parameter_gradient_matches_finite_differences() {
         let mut rng = SeededRng::new(11);
         let mut attn = Attention::<AB>::new(8, 2, 1, false, 0.3, 0.3, &mut rng, &device);
         if let Some((i, d)) = delta {
-            let mut values: Vec<f32> = attn.q_proj.weight.val().into_data().into_vec().unwrap();
+            let mut values: Vec<f32> = attn.q_proj.weight.as_ref().unwrap().val().into_data().into_vec().unwrap();
             values[i] += d;
-            attn.q_proj.weight = burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(values, [8, 8]), &device));
+            attn.q_proj.weight = Some(burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(values, [8, 8]), &device)));
         }
         attn
     };
@@ -104,7 +104,7 @@ fn parameter_gradient_matches_finite_differences() {
     let loss = |attn: &Attention<AB>| (attn.forward(tensor(&x, shape), &ctx, None) * tensor::<AB>(&w, shape)).sum();
     let attn = build(None);
     let grads = loss(&attn).backward();
-    let analytic: Vec<f32> = attn.q_proj.weight.val().grad(&grads).unwrap().into_data().into_vec().unwrap();
+    let analytic: Vec<f32> = attn.q_proj.weight.as_ref().unwrap().val().grad(&grads).unwrap().into_data().into_vec().unwrap();
     for i in [0, 7, 19, 40, 63] {
         let numeric = (loss(&build(Some((i, 1e-2)))).into_scalar() - loss(&build(Some((i, -1e-2)))).into_scalar()) / 2e-2;
         assert!((numeric - analytic[i]).abs() < 5e-3 * numeric.abs().max(1.0), "weight {i}: {} vs {numeric}", analytic[i]);
@@ -334,5 +334,74 @@ mod lora {
                 weight.data[index] += (update * scale) as f32;
             }
         }
+    }
+}
+
+mod qlora {
+    use burn::optim::GradientsParams;
+
+    use super::*;
+    use crate::lora::{attach_lora, quantize_base, LoraConfig};
+    use crate::nf4::Nf4Matrix;
+    use crate::params::{load_named, named_tensors};
+
+    /// A decoder whose block linears hold exactly their NF4 dequantization, dense: what the
+    /// quantized model must compute.
+    fn dequantized<Bk: Backend>(decoder: &DecoderConfig) -> Decoder<Bk> {
+        let mut tensors = named_tensors(&decoder.init::<Bk>(3, &Default::default()));
+        for (name, t) in tensors.iter_mut() {
+            if name.starts_with("layers.") && t.shape.len() == 2 {
+                t.data = Nf4Matrix::quantize(&t.data, [t.shape[0], t.shape[1]]).dequantize();
+            }
+        }
+        load_named(decoder.init::<Bk>(0, &Default::default()), &tensors).unwrap()
+    }
+
+    use crate::Decoder;
+
+    #[test]
+    fn nf4_layers_compute_their_dequantized_weights_and_pass_gradients_to_adapters() {
+        let decoder = DecoderConfig::new(50, 64, 2, 4, 128, 16).with_n_kv_heads(Some(2));
+        let lora = LoraConfig::new(4, 8.0, vec!["all-linear".into()]);
+        let tokens = || {
+            Tensor::<AB, 2, Int>::from_data(
+                TensorData::new((0..24).map(|i| (i * 5 % 50) as i64).collect::<Vec<_>>(), [2, 12]),
+                &Default::default(),
+            )
+        };
+        let (dense, _) = attach_lora(dequantized::<AB>(&decoder), &lora, 1, &Default::default()).unwrap();
+        let (quantized, _) = attach_lora(decoder.init::<AB>(3, &Default::default()), &lora, 1, &Default::default()).unwrap();
+        let (quantized, nf4_bytes, bf16_bytes) = quantize_base(quantized);
+        assert!((nf4_bytes as f64) < 0.3 * bf16_bytes as f64, "{nf4_bytes} vs {bf16_bytes}");
+        // Same adapters (B made non-zero) on both.
+        let mut adapters = named_tensors(&dense);
+        let mut rng = SeededRng::new(4);
+        adapters
+            .iter_mut()
+            .filter(|(k, _)| k.ends_with("lora.b"))
+            .for_each(|(_, t)| t.data.iter_mut().for_each(|v| *v = (rng.normal() * 0.1) as f32));
+        let dense = load_named(dense, &adapters).unwrap();
+        let quantized_tensors: crate::params::NamedTensors = adapters
+            .iter()
+            .filter(|(k, _)| !(k.starts_with("layers.") && k.ends_with(".weight") && !k.contains("norm") && !k.contains("lora")))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let quantized = load_named(quantized, &quantized_tensors).unwrap();
+
+        let (a, b) = (dense.forward(tokens()), quantized.forward(tokens()));
+        let diff = (a.clone() - b.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-5, "logits {diff}");
+        let (ga, gb) =
+            (GradientsParams::from_grads(a.sum().backward(), &dense), GradientsParams::from_grads(b.sum().backward(), &quantized));
+        assert_eq!(gb.len(), 2 * 14, "only the adapters have gradients");
+        assert_eq!(ga.len(), gb.len());
+        let grad = |m: &Decoder<AB>, g: &GradientsParams| -> Vec<f32> {
+            let lora = m.layers[1].feed_forward.down_proj.lora.as_ref().unwrap();
+            g.get::<B, 2>(lora.a.id).unwrap().into_data().into_vec().unwrap()
+        };
+        let (x, y) = (grad(&dense, &ga), grad(&quantized, &gb));
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = x.iter().zip(&y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(worst <= 1e-5 * scale, "gradient through NF4 layers: {worst} of {scale}");
     }
 }

@@ -15,7 +15,7 @@ use furnace_models::CausalLm;
 use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::evaluate::encode_prompt;
-use crate::model::{build_model, decoder_config, load_base};
+use crate::model::{base_for, build_model, decoder_config, load_base};
 use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
@@ -102,7 +102,8 @@ struct GenerateJob {
 impl BackendJob for GenerateJob {
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
         let Self { args, recipe, tokenizer, weights } = self;
-        let model = load_named(build_model::<B::InnerBackend>(&recipe, tokenizer.vocab_size(), None, &device)?, &weights)
+        let base = base_for(&recipe)?;
+        let model = load_named(build_model::<B::InnerBackend>(&recipe, tokenizer.vocab_size(), base.as_ref(), &device)?.model, &weights)
             .map_err(|e| anyhow::anyhow!("{} does not fit its model: {e}", args.checkpoint.display()))?;
         let mut stop_tokens = vec![tokenizer.eos()];
         for s in &args.stop {

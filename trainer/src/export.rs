@@ -10,12 +10,13 @@ use furnace_configs::Recipe;
 use furnace_data::TextTokenizer;
 use furnace_models::hf::{config_to_hf, hf_arch_for, to_hf, to_peft, HfArch};
 use furnace_models::lora::{has_lora, merge_lora, LoraInit};
-use furnace_models::params::{from_safetensors, to_safetensors_as, NamedTensors, StoreDtype};
+use furnace_models::nf4::Nf4Matrix;
+use furnace_models::params::{from_safetensors, to_safetensors_as, HostTensor, NamedTensors, StoreDtype};
 use serde_json::json;
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::gguf::{encode, GgmlType, Gguf, GgufTensor, Value};
-use crate::model::{decoder_config, lora_config};
+use crate::model::{base_for, decoder_config, lora_config};
 
 /// What an export reads from a checkpoint: the model's weights under Hugging Face names.
 struct Source {
@@ -37,8 +38,15 @@ fn read_checkpoint(checkpoint: &Path) -> Result<(std::path::PathBuf, Recipe, Tex
     )?;
     let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
     let config = decoder_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
-    let weights =
+    let mut weights =
         from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
+    // QLoRA checkpoints leave out the NF4 base layers: what trained was their dequantization.
+    for (name, tensor) in base_for(&recipe)?.unwrap_or_default() {
+        if !weights.contains_key(&name) {
+            let nf4 = Nf4Matrix::quantize(&tensor.data, [tensor.shape[0], tensor.shape[1]]);
+            weights.insert(name, HostTensor { shape: tensor.shape, data: nf4.dequantize() });
+        }
+    }
     Ok((dir, recipe, tokenizer, config, weights))
 }
 

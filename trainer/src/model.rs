@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use furnace_configs::{Arch, LoraSection, Mlp, ModelSection, Norm, Position, Recipe, ResolvedModel};
+use furnace_configs::{Arch, BaseQuant, LoraSection, Mlp, ModelSection, Norm, Position, Recipe, ResolvedModel};
 use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::{config_from_hf, from_hf, HfArch};
-use furnace_models::lora::{attach_lora, has_lora, merge_lora, LoraConfig, LoraInit};
+use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
 use furnace_models::params::{from_safetensors, NamedTensors};
 use furnace_models::{Decoder, DecoderConfig, PositionKind};
 
@@ -87,19 +87,47 @@ pub fn lora_config(l: &LoraSection) -> Option<LoraConfig> {
 }
 
 /// The model a recipe describes for a tokenizer of `vocab` tokens: initialised from the seed,
-/// with LoRA adapters attached (and everything else frozen) when `[lora]` asks for them.
-/// Weights loaded afterwards (`load_named`) keep each parameter's trainable flag.
-pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&NamedTensors>, device: &B::Device) -> Result<Decoder<B>> {
+/// given the base weights, with LoRA adapters attached (and everything else frozen) when
+/// `[lora]` asks for them, and the base's linear layers in NF4 under QLoRA. Weights loaded
+/// afterwards (`load_named`) keep each parameter's trainable flag.
+pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&NamedTensors>, device: &B::Device) -> Result<Built<B>> {
     let config = decoder_config(&recipe.model.resolve(Some(vocab)));
     let mut model = config.init::<B>(recipe.run.seed, device);
     if let Some(weights) = base {
         model = furnace_models::params::load_named(model, weights)
             .map_err(|e| anyhow::anyhow!("model.init_from = {}: {e}", recipe.model.init_from))?;
     }
-    match lora_config(&recipe.lora) {
-        None => Ok(model),
-        Some(lora) => Ok(attach_lora(model, &lora, recipe.run.seed, device).map_err(anyhow::Error::msg)?.0),
+    if let Some(lora) = lora_config(&recipe.lora) {
+        model = attach_lora(model, &lora, recipe.run.seed, device).map_err(anyhow::Error::msg)?.0;
     }
+    if recipe.lora.quantize_base == BaseQuant::Nf4 {
+        if base.is_none() {
+            bail!("lora.quantize_base = \"nf4\" quantizes the base weights of model.init_from, and none were given");
+        }
+        let (model, nf4_bytes, bf16_bytes) = quantize_base(model);
+        return Ok(Built { model, nf4_bytes: Some((nf4_bytes, bf16_bytes)) });
+    }
+    Ok(Built { model, nf4_bytes: None })
+}
+
+/// A built model, and under QLoRA the bytes of its NF4 layers (and of the same layers in bf16).
+pub struct Built<B: Backend> {
+    pub model: Decoder<B>,
+    pub nf4_bytes: Option<(usize, usize)>,
+}
+
+/// The base weights a checkpoint of `recipe` needs besides its own tensors: under QLoRA the
+/// checkpoint leaves out the NF4 layers, which are quantized again (deterministically) from
+/// `model.init_from`.
+pub fn base_for(recipe: &Recipe) -> Result<Option<NamedTensors>> {
+    if recipe.lora.quantize_base != BaseQuant::Nf4 {
+        return Ok(None);
+    }
+    let path = Path::new(&recipe.model.init_from);
+    let base = load_base(path).with_context(|| {
+        format!("this QLoRA checkpoint stores adapters only; its base model.init_from = {} must still be there", path.display())
+    })?;
+    Ok(Some(base.weights))
 }
 
 /// Pretrained weights to start from, with the model they fit and their tokenizer.

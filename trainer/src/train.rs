@@ -55,6 +55,8 @@ struct Trainer<B: TrainBackend> {
     state: TrainState,
     stop_at: usize,
     peak_flops: f64,
+    /// Frozen base parameters held in NF4 (QLoRA), outside the module's parameters.
+    nf4_params: usize,
 }
 
 impl<B: TrainBackend> Trainer<B> {
@@ -108,8 +110,18 @@ impl<B: TrainBackend> Trainer<B> {
             );
         }
         let model_config = decoder_config(&resolved);
-        let mut model = build_model::<B>(&recipe, data.tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
+        let built = build_model::<B>(&recipe, data.tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
+        let mut model = built.model;
+        let nf4_params = built.nf4_bytes.map_or(0, |(_, bf16)| bf16 / 2);
+        if let Some((nf4, bf16)) = built.nf4_bytes {
+            println!(
+                "QLoRA: base linear layers in NF4: {:.2} MB ({:.2} MB in bf16, {:.3}x)",
+                nf4 as f64 / 1e6,
+                bf16 as f64 / 1e6,
+                nf4 as f64 / bf16 as f64
+            );
+        }
         let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
         let world = furnace_distributed::World::from_env();
         if world.size > 1 {
@@ -176,6 +188,7 @@ impl<B: TrainBackend> Trainer<B> {
             state,
             stop_at,
             peak_flops,
+            nf4_params,
         };
         Ok((trainer, model))
     }
@@ -196,7 +209,8 @@ impl<B: TrainBackend> Trainer<B> {
             self.peak_flops / 1e9
         ));
         if self.recipe.lora.r > 0 {
-            let (trainable, total) = trainable_params(&model);
+            let (trainable, dense) = trainable_params(&model);
+            let total = dense + self.nf4_params;
             let l = &self.recipe.lora;
             self.metrics.println(format!(
                 "LoRA r={} alpha={} on {:?}: trainable params {trainable} || all params {total} || trainable% {:.4}",

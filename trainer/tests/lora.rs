@@ -203,3 +203,36 @@ fn lora_target_names_that_match_nothing_are_listed() {
     assert!(message.contains("`qkv_proj`") && message.contains("available: ") && message.contains("down_proj"), "{message}");
     assert!(!out.join("checkpoints").exists());
 }
+
+#[test]
+fn qlora_keeps_the_base_in_nf4_resumes_exactly_and_exports_what_it_computes() {
+    let runs = setup();
+    let nf4 = ["--set", "lora.quantize_base=\"nf4\""];
+    let (straight, log) = runs.train("straight", &nf4);
+    assert!(log.contains("QLoRA: base linear layers in NF4") && log.contains("0.258x"), "{log}");
+    let (split, _) = runs.train("split", &[&nf4[..], &["--max-steps", "3"]].concat());
+    runs.train("split", &[&nf4[..], &["--resume", split.to_str().unwrap()]].concat());
+    assert_eq!(losses(&straight), losses(&split), "resumed QLoRA run repeats the straight one");
+
+    let saved = weights(&straight.join("checkpoints/step_6"));
+    assert!(!saved.contains_key("layers.0.attention.q_proj.weight"), "NF4 layers are not in the checkpoint");
+    assert!(saved.contains_key("layers.0.attention.q_proj.lora.a") && saved.contains_key("lm_head.weight"));
+
+    let hf = runs.dir.path().join("merged");
+    run_ok(&["export", "--checkpoint", straight.to_str().unwrap(), "--merge-lora", "--out", hf.to_str().unwrap()]);
+    let (adapted, merged) = (logits(&straight, &runs.dir.path().join("a.st")), logits(&hf, &runs.dir.path().join("b.st")));
+    let scale = adapted.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = adapted.iter().zip(&merged).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff <= 1e-5 * scale, "merged export vs NF4 + adapters: {diff} (logits up to {scale})");
+
+    let no_base = furnace(&[
+        "train",
+        "--config",
+        runs.lora_recipe.to_str().unwrap(),
+        "--set",
+        "model.init_from=\"\"",
+        "--set",
+        "lora.quantize_base=\"nf4\"",
+    ]);
+    assert!(!no_base.status.success() && text(&no_base).contains("model.init_from"), "{}", text(&no_base));
+}

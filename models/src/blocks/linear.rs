@@ -1,14 +1,23 @@
+use std::sync::Arc;
+
 use burn::module::Param;
 use burn::prelude::*;
 
 use crate::init::{constant_param, normal_param, SeededRng};
+use crate::kernels::{nf4_matmul, FusedOps};
 use crate::lora::LoraAdapter;
+use crate::nf4::Nf4Matrix;
 
 /// A dense layer computed as one 2-D matmul over all tokens. The weight is stored
-/// `[d_in, d_out]` (Burn's layout; the Hugging Face tables transpose it).
+/// `[d_in, d_out]` (Burn's layout; the Hugging Face tables transpose it), either as a parameter
+/// or, frozen under QLoRA, in NF4.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    pub weight: Param<Tensor<B, 2>>,
+    /// None once the weight is quantized into `nf4`.
+    pub weight: Option<Param<Tensor<B, 2>>>,
+    /// The frozen weight in NF4, shared by every copy of the model (QLoRA's base layers).
+    #[module(skip)]
+    pub nf4: Option<Arc<Nf4Matrix>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A trainable low-rank update over this (then frozen) layer; see `lora`.
     pub lora: Option<LoraAdapter<B>>,
@@ -16,15 +25,44 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     pub fn new(d_in: usize, d_out: usize, bias: bool, std: f64, rng: &mut SeededRng, device: &B::Device) -> Self {
-        Self { weight: normal_param([d_in, d_out], std, rng, device), bias: bias.then(|| constant_param([d_out], 0.0, device)), lora: None }
+        Self {
+            weight: Some(normal_param([d_in, d_out], std, rng, device)),
+            nf4: None,
+            bias: bias.then(|| constant_param([d_out], 0.0, device)),
+            lora: None,
+        }
     }
 
+    /// `[d_in, d_out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match (&self.weight, &self.nf4) {
+            (Some(weight), _) => weight.lazy_shape().dims(),
+            (None, Some(nf4)) => nf4.shape,
+            (None, None) => unreachable!("a linear layer holds a dense or an NF4 weight"),
+        }
+    }
+
+    /// Replace the dense weight by its NF4 quantization (frozen from then on).
+    pub fn quantize_nf4(&mut self) {
+        if let Some(weight) = self.weight.take() {
+            let dims = weight.dims();
+            let values: Vec<f32> = weight.val().into_data().convert::<f32>().into_vec().expect("float weight");
+            self.nf4 = Some(Arc::new(Nf4Matrix::quantize(&values, dims)));
+        }
+    }
+}
+
+impl<B: FusedOps> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let d_in = dims[D - 1];
         let rows = x.shape().num_elements() / d_in;
         let x = x.reshape([rows, d_in]);
-        let mut out = x.clone().matmul(self.weight.val());
+        let mut out = match (&self.weight, &self.nf4) {
+            (Some(weight), _) => x.clone().matmul(weight.val()),
+            (None, Some(nf4)) => nf4_matmul(x.clone(), nf4),
+            (None, None) => unreachable!("a linear layer holds a dense or an NF4 weight"),
+        };
         if let Some(bias) = &self.bias {
             out = out + bias.val().unsqueeze_dim(0);
         }

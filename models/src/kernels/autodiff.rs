@@ -1,6 +1,8 @@
 //! Each fused op recorded as one autodiff node whose backward calls the fused backward of the
 //! inner backend. State holds the inputs the backward needs (no recomputation of the forward).
 
+use std::sync::Arc;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -10,6 +12,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 
 use super::FusedOps;
 use crate::blocks::NormKind;
+use crate::nf4::Nf4Matrix;
 
 type AdTensor<B, C> = FloatTensor<Autodiff<B, C>>;
 
@@ -169,5 +172,30 @@ pub fn cross_entropy<B: FusedOps, C: CheckpointStrategy>(logits: AdTensor<B, C>,
             prep.finish(unit_grad, loss)
         }
         OpsKind::UnTracked(prep) => prep.finish(B::cross_entropy(logits.primitive, targets)),
+    }
+}
+
+pub fn nf4_matmul<B: FusedOps, C: CheckpointStrategy>(x: AdTensor<B, C>, weight: &Arc<Nf4Matrix>, transpose: bool) -> AdTensor<B, C> {
+    #[derive(Debug)]
+    struct Nf4Matmul {
+        transpose: bool,
+    }
+
+    impl<B: FusedOps> Backward<B, 1> for Nf4Matmul {
+        /// The packed weight (shared, not copied): the backward dequantizes it again.
+        type State = Arc<Nf4Matrix>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let weight = ops.state;
+            unary::<B, _>(ops.parents, ops.node, grads, |grad| B::nf4_matmul(grad, &weight, !self.transpose));
+        }
+    }
+
+    match (Nf4Matmul { transpose }).prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let out = B::nf4_matmul(x.primitive, weight, transpose);
+            prep.finish(weight.clone(), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::nf4_matmul(x.primitive, weight, transpose)),
     }
 }

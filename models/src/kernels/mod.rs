@@ -13,12 +13,15 @@ mod flex;
 mod math;
 pub mod reference;
 
+use std::sync::Arc;
+
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::TensorPrimitive;
 
 use crate::blocks::NormKind;
+use crate::nf4::Nf4Matrix;
 
 /// Ops with a fused forward and backward. Every method has the composed reference as default.
 pub trait FusedOps: Backend {
@@ -120,6 +123,12 @@ pub trait FusedOps: Backend {
     fn scale_rows(x: FloatTensor<Self>, factors: FloatTensor<Self>) -> FloatTensor<Self> {
         reference::scale_rows::<Self>(x, factors)
     }
+
+    /// `x · W` for `[rows, d_in]` rows and an NF4 weight `[d_in, d_out]` (`x · Wᵀ` when
+    /// `transpose`), the weight dequantized for this product only and dropped after it.
+    fn nf4_matmul(x: FloatTensor<Self>, weight: &Arc<Nf4Matrix>, transpose: bool) -> FloatTensor<Self> {
+        reference::nf4_matmul::<Self>(x, weight, transpose)
+    }
 }
 
 impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> FusedOps for Autodiff<B, C> {
@@ -153,6 +162,10 @@ impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointSt
 
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
         autodiff::cross_entropy::<B, C>(logits, targets)
+    }
+
+    fn nf4_matmul(x: FloatTensor<Self>, weight: &Arc<Nf4Matrix>, transpose: bool) -> FloatTensor<Self> {
+        autodiff::nf4_matmul::<B, C>(x, weight, transpose)
     }
 }
 
@@ -205,6 +218,12 @@ pub fn norm<B: FusedOps, const D: usize>(
 /// Per-row cross-entropy of `[rows, vocab]` logits against `[rows]` targets (negative = ignored).
 pub fn cross_entropy<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
     tensor(B::cross_entropy(primitive(logits), targets.into_primitive()))
+}
+
+/// `x · W` for `[rows, d_in]` rows and a frozen NF4 weight; its backward dequantizes the weight
+/// again rather than keeping a dense copy alive until the backward pass (QLoRA).
+pub fn nf4_matmul<B: FusedOps>(x: Tensor<B, 2>, weight: &Arc<Nf4Matrix>) -> Tensor<B, 2> {
+    tensor(B::nf4_matmul(primitive(x), weight, false))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use burn::tensor::{Shape, TensorMetadata};
 
 use super::{primitive, tensor};
 use crate::blocks::NormKind;
+use crate::nf4::Nf4Matrix;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044715;
@@ -185,4 +186,10 @@ pub fn cross_entropy_with_grad<B: Backend>(logits: FloatTensor<B>, targets: IntT
 
 pub fn scale_rows<B: Backend>(x: FloatTensor<B>, factors: FloatTensor<B>) -> FloatTensor<B> {
     primitive(tensor::<B, 2>(x) * tensor::<B, 1>(factors).unsqueeze_dim::<2>(1))
+}
+
+pub fn nf4_matmul<B: Backend>(x: FloatTensor<B>, weight: &Nf4Matrix, transpose: bool) -> FloatTensor<B> {
+    let x = tensor::<B, 2>(x);
+    let dense = Tensor::<B, 2>::from_data(TensorData::new(weight.dequantize(), weight.shape), &x.device());
+    primitive(x.matmul(if transpose { dense.transpose() } else { dense }))
 }
