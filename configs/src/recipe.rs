@@ -171,8 +171,9 @@ section! {
         dropout: f64 = 0.0,
         /// Layers that get adapters, by PEFT name: q_proj k_proj v_proj o_proj gate_proj up_proj
         /// down_proj lm_head, GPT-2's c_attn (= q,k,v) attn.c_proj mlp.c_proj c_proj c_fc, or
-        /// "all-linear" (every linear layer but the head).
-        target_modules: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].iter().map(|s| s.to_string()).collect(),
+        /// "all-linear" (every linear layer but the head, as the QLoRA paper adapts). A name that
+        /// matches no layer of the model is an error.
+        target_modules: Vec<String> = vec!["all-linear".into()],
         /// Initialisation of A: kaiming (PEFT's default) or gaussian.
         init: LoraInit = LoraInit::Kaiming,
         /// Rank-stabilised scaling alpha/√r (Kalajdzievski, 2023), as PEFT's use_rslora.

@@ -11,20 +11,20 @@
 /// The 16 NF4 levels, as the QLoRA paper and bitsandbytes define them.
 pub const NF4_LEVELS: [f32; 16] = [
     -1.0,
-    -0.696_192_800_998_687_7,
-    -0.525_073_051_452_636_7,
-    -0.394_917_488_098_144_53,
-    -0.284_441_381_692_886_35,
-    -0.184_773_430_228_233_34,
-    -0.091_050_036_251_544_95,
+    -0.6961928,
+    -0.52507305,
+    -0.3949175,
+    -0.28444138,
+    -0.18477343,
+    -0.091050036,
     0.0,
-    0.079_580_299_556_255_34,
-    0.160_930_201_411_247_25,
-    0.246_112_301_945_686_34,
-    0.337_915_241_718_292_24,
-    0.440_709_829_330_444_34,
-    0.562_617_003_917_694_1,
-    0.722_956_836_223_602_3,
+    0.0795803,
+    0.1609302,
+    0.2461123,
+    0.33791524,
+    0.44070983,
+    0.562617,
+    0.72295684,
     1.0,
 ];
 
@@ -42,7 +42,7 @@ pub fn dynamic_map() -> [f32; 256] {
     let mut values: Vec<f32> = Vec::with_capacity(256);
     for i in 0..7 {
         let parts = 1usize << i;
-        let scale = 10f64.powi(i as i32 - 6);
+        let scale = 10f64.powi(i - 6);
         for k in 0..parts {
             let lo = 0.1 + 0.9 * k as f64 / parts as f64;
             let hi = 0.1 + 0.9 * (k + 1) as f64 / parts as f64;
@@ -150,10 +150,16 @@ impl Nf4Matrix {
         Self { shape, packed, absmax: DoubleQuant::new(&absmax, &dynamic_map()) }
     }
 
-    /// The dense matrix, row-major.
+    /// The dense matrix, row-major; pieces of 256 blocks dequantize in parallel.
     pub fn dequantize(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        const PIECE: usize = NF4_BLOCK * ABSMAX_BLOCK;
+        let absmax = self.absmax.absmax(&dynamic_map());
         let mut out = vec![0.0; self.shape[0] * self.shape[1]];
-        dequantize_nf4_into(&self.packed, &self.absmax.absmax(&dynamic_map()), &mut out);
+        out.par_chunks_mut(PIECE).enumerate().for_each(|(i, piece)| {
+            let blocks = i * ABSMAX_BLOCK;
+            dequantize_nf4_into(&self.packed[i * PIECE / 2..], &absmax[blocks..], piece);
+        });
         out
     }
 

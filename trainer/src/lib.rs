@@ -12,6 +12,7 @@ pub mod commands;
 pub mod evaluate;
 pub mod export;
 pub mod gguf;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod objective;

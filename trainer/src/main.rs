@@ -12,17 +12,6 @@ use furnace_trainer::{commands, ExportArgs, GenerateArgs, RecipeArgs, TrainArgs}
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc 2's option enum (libmimalloc-sys is pinned to match).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Keep freed memory mapped instead of returning it to the OS after 10 ms: a training step
-/// frees and reallocates the same large buffers every step, and each fresh page costs a fault
-/// and a zeroing pass. Memory held stays at the step's peak, which the next step needs anyway.
-fn retain_freed_memory() {
-    // Safety: sets a process-wide allocator option; mimalloc reads it at each purge decision.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
 #[derive(Parser)]
 #[command(name = "furnace", version, about = "Train, fine-tune and run language models from one TOML recipe.")]
 struct Cli {
@@ -92,7 +81,7 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
-    retain_freed_memory();
+    furnace_trainer::memory::retain_freed_memory(true);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train(args),

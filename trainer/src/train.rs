@@ -22,6 +22,7 @@ use crate::backend::{BackendJob, TrainBackend};
 use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss};
+use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
 use crate::model::{build_model, decoder_config, describe, load_base, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
@@ -62,6 +63,7 @@ struct Trainer<B: TrainBackend> {
 impl<B: TrainBackend> Trainer<B> {
     fn setup(job: TrainJob, device: B::Device) -> Result<(Self, Decoder<B>)> {
         let TrainJob { mut recipe, output_dir: out, resume, max_steps } = job;
+        retain_freed_memory(false);
         let base = if recipe.model.init_from.is_empty() {
             None
         } else {
@@ -173,6 +175,12 @@ impl<B: TrainBackend> Trainer<B> {
             matmul_gflops::<B::InnerBackend>(1024, &device) * 1e9
         };
         let schedule = Schedule::new(recipe.optimizer.lr, t.steps, &recipe.lr_scheduler);
+        // Setup buffers are gone: from here the logged peak_rss_mb is the training steps' own.
+        collect_freed_memory();
+        retain_freed_memory(true);
+        if let (Some(setup_peak), true) = (peak_rss_mb(), reset_peak_rss()) {
+            println!("setup peak RSS {setup_peak:.0} MB; peak_rss_mb in metrics.jsonl counts from the first step");
+        }
         let trainer = Self {
             recipe,
             out,
@@ -247,6 +255,7 @@ impl<B: TrainBackend> Trainer<B> {
                     ("tokens", self.state.tokens_seen as f64),
                 ];
                 values.extend(self.optimizer.take_metrics());
+                values.extend(peak_rss_mb().map(|mb| ("peak_rss_mb", mb)));
                 self.metrics.log(step, &values)?;
                 let line = format!(
                     "loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | MFU {:.1}%",
