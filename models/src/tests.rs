@@ -209,7 +209,7 @@ mod lora {
     use burn::optim::GradientsParams;
 
     use super::*;
-    use crate::hf::{to_peft, HfArch};
+    use crate::hf::{from_peft, to_peft, HfArch};
     use crate::lora::{attach_lora, merge_lora, LoraConfig, LoraInit};
     use crate::params::{load_named, named_tensors, trainable_params, HostTensor};
 
@@ -305,6 +305,9 @@ mod lora {
             let (model, _) = attach_lora(decoder.init::<B>(3, &Default::default()), &lora, 1, &Default::default()).unwrap();
             let ours = named_tensors(&train_b(model, 2));
             let peft = to_peft(arch, &ours, 2, lora.scale(), false).unwrap();
+            let adapters: crate::params::NamedTensors =
+                ours.iter().filter(|(k, _)| k.contains(".lora.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+            assert_eq!(from_peft(arch, &peft.tensors, 2, lora.r).unwrap(), adapters, "{arch:?}: PEFT files read back");
             let merged_ours = merge_lora(&ours, lora.scale());
             // Apply PEFT's adapters to the base weights in torch layout, then compare per layer.
             let mut applied = crate::hf::to_hf(arch, &merge_lora(&ours, 0.0), 2).unwrap();

@@ -3,7 +3,9 @@ adapters (rsLoRA and plain scaling, Llama's GQA, GPT-2's fused c_attn), export t
 `furnace export --format safetensors` and the adapters with `--format peft`, load them with
 `peft.PeftModel.from_pretrained(transformers model, adapter folder)` on CPU, and compare the
 logits with `furnace generate` on the LoRA checkpoint (1e-4 relative, f32). The adapters'
-merge (`merge_and_unload`) must match our `--merge-lora` export as well.
+merge (`merge_and_unload`) must match our `--merge-lora` export as well. The other way round,
+adapters made and saved by PEFT itself (`get_peft_model` + `save_pretrained`) on the exported
+Llama base must give PEFT's logits in `furnace generate --adapter`.
 
     pip install torch transformers peft safetensors
     cargo build --release -p furnace-trainer
@@ -17,7 +19,7 @@ import sys
 import tempfile
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -139,6 +141,32 @@ def check(name: str, arch: str, extra: str, lora: dict, work: pathlib.Path) -> b
     return ok
 
 
+def check_peft_made(work: pathlib.Path) -> bool:
+    """Adapters PEFT creates and saves, read by furnace over the same base."""
+    base_hf = work / "hf_llama-gqa"
+    base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj", "gate_proj"],
+                        use_rslora=True, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapter_dir = work / "peft_made"
+    model.save_pretrained(adapter_dir)
+    logits_file = work / "logits_peft_made.safetensors"
+    run("generate", "--checkpoint", str(base_hf), "--adapter", str(adapter_dir), "--prompt", PROMPT,
+        "--max-new-tokens", "1", "--logits-out", str(logits_file))
+    ours = load_file(str(logits_file))
+    model.eval()
+    with torch.no_grad():
+        theirs = model(ours["input_ids"].long().unsqueeze(0)).logits[0]
+    err = max_rel(theirs, ours["logits"])
+    print(f"{'peft-made':14} furnace --adapter vs PEFT max |Δlogit|/max|logit| = {err:.2e} | {'ok' if err < 1e-4 else 'FAIL'}")
+    return err < 1e-4
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
@@ -150,6 +178,7 @@ def main() -> None:
                     dict(r=4, alpha=16, rslora="false", targets='["c_attn", "c_proj", "c_fc"]'), work)
         ok &= check("gpt2-q-only", "gpt2", "",
                     dict(r=2, alpha=4, rslora="true", targets='["q_proj", "mlp.c_proj"]'), work)
+        ok &= check_peft_made(work)
     sys.exit(0 if ok else 1)
 
 

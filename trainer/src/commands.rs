@@ -8,6 +8,7 @@ use furnace_configs::Recipe;
 use furnace_data::corpus::{prepare, read_documents};
 use furnace_data::TextTokenizer;
 use furnace_models::generate::{generate as run_generation, GenerateConfig};
+use furnace_models::hf::{from_peft, hf_arch_for};
 use furnace_models::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::CausalLm;
@@ -193,5 +194,43 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
         (recipe, tokenizer, weights)
     };
+    let (recipe, weights) = match &args.adapter {
+        Some(dir) => with_peft_adapter(recipe, weights, dir)?,
+        None => (recipe, weights),
+    };
     dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights })
+}
+
+/// The model and weights with the PEFT adapters in `dir` on top: `[lora]` from its
+/// adapter_config.json (r, lora_alpha, use_rslora), the adapted layers from its tensors.
+fn with_peft_adapter(mut recipe: Recipe, mut weights: NamedTensors, dir: &Path) -> Result<(Recipe, NamedTensors)> {
+    if recipe.lora.r > 0 {
+        bail!("the checkpoint already has LoRA adapters; apply --adapter to a base model (or merge first with export --merge-lora)");
+    }
+    let config_path = dir.join("adapter_config.json");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?)
+            .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    if config["peft_type"] != "LORA" {
+        bail!("{}: peft_type {} is not LORA", config_path.display(), config["peft_type"]);
+    }
+    let r = config["r"].as_u64().with_context(|| format!("{} has no integer `r`", config_path.display()))? as usize;
+    let alpha = config["lora_alpha"].as_f64().with_context(|| format!("{} has no `lora_alpha`", config_path.display()))?;
+    let tensors_path = dir.join("adapter_model.safetensors");
+    let peft = from_safetensors(&std::fs::read(&tensors_path).with_context(|| format!("cannot read {}", tensors_path.display()))?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tensors_path.display()))?;
+    let model = decoder_config(&recipe.model.resolve(weights.get("embed_tokens").map(|t| t.shape[0])));
+    let arch = hf_arch_for(&model).map_err(anyhow::Error::msg)?;
+    let adapters = from_peft(arch, &peft, model.n_layers, r).map_err(|e| anyhow::anyhow!("{}: {e}", tensors_path.display()))?;
+    // Adapt exactly the layers the file has adapters for, by their names (`q_proj`, ...).
+    let mut targets: Vec<String> =
+        adapters.keys().filter_map(|k| k.strip_suffix(".lora.a")?.rsplit('.').next().map(str::to_string)).collect();
+    targets.sort();
+    targets.dedup();
+    recipe.lora.r = r;
+    recipe.lora.alpha = alpha;
+    recipe.lora.use_rslora = config["use_rslora"].as_bool().unwrap_or(false);
+    recipe.lora.target_modules = targets;
+    weights.extend(adapters);
+    Ok((recipe, weights))
 }

@@ -71,6 +71,10 @@ pub struct GenerateArgs {
     /// Also write the prompt's logits (full forward, `[positions, vocab]`) to this safetensors file.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
+    /// LoRA adapters in Hugging Face PEFT's layout (adapter_config.json and
+    /// adapter_model.safetensors) to apply over the checkpoint's model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -180,6 +180,27 @@ fn lora_runs_export_merged_or_as_peft_adapters() {
     assert_eq!(tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].shape, vec![4, 64]);
     assert_eq!(tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].shape, vec![32, 4]);
 
+    // The adapters read back over the base in Hugging Face layout give the run's logits.
+    let base_hf = runs.dir.path().join("base_hf");
+    run_ok(&["export", "--checkpoint", runs.base.to_str().unwrap(), "--out", base_hf.to_str().unwrap()]);
+    let out = runs.dir.path().join("c.st");
+    run_ok(&[
+        "generate",
+        "--checkpoint",
+        base_hf.to_str().unwrap(),
+        "--adapter",
+        peft.to_str().unwrap(),
+        "--prompt",
+        "12+34=",
+        "--max-new-tokens",
+        "1",
+        "--logits-out",
+        out.to_str().unwrap(),
+    ]);
+    let applied = from_safetensors(&std::fs::read(&out).unwrap()).unwrap()["logits"].data.clone();
+    let diff = adapted.iter().zip(&applied).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff <= 1e-5 * scale, "PEFT adapters over the HF base vs the run: {diff}");
+
     let no_adapters =
         furnace(&["export", "--checkpoint", runs.base.to_str().unwrap(), "--format", "peft", "--out", peft.to_str().unwrap()]);
     assert!(!no_adapters.status.success() && text(&no_adapters).contains("no LoRA adapters"), "{}", text(&no_adapters));
