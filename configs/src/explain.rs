@@ -41,6 +41,8 @@ pub fn explain() -> String {
         ("optimizer.name", OptimizerName::CHOICES),
         ("lr_scheduler.decay", Decay::CHOICES),
         ("runtime.backend", Backend::CHOICES),
+        ("lora.init", LoraInit::CHOICES),
+        ("lora.quantize_base", BaseQuant::CHOICES),
     ] {
         out.push_str(&format!("#   {name}: {}\n", choices.join(" | ")));
     }

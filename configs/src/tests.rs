@@ -77,3 +77,15 @@ fn explain_lists_every_section_and_option() {
         assert!(text.contains(key), "missing {key}");
     }
 }
+
+#[test]
+fn lora_section_is_validated_and_explained() {
+    let recipe = parse("[lora]\nr = 8\nalpha = 16\ntarget_modules = [\"q_proj\", \"v_proj\"]\n").unwrap();
+    assert_eq!((recipe.lora.r, recipe.lora.quantize_base), (8, BaseQuant::None));
+    let err = parse("[lora]\nr = 8\nquantize_base = \"nf4\"\n").unwrap_err();
+    assert_eq!(err.key, "lora.quantize_base");
+    assert!(err.fix.contains("model.init_from"), "{}", err.fix);
+    assert_eq!(parse("[lora]\nr = 4\nalpha = 0.0\n").unwrap_err().key, "lora.alpha");
+    assert_eq!(parse("[lora]\nr = 4\ntarget_modules = []\n").unwrap_err().key, "lora.target_modules");
+    assert!(explain().contains("[lora]") && explain().contains("lora.quantize_base: none | nf4"));
+}
