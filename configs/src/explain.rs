@@ -38,6 +38,7 @@ pub fn explain() -> String {
         ("model.position", Position::CHOICES),
         ("model.mlp", Mlp::CHOICES),
         ("data.source", DataSource::CHOICES),
+        ("training.mode", TrainMode::CHOICES),
         ("optimizer.name", OptimizerName::CHOICES),
         ("lr_scheduler.decay", Decay::CHOICES),
         ("runtime.backend", Backend::CHOICES),

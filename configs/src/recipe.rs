@@ -58,6 +58,21 @@ choice!(
         Stories = "stories",
         /// The user's own `.txt` or `.jsonl` files listed in `data.files`.
         Files = "files",
+        /// SFT: conversations, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line,
+        /// in the `.jsonl` files listed in `data.files`.
+        Chat = "chat",
+        /// SFT: generated arithmetic questions and answers as conversations
+        /// (user: "What is 37+45?", assistant: "82").
+        ArithmeticChat = "arithmetic-chat",
+    }
+);
+choice!(
+    /// What the loop optimises.
+    TrainMode {
+        /// Next-token prediction on every token of packed windows.
+        Pretrain = "pretrain",
+        /// Supervised fine-tuning on conversations: one per row, loss on the assistant's tokens only.
+        Sft = "sft",
     }
 );
 choice!(
@@ -208,6 +223,12 @@ section! {
         operators: Vec<String> = vec!["+".into(), "-".into()],
         /// A tokenizer.json to use. Empty: train a byte-level BPE on the training text.
         tokenizer: String = String::new(),
+        /// SFT: a Jinja chat template (Hugging Face `chat_template` syntax). Empty: the one in
+        /// model.init_from's tokenizer_config.json, else a Zephyr-style template whose turns end
+        /// with the end-of-text token.
+        chat_template: String = String::new(),
+        /// Skip (and count) malformed JSONL lines instead of stopping at the first one.
+        skip_bad_lines: bool = false,
         /// Vocabulary size when training the tokenizer.
         tokenizer_vocab_size: usize = 512,
     }
@@ -216,6 +237,8 @@ section! {
 section! {
     /// The training loop.
     TrainingSection = "training" {
+        /// pretrain (every token of packed windows) or sft (conversations, assistant tokens only).
+        mode: TrainMode = TrainMode::Pretrain,
         /// Sequences per micro-batch on each rank.
         local_batch_size: usize = 8,
         /// Tokens per sequence.

@@ -131,7 +131,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         return fail("lr_scheduler", "decay_ratio", format!("decay_ratio = {} is outside (0, 1]", s.decay_ratio), "use e.g. 0.2".into());
     }
     let d = &recipe.data;
-    if d.source == DataSource::Files && d.files.is_empty() {
+    if matches!(d.source, DataSource::Files | DataSource::Chat) && d.files.is_empty() {
         return fail(
             "data",
             "files",
@@ -175,6 +175,23 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "tokenizer_vocab_size",
             format!("tokenizer_vocab_size = {} is below the 256 byte tokens plus specials", d.tokenizer_vocab_size),
             "use at least 260".into(),
+        );
+    }
+    let chat_data = matches!(d.source, DataSource::Chat | DataSource::ArithmeticChat);
+    if (recipe.training.mode == TrainMode::Sft) != chat_data {
+        return fail(
+            "training",
+            "mode",
+            format!("training.mode = \"{}\" does not train on data.source = \"{}\"", recipe.training.mode, d.source),
+            "use mode = \"sft\" with source = \"chat\" or \"arithmetic-chat\", and mode = \"pretrain\" with the others".into(),
+        );
+    }
+    if chat_data && recipe.model.init_from.is_empty() && d.tokenizer.is_empty() {
+        return fail(
+            "model",
+            "init_from",
+            "SFT fine-tunes a trained model, and none is given".into(),
+            "set model.init_from to a Furnace run or a Hugging Face folder (or data.tokenizer to start from scratch)".into(),
         );
     }
     if check_files && !recipe.model.init_from.is_empty() && !Path::new(&recipe.model.init_from).is_dir() {

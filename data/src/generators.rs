@@ -2,6 +2,8 @@
 
 use furnace_configs::rng::SeededRng;
 
+use crate::chat::{Conversation, Message};
+
 /// One arithmetic problem: `a op b = answer`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -29,6 +31,18 @@ impl Problem {
     /// The training document: `37+45=82`.
     pub fn text(&self) -> String {
         format!("{}{}", self.prompt(), self.answer())
+    }
+
+    /// The problem as a chat question, in one of a few phrasings (`style` picks; 0 is
+    /// "What is 37+45?", the one evaluation asks).
+    pub fn question(&self, style: usize) -> String {
+        let expr = format!("{}{}{}", self.a, self.op, self.b);
+        match style % 4 {
+            0 => format!("What is {expr}?"),
+            1 => format!("Compute {expr}."),
+            2 => format!("{expr} = ?"),
+            _ => format!("Calculate {expr}."),
+        }
     }
 
     /// Held-out problems are a fixed tenth of the problem space, chosen by a hash of the
@@ -66,6 +80,20 @@ pub fn arithmetic(config: &ArithmeticConfig, count: usize, seed: u64, held_out: 
         }
     }
     out
+}
+
+/// Problems as single-turn conversations: a question in a random phrasing, the bare answer.
+pub fn arithmetic_conversations(config: &ArithmeticConfig, count: usize, seed: u64, held_out: bool) -> Vec<Conversation> {
+    let mut rng = SeededRng::new(seed ^ 0xC4A7);
+    arithmetic(config, count, seed, held_out)
+        .into_iter()
+        .map(|p| {
+            vec![
+                Message { role: "user".into(), content: p.question(rng.below(4)) },
+                Message { role: "assistant".into(), content: p.answer().to_string() },
+            ]
+        })
+        .collect()
 }
 
 const NAMES: &[&str] = &["Tim", "Lily", "Max", "Sara", "Ben", "Mia", "Leo", "Zoe", "Sam", "Anna"];

@@ -1,6 +1,7 @@
 //! Furnace data: tokenizers, generated corpora, token shards, and the packed, shuffled,
 //! rank-split, resumable loader.
 
+pub mod chat;
 pub mod corpus;
 pub mod generators;
 pub mod loader;

@@ -1,11 +1,16 @@
-//! Packed training windows: the token stream is cut into windows of seq_len+1 tokens
-//! (input and shifted target), visited in an order shuffled from (seed, epoch), split across
-//! ranks, with a cursor that a checkpoint saves and restores.
+//! Training batches, visited in an order shuffled from (seed, epoch), split across ranks, with a
+//! cursor that a checkpoint saves and restores. Items are either packed windows (the token
+//! stream cut into windows of seq_len+1 tokens: input and shifted target) or labelled examples
+//! (SFT: one conversation per row, padded, targets only where the loss counts).
 
 use serde::{Deserialize, Serialize};
 
+use crate::chat::LabeledTokens;
 use crate::shards::Shard;
 use furnace_configs::rng::SeededRng;
+
+/// Target id of a position the loss ignores (padding, prompts).
+pub const IGNORE: i64 = -1;
 
 /// Where the loader is: which epoch and how many of this rank's windows it has consumed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,8 +28,14 @@ pub struct Batch {
     pub seq_len: usize,
 }
 
+enum Items {
+    Windows(Shard),
+    /// Examples and the id that pads their rows.
+    Examples(Vec<LabeledTokens>, u32),
+}
+
 pub struct Loader {
-    shard: Shard,
+    items: Items,
     seq_len: usize,
     batch: usize,
     seed: u64,
@@ -38,25 +49,54 @@ pub struct Loader {
 impl Loader {
     /// `rank`/`world` give this process its share: windows `rank, rank+world, ...` of each epoch's order.
     pub fn new(shard: Shard, seq_len: usize, batch: usize, seed: u64, rank: usize, world: usize, shuffle: bool) -> Result<Self, String> {
-        let windows = shard.len().saturating_sub(1) / seq_len;
-        if windows < batch * world {
+        let tokens = shard.len();
+        let loader = Self::with_items(Items::Windows(shard), seq_len, batch, seed, rank, world, shuffle);
+        if loader.items() < batch * world {
             return Err(format!(
-                "the data holds {} tokens: too few for one batch of {batch} × {seq_len} on {world} rank(s); generate more examples or lower training.seq_len",
-                shard.len()
+                "the data holds {tokens} tokens: too few for one batch of {batch} × {seq_len} on {world} rank(s); generate more examples or lower training.seq_len"
             ));
         }
-        let mut loader = Self { shard, seq_len, batch, seed, rank, world, shuffle, cursor: Cursor::default(), order: Vec::new() };
-        loader.order = loader.epoch_order(0);
         Ok(loader)
     }
 
-    fn windows(&self) -> usize {
-        self.shard.len().saturating_sub(1) / self.seq_len
+    /// One labelled example per row: inputs are its tokens, padded with `pad`; targets are the
+    /// next token where `trained`, [`IGNORE`] elsewhere. Longer examples are cut at `seq_len`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn examples(
+        examples: Vec<LabeledTokens>,
+        pad: u32,
+        seq_len: usize,
+        batch: usize,
+        seed: u64,
+        rank: usize,
+        world: usize,
+        shuffle: bool,
+    ) -> Result<Self, String> {
+        let count = examples.len();
+        if count < batch * world {
+            return Err(format!(
+                "{count} examples: too few for one batch of {batch} on {world} rank(s); add examples or lower training.local_batch_size"
+            ));
+        }
+        Ok(Self::with_items(Items::Examples(examples, pad), seq_len, batch, seed, rank, world, shuffle))
+    }
+
+    fn with_items(items: Items, seq_len: usize, batch: usize, seed: u64, rank: usize, world: usize, shuffle: bool) -> Self {
+        let mut loader = Self { items, seq_len, batch, seed, rank, world, shuffle, cursor: Cursor::default(), order: Vec::new() };
+        loader.order = loader.epoch_order(0);
+        loader
+    }
+
+    fn items(&self) -> usize {
+        match &self.items {
+            Items::Windows(shard) => shard.len().saturating_sub(1) / self.seq_len,
+            Items::Examples(examples, _) => examples.len(),
+        }
     }
 
     /// This rank's windows for `epoch`, shuffled by Fisher-Yates from (seed, epoch).
     fn epoch_order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.windows()).collect();
+        let mut order: Vec<usize> = (0..self.items()).collect();
         if self.shuffle {
             let mut rng = SeededRng::new(self.seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F));
             for i in (1..order.len()).rev() {
@@ -77,11 +117,6 @@ impl Loader {
         self.cursor = cursor;
     }
 
-    /// Windows per epoch on this rank.
-    pub fn windows_per_epoch(&self) -> usize {
-        self.order.len()
-    }
-
     pub fn next_batch(&mut self) -> Batch {
         let mut inputs = Vec::with_capacity(self.batch * self.seq_len);
         let mut targets = Vec::with_capacity(self.batch * self.seq_len);
@@ -90,12 +125,24 @@ impl Loader {
             if self.cursor.position >= self.order.len() {
                 self.set_cursor(Cursor { epoch: self.cursor.epoch + 1, position: 0 });
             }
-            let start = self.order[self.cursor.position] * self.seq_len;
+            let item = self.order[self.cursor.position];
             self.cursor.position += 1;
-            window.clear();
-            self.shard.read_into(start, self.seq_len + 1, &mut window);
-            inputs.extend_from_slice(&window[..self.seq_len]);
-            targets.extend_from_slice(&window[1..]);
+            match &self.items {
+                Items::Windows(shard) => {
+                    window.clear();
+                    shard.read_into(item * self.seq_len, self.seq_len + 1, &mut window);
+                    inputs.extend_from_slice(&window[..self.seq_len]);
+                    targets.extend_from_slice(&window[1..]);
+                }
+                Items::Examples(examples, pad) => {
+                    let example = &examples[item];
+                    let n = example.tokens.len().min(self.seq_len + 1);
+                    for j in 0..self.seq_len {
+                        inputs.push(if j + 1 < n { example.tokens[j] as i64 } else { *pad as i64 });
+                        targets.push(if j + 1 < n && example.trained[j + 1] { example.tokens[j + 1] as i64 } else { IGNORE });
+                    }
+                }
+            }
         }
         Batch { inputs, targets, batch: self.batch, seq_len: self.seq_len }
     }
@@ -134,6 +181,18 @@ mod tests {
         resumed.set_cursor(first.cursor());
         assert!(resumed.cursor().epoch >= 1, "test crosses an epoch boundary");
         assert_eq!((37..60).map(|_| resumed.next_batch()).collect::<Vec<_>>(), all[37..]);
+    }
+
+    #[test]
+    fn examples_fill_rows_with_padding_and_ignored_targets() {
+        let example = |tokens: Vec<u32>, trained: Vec<bool>| LabeledTokens { tokens, trained };
+        let rows = vec![example(vec![1, 2, 3, 4], vec![false, false, true, true]), example((10..30).collect(), vec![true; 20])];
+        let mut l = Loader::examples(rows, 0, 6, 2, 1, 0, 1, false).unwrap();
+        let b = l.next_batch();
+        assert_eq!(&b.inputs[..6], &[1, 2, 3, 0, 0, 0]);
+        assert_eq!(&b.targets[..6], &[IGNORE, 3, 4, IGNORE, IGNORE, IGNORE]);
+        assert_eq!(&b.inputs[6..], &[10, 11, 12, 13, 14, 15], "cut at seq_len");
+        assert_eq!(&b.targets[6..], &[11, 12, 13, 14, 15, 16]);
     }
 
     #[test]

@@ -77,6 +77,12 @@ impl TextTokenizer {
         self.inner.encode(text, false).expect("byte-level encoding cannot fail").get_ids().to_vec()
     }
 
+    /// Token ids and each token's byte span in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> (Vec<u32>, Vec<(usize, usize)>) {
+        let encoding = self.inner.encode(text, false).expect("byte-level encoding cannot fail");
+        (encoding.get_ids().to_vec(), encoding.get_offsets().to_vec())
+    }
+
     /// The text of one token, special tokens included (e.g. `<|endoftext|>`).
     pub fn decode_special(&self, id: u32) -> String {
         self.inner.id_to_token(id).unwrap_or_default()

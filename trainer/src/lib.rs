@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod commands;
+pub mod datasets;
 pub mod evaluate;
 pub mod export;
 pub mod gguf;

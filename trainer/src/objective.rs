@@ -5,8 +5,9 @@ use burn::tensor::activation::softmax;
 use furnace_configs::rng::SeededRng;
 use furnace_models::kernels::{cross_entropy, FusedOps};
 
-/// Summed next-token cross-entropy over every position: the caller divides by the global
-/// token count of the step, so accumulated micro-batches average over tokens, not batches.
+/// Summed next-token cross-entropy over the positions with a target (an ignored target, -1,
+/// counts nothing and gets no gradient: prompts and padding under SFT): the caller divides by
+/// the step's count of targets, so accumulated micro-batches average over tokens, not batches.
 pub fn causal_lm_loss_sum<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
     cross_entropy(logits.reshape([batch * seq, vocab]), targets.reshape([batch * seq])).sum()
@@ -54,5 +55,36 @@ mod tests {
         }
         assert_eq!(counts[2], 0);
         assert!((150..250).contains(&counts[0]), "{counts:?}");
+    }
+
+    /// SFT masking: logits at positions without a target (prompt, padding) move neither the
+    /// loss nor the gradient anywhere.
+    #[test]
+    fn ignored_positions_change_neither_loss_nor_gradient() {
+        type AB = burn::backend::Autodiff<B>;
+        let device = Default::default();
+        let (seq, vocab) = (6, 7);
+        let mut rng = SeededRng::new(3);
+        let base: Vec<f32> = (0..seq * vocab).map(|_| rng.normal() as f32).collect();
+        let targets = Tensor::<AB, 2, Int>::from_data(TensorData::new(vec![-1i64, -1, 3, 5, -1, 0], [1, seq]), &device);
+        let ignored = [0usize, 1, 4];
+        let run = |values: Vec<f32>| {
+            let logits = Tensor::<AB, 3>::from_data(TensorData::new(values, [1, seq, vocab]), &device).require_grad();
+            let loss = causal_lm_loss_sum(logits.clone(), targets.clone());
+            let grads = loss.backward();
+            let grad: Vec<f32> = logits.grad(&grads).unwrap().into_data().into_vec().unwrap();
+            (loss.into_scalar(), grad)
+        };
+        let mut perturbed = base.clone();
+        for &p in &ignored {
+            perturbed[p * vocab..(p + 1) * vocab].iter_mut().for_each(|v| *v += 10.0 * rng.normal() as f32);
+        }
+        let ((loss_a, grad_a), (loss_b, grad_b)) = (run(base), run(perturbed));
+        assert_eq!(loss_a, loss_b);
+        assert_eq!(grad_a, grad_b);
+        for &p in &ignored {
+            assert!(grad_a[p * vocab..(p + 1) * vocab].iter().all(|g| *g == 0.0));
+        }
+        assert!(grad_a[2 * vocab..3 * vocab].iter().any(|g| *g != 0.0));
     }
 }

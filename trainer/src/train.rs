@@ -10,9 +10,11 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use furnace_configs::rng::SeededRng;
 use furnace_configs::{DataSource, Recipe};
-use furnace_data::corpus::{arithmetic_config, prepare, val_seed, Prepared};
+use furnace_data::chat::{ChatTemplate, Message};
+use furnace_data::corpus::{arithmetic_config, val_seed};
 use furnace_data::generators::arithmetic;
-use furnace_data::{Loader, Shard};
+use furnace_data::loader::IGNORE;
+use furnace_data::{Loader, TextTokenizer};
 use furnace_models::generate::generate;
 use furnace_models::params::{load_named, named_tensors, trainable_params};
 use furnace_models::{CausalLm, Decoder, DecoderConfig};
@@ -21,7 +23,8 @@ use furnace_optim::{clip_factor, global_grad_norm, Algorithm, DecayGroups, Optim
 use crate::backend::{BackendJob, TrainBackend};
 use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
-use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss};
+use crate::datasets::{self, Datasets};
+use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss, Asked};
 use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
 use crate::model::{build_model, decoder_config, describe, load_base, with_base};
@@ -50,7 +53,9 @@ struct Trainer<B: TrainBackend> {
     schedule: Schedule,
     loader: Loader,
     val_loader: Loader,
-    data: Prepared,
+    tokenizer: TextTokenizer,
+    /// SFT: how evaluation prompts are rendered.
+    chat_template: Option<ChatTemplate>,
     checkpointer: Checkpointer,
     metrics: Metrics,
     state: TrainState,
@@ -86,21 +91,22 @@ impl<B: TrainBackend> Trainer<B> {
             }
         }
         std::fs::create_dir_all(&out).with_context(|| format!("cannot create the output folder {}", out.display()))?;
-        println!("preparing data ({}) under {}", recipe.data.source, out.join("data").display());
-        let data = prepare(&recipe, &out).map_err(anyhow::Error::msg)?;
-        println!(
-            "  {} train tokens, {} val tokens, tokenizer vocab {}{}",
-            data.train_tokens,
-            data.val_tokens,
-            data.tokenizer.vocab_size(),
-            if data.reused { " (reused)" } else { "" }
-        );
-        let resolved = recipe.model.resolve(Some(data.tokenizer.vocab_size()));
-        if resolved.vocab_size < data.tokenizer.vocab_size() {
+        let world = furnace_distributed::World::from_env();
+        if world.size > 1 {
+            bail!(
+                "launched as rank {} of {} (mpirun), but data-parallel training is not built yet; run `furnace train` without mpirun",
+                world.rank,
+                world.size
+            );
+        }
+        let Datasets { tokenizer, train: mut loader, val: val_loader, chat_template } =
+            datasets::load(&recipe, &out, world.rank, world.size)?;
+        let resolved = recipe.model.resolve(Some(tokenizer.vocab_size()));
+        if resolved.vocab_size < tokenizer.vocab_size() {
             bail!(
                 "recipe key model.vocab_size = {} is smaller than the tokenizer's vocabulary ({}); raise it or leave it unset",
                 resolved.vocab_size,
-                data.tokenizer.vocab_size()
+                tokenizer.vocab_size()
             );
         }
         if t.seq_len > resolved.max_seq_len {
@@ -112,7 +118,7 @@ impl<B: TrainBackend> Trainer<B> {
             );
         }
         let model_config = decoder_config(&resolved);
-        let built = build_model::<B>(&recipe, data.tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
+        let built = build_model::<B>(&recipe, tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
         let mut model = built.model;
         let nf4_params = built.nf4_bytes.map_or(0, |(_, bf16)| bf16 / 2);
@@ -125,35 +131,13 @@ impl<B: TrainBackend> Trainer<B> {
             );
         }
         let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
-        let world = furnace_distributed::World::from_env();
-        if world.size > 1 {
-            bail!(
-                "launched as rank {} of {} (mpirun), but data-parallel training is not built yet; run `furnace train` without mpirun",
-                world.rank,
-                world.size
-            );
-        }
-        let (rank, world) = (world.rank, world.size);
-        let mut loader = Loader::new(
-            Shard::open(&data.train).map_err(anyhow::Error::msg)?,
-            t.seq_len,
-            t.local_batch_size,
-            recipe.run.seed,
-            rank,
-            world,
-            true,
-        )
-        .map_err(anyhow::Error::msg)?;
-        let val_loader =
-            Loader::new(Shard::open(&data.val).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, recipe.run.seed, 0, 1, false)
-                .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
         let mut state = TrainState { step: 0, optimizer_step: 0, data_cursor: loader.cursor(), tokens_seen: 0 };
         if resume {
             let dir =
                 latest.with_context(|| format!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display()))?;
             let loaded = checkpoint::load(&dir)?;
             let saved = Recipe::from_stored(&loaded.recipe, &dir.join(checkpoint::RECIPE_FILE).display().to_string())?;
-            if saved.model.resolve(Some(data.tokenizer.vocab_size())) != resolved {
+            if saved.model.resolve(Some(tokenizer.vocab_size())) != resolved {
                 bail!(
                     "the recipe's [model] section differs from the one this checkpoint was trained with ({}); resume with the same model",
                     dir.join(checkpoint::RECIPE_FILE).display()
@@ -190,7 +174,8 @@ impl<B: TrainBackend> Trainer<B> {
             schedule,
             loader,
             val_loader,
-            data,
+            tokenizer,
+            chat_template,
             checkpointer,
             metrics,
             state,
@@ -296,20 +281,22 @@ impl<B: TrainBackend> Trainer<B> {
     /// device) and the pre-clip global gradient norm.
     fn train_step(&mut self, model: Decoder<B>, lr: f64) -> Result<(Decoder<B>, Tensor<B::InnerBackend, 1>, f64)> {
         let t = &self.recipe.training;
-        let tokens_per_step = (t.local_batch_size * t.seq_len * t.grad_accum_steps) as f64;
+        let batches: Vec<_> = (0..t.grad_accum_steps).map(|_| self.loader.next_batch()).collect();
+        // The loss is the mean over the step's counted targets: every position when pretraining,
+        // the assistant's tokens under SFT (as TRL averages over completion tokens).
+        let counted = batches.iter().map(|b| b.targets.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>().max(1) as f64;
         let mut accumulator = GradientsAccumulator::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut last_inputs = None;
         // Dropout draws from the backend RNG: reseeding it from (seed, step) makes every mask a
         // pure function of the step, so a resumed run draws the same masks.
         B::seed(&self.device, self.recipe.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9));
-        for _ in 0..t.grad_accum_steps {
-            let batch = self.loader.next_batch();
+        for batch in batches {
             let shape = [batch.batch, batch.seq_len];
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs, shape), &self.device);
             let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets, shape), &self.device);
             last_inputs = Some(inputs.clone());
-            let loss = causal_lm_loss_sum(model.forward(inputs), targets) / tokens_per_step;
+            let loss = causal_lm_loss_sum(model.forward(inputs), targets) / counted;
             let detached = loss.clone().inner();
             step_loss = Some(match step_loss.take() {
                 Some(total) => total + detached,
@@ -356,7 +343,7 @@ impl<B: TrainBackend> Trainer<B> {
             &self.optimizer.state_tensors(),
             &self.state,
             &self.recipe.to_toml(),
-            &self.data.tokenizer.to_json(),
+            &self.tokenizer.to_json(),
         )
     }
 
@@ -366,31 +353,51 @@ impl<B: TrainBackend> Trainer<B> {
         println!("\n== result after {} steps ({} tokens) ==", self.state.step, self.state.tokens_seen);
         println!("validation loss {val:.4} (perplexity {:.2})", val.exp());
         let model = model.valid();
-        let tokenizer = &self.data.tokenizer;
+        let tokenizer = &self.tokenizer;
         let eval = &self.recipe.eval;
+        // A question reaches the model as raw text after end-of-text, or under SFT as a user
+        // turn rendered by the chat template with the assistant's turn opened.
+        let chat = self.chat_template.as_ref();
+        let encode = |text: &str| -> Result<Vec<u32>> {
+            Ok(match chat {
+                Some(template) => {
+                    let turn = [Message { role: "user".into(), content: text.into() }];
+                    tokenizer.encode(&template.render(&turn, true).map_err(anyhow::Error::msg)?)
+                }
+                None => encode_prompt(tokenizer, text),
+            })
+        };
         let mut prompt = eval.prompt.clone();
-        if self.recipe.data.source == DataSource::Arithmetic && eval.arithmetic_problems > 0 {
+        if matches!(self.recipe.data.source, DataSource::Arithmetic | DataSource::ArithmeticChat) && eval.arithmetic_problems > 0 {
             let problems =
                 arithmetic(&arithmetic_config(&self.recipe.data), eval.arithmetic_problems, val_seed(self.recipe.run.seed), true);
-            let (correct, total, shown) = arithmetic_exact_match(&model, tokenizer, &problems, &self.device);
+            let asked = problems
+                .iter()
+                .map(|p| {
+                    let question = if chat.is_some() { p.question(0) } else { p.prompt() };
+                    Ok(Asked { ids: encode(&question)?, question, answer: p.answer() })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (correct, total, shown) = arithmetic_exact_match(&model, tokenizer, &asked, &self.device);
             println!(
                 "exact match on {total} held-out problems (never seen in training): {correct}/{total} = {:.1}%",
                 100.0 * correct as f64 / total as f64
             );
+            let separator = if chat.is_some() { " → " } else { "" };
             for (question, answer, ok) in shown {
-                println!("  {question}{answer}  {}", if ok { "✓" } else { "✗" });
+                println!("  {question}{separator}{answer}  {}", if ok { "✓" } else { "✗" });
             }
             let metrics_line = [("eval/exact_match", correct as f64 / total as f64)];
             self.metrics.log(self.state.step, &metrics_line)?;
             if prompt.is_empty() {
-                prompt = problems[0].prompt();
+                prompt = asked[0].question.clone();
             }
         }
         if prompt.is_empty() {
             prompt = "Once upon a time".into();
         }
-        let out = generate(&model, &encode_prompt(tokenizer, &prompt), &greedy(tokenizer, eval.max_new_tokens), &self.device, |_| {});
-        println!("sample (greedy): {prompt}{}", tokenizer.decode(&out));
+        let out = generate(&model, &encode(&prompt)?, &greedy(tokenizer, eval.max_new_tokens), &self.device, |_| {});
+        println!("sample (greedy): {prompt}{}{}", if chat.is_some() { " → " } else { "" }, tokenizer.decode(&out));
         println!("checkpoint: {}", self.checkpointer.latest().map(|p| p.display().to_string()).unwrap_or_default());
         Ok(())
     }

@@ -1,0 +1,75 @@
+//! The data a recipe trains on, as loaders: packed token windows for pretraining, or labelled
+//! conversations (one per row, loss on the assistant's tokens) for SFT.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use furnace_configs::{Recipe, TrainMode};
+use furnace_data::chat::{prepare_sft, ChatTemplate, DEFAULT_CHAT_TEMPLATE};
+use furnace_data::corpus::prepare;
+use furnace_data::{Loader, Shard, TextTokenizer};
+
+pub struct Datasets {
+    pub tokenizer: TextTokenizer,
+    pub train: Loader,
+    pub val: Loader,
+    /// SFT: how prompts are rendered for evaluation.
+    pub chat_template: Option<ChatTemplate>,
+}
+
+pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Datasets> {
+    let t = &recipe.training;
+    let seed = recipe.run.seed;
+    if t.mode == TrainMode::Sft {
+        let path = Path::new(&recipe.data.tokenizer);
+        let tokenizer = TextTokenizer::load(path).map_err(anyhow::Error::msg)?;
+        let template = ChatTemplate::new(&chat_template_source(recipe)?, &tokenizer).map_err(anyhow::Error::msg)?;
+        println!("preparing conversations ({}) with the tokenizer {}", recipe.data.source, path.display());
+        let (train, val, skipped) = prepare_sft(recipe, &template, &tokenizer).map_err(anyhow::Error::msg)?;
+        let trained: usize = train.iter().map(|e| e.trained.iter().filter(|&&x| x).count()).sum();
+        let longest = train.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+        let cut = train.iter().filter(|e| e.tokens.len() > t.seq_len + 1).count();
+        println!(
+            "  {} train and {} val conversations, {trained} assistant tokens to learn, longest {longest} tokens{}{}",
+            train.len(),
+            val.len(),
+            if cut > 0 { format!(", {cut} cut at training.seq_len = {}", t.seq_len) } else { String::new() },
+            if skipped > 0 { format!(", {skipped} malformed lines skipped") } else { String::new() },
+        );
+        let pad = tokenizer.eos();
+        let train = Loader::examples(train, pad, t.seq_len, t.local_batch_size, seed, rank, world, true).map_err(anyhow::Error::msg)?;
+        let val = Loader::examples(val, pad, t.seq_len, t.local_batch_size, seed, 0, 1, false)
+            .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
+        return Ok(Datasets { tokenizer, train, val, chat_template: Some(template) });
+    }
+    println!("preparing data ({}) under {}", recipe.data.source, out.join("data").display());
+    let data = prepare(recipe, out).map_err(anyhow::Error::msg)?;
+    println!(
+        "  {} train tokens, {} val tokens, tokenizer vocab {}{}",
+        data.train_tokens,
+        data.val_tokens,
+        data.tokenizer.vocab_size(),
+        if data.reused { " (reused)" } else { "" }
+    );
+    let train = Loader::new(Shard::open(&data.train).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, seed, rank, world, true)
+        .map_err(anyhow::Error::msg)?;
+    let val = Loader::new(Shard::open(&data.val).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, seed, 0, 1, false)
+        .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
+    Ok(Datasets { tokenizer: data.tokenizer, train, val, chat_template: None })
+}
+
+/// The recipe's chat template, else the base model's (its tokenizer_config.json), else the default.
+fn chat_template_source(recipe: &Recipe) -> Result<String> {
+    if !recipe.data.chat_template.is_empty() {
+        return Ok(recipe.data.chat_template.clone());
+    }
+    let config = Path::new(&recipe.model.init_from).join("tokenizer_config.json");
+    if !recipe.model.init_from.is_empty() && config.is_file() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config)?).with_context(|| format!("{} is not JSON", config.display()))?;
+        if let Some(template) = json.get("chat_template").and_then(|t| t.as_str()) {
+            return Ok(template.to_string());
+        }
+    }
+    Ok(DEFAULT_CHAT_TEMPLATE.to_string())
+}

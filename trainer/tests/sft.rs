@@ -1,0 +1,168 @@
+//! Supervised fine-tuning through the `furnace` binary: conversations from the user's JSONL
+//! files rendered by their chat template, malformed lines reported or skipped, exact resume, and
+//! the built-in arithmetic chat task with its held-out exact match.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn furnace(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).output().expect("furnace runs")
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = furnace(args);
+    assert!(out.status.success(), "furnace {args:?}: {}", text(&out));
+    text(&out)
+}
+
+const BASE: &str = r#"
+[run]
+seed = 3
+[model]
+flavor = "tiny"
+max_seq_len = 64
+[data]
+source = "stories"
+num_examples = 300
+num_val_examples = 20
+tokenizer_vocab_size = 300
+[training]
+local_batch_size = 4
+seq_len = 32
+steps = 3
+eval_every = 0
+log_every = 1
+save_every = 0
+[logging]
+progress = false
+peak_tflops = 1.0
+[eval]
+max_new_tokens = 4
+"#;
+
+const SFT: &str = r#"
+[run]
+seed = 5
+[model]
+init_from = "BASE"
+[data]
+source = "chat"
+files = ["CHAT"]
+val_fraction = 0.1
+chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+[training]
+mode = "sft"
+local_batch_size = 4
+seq_len = 48
+steps = 6
+eval_every = 0
+log_every = 1
+save_every = 0
+keep_last = 0
+[optimizer]
+lr = 3e-3
+[lr_scheduler]
+warmup_steps = 1
+[logging]
+progress = false
+peak_tflops = 1.0
+[eval]
+max_new_tokens = 4
+"#;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    recipe: PathBuf,
+}
+
+/// A trained base, a chat file with one malformed line, and an SFT recipe over both.
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::write(dir.path().join("base.toml"), BASE).unwrap();
+    run_ok(&["train", "--config", dir.path().join("base.toml").to_str().unwrap(), "--set", &format!("run.output_dir={}", base.display())]);
+    let words = ["fox", "owl", "kite", "shell", "apple", "river"];
+    let mut lines: Vec<String> = (0..60)
+        .map(|i| {
+            let w = words[i % words.len()];
+            format!(r#"{{"messages": [{{"role": "system", "content": "Be brief."}}, {{"role": "user", "content": "Say {w}."}}, {{"role": "assistant", "content": "{w}"}}]}}"#)
+        })
+        .collect();
+    lines.insert(7, r#"{"messages": "not a list"}"#.into());
+    let chat = dir.path().join("chat.jsonl");
+    std::fs::write(&chat, lines.join("\n")).unwrap();
+    let recipe = dir.path().join("sft.toml");
+    std::fs::write(&recipe, SFT.replace("BASE", base.to_str().unwrap()).replace("CHAT", chat.to_str().unwrap())).unwrap();
+    Setup { dir, recipe }
+}
+
+impl Setup {
+    fn train(&self, name: &str, extra: &[&str]) -> Output {
+        let set = format!("run.output_dir={}", self.dir.path().join(name).display());
+        furnace(&[&["train", "--config", self.recipe.to_str().unwrap(), "--set", &set][..], extra].concat())
+    }
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap().get("loss")?.as_f64())
+        .collect()
+}
+
+#[test]
+fn sft_reports_bad_lines_and_resumes_exactly() {
+    let s = setup();
+    let refused = s.train("refused", &[]);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("chat.jsonl:8") && text(&refused).contains("skip_bad_lines"), "{}", text(&refused));
+
+    let skip = ["--set", "data.skip_bad_lines=true"];
+    let straight = s.train("straight", &skip);
+    assert!(straight.status.success(), "{}", text(&straight));
+    assert!(text(&straight).contains("1 malformed lines skipped"), "{}", text(&straight));
+    assert!(s.train("split", &[&skip[..], &["--max-steps", "3"]].concat()).status.success());
+    let split = s.dir.path().join("split");
+    let resumed = s.train("split", &[&skip[..], &["--resume", split.to_str().unwrap()]].concat());
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let (a, b) = (losses(&s.dir.path().join("straight")), losses(&split));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "a resumed SFT run repeats the straight one");
+    assert!(a[5] < a[0], "the assistant tokens get learned: {a:?}");
+}
+
+#[test]
+fn arithmetic_chat_reports_exact_match_through_the_template() {
+    let s = setup();
+    let out = s.train(
+        "arith",
+        &[
+            "--set",
+            "data.source=\"arithmetic-chat\"",
+            "--set",
+            "data.num_examples=200",
+            "--set",
+            "eval.arithmetic_problems=4",
+            "--set",
+            "lora.r=4",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    assert!(log.contains("exact match on 4 held-out problems") && log.contains("What is "), "{log}");
+    assert!(log.contains("trainable params"), "{log}");
+}
+
+#[test]
+fn sft_needs_chat_data_and_a_base() {
+    let s = setup();
+    let wrong = s.train("wrong", &["--set", "data.source=\"stories\""]);
+    assert!(!wrong.status.success() && text(&wrong).contains("training.mode"), "{}", text(&wrong));
+    let no_base = s.train("nobase", &["--set", "model.init_from=\"\""]);
+    assert!(!no_base.status.success() && text(&no_base).contains("model.init_from"), "{}", text(&no_base));
+}
