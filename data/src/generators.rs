@@ -82,7 +82,8 @@ pub fn arithmetic(config: &ArithmeticConfig, count: usize, seed: u64, held_out: 
     out
 }
 
-/// Problems as single-turn conversations: a question in a random phrasing, the bare answer.
+/// Problems as single-turn conversations: a question in a random phrasing; the reply restates
+/// the problem and solves it (`37+45=82`), the form the pretrained model already computes in.
 pub fn arithmetic_conversations(config: &ArithmeticConfig, count: usize, seed: u64, held_out: bool) -> Vec<Conversation> {
     let mut rng = SeededRng::new(seed ^ 0xC4A7);
     arithmetic(config, count, seed, held_out)
@@ -90,7 +91,7 @@ pub fn arithmetic_conversations(config: &ArithmeticConfig, count: usize, seed: u
         .map(|p| {
             vec![
                 Message { role: "user".into(), content: p.question(rng.below(4)) },
-                Message { role: "assistant".into(), content: p.answer().to_string() },
+                Message { role: "assistant".into(), content: p.text() },
             ]
         })
         .collect()
@@ -145,6 +146,20 @@ mod tests {
         assert!(train.iter().all(|p| p.a < 100 && p.b < 100));
         assert_eq!(Problem { a: 37, op: '+', b: 45 }.text(), "37+45=82");
         assert_eq!(Problem { a: 3, op: '-', b: 45 }.text(), "3-45=-42");
+    }
+
+    #[test]
+    fn conversations_ask_in_words_and_reply_with_the_solved_problem() {
+        let config = ArithmeticConfig { digits: 2, operators: vec!['+', '-'] };
+        let problems = arithmetic(&config, 50, 4, true);
+        let conversations = arithmetic_conversations(&config, 50, 4, true);
+        let mut styles = std::collections::BTreeSet::new();
+        for (p, c) in problems.iter().zip(&conversations) {
+            assert_eq!((c[0].role.as_str(), c[1].role.as_str()), ("user", "assistant"));
+            styles.insert((0..4).find(|&style| c[0].content == p.question(style)).expect("a known phrasing"));
+            assert_eq!(c[1].content, p.text());
+        }
+        assert_eq!(styles.len(), 4, "every phrasing appears");
     }
 
     #[test]

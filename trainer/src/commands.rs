@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use furnace_configs::Recipe;
+use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{prepare, read_documents};
 use furnace_data::TextTokenizer;
 use furnace_models::generate::{generate as run_generation, GenerateConfig};
@@ -15,6 +16,7 @@ use furnace_models::CausalLm;
 
 use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
+use crate::datasets::chat_template_source;
 use crate::evaluate::encode_prompt;
 use crate::model::{base_for, build_model, decoder_config, load_base};
 use crate::train::{output_dir, TrainJob};
@@ -125,7 +127,13 @@ impl BackendJob for GenerateJob {
                 seed: args.seed,
             },
         };
-        let prompt = encode_prompt(&tokenizer, &args.prompt);
+        let prompt = if args.chat {
+            let template = ChatTemplate::new(&chat_template_source(&recipe)?, &tokenizer).map_err(anyhow::Error::msg)?;
+            let turn = [Message { role: "user".into(), content: args.prompt.clone() }];
+            tokenizer.encode(&template.render(&turn, true).map_err(anyhow::Error::msg)?)
+        } else {
+            encode_prompt(&tokenizer, &args.prompt)
+        };
         if let Some(path) = &args.logits_out {
             let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
             let logits = model.forward(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ids, [1, prompt.len()]), &device));
@@ -137,7 +145,10 @@ impl BackendJob for GenerateJob {
             out.extend(ids);
             std::fs::write(path, to_safetensors(&out)).with_context(|| format!("cannot write {}", path.display()))?;
         }
-        print!("{}", args.prompt);
+        // A chat reply stands alone; a plain continuation follows its prompt.
+        if !args.chat {
+            print!("{}", args.prompt);
+        }
         let mut produced: Vec<u32> = Vec::new();
         let mut printed = 0;
         let mut stdout = std::io::stdout();

@@ -59,7 +59,7 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
 }
 
 /// The recipe's chat template, else the base model's (its tokenizer_config.json), else the default.
-fn chat_template_source(recipe: &Recipe) -> Result<String> {
+pub fn chat_template_source(recipe: &Recipe) -> Result<String> {
     if !recipe.data.chat_template.is_empty() {
         return Ok(recipe.data.chat_template.clone());
     }

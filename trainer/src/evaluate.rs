@@ -38,11 +38,12 @@ pub fn greedy(tokenizer: &TextTokenizer, max_new_tokens: usize) -> GenerateConfi
     GenerateConfig { max_new_tokens, stop_tokens: vec![tokenizer.eos()], sampling: SamplingConfig::default() }
 }
 
-/// A held-out problem as the model is asked it: the question shown, its token ids, the answer.
+/// A held-out problem as the model is asked it: the question shown, its token ids, and the
+/// reply that counts as correct.
 pub struct Asked {
     pub question: String,
     pub ids: Vec<u32>,
-    pub answer: i64,
+    pub expected: String,
 }
 
 /// Greedy answers to held-out problems: (correct, total, a few (question, answer given,
@@ -53,13 +54,13 @@ pub fn arithmetic_exact_match<B: Backend, M: CausalLm<B>>(
     problems: &[Asked],
     device: &B::Device,
 ) -> (usize, usize, Vec<(String, String, bool)>) {
-    let config = greedy(tokenizer, 8);
+    let config = greedy(tokenizer, 16);
     let mut correct = 0;
     let mut shown = Vec::new();
     for problem in problems {
         let out = generate(model, &problem.ids, &config, device, |_| {});
         let answer = tokenizer.decode(&out).trim().to_string();
-        let ok = answer == problem.answer.to_string();
+        let ok = answer == problem.expected;
         correct += ok as usize;
         if shown.len() < 5 {
             shown.push((problem.question.clone(), answer, ok));

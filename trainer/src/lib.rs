@@ -69,6 +69,10 @@ pub struct GenerateArgs {
     /// Extra stop strings, each encoded to one stop token (the end-of-text token always stops).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Send the prompt as a user turn through the chat template (the checkpoint's
+    /// data.chat_template, its base's, or the default) and print the assistant's reply.
+    #[arg(long)]
+    pub chat: bool,
     /// Also write the prompt's logits (full forward, `[positions, vocab]`) to this safetensors file.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,

@@ -374,8 +374,11 @@ impl<B: TrainBackend> Trainer<B> {
             let asked = problems
                 .iter()
                 .map(|p| {
-                    let question = if chat.is_some() { p.question(0) } else { p.prompt() };
-                    Ok(Asked { ids: encode(&question)?, question, answer: p.answer() })
+                    let (question, expected) = match chat {
+                        Some(_) => (p.question(0), p.text()),
+                        None => (p.prompt(), p.answer().to_string()),
+                    };
+                    Ok(Asked { ids: encode(&question)?, question, expected })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let (correct, total, shown) = arithmetic_exact_match(&model, tokenizer, &asked, &self.device);

@@ -156,6 +156,20 @@ fn arithmetic_chat_reports_exact_match_through_the_template() {
     let log = text(&out);
     assert!(log.contains("exact match on 4 held-out problems") && log.contains("What is "), "{log}");
     assert!(log.contains("trainable params"), "{log}");
+    let run = s.dir.path().join("arith");
+    let reply = run_ok(&[
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is 2+3?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(!reply.contains("What is") && !reply.contains("<assistant>"), "the reply alone: {reply:?}");
 }
 
 #[test]
