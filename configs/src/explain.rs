@@ -30,6 +30,7 @@ pub fn explain() -> String {
     section_text::<LoggingSection>(&mut out);
     section_text::<EvalSection>(&mut out);
     section_text::<LoraSection>(&mut out);
+    section_text::<DpoSection>(&mut out);
     out.push_str("# Choices:\n");
     for (name, choices) in [
         ("model.arch", Arch::CHOICES),
@@ -44,6 +45,7 @@ pub fn explain() -> String {
         ("runtime.backend", Backend::CHOICES),
         ("lora.init", LoraInit::CHOICES),
         ("lora.quantize_base", BaseQuant::CHOICES),
+        ("dpo.loss_type", DpoLoss::CHOICES),
     ] {
         out.push_str(&format!("#   {name}: {}\n", choices.join(" | ")));
     }

@@ -62,8 +62,23 @@ choice!(
         /// in the `.jsonl` files listed in `data.files`.
         Chat = "chat",
         /// SFT: generated arithmetic questions and answers as conversations
-        /// (user: "What is 37+45?", assistant: "82").
+        /// (user: "What is 37+45?", assistant: "37+45=82").
         ArithmeticChat = "arithmetic-chat",
+        /// DPO: preference pairs, one `{"prompt": ..., "chosen": ..., "rejected": ...}` per line,
+        /// in the `.jsonl` files listed in `data.files`; the prompt is sent as a user turn.
+        Preferences = "preferences",
+        /// DPO: generated arithmetic questions with the right reply chosen and a wrong one
+        /// (the answer off by 1, 2 or 10) rejected.
+        ArithmeticPreferences = "arithmetic-preferences",
+    }
+);
+choice!(
+    /// DPO's loss on the reward margin h = (log π_c − log ref_c) − (log π_r − log ref_r).
+    DpoLoss {
+        /// −log σ(β·h) (Rafailov et al., 2023); with label_smoothing ε, conservative DPO.
+        Sigmoid = "sigmoid",
+        /// (h − 1/(2β))² on length-averaged log-probs (Azar et al., 2023), as TRL's "ipo".
+        Ipo = "ipo",
     }
 );
 choice!(
@@ -73,6 +88,9 @@ choice!(
         Pretrain = "pretrain",
         /// Supervised fine-tuning on conversations: one per row, loss on the assistant's tokens only.
         Sft = "sft",
+        /// Direct preference optimisation on (prompt, chosen, rejected) pairs against the
+        /// starting model as the frozen reference.
+        Dpo = "dpo",
     }
 );
 choice!(
@@ -197,6 +215,18 @@ section! {
         /// NormalFloat, as bitsandbytes' load_in_4bit with nf4 and double quantization.
         /// Needs model.init_from.
         quantize_base: BaseQuant = BaseQuant::None,
+    }
+}
+
+section! {
+    /// Direct preference optimisation (training.mode = "dpo"), with TRL's names and defaults.
+    DpoSection = "dpo" {
+        /// β: how far the policy may move from the reference (the KL penalty's inverse weight).
+        beta: f64 = 0.1,
+        /// sigmoid (DPO) or ipo.
+        loss_type: DpoLoss = DpoLoss::Sigmoid,
+        /// Conservative DPO: the probability that a preference label is flipped (sigmoid loss).
+        label_smoothing: f64 = 0.0,
     }
 }
 
@@ -363,4 +393,5 @@ pub struct Recipe {
     pub logging: LoggingSection,
     pub eval: EvalSection,
     pub lora: LoraSection,
+    pub dpo: DpoSection,
 }

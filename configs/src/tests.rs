@@ -89,3 +89,16 @@ fn lora_section_is_validated_and_explained() {
     assert_eq!(parse("[lora]\nr = 4\ntarget_modules = []\n").unwrap_err().key, "lora.target_modules");
     assert!(explain().contains("[lora]") && explain().contains("lora.quantize_base: none | nf4"));
 }
+
+#[test]
+fn modes_take_their_data_and_dpo_is_validated() {
+    let dpo = "[training]\nmode = \"dpo\"\n[data]\nsource = \"arithmetic-preferences\"\ntokenizer = \"\"\n[model]\ninit_from = \"\"\n";
+    assert_eq!(parse(dpo).unwrap_err().key, "model.init_from", "DPO fine-tunes a trained model");
+    let err = parse("[training]\nmode = \"sft\"\n[data]\nsource = \"stories\"\n").unwrap_err();
+    assert_eq!(err.key, "training.mode");
+    let base = "[model]\ninit_from = \"base\"\n[training]\nmode = \"dpo\"\n[data]\nsource = \"arithmetic-preferences\"\n";
+    assert!(Recipe::from_stored(base, "r.toml").is_ok());
+    assert_eq!(Recipe::from_stored(&format!("{base}[dpo]\nbeta = 0.0\n"), "r.toml").unwrap_err().key, "dpo.beta");
+    assert_eq!(Recipe::from_stored(&format!("{base}[dpo]\nlabel_smoothing = 0.7\n"), "r.toml").unwrap_err().key, "dpo.label_smoothing");
+    assert!(explain().contains("[dpo]") && explain().contains("dpo.loss_type: sigmoid | ipo"));
+}

@@ -131,7 +131,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         return fail("lr_scheduler", "decay_ratio", format!("decay_ratio = {} is outside (0, 1]", s.decay_ratio), "use e.g. 0.2".into());
     }
     let d = &recipe.data;
-    if matches!(d.source, DataSource::Files | DataSource::Chat) && d.files.is_empty() {
+    if matches!(d.source, DataSource::Files | DataSource::Chat | DataSource::Preferences) && d.files.is_empty() {
         return fail(
             "data",
             "files",
@@ -177,20 +177,34 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "use at least 260".into(),
         );
     }
-    let chat_data = matches!(d.source, DataSource::Chat | DataSource::ArithmeticChat);
-    if (recipe.training.mode == TrainMode::Sft) != chat_data {
+    let mode_of_source = match d.source {
+        DataSource::Chat | DataSource::ArithmeticChat => TrainMode::Sft,
+        DataSource::Preferences | DataSource::ArithmeticPreferences => TrainMode::Dpo,
+        _ => TrainMode::Pretrain,
+    };
+    if recipe.training.mode != mode_of_source {
         return fail(
             "training",
             "mode",
             format!("training.mode = \"{}\" does not train on data.source = \"{}\"", recipe.training.mode, d.source),
-            "use mode = \"sft\" with source = \"chat\" or \"arithmetic-chat\", and mode = \"pretrain\" with the others".into(),
+            "sft takes source = \"chat\" or \"arithmetic-chat\"; dpo takes \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
+        );
+    }
+    let chat_data = mode_of_source != TrainMode::Pretrain;
+    let p = &recipe.dpo;
+    if !(p.beta > 0.0 && p.beta.is_finite()) || !(0.0..0.5).contains(&p.label_smoothing) {
+        return fail(
+            "dpo",
+            if p.beta > 0.0 { "label_smoothing" } else { "beta" },
+            format!("beta = {} must be positive and label_smoothing = {} in [0, 0.5)", p.beta, p.label_smoothing),
+            "use e.g. beta = 0.1, label_smoothing = 0.0".into(),
         );
     }
     if chat_data && recipe.model.init_from.is_empty() && d.tokenizer.is_empty() {
         return fail(
             "model",
             "init_from",
-            "SFT fine-tunes a trained model, and none is given".into(),
+            format!("training.mode = \"{}\" fine-tunes a trained model, and none is given", recipe.training.mode),
             "set model.init_from to a Furnace run or a Hugging Face folder (or data.tokenizer to start from scratch)".into(),
         );
     }

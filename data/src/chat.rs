@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use furnace_configs::{DataSource, Recipe};
 
 use crate::corpus::{arithmetic_config, val_seed};
-use crate::generators::arithmetic_conversations;
+use crate::generators::{arithmetic_conversations, arithmetic_preferences};
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,21 +91,13 @@ pub fn read_conversations(path: &Path, skip_bad: bool) -> Result<(Vec<Conversati
     struct Line {
         messages: Conversation,
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let (mut conversations, mut skipped) = (Vec::new(), 0);
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        match serde_json::from_str::<Line>(line) {
-            Ok(parsed) if !parsed.messages.is_empty() => conversations.push(parsed.messages),
-            Ok(_) if skip_bad => skipped += 1,
-            Ok(_) => return Err(format!("{}:{}: empty \"messages\"", path.display(), i + 1)),
-            Err(_) if skip_bad => skipped += 1,
-            Err(e) => {
-                return Err(format!(
-                    "{}:{}: not a chat line ({e}); expected {{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}, ...]}} (or set data.skip_bad_lines = true)",
-                    path.display(),
-                    i + 1
-                ))
-            }
+    let (lines, mut skipped) = read_jsonl::<Line>(path, skip_bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]}")?;
+    let mut conversations = Vec::with_capacity(lines.len());
+    for line in lines {
+        match line.messages.is_empty() {
+            false => conversations.push(line.messages),
+            true if skip_bad => skipped += 1,
+            true => return Err(format!("{}: a line has empty \"messages\"", path.display())),
         }
     }
     Ok((conversations, skipped))
@@ -139,13 +131,7 @@ pub fn prepare_sft(
                 }
                 Ok(all)
             };
-            let mut train = read(&d.files)?;
-            let mut val = read(&d.val_files)?;
-            if val.is_empty() {
-                let held = ((train.len() as f64 * d.val_fraction).ceil() as usize).max(1).min(train.len().saturating_sub(1));
-                val = train.split_off(train.len() - held);
-            }
-            (train, val)
+            split_off_val(read(&d.files)?, read(&d.val_files)?, d.val_fraction)
         }
         other => return Err(format!("data.source = \"{other}\" is not chat data")),
     };
@@ -153,6 +139,105 @@ pub fn prepare_sft(
         conversations.iter().map(|c| label_conversation(template, tokenizer, c)).collect()
     };
     Ok((label(train)?, label(val)?, skipped))
+}
+
+/// A preference pair in TRL's standard form: a prompt, the preferred and the dispreferred reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preference {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+impl Preference {
+    /// The two conversations: the prompt as a user turn, each reply as the assistant's.
+    fn conversations(&self) -> [Conversation; 2] {
+        let user = Message { role: "user".into(), content: self.prompt.clone() };
+        let reply = |content: &str| vec![user.clone(), Message { role: "assistant".into(), content: content.into() }];
+        [reply(&self.chosen), reply(&self.rejected)]
+    }
+}
+
+/// A labelled preference pair: the chosen and the rejected conversation.
+pub type LabeledPair = (LabeledTokens, LabeledTokens);
+
+/// JSONL lines of the form `{"prompt": ..., "chosen": ..., "rejected": ...}`; malformed lines as
+/// in [`read_conversations`].
+pub fn read_preferences(path: &Path, skip_bad: bool) -> Result<(Vec<Preference>, usize), String> {
+    read_jsonl(path, skip_bad, "{\"prompt\": \"...\", \"chosen\": \"...\", \"rejected\": \"...\"}")
+}
+
+/// DPO data for a recipe, labelled like SFT data: (train pairs, val pairs, malformed lines skipped).
+pub fn prepare_preferences(
+    recipe: &Recipe,
+    template: &ChatTemplate,
+    tokenizer: &TextTokenizer,
+) -> Result<(Vec<LabeledPair>, Vec<LabeledPair>, usize), String> {
+    let d = &recipe.data;
+    let seed = recipe.run.seed;
+    let mut skipped = 0;
+    let (train, val) = match d.source {
+        DataSource::ArithmeticPreferences => {
+            let config = arithmetic_config(d);
+            (
+                arithmetic_preferences(&config, d.num_examples, seed, false),
+                arithmetic_preferences(&config, d.num_val_examples, val_seed(seed), true),
+            )
+        }
+        DataSource::Preferences => {
+            let mut read = |files: &[String]| -> Result<Vec<Preference>, String> {
+                let mut all = Vec::new();
+                for f in files {
+                    let (pairs, bad) = read_preferences(Path::new(f), d.skip_bad_lines)?;
+                    all.extend(pairs);
+                    skipped += bad;
+                }
+                Ok(all)
+            };
+            split_off_val(read(&d.files)?, read(&d.val_files)?, d.val_fraction)
+        }
+        other => return Err(format!("data.source = \"{other}\" is not preference data")),
+    };
+    let label = |pairs: Vec<Preference>| -> Result<Vec<LabeledPair>, String> {
+        pairs
+            .iter()
+            .map(|p| {
+                let [chosen, rejected] = p.conversations();
+                Ok((label_conversation(template, tokenizer, &chosen)?, label_conversation(template, tokenizer, &rejected)?))
+            })
+            .collect()
+    };
+    Ok((label(train)?, label(val)?, skipped))
+}
+
+/// Validation items: the given ones, else the last `fraction` of the training items.
+fn split_off_val<T>(mut train: Vec<T>, val: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
+    if !val.is_empty() {
+        return (train, val);
+    }
+    let held = ((train.len() as f64 * fraction).ceil() as usize).max(1).min(train.len().saturating_sub(1));
+    let val = train.split_off(train.len() - held);
+    (train, val)
+}
+
+/// Items of a `.jsonl` file, one JSON object per line; `shape` describes a line in errors.
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool, shape: &str) -> Result<(Vec<T>, usize), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let (mut items, mut skipped) = (Vec::new(), 0);
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        match serde_json::from_str::<T>(line) {
+            Ok(item) => items.push(item),
+            Err(_) if skip_bad => skipped += 1,
+            Err(e) => {
+                return Err(format!(
+                    "{}:{}: malformed line ({e}); expected {shape} (or set data.skip_bad_lines = true)",
+                    path.display(),
+                    i + 1
+                ))
+            }
+        }
+    }
+    Ok((items, skipped))
 }
 
 #[cfg(test)]

@@ -41,8 +41,8 @@ pub fn documents(recipe: &Recipe) -> Result<(Vec<String>, Vec<String>), String> 
             (text(false, d.num_examples, seed), text(true, d.num_val_examples, val_seed(seed)))
         }
         DataSource::Stories => (stories(d.num_examples, seed), stories(d.num_val_examples, val_seed(seed))),
-        DataSource::Chat | DataSource::ArithmeticChat => {
-            return Err(format!("data.source = \"{}\" holds conversations: train on it with training.mode = \"sft\"", d.source))
+        DataSource::Chat | DataSource::ArithmeticChat | DataSource::Preferences | DataSource::ArithmeticPreferences => {
+            return Err(format!("data.source = \"{}\" is fine-tuning data: set training.mode to sft or dpo", d.source))
         }
         DataSource::Files => {
             let mut train = Vec::new();

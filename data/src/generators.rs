@@ -2,7 +2,7 @@
 
 use furnace_configs::rng::SeededRng;
 
-use crate::chat::{Conversation, Message};
+use crate::chat::{Conversation, Message, Preference};
 
 /// One arithmetic problem: `a op b = answer`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +97,20 @@ pub fn arithmetic_conversations(config: &ArithmeticConfig, count: usize, seed: u
         .collect()
 }
 
+/// Problems as preference pairs: the question in a random phrasing, the solved problem chosen,
+/// the same problem with a wrong answer (off by ±1, ±2 or ±10) rejected.
+pub fn arithmetic_preferences(config: &ArithmeticConfig, count: usize, seed: u64, held_out: bool) -> Vec<Preference> {
+    let mut rng = SeededRng::new(seed ^ 0xD9_0F);
+    arithmetic(config, count, seed, held_out)
+        .into_iter()
+        .map(|p| {
+            let offsets = [1i64, -1, 2, -2, 10, -10];
+            let wrong = p.answer() + offsets[rng.below(offsets.len())];
+            Preference { prompt: p.question(rng.below(4)), chosen: p.text(), rejected: format!("{}{wrong}", p.prompt()) }
+        })
+        .collect()
+}
+
 const NAMES: &[&str] = &["Tim", "Lily", "Max", "Sara", "Ben", "Mia", "Leo", "Zoe", "Sam", "Anna"];
 const ANIMALS: &[&str] = &["fox", "cat", "dog", "bird", "bear", "rabbit", "owl", "frog"];
 const PLACES: &[&str] = &["forest", "garden", "village", "river", "hill", "park", "beach", "farm"];
@@ -160,6 +174,18 @@ mod tests {
             assert_eq!(c[1].content, p.text());
         }
         assert_eq!(styles.len(), 4, "every phrasing appears");
+    }
+
+    #[test]
+    fn preference_pairs_choose_the_right_answer_over_a_near_miss() {
+        let config = ArithmeticConfig { digits: 2, operators: vec!['+', '-'] };
+        let problems = arithmetic(&config, 40, 5, false);
+        for (p, pair) in problems.iter().zip(arithmetic_preferences(&config, 40, 5, false)) {
+            assert_eq!(pair.chosen, p.text());
+            let wrong: i64 = pair.rejected.strip_prefix(&p.prompt()).unwrap().parse().unwrap();
+            assert!([1, 2, 10].contains(&(wrong - p.answer()).abs()), "{}", pair.rejected);
+            assert!((0..4).any(|style| pair.prompt == p.question(style)));
+        }
     }
 
     #[test]

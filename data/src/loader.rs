@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::LabeledTokens;
+use crate::chat::{LabeledPair, LabeledTokens};
 use crate::shards::Shard;
 use furnace_configs::rng::SeededRng;
 
@@ -26,12 +26,16 @@ pub struct Batch {
     pub targets: Vec<i64>,
     pub batch: usize,
     pub seq_len: usize,
+    /// The dataset index of each item in the batch (a pair fills two rows: chosen, rejected).
+    pub items: Vec<usize>,
 }
 
 enum Items {
     Windows(Shard),
     /// Examples and the id that pads their rows.
     Examples(Vec<LabeledTokens>, u32),
+    /// Preference pairs, two rows each, and the padding id.
+    Pairs(Vec<LabeledPair>, u32),
 }
 
 pub struct Loader {
@@ -81,16 +85,40 @@ impl Loader {
         Ok(Self::with_items(Items::Examples(examples, pad), seq_len, batch, seed, rank, world, shuffle))
     }
 
+    /// Preference pairs: each fills two rows as [`Loader::examples`] does, chosen then
+    /// rejected, so a batch of `batch` pairs has `2·batch` rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pairs(
+        pairs: Vec<LabeledPair>,
+        pad: u32,
+        seq_len: usize,
+        batch: usize,
+        seed: u64,
+        rank: usize,
+        world: usize,
+        shuffle: bool,
+    ) -> Result<Self, String> {
+        let count = pairs.len();
+        if count < batch * world {
+            return Err(format!(
+                "{count} pairs: too few for one batch of {batch} on {world} rank(s); add pairs or lower training.local_batch_size"
+            ));
+        }
+        Ok(Self::with_items(Items::Pairs(pairs, pad), seq_len, batch, seed, rank, world, shuffle))
+    }
+
     fn with_items(items: Items, seq_len: usize, batch: usize, seed: u64, rank: usize, world: usize, shuffle: bool) -> Self {
         let mut loader = Self { items, seq_len, batch, seed, rank, world, shuffle, cursor: Cursor::default(), order: Vec::new() };
         loader.order = loader.epoch_order(0);
         loader
     }
 
-    fn items(&self) -> usize {
+    /// Items in the whole dataset: windows, examples or pairs.
+    pub fn items(&self) -> usize {
         match &self.items {
             Items::Windows(shard) => shard.len().saturating_sub(1) / self.seq_len,
             Items::Examples(examples, _) => examples.len(),
+            Items::Pairs(pairs, _) => pairs.len(),
         }
     }
 
@@ -121,12 +149,22 @@ impl Loader {
         let mut inputs = Vec::with_capacity(self.batch * self.seq_len);
         let mut targets = Vec::with_capacity(self.batch * self.seq_len);
         let mut window = Vec::with_capacity(self.seq_len + 1);
+        let mut items = Vec::with_capacity(self.batch);
         for _ in 0..self.batch {
             if self.cursor.position >= self.order.len() {
                 self.set_cursor(Cursor { epoch: self.cursor.epoch + 1, position: 0 });
             }
             let item = self.order[self.cursor.position];
             self.cursor.position += 1;
+            items.push(item);
+            let seq_len = self.seq_len;
+            let mut labelled_row = |example: &LabeledTokens, pad: u32| {
+                let n = example.tokens.len().min(seq_len + 1);
+                for j in 0..seq_len {
+                    inputs.push(if j + 1 < n { example.tokens[j] as i64 } else { pad as i64 });
+                    targets.push(if j + 1 < n && example.trained[j + 1] { example.tokens[j + 1] as i64 } else { IGNORE });
+                }
+            };
             match &self.items {
                 Items::Windows(shard) => {
                     window.clear();
@@ -134,17 +172,15 @@ impl Loader {
                     inputs.extend_from_slice(&window[..self.seq_len]);
                     targets.extend_from_slice(&window[1..]);
                 }
-                Items::Examples(examples, pad) => {
-                    let example = &examples[item];
-                    let n = example.tokens.len().min(self.seq_len + 1);
-                    for j in 0..self.seq_len {
-                        inputs.push(if j + 1 < n { example.tokens[j] as i64 } else { *pad as i64 });
-                        targets.push(if j + 1 < n && example.trained[j + 1] { example.tokens[j + 1] as i64 } else { IGNORE });
-                    }
+                Items::Examples(examples, pad) => labelled_row(&examples[item], *pad),
+                Items::Pairs(pairs, pad) => {
+                    labelled_row(&pairs[item].0, *pad);
+                    labelled_row(&pairs[item].1, *pad);
                 }
             }
         }
-        Batch { inputs, targets, batch: self.batch, seq_len: self.seq_len }
+        let rows = if matches!(self.items, Items::Pairs(..)) { 2 * self.batch } else { self.batch };
+        Batch { inputs, targets, batch: rows, seq_len: self.seq_len, items }
     }
 }
 
@@ -193,6 +229,16 @@ mod tests {
         assert_eq!(&b.targets[..6], &[IGNORE, 3, 4, IGNORE, IGNORE, IGNORE]);
         assert_eq!(&b.inputs[6..], &[10, 11, 12, 13, 14, 15], "cut at seq_len");
         assert_eq!(&b.targets[6..], &[11, 12, 13, 14, 15, 16]);
+    }
+
+    #[test]
+    fn a_pair_fills_two_rows_chosen_first() {
+        let example = |tokens: Vec<u32>| LabeledTokens { trained: vec![true; tokens.len()], tokens };
+        let pairs = vec![(example(vec![1, 2, 3]), example(vec![1, 2, 4])), (example(vec![5, 6]), example(vec![5, 7]))];
+        let b = Loader::pairs(pairs, 0, 3, 2, 1, 0, 1, false).unwrap().next_batch();
+        assert_eq!((b.batch, b.items.clone()), (4, vec![0, 1]));
+        assert_eq!(&b.targets[..6], &[2, 3, IGNORE, 2, 4, IGNORE]);
+        assert_eq!(&b.inputs[6..], &[5, 0, 0, 5, 0, 0]);
     }
 
     #[test]

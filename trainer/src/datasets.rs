@@ -1,11 +1,12 @@
-//! The data a recipe trains on, as loaders: packed token windows for pretraining, or labelled
-//! conversations (one per row, loss on the assistant's tokens) for SFT.
+//! The data a recipe trains on, as loaders: packed token windows for pretraining, labelled
+//! conversations (one per row, loss on the assistant's tokens) for SFT, preference pairs (two
+//! rows each) for DPO.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use furnace_configs::{Recipe, TrainMode};
-use furnace_data::chat::{prepare_sft, ChatTemplate, DEFAULT_CHAT_TEMPLATE};
+use furnace_data::chat::{prepare_preferences, prepare_sft, ChatTemplate, DEFAULT_CHAT_TEMPLATE};
 use furnace_data::corpus::prepare;
 use furnace_data::{Loader, Shard, TextTokenizer};
 
@@ -13,13 +14,36 @@ pub struct Datasets {
     pub tokenizer: TextTokenizer,
     pub train: Loader,
     pub val: Loader,
-    /// SFT: how prompts are rendered for evaluation.
+    /// SFT and DPO: how prompts are rendered for evaluation.
     pub chat_template: Option<ChatTemplate>,
+    /// DPO: the train and val pairs in dataset order, unshuffled, for the reference pass.
+    pub reference_pairs: Option<(Loader, Loader)>,
 }
 
 pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Datasets> {
     let t = &recipe.training;
     let seed = recipe.run.seed;
+    if t.mode == TrainMode::Dpo {
+        let path = Path::new(&recipe.data.tokenizer);
+        let tokenizer = TextTokenizer::load(path).map_err(anyhow::Error::msg)?;
+        let template = ChatTemplate::new(&chat_template_source(recipe)?, &tokenizer).map_err(anyhow::Error::msg)?;
+        println!("preparing preference pairs ({}) with the tokenizer {}", recipe.data.source, path.display());
+        let (train, val, skipped) = prepare_preferences(recipe, &template, &tokenizer).map_err(anyhow::Error::msg)?;
+        let cut = train.iter().filter(|(c, r)| c.tokens.len().max(r.tokens.len()) > t.seq_len + 1).count();
+        println!(
+            "  {} train and {} val pairs{}{}",
+            train.len(),
+            val.len(),
+            if cut > 0 { format!(", {cut} cut at training.seq_len = {}", t.seq_len) } else { String::new() },
+            if skipped > 0 { format!(", {skipped} malformed lines skipped") } else { String::new() },
+        );
+        let (pad, b) = (tokenizer.eos(), t.local_batch_size);
+        let in_order = |pairs: &Vec<_>| Loader::pairs(Clone::clone(pairs), pad, t.seq_len, b.min(pairs.len()), seed, 0, 1, false);
+        let reference = (in_order(&train).map_err(anyhow::Error::msg)?, in_order(&val).map_err(anyhow::Error::msg)?);
+        let train = Loader::pairs(train, pad, t.seq_len, b, seed, rank, world, true).map_err(anyhow::Error::msg)?;
+        let val = Loader::pairs(val, pad, t.seq_len, b, seed, 0, 1, false).map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
+        return Ok(Datasets { tokenizer, train, val, chat_template: Some(template), reference_pairs: Some(reference) });
+    }
     if t.mode == TrainMode::Sft {
         let path = Path::new(&recipe.data.tokenizer);
         let tokenizer = TextTokenizer::load(path).map_err(anyhow::Error::msg)?;
@@ -40,7 +64,7 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
         let train = Loader::examples(train, pad, t.seq_len, t.local_batch_size, seed, rank, world, true).map_err(anyhow::Error::msg)?;
         let val = Loader::examples(val, pad, t.seq_len, t.local_batch_size, seed, 0, 1, false)
             .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
-        return Ok(Datasets { tokenizer, train, val, chat_template: Some(template) });
+        return Ok(Datasets { tokenizer, train, val, chat_template: Some(template), reference_pairs: None });
     }
     println!("preparing data ({}) under {}", recipe.data.source, out.join("data").display());
     let data = prepare(recipe, out).map_err(anyhow::Error::msg)?;
@@ -55,7 +79,7 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
         .map_err(anyhow::Error::msg)?;
     let val = Loader::new(Shard::open(&data.val).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, seed, 0, 1, false)
         .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
-    Ok(Datasets { tokenizer: data.tokenizer, train, val, chat_template: None })
+    Ok(Datasets { tokenizer: data.tokenizer, train, val, chat_template: None, reference_pairs: None })
 }
 
 /// The recipe's chat template, else the base model's (its tokenizer_config.json), else the default.

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod objective;
+pub mod preference;
 pub mod tensorboard;
 pub mod train;
 

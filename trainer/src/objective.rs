@@ -1,8 +1,9 @@
 //! Losses live here, apart from the model (which only returns logits).
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{log_sigmoid, softmax};
 use furnace_configs::rng::SeededRng;
+use furnace_configs::{DpoLoss, DpoSection};
 use furnace_models::kernels::{cross_entropy, FusedOps};
 
 /// Summed next-token cross-entropy over the positions with a target (an ignored target, -1,
@@ -11,6 +12,41 @@ use furnace_models::kernels::{cross_entropy, FusedOps};
 pub fn causal_lm_loss_sum<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
     cross_entropy(logits.reshape([batch * seq, vocab]), targets.reshape([batch * seq])).sum()
+}
+
+/// Per-row sums of the targets' log-probabilities `[rows]` (ignored targets count nothing):
+/// the log-likelihood of each row's completion.
+pub fn sequence_log_probs<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [batch, seq, vocab] = logits.dims();
+    cross_entropy(logits.reshape([batch * seq, vocab]), targets.reshape([batch * seq]))
+        .reshape([batch, seq])
+        .sum_dim(1)
+        .reshape([batch])
+        .neg()
+}
+
+/// DPO's loss per pair from the completions' log-probabilities under the policy and the
+/// reference, and the implicit rewards β·(log π − log ref) of chosen and rejected, as TRL's
+/// `dpo_loss` computes them (IPO expects length-averaged log-probabilities).
+pub fn dpo_loss<B: Backend>(
+    policy_chosen: Tensor<B, 1>,
+    policy_rejected: Tensor<B, 1>,
+    ref_chosen: Tensor<B, 1>,
+    ref_rejected: Tensor<B, 1>,
+    config: &DpoSection,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let beta = config.beta;
+    let chosen_rewards = (policy_chosen.clone() - ref_chosen.clone()).detach() * beta;
+    let rejected_rewards = (policy_rejected.clone() - ref_rejected.clone()).detach() * beta;
+    let margin = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected);
+    let losses = match config.loss_type {
+        DpoLoss::Sigmoid => {
+            let smoothing = config.label_smoothing;
+            log_sigmoid(margin.clone() * beta).neg() * (1.0 - smoothing) - log_sigmoid(margin.neg() * beta) * smoothing
+        }
+        DpoLoss::Ipo => (margin - 1.0 / (2.0 * beta)).powi_scalar(2),
+    };
+    (losses, chosen_rewards, rejected_rewards)
 }
 
 /// One label per position drawn from the model's own predictive distribution (inverse-CDF
@@ -55,6 +91,41 @@ mod tests {
         }
         assert_eq!(counts[2], 0);
         assert!((150..250).contains(&counts[0]), "{counts:?}");
+    }
+
+    /// Against TRL's formulas (scripts/reference/dpo_reference.py → tests/fixtures/dpo.json).
+    #[test]
+    fn dpo_losses_and_rewards_match_trl() {
+        let fixture: serde_json::Value = serde_json::from_str(include_str!("../../tests/fixtures/dpo.json")).unwrap();
+        let values = |key: &str| -> Vec<f64> { fixture[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect() };
+        let tensor = |v: &[f64]| {
+            Tensor::<B, 1>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), [v.len()]), &Default::default())
+        };
+        let (counts_c, counts_r) = (values("count_chosen"), values("count_rejected"));
+        for case in fixture["cases"].as_array().unwrap() {
+            let config = DpoSection {
+                beta: case["beta"].as_f64().unwrap(),
+                loss_type: if case["loss_type"] == "ipo" { DpoLoss::Ipo } else { DpoLoss::Sigmoid },
+                label_smoothing: case["label_smoothing"].as_f64().unwrap(),
+            };
+            let averaged = |key: &str, counts: &[f64]| -> Vec<f64> {
+                values(key).iter().zip(counts).map(|(v, c)| if config.loss_type == DpoLoss::Ipo { v / c } else { *v }).collect()
+            };
+            let (losses, chosen, rejected) = dpo_loss(
+                tensor(&averaged("policy_chosen", &counts_c)),
+                tensor(&averaged("policy_rejected", &counts_r)),
+                tensor(&averaged("ref_chosen", &counts_c)),
+                tensor(&averaged("ref_rejected", &counts_r)),
+                &config,
+            );
+            for (name, ours) in [("losses", losses), ("chosen_rewards", chosen), ("rejected_rewards", rejected)] {
+                let ours: Vec<f32> = ours.into_data().into_vec().unwrap();
+                for (a, b) in ours.iter().zip(case[name].as_array().unwrap()) {
+                    let b = b.as_f64().unwrap();
+                    assert!((*a as f64 - b).abs() <= 1e-6 * b.abs().max(1.0) * 10.0, "{} {name}: {a} vs {b}", case["loss_type"]);
+                }
+            }
+        }
     }
 
     /// SFT masking: logits at positions without a target (prompt, padding) move neither the

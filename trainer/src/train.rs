@@ -29,6 +29,7 @@ use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_fr
 use crate::metrics::Metrics;
 use crate::model::{build_model, decoder_config, describe, load_base, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
+use crate::preference::{self, pair_batch, reference_log_probs, DpoStats, PairLogps};
 
 pub struct TrainJob {
     pub recipe: Recipe,
@@ -54,8 +55,12 @@ struct Trainer<B: TrainBackend> {
     loader: Loader,
     val_loader: Loader,
     tokenizer: TextTokenizer,
-    /// SFT: how evaluation prompts are rendered.
+    /// SFT and DPO: how evaluation prompts are rendered.
     chat_template: Option<ChatTemplate>,
+    /// DPO: the reference's log-probabilities of the train and val pairs.
+    reference: Option<(Vec<PairLogps>, Vec<PairLogps>)>,
+    /// DPO: metrics summed since the last log line.
+    dpo_window: DpoStats,
     checkpointer: Checkpointer,
     metrics: Metrics,
     state: TrainState,
@@ -99,7 +104,7 @@ impl<B: TrainBackend> Trainer<B> {
                 world.size
             );
         }
-        let Datasets { tokenizer, train: mut loader, val: val_loader, chat_template } =
+        let Datasets { tokenizer, train: mut loader, val: val_loader, chat_template, reference_pairs } =
             datasets::load(&recipe, &out, world.rank, world.size)?;
         let resolved = recipe.model.resolve(Some(tokenizer.vocab_size()));
         if resolved.vocab_size < tokenizer.vocab_size() {
@@ -130,6 +135,14 @@ impl<B: TrainBackend> Trainer<B> {
                 nf4 as f64 / bf16 as f64
             );
         }
+        // DPO's reference is the starting model: its log-probabilities are computed now, before a
+        // resumed run loads its later weights.
+        let reference = reference_pairs.map(|(mut train_pairs, mut val_pairs)| {
+            println!("reference log-probabilities of {} + {} pairs from the starting model", train_pairs.items(), val_pairs.items());
+            let valid = model.valid();
+            let (n_train, n_val) = (train_pairs.items(), val_pairs.items());
+            (reference_log_probs(&valid, &mut train_pairs, n_train, &device), reference_log_probs(&valid, &mut val_pairs, n_val, &device))
+        });
         let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
         let mut state = TrainState { step: 0, optimizer_step: 0, data_cursor: loader.cursor(), tokens_seen: 0 };
         if resume {
@@ -176,6 +189,8 @@ impl<B: TrainBackend> Trainer<B> {
             val_loader,
             tokenizer,
             chat_template,
+            reference,
+            dpo_window: DpoStats::default(),
             checkpointer,
             metrics,
             state,
@@ -231,6 +246,7 @@ impl<B: TrainBackend> Trainer<B> {
                 let seconds = window_start.elapsed().as_secs_f64();
                 let tokens_per_sec = window_tokens as f64 / seconds;
                 let mfu = tokens_per_sec * flops_per_token / self.peak_flops;
+                let dpo = if self.reference.is_some() { std::mem::take(&mut self.dpo_window).means("") } else { Vec::new() };
                 let mut values = vec![
                     ("loss", loss),
                     ("lr", lr),
@@ -241,6 +257,7 @@ impl<B: TrainBackend> Trainer<B> {
                 ];
                 values.extend(self.optimizer.take_metrics());
                 values.extend(peak_rss_mb().map(|mb| ("peak_rss_mb", mb)));
+                values.extend(dpo.iter().map(|(name, v)| (name.as_str(), *v)));
                 self.metrics.log(step, &values)?;
                 let line = format!(
                     "loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | MFU {:.1}%",
@@ -254,9 +271,7 @@ impl<B: TrainBackend> Trainer<B> {
                 window_tokens = 0;
             }
             if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) {
-                let val = self.evaluate_loss(&model);
-                self.metrics.log(step, &[("val_loss", val), ("val_perplexity", val.exp())])?;
-                self.metrics.println(format!("step {step:>6} | val_loss {val:.4} | val_perplexity {:.2}", val.exp()));
+                self.log_validation(&model, step)?;
                 window_start = Instant::now();
             }
             if self.checkpointer.should_save(step, last) {
@@ -291,12 +306,23 @@ impl<B: TrainBackend> Trainer<B> {
         // Dropout draws from the backend RNG: reseeding it from (seed, step) makes every mask a
         // pure function of the step, so a resumed run draws the same masks.
         B::seed(&self.device, self.recipe.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9));
+        let mut dpo_stats = DpoStats::default();
         for batch in batches {
             let shape = [batch.batch, batch.seq_len];
-            let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs, shape), &self.device);
-            let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets, shape), &self.device);
+            let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &self.device);
             last_inputs = Some(inputs.clone());
-            let loss = causal_lm_loss_sum(model.forward(inputs), targets) / counted;
+            let loss = match &self.reference {
+                Some((reference, _)) => {
+                    let pairs = pair_batch(&model, &batch, reference, &self.recipe.dpo, &self.device);
+                    dpo_stats.add(&pairs.stats);
+                    // The mean over the step's pairs.
+                    pairs.losses.sum() / (batch.items.len() * t.grad_accum_steps) as f64
+                }
+                None => {
+                    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets, shape), &self.device);
+                    causal_lm_loss_sum(model.forward(inputs), targets) / counted
+                }
+            };
             let detached = loss.clone().inner();
             step_loss = Some(match step_loss.take() {
                 Some(total) => total + detached,
@@ -305,6 +331,7 @@ impl<B: TrainBackend> Trainer<B> {
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
         }
+        self.dpo_window.add(&dpo_stats);
         let grads = accumulator.grads();
         if self.optimizer.needs_curvature(self.optimizer.step + 1) {
             let (curvature, batch_tokens) = self.curvature_grads(&model, last_inputs.expect("at least one micro-batch"));
@@ -336,6 +363,33 @@ impl<B: TrainBackend> Trainer<B> {
         validation_loss(&model.valid(), &mut self.val_loader, self.recipe.training.eval_steps, &self.device)
     }
 
+    /// DPO on the validation pairs: its loss and TRL's metrics under `eval/`.
+    fn evaluate_pairs(&mut self, model: &Decoder<B>, steps: usize) -> Option<DpoStats> {
+        let (_, reference) = self.reference.as_ref()?;
+        Some(preference::evaluate(&model.valid(), &mut self.val_loader, reference, steps, &self.recipe.dpo, &self.device))
+    }
+
+    fn log_validation(&mut self, model: &Decoder<B>, step: usize) -> Result<()> {
+        if let Some(stats) = self.evaluate_pairs(model, self.recipe.training.eval_steps) {
+            let loss = stats.loss / stats.pairs.max(1) as f64;
+            let means = stats.means("eval/");
+            let mut values: Vec<(&str, f64)> = vec![("val_loss", loss)];
+            values.extend(means.iter().map(|(name, v)| (name.as_str(), *v)));
+            self.metrics.log(step, &values)?;
+            let accuracy = stats.accuracies / stats.pairs.max(1) as f64;
+            let margin = (stats.chosen_rewards - stats.rejected_rewards) / stats.pairs.max(1) as f64;
+            self.metrics.println(format!(
+                "step {step:>6} | val_loss {loss:.4} | preference accuracy {:.1}% | reward margin {margin:.3}",
+                100.0 * accuracy
+            ));
+            return Ok(());
+        }
+        let val = self.evaluate_loss(model);
+        self.metrics.log(step, &[("val_loss", val), ("val_perplexity", val.exp())])?;
+        self.metrics.println(format!("step {step:>6} | val_loss {val:.4} | val_perplexity {:.2}", val.exp()));
+        Ok(())
+    }
+
     fn save(&self, model: &Decoder<B>) -> Result<PathBuf> {
         self.checkpointer.save(
             self.state.step,
@@ -349,9 +403,28 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// What the finished run measured: validation loss, held-out exact match, a sample.
     fn report(&mut self, model: &Decoder<B>) -> Result<()> {
-        let val = self.evaluate_loss(model);
         println!("\n== result after {} steps ({} tokens) ==", self.state.step, self.state.tokens_seen);
-        println!("validation loss {val:.4} (perplexity {:.2})", val.exp());
+        let pairs = self.reference.as_ref().map(|(_, val)| val.len());
+        match pairs {
+            Some(n) => {
+                let steps = n.div_ceil(self.recipe.training.local_batch_size);
+                let stats = self.evaluate_pairs(model, steps).expect("DPO has a reference");
+                let per_pair = |sum: f64| sum / stats.pairs.max(1) as f64;
+                println!(
+                    "held-out preference pairs: chosen scored above rejected in {:.1}% (reward margin {:.3}, loss {:.4})",
+                    100.0 * per_pair(stats.accuracies),
+                    per_pair(stats.chosen_rewards - stats.rejected_rewards),
+                    per_pair(stats.loss)
+                );
+                let means = stats.means("eval/");
+                let values: Vec<(&str, f64)> = means.iter().map(|(name, v)| (name.as_str(), *v)).collect();
+                self.metrics.log(self.state.step, &values)?;
+            }
+            None => {
+                let val = self.evaluate_loss(model);
+                println!("validation loss {val:.4} (perplexity {:.2})", val.exp());
+            }
+        }
         let model = model.valid();
         let tokenizer = &self.tokenizer;
         let eval = &self.recipe.eval;
@@ -368,7 +441,9 @@ impl<B: TrainBackend> Trainer<B> {
             })
         };
         let mut prompt = eval.prompt.clone();
-        if matches!(self.recipe.data.source, DataSource::Arithmetic | DataSource::ArithmeticChat) && eval.arithmetic_problems > 0 {
+        let arithmetic_data =
+            matches!(self.recipe.data.source, DataSource::Arithmetic | DataSource::ArithmeticChat | DataSource::ArithmeticPreferences);
+        if arithmetic_data && eval.arithmetic_problems > 0 {
             let problems =
                 arithmetic(&arithmetic_config(&self.recipe.data), eval.arithmetic_problems, val_seed(self.recipe.run.seed), true);
             let asked = problems

@@ -1,6 +1,7 @@
-//! Supervised fine-tuning through the `furnace` binary: conversations from the user's JSONL
-//! files rendered by their chat template, malformed lines reported or skipped, exact resume, and
-//! the built-in arithmetic chat task with its held-out exact match.
+//! Post-training through the `furnace` binary. SFT: conversations from the user's JSONL files
+//! rendered by their chat template, malformed lines reported or skipped, exact resume, the
+//! built-in arithmetic chat task with its held-out exact match. DPO: preference pairs against
+//! the starting model as reference, TRL's metrics, exact resume.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -179,4 +180,89 @@ fn sft_needs_chat_data_and_a_base() {
     assert!(!wrong.status.success() && text(&wrong).contains("training.mode"), "{}", text(&wrong));
     let no_base = s.train("nobase", &["--set", "model.init_from=\"\""]);
     assert!(!no_base.status.success() && text(&no_base).contains("model.init_from"), "{}", text(&no_base));
+}
+
+const PAIRS_TAIL: &str = r#"
+[dpo]
+beta = 0.2
+"#;
+
+/// The SFT recipe turned into DPO on a preference file (one malformed line).
+fn dpo_setup() -> Setup {
+    let s = setup();
+    let words = ["fox", "owl", "kite", "shell", "apple", "river"];
+    let mut lines: Vec<String> = (0..40)
+        .map(|i| {
+            let (w, other) = (words[i % words.len()], words[(i + 1) % words.len()]);
+            format!(r#"{{"prompt": "Say {w}.", "chosen": "{w}", "rejected": "{other}"}}"#)
+        })
+        .collect();
+    lines.insert(3, r#"{"prompt": "no replies"}"#.into());
+    let pairs = s.dir.path().join("pairs.jsonl");
+    std::fs::write(&pairs, lines.join("\n")).unwrap();
+    let recipe = std::fs::read_to_string(&s.recipe).unwrap();
+    let chat = s.dir.path().join("chat.jsonl");
+    let recipe = recipe
+        .replace("source = \"chat\"", "source = \"preferences\"")
+        .replace(chat.to_str().unwrap(), pairs.to_str().unwrap())
+        .replace("mode = \"sft\"", "mode = \"dpo\"")
+        + PAIRS_TAIL;
+    std::fs::write(&s.recipe, recipe).unwrap();
+    s
+}
+
+#[test]
+fn dpo_logs_trl_metrics_and_resumes_exactly() {
+    let s = dpo_setup();
+    let refused = s.train("refused", &[]);
+    assert!(!refused.status.success() && text(&refused).contains("pairs.jsonl:4"), "{}", text(&refused));
+    let skip = ["--set", "data.skip_bad_lines=true", "--set", "training.eval_every=3"];
+    let straight = s.train("straight", &skip);
+    assert!(straight.status.success(), "{}", text(&straight));
+    let log = text(&straight);
+    assert!(
+        log.contains("reference log-probabilities of 36 + 4 pairs")
+            && log.contains("held-out preference pairs: chosen scored above rejected"),
+        "{log}"
+    );
+    assert!(s.train("split", &[&skip[..], &["--max-steps", "3"]].concat()).status.success());
+    let split = s.dir.path().join("split");
+    assert!(s.train("split", &[&skip[..], &["--resume", split.to_str().unwrap()]].concat()).status.success());
+    let (a, b) = (losses(&s.dir.path().join("straight")), losses(&split));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "a resumed DPO run recomputes the same reference and repeats the straight one");
+    assert!((a[0] - std::f64::consts::LN_2).abs() < 1e-4, "step 1: policy = reference, loss ln 2: {}", a[0]);
+    let metrics = std::fs::read_to_string(s.dir.path().join("straight/metrics.jsonl")).unwrap();
+    for name in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "eval/rewards/accuracies",
+    ] {
+        assert!(metrics.contains(&format!("\"{name}\"")), "metrics.jsonl lacks {name}");
+    }
+}
+
+#[test]
+fn arithmetic_preferences_report_accuracy_and_exact_match() {
+    let s = dpo_setup();
+    let out = s.train(
+        "arith",
+        &[
+            "--set",
+            "data.source=\"arithmetic-preferences\"",
+            "--set",
+            "data.num_examples=100",
+            "--set",
+            "eval.arithmetic_problems=4",
+            "--set",
+            "dpo.loss_type=\"ipo\"",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    assert!(log.contains("held-out preference pairs") && log.contains("exact match on 4 held-out problems"), "{log}");
 }

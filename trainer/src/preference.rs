@@ -1,0 +1,170 @@
+//! DPO: the frozen reference's log-probabilities, computed once from the starting model before
+//! the first step (so a resumed run recomputes the same values from `init_from`), and the loss
+//! and TRL's metrics for a batch of pairs.
+
+use burn::prelude::*;
+use furnace_configs::{DpoLoss, DpoSection};
+use furnace_data::loader::IGNORE;
+use furnace_data::{Batch, Loader};
+use furnace_models::kernels::FusedOps;
+use furnace_models::CausalLm;
+
+use crate::objective::{dpo_loss, sequence_log_probs};
+
+/// A completion's summed log-probability and its number of tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowLogp {
+    pub sum: f64,
+    pub count: usize,
+}
+
+/// Chosen, then rejected.
+pub type PairLogps = [RowLogp; 2];
+
+/// Tokens the loss counts in each row of `batch`.
+fn row_counts(batch: &Batch) -> Vec<usize> {
+    batch.targets.chunks(batch.seq_len).map(|row| row.iter().filter(|&&t| t != IGNORE).count()).collect()
+}
+
+fn tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let shape = [batch.batch, batch.seq_len];
+    (
+        Tensor::from_data(TensorData::new(batch.inputs.clone(), shape), device),
+        Tensor::from_data(TensorData::new(batch.targets.clone(), shape), device),
+    )
+}
+
+/// Every pair's log-probabilities under `model` (the reference), read from an unshuffled loader.
+pub fn reference_log_probs<B: FusedOps, M: CausalLm<B>>(
+    model: &M,
+    loader: &mut Loader,
+    pairs: usize,
+    device: &B::Device,
+) -> Vec<PairLogps> {
+    let mut out = vec![[RowLogp { sum: 0.0, count: 0 }; 2]; pairs];
+    let mut seen = 0;
+    while seen < pairs {
+        let batch = loader.next_batch();
+        let counts = row_counts(&batch);
+        let (inputs, targets) = tensors::<B>(&batch, device);
+        let sums: Vec<f32> = sequence_log_probs(model.forward(inputs), targets).into_data().convert::<f32>().into_vec().expect("f32");
+        for (k, &item) in batch.items.iter().enumerate() {
+            out[item] = [
+                RowLogp { sum: sums[2 * k] as f64, count: counts[2 * k] },
+                RowLogp { sum: sums[2 * k + 1] as f64, count: counts[2 * k + 1] },
+            ];
+        }
+        seen += batch.items.len();
+    }
+    out
+}
+
+/// A batch's DPO losses (one per pair, still on the device) and its metrics summed over pairs.
+pub struct PairBatch<B: Backend> {
+    pub losses: Tensor<B, 1>,
+    pub stats: DpoStats,
+}
+
+/// TRL's DPO metrics, as sums over pairs until `means`.
+#[derive(Debug, Clone, Default)]
+pub struct DpoStats {
+    pub pairs: usize,
+    pub loss: f64,
+    pub chosen_rewards: f64,
+    pub rejected_rewards: f64,
+    pub accuracies: f64,
+    pub chosen_logps: f64,
+    pub rejected_logps: f64,
+}
+
+impl DpoStats {
+    pub fn add(&mut self, other: &DpoStats) {
+        self.pairs += other.pairs;
+        self.loss += other.loss;
+        self.chosen_rewards += other.chosen_rewards;
+        self.rejected_rewards += other.rejected_rewards;
+        self.accuracies += other.accuracies;
+        self.chosen_logps += other.chosen_logps;
+        self.rejected_logps += other.rejected_logps;
+    }
+
+    /// Means over pairs under TRL's metric names (`prefix` "" for training, "eval/" for validation).
+    pub fn means(&self, prefix: &str) -> Vec<(String, f64)> {
+        let n = self.pairs.max(1) as f64;
+        [
+            ("rewards/chosen", self.chosen_rewards),
+            ("rewards/rejected", self.rejected_rewards),
+            ("rewards/margins", self.chosen_rewards - self.rejected_rewards),
+            ("rewards/accuracies", self.accuracies),
+            ("logps/chosen", self.chosen_logps),
+            ("logps/rejected", self.rejected_logps),
+        ]
+        .into_iter()
+        .map(|(name, sum)| (format!("{prefix}{name}"), sum / n))
+        .collect()
+    }
+}
+
+/// DPO on one batch of pairs (rows chosen, rejected, chosen, ...).
+pub fn pair_batch<B: FusedOps, M: CausalLm<B>>(
+    model: &M,
+    batch: &Batch,
+    reference: &[PairLogps],
+    config: &DpoSection,
+    device: &B::Device,
+) -> PairBatch<B> {
+    let pairs = batch.items.len();
+    let counts = row_counts(batch);
+    let (inputs, targets) = tensors::<B>(batch, device);
+    let logps = sequence_log_probs(model.forward(inputs), targets).reshape([pairs, 2]);
+    let column = |t: &Tensor<B, 2>, i: usize| t.clone().narrow(1, i, 1).reshape([pairs]);
+    let (mut policy_chosen, mut policy_rejected) = (column(&logps, 0), column(&logps, 1));
+    // IPO compares length-averaged log-probabilities, as TRL does.
+    let ipo = config.loss_type == DpoLoss::Ipo;
+    let scale = |row: usize| if ipo { 1.0 / counts[row].max(1) as f64 } else { 1.0 };
+    let host = |values: Vec<f64>| {
+        Tensor::<B, 1>::from_data(TensorData::new(values.into_iter().map(|v| v as f32).collect::<Vec<f32>>(), [pairs]), device)
+    };
+    if ipo {
+        policy_chosen = policy_chosen * host((0..pairs).map(|k| scale(2 * k)).collect());
+        policy_rejected = policy_rejected * host((0..pairs).map(|k| scale(2 * k + 1)).collect());
+    }
+    let ref_of = |k: usize, side: usize| {
+        let r = reference[batch.items[k]][side];
+        r.sum * if ipo { 1.0 / r.count.max(1) as f64 } else { 1.0 }
+    };
+    let ref_chosen = host((0..pairs).map(|k| ref_of(k, 0)).collect());
+    let ref_rejected = host((0..pairs).map(|k| ref_of(k, 1)).collect());
+    let read = |t: Tensor<B, 1>| -> Vec<f64> { t.into_data().convert::<f64>().into_vec().expect("f64") };
+    let (chosen_logps, rejected_logps) = (read(policy_chosen.clone().detach()), read(policy_rejected.clone().detach()));
+    let (losses, chosen_rewards, rejected_rewards) = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config);
+    let (chosen_rewards, rejected_rewards) = (read(chosen_rewards), read(rejected_rewards));
+    let stats = DpoStats {
+        pairs,
+        loss: read(losses.clone().detach()).iter().sum(),
+        chosen_rewards: chosen_rewards.iter().sum(),
+        rejected_rewards: rejected_rewards.iter().sum(),
+        accuracies: chosen_rewards.iter().zip(&rejected_rewards).filter(|(c, r)| c > r).count() as f64,
+        chosen_logps: chosen_logps.iter().sum(),
+        rejected_logps: rejected_logps.iter().sum(),
+    };
+    PairBatch { losses, stats }
+}
+
+/// DPO loss and metrics over `steps` validation batches (the same ones every time).
+pub fn evaluate<B: FusedOps, M: CausalLm<B>>(
+    model: &M,
+    loader: &mut Loader,
+    reference: &[PairLogps],
+    steps: usize,
+    config: &DpoSection,
+    device: &B::Device,
+) -> DpoStats {
+    loader.set_cursor(Default::default());
+    let mut stats = DpoStats::default();
+    for _ in 0..steps.max(1) {
+        let batch = loader.next_batch();
+        stats.add(&pair_batch(model, &batch, reference, config, device).stats);
+    }
+    stats
+}
