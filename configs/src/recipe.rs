@@ -211,6 +211,10 @@ section! {
         init: LoraInit = LoraInit::Kaiming,
         /// Rank-stabilised scaling alpha/√r (Kalajdzievski, 2023), as PEFT's use_rslora.
         use_rslora: bool = false,
+        /// Start the adapters from a Hugging Face PEFT folder (adapter_config.json,
+        /// adapter_model.safetensors) instead of B = 0, to continue training them. Its rank must
+        /// be lora.r and its layers among target_modules.
+        adapter_from: String = String::new(),
         /// QLoRA: "nf4" stores the frozen base's linear layers (all but the output head) in 4-bit
         /// NormalFloat, as bitsandbytes' load_in_4bit with nf4 and double quantization.
         /// Needs model.init_from.

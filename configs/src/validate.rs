@@ -233,6 +233,15 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             );
         }
     }
+    if !l.adapter_from.is_empty() && (l.r == 0 || (check_files && !Path::new(&l.adapter_from).join("adapter_model.safetensors").is_file()))
+    {
+        return fail(
+            "lora",
+            "adapter_from",
+            format!("adapter_from = `{}` needs lora.r > 0 and a folder holding adapter_model.safetensors", l.adapter_from),
+            "point to a folder written by PEFT's save_pretrained or `furnace export --format peft`, and set lora.r to its rank".into(),
+        );
+    }
     if l.quantize_base == BaseQuant::Nf4 && (l.r == 0 || recipe.model.init_from.is_empty()) {
         return fail(
             "lora",

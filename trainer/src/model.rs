@@ -7,9 +7,9 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use furnace_configs::{Arch, BaseQuant, LoraSection, Mlp, ModelSection, Norm, Position, Recipe, ResolvedModel};
 use furnace_models::blocks::{MlpKind, NormKind};
-use furnace_models::hf::{config_from_hf, from_hf, HfArch};
+use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for, HfArch};
 use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
-use furnace_models::params::{from_safetensors, NamedTensors};
+use furnace_models::params::{from_safetensors, named_tensors, NamedTensors};
 use furnace_models::{Decoder, DecoderConfig, PositionKind};
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
@@ -99,6 +99,9 @@ pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&Name
     }
     if let Some(lora) = lora_config(&recipe.lora) {
         model = attach_lora(model, &lora, recipe.run.seed, device).map_err(anyhow::Error::msg)?.0;
+        if !recipe.lora.adapter_from.is_empty() {
+            model = load_peft_adapters(model, &config, lora.r, Path::new(&recipe.lora.adapter_from))?;
+        }
     }
     if recipe.lora.quantize_base == BaseQuant::Nf4 {
         if base.is_none() {
@@ -108,6 +111,23 @@ pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&Name
         return Ok(Built { model, nf4_bytes: Some((nf4_bytes, bf16_bytes)) });
     }
     Ok(Built { model, nf4_bytes: None })
+}
+
+/// The model with its adapters replaced by those of a PEFT folder (same rank, same layers).
+fn load_peft_adapters<B: Backend>(model: Decoder<B>, config: &DecoderConfig, r: usize, dir: &Path) -> Result<Decoder<B>> {
+    let file = dir.join("adapter_model.safetensors");
+    let peft = from_safetensors(&std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let arch = hf_arch_for(config).map_err(anyhow::Error::msg)?;
+    let adapters = from_peft(arch, &peft, config.n_layers, r).map_err(|e| anyhow::anyhow!("lora.adapter_from = {}: {e}", dir.display()))?;
+    let mut tensors = named_tensors(&model);
+    for (name, tensor) in adapters {
+        if !tensors.contains_key(&name) {
+            bail!("lora.adapter_from = {}: it adapts `{name}`, which lora.target_modules leaves without an adapter", dir.display());
+        }
+        tensors.insert(name, tensor);
+    }
+    furnace_models::params::load_named(model, &tensors).map_err(|e| anyhow::anyhow!("lora.adapter_from = {}: {e}", dir.display()))
 }
 
 /// A built model, and under QLoRA the bytes of its NF4 layers (and of the same layers in bf16).

@@ -201,6 +201,25 @@ fn lora_runs_export_merged_or_as_peft_adapters() {
     let diff = adapted.iter().zip(&applied).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(diff <= 1e-5 * scale, "PEFT adapters over the HF base vs the run: {diff}");
 
+    // Training continues from the PEFT folder: the adapters start where the run ended.
+    let from = format!("lora.adapter_from={}", peft.display());
+    let (continued, _) = runs.train("continued", &["--set", &from, "--set", "optimizer.lr=1e-12", "--max-steps", "1"]);
+    let resumed = logits(&continued, &runs.dir.path().join("d.st"));
+    let diff = adapted.iter().zip(&resumed).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff <= 1e-5 * scale, "adapters loaded from PEFT files vs the run: {diff}");
+    let wrong_rank = furnace(&[
+        "train",
+        "--config",
+        runs.lora_recipe.to_str().unwrap(),
+        "--set",
+        &format!("run.output_dir={}", runs.dir.path().join("wrong").display()),
+        "--set",
+        &from,
+        "--set",
+        "lora.r=8",
+    ]);
+    assert!(!wrong_rank.status.success() && text(&wrong_rank).contains("lora.r = 8"), "{}", text(&wrong_rank));
+
     let no_adapters =
         furnace(&["export", "--checkpoint", runs.base.to_str().unwrap(), "--format", "peft", "--out", peft.to_str().unwrap()]);
     assert!(!no_adapters.status.success() && text(&no_adapters).contains("no LoRA adapters"), "{}", text(&no_adapters));
