@@ -91,6 +91,9 @@ choice!(
         /// Direct preference optimisation on (prompt, chosen, rejected) pairs against the
         /// starting model as the frozen reference.
         Dpo = "dpo",
+        /// A reward model: a scalar head on the last token, trained on preference pairs with the
+        /// Bradley-Terry loss −log σ(r_chosen − r_rejected), as TRL's RewardTrainer.
+        Reward = "reward",
     }
 );
 choice!(
@@ -271,7 +274,8 @@ section! {
 section! {
     /// The training loop.
     TrainingSection = "training" {
-        /// pretrain (every token of packed windows) or sft (conversations, assistant tokens only).
+        /// pretrain (every token of packed windows), sft (conversations, assistant tokens only),
+        /// dpo or reward (preference pairs).
         mode: TrainMode = TrainMode::Pretrain,
         /// Sequences per micro-batch on each rank.
         local_batch_size: usize = 8,

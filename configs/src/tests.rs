@@ -98,6 +98,7 @@ fn modes_take_their_data_and_dpo_is_validated() {
     assert_eq!(err.key, "training.mode");
     let base = "[model]\ninit_from = \"base\"\n[training]\nmode = \"dpo\"\n[data]\nsource = \"arithmetic-preferences\"\n";
     assert!(Recipe::from_stored(base, "r.toml").is_ok());
+    assert!(Recipe::from_stored(&base.replace("mode = \"dpo\"", "mode = \"reward\""), "r.toml").is_ok());
     assert_eq!(Recipe::from_stored(&format!("{base}[dpo]\nbeta = 0.0\n"), "r.toml").unwrap_err().key, "dpo.beta");
     assert_eq!(Recipe::from_stored(&format!("{base}[dpo]\nlabel_smoothing = 0.7\n"), "r.toml").unwrap_err().key, "dpo.label_smoothing");
     assert!(explain().contains("[dpo]") && explain().contains("dpo.loss_type: sigmoid | ipo"));

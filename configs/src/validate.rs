@@ -177,20 +177,20 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "use at least 260".into(),
         );
     }
-    let mode_of_source = match d.source {
-        DataSource::Chat | DataSource::ArithmeticChat => TrainMode::Sft,
-        DataSource::Preferences | DataSource::ArithmeticPreferences => TrainMode::Dpo,
-        _ => TrainMode::Pretrain,
+    let modes_of_source: &[TrainMode] = match d.source {
+        DataSource::Chat | DataSource::ArithmeticChat => &[TrainMode::Sft],
+        DataSource::Preferences | DataSource::ArithmeticPreferences => &[TrainMode::Dpo, TrainMode::Reward],
+        _ => &[TrainMode::Pretrain],
     };
-    if recipe.training.mode != mode_of_source {
+    if !modes_of_source.contains(&recipe.training.mode) {
         return fail(
             "training",
             "mode",
             format!("training.mode = \"{}\" does not train on data.source = \"{}\"", recipe.training.mode, d.source),
-            "sft takes source = \"chat\" or \"arithmetic-chat\"; dpo takes \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
+            "sft takes source = \"chat\" or \"arithmetic-chat\"; dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
         );
     }
-    let chat_data = mode_of_source != TrainMode::Pretrain;
+    let chat_data = recipe.training.mode != TrainMode::Pretrain;
     let p = &recipe.dpo;
     if !(p.beta > 0.0 && p.beta.is_finite()) || !(0.0..0.5).contains(&p.label_smoothing) {
         return fail(

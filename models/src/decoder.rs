@@ -56,6 +56,10 @@ pub struct DecoderConfig {
     pub dropout: f64,
     #[config(default = 0.02)]
     pub init_std: f64,
+    /// A scalar head on the final hidden state, as Hugging Face's `score` layer of a
+    /// sequence-classification model: what a reward model outputs.
+    #[config(default = false)]
+    pub score_head: bool,
 }
 
 impl DecoderConfig {
@@ -79,7 +83,8 @@ impl DecoderConfig {
         let block = attn + mlp + norms_per_block * norm;
         let positions = if self.position == PositionKind::Learned { self.max_seq_len * self.d_model } else { 0 };
         let head = if self.tie_embeddings { 0 } else { self.vocab_size * self.d_model };
-        self.vocab_size * self.d_model + positions + self.n_layers * block + norm + head
+        let score = if self.score_head { self.d_model } else { 0 };
+        self.vocab_size * self.d_model + positions + self.n_layers * block + norm + head + score
     }
 
     /// Training FLOPs per token at context `seq_len` (PaLM appendix B: 6N + 12·L·d·T,
@@ -115,6 +120,7 @@ impl DecoderConfig {
             layers,
             norm: Norm::new(self.norm, self.d_model, self.norm_eps, self.bias, device),
             lm_head: (!self.tie_embeddings).then(|| Linear::new(self.d_model, self.vocab_size, false, std, &mut rng, device)),
+            score: self.score_head.then(|| Linear::new(self.d_model, 1, false, std, &mut rng, device)),
             rope: (self.position == PositionKind::Rope).then(|| Rope::new(self.head_dim(), self.max_seq_len, self.rope_theta, device)),
             alibi_slopes: (self.position == PositionKind::Alibi).then(|| alibi_slopes(self.n_heads)),
             sliding_window: self.sliding_window,
@@ -161,6 +167,8 @@ pub struct Decoder<B: Backend> {
     pub norm: Norm<B>,
     /// None when the head is tied to `embed_tokens`.
     pub lm_head: Option<Linear<B>>,
+    /// `[d_model, 1]`, reward models only.
+    pub score: Option<Linear<B>>,
     pub rope: Option<Rope<B>>,
     #[module(skip)]
     pub alibi_slopes: Option<Vec<f32>>,
@@ -231,6 +239,19 @@ impl<B: FusedOps> Decoder<B> {
             x = layer.forward(x, &ctx, layer_cache);
         }
         self.norm.forward(x)
+    }
+
+    /// One scalar per row from the score head, read at `positions[row]` (the last token of
+    /// each row's sequence): a reward model's output `[batch]`.
+    pub fn scores(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 1> {
+        let score = self.score.as_ref().expect("scores need a model built with score_head");
+        let [batch, seq] = tokens.dims();
+        let device = tokens.device();
+        let hidden = self.forward_hidden(tokens, None);
+        let d_model = hidden.dims()[2];
+        let rows: Vec<i64> = positions.iter().enumerate().map(|(b, &p)| (b * seq + p) as i64).collect();
+        let last = hidden.reshape([batch * seq, d_model]).select(0, Tensor::from_data(TensorData::new(rows, [batch]), &device));
+        score.forward(last).reshape([batch])
     }
 
     /// Logits over the vocabulary for hidden states `[batch, seq, d_model]`.

@@ -1,4 +1,5 @@
-"""DPO losses and implicit rewards by TRL's formulas (trl/trainer/dpo_trainer.py, `dpo_loss`,
+"""DPO and reward-model losses by TRL's formulas (RewardTrainer: −logsigmoid(r_c − r_r)), and DPO
+losses and implicit rewards (trl/trainer/dpo_trainer.py, `dpo_loss`,
 loss_type "sigmoid" with and without label smoothing (conservative DPO) and "ipo", whose
 log-probabilities TRL averages over the completion's tokens), in torch float64, for fixed
 sequence log-probabilities. Writes tests/fixtures/dpo.json for trainer/src/objective.rs.
@@ -50,6 +51,12 @@ def main() -> None:
         "ref_chosen": ref_chosen.tolist(), "ref_rejected": ref_rejected.tolist(),
         "count_chosen": count_chosen.tolist(), "count_rejected": count_rejected.tolist(),
         "cases": cases,
+    }
+    chosen = torch.randn(n, generator=g, dtype=torch.float64) * 3
+    rejected = torch.randn(n, generator=g, dtype=torch.float64) * 3
+    out["reward"] = {
+        "chosen": chosen.tolist(), "rejected": rejected.tolist(),
+        "losses": (-F.logsigmoid(chosen - rejected)).tolist(),
     }
     path = ROOT / "tests" / "fixtures" / "dpo.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

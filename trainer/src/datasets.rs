@@ -23,7 +23,7 @@ pub struct Datasets {
 pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Datasets> {
     let t = &recipe.training;
     let seed = recipe.run.seed;
-    if t.mode == TrainMode::Dpo {
+    if matches!(t.mode, TrainMode::Dpo | TrainMode::Reward) {
         let path = Path::new(&recipe.data.tokenizer);
         let tokenizer = TextTokenizer::load(path).map_err(anyhow::Error::msg)?;
         let template = ChatTemplate::new(&chat_template_source(recipe)?, &tokenizer).map_err(anyhow::Error::msg)?;
@@ -39,10 +39,13 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
         );
         let (pad, b) = (tokenizer.eos(), t.local_batch_size);
         let in_order = |pairs: &Vec<_>| Loader::pairs(Clone::clone(pairs), pad, t.seq_len, b.min(pairs.len()), seed, 0, 1, false);
-        let reference = (in_order(&train).map_err(anyhow::Error::msg)?, in_order(&val).map_err(anyhow::Error::msg)?);
+        let reference = match t.mode {
+            TrainMode::Dpo => Some((in_order(&train).map_err(anyhow::Error::msg)?, in_order(&val).map_err(anyhow::Error::msg)?)),
+            _ => None,
+        };
         let train = Loader::pairs(train, pad, t.seq_len, b, seed, rank, world, true).map_err(anyhow::Error::msg)?;
         let val = Loader::pairs(val, pad, t.seq_len, b, seed, 0, 1, false).map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
-        return Ok(Datasets { tokenizer, train, val, chat_template: Some(template), reference_pairs: Some(reference) });
+        return Ok(Datasets { tokenizer, train, val, chat_template: Some(template), reference_pairs: reference });
     }
     if t.mode == TrainMode::Sft {
         let path = Path::new(&recipe.data.tokenizer);

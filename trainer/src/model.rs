@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use furnace_configs::{Arch, BaseQuant, LoraSection, Mlp, ModelSection, Norm, Position, Recipe, ResolvedModel};
+use furnace_configs::{Arch, BaseQuant, LoraSection, Mlp, ModelSection, Norm, Position, Recipe, ResolvedModel, TrainMode};
 use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for, HfArch};
 use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
@@ -91,10 +91,16 @@ pub fn lora_config(l: &LoraSection) -> Option<LoraConfig> {
 /// `[lora]` asks for them, and the base's linear layers in NF4 under QLoRA. Weights loaded
 /// afterwards (`load_named`) keep each parameter's trainable flag.
 pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&NamedTensors>, device: &B::Device) -> Result<Built<B>> {
-    let config = decoder_config(&recipe.model.resolve(Some(vocab)));
+    let reward = recipe.training.mode == TrainMode::Reward;
+    let config = decoder_config(&recipe.model.resolve(Some(vocab))).with_score_head(reward);
     let mut model = config.init::<B>(recipe.run.seed, device);
     if let Some(weights) = base {
-        model = furnace_models::params::load_named(model, weights)
+        // A reward model's score head starts fresh unless the base already is a reward model.
+        let mut weights = weights.clone();
+        if reward && !weights.contains_key("score.weight") {
+            weights.extend(named_tensors(&model).into_iter().filter(|(name, _)| name.starts_with("score.")));
+        }
+        model = furnace_models::params::load_named(model, &weights)
             .map_err(|e| anyhow::anyhow!("model.init_from = {}: {e}", recipe.model.init_from))?;
     }
     if let Some(lora) = lora_config(&recipe.lora) {

@@ -49,6 +49,12 @@ pub fn dpo_loss<B: Backend>(
     (losses, chosen_rewards, rejected_rewards)
 }
 
+/// A reward model's Bradley-Terry loss per pair, −log σ(r_chosen − r_rejected), as TRL's
+/// RewardTrainer computes it (without its optional margin).
+pub fn reward_loss<B: Backend>(chosen: Tensor<B, 1>, rejected: Tensor<B, 1>) -> Tensor<B, 1> {
+    log_sigmoid(chosen - rejected).neg()
+}
+
 /// One label per position drawn from the model's own predictive distribution (inverse-CDF
 /// sampling on the host with a seeded RNG, so the draw is reproducible).
 pub fn sample_labels<B: Backend>(logits: Tensor<B, 3>, rng: &mut SeededRng) -> Tensor<B, 2, Int> {
@@ -125,6 +131,18 @@ mod tests {
                     assert!((*a as f64 - b).abs() <= 1e-6 * b.abs().max(1.0) * 10.0, "{} {name}: {a} vs {b}", case["loss_type"]);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn reward_loss_matches_trl() {
+        let fixture: serde_json::Value = serde_json::from_str(include_str!("../../tests/fixtures/dpo.json")).unwrap();
+        let values =
+            |key: &str| -> Vec<f32> { fixture["reward"][key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect() };
+        let tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), &Default::default());
+        let ours: Vec<f32> = reward_loss(tensor(values("chosen")), tensor(values("rejected"))).into_data().into_vec().unwrap();
+        for (a, b) in ours.iter().zip(values("losses")) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
         }
     }
 

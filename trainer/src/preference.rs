@@ -1,15 +1,16 @@
-//! DPO: the frozen reference's log-probabilities, computed once from the starting model before
-//! the first step (so a resumed run recomputes the same values from `init_from`), and the loss
-//! and TRL's metrics for a batch of pairs.
+//! Preference pairs. DPO: the frozen reference's log-probabilities, computed once from the
+//! starting model before the first step (so a resumed run recomputes the same values from
+//! `init_from`), and the loss and TRL's metrics for a batch of pairs. Reward models: the
+//! Bradley-Terry loss on the score head's outputs.
 
 use burn::prelude::*;
 use furnace_configs::{DpoLoss, DpoSection};
 use furnace_data::loader::IGNORE;
 use furnace_data::{Batch, Loader};
 use furnace_models::kernels::FusedOps;
-use furnace_models::CausalLm;
+use furnace_models::{CausalLm, Decoder};
 
-use crate::objective::{dpo_loss, sequence_log_probs};
+use crate::objective::{dpo_loss, reward_loss, sequence_log_probs};
 
 /// A completion's summed log-probability and its number of tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,20 +89,20 @@ impl DpoStats {
         self.rejected_logps += other.rejected_logps;
     }
 
-    /// Means over pairs under TRL's metric names (`prefix` "" for training, "eval/" for validation).
-    pub fn means(&self, prefix: &str) -> Vec<(String, f64)> {
+    /// Means over pairs under TRL's metric names (`prefix` "" for training, "eval/" for
+    /// validation); a reward model has rewards but no log-probabilities.
+    pub fn means(&self, prefix: &str, with_logps: bool) -> Vec<(String, f64)> {
         let n = self.pairs.max(1) as f64;
-        [
+        let mut named = vec![
             ("rewards/chosen", self.chosen_rewards),
             ("rewards/rejected", self.rejected_rewards),
             ("rewards/margins", self.chosen_rewards - self.rejected_rewards),
             ("rewards/accuracies", self.accuracies),
-            ("logps/chosen", self.chosen_logps),
-            ("logps/rejected", self.rejected_logps),
-        ]
-        .into_iter()
-        .map(|(name, sum)| (format!("{prefix}{name}"), sum / n))
-        .collect()
+        ];
+        if with_logps {
+            named.extend([("logps/chosen", self.chosen_logps), ("logps/rejected", self.rejected_logps)]);
+        }
+        named.into_iter().map(|(name, sum)| (format!("{prefix}{name}"), sum / n)).collect()
     }
 }
 
@@ -149,6 +150,39 @@ pub fn pair_batch<B: FusedOps, M: CausalLm<B>>(
         rejected_logps: rejected_logps.iter().sum(),
     };
     PairBatch { losses, stats }
+}
+
+/// A reward model on one batch of pairs: Bradley-Terry losses and the scores as rewards, each
+/// row scored at its last counted position (the end of the reply).
+pub fn reward_batch<B: FusedOps>(model: &Decoder<B>, batch: &Batch, device: &B::Device) -> PairBatch<B> {
+    let pairs = batch.items.len();
+    let positions: Vec<usize> =
+        batch.targets.chunks(batch.seq_len).map(|row| row.iter().rposition(|&t| t != IGNORE).unwrap_or(0)).collect();
+    let (inputs, _) = tensors::<B>(batch, device);
+    let scores = model.scores(inputs, &positions).reshape([pairs, 2]);
+    let (chosen, rejected) = (scores.clone().narrow(1, 0, 1).reshape([pairs]), scores.narrow(1, 1, 1).reshape([pairs]));
+    let read = |t: Tensor<B, 1>| -> Vec<f64> { t.into_data().convert::<f64>().into_vec().expect("f64") };
+    let (c, r) = (read(chosen.clone().detach()), read(rejected.clone().detach()));
+    let losses = reward_loss(chosen, rejected);
+    let stats = DpoStats {
+        pairs,
+        loss: read(losses.clone().detach()).iter().sum(),
+        chosen_rewards: c.iter().sum(),
+        rejected_rewards: r.iter().sum(),
+        accuracies: c.iter().zip(&r).filter(|(c, r)| c > r).count() as f64,
+        ..Default::default()
+    };
+    PairBatch { losses, stats }
+}
+
+/// Reward-model loss and metrics over `steps` validation batches (the same ones every time).
+pub fn evaluate_rewards<B: FusedOps>(model: &Decoder<B>, loader: &mut Loader, steps: usize, device: &B::Device) -> DpoStats {
+    loader.set_cursor(Default::default());
+    let mut stats = DpoStats::default();
+    for _ in 0..steps.max(1) {
+        stats.add(&reward_batch(model, &loader.next_batch(), device).stats);
+    }
+    stats
 }
 
 /// DPO loss and metrics over `steps` validation batches (the same ones every time).

@@ -9,7 +9,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{DataSource, Recipe};
+use furnace_configs::{DataSource, Recipe, TrainMode};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{arithmetic_config, val_seed};
 use furnace_data::generators::arithmetic;
@@ -29,7 +29,7 @@ use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_fr
 use crate::metrics::Metrics;
 use crate::model::{build_model, decoder_config, describe, load_base, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
-use crate::preference::{self, pair_batch, reference_log_probs, DpoStats, PairLogps};
+use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoStats, PairLogps};
 
 pub struct TrainJob {
     pub recipe: Recipe,
@@ -246,7 +246,10 @@ impl<B: TrainBackend> Trainer<B> {
                 let seconds = window_start.elapsed().as_secs_f64();
                 let tokens_per_sec = window_tokens as f64 / seconds;
                 let mfu = tokens_per_sec * flops_per_token / self.peak_flops;
-                let dpo = if self.reference.is_some() { std::mem::take(&mut self.dpo_window).means("") } else { Vec::new() };
+                let dpo = match self.recipe.training.mode {
+                    TrainMode::Dpo | TrainMode::Reward => std::mem::take(&mut self.dpo_window).means("", self.reference.is_some()),
+                    _ => Vec::new(),
+                };
                 let mut values = vec![
                     ("loss", loss),
                     ("lr", lr),
@@ -311,9 +314,13 @@ impl<B: TrainBackend> Trainer<B> {
             let shape = [batch.batch, batch.seq_len];
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &self.device);
             last_inputs = Some(inputs.clone());
-            let loss = match &self.reference {
-                Some((reference, _)) => {
-                    let pairs = pair_batch(&model, &batch, reference, &self.recipe.dpo, &self.device);
+            let pairs = match (&self.reference, t.mode) {
+                (Some((reference, _)), _) => Some(pair_batch(&model, &batch, reference, &self.recipe.dpo, &self.device)),
+                (None, TrainMode::Reward) => Some(reward_batch(&model, &batch, &self.device)),
+                _ => None,
+            };
+            let loss = match pairs {
+                Some(pairs) => {
                     dpo_stats.add(&pairs.stats);
                     // The mean over the step's pairs.
                     pairs.losses.sum() / (batch.items.len() * t.grad_accum_steps) as f64
@@ -363,16 +370,22 @@ impl<B: TrainBackend> Trainer<B> {
         validation_loss(&model.valid(), &mut self.val_loader, self.recipe.training.eval_steps, &self.device)
     }
 
-    /// DPO on the validation pairs: its loss and TRL's metrics under `eval/`.
+    /// DPO or the reward model on the validation pairs: loss and TRL's metrics.
     fn evaluate_pairs(&mut self, model: &Decoder<B>, steps: usize) -> Option<DpoStats> {
-        let (_, reference) = self.reference.as_ref()?;
-        Some(preference::evaluate(&model.valid(), &mut self.val_loader, reference, steps, &self.recipe.dpo, &self.device))
+        let valid = model.valid();
+        match (&self.reference, self.recipe.training.mode) {
+            (Some((_, reference)), _) => {
+                Some(preference::evaluate(&valid, &mut self.val_loader, reference, steps, &self.recipe.dpo, &self.device))
+            }
+            (None, TrainMode::Reward) => Some(preference::evaluate_rewards(&valid, &mut self.val_loader, steps, &self.device)),
+            _ => None,
+        }
     }
 
     fn log_validation(&mut self, model: &Decoder<B>, step: usize) -> Result<()> {
         if let Some(stats) = self.evaluate_pairs(model, self.recipe.training.eval_steps) {
             let loss = stats.loss / stats.pairs.max(1) as f64;
-            let means = stats.means("eval/");
+            let means = stats.means("eval/", self.reference.is_some());
             let mut values: Vec<(&str, f64)> = vec![("val_loss", loss)];
             values.extend(means.iter().map(|(name, v)| (name.as_str(), *v)));
             self.metrics.log(step, &values)?;
@@ -404,11 +417,14 @@ impl<B: TrainBackend> Trainer<B> {
     /// What the finished run measured: validation loss, held-out exact match, a sample.
     fn report(&mut self, model: &Decoder<B>) -> Result<()> {
         println!("\n== result after {} steps ({} tokens) ==", self.state.step, self.state.tokens_seen);
-        let pairs = self.reference.as_ref().map(|(_, val)| val.len());
+        let pairs = match self.recipe.training.mode {
+            TrainMode::Dpo | TrainMode::Reward => Some(self.val_loader.items()),
+            _ => None,
+        };
         match pairs {
             Some(n) => {
                 let steps = n.div_ceil(self.recipe.training.local_batch_size);
-                let stats = self.evaluate_pairs(model, steps).expect("DPO has a reference");
+                let stats = self.evaluate_pairs(model, steps).expect("pairs are evaluated in dpo and reward modes");
                 let per_pair = |sum: f64| sum / stats.pairs.max(1) as f64;
                 println!(
                     "held-out preference pairs: chosen scored above rejected in {:.1}% (reward margin {:.3}, loss {:.4})",
@@ -416,9 +432,13 @@ impl<B: TrainBackend> Trainer<B> {
                     per_pair(stats.chosen_rewards - stats.rejected_rewards),
                     per_pair(stats.loss)
                 );
-                let means = stats.means("eval/");
+                let means = stats.means("eval/", self.reference.is_some());
                 let values: Vec<(&str, f64)> = means.iter().map(|(name, v)| (name.as_str(), *v)).collect();
                 self.metrics.log(self.state.step, &values)?;
+                if self.recipe.training.mode == TrainMode::Reward {
+                    println!("checkpoint: {}", self.checkpointer.latest().map(|p| p.display().to_string()).unwrap_or_default());
+                    return Ok(());
+                }
             }
             None => {
                 let val = self.evaluate_loss(model);

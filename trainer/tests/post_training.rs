@@ -266,3 +266,26 @@ fn arithmetic_preferences_report_accuracy_and_exact_match() {
     let log = text(&out);
     assert!(log.contains("held-out preference pairs") && log.contains("exact match on 4 held-out problems"), "{log}");
 }
+
+#[test]
+fn a_reward_model_learns_to_score_the_chosen_reply_higher() {
+    // Separable pairs: whatever the question, "yes" is chosen over "no".
+    let s = dpo_setup();
+    let lines: Vec<String> = (0..40).map(|i| format!(r#"{{"prompt": "Question {i}?", "chosen": "yes", "rejected": "no"}}"#)).collect();
+    std::fs::write(s.dir.path().join("pairs.jsonl"), lines.join("\n")).unwrap();
+    let args = ["--set", "training.mode=\"reward\"", "--set", "training.steps=30", "--set", "optimizer.lr=3e-3"];
+    let out = s.train("reward", &args);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    let accuracy: f64 = log
+        .split("chosen scored above rejected in ")
+        .nth(1)
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy line: {log}"));
+    assert_eq!(accuracy, 100.0, "held-out pairwise accuracy: {log}");
+    let metrics = std::fs::read_to_string(s.dir.path().join("reward/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"rewards/accuracies\"") && !metrics.contains("logps/chosen"));
+    let losses = losses(&s.dir.path().join("reward"));
+    assert!(losses[losses.len() - 1] < 0.5 * losses[0], "the Bradley-Terry loss falls: {losses:?}");
+}
