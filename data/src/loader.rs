@@ -76,13 +76,7 @@ impl Loader {
         world: usize,
         shuffle: bool,
     ) -> Result<Self, String> {
-        let count = examples.len();
-        if count < batch * world {
-            return Err(format!(
-                "{count} examples: too few for one batch of {batch} on {world} rank(s); add examples or lower training.local_batch_size"
-            ));
-        }
-        Ok(Self::with_items(Items::Examples(examples, pad), seq_len, batch, seed, rank, world, shuffle))
+        Self::labelled(Items::Examples(examples, pad), "examples", seq_len, batch, seed, rank, world, shuffle)
     }
 
     /// Preference pairs: each fills two rows as [`Loader::examples`] does, chosen then
@@ -98,13 +92,29 @@ impl Loader {
         world: usize,
         shuffle: bool,
     ) -> Result<Self, String> {
-        let count = pairs.len();
+        Self::labelled(Items::Pairs(pairs, pad), "pairs", seq_len, batch, seed, rank, world, shuffle)
+    }
+
+    /// A loader over labelled items (`what` names them in errors), at least one batch of them.
+    #[allow(clippy::too_many_arguments)]
+    fn labelled(
+        items: Items,
+        what: &str,
+        seq_len: usize,
+        batch: usize,
+        seed: u64,
+        rank: usize,
+        world: usize,
+        shuffle: bool,
+    ) -> Result<Self, String> {
+        let loader = Self::with_items(items, seq_len, batch, seed, rank, world, shuffle);
+        let count = loader.items();
         if count < batch * world {
             return Err(format!(
-                "{count} pairs: too few for one batch of {batch} on {world} rank(s); add pairs or lower training.local_batch_size"
+                "{count} {what}: too few for one batch of {batch} on {world} rank(s); add {what} or lower training.local_batch_size"
             ));
         }
-        Ok(Self::with_items(Items::Pairs(pairs, pad), seq_len, batch, seed, rank, world, shuffle))
+        Ok(loader)
     }
 
     fn with_items(items: Items, seq_len: usize, batch: usize, seed: u64, rank: usize, world: usize, shuffle: bool) -> Self {

@@ -95,10 +95,11 @@ pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&Name
     let config = decoder_config(&recipe.model.resolve(Some(vocab))).with_score_head(reward);
     let mut model = config.init::<B>(recipe.run.seed, device);
     if let Some(weights) = base {
-        // A reward model's score head starts fresh unless the base already is a reward model.
-        let mut weights = weights.clone();
+        // A reward model's score head starts fresh unless the base already is a reward model;
+        // only then is the base map copied.
+        let mut weights = std::borrow::Cow::Borrowed(weights);
         if reward && !weights.contains_key("score.weight") {
-            weights.extend(named_tensors(&model).into_iter().filter(|(name, _)| name.starts_with("score.")));
+            weights.to_mut().extend(named_tensors(&model).into_iter().filter(|(name, _)| name.starts_with("score.")));
         }
         model = furnace_models::params::load_named(model, &weights)
             .map_err(|e| anyhow::anyhow!("model.init_from = {}: {e}", recipe.model.init_from))?;

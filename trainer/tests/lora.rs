@@ -2,23 +2,11 @@
 //! its weights stay frozen, resume exactly, and ship the result as merged weights or PEFT files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use furnace_models::params::{from_safetensors, NamedTensors};
 
-fn furnace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).output().expect("furnace runs")
-}
-
-fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = furnace(args);
-    assert!(out.status.success(), "furnace {args:?}: {}", text(&out));
-    text(&out)
-}
+mod common;
+use common::{furnace, losses, run_ok, text};
 
 const BASE: &str = r#"
 [run]
@@ -108,14 +96,6 @@ impl Runs {
 
 fn weights(checkpoint: &Path) -> NamedTensors {
     from_safetensors(&std::fs::read(checkpoint.join("model.safetensors")).unwrap()).unwrap()
-}
-
-fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap().get("loss")?.as_f64())
-        .collect()
 }
 
 fn logits(checkpoint: &Path, out: &Path) -> Vec<f32> {

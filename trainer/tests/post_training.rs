@@ -3,22 +3,11 @@
 //! built-in arithmetic chat task with its held-out exact match. DPO: preference pairs against
 //! the starting model as reference, TRL's metrics, exact resume.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Output;
 
-fn furnace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).output().expect("furnace runs")
-}
-
-fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = furnace(args);
-    assert!(out.status.success(), "furnace {args:?}: {}", text(&out));
-    text(&out)
-}
+mod common;
+use common::{furnace, losses, run_ok, text};
 
 const BASE: &str = r#"
 [run]
@@ -106,14 +95,6 @@ impl Setup {
         let set = format!("run.output_dir={}", self.dir.path().join(name).display());
         furnace(&[&["train", "--config", self.recipe.to_str().unwrap(), "--set", &set][..], extra].concat())
     }
-}
-
-fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap().get("loss")?.as_f64())
-        .collect()
 }
 
 #[test]
