@@ -20,6 +20,10 @@ pub struct ResolvedModel {
     pub tie_embeddings: bool,
     pub sliding_window: usize,
     pub parallel_block: bool,
+    pub d_state: usize,
+    pub d_conv: usize,
+    pub expand: usize,
+    pub dt_rank: usize,
     pub dropout: f64,
 }
 
@@ -60,7 +64,7 @@ impl ModelSection {
                 Mlp::SwiGlu => (8 * d_model / 3).div_ceil(32) * 32,
             }),
             max_seq_len: self.max_seq_len.unwrap_or(p.max_seq_len),
-            norm: self.norm.unwrap_or(if llama { Norm::RmsNorm } else { Norm::LayerNorm }),
+            norm: self.norm.unwrap_or(if self.arch == Arch::Gpt2 { Norm::LayerNorm } else { Norm::RmsNorm }),
             norm_eps: self.norm_eps.unwrap_or(if llama { 1e-6 } else { 1e-5 }),
             position: self.position.unwrap_or(if llama { Position::Rope } else { Position::Learned }),
             rope_theta: self.rope_theta,
@@ -69,6 +73,10 @@ impl ModelSection {
             tie_embeddings: self.tie_embeddings.unwrap_or(!llama),
             sliding_window: self.sliding_window,
             parallel_block: self.parallel_block,
+            d_state: self.d_state,
+            d_conv: self.d_conv,
+            expand: self.expand,
+            dt_rank: self.dt_rank.unwrap_or(d_model.div_ceil(16)),
             dropout: self.dropout,
         }
     }
@@ -97,6 +105,10 @@ impl ResolvedModel {
             tie_embeddings: Some(self.tie_embeddings),
             sliding_window: self.sliding_window,
             parallel_block: self.parallel_block,
+            d_state: self.d_state,
+            d_conv: self.d_conv,
+            expand: self.expand,
+            dt_rank: Some(self.dt_rank),
             dropout: self.dropout,
             init_from: init_from.to_string(),
         }

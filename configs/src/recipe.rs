@@ -31,7 +31,7 @@ macro_rules! choice {
 
 choice!(
     /// Model family.
-    Arch { Llama = "llama", Gpt2 = "gpt2" }
+    Arch { Llama = "llama", Gpt2 = "gpt2", Mamba = "mamba" }
 );
 choice!(
     /// Named size presets; explicit `[model]` dimensions override them.
@@ -148,7 +148,8 @@ section! {
 section! {
     /// The model. `flavor` picks a preset; any dimension given here overrides the preset.
     ModelSection = "model" {
-        /// Model family: llama (RMSNorm, RoPE, SwiGLU, no bias) or gpt2 (LayerNorm, learned positions, GELU, bias).
+        /// Model family: llama (RMSNorm, RoPE, SwiGLU, no bias), gpt2 (LayerNorm, learned positions,
+        /// GELU, bias) or mamba (selective state-space blocks; the attention and MLP keys do not apply).
         arch: Arch = Arch::Llama,
         /// Size preset: tiny, quickstart, small, gpt2-124m.
         flavor: Flavor = Flavor::Tiny,
@@ -184,6 +185,14 @@ section! {
         sliding_window: usize = 0,
         /// Attention and MLP in parallel from one norm (GPT-J / PaLM style).
         parallel_block: bool = false,
+        /// Mamba: size N of each channel's state.
+        d_state: usize = 16,
+        /// Mamba: width of the causal convolution.
+        d_conv: usize = 4,
+        /// Mamba: inner channels per model dimension (d_inner = expand·d_model).
+        expand: usize = 2,
+        /// Mamba: rank of the step-size (Δ) projection. Unset: ⌈d_model/16⌉.
+        dt_rank: Option<usize> = None,
         /// Dropout probability on attention output and MLP output (0 for exact resume).
         dropout: f64 = 0.0,
         /// Start from these weights instead of a random init: a Furnace run or checkpoint folder,

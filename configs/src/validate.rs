@@ -42,6 +42,14 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "change d_model or n_heads".into(),
         );
     }
+    if m.arch == Arch::Mamba && (m.d_state == 0 || m.d_conv < 2 || m.expand == 0 || m.dt_rank == 0) {
+        return fail(
+            "model",
+            "d_state",
+            "Mamba needs d_state, expand and dt_rank above 0 and d_conv of at least 2".into(),
+            "use the defaults: d_state = 16, d_conv = 4, expand = 2".into(),
+        );
+    }
     if !(0.0..1.0).contains(&m.dropout) {
         return fail(
             "model",
@@ -188,6 +196,14 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "mode",
             format!("training.mode = \"{}\" does not train on data.source = \"{}\"", recipe.training.mode, d.source),
             "sft takes source = \"chat\" or \"arithmetic-chat\"; dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
+        );
+    }
+    if recipe.training.mode == TrainMode::Reward && m.arch == Arch::Mamba {
+        return fail(
+            "training",
+            "mode",
+            "reward models are transformers here (the score head reads the last token's hidden state); model.arch is mamba".into(),
+            "use model.arch = \"llama\" or \"gpt2\" (or a base of that arch) for a reward model".into(),
         );
     }
     let chat_data = recipe.training.mode != TrainMode::Pretrain;

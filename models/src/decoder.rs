@@ -256,13 +256,7 @@ impl<B: FusedOps> Decoder<B> {
 
     /// Logits over the vocabulary for hidden states `[batch, seq, d_model]`.
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                let [batch, seq, d_model] = hidden.dims();
-                hidden.reshape([batch * seq, d_model]).matmul(self.embed_tokens.val().transpose()).reshape([batch, seq, self.vocab_size])
-            }
-        }
+        lm_logits(hidden, self.lm_head.as_ref(), &self.embed_tokens)
     }
 }
 

@@ -5,6 +5,8 @@ use serde_json::Value;
 
 use crate::blocks::{MlpKind, NormKind};
 use crate::decoder::{DecoderConfig, PositionKind};
+use crate::mamba::MambaConfig;
+use crate::model::ModelConfig;
 use crate::params::{HostTensor, NamedTensors};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +15,8 @@ pub enum HfArch {
     Llama,
     /// `GPT2LMHeadModel`.
     Gpt2,
+    /// `MambaForCausalLM`.
+    Mamba,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +93,23 @@ const GPT2: &[Rule] = &[
     rule("lm_head.weight", &["lm_head.weight"], Transpose),
 ];
 
+/// Mamba's depthwise `conv1d.weight` is `[d_inner, 1, d_conv]` on both sides.
+const MAMBA: &[Rule] = &[
+    rule("backbone.embeddings.weight", &["embed_tokens"], Same),
+    rule("backbone.layers.{i}.norm.weight", &["layers.{i}.norm.weight"], Same),
+    rule("backbone.layers.{i}.mixer.in_proj.weight", &["layers.{i}.mixer.in_proj.weight"], Transpose),
+    rule("backbone.layers.{i}.mixer.conv1d.weight", &["layers.{i}.mixer.conv_weight"], Same),
+    rule("backbone.layers.{i}.mixer.conv1d.bias", &["layers.{i}.mixer.conv_bias"], Same),
+    rule("backbone.layers.{i}.mixer.x_proj.weight", &["layers.{i}.mixer.x_proj.weight"], Transpose),
+    rule("backbone.layers.{i}.mixer.dt_proj.weight", &["layers.{i}.mixer.dt_proj.weight"], Transpose),
+    rule("backbone.layers.{i}.mixer.dt_proj.bias", &["layers.{i}.mixer.dt_proj.bias"], Same),
+    rule("backbone.layers.{i}.mixer.A_log", &["layers.{i}.mixer.a_log"], Same),
+    rule("backbone.layers.{i}.mixer.D", &["layers.{i}.mixer.d"], Same),
+    rule("backbone.layers.{i}.mixer.out_proj.weight", &["layers.{i}.mixer.out_proj.weight"], Transpose),
+    rule("backbone.norm_f.weight", &["norm.weight"], Same),
+    rule("lm_head.weight", &["lm_head.weight"], Transpose),
+];
+
 /// HF keys that carry no parameter of ours (buffers, or a head tied to the embedding).
 const IGNORED_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"];
 
@@ -96,6 +117,7 @@ fn table(arch: HfArch) -> &'static [Rule] {
     match arch {
         HfArch::Llama => LLAMA,
         HfArch::Gpt2 => GPT2,
+        HfArch::Mamba => MAMBA,
     }
 }
 
@@ -217,8 +239,8 @@ fn flag(json: &Value, key: &str, default: bool) -> bool {
     json.get(key).and_then(Value::as_bool).unwrap_or(default)
 }
 
-/// Read a transformers `config.json` into our decoder config.
-pub fn config_from_hf(json: &Value) -> Result<(HfArch, DecoderConfig), String> {
+/// Read a transformers `config.json` into our model config.
+pub fn config_from_hf(json: &Value) -> Result<(HfArch, ModelConfig), String> {
     let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or("");
     match model_type {
         "llama" | "mistral" => {
@@ -250,7 +272,7 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, DecoderConfig), String> {
             .with_bias(bias)
             .with_sliding_window(json.get("sliding_window").and_then(Value::as_u64).unwrap_or(0) as usize)
             .with_tie_embeddings(flag(json, "tie_word_embeddings", false));
-            Ok((HfArch::Llama, config))
+            Ok((HfArch::Llama, ModelConfig::Decoder(config)))
         }
         "gpt2" => {
             let act = json.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
@@ -273,14 +295,43 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, DecoderConfig), String> {
             .with_mlp(MlpKind::Gelu)
             .with_bias(true)
             .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
-            Ok((HfArch::Gpt2, config))
+            Ok((HfArch::Gpt2, ModelConfig::Decoder(config)))
         }
-        other => Err(format!("model_type `{other}` is not supported (llama, mistral, gpt2 are)")),
+        "mamba" => {
+            if flag(json, "use_bias", false) || !flag(json, "use_conv_bias", true) {
+                return Err("Mamba with use_bias = true or use_conv_bias = false is not supported".into());
+            }
+            let d_model = field(json, "hidden_size")?;
+            let expand = field(json, "expand")?;
+            if json.get("intermediate_size").and_then(Value::as_u64).is_some_and(|i| i as usize != expand * d_model) {
+                return Err("Mamba intermediate_size other than expand × hidden_size is not supported".into());
+            }
+            let dt_rank = match json.get("time_step_rank") {
+                Some(Value::String(s)) if s == "auto" => None,
+                _ => Some(field(json, "time_step_rank")?),
+            };
+            let config = MambaConfig::new(field(json, "vocab_size")?, d_model, field(json, "num_hidden_layers")?, 2048)
+                .with_d_state(field(json, "state_size")?)
+                .with_d_conv(field(json, "conv_kernel")?)
+                .with_expand(expand)
+                .with_dt_rank(dt_rank)
+                .with_norm_eps(float(json, "layer_norm_epsilon", 1e-5))
+                .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
+            Ok((HfArch::Mamba, ModelConfig::Mamba(config)))
+        }
+        other => Err(format!("model_type `{other}` is not supported (llama, mistral, gpt2, mamba are)")),
     }
 }
 
 /// The transformers class that can hold `config` exactly, or why none can.
-pub fn hf_arch_for(config: &DecoderConfig) -> Result<HfArch, String> {
+pub fn hf_arch_for(config: &ModelConfig) -> Result<HfArch, String> {
+    match config {
+        ModelConfig::Decoder(c) => decoder_hf_arch(c),
+        ModelConfig::Mamba(_) => Ok(HfArch::Mamba),
+    }
+}
+
+fn decoder_hf_arch(config: &DecoderConfig) -> Result<HfArch, String> {
     let llama_like = config.norm == NormKind::RmsNorm && config.position == PositionKind::Rope && config.mlp == MlpKind::SwiGlu;
     let gpt2_like = config.norm == NormKind::LayerNorm
         && config.position == PositionKind::Learned
@@ -303,9 +354,34 @@ pub fn hf_arch_for(config: &DecoderConfig) -> Result<HfArch, String> {
 }
 
 /// A transformers `config.json` for `config` (the inverse of `config_from_hf`).
-pub fn config_to_hf(config: &DecoderConfig, bos: u32, eos: u32, dtype: &str) -> Result<Value, String> {
-    let c = config;
-    Ok(match hf_arch_for(c)? {
+pub fn config_to_hf(config: &ModelConfig, bos: u32, eos: u32, dtype: &str) -> Result<Value, String> {
+    let c = match config {
+        ModelConfig::Decoder(c) => c,
+        ModelConfig::Mamba(c) => {
+            return Ok(serde_json::json!({
+                "architectures": ["MambaForCausalLM"],
+                "model_type": "mamba",
+                "vocab_size": c.vocab_size,
+                "hidden_size": c.d_model,
+                "state_size": c.d_state,
+                "num_hidden_layers": c.n_layers,
+                "expand": c.expand,
+                "intermediate_size": c.d_inner(),
+                "conv_kernel": c.d_conv,
+                "time_step_rank": c.dt_rank(),
+                "use_bias": false,
+                "use_conv_bias": true,
+                "hidden_act": "silu",
+                "layer_norm_epsilon": c.norm_eps,
+                "tie_word_embeddings": c.tie_embeddings,
+                "bos_token_id": bos,
+                "eos_token_id": eos,
+                "pad_token_id": eos,
+                "torch_dtype": dtype,
+            }))
+        }
+    };
+    Ok(match decoder_hf_arch(c)? {
         HfArch::Llama => serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -346,6 +422,7 @@ pub fn config_to_hf(config: &DecoderConfig, bos: u32, eos: u32, dtype: &str) -> 
             "eos_token_id": eos,
             "torch_dtype": dtype,
         }),
+        HfArch::Mamba => unreachable!("decoder_hf_arch names transformer classes only"),
     })
 }
 
@@ -515,15 +592,16 @@ mod tests {
             .with_mlp(MlpKind::Gelu)
             .with_bias(true)
             .with_tie_embeddings(true);
-        for config in [llama, gpt2] {
+        let mamba = MambaConfig::new(89, 32, 2, 2048).with_d_state(8).with_dt_rank(Some(3)).with_expand(3);
+        for config in [ModelConfig::Decoder(llama), ModelConfig::Decoder(gpt2), ModelConfig::Mamba(mamba)] {
             let json = config_to_hf(&config, 1, 2, "float32").unwrap();
             let (_, back) = config_from_hf(&json).unwrap();
             assert_eq!(format!("{back:?}"), format!("{config:?}"));
         }
         let alibi = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_position(PositionKind::Alibi);
-        assert!(config_to_hf(&alibi, 1, 2, "float32").unwrap_err().contains("mixes"));
+        assert!(config_to_hf(&ModelConfig::Decoder(alibi), 1, 2, "float32").unwrap_err().contains("mixes"));
         let window = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_sliding_window(8);
-        assert!(config_to_hf(&window, 1, 2, "float32").unwrap_err().contains("sliding"));
+        assert!(config_to_hf(&ModelConfig::Decoder(window), 1, 2, "float32").unwrap_err().contains("sliding"));
     }
 
     #[test]

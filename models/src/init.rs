@@ -18,3 +18,15 @@ pub fn normal_param<B: Backend, const D: usize>(
 pub fn constant_param<B: Backend, const D: usize>(shape: [usize; D], value: f32, device: &B::Device) -> Param<Tensor<B, D>> {
     Param::from_tensor(Tensor::full(shape, value, device))
 }
+
+/// U(−bound, bound), as PyTorch's default for convolutions and Mamba's `dt_proj` weight.
+pub fn uniform_param<B: Backend, const D: usize>(
+    shape: [usize; D],
+    bound: f64,
+    rng: &mut SeededRng,
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32).collect();
+    Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
+}

@@ -9,12 +9,16 @@ pub mod hf;
 pub mod init;
 pub mod kernels;
 pub mod lora;
+pub mod mamba;
+pub mod model;
 pub mod nf4;
 pub mod params;
 pub mod sampling;
 
 pub use causal_lm::CausalLm;
 pub use decoder::{Decoder, DecoderConfig, KvCache, PositionKind};
+pub use mamba::{Mamba, MambaConfig, MambaState};
+pub use model::{DecodeState, LanguageModel, ModelConfig};
 
 #[cfg(test)]
 mod tests;

@@ -82,7 +82,8 @@ impl<B: Backend> LoraAdapter<B> {
 }
 
 /// Our names for the linear layers of a model, as PEFT's `target_modules` names them.
-pub const LORA_TARGETS: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"];
+pub const LORA_TARGETS: &[&str] =
+    &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj", "x_proj", "dt_proj", "out_proj", "lm_head"];
 
 /// Names that stand for several of our layers: GPT-2's fused and shared Conv1D names, and PEFT's
 /// "all-linear" (every linear layer but the output head).
@@ -92,7 +93,10 @@ const ALIASES: &[(&str, &[&str])] = &[
     ("mlp.c_proj", &["down_proj"]),
     ("c_proj", &["o_proj", "down_proj"]),
     ("c_fc", &["up_proj"]),
-    ("all-linear", &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    (
+        "all-linear",
+        &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj", "x_proj", "dt_proj", "out_proj"],
+    ),
 ];
 
 /// A model whose linear layers LoRA can adapt.

@@ -56,12 +56,27 @@ struct Tracking<'a, T> {
     inner: &'a mut T,
 }
 
-impl<B: Backend, T: PathVisitor<B>> ModuleVisitor<B> for Tracking<'_, T> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+impl<T> Tracking<'_, T> {
+    /// An enum module's variant (`Enum:LanguageModel`) adds no path level: a Llama's
+    /// parameters are named the same whether held alone or as a `LanguageModel`.
+    fn enter(&mut self, name: &str, container: &str) {
+        if !container.starts_with("Enum:") {
+            self.path.push(name.to_string());
+        }
     }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+    fn exit(&mut self, container: &str) {
+        if !container.starts_with("Enum:") {
+            self.path.pop();
+        }
+    }
+}
+
+impl<B: Backend, T: PathVisitor<B>> ModuleVisitor<B> for Tracking<'_, T> {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, container: &str) {
+        self.exit(container);
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         self.inner.visit(&self.path.join("."), param);
@@ -69,11 +84,11 @@ impl<B: Backend, T: PathVisitor<B>> ModuleVisitor<B> for Tracking<'_, T> {
 }
 
 impl<B: Backend, T: PathMapper<B>> ModuleMapper<B> for Tracking<'_, T> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.enter(name, container);
     }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _: &str, container: &str) {
+        self.exit(container);
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         self.inner.map(&self.path.join("."), param)

@@ -7,7 +7,7 @@ use crate::blocks::*;
 use crate::generate::{generate, GenerateConfig};
 use crate::init::SeededRng;
 use crate::sampling::{argmax, SamplingConfig};
-use crate::{CausalLm, DecoderConfig, PositionKind};
+use crate::{CausalLm, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, PositionKind};
 
 // f32 central differences: step 1e-2 keeps rounding noise ~1e-4 while the O(h²) truncation
 // stays below the tolerance; a wrong gradient is off by O(1).
@@ -115,8 +115,12 @@ fn tiny(position: PositionKind) -> DecoderConfig {
     DecoderConfig::new(50, 32, 2, 4, 48, 32).with_n_kv_heads(Some(2)).with_position(position)
 }
 
+fn tiny_mamba() -> MambaConfig {
+    MambaConfig::new(50, 32, 2, 32).with_d_state(8)
+}
+
 /// Cached decoding (prefill, then one token at a time) equals recomputing the whole sequence.
-fn check_cache_equals_recompute(config: DecoderConfig) {
+fn check_cache_equals_recompute(config: ModelConfig) {
     type F = burn::backend::Flex;
     let device = Default::default();
     let model = config.init::<F>(7, &device);
@@ -144,26 +148,39 @@ fn check_cache_equals_recompute(config: DecoderConfig) {
 
 #[test]
 fn cached_decoding_equals_recompute_llama_gqa_rope() {
-    check_cache_equals_recompute(tiny(PositionKind::Rope));
+    check_cache_equals_recompute(ModelConfig::Decoder(tiny(PositionKind::Rope)));
 }
 
 #[test]
 fn cached_decoding_equals_recompute_gpt2_learned_positions() {
-    check_cache_equals_recompute(
+    check_cache_equals_recompute(ModelConfig::Decoder(
         tiny(PositionKind::Learned).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true),
-    );
+    ));
 }
 
 #[test]
 fn cached_decoding_equals_recompute_alibi_sliding_window_parallel() {
-    check_cache_equals_recompute(tiny(PositionKind::Alibi).with_sliding_window(4).with_parallel_block(true));
+    check_cache_equals_recompute(ModelConfig::Decoder(tiny(PositionKind::Alibi).with_sliding_window(4).with_parallel_block(true)));
+}
+
+/// Mamba's recurrent decoding (conv and scan state per layer) against its full-sequence pass,
+/// which on flex runs the fused scan kernel while the steps run the chunked tensor-op scan.
+#[test]
+fn recurrent_decoding_equals_recompute_mamba() {
+    check_cache_equals_recompute(ModelConfig::Mamba(tiny_mamba()));
 }
 
 #[test]
 fn greedy_generation_equals_argmax_of_full_forward() {
+    for config in [ModelConfig::Decoder(tiny(PositionKind::Rope)), ModelConfig::Mamba(tiny_mamba())] {
+        check_greedy_generation(config);
+    }
+}
+
+fn check_greedy_generation(config: ModelConfig) {
     type F = burn::backend::Flex;
     let device = Default::default();
-    let model = tiny(PositionKind::Rope).init::<F>(3, &device);
+    let model = config.init::<F>(3, &device);
     let prompt = [1u32, 2, 3];
     let config = GenerateConfig { max_new_tokens: 6, stop_tokens: vec![], sampling: SamplingConfig::default() };
     let generated = generate(&model, &prompt, &config, &device, |_| {});
@@ -188,6 +205,21 @@ fn param_count_matches_the_module() {
         let model = config.init::<F>(1, &Default::default());
         assert_eq!(model.num_params(), config.num_params());
     }
+    for config in [tiny_mamba(), tiny_mamba().with_tie_embeddings(false).with_dt_rank(Some(5)).with_expand(3)] {
+        let model = config.init::<F>(1, &Default::default());
+        assert_eq!(model.num_params(), config.num_params());
+    }
+}
+
+#[test]
+fn an_architecture_inside_language_model_keeps_its_parameter_names() {
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let decoder = tiny(PositionKind::Rope).init::<F>(1, &device);
+    let named = crate::params::named_tensors(&decoder);
+    assert_eq!(crate::params::named_tensors(&LanguageModel::Decoder(decoder)), named);
+    let mamba = crate::params::named_tensors(&ModelConfig::Mamba(tiny_mamba()).init::<F>(1, &device));
+    assert!(mamba.contains_key("layers.1.mixer.a_log"), "{:?}", mamba.keys().collect::<Vec<_>>());
 }
 
 #[test]

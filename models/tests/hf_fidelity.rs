@@ -21,7 +21,7 @@ fn check(name: &str) {
     let (arch, config) = config_from_hf(&config_json).unwrap();
     let device = Default::default();
     let hf = from_safetensors(&std::fs::read(dir.join("model.safetensors")).unwrap()).unwrap();
-    let ours = from_hf(arch, &hf, config.n_layers, config.tie_embeddings).unwrap();
+    let ours = from_hf(arch, &hf, config.n_layers(), config.tie_embeddings()).unwrap();
     let model = load_named(config.init::<B>(0, &device), &ours).unwrap();
 
     let tokens: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
@@ -45,4 +45,9 @@ fn llama_with_gqa_matches_transformers() {
 #[test]
 fn gpt2_matches_transformers() {
     check("tiny_gpt2");
+}
+
+#[test]
+fn mamba_matches_transformers() {
+    check("tiny_mamba");
 }

@@ -3,7 +3,8 @@
     pip install torch transformers safetensors
     python scripts/reference/make_hf_fixtures.py
 
-For each of LlamaForCausalLM (with GQA) and GPT2LMHeadModel this writes, under
+For each of LlamaForCausalLM (with GQA), GPT2LMHeadModel and MambaForCausalLM (its
+sequential "slow path": no mamba-ssm kernels on CPU) this writes, under
 tests/fixtures/<name>/: model.safetensors and config.json (as save_pretrained writes them),
 plus tokens.json (a fixed batch) and logits.safetensors (the reference logits, float32).
 The Rust test `models/tests/hf_fidelity.rs` loads the weights through our Hugging Face
@@ -15,7 +16,7 @@ import pathlib
 
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 
@@ -81,6 +82,27 @@ def main() -> None:
     )
     gpt2._attn_implementation = "eager"
     write("tiny_gpt2", GPT2LMHeadModel(gpt2), gpt2.vocab_size)
+
+    mamba = MambaConfig(
+        vocab_size=89,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        conv_kernel=4,
+        time_step_rank="auto",
+        use_bias=False,
+        use_conv_bias=True,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
+    model = MambaForCausalLM(mamba)
+    # A_log away from its initial log(1..N), so a mapping that ignores it cannot pass.
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.add_(0.3 * torch.randn(layer.mixer.A_log.shape))
+    write("tiny_mamba", model, mamba.vocab_size)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::datasets::chat_template_source;
 use crate::evaluate::encode_prompt;
-use crate::model::{base_for, build_model, decoder_config, load_base};
+use crate::model::{base_for, build_model, load_base, model_config};
 use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
@@ -36,15 +36,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
 pub fn recipe_check(args: RecipeArgs) -> Result<()> {
     let recipe = load_recipe(&args)?;
     let vocab = recipe.model.vocab_size.unwrap_or(recipe.data.tokenizer_vocab_size);
-    let model = decoder_config(&recipe.model.resolve(Some(vocab)));
+    let model = model_config(&recipe.model.resolve(Some(vocab)));
     println!(
-        "ok: {} — {} {} layers, d_model {}, {} heads ({} kv), ~{:.2}M parameters; {} steps of {} tokens; output {}",
+        "ok: {} — {} {}, ~{:.2}M parameters; {} steps of {} tokens; output {}",
         args.config.display(),
         recipe.model.arch,
-        model.n_layers,
-        model.d_model,
-        model.n_heads,
-        model.kv_heads(),
+        model.summary(),
         model.num_params() as f64 / 1e6,
         recipe.training.steps,
         recipe.tokens_per_step(),
@@ -230,9 +227,9 @@ fn with_peft_adapter(mut recipe: Recipe, mut weights: NamedTensors, dir: &Path) 
     let tensors_path = dir.join("adapter_model.safetensors");
     let peft = from_safetensors(&std::fs::read(&tensors_path).with_context(|| format!("cannot read {}", tensors_path.display()))?)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tensors_path.display()))?;
-    let model = decoder_config(&recipe.model.resolve(weights.get("embed_tokens").map(|t| t.shape[0])));
+    let model = model_config(&recipe.model.resolve(weights.get("embed_tokens").map(|t| t.shape[0])));
     let arch = hf_arch_for(&model).map_err(anyhow::Error::msg)?;
-    let adapters = from_peft(arch, &peft, model.n_layers, r).map_err(|e| anyhow::anyhow!("{}: {e}", tensors_path.display()))?;
+    let adapters = from_peft(arch, &peft, model.n_layers(), r).map_err(|e| anyhow::anyhow!("{}: {e}", tensors_path.display()))?;
     // Adapt exactly the layers the file has adapters for, by their names (`q_proj`, ...).
     let mut targets: Vec<String> =
         adapters.keys().filter_map(|k| k.strip_suffix(".lora.a")?.rsplit('.').next().map(str::to_string)).collect();

@@ -16,20 +16,20 @@ use serde_json::json;
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::gguf::{encode, GgmlType, Gguf, GgufTensor, Value};
-use crate::model::{base_for, decoder_config, lora_config};
+use crate::model::{base_for, lora_config, model_config};
 
 /// What an export reads from a checkpoint: the model's weights under Hugging Face names.
 struct Source {
     dir: std::path::PathBuf,
     recipe: Recipe,
     tokenizer: TextTokenizer,
-    config: furnace_models::DecoderConfig,
+    config: furnace_models::ModelConfig,
     arch: furnace_models::hf::HfArch,
     hf: NamedTensors,
 }
 
 /// A checkpoint's recipe, tokenizer, model config and weights under our names.
-fn read_checkpoint(checkpoint: &Path) -> Result<(std::path::PathBuf, Recipe, TextTokenizer, furnace_models::DecoderConfig, NamedTensors)> {
+fn read_checkpoint(checkpoint: &Path) -> Result<(std::path::PathBuf, Recipe, TextTokenizer, furnace_models::ModelConfig, NamedTensors)> {
     let dir = checkpoint::resolve(checkpoint)?;
     let recipe_path = dir.join(RECIPE_FILE);
     let recipe = Recipe::from_stored(
@@ -37,7 +37,7 @@ fn read_checkpoint(checkpoint: &Path) -> Result<(std::path::PathBuf, Recipe, Tex
         &recipe_path.display().to_string(),
     )?;
     let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
-    let config = decoder_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
+    let config = model_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
     let mut weights =
         from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
     // QLoRA checkpoints leave out the NF4 base layers: what trained was their dequantization.
@@ -65,7 +65,7 @@ fn read_source(checkpoint: &Path, merge_adapters: bool) -> Result<Source> {
         weights = merge_lora(&weights, lora.scale());
     }
     let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {}: {e}", dir.display()))?;
-    let hf = to_hf(arch, &weights, config.n_layers).map_err(anyhow::Error::msg)?;
+    let hf = to_hf(arch, &weights, config.n_layers()).map_err(anyhow::Error::msg)?;
     Ok(Source { dir, recipe, tokenizer, config, arch, hf })
 }
 
@@ -79,7 +79,7 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<()> {
         format!("{} holds no LoRA adapters (its recipe has lora.r = 0); export the whole model with --format safetensors", dir.display())
     })?;
     let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {}: {e}", dir.display()))?;
-    let adapters = to_peft(arch, &weights, config.n_layers, lora.scale(), lora.use_rslora).map_err(anyhow::Error::msg)?;
+    let adapters = to_peft(arch, &weights, config.n_layers(), lora.scale(), lora.use_rslora).map_err(anyhow::Error::msg)?;
     // PEFT takes one r and alpha plus per-module patterns; modules whose rank differs (GPT-2's
     // fused c_attn) go into the patterns.
     let rank_pattern: serde_json::Map<String, serde_json::Value> =
@@ -160,7 +160,7 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
         "bos_token": eos_text,
         "eos_token": eos_text,
         "pad_token": eos_text,
-        "model_max_length": config.max_seq_len,
+        "model_max_length": config.max_seq_len(),
         "clean_up_tokenization_spaces": false,
         "add_bos_token": false,
     });
@@ -228,10 +228,12 @@ fn file_type(ty: GgmlType) -> u32 {
 /// are a multiple of 32 take `quant`; norms stay f32, as llama.cpp's converter keeps them.
 pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType, merge_adapters: bool) -> Result<()> {
     let Source { dir, recipe, tokenizer, config, arch, hf } = read_source(checkpoint, merge_adapters)?;
+    let furnace_models::ModelConfig::Decoder(c) = &config else {
+        anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture is written so far", dir.display());
+    };
     if arch != furnace_models::hf::HfArch::Llama {
         anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture is written so far", dir.display());
     }
-    let c = &config;
     let mut g = Gguf::default();
     let mut meta = |k: &str, v: Value| g.metadata.insert(k.to_string(), v);
     meta("general.architecture", Value::Str("llama".into()));

@@ -10,38 +10,70 @@ use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for, HfArch};
 use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
 use furnace_models::params::{from_safetensors, named_tensors, NamedTensors};
-use furnace_models::{Decoder, DecoderConfig, PositionKind};
+use furnace_models::{DecoderConfig, LanguageModel, MambaConfig, ModelConfig, PositionKind};
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 
-/// The decoder a resolved `[model]` section describes.
-pub fn decoder_config(m: &ResolvedModel) -> DecoderConfig {
-    DecoderConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
-        .with_n_kv_heads(Some(m.n_kv_heads))
-        .with_norm(match m.norm {
-            Norm::RmsNorm => NormKind::RmsNorm,
-            Norm::LayerNorm => NormKind::LayerNorm,
-        })
-        .with_norm_eps(m.norm_eps)
-        .with_position(match m.position {
-            Position::Rope => PositionKind::Rope,
-            Position::Alibi => PositionKind::Alibi,
-            Position::Learned => PositionKind::Learned,
-        })
-        .with_rope_theta(m.rope_theta)
-        .with_mlp(match m.mlp {
-            Mlp::SwiGlu => MlpKind::SwiGlu,
-            Mlp::Gelu => MlpKind::Gelu,
-        })
-        .with_bias(m.bias)
-        .with_tie_embeddings(m.tie_embeddings)
-        .with_sliding_window(m.sliding_window)
-        .with_parallel_block(m.parallel_block)
-        .with_dropout(m.dropout)
+/// The model a resolved `[model]` section describes.
+pub fn model_config(m: &ResolvedModel) -> ModelConfig {
+    if m.arch == Arch::Mamba {
+        return ModelConfig::Mamba(
+            MambaConfig::new(m.vocab_size, m.d_model, m.n_layers, m.max_seq_len)
+                .with_d_state(m.d_state)
+                .with_d_conv(m.d_conv)
+                .with_expand(m.expand)
+                .with_dt_rank(Some(m.dt_rank))
+                .with_norm_eps(m.norm_eps)
+                .with_tie_embeddings(m.tie_embeddings),
+        );
+    }
+    ModelConfig::Decoder(
+        DecoderConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
+            .with_n_kv_heads(Some(m.n_kv_heads))
+            .with_norm(match m.norm {
+                Norm::RmsNorm => NormKind::RmsNorm,
+                Norm::LayerNorm => NormKind::LayerNorm,
+            })
+            .with_norm_eps(m.norm_eps)
+            .with_position(match m.position {
+                Position::Rope => PositionKind::Rope,
+                Position::Alibi => PositionKind::Alibi,
+                Position::Learned => PositionKind::Learned,
+            })
+            .with_rope_theta(m.rope_theta)
+            .with_mlp(match m.mlp {
+                Mlp::SwiGlu => MlpKind::SwiGlu,
+                Mlp::Gelu => MlpKind::Gelu,
+            })
+            .with_bias(m.bias)
+            .with_tie_embeddings(m.tie_embeddings)
+            .with_sliding_window(m.sliding_window)
+            .with_parallel_block(m.parallel_block)
+            .with_dropout(m.dropout),
+    )
 }
 
-/// The resolved model of a decoder config (the inverse of `decoder_config`).
-fn resolved_model(arch: Arch, c: &DecoderConfig) -> ResolvedModel {
+/// The resolved model of a model config (the inverse of `model_config`). A Mamba leaves the
+/// transformer keys at the section's defaults.
+fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
+    let c = match config {
+        ModelConfig::Decoder(c) => c,
+        ModelConfig::Mamba(c) => {
+            let section = ModelSection { arch, d_model: Some(c.d_model), ..Default::default() };
+            return ResolvedModel {
+                vocab_size: c.vocab_size,
+                n_layers: c.n_layers,
+                max_seq_len: c.max_seq_len,
+                norm_eps: c.norm_eps,
+                tie_embeddings: c.tie_embeddings,
+                d_state: c.d_state,
+                d_conv: c.d_conv,
+                expand: c.expand,
+                dt_rank: c.dt_rank(),
+                ..section.resolve(None)
+            };
+        }
+    };
     ResolvedModel {
         arch,
         vocab_size: c.vocab_size,
@@ -71,6 +103,7 @@ fn resolved_model(arch: Arch, c: &DecoderConfig) -> ResolvedModel {
         sliding_window: c.sliding_window,
         parallel_block: c.parallel_block,
         dropout: c.dropout,
+        ..ModelSection::default().resolve(None)
     }
 }
 
@@ -92,7 +125,11 @@ pub fn lora_config(l: &LoraSection) -> Option<LoraConfig> {
 /// afterwards (`load_named`) keep each parameter's trainable flag.
 pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&NamedTensors>, device: &B::Device) -> Result<Built<B>> {
     let reward = recipe.training.mode == TrainMode::Reward;
-    let config = decoder_config(&recipe.model.resolve(Some(vocab))).with_score_head(reward);
+    let config = match model_config(&recipe.model.resolve(Some(vocab))) {
+        ModelConfig::Decoder(c) => ModelConfig::Decoder(c.with_score_head(reward)),
+        ModelConfig::Mamba(_) if reward => bail!("training.mode = \"reward\" needs a transformer with a score head; this model is a Mamba"),
+        mamba => mamba,
+    };
     let mut model = config.init::<B>(recipe.run.seed, device);
     if let Some(weights) = base {
         // A reward model's score head starts fresh unless the base already is a reward model;
@@ -121,12 +158,13 @@ pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&Name
 }
 
 /// The model with its adapters replaced by those of a PEFT folder (same rank, same layers).
-fn load_peft_adapters<B: Backend>(model: Decoder<B>, config: &DecoderConfig, r: usize, dir: &Path) -> Result<Decoder<B>> {
+fn load_peft_adapters<B: Backend>(model: LanguageModel<B>, config: &ModelConfig, r: usize, dir: &Path) -> Result<LanguageModel<B>> {
     let file = dir.join("adapter_model.safetensors");
     let peft = from_safetensors(&std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let arch = hf_arch_for(config).map_err(anyhow::Error::msg)?;
-    let adapters = from_peft(arch, &peft, config.n_layers, r).map_err(|e| anyhow::anyhow!("lora.adapter_from = {}: {e}", dir.display()))?;
+    let adapters =
+        from_peft(arch, &peft, config.n_layers(), r).map_err(|e| anyhow::anyhow!("lora.adapter_from = {}: {e}", dir.display()))?;
     let mut tensors = named_tensors(&model);
     for (name, tensor) in adapters {
         if !tensors.contains_key(&name) {
@@ -139,7 +177,7 @@ fn load_peft_adapters<B: Backend>(model: Decoder<B>, config: &DecoderConfig, r: 
 
 /// A built model, and under QLoRA the bytes of its NF4 layers (and of the same layers in bf16).
 pub struct Built<B: Backend> {
-    pub model: Decoder<B>,
+    pub model: LanguageModel<B>,
     pub nf4_bytes: Option<(usize, usize)>,
 }
 
@@ -174,10 +212,11 @@ pub fn load_base(path: &Path) -> Result<Base> {
         let (hf_arch, config) = config_from_hf(&json).map_err(|e| anyhow::anyhow!("{}: {e}", path.join("config.json").display()))?;
         let hf = read_hf_weights(path)?;
         let weights =
-            from_hf(hf_arch, &hf, config.n_layers, config.tie_embeddings).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            from_hf(hf_arch, &hf, config.n_layers(), config.tie_embeddings()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let arch = match hf_arch {
             HfArch::Llama => Arch::Llama,
             HfArch::Gpt2 => Arch::Gpt2,
+            HfArch::Mamba => Arch::Mamba,
         };
         if !tokenizer.is_file() {
             bail!("{} has no tokenizer.json; Furnace reads Hugging Face fast tokenizers only", path.display());

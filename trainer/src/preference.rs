@@ -8,7 +8,7 @@ use furnace_configs::{DpoLoss, DpoSection};
 use furnace_data::loader::IGNORE;
 use furnace_data::{Batch, Loader};
 use furnace_models::kernels::FusedOps;
-use furnace_models::{CausalLm, Decoder};
+use furnace_models::{CausalLm, LanguageModel};
 
 use crate::objective::{dpo_loss, reward_loss, sequence_log_probs};
 
@@ -154,7 +154,7 @@ pub fn pair_batch<B: FusedOps, M: CausalLm<B>>(
 
 /// A reward model on one batch of pairs: Bradley-Terry losses and the scores as rewards, each
 /// row scored at its last counted position (the end of the reply).
-pub fn reward_batch<B: FusedOps>(model: &Decoder<B>, batch: &Batch, device: &B::Device) -> PairBatch<B> {
+pub fn reward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device: &B::Device) -> PairBatch<B> {
     let pairs = batch.items.len();
     let positions: Vec<usize> =
         batch.targets.chunks(batch.seq_len).map(|row| row.iter().rposition(|&t| t != IGNORE).unwrap_or(0)).collect();
@@ -176,7 +176,7 @@ pub fn reward_batch<B: FusedOps>(model: &Decoder<B>, batch: &Batch, device: &B::
 }
 
 /// Reward-model loss and metrics over `steps` validation batches (the same ones every time).
-pub fn evaluate_rewards<B: FusedOps>(model: &Decoder<B>, loader: &mut Loader, steps: usize, device: &B::Device) -> DpoStats {
+pub fn evaluate_rewards<B: FusedOps>(model: &LanguageModel<B>, loader: &mut Loader, steps: usize, device: &B::Device) -> DpoStats {
     loader.set_cursor(Default::default());
     let mut stats = DpoStats::default();
     for _ in 0..steps.max(1) {

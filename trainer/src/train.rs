@@ -17,7 +17,7 @@ use furnace_data::loader::IGNORE;
 use furnace_data::{Loader, TextTokenizer};
 use furnace_models::generate::generate;
 use furnace_models::params::{load_named, named_tensors, trainable_params};
-use furnace_models::{CausalLm, Decoder, DecoderConfig};
+use furnace_models::{CausalLm, LanguageModel, ModelConfig};
 use furnace_optim::{clip_factor, global_grad_norm, Algorithm, DecayGroups, Optimizer, Schedule};
 
 use crate::backend::{BackendJob, TrainBackend};
@@ -27,7 +27,7 @@ use crate::datasets::{self, Datasets};
 use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss, Asked};
 use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
-use crate::model::{build_model, decoder_config, describe, load_base, with_base};
+use crate::model::{build_model, describe, load_base, model_config, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoStats, PairLogps};
 
@@ -49,7 +49,7 @@ struct Trainer<B: TrainBackend> {
     recipe: Recipe,
     out: PathBuf,
     device: B::Device,
-    model_config: DecoderConfig,
+    model_config: ModelConfig,
     optimizer: Optimizer<B>,
     schedule: Schedule,
     loader: Loader,
@@ -71,7 +71,7 @@ struct Trainer<B: TrainBackend> {
 }
 
 impl<B: TrainBackend> Trainer<B> {
-    fn setup(job: TrainJob, device: B::Device) -> Result<(Self, Decoder<B>)> {
+    fn setup(job: TrainJob, device: B::Device) -> Result<(Self, LanguageModel<B>)> {
         let TrainJob { mut recipe, output_dir: out, resume, max_steps } = job;
         retain_freed_memory(false);
         let base = if recipe.model.init_from.is_empty() {
@@ -122,7 +122,7 @@ impl<B: TrainBackend> Trainer<B> {
                 describe(&recipe.model)
             );
         }
-        let model_config = decoder_config(&resolved);
+        let model_config = model_config(&resolved);
         let built = build_model::<B>(&recipe, tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
         let mut model = built.model;
@@ -201,17 +201,14 @@ impl<B: TrainBackend> Trainer<B> {
         Ok((trainer, model))
     }
 
-    fn train(mut self, mut model: Decoder<B>) -> Result<()> {
+    fn train(mut self, mut model: LanguageModel<B>) -> Result<()> {
         let t = self.recipe.training.clone();
         let tokens_per_step = self.recipe.tokens_per_step();
         let flops_per_token = self.model_config.train_flops_per_token(t.seq_len);
         self.metrics.println(format!(
-            "model: {} {} layers, d_model {}, {} heads ({} kv), {:.2}M parameters | {} tokens/step | peak {:.1} GFLOP/s for MFU",
+            "model: {} {}, {:.2}M parameters | {} tokens/step | peak {:.1} GFLOP/s for MFU",
             self.recipe.model.arch,
-            self.model_config.n_layers,
-            self.model_config.d_model,
-            self.model_config.n_heads,
-            self.model_config.kv_heads(),
+            self.model_config.summary(),
             self.model_config.num_params() as f64 / 1e6,
             tokens_per_step,
             self.peak_flops / 1e9
@@ -297,7 +294,7 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// Zero grads, micro-batches, clip, optimizer step. Returns the step's loss (still on the
     /// device) and the pre-clip global gradient norm.
-    fn train_step(&mut self, model: Decoder<B>, lr: f64) -> Result<(Decoder<B>, Tensor<B::InnerBackend, 1>, f64)> {
+    fn train_step(&mut self, model: LanguageModel<B>, lr: f64) -> Result<(LanguageModel<B>, Tensor<B::InnerBackend, 1>, f64)> {
         let t = &self.recipe.training;
         let batches: Vec<_> = (0..t.grad_accum_steps).map(|_| self.loader.next_batch()).collect();
         // The loss is the mean over the step's counted targets: every position when pretraining,
@@ -356,7 +353,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// model's own softmax, on the current parameters. Labels come from the seeded RNG so a
     /// resumed run draws the same ones. Returns the gradients and the batch size in tokens,
     /// the scale of the estimate B·ĝ⊙ĝ (as the Sophia authors' code scales it).
-    fn curvature_grads(&self, model: &Decoder<B>, inputs: Tensor<B, 2, Int>) -> (GradientsParams, f64) {
+    fn curvature_grads(&self, model: &LanguageModel<B>, inputs: Tensor<B, 2, Int>) -> (GradientsParams, f64) {
         let [batch, seq] = inputs.dims();
         let tokens = (batch * seq) as f64;
         let logits = model.forward(inputs);
@@ -366,12 +363,12 @@ impl<B: TrainBackend> Trainer<B> {
         (GradientsParams::from_grads(loss.backward(), model), tokens)
     }
 
-    fn evaluate_loss(&mut self, model: &Decoder<B>) -> f64 {
+    fn evaluate_loss(&mut self, model: &LanguageModel<B>) -> f64 {
         validation_loss(&model.valid(), &mut self.val_loader, self.recipe.training.eval_steps, &self.device)
     }
 
     /// DPO or the reward model on the validation pairs: loss and TRL's metrics.
-    fn evaluate_pairs(&mut self, model: &Decoder<B>, steps: usize) -> Option<DpoStats> {
+    fn evaluate_pairs(&mut self, model: &LanguageModel<B>, steps: usize) -> Option<DpoStats> {
         let valid = model.valid();
         match (&self.reference, self.recipe.training.mode) {
             (Some((_, reference)), _) => {
@@ -382,7 +379,7 @@ impl<B: TrainBackend> Trainer<B> {
         }
     }
 
-    fn log_validation(&mut self, model: &Decoder<B>, step: usize) -> Result<()> {
+    fn log_validation(&mut self, model: &LanguageModel<B>, step: usize) -> Result<()> {
         if let Some(stats) = self.evaluate_pairs(model, self.recipe.training.eval_steps) {
             let loss = stats.loss / stats.pairs.max(1) as f64;
             let means = stats.means("eval/", self.reference.is_some());
@@ -403,7 +400,7 @@ impl<B: TrainBackend> Trainer<B> {
         Ok(())
     }
 
-    fn save(&self, model: &Decoder<B>) -> Result<PathBuf> {
+    fn save(&self, model: &LanguageModel<B>) -> Result<PathBuf> {
         self.checkpointer.save(
             self.state.step,
             &named_tensors(model),
@@ -415,7 +412,7 @@ impl<B: TrainBackend> Trainer<B> {
     }
 
     /// What the finished run measured: validation loss, held-out exact match, a sample.
-    fn report(&mut self, model: &Decoder<B>) -> Result<()> {
+    fn report(&mut self, model: &LanguageModel<B>) -> Result<()> {
         println!("\n== result after {} steps ({} tokens) ==", self.state.step, self.state.tokens_seen);
         let pairs = match self.recipe.training.mode {
             TrainMode::Dpo | TrainMode::Reward => Some(self.val_loader.items()),

@@ -87,7 +87,7 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 }
 
 /// 20 steps straight equal 10 steps, stop, `--resume`, 10 more: same loss at every step.
-fn check_resume_is_exact(optimizer: &str, dropout: f64) {
+fn check_resume_is_exact(optimizer: &str, dropout: f64, arch: &str) {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), TINY);
     let recipe = recipe.to_str().unwrap();
@@ -96,7 +96,8 @@ fn check_resume_is_exact(optimizer: &str, dropout: f64) {
     let set = |p: &Path| format!("run.output_dir={}", p.display());
     let name = format!("optimizer.name={optimizer}");
     let dropout = format!("model.dropout={dropout}");
-    let furnace = |args: &[&str]| furnace(&[args, &["--set", dropout.as_str()]].concat());
+    let arch = format!("model.arch={arch}");
+    let furnace = |args: &[&str]| furnace(&[args, &["--set", dropout.as_str(), "--set", arch.as_str()]].concat());
     let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&straight)]);
     assert!(out.status.success(), "{}", text(&out));
     let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&split), "--max-steps", "10"]);
@@ -108,30 +109,35 @@ fn check_resume_is_exact(optimizer: &str, dropout: f64) {
     assert_eq!(a.len(), 20);
     assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), b.iter().map(|x| x.0).collect::<Vec<_>>());
     for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-6, "{optimizer} step {step}: straight {x} vs resumed {y}");
+        assert!((x - y).abs() <= 1e-6, "{optimizer} {arch} step {step}: straight {x} vs resumed {y}");
     }
-    assert!(a[19].1 < a[0].1, "{optimizer}: the loss falls");
+    assert!(a[19].1 < a[0].1, "{optimizer} {arch}: the loss falls");
 }
 
 #[test]
 fn resume_is_exact_adamw() {
-    check_resume_is_exact("adamw", 0.0);
+    check_resume_is_exact("adamw", 0.0, "llama");
+}
+
+#[test]
+fn resume_is_exact_mamba() {
+    check_resume_is_exact("adamw", 0.0, "mamba");
 }
 
 #[test]
 fn resume_is_exact_lion() {
-    check_resume_is_exact("lion", 0.0);
+    check_resume_is_exact("lion", 0.0, "llama");
 }
 
 #[test]
 fn resume_is_exact_sophia() {
     // Hessian refreshes on steps 1 and 11: the second falls after the resume.
-    check_resume_is_exact("sophia", 0.0);
+    check_resume_is_exact("sophia", 0.0, "llama");
 }
 
 #[test]
 fn resume_is_exact_with_dropout() {
-    check_resume_is_exact("adamw", 0.1);
+    check_resume_is_exact("adamw", 0.1, "llama");
 }
 
 #[test]
@@ -374,6 +380,7 @@ fn export_writes_a_hugging_face_folder_that_round_trips() {
         }
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
         let (arch, config) = config_from_hf(&config).unwrap();
+        let furnace_models::ModelConfig::Decoder(config) = config else { panic!("a Llama export") };
         (files.len(), from_hf(arch, &tensors, config.n_layers, config.tie_embeddings).unwrap(), config)
     };
     let hf = dir.path().join("hf");
@@ -420,6 +427,33 @@ fn export_writes_a_hugging_face_folder_that_round_trips() {
     let out =
         furnace(&["export", "--checkpoint", dir.path().join("alibi").to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
     assert!(!out.status.success() && text(&out).contains("cannot export"), "{}", text(&out));
+}
+
+#[test]
+fn mamba_trains_generates_and_exports_to_hugging_face() {
+    use furnace_models::hf::{config_from_hf, from_hf};
+    use furnace_models::params::from_safetensors;
+    let tiny = TinyRun::new();
+    let out = tiny.train(&["--max-steps", "2", "--set", "model.arch=mamba", "--set", "model.d_state=8"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("model: mamba 2 layers, d_model 64, d_inner 128, d_state 8"), "{}", text(&out));
+    let run = tiny.run.to_str().unwrap();
+    let out = furnace(&["generate", "--checkpoint", run, "--prompt", "Once upon", "--temperature", "0", "--max-new-tokens", "5"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("Once upon"), "{}", text(&out));
+
+    let hf = tiny.dir.path().join("hf");
+    let out = furnace(&["export", "--checkpoint", run, "--format", "safetensors", "--out", hf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["state_size"].as_u64()), (Some("mamba"), Some(8)));
+    let (arch, config) = config_from_hf(&config).unwrap();
+    let tensors = from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
+    assert!(tensors.contains_key("backbone.layers.1.mixer.A_log"), "{:?}", tensors.keys().collect::<Vec<_>>());
+    let ours = from_safetensors(&std::fs::read(tiny.run.join("checkpoints/step_2/model.safetensors")).unwrap()).unwrap();
+    assert_eq!(from_hf(arch, &tensors, config.n_layers(), config.tie_embeddings()).unwrap(), ours, "the export round-trips exactly");
+
+    let gguf = furnace(&["export", "--checkpoint", run, "--format", "gguf", "--out", tiny.dir.path().join("m.gguf").to_str().unwrap()]);
+    assert!(!gguf.status.success() && text(&gguf).contains("only the Llama architecture"), "{}", text(&gguf));
 }
 
 #[test]

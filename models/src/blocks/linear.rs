@@ -74,3 +74,16 @@ impl<B: FusedOps> Linear<B> {
         out.reshape(out_dims)
     }
 }
+
+/// Logits `[batch, seq, vocab]` for hidden states `[batch, seq, d_model]`: the output head, or
+/// the transposed embedding when the head is tied to it.
+pub fn lm_logits<B: FusedOps>(hidden: Tensor<B, 3>, head: Option<&Linear<B>>, embed_tokens: &Param<Tensor<B, 2>>) -> Tensor<B, 3> {
+    match head {
+        Some(head) => head.forward(hidden),
+        None => {
+            let [batch, seq, d_model] = hidden.dims();
+            let vocab = embed_tokens.dims()[0];
+            hidden.reshape([batch * seq, d_model]).matmul(embed_tokens.val().transpose()).reshape([batch, seq, vocab])
+        }
+    }
+}

@@ -10,7 +10,7 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 
-use super::FusedOps;
+use super::{FusedOps, Scan, ScanPrimitives};
 use crate::blocks::NormKind;
 use crate::nf4::Nf4Matrix;
 
@@ -197,5 +197,36 @@ pub fn nf4_matmul<B: FusedOps, C: CheckpointStrategy>(x: AdTensor<B, C>, weight:
             prep.finish(weight.clone(), out)
         }
         OpsKind::UnTracked(prep) => prep.finish(B::nf4_matmul(x.primitive, weight, transpose)),
+    }
+}
+
+pub fn selective_scan<B: FusedOps, C: CheckpointStrategy>(s: ScanPrimitives<Autodiff<B, C>>) -> AdTensor<B, C> {
+    #[derive(Debug)]
+    struct SelectiveScan;
+
+    impl<B: FusedOps> Backward<B, 6> for SelectiveScan {
+        /// The inputs: the backward recomputes the states rather than keeping
+        /// `[batch, seq, channels, state]` of them alive between the passes.
+        type State = ScanPrimitives<B>;
+
+        fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = grads.consume::<B>(&ops.node);
+            let g = B::selective_scan_backward(ops.state, grad);
+            for (node, grad) in ops.parents.into_iter().zip([g.u, g.delta, g.a, g.b, g.c, g.d]) {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, grad);
+                }
+            }
+        }
+    }
+
+    let nodes = [&s.u, &s.delta, &s.a, &s.b, &s.c, &s.d].map(|t| t.node.clone());
+    let inner = Scan { u: s.u.primitive, delta: s.delta.primitive, a: s.a.primitive, b: s.b.primitive, c: s.c.primitive, d: s.d.primitive };
+    match SelectiveScan.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let out = B::selective_scan(inner.clone());
+            prep.finish(inner, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::selective_scan(inner)),
     }
 }

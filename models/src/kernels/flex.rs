@@ -9,7 +9,7 @@ use burn_flex::{FlexTensor, Layout};
 use rayon::prelude::*;
 
 use super::math::{self, multiversion};
-use super::{reference, FusedOps};
+use super::{flex_scan, reference, FusedOps, ScanPrimitives};
 use crate::blocks::NormKind;
 
 /// Elements per parallel task: big enough to amortise scheduling, small enough to balance.
@@ -262,6 +262,14 @@ impl FusedOps for Flex {
         (from_vec(Shape::new([rows]), loss), from_vec(shape, grad))
     }
 
+    fn selective_scan(inputs: ScanPrimitives<Self>) -> FloatTensor<Self> {
+        flex_scan::selective_scan(inputs)
+    }
+
+    fn selective_scan_backward(inputs: ScanPrimitives<Self>, grad: FloatTensor<Self>) -> ScanPrimitives<Self> {
+        flex_scan::selective_scan_backward(inputs, grad)
+    }
+
     fn scale_rows(x: FloatTensor<Self>, factors: FloatTensor<Self>) -> FloatTensor<Self> {
         let Some(factors) = contiguous_f32(&factors) else { return reference::scale_rows::<Self>(x, factors) };
         if x.dtype() != DType::F32 {
@@ -377,15 +385,15 @@ unsafe fn matmul([m, n, k]: [usize; 3], dst: Strided<*mut f32>, accumulate: bool
 }
 
 /// The tensor as contiguous f32, or None when it holds another dtype.
-fn contiguous_f32(t: &FlexTensor) -> Option<FlexTensor> {
+pub(super) fn contiguous_f32(t: &FlexTensor) -> Option<FlexTensor> {
     (t.dtype() == DType::F32).then(|| t.to_contiguous())
 }
 
-fn values(t: &FlexTensor) -> &[f32] {
+pub(super) fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
 
-fn from_vec(shape: Shape, data: Vec<f32>) -> FlexTensor {
+pub(super) fn from_vec(shape: Shape, data: Vec<f32>) -> FlexTensor {
     FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(shape), DType::F32)
 }
 

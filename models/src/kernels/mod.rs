@@ -10,6 +10,7 @@
 
 mod autodiff;
 mod flex;
+mod flex_scan;
 mod math;
 pub mod reference;
 
@@ -124,6 +125,16 @@ pub trait FusedOps: Backend {
         reference::scale_rows::<Self>(x, factors)
     }
 
+    /// Mamba's selective scan (see [`selective_scan`]).
+    fn selective_scan(inputs: ScanPrimitives<Self>) -> FloatTensor<Self> {
+        reference::selective_scan::<Self>(inputs)
+    }
+
+    /// Gradients of [`Self::selective_scan`] with respect to each of its inputs.
+    fn selective_scan_backward(inputs: ScanPrimitives<Self>, grad: FloatTensor<Self>) -> ScanPrimitives<Self> {
+        reference::selective_scan_backward::<Self>(inputs, grad)
+    }
+
     /// `x · W` for `[rows, d_in]` rows and an NF4 weight `[d_in, d_out]` (`x · Wᵀ` when
     /// `transpose`), the weight dequantized for this product only and dropped after it.
     fn nf4_matmul(x: FloatTensor<Self>, weight: &Arc<Nf4Matrix>, transpose: bool) -> FloatTensor<Self> {
@@ -167,7 +178,31 @@ impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointSt
     fn nf4_matmul(x: FloatTensor<Self>, weight: &Arc<Nf4Matrix>, transpose: bool) -> FloatTensor<Self> {
         autodiff::nf4_matmul::<B, C>(x, weight, transpose)
     }
+
+    fn selective_scan(inputs: ScanPrimitives<Self>) -> FloatTensor<Self> {
+        autodiff::selective_scan::<B, C>(inputs)
+    }
 }
+
+/// The inputs of Mamba's selective scan, one field per tensor (or per gradient).
+#[derive(Debug, Clone)]
+pub struct Scan<T3, T2, T1> {
+    /// `[batch, seq, channels]`: the sequence being scanned.
+    pub u: T3,
+    /// `[batch, seq, channels]`: the step size Δ (positive).
+    pub delta: T3,
+    /// `[channels, state]`: the continuous-time decay rates A (negative).
+    pub a: T2,
+    /// `[batch, seq, state]`: the input projection B of each step.
+    pub b: T3,
+    /// `[batch, seq, state]`: the output projection C of each step.
+    pub c: T3,
+    /// `[channels]`: the skip connection D.
+    pub d: T1,
+}
+
+/// The scan's inputs as backend primitives.
+pub type ScanPrimitives<B> = Scan<FloatTensor<B>, FloatTensor<B>, FloatTensor<B>>;
 
 #[cfg(feature = "cuda")]
 impl FusedOps for burn::backend::Cuda {}
@@ -224,6 +259,16 @@ pub fn cross_entropy<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, In
 /// again rather than keeping a dense copy alive until the backward pass (QLoRA).
 pub fn nf4_matmul<B: FusedOps>(x: Tensor<B, 2>, weight: &Arc<Nf4Matrix>) -> Tensor<B, 2> {
     tensor(B::nf4_matmul(primitive(x), weight, false))
+}
+
+/// Mamba's selective scan: `h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·B_t·u_t` per channel (state of
+/// size `state`, `h_0 = 0`), read out as `y_t = C_t·h_t + D·u_t`. Returns `[batch, seq,
+/// channels]`. Every backend has the chunked scan of [`reference`]; the flex CPU backend runs
+/// one fused pass over time per channel, forward and backward.
+pub fn selective_scan<B: FusedOps>(s: Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>>) -> Tensor<B, 3> {
+    let inputs =
+        Scan { u: primitive(s.u), delta: primitive(s.delta), a: primitive(s.a), b: primitive(s.b), c: primitive(s.c), d: primitive(s.d) };
+    tensor(B::selective_scan(inputs))
 }
 
 #[cfg(test)]

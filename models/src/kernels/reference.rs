@@ -6,7 +6,7 @@ use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Shape, TensorMetadata};
 
-use super::{primitive, tensor};
+use super::{primitive, tensor, Scan, ScanPrimitives};
 use crate::blocks::NormKind;
 use crate::nf4::Nf4Matrix;
 
@@ -192,4 +192,132 @@ pub fn nf4_matmul<B: Backend>(x: FloatTensor<B>, weight: &Nf4Matrix, transpose: 
     let x = tensor::<B, 2>(x);
     let dense = Tensor::<B, 2>::from_data(TensorData::new(weight.dequantize(), weight.shape), &x.device());
     primitive(x.matmul(if transpose { dense.transpose() } else { dense }))
+}
+
+/// Time steps per chunk of the chunked linear scan.
+const SCAN_CHUNK: usize = 32;
+
+/// `h_t = decay_t · h_{t−1} + input_t` along dim 1 of `[batch, seq, channels, state]`
+/// tensors, from `h_0 = initial` (zeros when None); returns every `h_t`. Chunked: inside each
+/// chunk a parallel (Hillis–Steele) scan composes the steps pairwise in log2(chunk) batched
+/// ops, multiplying decays only (no division, so it stays finite however strong the decay);
+/// then a short sequential pass carries the state across chunk boundaries.
+pub fn linear_scan<B: Backend>(decay: Tensor<B, 4>, input: Tensor<B, 4>, initial: Option<Tensor<B, 3>>) -> Tensor<B, 4> {
+    let [batch, seq, channels, state] = decay.dims();
+    let device = decay.device();
+    let chunk = SCAN_CHUNK.min(seq.next_power_of_two());
+    let chunks = seq.div_ceil(chunk);
+    let pad = chunks * chunk - seq;
+    let (decay, input) = if pad == 0 {
+        (decay, input)
+    } else {
+        // Identity steps (decay 1, input 0) fill the last chunk.
+        let ones = Tensor::ones([batch, pad, channels, state], &device);
+        (Tensor::cat(vec![decay, ones.clone()], 1), Tensor::cat(vec![input, ones.zeros_like()], 1))
+    };
+    let mut a: Tensor<B, 5> = decay.reshape([batch, chunks, chunk, channels, state]);
+    let mut b: Tensor<B, 5> = input.reshape([batch, chunks, chunk, channels, state]);
+    let mut step = 1;
+    while step < chunk {
+        let ones = Tensor::ones([batch, chunks, step, channels, state], &device);
+        let a_before = Tensor::cat(vec![ones.clone(), a.clone().narrow(2, 0, chunk - step)], 2);
+        let b_before = Tensor::cat(vec![ones.zeros_like(), b.clone().narrow(2, 0, chunk - step)], 2);
+        b = b + a.clone() * b_before;
+        a = a * a_before;
+        step *= 2;
+    }
+    let chunk_end = |x: &Tensor<B, 5>, i: usize| x.clone().narrow(1, i, 1).narrow(2, chunk - 1, 1).reshape([batch, channels, state]);
+    let mut carry = initial.unwrap_or_else(|| Tensor::zeros([batch, channels, state], &device));
+    let mut carries = Vec::with_capacity(chunks);
+    for i in 0..chunks {
+        carries.push(carry.clone());
+        carry = chunk_end(&a, i) * carry + chunk_end(&b, i);
+    }
+    let carries = Tensor::stack::<4>(carries, 1).unsqueeze_dim::<5>(2);
+    (a * carries + b).reshape([batch, chunks * chunk, channels, state]).narrow(1, 0, seq)
+}
+
+/// The decay `exp(Δ·A)` and input `Δ·B·u` of every step, `[batch, seq, channels, state]`.
+fn scan_terms<B: Backend>(u: Tensor<B, 3>, delta: Tensor<B, 3>, a: Tensor<B, 2>, b: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let decay = (delta.clone().unsqueeze_dim::<4>(3) * a.unsqueeze::<4>()).exp();
+    let input = (delta * u).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2);
+    (decay, input)
+}
+
+/// Mamba's selective scan from state `initial` (zeros when None): the output `[batch, seq,
+/// channels]` and the state after the last step `[batch, channels, state]`. See
+/// [`super::selective_scan`] for the shapes.
+pub fn selective_scan_with_state<B: Backend>(
+    s: Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>>,
+    initial: Option<Tensor<B, 3>>,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let seq = s.u.dims()[1];
+    let (decay, input) = scan_terms(s.u.clone(), s.delta, s.a, s.b);
+    let h = linear_scan(decay, input, initial);
+    let last = h.clone().narrow(1, seq - 1, 1).squeeze_dim::<3>(1);
+    let y = (h * s.c.unsqueeze_dim::<4>(2)).sum_dim(3).squeeze_dim::<3>(3) + s.u * s.d.unsqueeze::<3>();
+    (y, last)
+}
+
+pub fn selective_scan<B: Backend>(s: ScanPrimitives<B>) -> FloatTensor<B> {
+    primitive(selective_scan_with_state(scan_tensors::<B>(s), None).0)
+}
+
+/// The scan one step at a time (T small ops per call): the definition the chunked scan and
+/// the fused kernels are tested against.
+pub fn selective_scan_sequential<B: Backend>(s: Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>>) -> Tensor<B, 3> {
+    let [batch, seq, channels] = s.u.dims();
+    let state = s.a.dims()[1];
+    let (decay, input) = scan_terms(s.u.clone(), s.delta, s.a, s.b);
+    let mut h = Tensor::<B, 3>::zeros([batch, channels, state], &s.u.device());
+    let mut ys = Vec::with_capacity(seq);
+    for t in 0..seq {
+        h = decay.clone().narrow(1, t, 1).squeeze_dim::<3>(1) * h + input.clone().narrow(1, t, 1).squeeze_dim::<3>(1);
+        ys.push((h.clone() * s.c.clone().narrow(1, t, 1)).sum_dim(2).reshape([batch, 1, channels]));
+    }
+    Tensor::cat(ys, 1) + s.u * s.d.unsqueeze::<3>()
+}
+
+/// Gradients of the selective scan. The state gradient runs backwards through time as a scan
+/// of its own (`dh_t = C_t·dy_t + exp(Δ_{t+1}·A)·dh_{t+1}`), so it is chunked the same way.
+pub fn selective_scan_backward<B: Backend>(s: ScanPrimitives<B>, grad: FloatTensor<B>) -> ScanPrimitives<B> {
+    let Scan { u, delta, a, b, c, d } = scan_tensors::<B>(s);
+    let grad = tensor::<B, 3>(grad);
+    let [batch, seq, channels] = u.dims();
+    let state = a.dims()[1];
+    let (decay, input) = scan_terms(u.clone(), delta.clone(), a.clone(), b.clone());
+    let h = linear_scan(decay.clone(), input, None);
+    let zeros = Tensor::<B, 4>::zeros([batch, 1, channels, state], &u.device());
+    let (h_before, decay_after) = if seq == 1 {
+        (zeros.clone(), zeros.ones_like())
+    } else {
+        (
+            Tensor::cat(vec![zeros.clone(), h.clone().narrow(1, 0, seq - 1)], 1),
+            Tensor::cat(vec![decay.clone().narrow(1, 1, seq - 1), zeros.ones_like()], 1),
+        )
+    };
+    let grad_4 = grad.clone().unsqueeze_dim::<4>(3);
+    let dh_in = grad_4.clone() * c.unsqueeze_dim::<4>(2);
+    let dh = linear_scan(decay_after.flip([1]), dh_in.flip([1]), None).flip([1]);
+    let grad_c = (h * grad_4).sum_dim(2).squeeze_dim::<3>(2);
+    let grad_d = (grad.clone() * u.clone()).sum_dim(1).sum_dim(0).reshape([channels]);
+    // ∂L/∂(Δ·A) at every (t, channel, state).
+    let dh_decay = dh.clone() * decay * h_before;
+    let grad_a = (dh_decay.clone() * delta.clone().unsqueeze_dim::<4>(3)).sum_dim(1).sum_dim(0).reshape([channels, state]);
+    let dh_b = (dh.clone() * b.unsqueeze_dim::<4>(2)).sum_dim(3).squeeze_dim::<3>(3);
+    let grad_delta = (dh_decay * a.unsqueeze::<4>()).sum_dim(3).squeeze_dim::<3>(3) + dh_b.clone() * u.clone();
+    let grad_b = (dh * (delta.clone() * u).unsqueeze_dim::<4>(3)).sum_dim(2).squeeze_dim::<3>(2);
+    let grad_u = grad * d.unsqueeze::<3>() + dh_b * delta;
+    Scan {
+        u: primitive(grad_u),
+        delta: primitive(grad_delta),
+        a: primitive(grad_a),
+        b: primitive(grad_b),
+        c: primitive(grad_c),
+        d: primitive(grad_d),
+    }
+}
+
+fn scan_tensors<B: Backend>(s: ScanPrimitives<B>) -> Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>> {
+    Scan { u: tensor(s.u), delta: tensor(s.delta), a: tensor(s.a), b: tensor(s.b), c: tensor(s.c), d: tensor(s.d) }
 }

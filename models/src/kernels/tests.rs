@@ -148,3 +148,124 @@ fn cross_entropy_matches_reference_and_ignores_negative_targets() {
     assert!(values(grad.clone().narrow(0, 3, 1)).iter().all(|&g| g == 0.0), "ignored rows get no gradient");
     assert_close(grad, grad_of(&logits, want, &weights), 1e-6, "cross_entropy grad");
 }
+
+type ScanTensors<B> = Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>>;
+
+/// Scan inputs in the ranges a Mamba layer feeds it: Δ > 0 (softplus), A < 0.
+fn scan_inputs(batch: usize, seq: usize, channels: usize, state: usize, seed: u64) -> ScanTensors<Ad> {
+    Scan {
+        u: random([batch, seq, channels], 1.0, seed).require_grad(),
+        delta: burn::tensor::activation::softplus(random([batch, seq, channels], 1.0, seed + 1) - 1.0, 1.0).detach().require_grad(),
+        a: random([channels, state], 0.5, seed + 2).exp().neg().detach().require_grad(),
+        b: random([batch, seq, state], 1.0, seed + 3).require_grad(),
+        c: random([batch, seq, state], 1.0, seed + 4).require_grad(),
+        d: random([channels], 1.0, seed + 5).require_grad(),
+    }
+}
+
+fn scan_primitives<B: Backend>(s: &ScanTensors<B>) -> ScanPrimitives<B> {
+    Scan {
+        u: s.u.clone().into_primitive().tensor(),
+        delta: s.delta.clone().into_primitive().tensor(),
+        a: s.a.clone().into_primitive().tensor(),
+        b: s.b.clone().into_primitive().tensor(),
+        c: s.c.clone().into_primitive().tensor(),
+        d: s.d.clone().into_primitive().tensor(),
+    }
+}
+
+/// The six input gradients of `sum(y · weights)`.
+fn scan_grads(s: &ScanTensors<Ad>, y: Tensor<Ad, 3>, weights: &Tensor<Ad, 3>) -> [(&'static str, Vec<f32>); 6] {
+    let grads = (y * weights.clone()).sum().backward();
+    [
+        ("u", values(s.u.grad(&grads).unwrap())),
+        ("delta", values(s.delta.grad(&grads).unwrap())),
+        ("a", values(s.a.grad(&grads).unwrap())),
+        ("b", values(s.b.grad(&grads).unwrap())),
+        ("c", values(s.c.grad(&grads).unwrap())),
+        ("d", values(s.d.grad(&grads).unwrap())),
+    ]
+}
+
+#[track_caller]
+fn assert_all_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: {g} vs sequential {w}");
+    }
+}
+
+#[test]
+fn chunked_and_fused_scans_match_the_sequential_scan() {
+    // Lengths below, at and across the chunk size (32), most not a multiple of it; channel
+    // counts that do not fill the fused kernel's 16-channel tasks.
+    for (batch, seq, channels, state) in [(2, 1, 5, 4), (2, 7, 37, 16), (1, 32, 16, 3), (3, 45, 21, 8), (1, 100, 9, 16)] {
+        let what = format!("scan b{batch} t{seq} d{channels} n{state}");
+        let s = scan_inputs(batch, seq, channels, state, seq as u64);
+        let weights = random([batch, seq, channels], 1.0, 99);
+        let want = reference::selective_scan_sequential(s.clone());
+        let want_grads = scan_grads(&s, want.clone(), &weights);
+        // The chunked scan, differentiated by Burn's autodiff through its tensor ops.
+        let chunked = fused::<3>(reference::selective_scan::<Ad>(scan_primitives(&s)));
+        assert_close(chunked.clone().inner(), want.clone().inner(), 1e-5, &format!("{what} chunked"));
+        for ((name, got), (_, want)) in scan_grads(&s, chunked, &weights).iter().zip(&want_grads) {
+            assert_all_close(got, want, 1e-4, &format!("{what} chunked autodiff grad {name}"));
+        }
+        // The chunked hand-written backward (what GPU backends run).
+        let inner = Scan {
+            u: s.u.clone().inner(),
+            delta: s.delta.clone().inner(),
+            a: s.a.clone().inner(),
+            b: s.b.clone().inner(),
+            c: s.c.clone().inner(),
+            d: s.d.clone().inner(),
+        };
+        let g = reference::selective_scan_backward::<Flex>(scan_primitives(&inner), weights.clone().inner().into_primitive().tensor());
+        for (got, (name, want)) in [g.u, g.delta, g.a, g.b, g.c, g.d].into_iter().zip(&want_grads) {
+            let got = values(Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(got)).flatten::<1>(0, 0));
+            assert_all_close(&got, want, 1e-4, &format!("{what} chunked backward grad {name}"));
+        }
+        // The fused flex kernel, one autodiff node.
+        let got = selective_scan(s.clone());
+        assert_close(got.clone().inner(), want.inner(), 1e-5, &format!("{what} fused"));
+        for ((name, got), (_, want)) in scan_grads(&s, got, &weights).iter().zip(&want_grads) {
+            assert_all_close(got, want, 1e-4, &format!("{what} fused grad {name}"));
+        }
+    }
+}
+
+#[test]
+fn scan_gradients_match_finite_differences() {
+    let (batch, seq, channels, state) = (1, 6, 3, 2);
+    let s = scan_inputs(batch, seq, channels, state, 7);
+    let weights = random([batch, seq, channels], 1.0, 8);
+    let analytic = scan_grads(&s, selective_scan(s.clone()), &weights);
+    let host = |t: &Tensor<Ad, 3>| values(t.clone().inner());
+    let base = [host(&s.u), host(&s.delta), values(s.a.clone().inner()), host(&s.b), host(&s.c), values(s.d.clone().inner())];
+    let loss = |inputs: &[Vec<f32>; 6]| -> f64 {
+        let device = Default::default();
+        let t3 = |v: &Vec<f32>, last: usize| Tensor::<Flex, 3>::from_data(TensorData::new(v.clone(), [batch, seq, last]), &device);
+        let y = selective_scan(Scan {
+            u: t3(&inputs[0], channels),
+            delta: t3(&inputs[1], channels),
+            a: Tensor::<Flex, 2>::from_data(TensorData::new(inputs[2].clone(), [channels, state]), &device),
+            b: t3(&inputs[3], state),
+            c: t3(&inputs[4], state),
+            d: Tensor::<Flex, 1>::from_data(TensorData::new(inputs[5].clone(), [channels]), &device),
+        });
+        values(y).iter().zip(values(weights.clone().inner())).map(|(y, w)| (y * w) as f64).sum()
+    };
+    let eps = 1e-2;
+    for (input, (name, grad)) in analytic.iter().enumerate() {
+        for (i, &g) in grad.iter().enumerate() {
+            let (mut plus, mut minus) = (base.clone(), base.clone());
+            plus[input][i] += eps;
+            minus[input][i] -= eps;
+            let numeric = (loss(&plus) - loss(&minus)) / (2.0 * eps as f64);
+            assert!(
+                (g as f64 - numeric).abs() <= 2e-3 * (1.0 + numeric.abs()),
+                "d/d{name}[{i}]: analytic {g} vs finite difference {numeric}"
+            );
+        }
+    }
+}

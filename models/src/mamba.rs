@@ -1,0 +1,297 @@
+//! Mamba (Gu & Dao, 2023): a selective state-space language model, in Hugging Face's
+//! `MambaForCausalLM` layout.
+//!
+//! embed → blocks (RMSNorm → mixer, one residual) → final norm → head. The mixer projects to
+//! (x, z), runs x through a depthwise causal convolution and SiLU, derives the step size Δ and
+//! the projections B, C from x (the "selective" part), scans, gates by SiLU(z), projects back.
+//! Decoding keeps per layer the last `d_conv − 1` convolution inputs and the scan state: O(1)
+//! work per token.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::module::embedding;
+
+use crate::blocks::{lm_logits, Linear, Norm, NormKind};
+use crate::causal_lm::CausalLm;
+use crate::init::{constant_param, normal_param, uniform_param, SeededRng};
+use crate::kernels::{reference::selective_scan_with_state, selective_scan, swiglu, FusedOps, Scan};
+use crate::lora::LinearLayers;
+
+#[derive(Config, Debug)]
+pub struct MambaConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    /// Longest sequence trained on or generated (the model itself has no position limit).
+    pub max_seq_len: usize,
+    /// Size N of each channel's state.
+    #[config(default = 16)]
+    pub d_state: usize,
+    /// Width of the causal convolution.
+    #[config(default = 4)]
+    pub d_conv: usize,
+    /// Inner channels per model dimension.
+    #[config(default = 2)]
+    pub expand: usize,
+    /// Rank of the Δ projection; None means ⌈d_model / 16⌉ (the paper's "auto").
+    #[config(default = "None")]
+    pub dt_rank: Option<usize>,
+    #[config(default = 1e-5)]
+    pub norm_eps: f64,
+    #[config(default = true)]
+    pub tie_embeddings: bool,
+    /// Δ at initialisation is log-uniform in [dt_min, dt_max], at least dt_floor.
+    #[config(default = 0.001)]
+    pub dt_min: f64,
+    #[config(default = 0.1)]
+    pub dt_max: f64,
+    #[config(default = 1e-4)]
+    pub dt_floor: f64,
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+impl MambaConfig {
+    pub fn d_inner(&self) -> usize {
+        self.expand * self.d_model
+    }
+
+    pub fn dt_rank(&self) -> usize {
+        self.dt_rank.unwrap_or(self.d_model.div_ceil(16))
+    }
+
+    /// Parameter count, embeddings included.
+    pub fn num_params(&self) -> usize {
+        let (d, n, r) = (self.d_inner(), self.d_state, self.dt_rank());
+        let mixer = self.d_model * 2 * d + d * (self.d_conv + 1) + d * (r + 2 * n) + (r + 1) * d + d * n + d + d * self.d_model;
+        let head = if self.tie_embeddings { 0 } else { self.vocab_size * self.d_model };
+        self.vocab_size * self.d_model + self.n_layers * (mixer + self.d_model) + self.d_model + head
+    }
+
+    /// Training FLOPs per token: 6 per weight of the matmuls (head included, embedding not),
+    /// plus the scan and convolution, about 3 × (9·N + 2·d_conv) per inner channel and layer.
+    pub fn train_flops_per_token(&self) -> f64 {
+        let embed = self.vocab_size * self.d_model;
+        let head = if self.tie_embeddings { embed } else { 0 };
+        let weights = (self.num_params() - embed + head) as f64;
+        let scan = 3.0 * (9 * self.d_state + 2 * self.d_conv) as f64 * (self.d_inner() * self.n_layers) as f64;
+        6.0 * weights + scan
+    }
+
+    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Mamba<B> {
+        let mut rng = SeededRng::new(seed);
+        let std = self.init_std;
+        let out_std = std / (2.0 * self.n_layers as f64).sqrt();
+        let embed_tokens = normal_param([self.vocab_size, self.d_model], std, &mut rng, device);
+        let layers = (0..self.n_layers)
+            .map(|_| MambaBlock {
+                norm: Norm::new(NormKind::RmsNorm, self.d_model, self.norm_eps, false, device),
+                mixer: self.init_mixer(std, out_std, &mut rng, device),
+            })
+            .collect();
+        Mamba {
+            embed_tokens,
+            layers,
+            norm: Norm::new(NormKind::RmsNorm, self.d_model, self.norm_eps, false, device),
+            lm_head: (!self.tie_embeddings).then(|| Linear::new(self.d_model, self.vocab_size, false, std, &mut rng, device)),
+            max_seq_len: self.max_seq_len,
+            vocab_size: self.vocab_size,
+        }
+    }
+
+    fn init_mixer<B: Backend>(&self, std: f64, out_std: f64, rng: &mut SeededRng, device: &B::Device) -> MambaMixer<B> {
+        let (d, n, r) = (self.d_inner(), self.d_state, self.dt_rank());
+        let conv_bound = 1.0 / (self.d_conv as f64).sqrt();
+        // Δ = softplus(bias) starts log-uniform in [dt_min, dt_max]: the bias is softplus⁻¹ of it.
+        let (log_min, log_max) = (self.dt_min.ln(), self.dt_max.ln());
+        let dt_bias: Vec<f32> = (0..d)
+            .map(|_| {
+                let dt = (log_min + rng.uniform() * (log_max - log_min)).exp().max(self.dt_floor);
+                (dt + (-(-dt).exp_m1()).ln()) as f32
+            })
+            .collect();
+        // A = −(1, 2, …, N) in every channel (S4D-real).
+        let a_log: Vec<f32> = (0..d).flat_map(|_| (1..=n).map(|i| (i as f32).ln())).collect();
+        MambaMixer {
+            in_proj: Linear::new(self.d_model, 2 * d, false, std, rng, device),
+            conv_weight: uniform_param([d, 1, self.d_conv], conv_bound, rng, device),
+            conv_bias: uniform_param([d], conv_bound, rng, device),
+            x_proj: Linear::new(d, r + 2 * n, false, std, rng, device),
+            dt_proj: Linear {
+                weight: Some(uniform_param([r, d], (r as f64).powf(-0.5), rng, device)),
+                nf4: None,
+                bias: Some(Param::from_tensor(Tensor::from_data(TensorData::new(dt_bias, [d]), device))),
+                lora: None,
+            },
+            a_log: Param::from_tensor(Tensor::from_data(TensorData::new(a_log, [d, n]), device)),
+            d: constant_param([d], 1.0, device),
+            out_proj: Linear::new(d, self.d_model, false, out_std, rng, device),
+            d_state: n,
+            dt_rank: r,
+        }
+    }
+}
+
+/// The selective state-space mixer (HF `MambaMixer`).
+#[derive(Module, Debug)]
+pub struct MambaMixer<B: Backend> {
+    /// `[d_model, 2·d_inner]`: x and the gate z.
+    pub in_proj: Linear<B>,
+    /// `[d_inner, 1, d_conv]`: one causal filter per channel (torch's depthwise `Conv1d` layout).
+    pub conv_weight: Param<Tensor<B, 3>>,
+    pub conv_bias: Param<Tensor<B, 1>>,
+    /// `[d_inner, dt_rank + 2·d_state]`: Δ (low rank), B and C from x.
+    pub x_proj: Linear<B>,
+    /// `[dt_rank, d_inner]` with bias: Δ back to full width, before the softplus.
+    pub dt_proj: Linear<B>,
+    /// `[d_inner, d_state]`: A = −exp(a_log).
+    pub a_log: Param<Tensor<B, 2>>,
+    /// `[d_inner]`: the skip connection.
+    pub d: Param<Tensor<B, 1>>,
+    /// `[d_inner, d_model]`.
+    pub out_proj: Linear<B>,
+    pub d_state: usize,
+    pub dt_rank: usize,
+}
+
+/// What one layer carries between decoding steps.
+#[derive(Debug, Clone)]
+pub struct LayerState<B: Backend> {
+    /// The last `d_conv − 1` convolution inputs `[batch, d_conv − 1, d_inner]`.
+    pub conv: Tensor<B, 3>,
+    /// The scan state `[batch, d_inner, d_state]`.
+    pub ssm: Tensor<B, 3>,
+}
+
+/// `softplus(x) = ln(1 + eˣ)`, written so that large inputs neither overflow nor lose precision.
+fn softplus<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    x.clone().clamp_min(0.0) + x.abs().neg().exp().log1p()
+}
+
+impl<B: FusedOps> MambaMixer<B> {
+    /// `[batch, seq, d_model]` → same. With `state`, continues from it (None: a fresh start)
+    /// and leaves the state after the last position there.
+    pub fn forward(&self, x: Tensor<B, 3>, state: Option<&mut Option<LayerState<B>>>) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let [d_inner, _, width] = self.conv_weight.dims();
+        let xz = self.in_proj.forward(x);
+        let (x, z) = (xz.clone().narrow(2, 0, d_inner), xz.narrow(2, d_inner, d_inner));
+
+        // Causal depthwise convolution: position t sees inputs t − width + 1 ..= t.
+        let before = match state.as_deref() {
+            Some(Some(s)) => s.conv.clone(),
+            _ => Tensor::zeros([batch, width - 1, d_inner], &x.device()),
+        };
+        let padded = Tensor::cat(vec![before, x], 1);
+        let filters = self.conv_weight.val().reshape([d_inner, width]);
+        let mut conv = self.conv_bias.val().reshape([1, 1, d_inner]);
+        for tap in 0..width {
+            conv = conv + padded.clone().narrow(1, tap, seq) * filters.clone().narrow(1, tap, 1).reshape([1, 1, d_inner]);
+        }
+        let x = silu(conv);
+
+        let (n, r) = (self.d_state, self.dt_rank);
+        let projected = self.x_proj.forward(x.clone());
+        let delta = softplus(self.dt_proj.forward(projected.clone().narrow(2, 0, r)));
+        let scan = Scan {
+            u: x,
+            delta,
+            a: self.a_log.val().exp().neg(),
+            b: projected.clone().narrow(2, r, n),
+            c: projected.narrow(2, r + n, n),
+            d: self.d.val(),
+        };
+        let y = match state {
+            None => selective_scan(scan),
+            Some(state) => {
+                let (y, ssm) = selective_scan_with_state(scan, state.as_ref().map(|s| s.ssm.clone()));
+                *state = Some(LayerState { conv: padded.narrow(1, seq, width - 1), ssm });
+                y
+            }
+        };
+        self.out_proj.forward(swiglu(z, y))
+    }
+}
+
+/// Pre-norm residual block around the mixer (HF `MambaBlock`).
+#[derive(Module, Debug)]
+pub struct MambaBlock<B: Backend> {
+    pub norm: Norm<B>,
+    pub mixer: MambaMixer<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Mamba<B: Backend> {
+    /// `[vocab_size, d_model]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<MambaBlock<B>>,
+    pub norm: Norm<B>,
+    /// None when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    pub max_seq_len: usize,
+    pub vocab_size: usize,
+}
+
+/// Every layer's decoding state, and how many positions it has seen.
+#[derive(Debug, Clone)]
+pub struct MambaState<B: Backend> {
+    pub layers: Vec<Option<LayerState<B>>>,
+    pub len: usize,
+}
+
+impl<B: FusedOps> Mamba<B> {
+    /// Final hidden states `[batch, seq, d_model]` (after the final norm).
+    pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, mut state: Option<&mut MambaState<B>>) -> Tensor<B, 3> {
+        let mut x = embedding(self.embed_tokens.val(), tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_state = state.as_mut().map(|s| &mut s.layers[i]);
+            x = x.clone() + layer.mixer.forward(layer.norm.forward(x), layer_state);
+        }
+        self.norm.forward(x)
+    }
+}
+
+impl<B: FusedOps> CausalLm<B> for Mamba<B> {
+    type State = MambaState<B>;
+
+    fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        lm_logits(self.forward_hidden(tokens, None), self.lm_head.as_ref(), &self.embed_tokens)
+    }
+
+    fn init_state(&self) -> MambaState<B> {
+        MambaState { layers: vec![None; self.layers.len()], len: 0 }
+    }
+
+    fn forward_step(&self, tokens: Tensor<B, 2, Int>, state: &mut MambaState<B>) -> Tensor<B, 3> {
+        state.len += tokens.dims()[1];
+        lm_logits(self.forward_hidden(tokens, Some(state)), self.lm_head.as_ref(), &self.embed_tokens)
+    }
+
+    fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+}
+
+impl<B: Backend> LinearLayers<B> for Mamba<B> {
+    fn linear_layers_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out: Vec<(&'static str, &mut Linear<B>)> = Vec::new();
+        for layer in &mut self.layers {
+            let m = &mut layer.mixer;
+            out.extend([
+                ("in_proj", &mut m.in_proj),
+                ("x_proj", &mut m.x_proj),
+                ("dt_proj", &mut m.dt_proj),
+                ("out_proj", &mut m.out_proj),
+            ]);
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head", head));
+        }
+        out
+    }
+}

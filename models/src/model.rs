@@ -1,0 +1,153 @@
+//! Every architecture behind one config type and one module type, so the trainer, the
+//! checkpoints and the generator handle any of them without knowing their insides.
+
+use burn::prelude::*;
+
+use crate::blocks::Linear;
+use crate::causal_lm::CausalLm;
+use crate::decoder::{Decoder, DecoderConfig, KvCache};
+use crate::kernels::FusedOps;
+use crate::lora::LinearLayers;
+use crate::mamba::{Mamba, MambaConfig, MambaState};
+
+#[derive(Debug, Clone)]
+pub enum ModelConfig {
+    /// Llama- and GPT-2-style transformers.
+    Decoder(DecoderConfig),
+    Mamba(MambaConfig),
+}
+
+impl ModelConfig {
+    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> LanguageModel<B> {
+        match self {
+            Self::Decoder(c) => LanguageModel::Decoder(c.init(seed, device)),
+            Self::Mamba(c) => LanguageModel::Mamba(c.init(seed, device)),
+        }
+    }
+
+    /// Parameter count, embeddings included.
+    pub fn num_params(&self) -> usize {
+        match self {
+            Self::Decoder(c) => c.num_params(),
+            Self::Mamba(c) => c.num_params(),
+        }
+    }
+
+    /// Training FLOPs per token at context `seq_len`, for MFU.
+    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
+        match self {
+            Self::Decoder(c) => c.train_flops_per_token(seq_len),
+            Self::Mamba(c) => c.train_flops_per_token(),
+        }
+    }
+
+    /// The dimensions that matter for this architecture, for the start-up banner.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Decoder(c) => format!("{} layers, d_model {}, {} heads ({} kv)", c.n_layers, c.d_model, c.n_heads, c.kv_heads()),
+            Self::Mamba(c) => format!("{} layers, d_model {}, d_inner {}, d_state {}", c.n_layers, c.d_model, c.d_inner(), c.d_state),
+        }
+    }
+
+    pub fn n_layers(&self) -> usize {
+        match self {
+            Self::Decoder(c) => c.n_layers,
+            Self::Mamba(c) => c.n_layers,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Decoder(c) => c.vocab_size,
+            Self::Mamba(c) => c.vocab_size,
+        }
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        match self {
+            Self::Decoder(c) => c.max_seq_len,
+            Self::Mamba(c) => c.max_seq_len,
+        }
+    }
+
+    pub fn tie_embeddings(&self) -> bool {
+        match self {
+            Self::Decoder(c) => c.tie_embeddings,
+            Self::Mamba(c) => c.tie_embeddings,
+        }
+    }
+}
+
+/// A model of any architecture. Parameter paths are the architecture's own (the enum adds no
+/// level to them; see `params`).
+#[derive(Module, Debug)]
+pub enum LanguageModel<B: Backend> {
+    Decoder(Decoder<B>),
+    Mamba(Mamba<B>),
+}
+
+/// The decoding state of a [`LanguageModel`].
+#[derive(Debug, Clone)]
+pub enum DecodeState<B: Backend> {
+    Decoder(KvCache<B>),
+    Mamba(MambaState<B>),
+}
+
+impl<B: FusedOps> LanguageModel<B> {
+    /// One scalar per row from a reward model's score head, read at `positions[row]`.
+    pub fn scores(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 1> {
+        match self {
+            Self::Decoder(m) => m.scores(tokens, positions),
+            Self::Mamba(_) => panic!("reward models are transformers only (the recipe check rejects this)"),
+        }
+    }
+}
+
+impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
+    type State = DecodeState<B>;
+
+    fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        match self {
+            Self::Decoder(m) => m.forward(tokens),
+            Self::Mamba(m) => m.forward(tokens),
+        }
+    }
+
+    fn init_state(&self) -> DecodeState<B> {
+        match self {
+            Self::Decoder(m) => DecodeState::Decoder(m.init_state()),
+            Self::Mamba(m) => DecodeState::Mamba(m.init_state()),
+        }
+    }
+
+    fn forward_step(&self, tokens: Tensor<B, 2, Int>, state: &mut DecodeState<B>) -> Tensor<B, 3> {
+        match (self, state) {
+            (Self::Decoder(m), DecodeState::Decoder(s)) => m.forward_step(tokens, s),
+            (Self::Mamba(m), DecodeState::Mamba(s)) => m.forward_step(tokens, s),
+            _ => panic!("a decoding state belongs to the model that made it"),
+        }
+    }
+
+    fn max_seq_len(&self) -> usize {
+        match self {
+            Self::Decoder(m) => m.max_seq_len(),
+            Self::Mamba(m) => m.max_seq_len(),
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Self::Decoder(m) => CausalLm::vocab_size(m),
+            Self::Mamba(m) => CausalLm::vocab_size(m),
+        }
+    }
+}
+
+impl<B: Backend> LinearLayers<B> for LanguageModel<B> {
+    fn linear_layers_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        match self {
+            Self::Decoder(m) => m.linear_layers_mut(),
+            Self::Mamba(m) => m.linear_layers_mut(),
+        }
+    }
+}
