@@ -15,7 +15,8 @@ use burn::tensor::module::embedding;
 use crate::blocks::{lm_logits, Linear, Norm, NormKind};
 use crate::causal_lm::CausalLm;
 use crate::init::{constant_param, normal_param, uniform_param, SeededRng};
-use crate::kernels::{reference::selective_scan_with_state, selective_scan, swiglu, FusedOps, Scan};
+use crate::kernels::reference::{causal_conv, selective_scan_with_state};
+use crate::kernels::{causal_conv_silu, selective_scan, swiglu, FusedOps, Scan};
 use crate::lora::LinearLayers;
 
 #[derive(Config, Debug)]
@@ -164,11 +165,6 @@ pub struct LayerState<B: Backend> {
     pub ssm: Tensor<B, 3>,
 }
 
-/// `softplus(x) = ln(1 + eˣ)`, written so that large inputs neither overflow nor lose precision.
-fn softplus<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
-    x.clone().clamp_min(0.0) + x.abs().neg().exp().log1p()
-}
-
 impl<B: FusedOps> MambaMixer<B> {
     /// `[batch, seq, d_model]` → same. With `state`, continues from it (None: a fresh start)
     /// and leaves the state after the last position there.
@@ -179,24 +175,25 @@ impl<B: FusedOps> MambaMixer<B> {
         let (x, z) = (xz.clone().narrow(2, 0, d_inner), xz.narrow(2, d_inner, d_inner));
 
         // Causal depthwise convolution: position t sees inputs t − width + 1 ..= t.
-        let before = match state.as_deref() {
-            Some(Some(s)) => s.conv.clone(),
-            _ => Tensor::zeros([batch, width - 1, d_inner], &x.device()),
-        };
-        let padded = Tensor::cat(vec![before, x], 1);
         let filters = self.conv_weight.val().reshape([d_inner, width]);
-        let mut conv = self.conv_bias.val().reshape([1, 1, d_inner]);
-        for tap in 0..width {
-            conv = conv + padded.clone().narrow(1, tap, seq) * filters.clone().narrow(1, tap, 1).reshape([1, 1, d_inner]);
-        }
-        let x = silu(conv);
+        let (x, history) = match state.as_deref() {
+            None => (causal_conv_silu(x, filters, self.conv_bias.val()), None),
+            Some(state) => {
+                let before = match state {
+                    Some(s) => s.conv.clone(),
+                    None => Tensor::zeros([batch, width - 1, d_inner], &x.device()),
+                };
+                let padded = Tensor::cat(vec![before, x], 1);
+                let conv = causal_conv(padded.clone(), filters, self.conv_bias.val());
+                (silu(conv), Some(padded.narrow(1, seq, width - 1)))
+            }
+        };
 
         let (n, r) = (self.d_state, self.dt_rank);
         let projected = self.x_proj.forward(x.clone());
-        let delta = softplus(self.dt_proj.forward(projected.clone().narrow(2, 0, r)));
         let scan = Scan {
             u: x,
-            delta,
+            dt: self.dt_proj.forward(projected.clone().narrow(2, 0, r)),
             a: self.a_log.val().exp().neg(),
             b: projected.clone().narrow(2, r, n),
             c: projected.narrow(2, r + n, n),
@@ -206,7 +203,7 @@ impl<B: FusedOps> MambaMixer<B> {
             None => selective_scan(scan),
             Some(state) => {
                 let (y, ssm) = selective_scan_with_state(scan, state.as_ref().map(|s| s.ssm.clone()));
-                *state = Some(LayerState { conv: padded.narrow(1, seq, width - 1), ssm });
+                *state = Some(LayerState { conv: history.expect("kept for a stateful call"), ssm });
                 y
             }
         };

@@ -18,3 +18,67 @@ pub fn matmul_gflops<B: Backend>(size: usize, device: &B::Device) -> f64 {
     }
     2.0 * (size as f64).powi(3) / best / 1e9
 }
+
+/// Seconds for one forward and backward pass of the selective scan on random inputs
+/// `[batch, seq, channels]` with `state` per channel, three ways: the fused flex kernel, the
+/// chunked tensor-op scan (what GPU backends run) and the step-by-step scan under autodiff.
+/// Best of `repeats`.
+pub fn scan_seconds(batch: usize, seq: usize, channels: usize, state: usize, repeats: usize) -> [(&'static str, f64); 3] {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, TensorPrimitive};
+    use furnace_models::kernels::{reference, selective_scan, Scan};
+    type Ad = Autodiff<Flex>;
+
+    let device = Default::default();
+    let normal = |shape: [usize; 3]| Tensor::<Flex, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let inputs = Scan {
+        u: normal([batch, seq, channels]),
+        dt: normal([batch, seq, channels]) - 3.0,
+        a: Tensor::<Flex, 2>::random([channels, state], Distribution::Uniform(-3.0, -0.5), &device),
+        b: normal([batch, seq, state]),
+        c: normal([batch, seq, state]),
+        d: Tensor::<Flex, 1>::ones([channels], &device),
+    };
+    let tracked = |s: &Scan<Tensor<Flex, 3>, Tensor<Flex, 2>, Tensor<Flex, 1>>| Scan {
+        u: Tensor::<Ad, 3>::from_inner(s.u.clone()).require_grad(),
+        dt: Tensor::<Ad, 3>::from_inner(s.dt.clone()).require_grad(),
+        a: Tensor::<Ad, 2>::from_inner(s.a.clone()).require_grad(),
+        b: Tensor::<Ad, 3>::from_inner(s.b.clone()).require_grad(),
+        c: Tensor::<Ad, 3>::from_inner(s.c.clone()).require_grad(),
+        d: Tensor::<Ad, 1>::from_inner(s.d.clone()).require_grad(),
+    };
+    let best = |run: &dyn Fn()| {
+        run();
+        (0..repeats)
+            .map(|_| {
+                let start = Instant::now();
+                run();
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let fused = best(&|| {
+        let s = tracked(&inputs);
+        let _ = selective_scan(s.clone()).sum().backward();
+    });
+    let chunked = best(&|| {
+        let p = |t: Tensor<Flex, 3>| t.into_primitive().tensor();
+        let prims = || Scan {
+            u: p(inputs.u.clone()),
+            dt: p(inputs.dt.clone()),
+            a: inputs.a.clone().into_primitive().tensor(),
+            b: p(inputs.b.clone()),
+            c: p(inputs.c.clone()),
+            d: inputs.d.clone().into_primitive().tensor(),
+        };
+        let y = Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(reference::selective_scan::<Flex>(prims())));
+        let grad = y.ones_like().into_primitive().tensor();
+        let g = reference::selective_scan_backward::<Flex>(prims(), grad);
+        let _ = Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(g.u)).into_data();
+    });
+    // One run: its time is graph bookkeeping, which a warm-up does not change.
+    let start = Instant::now();
+    let _ = reference::selective_scan_sequential(tracked(&inputs)).sum().backward();
+    let sequential = start.elapsed().as_secs_f64();
+    [("fused (flex kernel)", fused), ("chunked (tensor ops)", chunked), ("sequential (tensor ops)", sequential)]
+}

@@ -92,6 +92,16 @@ pub fn bench_gemm(size: usize) -> Result<()> {
     Ok(())
 }
 
+pub fn bench_scan(batch: usize, seq: usize, channels: usize, state: usize) -> Result<()> {
+    println!("selective scan forward+backward, batch {batch}, seq {seq}, channels {channels}, state {state}:");
+    let timings = crate::bench::scan_seconds(batch, seq, channels, state, 3);
+    let fused = timings[0].1;
+    for (name, seconds) in timings {
+        println!("  {name:<24} {:>9.2} ms  {:>6.1}x the fused time", seconds * 1e3, seconds / fused);
+    }
+    Ok(())
+}
+
 struct GenerateJob {
     args: GenerateArgs,
     recipe: Recipe,

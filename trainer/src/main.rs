@@ -78,6 +78,17 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1024)]
         size: usize,
     },
+    /// Mamba's selective scan, forward and backward: fused kernel, chunked and sequential scans.
+    Scan {
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        #[arg(long, default_value_t = 512)]
+        channels: usize,
+        #[arg(long, default_value_t = 16)]
+        state: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,6 +105,7 @@ fn main() -> ExitCode {
             commands::data_tokenizer(&input, vocab_size, &text_field, &out)
         }
         Command::Bench(BenchCommand::Gemm { size }) => commands::bench_gemm(size),
+        Command::Bench(BenchCommand::Scan { batch, seq, channels, state }) => commands::bench_scan(batch, seq, channels, state),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

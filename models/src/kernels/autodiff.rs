@@ -212,7 +212,7 @@ pub fn selective_scan<B: FusedOps, C: CheckpointStrategy>(s: ScanPrimitives<Auto
         fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
             let grad = grads.consume::<B>(&ops.node);
             let g = B::selective_scan_backward(ops.state, grad);
-            for (node, grad) in ops.parents.into_iter().zip([g.u, g.delta, g.a, g.b, g.c, g.d]) {
+            for (node, grad) in ops.parents.into_iter().zip([g.u, g.dt, g.a, g.b, g.c, g.d]) {
                 if let Some(node) = node {
                     grads.register::<B>(node.id, grad);
                 }
@@ -220,13 +220,47 @@ pub fn selective_scan<B: FusedOps, C: CheckpointStrategy>(s: ScanPrimitives<Auto
         }
     }
 
-    let nodes = [&s.u, &s.delta, &s.a, &s.b, &s.c, &s.d].map(|t| t.node.clone());
-    let inner = Scan { u: s.u.primitive, delta: s.delta.primitive, a: s.a.primitive, b: s.b.primitive, c: s.c.primitive, d: s.d.primitive };
+    let nodes = [&s.u, &s.dt, &s.a, &s.b, &s.c, &s.d].map(|t| t.node.clone());
+    let inner = Scan { u: s.u.primitive, dt: s.dt.primitive, a: s.a.primitive, b: s.b.primitive, c: s.c.primitive, d: s.d.primitive };
     match SelectiveScan.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let out = B::selective_scan(inner.clone());
             prep.finish(inner, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(B::selective_scan(inner)),
+    }
+}
+
+pub fn causal_conv_silu<B: FusedOps, C: CheckpointStrategy>(
+    x: AdTensor<B, C>,
+    weight: AdTensor<B, C>,
+    bias: AdTensor<B, C>,
+) -> AdTensor<B, C> {
+    #[derive(Debug)]
+    struct CausalConvSilu;
+
+    impl<B: FusedOps> Backward<B, 3> for CausalConvSilu {
+        /// The inputs: the backward recomputes the pre-activation.
+        type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (x, weight, bias) = ops.state;
+            let grad = grads.consume::<B>(&ops.node);
+            let (grad_x, grad_weight, grad_bias) = B::causal_conv_silu_backward(x, weight, bias, grad);
+            for (node, grad) in ops.parents.into_iter().zip([grad_x, grad_weight, grad_bias]) {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, grad);
+                }
+            }
+        }
+    }
+
+    let prep = CausalConvSilu.prepare::<C>([x.node.clone(), weight.node.clone(), bias.node.clone()]).compute_bound().stateful();
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let out = B::causal_conv_silu(x.primitive.clone(), weight.primitive.clone(), bias.primitive.clone());
+            prep.finish((x.primitive, weight.primitive, bias.primitive), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::causal_conv_silu(x.primitive, weight.primitive, bias.primitive)),
     }
 }

@@ -9,7 +9,7 @@ use burn_flex::{FlexTensor, Layout};
 use rayon::prelude::*;
 
 use super::math::{self, multiversion};
-use super::{flex_scan, reference, FusedOps, ScanPrimitives};
+use super::{flex_mamba, reference, FusedOps, ScanPrimitives};
 use crate::blocks::NormKind;
 
 /// Elements per parallel task: big enough to amortise scheduling, small enough to balance.
@@ -262,12 +262,25 @@ impl FusedOps for Flex {
         (from_vec(Shape::new([rows]), loss), from_vec(shape, grad))
     }
 
+    fn causal_conv_silu(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        flex_mamba::causal_conv_silu(x, weight, bias)
+    }
+
+    fn causal_conv_silu_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        flex_mamba::causal_conv_silu_backward(x, weight, bias, grad)
+    }
+
     fn selective_scan(inputs: ScanPrimitives<Self>) -> FloatTensor<Self> {
-        flex_scan::selective_scan(inputs)
+        flex_mamba::selective_scan(inputs)
     }
 
     fn selective_scan_backward(inputs: ScanPrimitives<Self>, grad: FloatTensor<Self>) -> ScanPrimitives<Self> {
-        flex_scan::selective_scan_backward(inputs, grad)
+        flex_mamba::selective_scan_backward(inputs, grad)
     }
 
     fn scale_rows(x: FloatTensor<Self>, factors: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -49,7 +49,8 @@ pub fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a branch or call.
     const ROUND: f32 = 12_582_912.0;
     let clamped = x.clamp(-87.3, 88.3);
-    let n = (clamped * LOG2E + ROUND) - ROUND;
+    let shifted = clamped * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
@@ -58,12 +59,50 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n read from the bits of `shifted` (ROUND + n, exact): a float-to-int `as` cast saturates,
+    // which the compiler cannot vectorise.
+    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
     if x < -87.3 {
         0.0
     } else {
         er * scale
     }
+}
+
+/// `ln(x)` for positive normal `x`, to about 1 ulp (Cephes' logf: `x = m·2^e` with `m` in
+/// [√½, √2) and a degree-8 polynomial for `ln(m)`).
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    let bits = x.to_bits() as i32;
+    // x = m·2^e with m in [½, 1), then moved to [√½, √2) and shifted by 1.
+    let e = ((bits >> 23) & 0xff) - 126;
+    let m = f32::from_bits(((bits & 0x007f_ffff) | 0x3f00_0000) as u32);
+    let small = m < std::f32::consts::FRAC_1_SQRT_2;
+    let e = (e - small as i32) as f32;
+    let m = if small { m + m - 1.0 } else { m - 1.0 };
+    let z = m * m;
+    let mut y = 7.037_683_6e-2;
+    y = y * m - 1.151_461_e-1;
+    y = y * m + 1.167_699_9e-1;
+    y = y * m - 1.242_014_1e-1;
+    y = y * m + 1.424_932_3e-1;
+    y = y * m - 1.666_805_8e-1;
+    y = y * m + 2.000_071_4e-1;
+    y = y * m - 2.499_999_4e-1;
+    y = y * m + 3.333_333_1e-1;
+    y = y * m * z - 2.121_944_4e-4 * e - 0.5 * z;
+    m + y + 0.693_359_4 * e
+}
+
+/// `softplus(x) = ln(1 + e^x)`, without overflow for large `x` and without losing the tiny
+/// value for very negative `x` (`ln(1 + y)` as `y·ln(u)/(u − 1)`, u = 1 + y, Goldberg's trick).
+#[inline(always)]
+pub fn softplus(x: f32) -> f32 {
+    let y = exp(-x.abs());
+    let u = 1.0 + y;
+    let ln_1p = if u == 1.0 { y } else { ln(u) * y / (u - 1.0) };
+    x.max(0.0) + ln_1p
 }
 
 /// The logistic function `1 / (1 + e^{−x})`.
@@ -90,6 +129,23 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(-100.0), 0.0);
         assert!(exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn ln_and_softplus_match_libm() {
+        let mut x = 1e-30f32;
+        while x < 1e30 {
+            let want = (x as f64).ln();
+            assert!((ln(x) as f64 - want).abs() <= 2e-7 * want.abs().max(1.0), "ln({x})");
+            x *= 1.37;
+        }
+        let mut x = -40.0f32;
+        while x < 40.0 {
+            let want = (x as f64).exp().ln_1p();
+            assert!(((softplus(x) as f64 - want) / want).abs() < 1e-6, "softplus({x}): {} vs {want}", softplus(x));
+            x += 0.0093;
+        }
+        assert_eq!(softplus(200.0), 200.0);
     }
 
     #[test]

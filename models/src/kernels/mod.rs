@@ -10,7 +10,7 @@
 
 mod autodiff;
 mod flex;
-mod flex_scan;
+mod flex_mamba;
 mod math;
 pub mod reference;
 
@@ -125,6 +125,21 @@ pub trait FusedOps: Backend {
         reference::scale_rows::<Self>(x, factors)
     }
 
+    /// Depthwise causal convolution, then SiLU (see [`causal_conv_silu`]).
+    fn causal_conv_silu(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::causal_conv_silu::<Self>(x, weight, bias)
+    }
+
+    /// Gradients of [`Self::causal_conv_silu`] with respect to `x`, `weight` and `bias`.
+    fn causal_conv_silu_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::causal_conv_silu_backward::<Self>(x, weight, bias, grad)
+    }
+
     /// Mamba's selective scan (see [`selective_scan`]).
     fn selective_scan(inputs: ScanPrimitives<Self>) -> FloatTensor<Self> {
         reference::selective_scan::<Self>(inputs)
@@ -182,6 +197,10 @@ impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointSt
     fn selective_scan(inputs: ScanPrimitives<Self>) -> FloatTensor<Self> {
         autodiff::selective_scan::<B, C>(inputs)
     }
+
+    fn causal_conv_silu(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        autodiff::causal_conv_silu::<B, C>(x, weight, bias)
+    }
 }
 
 /// The inputs of Mamba's selective scan, one field per tensor (or per gradient).
@@ -189,8 +208,8 @@ impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointSt
 pub struct Scan<T3, T2, T1> {
     /// `[batch, seq, channels]`: the sequence being scanned.
     pub u: T3,
-    /// `[batch, seq, channels]`: the step size Δ (positive).
-    pub delta: T3,
+    /// `[batch, seq, channels]`: the step size before its softplus, Δ = softplus(dt).
+    pub dt: T3,
     /// `[channels, state]`: the continuous-time decay rates A (negative).
     pub a: T2,
     /// `[batch, seq, state]`: the input projection B of each step.
@@ -261,13 +280,22 @@ pub fn nf4_matmul<B: FusedOps>(x: Tensor<B, 2>, weight: &Arc<Nf4Matrix>) -> Tens
     tensor(B::nf4_matmul(primitive(x), weight, false))
 }
 
+/// Depthwise causal convolution then SiLU, Mamba's `act(conv1d(x))`: `y[t, c] = silu(bias[c] +
+/// Σ_k weight[c, k]·x[t − width + 1 + k, c])` with zeros before the first position. `x` is
+/// `[batch, seq, channels]`, `weight` `[channels, width]`, `bias` `[channels]`.
+pub fn causal_conv_silu<B: FusedOps>(x: Tensor<B, 3>, weight: Tensor<B, 2>, bias: Tensor<B, 1>) -> Tensor<B, 3> {
+    tensor(B::causal_conv_silu(primitive(x), primitive(weight), primitive(bias)))
+}
+
 /// Mamba's selective scan: `h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·B_t·u_t` per channel (state of
-/// size `state`, `h_0 = 0`), read out as `y_t = C_t·h_t + D·u_t`. Returns `[batch, seq,
+/// size `state`, `h_0 = 0`) with `Δ_t = softplus(dt_t)`, read out as `y_t = C_t·h_t + D·u_t`.
+/// The softplus is inside, as in Mamba's own kernel (`delta_softplus`), so Δ never needs a
+/// tensor (or a backward pass) of its own. Returns `[batch, seq,
 /// channels]`. Every backend has the chunked scan of [`reference`]; the flex CPU backend runs
 /// one fused pass over time per channel, forward and backward.
 pub fn selective_scan<B: FusedOps>(s: Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>>) -> Tensor<B, 3> {
     let inputs =
-        Scan { u: primitive(s.u), delta: primitive(s.delta), a: primitive(s.a), b: primitive(s.b), c: primitive(s.c), d: primitive(s.d) };
+        Scan { u: primitive(s.u), dt: primitive(s.dt), a: primitive(s.a), b: primitive(s.b), c: primitive(s.c), d: primitive(s.d) };
     tensor(B::selective_scan(inputs))
 }
 

@@ -2,7 +2,7 @@
 //! kernels (CUDA, wgpu) and the reference the fused kernels are tested against.
 
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::activation::{log_softmax, sigmoid, silu, softmax};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Shape, TensorMetadata};
 
@@ -194,6 +194,59 @@ pub fn nf4_matmul<B: Backend>(x: FloatTensor<B>, weight: &Nf4Matrix, transpose: 
     primitive(x.matmul(if transpose { dense.transpose() } else { dense }))
 }
 
+/// The causal convolution over `padded` (`width − 1` earlier inputs, then the new ones),
+/// before the activation: `[batch, padded − width + 1, channels]`.
+pub fn causal_conv<B: Backend>(padded: Tensor<B, 3>, weight: Tensor<B, 2>, bias: Tensor<B, 1>) -> Tensor<B, 3> {
+    let [_, len, channels] = padded.dims();
+    let width = weight.dims()[1];
+    let seq = len - width + 1;
+    let mut out = bias.reshape([1, 1, channels]);
+    for tap in 0..width {
+        out = out + padded.clone().narrow(1, tap, seq) * weight.clone().narrow(1, tap, 1).reshape([1, 1, channels]);
+    }
+    out
+}
+
+/// `x` after `width − 1` zero positions.
+fn zero_history<B: Backend>(x: Tensor<B, 3>, width: usize) -> Tensor<B, 3> {
+    let [batch, _, channels] = x.dims();
+    Tensor::cat(vec![Tensor::zeros([batch, width - 1, channels], &x.device()), x], 1)
+}
+
+pub fn causal_conv_silu<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, bias: FloatTensor<B>) -> FloatTensor<B> {
+    let weight = tensor::<B, 2>(weight);
+    let padded = zero_history(tensor::<B, 3>(x), weight.dims()[1]);
+    primitive(silu(causal_conv(padded, weight, tensor(bias))))
+}
+
+pub fn causal_conv_silu_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let weight = tensor::<B, 2>(weight);
+    let [channels, width] = weight.dims();
+    let x = tensor::<B, 3>(x);
+    let seq = x.dims()[1];
+    let padded = zero_history(x, width);
+    let pre = causal_conv(padded.clone(), weight.clone(), tensor(bias));
+    let s = sigmoid(pre.clone());
+    let grad_pre = tensor::<B, 3>(grad) * s.clone() * ((s.neg() + 1.0) * pre + 1.0);
+    // x[t] feeds outputs t .. t + width − 1 (tap width − 1 − j for output t + j).
+    let [batch, _, _] = grad_pre.dims();
+    let ahead = Tensor::cat(vec![grad_pre.clone(), Tensor::zeros([batch, width - 1, channels], &grad_pre.device())], 1);
+    let mut grad_x = grad_pre.zeros_like();
+    let mut grad_weight = Vec::with_capacity(width);
+    for tap in 0..width {
+        let w = weight.clone().narrow(1, tap, 1).reshape([1, 1, channels]);
+        grad_x = grad_x + ahead.clone().narrow(1, width - 1 - tap, seq) * w;
+        grad_weight.push((grad_pre.clone() * padded.clone().narrow(1, tap, seq)).sum_dim(1).sum_dim(0).reshape([channels, 1]));
+    }
+    let grad_bias = grad_pre.sum_dim(1).sum_dim(0).reshape([channels]);
+    (primitive(grad_x), primitive(Tensor::cat(grad_weight, 1)), primitive(grad_bias))
+}
+
 /// Time steps per chunk of the chunked linear scan.
 const SCAN_CHUNK: usize = 32;
 
@@ -237,6 +290,11 @@ pub fn linear_scan<B: Backend>(decay: Tensor<B, 4>, input: Tensor<B, 4>, initial
     (a * carries + b).reshape([batch, chunks * chunk, channels, state]).narrow(1, 0, seq)
 }
 
+/// `softplus(x) = ln(1 + eˣ)`, written so that large inputs neither overflow nor lose precision.
+pub fn softplus<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone().clamp_min(0.0) + x.abs().neg().exp().log1p()
+}
+
 /// The decay `exp(Δ·A)` and input `Δ·B·u` of every step, `[batch, seq, channels, state]`.
 fn scan_terms<B: Backend>(u: Tensor<B, 3>, delta: Tensor<B, 3>, a: Tensor<B, 2>, b: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let decay = (delta.clone().unsqueeze_dim::<4>(3) * a.unsqueeze::<4>()).exp();
@@ -252,7 +310,7 @@ pub fn selective_scan_with_state<B: Backend>(
     initial: Option<Tensor<B, 3>>,
 ) -> (Tensor<B, 3>, Tensor<B, 3>) {
     let seq = s.u.dims()[1];
-    let (decay, input) = scan_terms(s.u.clone(), s.delta, s.a, s.b);
+    let (decay, input) = scan_terms(s.u.clone(), softplus(s.dt), s.a, s.b);
     let h = linear_scan(decay, input, initial);
     let last = h.clone().narrow(1, seq - 1, 1).squeeze_dim::<3>(1);
     let y = (h * s.c.unsqueeze_dim::<4>(2)).sum_dim(3).squeeze_dim::<3>(3) + s.u * s.d.unsqueeze::<3>();
@@ -268,7 +326,7 @@ pub fn selective_scan<B: Backend>(s: ScanPrimitives<B>) -> FloatTensor<B> {
 pub fn selective_scan_sequential<B: Backend>(s: Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>>) -> Tensor<B, 3> {
     let [batch, seq, channels] = s.u.dims();
     let state = s.a.dims()[1];
-    let (decay, input) = scan_terms(s.u.clone(), s.delta, s.a, s.b);
+    let (decay, input) = scan_terms(s.u.clone(), softplus(s.dt), s.a, s.b);
     let mut h = Tensor::<B, 3>::zeros([batch, channels, state], &s.u.device());
     let mut ys = Vec::with_capacity(seq);
     for t in 0..seq {
@@ -281,7 +339,8 @@ pub fn selective_scan_sequential<B: Backend>(s: Scan<Tensor<B, 3>, Tensor<B, 2>,
 /// Gradients of the selective scan. The state gradient runs backwards through time as a scan
 /// of its own (`dh_t = C_t·dy_t + exp(Δ_{t+1}·A)·dh_{t+1}`), so it is chunked the same way.
 pub fn selective_scan_backward<B: Backend>(s: ScanPrimitives<B>, grad: FloatTensor<B>) -> ScanPrimitives<B> {
-    let Scan { u, delta, a, b, c, d } = scan_tensors::<B>(s);
+    let Scan { u, dt, a, b, c, d } = scan_tensors::<B>(s);
+    let delta = softplus(dt.clone());
     let grad = tensor::<B, 3>(grad);
     let [batch, seq, channels] = u.dims();
     let state = a.dims()[1];
@@ -306,11 +365,12 @@ pub fn selective_scan_backward<B: Backend>(s: ScanPrimitives<B>, grad: FloatTens
     let grad_a = (dh_decay.clone() * delta.clone().unsqueeze_dim::<4>(3)).sum_dim(1).sum_dim(0).reshape([channels, state]);
     let dh_b = (dh.clone() * b.unsqueeze_dim::<4>(2)).sum_dim(3).squeeze_dim::<3>(3);
     let grad_delta = (dh_decay * a.unsqueeze::<4>()).sum_dim(3).squeeze_dim::<3>(3) + dh_b.clone() * u.clone();
+    let grad_dt = grad_delta * burn::tensor::activation::sigmoid(dt);
     let grad_b = (dh * (delta.clone() * u).unsqueeze_dim::<4>(3)).sum_dim(2).squeeze_dim::<3>(2);
     let grad_u = grad * d.unsqueeze::<3>() + dh_b * delta;
     Scan {
         u: primitive(grad_u),
-        delta: primitive(grad_delta),
+        dt: primitive(grad_dt),
         a: primitive(grad_a),
         b: primitive(grad_b),
         c: primitive(grad_c),
@@ -319,5 +379,5 @@ pub fn selective_scan_backward<B: Backend>(s: ScanPrimitives<B>, grad: FloatTens
 }
 
 fn scan_tensors<B: Backend>(s: ScanPrimitives<B>) -> Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>> {
-    Scan { u: tensor(s.u), delta: tensor(s.delta), a: tensor(s.a), b: tensor(s.b), c: tensor(s.c), d: tensor(s.d) }
+    Scan { u: tensor(s.u), dt: tensor(s.dt), a: tensor(s.a), b: tensor(s.b), c: tensor(s.c), d: tensor(s.d) }
 }

@@ -151,11 +151,11 @@ fn cross_entropy_matches_reference_and_ignores_negative_targets() {
 
 type ScanTensors<B> = Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>>;
 
-/// Scan inputs in the ranges a Mamba layer feeds it: Δ > 0 (softplus), A < 0.
+/// Scan inputs in the ranges a Mamba layer feeds it: dt around softplus⁻¹ of 0.3, A < 0.
 fn scan_inputs(batch: usize, seq: usize, channels: usize, state: usize, seed: u64) -> ScanTensors<Ad> {
     Scan {
         u: random([batch, seq, channels], 1.0, seed).require_grad(),
-        delta: burn::tensor::activation::softplus(random([batch, seq, channels], 1.0, seed + 1) - 1.0, 1.0).detach().require_grad(),
+        dt: (random([batch, seq, channels], 1.0, seed + 1) - 1.0).require_grad(),
         a: random([channels, state], 0.5, seed + 2).exp().neg().detach().require_grad(),
         b: random([batch, seq, state], 1.0, seed + 3).require_grad(),
         c: random([batch, seq, state], 1.0, seed + 4).require_grad(),
@@ -166,7 +166,7 @@ fn scan_inputs(batch: usize, seq: usize, channels: usize, state: usize, seed: u6
 fn scan_primitives<B: Backend>(s: &ScanTensors<B>) -> ScanPrimitives<B> {
     Scan {
         u: s.u.clone().into_primitive().tensor(),
-        delta: s.delta.clone().into_primitive().tensor(),
+        dt: s.dt.clone().into_primitive().tensor(),
         a: s.a.clone().into_primitive().tensor(),
         b: s.b.clone().into_primitive().tensor(),
         c: s.c.clone().into_primitive().tensor(),
@@ -179,7 +179,7 @@ fn scan_grads(s: &ScanTensors<Ad>, y: Tensor<Ad, 3>, weights: &Tensor<Ad, 3>) ->
     let grads = (y * weights.clone()).sum().backward();
     [
         ("u", values(s.u.grad(&grads).unwrap())),
-        ("delta", values(s.delta.grad(&grads).unwrap())),
+        ("dt", values(s.dt.grad(&grads).unwrap())),
         ("a", values(s.a.grad(&grads).unwrap())),
         ("b", values(s.b.grad(&grads).unwrap())),
         ("c", values(s.c.grad(&grads).unwrap())),
@@ -214,14 +214,14 @@ fn chunked_and_fused_scans_match_the_sequential_scan() {
         // The chunked hand-written backward (what GPU backends run).
         let inner = Scan {
             u: s.u.clone().inner(),
-            delta: s.delta.clone().inner(),
+            dt: s.dt.clone().inner(),
             a: s.a.clone().inner(),
             b: s.b.clone().inner(),
             c: s.c.clone().inner(),
             d: s.d.clone().inner(),
         };
         let g = reference::selective_scan_backward::<Flex>(scan_primitives(&inner), weights.clone().inner().into_primitive().tensor());
-        for (got, (name, want)) in [g.u, g.delta, g.a, g.b, g.c, g.d].into_iter().zip(&want_grads) {
+        for (got, (name, want)) in [g.u, g.dt, g.a, g.b, g.c, g.d].into_iter().zip(&want_grads) {
             let got = values(Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(got)).flatten::<1>(0, 0));
             assert_all_close(&got, want, 1e-4, &format!("{what} chunked backward grad {name}"));
         }
@@ -241,13 +241,13 @@ fn scan_gradients_match_finite_differences() {
     let weights = random([batch, seq, channels], 1.0, 8);
     let analytic = scan_grads(&s, selective_scan(s.clone()), &weights);
     let host = |t: &Tensor<Ad, 3>| values(t.clone().inner());
-    let base = [host(&s.u), host(&s.delta), values(s.a.clone().inner()), host(&s.b), host(&s.c), values(s.d.clone().inner())];
+    let base = [host(&s.u), host(&s.dt), values(s.a.clone().inner()), host(&s.b), host(&s.c), values(s.d.clone().inner())];
     let loss = |inputs: &[Vec<f32>; 6]| -> f64 {
         let device = Default::default();
         let t3 = |v: &Vec<f32>, last: usize| Tensor::<Flex, 3>::from_data(TensorData::new(v.clone(), [batch, seq, last]), &device);
         let y = selective_scan(Scan {
             u: t3(&inputs[0], channels),
-            delta: t3(&inputs[1], channels),
+            dt: t3(&inputs[1], channels),
             a: Tensor::<Flex, 2>::from_data(TensorData::new(inputs[2].clone(), [channels, state]), &device),
             b: t3(&inputs[3], state),
             c: t3(&inputs[4], state),
@@ -267,5 +267,51 @@ fn scan_gradients_match_finite_differences() {
                 "d/d{name}[{i}]: analytic {g} vs finite difference {numeric}"
             );
         }
+    }
+}
+
+#[test]
+fn causal_conv_silu_matches_reference() {
+    // Sequences shorter than the filter, and position blocks that straddle two sequences.
+    for (batch, seq, channels, width) in [(3, 2, 5, 4), (2, 100, 37, 4), (3, 45, 16, 3)] {
+        let what = format!("conv b{batch} t{seq} d{channels} w{width}");
+        let x = random([batch, seq, channels], 1.0, 21).require_grad();
+        let weight = random([channels, width], 0.5, 22).require_grad();
+        let bias = random([channels], 0.5, 23).require_grad();
+        let weights = random([batch, seq, channels], 1.0, 24);
+        let p = |t: &Tensor<Ad, 3>| t.clone().into_primitive().tensor();
+        let want = fused::<3>(reference::causal_conv_silu::<Ad>(
+            p(&x),
+            weight.clone().into_primitive().tensor(),
+            bias.clone().into_primitive().tensor(),
+        ));
+        let got = causal_conv_silu(x.clone(), weight.clone(), bias.clone());
+        assert_close(got.clone().inner(), want.clone().inner(), 1e-5, &what);
+        let grads_got = (got * weights.clone()).sum().backward();
+        let grads_want = (want * weights.clone()).sum().backward();
+        assert_close(x.grad(&grads_got).unwrap(), x.grad(&grads_want).unwrap(), 1e-5, &format!("{what} grad x"));
+        assert_close(weight.grad(&grads_got).unwrap(), weight.grad(&grads_want).unwrap(), 1e-4, &format!("{what} grad weight"));
+        assert_close(bias.grad(&grads_got).unwrap(), bias.grad(&grads_want).unwrap(), 1e-4, &format!("{what} grad bias"));
+        // The hand-written tensor-op backward (what GPU backends run) against autodiff.
+        let (gx, gw, gb) = reference::causal_conv_silu_backward::<Flex>(
+            x.clone().inner().into_primitive().tensor(),
+            weight.clone().inner().into_primitive().tensor(),
+            bias.clone().inner().into_primitive().tensor(),
+            weights.clone().inner().into_primitive().tensor(),
+        );
+        let t = |g| Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(g));
+        assert_close(t(gx), x.grad(&grads_want).unwrap(), 1e-5, &format!("{what} reference grad x"));
+        assert_close(
+            Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(gw)),
+            weight.grad(&grads_want).unwrap(),
+            1e-4,
+            &format!("{what} reference grad weight"),
+        );
+        assert_close(
+            Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(gb)),
+            bias.grad(&grads_want).unwrap(),
+            1e-4,
+            &format!("{what} reference grad bias"),
+        );
     }
 }

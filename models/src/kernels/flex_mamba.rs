@@ -1,8 +1,11 @@
-//! Mamba's selective scan on the flex CPU backend. One task walks time once for a block of
-//! channels of one batch row, keeping each channel's state in cache; tasks run in parallel.
-//! The backward pass recomputes the task's states (cheaper than keeping
-//! `[batch, seq, channels, state]` of them between the passes), then walks time backwards.
-//! Partial sums over tasks are added in task order, so results do not depend on scheduling.
+//! Mamba's ops on the flex CPU backend: the selective scan and the causal convolution.
+//!
+//! Scan: one task walks time once for a block of channels of one batch row, keeping each
+//! channel's state in cache; tasks run in parallel. The backward pass recomputes the task's
+//! states (cheaper than keeping `[batch, seq, channels, state]` of them between the passes),
+//! then walks time backwards. Convolution: tasks take blocks of positions, the inner loops run
+//! across channels. Partial sums over tasks are added in task order, so results do not depend
+//! on scheduling.
 
 use burn::backend::Flex;
 use burn::tensor::ops::FloatTensor;
@@ -20,7 +23,7 @@ const LANES: usize = 16;
 /// The scan's inputs as contiguous host slices, and its sizes.
 struct ScanData<'a> {
     u: &'a [f32],
-    delta: &'a [f32],
+    dt: &'a [f32],
     a: &'a [f32],
     b: &'a [f32],
     c: &'a [f32],
@@ -50,16 +53,15 @@ fn tasks(batch: usize, channels: usize) -> Vec<Task> {
 
 /// The inputs as contiguous f32, or None (another dtype: the reference path takes it).
 fn contiguous(s: &ScanPrimitives<Flex>) -> Option<[FlexTensor; 6]> {
-    let [u, delta, a, b, c, d] = [&s.u, &s.delta, &s.a, &s.b, &s.c, &s.d].map(contiguous_f32);
-    Some([u?, delta?, a?, b?, c?, d?])
+    let [u, dt, a, b, c, d] = [&s.u, &s.dt, &s.a, &s.b, &s.c, &s.d].map(contiguous_f32);
+    Some([u?, dt?, a?, b?, c?, d?])
 }
 
 impl<'a> ScanData<'a> {
-    fn new([u, delta, a, b, c, d]: &'a [FlexTensor; 6]) -> (Self, usize) {
+    fn new([u, dt, a, b, c, d]: &'a [FlexTensor; 6]) -> (Self, usize) {
         let [batch, seq, channels] = u.shape().dims();
         let state = a.shape()[1];
-        let data =
-            Self { u: values(u), delta: values(delta), a: values(a), b: values(b), c: values(c), d: values(d), seq, channels, state };
+        let data = Self { u: values(u), dt: values(dt), a: values(a), b: values(b), c: values(c), d: values(d), seq, channels, state };
         (data, batch)
     }
 }
@@ -91,10 +93,10 @@ pub fn selective_scan(s: ScanPrimitives<Flex>) -> FloatTensor<Flex> {
     scatter(&blocks, &tasks, batch, x.seq, x.channels)
 }
 
-/// One task's gradients: its own columns of u and Δ, and its partial sums of the rest.
+/// One task's gradients: its own columns of u and dt, and its partial sums of the rest.
 struct TaskGrads {
     u: Vec<f32>,
-    delta: Vec<f32>,
+    dt: Vec<f32>,
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
@@ -117,7 +119,7 @@ pub fn selective_scan_backward(s: ScanPrimitives<Flex>, grad: FloatTensor<Flex>)
             scan_forward(&x, task, &mut y, &mut states);
             let mut g = TaskGrads {
                 u: vec![0.0; seq * task.width],
-                delta: vec![0.0; seq * task.width],
+                dt: vec![0.0; seq * task.width],
                 a: vec![0.0; task.width * state],
                 b: vec![0.0; seq * state],
                 c: vec![0.0; seq * state],
@@ -137,14 +139,163 @@ pub fn selective_scan_backward(s: ScanPrimitives<Flex>, grad: FloatTensor<Flex>)
         add(&mut grad_b[task.row * seq * state..][..seq * state], &g.b);
         add(&mut grad_c[task.row * seq * state..][..seq * state], &g.c);
     }
-    let (grads_u, grads_delta): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partials.into_iter().map(|g| (g.u, g.delta)).unzip();
+    let (grads_u, grads_dt): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partials.into_iter().map(|g| (g.u, g.dt)).unzip();
     Scan {
         u: scatter(&grads_u, &tasks, batch, seq, channels),
-        delta: scatter(&grads_delta, &tasks, batch, seq, channels),
+        dt: scatter(&grads_dt, &tasks, batch, seq, channels),
         a: from_vec(Shape::new([channels, state]), grad_a),
         b: from_vec(Shape::new([batch, seq, state]), grad_b),
         c: from_vec(Shape::new([batch, seq, state]), grad_c),
         d: from_vec(Shape::new([channels]), grad_d),
+    }
+}
+
+/// Positions (rows of `[batch·seq, channels]`) per convolution task.
+const CONV_ROWS: usize = 64;
+
+/// `[channels, width]` → `[width, channels]`, so each tap is a contiguous row.
+fn taps_by_width(weight: &[f32], channels: usize, width: usize) -> Vec<f32> {
+    (0..width * channels).map(|i| weight[(i % channels) * width + i / channels]).collect()
+}
+
+pub fn causal_conv_silu(x: FloatTensor<Flex>, weight: FloatTensor<Flex>, bias: FloatTensor<Flex>) -> FloatTensor<Flex> {
+    let (Some(xs), Some(w), Some(b)) = (contiguous_f32(&x), contiguous_f32(&weight), contiguous_f32(&bias)) else {
+        return reference::causal_conv_silu::<Flex>(x, weight, bias);
+    };
+    let [batch, seq, channels] = xs.shape().dims();
+    let width = w.shape()[1];
+    let taps = taps_by_width(values(&w), channels, width);
+    let (input, bias) = (values(&xs), values(&b));
+    let mut out = vec![0.0; batch * seq * channels];
+    out.par_chunks_mut(CONV_ROWS * channels).enumerate().for_each(|(task, out)| {
+        conv_rows(input, &taps, bias, seq, task * CONV_ROWS, out);
+        silu_in_place(out);
+    });
+    from_vec(Shape::new([batch, seq, channels]), out)
+}
+
+pub fn causal_conv_silu_backward(
+    x: FloatTensor<Flex>,
+    weight: FloatTensor<Flex>,
+    bias: FloatTensor<Flex>,
+    grad: FloatTensor<Flex>,
+) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
+    let inputs = [&x, &weight, &bias, &grad].map(contiguous_f32);
+    let [Some(xs), Some(w), Some(b), Some(g)] = inputs else {
+        return reference::causal_conv_silu_backward::<Flex>(x, weight, bias, grad);
+    };
+    let [batch, seq, channels] = xs.shape().dims();
+    let width = w.shape()[1];
+    let taps = taps_by_width(values(&w), channels, width);
+    let (input, bias, grad) = (values(&xs), values(&b), values(&g));
+    let chunk = CONV_ROWS * channels;
+    // The gradient at the pre-activation, from the recomputed pre-activation.
+    let mut grad_pre = vec![0.0; batch * seq * channels];
+    grad_pre.par_chunks_mut(chunk).zip(grad.par_chunks(chunk)).enumerate().for_each(|(task, (out, grad))| {
+        conv_rows(input, &taps, bias, seq, task * CONV_ROWS, out);
+        silu_backward_in_place(out, grad);
+    });
+    // x at position t feeds outputs t .. t + width − 1; the tap gradients are partial sums per task.
+    let mut grad_x = vec![0.0; batch * seq * channels];
+    let partials: Vec<Vec<f32>> = grad_x
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .map(|(task, grad_x)| conv_backward_rows(input, &grad_pre, &taps, seq, channels, task * CONV_ROWS, grad_x))
+        .collect();
+    let mut sums = vec![0.0; (width + 1) * channels];
+    for partial in &partials {
+        add(&mut sums, partial);
+    }
+    let grad_weight = (0..channels * width).map(|i| sums[(i % width) * channels + i / width]).collect();
+    (
+        from_vec(Shape::new([batch, seq, channels]), grad_x),
+        from_vec(Shape::new([channels, width]), grad_weight),
+        from_vec(Shape::new([channels]), sums[width * channels..].to_vec()),
+    )
+}
+
+multiversion! {
+    /// Pre-activations of the positions `out` covers, from row `first` of `[batch·seq, channels]`.
+    fn conv_rows(x: &[f32], taps: &[f32], bias: &[f32], seq: usize, first: usize, out: &mut [f32]) {
+        let channels = bias.len();
+        let width = taps.len() / channels;
+        for (i, out) in out.chunks_mut(channels).enumerate() {
+            let row = first + i;
+            let t = row % seq;
+            out.copy_from_slice(bias);
+            for tap in 0..width {
+                // Tap k reads position t − width + 1 + k of the same sequence (zero before 0).
+                let Some(back) = (t + 1 + tap).checked_sub(width) else { continue };
+                let x = &x[(row - t + back) * channels..][..channels];
+                let w = &taps[tap * channels..][..channels];
+                for c in 0..channels {
+                    out[c] += w[c] * x[c];
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn silu_in_place(x: &mut [f32]) {
+        for x in x.iter_mut() {
+            *x *= math::sigmoid(*x);
+        }
+    }
+}
+
+multiversion! {
+    /// `pre` becomes `grad · silu'(pre)`.
+    fn silu_backward_in_place(pre: &mut [f32], grad: &[f32]) {
+        for (p, &g) in pre.iter_mut().zip(grad) {
+            let s = math::sigmoid(*p);
+            *p = g * s * (1.0 + *p * (1.0 - s));
+        }
+    }
+}
+
+multiversion! {
+    /// The input gradient of the positions `grad_x` covers (from row `first`), and this task's
+    /// partial sums of the tap gradients `[width, channels]` followed by the bias gradient.
+    fn conv_backward_rows(
+        x: &[f32],
+        grad_pre: &[f32],
+        taps: &[f32],
+        seq: usize,
+        channels: usize,
+        first: usize,
+        grad_x: &mut [f32],
+    ) -> Vec<f32> {
+        let width = taps.len() / channels;
+        let mut sums = vec![0.0f32; (width + 1) * channels];
+        for (i, grad_x) in grad_x.chunks_mut(channels).enumerate() {
+            let row = first + i;
+            let (t, start) = (row % seq, row - row % seq);
+            let grad_here = &grad_pre[row * channels..][..channels];
+            let grad_bias = &mut sums[width * channels..];
+            for c in 0..channels {
+                grad_bias[c] += grad_here[c];
+            }
+            for tap in 0..width {
+                let w = &taps[tap * channels..][..channels];
+                // Output t + width − 1 − tap read this position through this tap.
+                let ahead = t + width - 1 - tap;
+                if ahead < seq {
+                    let grad = &grad_pre[(start + ahead) * channels..][..channels];
+                    for c in 0..channels {
+                        grad_x[c] += w[c] * grad[c];
+                    }
+                }
+                if let Some(back) = (t + 1 + tap).checked_sub(width) {
+                    let x = &x[(start + back) * channels..][..channels];
+                    let grad_tap = &mut sums[tap * channels..][..channels];
+                    for c in 0..channels {
+                        grad_tap[c] += grad_here[c] * x[c];
+                    }
+                }
+            }
+        }
+        sums
     }
 }
 
@@ -195,7 +346,8 @@ multiversion! {
             let row = task.row * seq + t;
             let (b, c) = (&x.b[row * n..][..n], &x.c[row * n..][..n]);
             let at = row * channels + task.first;
-            let (delta, u) = (lanes(x.delta, at, width), lanes(x.u, at, width));
+            let (dt, u) = (lanes(x.dt, at, width), lanes(x.u, at, width));
+            let delta: Lanes = std::array::from_fn(|j| math::softplus(dt[j]));
             let delta_u: Lanes = std::array::from_fn(|j| delta[j] * u[j]);
             let mut out: Lanes = std::array::from_fn(|j| d[j] * u[j]);
             for k in 0..n {
@@ -228,7 +380,8 @@ multiversion! {
             let row = task.row * seq + t;
             let (b, c) = (&x.b[row * n..][..n], &x.c[row * n..][..n]);
             let at = row * channels + task.first;
-            let (delta, u, dy) = (lanes(x.delta, at, width), lanes(x.u, at, width), lanes(grad_y, at, width));
+            let (dt, u, dy) = (lanes(x.dt, at, width), lanes(x.u, at, width), lanes(grad_y, at, width));
+            let delta: Lanes = std::array::from_fn(|j| math::softplus(dt[j]));
             let delta_u: Lanes = std::array::from_fn(|j| delta[j] * u[j]);
             let (mut grad_delta, mut dh_b) = ([0.0f32; LANES], [0.0f32; LANES]);
             for k in 0..n {
@@ -252,7 +405,8 @@ multiversion! {
             }
             for j in 0..width {
                 g.u[t * width + j] = dy[j] * d[j] + dh_b[j] * delta[j];
-                g.delta[t * width + j] = grad_delta[j] + dh_b[j] * u[j];
+                // dΔ/d(dt) = sigmoid(dt).
+                g.dt[t * width + j] = (grad_delta[j] + dh_b[j] * u[j]) * math::sigmoid(dt[j]);
                 grad_d[j] += dy[j] * u[j];
             }
         }
