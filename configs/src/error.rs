@@ -86,12 +86,13 @@ fn section_keys(section: &str) -> Option<Vec<&'static str>> {
         "eval" => keys::<EvalSection>(),
         "lora" => keys::<LoraSection>(),
         "dpo" => keys::<DpoSection>(),
+        "grpo" => keys::<GrpoSection>(),
         _ => return None,
     })
 }
 
 pub(crate) const SECTIONS: &[&str] =
-    &["run", "model", "data", "training", "optimizer", "lr_scheduler", "runtime", "logging", "eval", "lora", "dpo"];
+    &["run", "model", "data", "training", "optimizer", "lr_scheduler", "runtime", "logging", "eval", "lora", "dpo", "grpo"];
 
 /// Apply one `section.key=value` override. The value is read as TOML (`3e-4`, `true`,
 /// `["+"]`), and as a plain string when it is not valid TOML (`llama`).

@@ -31,6 +31,7 @@ pub fn explain() -> String {
     section_text::<EvalSection>(&mut out);
     section_text::<LoraSection>(&mut out);
     section_text::<DpoSection>(&mut out);
+    section_text::<GrpoSection>(&mut out);
     out.push_str("# Choices:\n");
     for (name, choices) in [
         ("model.arch", Arch::CHOICES),
@@ -46,6 +47,7 @@ pub fn explain() -> String {
         ("lora.init", LoraInit::CHOICES),
         ("lora.quantize_base", BaseQuant::CHOICES),
         ("dpo.loss_type", DpoLoss::CHOICES),
+        ("grpo.loss_type", GrpoLoss::CHOICES),
     ] {
         out.push_str(&format!("#   {name}: {}\n", choices.join(" | ")));
     }

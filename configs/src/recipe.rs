@@ -94,6 +94,21 @@ choice!(
         /// A reward model: a scalar head on the last token, trained on preference pairs with the
         /// Bradley-Terry loss −log σ(r_chosen − r_rejected), as TRL's RewardTrainer.
         Reward = "reward",
+        /// Group relative policy optimisation (Shao et al., 2024): `grpo.num_generations` replies
+        /// sampled per prompt, scored by the verifier, advantages normalised within each group,
+        /// a KL penalty to the starting model; no value model.
+        Grpo = "grpo",
+    }
+);
+choice!(
+    /// How GRPO averages its per-token losses, as TRL's `loss_type`.
+    GrpoLoss {
+        /// Over all completion tokens of the step (token-level, DAPO; TRL's default).
+        Dapo = "dapo",
+        /// Over each completion's tokens, then over completions (the GRPO paper).
+        Grpo = "grpo",
+        /// Summed, divided by completions × max_completion_length (Dr. GRPO: no length bias).
+        DrGrpo = "dr_grpo",
     }
 );
 choice!(
@@ -243,6 +258,27 @@ section! {
         loss_type: DpoLoss = DpoLoss::Sigmoid,
         /// Conservative DPO: the probability that a preference label is flipped (sigmoid loss).
         label_smoothing: f64 = 0.0,
+    }
+}
+
+section! {
+    /// Group relative policy optimisation (training.mode = "grpo"), with TRL's names and
+    /// defaults. Each step samples `num_generations` replies to each of `training.local_batch_size`
+    /// prompts from the current model, scores them with the exact-match verifier, and takes one
+    /// optimiser step on them (TRL's num_iterations = 1, so the PPO ratio is 1 and never clipped).
+    GrpoSection = "grpo" {
+        /// Replies sampled per prompt (the group size G).
+        num_generations: usize = 8,
+        /// Longest reply sampled, in tokens.
+        max_completion_length: usize = 16,
+        /// Sampling temperature of the replies.
+        temperature: f64 = 1.0,
+        /// Weight of the per-token KL penalty to the starting model (k3 estimator); 0 turns it off.
+        beta: f64 = 0.04,
+        /// dapo, grpo or dr_grpo: how per-token losses are averaged.
+        loss_type: GrpoLoss = GrpoLoss::Dapo,
+        /// Divide each group's advantages by its reward standard deviation (TRL's scale_rewards).
+        scale_rewards: bool = true,
     }
 }
 
@@ -411,4 +447,5 @@ pub struct Recipe {
     pub eval: EvalSection,
     pub lora: LoraSection,
     pub dpo: DpoSection,
+    pub grpo: GrpoSection,
 }

@@ -102,4 +102,12 @@ fn modes_take_their_data_and_dpo_is_validated() {
     assert_eq!(Recipe::from_stored(&format!("{base}[dpo]\nbeta = 0.0\n"), "r.toml").unwrap_err().key, "dpo.beta");
     assert_eq!(Recipe::from_stored(&format!("{base}[dpo]\nlabel_smoothing = 0.7\n"), "r.toml").unwrap_err().key, "dpo.label_smoothing");
     assert!(explain().contains("[dpo]") && explain().contains("dpo.loss_type: sigmoid | ipo"));
+    let grpo = base.replace("mode = \"dpo\"", "mode = \"grpo\"");
+    assert_eq!(Recipe::from_stored(&grpo, "r.toml").unwrap_err().key, "training.mode", "GRPO's verifier needs arithmetic-chat");
+    let grpo = grpo.replace("arithmetic-preferences", "arithmetic-chat");
+    assert!(Recipe::from_stored(&grpo, "r.toml").is_ok());
+    assert_eq!(Recipe::from_stored(&format!("{grpo}[grpo]\nnum_generations = 1\n"), "r.toml").unwrap_err().key, "grpo.num_generations");
+    assert!(explain().contains("[grpo]") && explain().contains("grpo.loss_type: dapo | grpo | dr_grpo"));
+    let mamba_reward = base.replace("mode = \"dpo\"", "mode = \"reward\"").replace("init_from", "arch = \"mamba\"\ninit_from");
+    assert_eq!(Recipe::from_stored(&mamba_reward, "r.toml").unwrap_err().key, "training.mode", "no score head on a Mamba");
 }

@@ -186,7 +186,8 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     let modes_of_source: &[TrainMode] = match d.source {
-        DataSource::Chat | DataSource::ArithmeticChat => &[TrainMode::Sft],
+        DataSource::Chat => &[TrainMode::Sft],
+        DataSource::ArithmeticChat => &[TrainMode::Sft, TrainMode::Grpo],
         DataSource::Preferences | DataSource::ArithmeticPreferences => &[TrainMode::Dpo, TrainMode::Reward],
         _ => &[TrainMode::Pretrain],
     };
@@ -195,7 +196,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "training",
             "mode",
             format!("training.mode = \"{}\" does not train on data.source = \"{}\"", recipe.training.mode, d.source),
-            "sft takes source = \"chat\" or \"arithmetic-chat\"; dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
+            "sft takes source = \"chat\" or \"arithmetic-chat\"; grpo \"arithmetic-chat\" (its verifier knows the answers); dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
         );
     }
     if recipe.training.mode == TrainMode::Reward && m.arch == Arch::Mamba {
@@ -204,6 +205,20 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "mode",
             "reward models are transformers here (the score head reads the last token's hidden state); model.arch is mamba".into(),
             "use model.arch = \"llama\" or \"gpt2\" (or a base of that arch) for a reward model".into(),
+        );
+    }
+    let g = &recipe.grpo;
+    if recipe.training.mode == TrainMode::Grpo
+        && (g.num_generations < 2 || g.max_completion_length == 0 || !(g.temperature > 0.0) || g.beta < 0.0)
+    {
+        return fail(
+            "grpo",
+            "num_generations",
+            format!(
+                "GRPO needs num_generations ≥ 2 (got {}), max_completion_length > 0 (got {}), temperature > 0 (got {}) and beta ≥ 0 (got {})",
+                g.num_generations, g.max_completion_length, g.temperature, g.beta
+            ),
+            "use e.g. num_generations = 8, max_completion_length = 16, temperature = 1.0, beta = 0.04".into(),
         );
     }
     let chat_data = recipe.training.mode != TrainMode::Pretrain;

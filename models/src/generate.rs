@@ -45,3 +45,47 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
     }
     produced
 }
+
+/// `count` replies to one prompt, decoded together: one batched forward per step through the
+/// model's decoding state. Each reply ends at a stop token (included) or after
+/// `config.max_new_tokens`; rows already finished keep being fed their last token, and what
+/// they produce is dropped. Rows draw from one sampler in row order, so a seed reproduces the
+/// whole group.
+pub fn generate_group<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    prompt: &[u32],
+    count: usize,
+    config: &GenerateConfig,
+    device: &B::Device,
+) -> Vec<Vec<u32>> {
+    assert!(!prompt.is_empty(), "generation needs at least one prompt token");
+    let mut sampler = Sampler::new(config.sampling.clone());
+    let mut state = model.init_state();
+    let mut replies: Vec<Vec<u32>> = vec![Vec::new(); count];
+    let mut done = vec![false; count];
+    let ids = |tokens: Vec<u32>, len: usize| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.into_iter().map(|t| t as i64).collect::<Vec<_>>(), [count, len]), device)
+    };
+    let mut input = ids(prompt.repeat(count), prompt.len());
+    let mut position = prompt.len();
+    while position < model.max_seq_len() && replies.iter().any(|r| r.len() < config.max_new_tokens) && done.iter().any(|d| !d) {
+        let logits = model.forward_step(input, &mut state);
+        let [_, seq, vocab] = logits.dims();
+        let last: Vec<f32> = logits.slice([0..count, seq - 1..seq, 0..vocab]).into_data().convert::<f32>().into_vec().expect("f32 logits");
+        let mut next = Vec::with_capacity(count);
+        for (row, reply) in replies.iter_mut().enumerate() {
+            if done[row] || reply.len() >= config.max_new_tokens {
+                next.push(reply.last().copied().unwrap_or(prompt[prompt.len() - 1]));
+                continue;
+            }
+            let history = [prompt, reply.as_slice()].concat();
+            let token = sampler.sample(&last[row * vocab..(row + 1) * vocab], &history);
+            reply.push(token);
+            done[row] = config.stop_tokens.contains(&token);
+            next.push(token);
+        }
+        input = ids(next, 1);
+        position += 1;
+    }
+    replies
+}

@@ -440,3 +440,26 @@ mod qlora {
         assert!(worst <= 1e-5 * scale, "gradient through NF4 layers: {worst} of {scale}");
     }
 }
+
+#[test]
+fn group_generation_decodes_each_row_as_alone() {
+    use crate::generate::generate_group;
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    for config in [ModelConfig::Decoder(tiny(PositionKind::Rope)), ModelConfig::Mamba(tiny_mamba())] {
+        let model = config.init::<F>(5, &device);
+        let prompt = [4u32, 9, 2];
+        // Greedy: every row is the single-sequence greedy continuation, cut at the stop token.
+        let greedy = GenerateConfig { max_new_tokens: 7, stop_tokens: vec![], sampling: SamplingConfig::default() };
+        let alone = generate(&model, &prompt, &greedy, &device, |_| {});
+        let stop = GenerateConfig { stop_tokens: vec![alone[3]], ..greedy.clone() };
+        let cut = alone[..=alone.iter().position(|&t| t == alone[3]).unwrap()].to_vec();
+        assert_eq!(generate_group(&model, &prompt, 3, &stop, &device), vec![cut; 3]);
+        // Sampling: reproducible from the seed, and the rows differ.
+        let sampled =
+            GenerateConfig { sampling: SamplingConfig { temperature: 1.5, seed: 9, ..SamplingConfig::default() }, ..greedy.clone() };
+        let group = generate_group(&model, &prompt, 6, &sampled, &device);
+        assert_eq!(group, generate_group(&model, &prompt, 6, &sampled, &device));
+        assert!(group.iter().all(|r| r.len() == 7) && group.iter().any(|r| r != &group[0]), "{group:?}");
+    }
+}

@@ -3,7 +3,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, softmax};
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{DpoLoss, DpoSection};
+use furnace_configs::{DpoLoss, DpoSection, GrpoLoss, GrpoSection};
 use furnace_models::kernels::{cross_entropy, FusedOps};
 
 /// Summed next-token cross-entropy over the positions with a target (an ignored target, -1,
@@ -53,6 +53,57 @@ pub fn dpo_loss<B: Backend>(
 /// RewardTrainer computes it (without its optional margin).
 pub fn reward_loss<B: Backend>(chosen: Tensor<B, 1>, rejected: Tensor<B, 1>) -> Tensor<B, 1> {
     log_sigmoid(chosen - rejected).neg()
+}
+
+/// Per-token log-probabilities `[rows, seq]` of the targets (0 where ignored).
+pub fn token_log_probs<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    let [batch, seq, vocab] = logits.dims();
+    cross_entropy(logits.reshape([batch * seq, vocab]), targets.reshape([batch * seq])).reshape([batch, seq]).neg()
+}
+
+/// GRPO's advantages, as TRL computes them: each reward minus its group's mean (groups are
+/// `group` consecutive rows), divided by the group's standard deviation (unbiased) + 1e-4 when
+/// `scale`.
+pub fn group_advantages(rewards: &[f64], group: usize, scale: bool) -> Vec<f64> {
+    rewards
+        .chunks(group)
+        .flat_map(|g| {
+            let mean = g.iter().sum::<f64>() / g.len() as f64;
+            let std = (g.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (g.len() as f64 - 1.0).max(1.0)).sqrt();
+            g.iter().map(move |r| if scale { (r - mean) / (std + 1e-4) } else { r - mean })
+        })
+        .collect()
+}
+
+/// GRPO's loss (TRL's `_compute_loss`, one optimisation step per generation batch) from the
+/// sampled replies' per-token log-probabilities `[rows, seq]` under the policy and the
+/// reference, the 0/1 `mask` of reply tokens and each row's advantage: per token
+/// `−exp(logp − sg(logp))·A + β·(exp(ref − logp) − (ref − logp) − 1)` (the ratio is 1 in
+/// value, ∇logp in gradient; the k3 KL estimate), averaged as `loss_type` says. Returns the
+/// loss and the mean per-token KL.
+pub fn grpo_loss<B: Backend>(
+    logps: Tensor<B, 2>,
+    ref_logps: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    advantages: Tensor<B, 1>,
+    config: &GrpoSection,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let rows = logps.dims()[0];
+    let ratio = (logps.clone() - logps.clone().detach()).exp();
+    let log_ref_ratio = ref_logps - logps;
+    let kl = log_ref_ratio.clone().exp() - log_ref_ratio - 1.0;
+    let mut per_token = (ratio * advantages.unsqueeze_dim::<2>(1)).neg();
+    if config.beta != 0.0 {
+        per_token = per_token + kl.clone() * config.beta;
+    }
+    let masked = per_token * mask.clone();
+    let loss = match config.loss_type {
+        GrpoLoss::Grpo => (masked.sum_dim(1) / mask.clone().sum_dim(1).clamp_min(1.0)).mean().reshape([1]),
+        GrpoLoss::Dapo => masked.sum() / mask.clone().sum().clamp_min(1.0),
+        GrpoLoss::DrGrpo => masked.sum() / (rows * config.max_completion_length) as f64,
+    };
+    let mean_kl = (kl * mask.clone()).sum().detach() / mask.sum().clamp_min(1.0);
+    (loss, mean_kl)
 }
 
 /// One label per position drawn from the model's own predictive distribution (inverse-CDF
@@ -143,6 +194,68 @@ mod tests {
         let ours: Vec<f32> = reward_loss(tensor(values("chosen")), tensor(values("rejected"))).into_data().into_vec().unwrap();
         for (a, b) in ours.iter().zip(values("losses")) {
             assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+
+    /// Against TRL's formulas (scripts/reference/grpo_reference.py → tests/fixtures/grpo.json):
+    /// advantages, and each loss type's value, mean KL and gradient with respect to the
+    /// policy's log-probabilities.
+    #[test]
+    fn grpo_advantages_and_losses_match_trl() {
+        type AB = burn::backend::Autodiff<B>;
+        let fixture: serde_json::Value = serde_json::from_str(include_str!("../../tests/fixtures/grpo.json")).unwrap();
+        let flat = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x.as_array().cloned().unwrap_or_else(|| vec![x.clone()]))
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{what}: {a} vs {b}");
+        let group = fixture["group"].as_u64().unwrap() as usize;
+        let rewards = flat(&fixture["rewards"]);
+        for (scale, key) in [(true, "scaled"), (false, "unscaled")] {
+            for (a, b) in group_advantages(&rewards, group, scale).iter().zip(flat(&fixture["advantages"][key])) {
+                close(*a, b, key);
+            }
+        }
+        let rows = rewards.len();
+        let len = flat(&fixture["logps"]).len() / rows;
+        let device = Default::default();
+        let tensor = |v: Vec<f64>, shape: [usize; 2]| {
+            Tensor::<AB, 2>::from_data(TensorData::new(v.into_iter().map(|x| x as f32).collect::<Vec<_>>(), shape), &device)
+        };
+        let advantages = group_advantages(&rewards, group, true);
+        let advantages =
+            Tensor::<AB, 1>::from_data(TensorData::new(advantages.iter().map(|&x| x as f32).collect::<Vec<_>>(), [rows]), &device);
+        for case in fixture["cases"].as_array().unwrap() {
+            let config = GrpoSection {
+                beta: case["beta"].as_f64().unwrap(),
+                loss_type: match case["loss_type"].as_str().unwrap() {
+                    "grpo" => GrpoLoss::Grpo,
+                    "dr_grpo" => GrpoLoss::DrGrpo,
+                    _ => GrpoLoss::Dapo,
+                },
+                max_completion_length: fixture["max_completion_length"].as_u64().unwrap() as usize,
+                ..Default::default()
+            };
+            let logps = tensor(flat(&fixture["logps"]), [rows, len]).require_grad();
+            let (loss, kl) = grpo_loss(
+                logps.clone(),
+                tensor(flat(&fixture["ref_logps"]), [rows, len]),
+                tensor(flat(&fixture["mask"]), [rows, len]),
+                advantages.clone(),
+                &config,
+            );
+            let what = format!("{} beta {}", config.loss_type, config.beta);
+            close(kl.into_scalar() as f64, case["mean_kl"].as_f64().unwrap(), &format!("{what} mean kl"));
+            let grads = loss.backward();
+            close(loss.into_scalar() as f64, case["loss"].as_f64().unwrap(), &format!("{what} loss"));
+            let grad: Vec<f32> = logps.grad(&grads).unwrap().into_data().into_vec().unwrap();
+            for (a, b) in grad.iter().zip(flat(&case["grad"])) {
+                close(*a as f64, b, &format!("{what} grad"));
+            }
         }
     }
 

@@ -25,11 +25,28 @@ use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::datasets::{self, Datasets};
 use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss, Asked};
+use crate::grpo::{self, rollout, step_prompts, GrpoStats};
 use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, model_config, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
+use crate::objective::{grpo_loss, token_log_probs};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoStats, PairLogps};
+
+/// One step's accumulated gradients, its loss, the inputs of its last micro-batch (for
+/// Sophia's curvature estimate) and the tokens it trained on.
+struct Gradients<B: TrainBackend> {
+    grads: GradientsParams,
+    loss: Tensor<B::InnerBackend, 1>,
+    last_inputs: Tensor<B, 2, Int>,
+    tokens: usize,
+}
+
+struct Grpo<B: TrainBackend> {
+    prompts: Vec<grpo::Prompt>,
+    reference: LanguageModel<B::InnerBackend>,
+    window: GrpoStats,
+}
 
 pub struct TrainJob {
     pub recipe: Recipe,
@@ -61,6 +78,8 @@ struct Trainer<B: TrainBackend> {
     reference: Option<(Vec<PairLogps>, Vec<PairLogps>)>,
     /// DPO: metrics summed since the last log line.
     dpo_window: DpoStats,
+    /// GRPO: the prompts, the frozen starting model, and metrics since the last log line.
+    grpo: Option<Grpo<B>>,
     checkpointer: Checkpointer,
     metrics: Metrics,
     state: TrainState,
@@ -143,6 +162,15 @@ impl<B: TrainBackend> Trainer<B> {
             let (n_train, n_val) = (train_pairs.items(), val_pairs.items());
             (reference_log_probs(&valid, &mut train_pairs, n_train, &device), reference_log_probs(&valid, &mut val_pairs, n_val, &device))
         });
+        // GRPO's reference is the starting model too, kept whole (its KL term needs every token).
+        let grpo = match (recipe.training.mode, &chat_template) {
+            (TrainMode::Grpo, Some(template)) => Some(Grpo {
+                prompts: grpo::prompts(&recipe, template, &tokenizer)?,
+                reference: model.valid(),
+                window: GrpoStats::default(),
+            }),
+            _ => None,
+        };
         let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
         let mut state = TrainState { step: 0, optimizer_step: 0, data_cursor: loader.cursor(), tokens_seen: 0 };
         if resume {
@@ -191,6 +219,7 @@ impl<B: TrainBackend> Trainer<B> {
             chat_template,
             reference,
             dpo_window: DpoStats::default(),
+            grpo,
             checkpointer,
             metrics,
             state,
@@ -225,28 +254,35 @@ impl<B: TrainBackend> Trainer<B> {
                 100.0 * trainable as f64 / total as f64
             ));
         }
+        if self.grpo.is_some() && self.state.step == 0 {
+            // The verifier's mean reward before any GRPO step: what the run improves on.
+            self.held_out_exact_match(&model.valid(), " before GRPO")?;
+        }
         let mut window_start = Instant::now();
         let mut window_tokens = 0usize;
         while self.state.step < self.stop_at {
             self.state.step += 1;
             let step = self.state.step;
             let lr = self.schedule.lr(step);
-            let (updated, loss, grad_norm) = self.train_step(model, lr)?;
+            let (updated, loss, grad_norm, tokens) = self.train_step(model, lr)?;
             model = updated;
-            self.state.tokens_seen += tokens_per_step as u64;
+            self.state.tokens_seen += tokens as u64;
             self.state.optimizer_step = self.optimizer.step;
             self.state.data_cursor = self.loader.cursor();
-            window_tokens += tokens_per_step;
+            window_tokens += tokens;
             let last = step == self.stop_at;
             if step % t.log_every == 0 || last {
                 let loss = loss.into_scalar().elem::<f64>();
                 let seconds = window_start.elapsed().as_secs_f64();
                 let tokens_per_sec = window_tokens as f64 / seconds;
                 let mfu = tokens_per_sec * flops_per_token / self.peak_flops;
-                let dpo = match self.recipe.training.mode {
+                let mut mode_metrics = match self.recipe.training.mode {
                     TrainMode::Dpo | TrainMode::Reward => std::mem::take(&mut self.dpo_window).means("", self.reference.is_some()),
                     _ => Vec::new(),
                 };
+                if let Some(grpo) = &mut self.grpo {
+                    mode_metrics.extend(std::mem::take(&mut grpo.window).means().into_iter().map(|(name, v)| (name.to_string(), v)));
+                }
                 let mut values = vec![
                     ("loss", loss),
                     ("lr", lr),
@@ -257,12 +293,15 @@ impl<B: TrainBackend> Trainer<B> {
                 ];
                 values.extend(self.optimizer.take_metrics());
                 values.extend(peak_rss_mb().map(|mb| ("peak_rss_mb", mb)));
-                values.extend(dpo.iter().map(|(name, v)| (name.as_str(), *v)));
+                values.extend(mode_metrics.iter().map(|(name, v)| (name.as_str(), *v)));
                 self.metrics.log(step, &values)?;
-                let line = format!(
+                let mut line = format!(
                     "loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | MFU {:.1}%",
                     mfu * 100.0
                 );
+                for (name, value) in mode_metrics.iter().filter(|(name, _)| name == "reward" || name == "kl") {
+                    line.push_str(&format!(" | {name} {value:.3}"));
+                }
                 self.metrics.advance(step, line.clone());
                 if self.metrics_plain() {
                     self.metrics.println(format!("step {step:>6}/{} | {line}", t.steps));
@@ -293,8 +332,28 @@ impl<B: TrainBackend> Trainer<B> {
     }
 
     /// Zero grads, micro-batches, clip, optimizer step. Returns the step's loss (still on the
-    /// device) and the pre-clip global gradient norm.
-    fn train_step(&mut self, model: LanguageModel<B>, lr: f64) -> Result<(LanguageModel<B>, Tensor<B::InnerBackend, 1>, f64)> {
+    /// device), the pre-clip global gradient norm and the tokens trained on.
+    fn train_step(&mut self, model: LanguageModel<B>, lr: f64) -> Result<(LanguageModel<B>, Tensor<B::InnerBackend, 1>, f64, usize)> {
+        let Gradients { grads, loss, last_inputs, tokens } = match self.grpo.is_some() {
+            true => self.grpo_gradients(&model),
+            false => self.batch_gradients(&model),
+        };
+        let t = &self.recipe.training;
+        if self.optimizer.needs_curvature(self.optimizer.step + 1) {
+            let (curvature, batch_tokens) = self.curvature_grads(&model, last_inputs);
+            self.optimizer.update_curvature(&model, &curvature, batch_tokens);
+        }
+        let grad_norm = global_grad_norm::<B, _>(&model, &grads);
+        if !grad_norm.is_finite() {
+            bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr or raise lr_scheduler.warmup_steps", self.state.step);
+        }
+        let model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, t.max_norm));
+        Ok((model, loss, grad_norm, tokens))
+    }
+
+    /// Gradients of the step's micro-batches from the loader: next-token loss, or DPO's or the
+    /// reward model's loss on preference pairs.
+    fn batch_gradients(&mut self, model: &LanguageModel<B>) -> Gradients<B> {
         let t = &self.recipe.training;
         let batches: Vec<_> = (0..t.grad_accum_steps).map(|_| self.loader.next_batch()).collect();
         // The loss is the mean over the step's counted targets: every position when pretraining,
@@ -312,8 +371,8 @@ impl<B: TrainBackend> Trainer<B> {
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &self.device);
             last_inputs = Some(inputs.clone());
             let pairs = match (&self.reference, t.mode) {
-                (Some((reference, _)), _) => Some(pair_batch(&model, &batch, reference, &self.recipe.dpo, &self.device)),
-                (None, TrainMode::Reward) => Some(reward_batch(&model, &batch, &self.device)),
+                (Some((reference, _)), _) => Some(pair_batch(model, &batch, reference, &self.recipe.dpo, &self.device)),
+                (None, TrainMode::Reward) => Some(reward_batch(model, &batch, &self.device)),
                 _ => None,
             };
             let loss = match pairs {
@@ -332,21 +391,52 @@ impl<B: TrainBackend> Trainer<B> {
                 Some(total) => total + detached,
                 None => detached,
             });
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            accumulator.accumulate(model, grads);
         }
         self.dpo_window.add(&dpo_stats);
-        let grads = accumulator.grads();
-        if self.optimizer.needs_curvature(self.optimizer.step + 1) {
-            let (curvature, batch_tokens) = self.curvature_grads(&model, last_inputs.expect("at least one micro-batch"));
-            self.optimizer.update_curvature(&model, &curvature, batch_tokens);
+        Gradients {
+            grads: accumulator.grads(),
+            loss: step_loss.expect("at least one micro-batch"),
+            last_inputs: last_inputs.expect("at least one micro-batch"),
+            tokens: self.recipe.tokens_per_step(),
         }
-        let grad_norm = global_grad_norm::<B, _>(&model, &grads);
-        if !grad_norm.is_finite() {
-            bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr or raise lr_scheduler.warmup_steps", self.state.step);
+    }
+
+    /// GRPO: per micro-batch, sample replies to its prompts with the current weights, score
+    /// them, and take the gradient of GRPO's loss on them.
+    fn grpo_gradients(&mut self, model: &LanguageModel<B>) -> Gradients<B> {
+        let (t, config) = (&self.recipe.training, &self.recipe.grpo);
+        let grpo = self.grpo.as_mut().expect("GRPO state in grpo mode");
+        let policy = model.valid();
+        let mut accumulator = GradientsAccumulator::new();
+        let (mut step_loss, mut last_inputs, mut tokens) = (None, None, 0);
+        for micro in 0..t.grad_accum_steps {
+            let prompts = step_prompts(&grpo.prompts, self.state.step, micro, t.grad_accum_steps, t.local_batch_size);
+            let seed = self.recipe.run.seed ^ ((self.state.step * t.grad_accum_steps + micro) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let rollout = rollout(&policy, &prompts, config, &self.tokenizer, seed, &self.device);
+            let reference = rollout.reference_log_probs(&grpo.reference, &self.device);
+            let (inputs, targets) = rollout.tensors::<B>(&self.device);
+            let logps = token_log_probs(model.forward(inputs.clone()), targets);
+            let reference = Tensor::from_data(TensorData::new(reference, [rollout.rows, rollout.len]), &self.device);
+            let (loss, kl) = grpo_loss(logps, reference, rollout.mask(&self.device), rollout.advantages(config, &self.device), config);
+            let loss = loss / t.grad_accum_steps as f64;
+            grpo.window.add(&rollout, config.num_generations, kl.into_scalar().elem::<f64>());
+            tokens += rollout.rows * rollout.len;
+            let detached = loss.clone().inner();
+            step_loss = Some(match step_loss.take() {
+                Some(total) => total + detached,
+                None => detached,
+            });
+            accumulator.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+            last_inputs = Some(inputs);
         }
-        let model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, t.max_norm));
-        Ok((model, step_loss.expect("at least one micro-batch"), grad_norm))
+        Gradients {
+            grads: accumulator.grads(),
+            loss: step_loss.expect("at least one micro-batch"),
+            last_inputs: last_inputs.expect("at least one micro-batch"),
+            tokens,
+        }
     }
 
     /// Gauss-Newton-Bartlett (Sophia-G): gradients of the mean loss on labels sampled from the
@@ -400,6 +490,50 @@ impl<B: TrainBackend> Trainer<B> {
         Ok(())
     }
 
+    /// A question as the model is asked it: raw text after end-of-text, or under SFT, DPO and
+    /// GRPO a user turn rendered by the chat template with the assistant's turn opened.
+    fn encode_question(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(match &self.chat_template {
+            Some(template) => {
+                let turn = [Message { role: "user".into(), content: text.into() }];
+                self.tokenizer.encode(&template.render(&turn, true).map_err(anyhow::Error::msg)?)
+            }
+            None => encode_prompt(&self.tokenizer, text),
+        })
+    }
+
+    /// Greedy exact match on the held-out arithmetic problems (the verifier's mean reward),
+    /// printed and logged as `eval/exact_match`; `when` labels the line. Returns the first
+    /// question, or None when the data is not arithmetic.
+    fn held_out_exact_match(&mut self, model: &LanguageModel<B::InnerBackend>, when: &str) -> Result<Option<String>> {
+        let (eval, data) = (&self.recipe.eval, &self.recipe.data);
+        let arithmetic_data =
+            matches!(data.source, DataSource::Arithmetic | DataSource::ArithmeticChat | DataSource::ArithmeticPreferences);
+        if !arithmetic_data || eval.arithmetic_problems == 0 {
+            return Ok(None);
+        }
+        let chat = self.chat_template.is_some();
+        let problems = arithmetic(&arithmetic_config(data), eval.arithmetic_problems, val_seed(self.recipe.run.seed), true);
+        let asked = problems
+            .iter()
+            .map(|p| {
+                let (question, expected) = if chat { (p.question(0), p.text()) } else { (p.prompt(), p.answer().to_string()) };
+                Ok(Asked { ids: self.encode_question(&question)?, question, expected })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (correct, total, shown) = arithmetic_exact_match(model, &self.tokenizer, &asked, &self.device);
+        println!(
+            "exact match on {total} held-out problems (never seen in training){when}: {correct}/{total} = {:.1}%",
+            100.0 * correct as f64 / total as f64
+        );
+        let separator = if chat { " → " } else { "" };
+        for (question, answer, ok) in shown {
+            println!("  {question}{separator}{answer}  {}", if ok { "✓" } else { "✗" });
+        }
+        self.metrics.log(self.state.step, &[("eval/exact_match", correct as f64 / total as f64)])?;
+        Ok(asked.into_iter().next().map(|a| a.question))
+    }
+
     fn save(&self, model: &LanguageModel<B>) -> Result<PathBuf> {
         self.checkpointer.save(
             self.state.step,
@@ -443,55 +577,19 @@ impl<B: TrainBackend> Trainer<B> {
             }
         }
         let model = model.valid();
-        let tokenizer = &self.tokenizer;
-        let eval = &self.recipe.eval;
-        // A question reaches the model as raw text after end-of-text, or under SFT as a user
-        // turn rendered by the chat template with the assistant's turn opened.
-        let chat = self.chat_template.as_ref();
-        let encode = |text: &str| -> Result<Vec<u32>> {
-            Ok(match chat {
-                Some(template) => {
-                    let turn = [Message { role: "user".into(), content: text.into() }];
-                    tokenizer.encode(&template.render(&turn, true).map_err(anyhow::Error::msg)?)
-                }
-                None => encode_prompt(tokenizer, text),
-            })
-        };
-        let mut prompt = eval.prompt.clone();
-        let arithmetic_data =
-            matches!(self.recipe.data.source, DataSource::Arithmetic | DataSource::ArithmeticChat | DataSource::ArithmeticPreferences);
-        if arithmetic_data && eval.arithmetic_problems > 0 {
-            let problems =
-                arithmetic(&arithmetic_config(&self.recipe.data), eval.arithmetic_problems, val_seed(self.recipe.run.seed), true);
-            let asked = problems
-                .iter()
-                .map(|p| {
-                    let (question, expected) = match chat {
-                        Some(_) => (p.question(0), p.text()),
-                        None => (p.prompt(), p.answer().to_string()),
-                    };
-                    Ok(Asked { ids: encode(&question)?, question, expected })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let (correct, total, shown) = arithmetic_exact_match(&model, tokenizer, &asked, &self.device);
-            println!(
-                "exact match on {total} held-out problems (never seen in training): {correct}/{total} = {:.1}%",
-                100.0 * correct as f64 / total as f64
-            );
-            let separator = if chat.is_some() { " → " } else { "" };
-            for (question, answer, ok) in shown {
-                println!("  {question}{separator}{answer}  {}", if ok { "✓" } else { "✗" });
-            }
-            let metrics_line = [("eval/exact_match", correct as f64 / total as f64)];
-            self.metrics.log(self.state.step, &metrics_line)?;
+        let mut prompt = self.recipe.eval.prompt.clone();
+        if let Some(first_question) = self.held_out_exact_match(&model, "")? {
             if prompt.is_empty() {
-                prompt = asked[0].question.clone();
+                prompt = first_question;
             }
         }
+        let tokenizer = &self.tokenizer;
+        let eval = &self.recipe.eval;
+        let chat = self.chat_template.as_ref();
         if prompt.is_empty() {
             prompt = "Once upon a time".into();
         }
-        let out = generate(&model, &encode(&prompt)?, &greedy(tokenizer, eval.max_new_tokens), &self.device, |_| {});
+        let out = generate(&model, &self.encode_question(&prompt)?, &greedy(tokenizer, eval.max_new_tokens), &self.device, |_| {});
         println!("sample (greedy): {prompt}{}{}", if chat.is_some() { " → " } else { "" }, tokenizer.decode(&out));
         println!("checkpoint: {}", self.checkpointer.latest().map(|p| p.display().to_string()).unwrap_or_default());
         Ok(())

@@ -270,3 +270,45 @@ fn a_reward_model_learns_to_score_the_chosen_reply_higher() {
     let losses = losses(&s.dir.path().join("reward"));
     assert!(losses[losses.len() - 1] < 0.5 * losses[0], "the Bradley-Terry loss falls: {losses:?}");
 }
+
+#[test]
+fn grpo_samples_scores_and_resumes_exactly() {
+    let s = setup();
+    let grpo = [
+        "--set",
+        "training.mode=\"grpo\"",
+        "--set",
+        "data.source=\"arithmetic-chat\"",
+        "--set",
+        "data.num_examples=200",
+        "--set",
+        "eval.arithmetic_problems=4",
+        "--set",
+        "grpo.num_generations=4",
+        "--set",
+        "grpo.max_completion_length=6",
+        "--set",
+        "training.local_batch_size=2",
+        "--set",
+        "training.grad_accum_steps=2",
+        "--set",
+        "training.steps=4",
+    ];
+    let straight = s.train("straight", &grpo);
+    assert!(straight.status.success(), "{}", text(&straight));
+    let log = text(&straight);
+    assert!(log.contains("held-out problems (never seen in training) before GRPO") && log.contains("| reward "), "{log}");
+    let metrics = std::fs::read_to_string(s.dir.path().join("straight/metrics.jsonl")).unwrap();
+    for key in ["\"reward\"", "\"reward_std\"", "\"kl\"", "\"completions/mean_length\"", "\"eval/exact_match\""] {
+        assert!(metrics.contains(key), "{key} in {metrics}");
+    }
+    assert!(s.train("split", &[&grpo[..], &["--max-steps", "2"]].concat()).status.success());
+    let split = s.dir.path().join("split");
+    let resumed = s.train("split", &[&grpo[..], &["--resume", split.to_str().unwrap()]].concat());
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let (a, b) = (losses(&s.dir.path().join("straight")), losses(&split));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b, "a resumed GRPO run samples and trains as the straight one");
+    let wrong = s.train("wrong", &[&grpo[..], &["--set", "data.source=\"chat\""]].concat());
+    assert!(!wrong.status.success() && text(&wrong).contains("grpo \"arithmetic-chat\""), "{}", text(&wrong));
+}

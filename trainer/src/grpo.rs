@@ -1,0 +1,163 @@
+//! GRPO (Shao et al., 2024) as TRL's GRPOTrainer runs it, on the built-in arithmetic task:
+//! each step samples `num_generations` replies to each prompt from the current model, scores
+//! them with the exact-match verifier, normalises the rewards within each prompt's group and
+//! takes one optimiser step on the replies' tokens (loss in `objective::grpo_loss`), with a KL
+//! penalty to the frozen starting model. Prompts and sampling seeds are functions of the step,
+//! so a resumed run draws exactly what the uninterrupted one would.
+
+use anyhow::Result;
+use burn::prelude::*;
+use furnace_configs::{GrpoSection, Recipe};
+use furnace_data::chat::ChatTemplate;
+use furnace_data::corpus::arithmetic_config;
+use furnace_data::generators::arithmetic_conversations;
+use furnace_data::loader::IGNORE;
+use furnace_data::TextTokenizer;
+use furnace_models::generate::{generate_group, GenerateConfig};
+use furnace_models::kernels::FusedOps;
+use furnace_models::sampling::SamplingConfig;
+use furnace_models::{CausalLm, LanguageModel};
+
+use crate::objective::{group_advantages, token_log_probs};
+
+/// A question as the model is asked it, and the reply the verifier accepts.
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub expected: String,
+}
+
+/// The training prompts: generated arithmetic questions (never the held-out ones) rendered as
+/// a user turn with the assistant's turn opened.
+pub fn prompts(recipe: &Recipe, template: &ChatTemplate, tokenizer: &TextTokenizer) -> Result<Vec<Prompt>> {
+    let conversations = arithmetic_conversations(&arithmetic_config(&recipe.data), recipe.data.num_examples, recipe.run.seed, false);
+    conversations
+        .into_iter()
+        .map(|c| {
+            let question = template.render(&c[..1], true).map_err(anyhow::Error::msg)?;
+            Ok(Prompt { ids: tokenizer.encode(&question), expected: c[1].content.clone() })
+        })
+        .collect()
+}
+
+/// The replies of one micro-batch as training rows: `prompt ++ reply` shifted by one, targets
+/// on the reply's tokens only (the stop token included), padded to the longest row.
+pub struct Rollout {
+    pub inputs: Vec<i64>,
+    pub targets: Vec<i64>,
+    pub rows: usize,
+    pub len: usize,
+    /// Verifier rewards, `num_generations` consecutive rows per prompt.
+    pub rewards: Vec<f64>,
+    pub reply_tokens: usize,
+}
+
+/// Sample and score `num_generations` replies to each prompt with `policy` (its inner,
+/// autodiff-free copy). `seed` fixes every draw.
+pub fn rollout<B: FusedOps>(
+    policy: &LanguageModel<B>,
+    prompts: &[&Prompt],
+    config: &GrpoSection,
+    tokenizer: &TextTokenizer,
+    seed: u64,
+    device: &B::Device,
+) -> Rollout {
+    let eos = tokenizer.eos();
+    let mut rows: Vec<(Vec<u32>, usize)> = Vec::new();
+    let mut rewards = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let sampling = SamplingConfig {
+            temperature: config.temperature,
+            seed: seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ..Default::default()
+        };
+        let generate = GenerateConfig { max_new_tokens: config.max_completion_length, stop_tokens: vec![eos], sampling };
+        for reply in generate_group(policy, &prompt.ids, config.num_generations, &generate, device) {
+            let text = reply.strip_suffix(&[eos]).unwrap_or(&reply);
+            rewards.push(if tokenizer.decode(text).trim() == prompt.expected { 1.0 } else { 0.0 });
+            rows.push(([prompt.ids.as_slice(), reply.as_slice()].concat(), prompt.ids.len()));
+        }
+    }
+    let len = rows.iter().map(|(row, _)| row.len() - 1).max().unwrap_or(1);
+    let (mut inputs, mut targets) = (Vec::with_capacity(rows.len() * len), Vec::with_capacity(rows.len() * len));
+    let mut reply_tokens = 0;
+    for (row, prompt_len) in &rows {
+        for p in 0..len {
+            inputs.push(row.get(p).map_or(eos as i64, |&t| t as i64));
+            let target = row.get(p + 1).filter(|_| p + 1 >= *prompt_len);
+            reply_tokens += target.is_some() as usize;
+            targets.push(target.map_or(IGNORE, |&t| t as i64));
+        }
+    }
+    Rollout { inputs, targets, rows: rows.len(), len, rewards, reply_tokens }
+}
+
+impl Rollout {
+    pub fn tensors<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+        let shape = [self.rows, self.len];
+        (
+            Tensor::from_data(TensorData::new(self.inputs.clone(), shape), device),
+            Tensor::from_data(TensorData::new(self.targets.clone(), shape), device),
+        )
+    }
+
+    /// 1 on reply tokens, 0 elsewhere.
+    pub fn mask<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        let mask: Vec<f32> = self.targets.iter().map(|&t| (t != IGNORE) as u8 as f32).collect();
+        Tensor::from_data(TensorData::new(mask, [self.rows, self.len]), device)
+    }
+
+    pub fn advantages<B: Backend>(&self, config: &GrpoSection, device: &B::Device) -> Tensor<B, 1> {
+        let advantages: Vec<f32> =
+            group_advantages(&self.rewards, config.num_generations, config.scale_rewards).into_iter().map(|a| a as f32).collect();
+        Tensor::from_data(TensorData::new(advantages, [self.rows]), device)
+    }
+
+    /// The reference model's per-token log-probabilities of the replies, `[rows, len]` on the host.
+    pub fn reference_log_probs<B: FusedOps>(&self, reference: &LanguageModel<B>, device: &B::Device) -> Vec<f32> {
+        let (inputs, targets) = self.tensors::<B>(device);
+        token_log_probs(reference.forward(inputs), targets).into_data().convert::<f32>().into_vec().expect("f32 log-probabilities")
+    }
+}
+
+/// GRPO's metrics summed since the last log line, named as TRL logs them.
+#[derive(Debug, Default)]
+pub struct GrpoStats {
+    rewards: f64,
+    reward_stds: f64,
+    replies: usize,
+    groups: usize,
+    reply_tokens: usize,
+    kl: f64,
+    batches: usize,
+}
+
+impl GrpoStats {
+    pub fn add(&mut self, rollout: &Rollout, group: usize, kl: f64) {
+        self.rewards += rollout.rewards.iter().sum::<f64>();
+        for g in rollout.rewards.chunks(group) {
+            let mean = g.iter().sum::<f64>() / g.len() as f64;
+            self.reward_stds += (g.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (g.len() as f64 - 1.0).max(1.0)).sqrt();
+            self.groups += 1;
+        }
+        self.replies += rollout.rows;
+        self.reply_tokens += rollout.reply_tokens;
+        self.kl += kl;
+        self.batches += 1;
+    }
+
+    pub fn means(&self) -> Vec<(&'static str, f64)> {
+        let per = |sum: f64, n: usize| sum / n.max(1) as f64;
+        vec![
+            ("reward", per(self.rewards, self.replies)),
+            ("reward_std", per(self.reward_stds, self.groups)),
+            ("kl", per(self.kl, self.batches)),
+            ("completions/mean_length", per(self.reply_tokens as f64, self.replies)),
+        ]
+    }
+}
+
+/// The prompts micro-batch `micro` of `step` trains on: consecutive prompts, wrapping around.
+pub fn step_prompts<'a>(prompts: &'a [Prompt], step: usize, micro: usize, micro_batches: usize, per_batch: usize) -> Vec<&'a Prompt> {
+    let first = ((step - 1) * micro_batches + micro) * per_batch;
+    (first..first + per_batch).map(|i| &prompts[i % prompts.len()]).collect()
+}
