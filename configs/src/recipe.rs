@@ -264,7 +264,7 @@ section! {
 section! {
     /// Group relative policy optimisation (training.mode = "grpo"), with TRL's names and
     /// defaults. Each step samples `num_generations` replies to each of `training.local_batch_size`
-    /// prompts from the current model, scores them with the exact-match verifier, and takes one
+    /// prompts from the current model, scores them (verifier or reward model), and takes one
     /// optimiser step on them (TRL's num_iterations = 1, so the PPO ratio is 1 and never clipped).
     GrpoSection = "grpo" {
         /// Replies sampled per prompt (the group size G).
@@ -279,6 +279,10 @@ section! {
         loss_type: GrpoLoss = GrpoLoss::Dapo,
         /// Divide each group's advantages by its reward standard deviation (TRL's scale_rewards).
         scale_rewards: bool = true,
+        /// A Furnace reward model (a run trained with training.mode = "reward", on the same
+        /// tokenizer) whose score of each reply is its reward. Empty: the exact-match verifier
+        /// (1 for the right answer, 0 otherwise).
+        reward_model: String = String::new(),
     }
 }
 

@@ -221,6 +221,14 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "use e.g. num_generations = 8, max_completion_length = 16, temperature = 1.0, beta = 0.04".into(),
         );
     }
+    if check_files && !g.reward_model.is_empty() && !Path::new(&g.reward_model).is_dir() {
+        return fail(
+            "grpo",
+            "reward_model",
+            format!("reward_model = `{}` is not a folder", g.reward_model),
+            "point it at a run trained with training.mode = \"reward\", or leave it empty for the verifier".into(),
+        );
+    }
     let chat_data = recipe.training.mode != TrainMode::Pretrain;
     let p = &recipe.dpo;
     if !(p.beta > 0.0 && p.beta.is_finite()) || !(0.0..0.5).contains(&p.label_smoothing) {

@@ -46,15 +46,20 @@ pub struct Rollout {
     pub targets: Vec<i64>,
     pub rows: usize,
     pub len: usize,
-    /// Verifier rewards, `num_generations` consecutive rows per prompt.
+    /// The rewards trained on (the verifier's or the reward model's), `num_generations`
+    /// consecutive rows per prompt.
     pub rewards: Vec<f64>,
+    /// Which replies the verifier accepts (logged whatever the reward is).
+    pub correct: Vec<bool>,
     pub reply_tokens: usize,
 }
 
 /// Sample and score `num_generations` replies to each prompt with `policy` (its inner,
-/// autodiff-free copy). `seed` fixes every draw.
+/// autodiff-free copy): by `reward_model` when given, read at each reply's last token as it was
+/// trained, else by the verifier. `seed` fixes every draw.
 pub fn rollout<B: FusedOps>(
     policy: &LanguageModel<B>,
+    reward_model: Option<&LanguageModel<B>>,
     prompts: &[&Prompt],
     config: &GrpoSection,
     tokenizer: &TextTokenizer,
@@ -63,7 +68,7 @@ pub fn rollout<B: FusedOps>(
 ) -> Rollout {
     let eos = tokenizer.eos();
     let mut rows: Vec<(Vec<u32>, usize)> = Vec::new();
-    let mut rewards = Vec::new();
+    let mut correct = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         let sampling = SamplingConfig {
             temperature: config.temperature,
@@ -73,7 +78,7 @@ pub fn rollout<B: FusedOps>(
         let generate = GenerateConfig { max_new_tokens: config.max_completion_length, stop_tokens: vec![eos], sampling };
         for reply in generate_group(policy, &prompt.ids, config.num_generations, &generate, device) {
             let text = reply.strip_suffix(&[eos]).unwrap_or(&reply);
-            rewards.push(if tokenizer.decode(text).trim() == prompt.expected { 1.0 } else { 0.0 });
+            correct.push(tokenizer.decode(text).trim() == prompt.expected);
             rows.push(([prompt.ids.as_slice(), reply.as_slice()].concat(), prompt.ids.len()));
         }
     }
@@ -88,7 +93,17 @@ pub fn rollout<B: FusedOps>(
             targets.push(target.map_or(IGNORE, |&t| t as i64));
         }
     }
-    Rollout { inputs, targets, rows: rows.len(), len, rewards, reply_tokens }
+    let mut rollout = Rollout { inputs, targets, rows: rows.len(), len, rewards: Vec::new(), correct, reply_tokens };
+    rollout.rewards = match reward_model {
+        Some(model) => {
+            let positions: Vec<usize> =
+                rollout.targets.chunks(len).map(|row| row.iter().rposition(|&t| t != IGNORE).unwrap_or(0)).collect();
+            let scores = model.scores(rollout.tensors::<B>(device).0, &positions);
+            scores.into_data().convert::<f64>().into_vec().expect("f64 scores")
+        }
+        None => rollout.correct.iter().map(|&ok| ok as u8 as f64).collect(),
+    };
+    rollout
 }
 
 impl Rollout {
@@ -123,6 +138,7 @@ impl Rollout {
 #[derive(Debug, Default)]
 pub struct GrpoStats {
     rewards: f64,
+    correct: usize,
     reward_stds: f64,
     replies: usize,
     groups: usize,
@@ -134,6 +150,7 @@ pub struct GrpoStats {
 impl GrpoStats {
     pub fn add(&mut self, rollout: &Rollout, group: usize, kl: f64) {
         self.rewards += rollout.rewards.iter().sum::<f64>();
+        self.correct += rollout.correct.iter().filter(|&&ok| ok).count();
         for g in rollout.rewards.chunks(group) {
             let mean = g.iter().sum::<f64>() / g.len() as f64;
             self.reward_stds += (g.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (g.len() as f64 - 1.0).max(1.0)).sqrt();
@@ -149,6 +166,7 @@ impl GrpoStats {
         let per = |sum: f64, n: usize| sum / n.max(1) as f64;
         vec![
             ("reward", per(self.rewards, self.replies)),
+            ("rewards/exact_match/mean", per(self.correct as f64, self.replies)),
             ("reward_std", per(self.reward_stds, self.groups)),
             ("kl", per(self.kl, self.batches)),
             ("completions/mean_length", per(self.reply_tokens as f64, self.replies)),

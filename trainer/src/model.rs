@@ -12,6 +12,8 @@ use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, Lor
 use furnace_models::params::{from_safetensors, named_tensors, NamedTensors};
 use furnace_models::{DecoderConfig, LanguageModel, MambaConfig, ModelConfig, PositionKind};
 
+use furnace_data::TextTokenizer;
+
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 
 /// The model a resolved `[model]` section describes.
@@ -173,6 +175,28 @@ fn load_peft_adapters<B: Backend>(model: LanguageModel<B>, config: &ModelConfig,
         tensors.insert(name, tensor);
     }
     furnace_models::params::load_named(model, &tensors).map_err(|e| anyhow::anyhow!("lora.adapter_from = {}: {e}", dir.display()))
+}
+
+/// `grpo.reward_model`: a reward model (a run trained with training.mode = "reward") for a
+/// policy that uses `tokenizer`.
+pub fn load_reward_model<B: Backend>(path: &Path, tokenizer: &TextTokenizer, device: &B::Device) -> Result<LanguageModel<B>> {
+    let key = format!("grpo.reward_model = {}", path.display());
+    let base = load_base(path).with_context(|| key.clone())?;
+    let theirs = TextTokenizer::load(&base.tokenizer).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+    if theirs.to_json() != tokenizer.to_json() {
+        bail!(
+            "{key}: its tokenizer ({}) differs from the policy's; train the reward model from the policy's base",
+            base.tokenizer.display()
+        );
+    }
+    let ModelConfig::Decoder(config) = model_config(&base.model) else {
+        bail!("{key}: reward models are transformers; this one is {}", base.model.arch);
+    };
+    if !base.weights.contains_key("score.weight") {
+        bail!("{key} has no score head: it is not a reward model; train one with training.mode = \"reward\"");
+    }
+    let model = ModelConfig::Decoder(config.with_score_head(true)).init::<B>(0, device);
+    furnace_models::params::load_named(model, &base.weights).map_err(|e| anyhow::anyhow!("{key}: {e}"))
 }
 
 /// A built model, and under QLoRA the bytes of its NF4 layers (and of the same layers in bf16).

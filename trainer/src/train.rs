@@ -28,7 +28,7 @@ use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_
 use crate::grpo::{self, rollout, step_prompts, GrpoStats};
 use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
-use crate::model::{build_model, describe, load_base, model_config, with_base};
+use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
 use crate::objective::{grpo_loss, token_log_probs};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoStats, PairLogps};
@@ -45,6 +45,8 @@ struct Gradients<B: TrainBackend> {
 struct Grpo<B: TrainBackend> {
     prompts: Vec<grpo::Prompt>,
     reference: LanguageModel<B::InnerBackend>,
+    /// `grpo.reward_model`, or None for the verifier.
+    reward_model: Option<LanguageModel<B::InnerBackend>>,
     window: GrpoStats,
 }
 
@@ -164,11 +166,14 @@ impl<B: TrainBackend> Trainer<B> {
         });
         // GRPO's reference is the starting model too, kept whole (its KL term needs every token).
         let grpo = match (recipe.training.mode, &chat_template) {
-            (TrainMode::Grpo, Some(template)) => Some(Grpo {
-                prompts: grpo::prompts(&recipe, template, &tokenizer)?,
-                reference: model.valid(),
-                window: GrpoStats::default(),
-            }),
+            (TrainMode::Grpo, Some(template)) => {
+                let reward_model = match recipe.grpo.reward_model.as_str() {
+                    "" => None,
+                    path => Some(load_reward_model(Path::new(path), &tokenizer, &device)?),
+                };
+                let prompts = grpo::prompts(&recipe, template, &tokenizer)?;
+                Some(Grpo { prompts, reference: model.valid(), reward_model, window: GrpoStats::default() })
+            }
             _ => None,
         };
         let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
@@ -414,7 +419,7 @@ impl<B: TrainBackend> Trainer<B> {
         for micro in 0..t.grad_accum_steps {
             let prompts = step_prompts(&grpo.prompts, self.state.step, micro, t.grad_accum_steps, t.local_batch_size);
             let seed = self.recipe.run.seed ^ ((self.state.step * t.grad_accum_steps + micro) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-            let rollout = rollout(&policy, &prompts, config, &self.tokenizer, seed, &self.device);
+            let rollout = rollout(&policy, grpo.reward_model.as_ref(), &prompts, config, &self.tokenizer, seed, &self.device);
             let reference = rollout.reference_log_probs(&grpo.reference, &self.device);
             let (inputs, targets) = rollout.tensors::<B>(&self.device);
             let logps = token_log_probs(model.forward(inputs.clone()), targets);

@@ -311,4 +311,27 @@ fn grpo_samples_scores_and_resumes_exactly() {
     assert_eq!(a, b, "a resumed GRPO run samples and trains as the straight one");
     let wrong = s.train("wrong", &[&grpo[..], &["--set", "data.source=\"chat\""]].concat());
     assert!(!wrong.status.success() && text(&wrong).contains("grpo \"arithmetic-chat\""), "{}", text(&wrong));
+
+    // Rewards from a reward model trained from the same base instead of the verifier.
+    let reward = [
+        "--set",
+        "training.mode=\"reward\"",
+        "--set",
+        "data.source=\"arithmetic-preferences\"",
+        "--set",
+        "data.num_examples=100",
+        "--set",
+        "training.steps=2",
+    ];
+    assert!(s.train("rm", &reward).status.success());
+    let rm = format!("grpo.reward_model={}", s.dir.path().join("rm").display());
+    let scored = s.train("scored", &[&grpo[..], &["--max-steps", "2", "--set", &rm]].concat());
+    assert!(scored.status.success(), "{}", text(&scored));
+    let metrics = std::fs::read_to_string(s.dir.path().join("scored/metrics.jsonl")).unwrap();
+    let rewards: Vec<f64> =
+        metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reward"].as_f64()).collect();
+    assert!(rewards.iter().all(|r| r.fract() != 0.0), "reward-model scores, not 0/1: {rewards:?}");
+    let not_rm = format!("grpo.reward_model={}", s.dir.path().join("straight").display());
+    let refused = s.train("refused", &[&grpo[..], &["--set", &not_rm]].concat());
+    assert!(!refused.status.success() && text(&refused).contains("no score head"), "{}", text(&refused));
 }
