@@ -87,12 +87,13 @@ fn section_keys(section: &str) -> Option<Vec<&'static str>> {
         "lora" => keys::<LoraSection>(),
         "dpo" => keys::<DpoSection>(),
         "grpo" => keys::<GrpoSection>(),
+        "ppo" => keys::<PpoSection>(),
         _ => return None,
     })
 }
 
 pub(crate) const SECTIONS: &[&str] =
-    &["run", "model", "data", "training", "optimizer", "lr_scheduler", "runtime", "logging", "eval", "lora", "dpo", "grpo"];
+    &["run", "model", "data", "training", "optimizer", "lr_scheduler", "runtime", "logging", "eval", "lora", "dpo", "grpo", "ppo"];
 
 /// Apply one `section.key=value` override. The value is read as TOML (`3e-4`, `true`,
 /// `["+"]`), and as a plain string when it is not valid TOML (`llama`).

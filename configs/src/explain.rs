@@ -32,6 +32,7 @@ pub fn explain() -> String {
     section_text::<LoraSection>(&mut out);
     section_text::<DpoSection>(&mut out);
     section_text::<GrpoSection>(&mut out);
+    section_text::<PpoSection>(&mut out);
     out.push_str("# Choices:\n");
     for (name, choices) in [
         ("model.arch", Arch::CHOICES),

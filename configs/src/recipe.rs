@@ -98,6 +98,10 @@ choice!(
         /// sampled per prompt, scored by the verifier, advantages normalised within each group,
         /// a KL penalty to the starting model; no value model.
         Grpo = "grpo",
+        /// Proximal policy optimisation (Ouyang et al., 2022; TRL's PPOTrainer): one reply per
+        /// prompt scored at its end, a per-token KL penalty to the starting model, a value head
+        /// on the policy, GAE advantages, clipped policy and value losses over several epochs.
+        Ppo = "ppo",
     }
 );
 choice!(
@@ -279,10 +283,32 @@ section! {
         loss_type: GrpoLoss = GrpoLoss::Dapo,
         /// Divide each group's advantages by its reward standard deviation (TRL's scale_rewards).
         scale_rewards: bool = true,
-        /// A Furnace reward model (a run trained with training.mode = "reward", on the same
-        /// tokenizer) whose score of each reply is its reward. Empty: the exact-match verifier
-        /// (1 for the right answer, 0 otherwise).
-        reward_model: String = String::new(),
+    }
+}
+
+section! {
+    /// Proximal policy optimisation (training.mode = "ppo"), with TRL's names and defaults. Each
+    /// step samples one reply to each of `training.local_batch_size` prompts, scores it (verifier
+    /// or `training.reward_model`), and takes `num_ppo_epochs` optimiser steps on the batch.
+    PpoSection = "ppo" {
+        /// Optimiser steps on each batch of replies.
+        num_ppo_epochs: usize = 4,
+        /// Longest reply sampled, in tokens.
+        max_completion_length: usize = 16,
+        /// Sampling temperature of the replies.
+        temperature: f64 = 1.0,
+        /// Weight of the per-token KL penalty to the starting model, taken out of the reward.
+        kl_coef: f64 = 0.05,
+        /// Policy ratio clip ε.
+        cliprange: f64 = 0.2,
+        /// Value clip around the rollout's values.
+        cliprange_value: f64 = 0.2,
+        /// Weight of the value loss.
+        vf_coef: f64 = 0.1,
+        /// Discount γ.
+        gamma: f64 = 1.0,
+        /// GAE's λ.
+        lam: f64 = 0.95,
     }
 }
 
@@ -324,8 +350,12 @@ section! {
     /// The training loop.
     TrainingSection = "training" {
         /// pretrain (every token of packed windows), sft (conversations, assistant tokens only),
-        /// dpo or reward (preference pairs).
+        /// dpo or reward (preference pairs), grpo or ppo (replies sampled and scored).
         mode: TrainMode = TrainMode::Pretrain,
+        /// grpo and ppo: a Furnace reward model (a run trained with mode = "reward", on the same
+        /// tokenizer) whose score of each reply is its reward. Empty: the exact-match verifier
+        /// (1 for the right answer, 0 otherwise).
+        reward_model: String = String::new(),
         /// Sequences per micro-batch on each rank.
         local_batch_size: usize = 8,
         /// Tokens per sequence.
@@ -452,4 +482,5 @@ pub struct Recipe {
     pub lora: LoraSection,
     pub dpo: DpoSection,
     pub grpo: GrpoSection,
+    pub ppo: PpoSection,
 }

@@ -108,6 +108,10 @@ fn modes_take_their_data_and_dpo_is_validated() {
     assert!(Recipe::from_stored(&grpo, "r.toml").is_ok());
     assert_eq!(Recipe::from_stored(&format!("{grpo}[grpo]\nnum_generations = 1\n"), "r.toml").unwrap_err().key, "grpo.num_generations");
     assert!(explain().contains("[grpo]") && explain().contains("grpo.loss_type: dapo | grpo | dr_grpo"));
+    let ppo = grpo.replace("mode = \"grpo\"", "mode = \"ppo\"");
+    assert!(Recipe::from_stored(&ppo, "r.toml").is_ok());
+    assert_eq!(Recipe::from_stored(&format!("{ppo}[ppo]\nnum_ppo_epochs = 0\n"), "r.toml").unwrap_err().key, "ppo.num_ppo_epochs");
+    assert!(explain().contains("[ppo]") && explain().contains("vf_coef = 0.1"));
     let mamba_reward = base.replace("mode = \"dpo\"", "mode = \"reward\"").replace("init_from", "arch = \"mamba\"\ninit_from");
     assert_eq!(Recipe::from_stored(&mamba_reward, "r.toml").unwrap_err().key, "training.mode", "no score head on a Mamba");
 }

@@ -187,7 +187,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     }
     let modes_of_source: &[TrainMode] = match d.source {
         DataSource::Chat => &[TrainMode::Sft],
-        DataSource::ArithmeticChat => &[TrainMode::Sft, TrainMode::Grpo],
+        DataSource::ArithmeticChat => &[TrainMode::Sft, TrainMode::Grpo, TrainMode::Ppo],
         DataSource::Preferences | DataSource::ArithmeticPreferences => &[TrainMode::Dpo, TrainMode::Reward],
         _ => &[TrainMode::Pretrain],
     };
@@ -196,15 +196,15 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "training",
             "mode",
             format!("training.mode = \"{}\" does not train on data.source = \"{}\"", recipe.training.mode, d.source),
-            "sft takes source = \"chat\" or \"arithmetic-chat\"; grpo \"arithmetic-chat\" (its verifier knows the answers); dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
+            "sft takes source = \"chat\" or \"arithmetic-chat\"; grpo and ppo \"arithmetic-chat\" (their verifier knows the answers); dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
         );
     }
-    if recipe.training.mode == TrainMode::Reward && m.arch == Arch::Mamba {
+    if matches!(recipe.training.mode, TrainMode::Reward | TrainMode::Ppo) && m.arch == Arch::Mamba {
         return fail(
             "training",
             "mode",
-            "reward models are transformers here (the score head reads the last token's hidden state); model.arch is mamba".into(),
-            "use model.arch = \"llama\" or \"gpt2\" (or a base of that arch) for a reward model".into(),
+            "reward models and PPO's value head are transformers here (a scalar head on the hidden states); model.arch is mamba".into(),
+            "use model.arch = \"llama\" or \"gpt2\" (or a base of that arch) for reward and ppo".into(),
         );
     }
     let g = &recipe.grpo;
@@ -221,11 +221,27 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "use e.g. num_generations = 8, max_completion_length = 16, temperature = 1.0, beta = 0.04".into(),
         );
     }
-    if check_files && !g.reward_model.is_empty() && !Path::new(&g.reward_model).is_dir() {
+    let p = &recipe.ppo;
+    if recipe.training.mode == TrainMode::Ppo
+        && (p.num_ppo_epochs == 0
+            || p.max_completion_length == 0
+            || !(p.temperature > 0.0)
+            || !(0.0..=1.0).contains(&p.lam)
+            || !(0.0..=1.0).contains(&p.gamma))
+    {
         return fail(
-            "grpo",
+            "ppo",
+            "num_ppo_epochs",
+            "PPO needs num_ppo_epochs and max_completion_length above 0, temperature > 0, and gamma and lam in [0, 1]".into(),
+            "use e.g. num_ppo_epochs = 4, max_completion_length = 16, temperature = 1.0, gamma = 1.0, lam = 0.95".into(),
+        );
+    }
+    let reward_model = &recipe.training.reward_model;
+    if check_files && !reward_model.is_empty() && !Path::new(reward_model).is_dir() {
+        return fail(
+            "training",
             "reward_model",
-            format!("reward_model = `{}` is not a folder", g.reward_model),
+            format!("reward_model = `{reward_model}` is not a folder"),
             "point it at a run trained with training.mode = \"reward\", or leave it empty for the verifier".into(),
         );
     }

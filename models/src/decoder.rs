@@ -254,6 +254,16 @@ impl<B: FusedOps> Decoder<B> {
         score.forward(last).reshape([batch])
     }
 
+    /// Logits `[batch, seq, vocab]` and one value per position `[batch, seq]` from the score
+    /// head, from one pass: a policy with a value head (PPO).
+    pub fn logits_and_values(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let score = self.score.as_ref().expect("values need a model built with score_head");
+        let [batch, seq] = tokens.dims();
+        let hidden = self.forward_hidden(tokens, None);
+        let values = score.forward(hidden.clone()).reshape([batch, seq]);
+        (self.head(hidden), values)
+    }
+
     /// Logits over the vocabulary for hidden states `[batch, seq, d_model]`.
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         lm_logits(hidden, self.lm_head.as_ref(), &self.embed_tokens)

@@ -101,6 +101,14 @@ impl<B: FusedOps> LanguageModel<B> {
             Self::Mamba(_) => panic!("reward models are transformers only (the recipe check rejects this)"),
         }
     }
+
+    /// Logits and a value per position from the score head (PPO's policy with value head).
+    pub fn logits_and_values(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        match self {
+            Self::Decoder(m) => m.logits_and_values(tokens),
+            Self::Mamba(_) => panic!("value heads are on transformers only (the recipe check rejects this)"),
+        }
+    }
 }
 
 impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {

@@ -47,7 +47,7 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
         let val = Loader::pairs(val, pad, t.seq_len, b, seed, 0, 1, false).map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
         return Ok(Datasets { tokenizer, train, val, chat_template: Some(template), reference_pairs: reference });
     }
-    if matches!(t.mode, TrainMode::Sft | TrainMode::Grpo) {
+    if matches!(t.mode, TrainMode::Sft | TrainMode::Grpo | TrainMode::Ppo) {
         let path = Path::new(&recipe.data.tokenizer);
         let tokenizer = TextTokenizer::load(path).map_err(anyhow::Error::msg)?;
         let template = ChatTemplate::new(&chat_template_source(recipe)?, &tokenizer).map_err(anyhow::Error::msg)?;

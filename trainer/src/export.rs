@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use furnace_configs::fsutil::atomic_write;
 use furnace_configs::Recipe;
+use furnace_configs::TrainMode;
 use furnace_data::TextTokenizer;
 use furnace_models::hf::{config_to_hf, hf_arch_for, to_hf, to_peft, HfArch};
 use furnace_models::lora::{has_lora, merge_lora, LoraInit};
@@ -63,6 +64,10 @@ fn read_source(checkpoint: &Path, merge_adapters: bool) -> Result<Source> {
         }
         let lora = lora_config(&recipe.lora).with_context(|| format!("{}: adapters present but [lora] r = 0", dir.display()))?;
         weights = merge_lora(&weights, lora.scale());
+    }
+    if recipe.training.mode == TrainMode::Ppo {
+        // PPO's value head trains the policy and is not part of it (TRL saves the policy alone).
+        weights.retain(|name, _| !name.starts_with("score."));
     }
     let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {}: {e}", dir.display()))?;
     let hf = to_hf(arch, &weights, config.n_layers()).map_err(anyhow::Error::msg)?;

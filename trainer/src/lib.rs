@@ -13,12 +13,12 @@ pub mod datasets;
 pub mod evaluate;
 pub mod export;
 pub mod gguf;
-pub mod grpo;
 pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod objective;
 pub mod preference;
+pub mod rollout;
 pub mod tensorboard;
 pub mod train;
 

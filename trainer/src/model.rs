@@ -126,10 +126,13 @@ pub fn lora_config(l: &LoraSection) -> Option<LoraConfig> {
 /// `[lora]` asks for them, and the base's linear layers in NF4 under QLoRA. Weights loaded
 /// afterwards (`load_named`) keep each parameter's trainable flag.
 pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&NamedTensors>, device: &B::Device) -> Result<Built<B>> {
-    let reward = recipe.training.mode == TrainMode::Reward;
+    // A reward model's score head, or PPO's value head on the policy.
+    let reward = matches!(recipe.training.mode, TrainMode::Reward | TrainMode::Ppo);
     let config = match model_config(&recipe.model.resolve(Some(vocab))) {
         ModelConfig::Decoder(c) => ModelConfig::Decoder(c.with_score_head(reward)),
-        ModelConfig::Mamba(_) if reward => bail!("training.mode = \"reward\" needs a transformer with a score head; this model is a Mamba"),
+        ModelConfig::Mamba(_) if reward => {
+            bail!("training.mode = \"{}\" needs a transformer with a scalar head; this model is a Mamba", recipe.training.mode)
+        }
         mamba => mamba,
     };
     let mut model = config.init::<B>(recipe.run.seed, device);
@@ -177,10 +180,10 @@ fn load_peft_adapters<B: Backend>(model: LanguageModel<B>, config: &ModelConfig,
     furnace_models::params::load_named(model, &tensors).map_err(|e| anyhow::anyhow!("lora.adapter_from = {}: {e}", dir.display()))
 }
 
-/// `grpo.reward_model`: a reward model (a run trained with training.mode = "reward") for a
+/// `training.reward_model`: a reward model (a run trained with training.mode = "reward") for a
 /// policy that uses `tokenizer`.
 pub fn load_reward_model<B: Backend>(path: &Path, tokenizer: &TextTokenizer, device: &B::Device) -> Result<LanguageModel<B>> {
-    let key = format!("grpo.reward_model = {}", path.display());
+    let key = format!("training.reward_model = {}", path.display());
     let base = load_base(path).with_context(|| key.clone())?;
     let theirs = TextTokenizer::load(&base.tokenizer).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
     if theirs.to_json() != tokenizer.to_json() {

@@ -3,7 +3,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, softmax};
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{DpoLoss, DpoSection, GrpoLoss, GrpoSection};
+use furnace_configs::{DpoLoss, DpoSection, GrpoLoss, GrpoSection, PpoSection};
 use furnace_models::kernels::{cross_entropy, FusedOps};
 
 /// Summed next-token cross-entropy over the positions with a target (an ignored target, -1,
@@ -104,6 +104,85 @@ pub fn grpo_loss<B: Backend>(
     };
     let mean_kl = (kl * mask.clone()).sum().detach() / mask.sum().clamp_min(1.0);
     (loss, mean_kl)
+}
+
+/// PPO's advantages and returns, as TRL's PPOTrainer computes them, over `[rows, len]`
+/// row-major arrays (`mask` marks reply tokens): per-token rewards `−kl_coef·(logp − ref)` with
+/// each reply's score added at its last token, GAE backwards along each row (values and
+/// rewards 0 outside the reply), returns = advantages + values, then advantages whitened over
+/// the reply tokens (unbiased variance) and zeroed elsewhere.
+pub fn ppo_advantages(
+    logps: &[f64],
+    ref_logps: &[f64],
+    values: &[f64],
+    scores: &[f64],
+    mask: &[bool],
+    len: usize,
+    config: &PpoSection,
+) -> (Vec<f64>, Vec<f64>) {
+    let masked = |x: &[f64], i: usize| if mask[i] { x[i] } else { 0.0 };
+    let mut advantages = vec![0.0; mask.len()];
+    let mut returns = vec![0.0; mask.len()];
+    for (row, score) in scores.iter().enumerate() {
+        let at = row * len;
+        let last_token = (0..len).rev().find(|&t| mask[at + t]);
+        let mut running = 0.0;
+        for t in (0..len).rev() {
+            let i = at + t;
+            let mut reward = if mask[i] { -config.kl_coef * (logps[i] - ref_logps[i]) } else { 0.0 };
+            if Some(t) == last_token {
+                reward += score;
+            }
+            let next = if t + 1 < len { masked(values, i + 1) } else { 0.0 };
+            running = reward + config.gamma * next - masked(values, i) + config.gamma * config.lam * running;
+            advantages[i] = running;
+            returns[i] = running + masked(values, i);
+        }
+    }
+    let count = mask.iter().filter(|&&m| m).count() as f64;
+    let mean = advantages.iter().zip(mask).filter(|(_, &m)| m).map(|(a, _)| a).sum::<f64>() / count;
+    let var = advantages.iter().zip(mask).filter(|(_, &m)| m).map(|(a, _)| (a - mean).powi(2)).sum::<f64>() / (count - 1.0).max(1.0);
+    let scale = 1.0 / (var + 1e-8).sqrt();
+    for (a, &m) in advantages.iter_mut().zip(mask) {
+        *a = if m { (*a - mean) * scale } else { 0.0 };
+    }
+    (advantages, returns)
+}
+
+/// What PPO's loss needs from the rollout, `[rows, len]` each (`advantages` `[rows, len]` too).
+pub struct PpoTargets<B: Backend> {
+    pub old_logps: Tensor<B, 2>,
+    pub old_values: Tensor<B, 2>,
+    pub advantages: Tensor<B, 2>,
+    pub returns: Tensor<B, 2>,
+    pub mask: Tensor<B, 2>,
+}
+
+/// PPO's loss (TRL's PPOTrainer): the clipped policy loss `max(−A·ρ, −A·clip(ρ, 1 ± ε))` and
+/// the clipped value loss `½·max((v − R)², (clip(v, v_old ± ε_v) − R)²)`, masked means over the
+/// reply tokens, combined as `pg + vf_coef·vf`. Returns the loss, the policy and value losses
+/// and the fraction of tokens whose ratio was clipped.
+pub fn ppo_loss<B: Backend>(
+    logps: Tensor<B, 2>,
+    values: Tensor<B, 2>,
+    targets: &PpoTargets<B>,
+    config: &PpoSection,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let PpoTargets { old_logps, old_values, advantages, returns, mask } = targets;
+    let count = mask.clone().sum().clamp_min(1.0);
+    let masked_mean = |x: Tensor<B, 2>| (x * mask.clone()).sum() / count.clone();
+    let eps_v = config.cliprange_value;
+    let clipped_values = old_values.clone() + (values.clone() - old_values.clone()).clamp(-eps_v, eps_v);
+    let value_losses = (values - returns.clone()).powi_scalar(2).max_pair((clipped_values - returns.clone()).powi_scalar(2));
+    let vf_loss = masked_mean(value_losses) * 0.5;
+    let ratio = (logps - old_logps.clone()).exp();
+    let eps = config.cliprange;
+    let unclipped = advantages.clone().neg() * ratio.clone();
+    let clipped = advantages.clone().neg() * ratio.clamp(1.0 - eps, 1.0 + eps);
+    let clip_fraction = masked_mean(clipped.clone().greater(unclipped.clone()).float()).detach();
+    let pg_loss = masked_mean(unclipped.max_pair(clipped));
+    let loss = pg_loss.clone() + vf_loss.clone() * config.vf_coef;
+    (loss, pg_loss.detach(), vf_loss.detach(), clip_fraction)
 }
 
 /// One label per position drawn from the model's own predictive distribution (inverse-CDF
@@ -255,6 +334,73 @@ mod tests {
             let grad: Vec<f32> = logps.grad(&grads).unwrap().into_data().into_vec().unwrap();
             for (a, b) in grad.iter().zip(flat(&case["grad"])) {
                 close(*a as f64, b, &format!("{what} grad"));
+            }
+        }
+    }
+
+    /// Against TRL's formulas (scripts/reference/ppo_reference.py → tests/fixtures/ppo.json):
+    /// advantages and returns, both losses, and their gradients with respect to the new
+    /// log-probabilities and values.
+    #[test]
+    fn ppo_advantages_and_losses_match_trl() {
+        type AB = burn::backend::Autodiff<B>;
+        let fixture: serde_json::Value = serde_json::from_str(include_str!("../../tests/fixtures/ppo.json")).unwrap();
+        let flat = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x.as_array().cloned().unwrap_or_else(|| vec![x.clone()]))
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() <= 2e-6 * b.abs().max(1.0), "{what}: {a} vs {b}");
+        let mask_values = flat(&fixture["mask"]);
+        let mask: Vec<bool> = mask_values.iter().map(|&m| m > 0.5).collect();
+        let rows = flat(&fixture["scores"]).len();
+        let len = mask.len() / rows;
+        let device = Default::default();
+        let tensor =
+            |v: &[f64]| Tensor::<AB, 2>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), [rows, len]), &device);
+        for case in fixture["cases"].as_array().unwrap() {
+            let num = |k: &str| case[k].as_f64().unwrap();
+            let config = PpoSection {
+                kl_coef: num("kl_coef"),
+                gamma: num("gamma"),
+                lam: num("lam"),
+                cliprange: num("cliprange"),
+                cliprange_value: num("cliprange_value"),
+                vf_coef: num("vf_coef"),
+                ..Default::default()
+            };
+            let (old, values) = (flat(&fixture["old_logps"]), flat(&fixture["values"]));
+            let (advantages, returns) =
+                ppo_advantages(&old, &flat(&fixture["ref_logps"]), &values, &flat(&fixture["scores"]), &mask, len, &config);
+            for (name, ours) in [("advantages", &advantages), ("returns", &returns)] {
+                for (i, (a, b)) in ours.iter().zip(flat(&case[name])).enumerate() {
+                    if mask[i] {
+                        close(*a, b, name);
+                    }
+                }
+            }
+            let targets = PpoTargets {
+                old_logps: tensor(&old),
+                old_values: tensor(&values),
+                advantages: tensor(&advantages),
+                returns: tensor(&returns),
+                mask: tensor(&mask_values),
+            };
+            let logps = tensor(&flat(&fixture["new_logps"])).require_grad();
+            let new_values = tensor(&flat(&fixture["new_values"])).require_grad();
+            let (loss, pg, vf, _) = ppo_loss(logps.clone(), new_values.clone(), &targets, &config);
+            close(pg.into_scalar() as f64, num("pg_loss"), "pg_loss");
+            close(vf.into_scalar() as f64, num("vf_loss"), "vf_loss");
+            let grads = loss.backward();
+            close(loss.into_scalar() as f64, num("loss"), "loss");
+            for (name, input) in [("grad_logps", &logps), ("grad_values", &new_values)] {
+                let grad: Vec<f32> = input.grad(&grads).unwrap().into_data().into_vec().unwrap();
+                for (a, b) in grad.iter().zip(flat(&case[name])) {
+                    close(*a as f64, b, name);
+                }
             }
         }
     }

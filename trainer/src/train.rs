@@ -25,13 +25,13 @@ use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::datasets::{self, Datasets};
 use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss, Asked};
-use crate::grpo::{self, rollout, step_prompts, GrpoStats};
 use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
-use crate::objective::{grpo_loss, token_log_probs};
+use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoStats, PairLogps};
+use crate::rollout::{self, rollout, step_prompts, RolloutStats, Sampling};
 
 /// One step's accumulated gradients, its loss, the inputs of its last micro-batch (for
 /// Sophia's curvature estimate) and the tokens it trained on.
@@ -42,12 +42,14 @@ struct Gradients<B: TrainBackend> {
     tokens: usize,
 }
 
-struct Grpo<B: TrainBackend> {
-    prompts: Vec<grpo::Prompt>,
+/// GRPO and PPO: the prompts, the frozen starting model, the reward model, and metrics since the
+/// last log line.
+struct Rl<B: TrainBackend> {
+    prompts: Vec<rollout::Prompt>,
     reference: LanguageModel<B::InnerBackend>,
-    /// `grpo.reward_model`, or None for the verifier.
+    /// `training.reward_model`, or None for the verifier.
     reward_model: Option<LanguageModel<B::InnerBackend>>,
-    window: GrpoStats,
+    window: RolloutStats,
 }
 
 pub struct TrainJob {
@@ -80,8 +82,8 @@ struct Trainer<B: TrainBackend> {
     reference: Option<(Vec<PairLogps>, Vec<PairLogps>)>,
     /// DPO: metrics summed since the last log line.
     dpo_window: DpoStats,
-    /// GRPO: the prompts, the frozen starting model, and metrics since the last log line.
-    grpo: Option<Grpo<B>>,
+    /// GRPO and PPO: what sampling replies needs.
+    rl: Option<Rl<B>>,
     checkpointer: Checkpointer,
     metrics: Metrics,
     state: TrainState,
@@ -164,15 +166,16 @@ impl<B: TrainBackend> Trainer<B> {
             let (n_train, n_val) = (train_pairs.items(), val_pairs.items());
             (reference_log_probs(&valid, &mut train_pairs, n_train, &device), reference_log_probs(&valid, &mut val_pairs, n_val, &device))
         });
-        // GRPO's reference is the starting model too, kept whole (its KL term needs every token).
-        let grpo = match (recipe.training.mode, &chat_template) {
-            (TrainMode::Grpo, Some(template)) => {
-                let reward_model = match recipe.grpo.reward_model.as_str() {
+        // GRPO's and PPO's reference is the starting model too, kept whole (their KL terms
+        // need every token).
+        let rl = match (recipe.training.mode, &chat_template) {
+            (TrainMode::Grpo | TrainMode::Ppo, Some(template)) => {
+                let reward_model = match recipe.training.reward_model.as_str() {
                     "" => None,
                     path => Some(load_reward_model(Path::new(path), &tokenizer, &device)?),
                 };
-                let prompts = grpo::prompts(&recipe, template, &tokenizer)?;
-                Some(Grpo { prompts, reference: model.valid(), reward_model, window: GrpoStats::default() })
+                let prompts = rollout::prompts(&recipe, template, &tokenizer)?;
+                Some(Rl { prompts, reference: model.valid(), reward_model, window: RolloutStats::default() })
             }
             _ => None,
         };
@@ -224,7 +227,7 @@ impl<B: TrainBackend> Trainer<B> {
             chat_template,
             reference,
             dpo_window: DpoStats::default(),
-            grpo,
+            rl,
             checkpointer,
             metrics,
             state,
@@ -259,9 +262,10 @@ impl<B: TrainBackend> Trainer<B> {
                 100.0 * trainable as f64 / total as f64
             ));
         }
-        if self.grpo.is_some() && self.state.step == 0 {
-            // The verifier's mean reward before any GRPO step: what the run improves on.
-            self.held_out_exact_match(&model.valid(), " before GRPO")?;
+        if self.rl.is_some() && self.state.step == 0 {
+            // The verifier's mean reward before any step: what the run improves on.
+            let when = format!(" before {}", self.recipe.training.mode.to_string().to_uppercase());
+            self.held_out_exact_match(&model.valid(), &when)?;
         }
         let mut window_start = Instant::now();
         let mut window_tokens = 0usize;
@@ -285,8 +289,8 @@ impl<B: TrainBackend> Trainer<B> {
                     TrainMode::Dpo | TrainMode::Reward => std::mem::take(&mut self.dpo_window).means("", self.reference.is_some()),
                     _ => Vec::new(),
                 };
-                if let Some(grpo) = &mut self.grpo {
-                    mode_metrics.extend(std::mem::take(&mut grpo.window).means().into_iter().map(|(name, v)| (name.to_string(), v)));
+                if let Some(rl) = &mut self.rl {
+                    mode_metrics.extend(std::mem::take(&mut rl.window).means().into_iter().map(|(name, v)| (name.to_string(), v)));
                 }
                 let mut values = vec![
                     ("loss", loss),
@@ -339,9 +343,10 @@ impl<B: TrainBackend> Trainer<B> {
     /// Zero grads, micro-batches, clip, optimizer step. Returns the step's loss (still on the
     /// device), the pre-clip global gradient norm and the tokens trained on.
     fn train_step(&mut self, model: LanguageModel<B>, lr: f64) -> Result<(LanguageModel<B>, Tensor<B::InnerBackend, 1>, f64, usize)> {
-        let Gradients { grads, loss, last_inputs, tokens } = match self.grpo.is_some() {
-            true => self.grpo_gradients(&model),
-            false => self.batch_gradients(&model),
+        let Gradients { grads, loss, last_inputs, tokens } = match self.recipe.training.mode {
+            TrainMode::Ppo => return self.ppo_step(model, lr),
+            TrainMode::Grpo => self.grpo_gradients(&model),
+            _ => self.batch_gradients(&model),
         };
         let t = &self.recipe.training;
         if self.optimizer.needs_curvature(self.optimizer.step + 1) {
@@ -412,21 +417,27 @@ impl<B: TrainBackend> Trainer<B> {
     /// them, and take the gradient of GRPO's loss on them.
     fn grpo_gradients(&mut self, model: &LanguageModel<B>) -> Gradients<B> {
         let (t, config) = (&self.recipe.training, &self.recipe.grpo);
-        let grpo = self.grpo.as_mut().expect("GRPO state in grpo mode");
+        let rl = self.rl.as_mut().expect("rollout state in grpo mode");
+        let sampling = Sampling {
+            replies_per_prompt: config.num_generations,
+            max_completion_length: config.max_completion_length,
+            temperature: config.temperature,
+        };
         let policy = model.valid();
         let mut accumulator = GradientsAccumulator::new();
         let (mut step_loss, mut last_inputs, mut tokens) = (None, None, 0);
         for micro in 0..t.grad_accum_steps {
-            let prompts = step_prompts(&grpo.prompts, self.state.step, micro, t.grad_accum_steps, t.local_batch_size);
+            let prompts = step_prompts(&rl.prompts, self.state.step, micro, t.grad_accum_steps, t.local_batch_size);
             let seed = self.recipe.run.seed ^ ((self.state.step * t.grad_accum_steps + micro) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-            let rollout = rollout(&policy, grpo.reward_model.as_ref(), &prompts, config, &self.tokenizer, seed, &self.device);
-            let reference = rollout.reference_log_probs(&grpo.reference, &self.device);
+            let rollout = rollout(&policy, rl.reward_model.as_ref(), &prompts, &sampling, &self.tokenizer, seed, &self.device);
+            let reference = rollout.reference_log_probs(&rl.reference, &self.device);
             let (inputs, targets) = rollout.tensors::<B>(&self.device);
             let logps = token_log_probs(model.forward(inputs.clone()), targets);
             let reference = Tensor::from_data(TensorData::new(reference, [rollout.rows, rollout.len]), &self.device);
-            let (loss, kl) = grpo_loss(logps, reference, rollout.mask(&self.device), rollout.advantages(config, &self.device), config);
+            let advantages = rollout.group_advantages(config.num_generations, config.scale_rewards, &self.device);
+            let (loss, kl) = grpo_loss(logps, reference, rollout.mask(&self.device), advantages, config);
             let loss = loss / t.grad_accum_steps as f64;
-            grpo.window.add(&rollout, config.num_generations, kl.into_scalar().elem::<f64>());
+            rl.window.add(&rollout, config.num_generations, kl.into_scalar().elem::<f64>());
             tokens += rollout.rows * rollout.len;
             let detached = loss.clone().inner();
             step_loss = Some(match step_loss.take() {
@@ -442,6 +453,64 @@ impl<B: TrainBackend> Trainer<B> {
             last_inputs: last_inputs.expect("at least one micro-batch"),
             tokens,
         }
+    }
+
+    /// PPO: sample one reply per prompt, score it, compute the rollout's log-probabilities,
+    /// values, GAE advantages and returns, then take `num_ppo_epochs` optimiser steps on the
+    /// clipped losses. Returns the last epoch's loss and gradient norm.
+    fn ppo_step(&mut self, mut model: LanguageModel<B>, lr: f64) -> Result<(LanguageModel<B>, Tensor<B::InnerBackend, 1>, f64, usize)> {
+        let (t, config) = (self.recipe.training.clone(), self.recipe.ppo.clone());
+        let rl = self.rl.as_mut().expect("rollout state in ppo mode");
+        let device = self.device.clone();
+        let sampling =
+            Sampling { replies_per_prompt: 1, max_completion_length: config.max_completion_length, temperature: config.temperature };
+        let prompts = step_prompts(&rl.prompts, self.state.step, 0, 1, t.local_batch_size);
+        let seed = self.recipe.run.seed ^ (self.state.step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let policy = model.valid();
+        let rollout = rollout(&policy, rl.reward_model.as_ref(), &prompts, &sampling, &self.tokenizer, seed, &device);
+        let host = |x: Tensor<B::InnerBackend, 2>| -> Vec<f64> { x.into_data().convert::<f64>().into_vec().expect("f64") };
+        let (inputs, targets) = rollout.tensors::<B::InnerBackend>(&device);
+        let (logits, values) = policy.logits_and_values(inputs);
+        let (old_logps, old_values) = (host(token_log_probs(logits, targets)), host(values));
+        let ref_logps: Vec<f64> = rollout.reference_log_probs(&rl.reference, &device).into_iter().map(f64::from).collect();
+        let mask: Vec<bool> = rollout.targets.iter().map(|&t| t != IGNORE).collect();
+        let (advantages, returns) = ppo_advantages(&old_logps, &ref_logps, &old_values, &rollout.rewards, &mask, rollout.len, &config);
+        let kl: f64 = old_logps.iter().zip(&ref_logps).zip(&mask).filter(|(_, &m)| m).map(|((a, b), _)| a - b).sum::<f64>();
+        rl.window.add(&rollout, 1, kl / rollout.rows as f64);
+        let shape = [rollout.rows, rollout.len];
+        let tensor =
+            |v: &[f64]| Tensor::<B, 2>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), shape), &device);
+        let targets = PpoTargets {
+            old_logps: tensor(&old_logps),
+            old_values: tensor(&old_values),
+            advantages: tensor(&advantages),
+            returns: tensor(&returns),
+            mask: rollout.mask(&device),
+        };
+        let (inputs, labels) = rollout.tensors::<B>(&device);
+        let mut last = None;
+        for _ in 0..config.num_ppo_epochs {
+            let (logits, values) = model.logits_and_values(inputs.clone());
+            let (loss, policy_loss, value_loss, clip_fraction) =
+                ppo_loss(token_log_probs(logits, labels.clone()), values, &targets, &config);
+            let scalar = |x: Tensor<B, 1>| x.into_scalar().elem::<f64>();
+            let window = &mut self.rl.as_mut().expect("rollout state in ppo mode").window;
+            window.add_ppo_update(scalar(policy_loss), scalar(value_loss), scalar(clip_fraction));
+            let detached = loss.clone().inner();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            if self.optimizer.needs_curvature(self.optimizer.step + 1) {
+                let (curvature, batch_tokens) = self.curvature_grads(&model, inputs.clone());
+                self.optimizer.update_curvature(&model, &curvature, batch_tokens);
+            }
+            let grad_norm = global_grad_norm::<B, _>(&model, &grads);
+            if !grad_norm.is_finite() {
+                bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr", self.state.step);
+            }
+            model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, t.max_norm));
+            last = Some((detached, grad_norm));
+        }
+        let (loss, grad_norm) = last.expect("num_ppo_epochs > 0");
+        Ok((model, loss, grad_norm, rollout.rows * rollout.len * config.num_ppo_epochs))
     }
 
     /// Gauss-Newton-Bartlett (Sophia-G): gradients of the mean loss on labels sampled from the

@@ -324,14 +324,57 @@ fn grpo_samples_scores_and_resumes_exactly() {
         "training.steps=2",
     ];
     assert!(s.train("rm", &reward).status.success());
-    let rm = format!("grpo.reward_model={}", s.dir.path().join("rm").display());
+    let rm = format!("training.reward_model={}", s.dir.path().join("rm").display());
     let scored = s.train("scored", &[&grpo[..], &["--max-steps", "2", "--set", &rm]].concat());
     assert!(scored.status.success(), "{}", text(&scored));
     let metrics = std::fs::read_to_string(s.dir.path().join("scored/metrics.jsonl")).unwrap();
     let rewards: Vec<f64> =
         metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reward"].as_f64()).collect();
     assert!(rewards.iter().all(|r| r.fract() != 0.0), "reward-model scores, not 0/1: {rewards:?}");
-    let not_rm = format!("grpo.reward_model={}", s.dir.path().join("straight").display());
+    let not_rm = format!("training.reward_model={}", s.dir.path().join("straight").display());
     let refused = s.train("refused", &[&grpo[..], &["--set", &not_rm]].concat());
     assert!(!refused.status.success() && text(&refused).contains("no score head"), "{}", text(&refused));
+}
+
+#[test]
+fn ppo_trains_with_a_value_head_resumes_exactly_and_exports_the_policy() {
+    let s = setup();
+    let ppo = [
+        "--set",
+        "training.mode=\"ppo\"",
+        "--set",
+        "data.source=\"arithmetic-chat\"",
+        "--set",
+        "data.num_examples=200",
+        "--set",
+        "eval.arithmetic_problems=4",
+        "--set",
+        "ppo.max_completion_length=6",
+        "--set",
+        "ppo.num_ppo_epochs=2",
+        "--set",
+        "training.local_batch_size=4",
+        "--set",
+        "training.steps=4",
+    ];
+    let straight = s.train("straight", &ppo);
+    assert!(straight.status.success(), "{}", text(&straight));
+    assert!(text(&straight).contains("before PPO"), "{}", text(&straight));
+    let metrics = std::fs::read_to_string(s.dir.path().join("straight/metrics.jsonl")).unwrap();
+    for key in ["\"reward\"", "\"kl\"", "\"loss/policy_avg\"", "\"loss/value_avg\"", "\"policy/clipfrac_avg\""] {
+        assert!(metrics.contains(key), "{key} in {metrics}");
+    }
+    assert!(s.train("split", &[&ppo[..], &["--max-steps", "2"]].concat()).status.success());
+    let split = s.dir.path().join("split");
+    let resumed = s.train("split", &[&ppo[..], &["--resume", split.to_str().unwrap()]].concat());
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let (a, b) = (losses(&s.dir.path().join("straight")), losses(&split));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b, "a resumed PPO run samples and trains as the straight one");
+    // The value head trains the policy but is not exported with it.
+    let hf = s.dir.path().join("hf");
+    let run = s.dir.path().join("straight");
+    run_ok(&["export", "--checkpoint", run.to_str().unwrap(), "--format", "safetensors", "--out", hf.to_str().unwrap()]);
+    let tensors = furnace_models::params::from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
+    assert!(!tensors.keys().any(|k| k.contains("score")), "{:?}", tensors.keys().collect::<Vec<_>>());
 }

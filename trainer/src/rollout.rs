@@ -1,13 +1,12 @@
-//! GRPO (Shao et al., 2024) as TRL's GRPOTrainer runs it, on the built-in arithmetic task:
-//! each step samples `num_generations` replies to each prompt from the current model, scores
-//! them with the exact-match verifier, normalises the rewards within each prompt's group and
-//! takes one optimiser step on the replies' tokens (loss in `objective::grpo_loss`), with a KL
-//! penalty to the frozen starting model. Prompts and sampling seeds are functions of the step,
-//! so a resumed run draws exactly what the uninterrupted one would.
+//! What GRPO and PPO share: prompts from the built-in arithmetic task, replies sampled from the
+//! current model (batched through its decoding state) and scored by the exact-match verifier or
+//! a reward model, laid out as training rows, and the metrics TRL logs. The losses are in
+//! `objective` (`grpo_loss`, `ppo_advantages` / `ppo_loss`). Prompts and sampling seeds are
+//! functions of the step, so a resumed run draws exactly what the uninterrupted one would.
 
 use anyhow::Result;
 use burn::prelude::*;
-use furnace_configs::{GrpoSection, Recipe};
+use furnace_configs::Recipe;
 use furnace_data::chat::ChatTemplate;
 use furnace_data::corpus::arithmetic_config;
 use furnace_data::generators::arithmetic_conversations;
@@ -54,14 +53,21 @@ pub struct Rollout {
     pub reply_tokens: usize,
 }
 
-/// Sample and score `num_generations` replies to each prompt with `policy` (its inner,
+/// How replies are drawn.
+pub struct Sampling {
+    pub replies_per_prompt: usize,
+    pub max_completion_length: usize,
+    pub temperature: f64,
+}
+
+/// Sample and score `replies_per_prompt` replies to each prompt with `policy` (its inner,
 /// autodiff-free copy): by `reward_model` when given, read at each reply's last token as it was
 /// trained, else by the verifier. `seed` fixes every draw.
 pub fn rollout<B: FusedOps>(
     policy: &LanguageModel<B>,
     reward_model: Option<&LanguageModel<B>>,
     prompts: &[&Prompt],
-    config: &GrpoSection,
+    config: &Sampling,
     tokenizer: &TextTokenizer,
     seed: u64,
     device: &B::Device,
@@ -76,7 +82,7 @@ pub fn rollout<B: FusedOps>(
             ..Default::default()
         };
         let generate = GenerateConfig { max_new_tokens: config.max_completion_length, stop_tokens: vec![eos], sampling };
-        for reply in generate_group(policy, &prompt.ids, config.num_generations, &generate, device) {
+        for reply in generate_group(policy, &prompt.ids, config.replies_per_prompt, &generate, device) {
             let text = reply.strip_suffix(&[eos]).unwrap_or(&reply);
             correct.push(tokenizer.decode(text).trim() == prompt.expected);
             rows.push(([prompt.ids.as_slice(), reply.as_slice()].concat(), prompt.ids.len()));
@@ -121,9 +127,9 @@ impl Rollout {
         Tensor::from_data(TensorData::new(mask, [self.rows, self.len]), device)
     }
 
-    pub fn advantages<B: Backend>(&self, config: &GrpoSection, device: &B::Device) -> Tensor<B, 1> {
-        let advantages: Vec<f32> =
-            group_advantages(&self.rewards, config.num_generations, config.scale_rewards).into_iter().map(|a| a as f32).collect();
+    /// GRPO's advantages, one per row.
+    pub fn group_advantages<B: Backend>(&self, group: usize, scale: bool, device: &B::Device) -> Tensor<B, 1> {
+        let advantages: Vec<f32> = group_advantages(&self.rewards, group, scale).into_iter().map(|a| a as f32).collect();
         Tensor::from_data(TensorData::new(advantages, [self.rows]), device)
     }
 
@@ -134,9 +140,9 @@ impl Rollout {
     }
 }
 
-/// GRPO's metrics summed since the last log line, named as TRL logs them.
+/// Rollout metrics summed since the last log line, named as TRL logs them; PPO adds its losses.
 #[derive(Debug, Default)]
-pub struct GrpoStats {
+pub struct RolloutStats {
     rewards: f64,
     correct: usize,
     reward_stds: f64,
@@ -145,9 +151,13 @@ pub struct GrpoStats {
     reply_tokens: usize,
     kl: f64,
     batches: usize,
+    ppo_updates: usize,
+    policy_loss: f64,
+    value_loss: f64,
+    clip_fraction: f64,
 }
 
-impl GrpoStats {
+impl RolloutStats {
     pub fn add(&mut self, rollout: &Rollout, group: usize, kl: f64) {
         self.rewards += rollout.rewards.iter().sum::<f64>();
         self.correct += rollout.correct.iter().filter(|&&ok| ok).count();
@@ -162,15 +172,32 @@ impl GrpoStats {
         self.batches += 1;
     }
 
+    /// One PPO optimiser step's losses and clipped fraction.
+    pub fn add_ppo_update(&mut self, policy_loss: f64, value_loss: f64, clip_fraction: f64) {
+        self.ppo_updates += 1;
+        self.policy_loss += policy_loss;
+        self.value_loss += value_loss;
+        self.clip_fraction += clip_fraction;
+    }
+
     pub fn means(&self) -> Vec<(&'static str, f64)> {
         let per = |sum: f64, n: usize| sum / n.max(1) as f64;
-        vec![
+        let mut out = vec![
             ("reward", per(self.rewards, self.replies)),
             ("rewards/exact_match/mean", per(self.correct as f64, self.replies)),
-            ("reward_std", per(self.reward_stds, self.groups)),
             ("kl", per(self.kl, self.batches)),
             ("completions/mean_length", per(self.reply_tokens as f64, self.replies)),
-        ]
+        ];
+        if self.ppo_updates > 0 {
+            out.extend([
+                ("loss/policy_avg", per(self.policy_loss, self.ppo_updates)),
+                ("loss/value_avg", per(self.value_loss, self.ppo_updates)),
+                ("policy/clipfrac_avg", per(self.clip_fraction, self.ppo_updates)),
+            ]);
+        } else {
+            out.push(("reward_std", per(self.reward_stds, self.groups)));
+        }
+        out
     }
 }
 
