@@ -262,6 +262,10 @@ section! {
         loss_type: DpoLoss = DpoLoss::Sigmoid,
         /// Conservative DPO: the probability that a preference label is flipped (sigmoid loss).
         label_smoothing: f64 = 0.0,
+        /// Compute the reference's log-probabilities of every pair once, before the first step
+        /// (fast; what TRL's precompute_ref_log_probs does). false: run the frozen reference
+        /// model on each batch, as TRL does by default (no pass over the data up front).
+        precompute_ref_log_probs: bool = true,
     }
 }
 
@@ -341,6 +345,9 @@ section! {
         chat_template: String = String::new(),
         /// Skip (and count) malformed JSONL lines instead of stopping at the first one.
         skip_bad_lines: bool = false,
+        /// SFT: pack several conversations into each row (TRL's padding-free packing), attention
+        /// and positions reset at each one's start, instead of one conversation per padded row.
+        packing: bool = false,
         /// Vocabulary size when training the tokenizer.
         tokenizer_vocab_size: usize = 512,
     }

@@ -245,6 +245,17 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "point it at a run trained with training.mode = \"reward\", or leave it empty for the verifier".into(),
         );
     }
+    if d.packing && (recipe.training.mode != TrainMode::Sft || m.arch == Arch::Mamba) {
+        return fail(
+            "data",
+            "packing",
+            format!(
+                "packing packs SFT conversations for a transformer; this is training.mode = \"{}\" on {}",
+                recipe.training.mode, m.arch
+            ),
+            "set data.packing = false".into(),
+        );
+    }
     let chat_data = recipe.training.mode != TrainMode::Pretrain;
     let p = &recipe.dpo;
     if !(p.beta > 0.0 && p.beta.is_finite()) || !(0.0..0.5).contains(&p.label_smoothing) {

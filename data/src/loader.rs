@@ -28,6 +28,9 @@ pub struct Batch {
     pub seq_len: usize,
     /// The dataset index of each item in the batch (a pair fills two rows: chosen, rejected).
     pub items: Vec<usize>,
+    /// Packed rows: each token's position in its own example (`[batch·seq_len]`), restarting at
+    /// 0 where an example starts; None when each row holds one item.
+    pub positions: Option<Vec<usize>>,
 }
 
 enum Items {
@@ -48,6 +51,8 @@ pub struct Loader {
     shuffle: bool,
     cursor: Cursor,
     order: Vec<usize>,
+    /// Examples packed several to a row (see [`Loader::with_packing`]).
+    pack: bool,
 }
 
 impl Loader {
@@ -118,7 +123,8 @@ impl Loader {
     }
 
     fn with_items(items: Items, seq_len: usize, batch: usize, seed: u64, rank: usize, world: usize, shuffle: bool) -> Self {
-        let mut loader = Self { items, seq_len, batch, seed, rank, world, shuffle, cursor: Cursor::default(), order: Vec::new() };
+        let mut loader =
+            Self { items, seq_len, batch, seed, rank, world, shuffle, cursor: Cursor::default(), order: Vec::new(), pack: false };
         loader.order = loader.epoch_order(0);
         loader
     }
@@ -144,6 +150,15 @@ impl Loader {
         order.into_iter().skip(self.rank).step_by(self.world).collect()
     }
 
+    /// SFT packing (TRL's padding-free packing): each row of examples takes as many whole
+    /// examples as fit, in the epoch's order (one longer than a row is cut), and the batch gives
+    /// each token's position in its example so the model resets attention and positions at each
+    /// start. The cursor counts examples, so resume stays exact.
+    pub fn with_packing(mut self, pack: bool) -> Self {
+        self.pack = pack && matches!(self.items, Items::Examples(..));
+        self
+    }
+
     pub fn cursor(&self) -> Cursor {
         self.cursor
     }
@@ -156,6 +171,9 @@ impl Loader {
     }
 
     pub fn next_batch(&mut self) -> Batch {
+        if self.pack {
+            return self.next_packed_batch();
+        }
         let mut inputs = Vec::with_capacity(self.batch * self.seq_len);
         let mut targets = Vec::with_capacity(self.batch * self.seq_len);
         let mut window = Vec::with_capacity(self.seq_len + 1);
@@ -190,13 +208,52 @@ impl Loader {
             }
         }
         let rows = if matches!(self.items, Items::Pairs(..)) { 2 * self.batch } else { self.batch };
-        Batch { inputs, targets, batch: rows, seq_len: self.seq_len, items }
+        Batch { inputs, targets, batch: rows, seq_len: self.seq_len, items, positions: None }
+    }
+
+    fn next_packed_batch(&mut self) -> Batch {
+        let seq_len = self.seq_len;
+        let cells = self.batch * seq_len;
+        let (mut inputs, mut targets, mut positions) = (Vec::with_capacity(cells), Vec::with_capacity(cells), Vec::with_capacity(cells));
+        let mut items = Vec::new();
+        for _ in 0..self.batch {
+            let mut used = 0;
+            while used < seq_len {
+                if self.cursor.position >= self.order.len() {
+                    self.set_cursor(Cursor { epoch: self.cursor.epoch + 1, position: 0 });
+                }
+                let item = self.order[self.cursor.position];
+                let Items::Examples(examples, _) = &self.items else { unreachable!("packing is for examples") };
+                let example = &examples[item];
+                // An example of n tokens gives n − 1 (input, target) positions.
+                let length = example.tokens.len().saturating_sub(1).min(seq_len - used);
+                if used > 0 && used + example.tokens.len().saturating_sub(1) > seq_len {
+                    break;
+                }
+                for j in 0..length {
+                    inputs.push(example.tokens[j] as i64);
+                    targets.push(if example.trained[j + 1] { example.tokens[j + 1] as i64 } else { IGNORE });
+                    positions.push(j);
+                }
+                used += length;
+                items.push(item);
+                self.cursor.position += 1;
+            }
+            let Items::Examples(_, pad) = &self.items else { unreachable!("packing is for examples") };
+            for j in 0..seq_len - used {
+                inputs.push(*pad as i64);
+                targets.push(IGNORE);
+                positions.push(j);
+            }
+        }
+        Batch { inputs, targets, batch: self.batch, seq_len, items, positions: Some(positions) }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::LabeledTokens;
     use crate::shards::write_shard;
 
     fn loader(dir: &std::path::Path, rank: usize, world: usize) -> Loader {
@@ -239,6 +296,24 @@ mod tests {
         assert_eq!(&b.targets[..6], &[IGNORE, 3, 4, IGNORE, IGNORE, IGNORE]);
         assert_eq!(&b.inputs[6..], &[10, 11, 12, 13, 14, 15], "cut at seq_len");
         assert_eq!(&b.targets[6..], &[11, 12, 13, 14, 15, 16]);
+    }
+
+    #[test]
+    fn packing_fills_rows_with_whole_examples_and_restarts_positions() {
+        let example = |tokens: Vec<u32>| LabeledTokens { trained: vec![true; tokens.len()], tokens };
+        // 4, 3 and 5 positions: a row of 8 takes the first two, the third starts the next row.
+        let rows = vec![example(vec![1, 2, 3, 4, 5]), example(vec![6, 7, 8, 9]), example(vec![10, 11, 12, 13, 14, 15])];
+        let mut l = Loader::examples(rows, 0, 8, 2, 1, 0, 1, false).unwrap().with_packing(true);
+        let b = l.next_batch();
+        assert_eq!(b.items, vec![0, 1, 2]);
+        assert_eq!(b.inputs[..8], [1, 2, 3, 4, 6, 7, 8, 0]);
+        assert_eq!(b.targets[..8], [2, 3, 4, 5, 7, 8, 9, IGNORE]);
+        assert_eq!(b.positions.as_ref().unwrap()[..8], [0, 1, 2, 3, 0, 1, 2, 0]);
+        assert_eq!(b.inputs[8..], [10, 11, 12, 13, 14, 0, 0, 0]);
+        assert_eq!(b.positions.as_ref().unwrap()[8..], [0, 1, 2, 3, 4, 0, 1, 2]);
+        // The cursor counts examples: the epoch is done, the next batch starts a new one.
+        assert_eq!(l.cursor(), Cursor { epoch: 1, position: 0 });
+        assert_eq!(l.next_batch().items[0], 0);
     }
 
     #[test]

@@ -241,6 +241,29 @@ impl<B: FusedOps> Decoder<B> {
         self.norm.forward(x)
     }
 
+    /// Logits for rows that pack several sequences: `positions` (`[batch·seq]`) restart at 0
+    /// where each sequence starts, and attention and positions reset there, so each sequence
+    /// is computed as if alone in its row.
+    pub fn forward_packed(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 3> {
+        let [batch, seq] = tokens.dims();
+        let device = tokens.device();
+        let ids =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(positions.iter().map(|&p| p as i64).collect::<Vec<_>>(), [batch, seq]), &device);
+        let mut x = embedding(self.embed_tokens.val(), tokens);
+        if let Some(table) = &self.embed_positions {
+            x = x + embedding(table.val(), ids.clone());
+        }
+        x = self.embed_dropout.forward(x);
+        let ctx = AttentionContext {
+            rope: self.rope.as_ref().map(|r| r.gather(ids)),
+            bias: packed_attention_bias(positions, seq, self.sliding_window, self.alibi_slopes.as_deref(), &device),
+        };
+        for layer in &self.layers {
+            x = layer.forward(x, &ctx, None);
+        }
+        self.head(self.norm.forward(x))
+    }
+
     /// One scalar per row from the score head, read at `positions[row]` (the last token of
     /// each row's sequence): a reward model's output `[batch]`.
     pub fn scores(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 1> {

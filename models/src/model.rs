@@ -102,6 +102,14 @@ impl<B: FusedOps> LanguageModel<B> {
         }
     }
 
+    /// Logits for rows packing several sequences (see [`Decoder::forward_packed`]).
+    pub fn forward_packed(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 3> {
+        match self {
+            Self::Decoder(m) => m.forward_packed(tokens, positions),
+            Self::Mamba(_) => panic!("packed rows are for transformers only (the recipe check rejects this)"),
+        }
+    }
+
     /// Logits and a value per position from the score head (PPO's policy with value head).
     pub fn logits_and_values(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Tensor<B, 2>) {
         match self {

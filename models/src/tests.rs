@@ -463,3 +463,29 @@ fn group_generation_decodes_each_row_as_alone() {
         assert!(group.iter().all(|r| r.len() == 7) && group.iter().any(|r| r != &group[0]), "{group:?}");
     }
 }
+
+/// Two sequences packed into one row (plus padding) give each the logits it gets alone.
+#[test]
+fn packed_rows_compute_each_sequence_as_if_alone() {
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    for config in [
+        tiny(PositionKind::Rope),
+        tiny(PositionKind::Learned).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true),
+        tiny(PositionKind::Alibi).with_sliding_window(3),
+    ] {
+        let model = config.init::<F>(4, &device);
+        let (a, b): (Vec<i64>, Vec<i64>) = ((0..5).map(|i| (i * 7 + 1) % 50).collect(), (0..4).map(|i| (i * 11 + 2) % 50).collect());
+        let alone = |tokens: &[i64]| -> Vec<f32> {
+            model.forward(Tensor::from_data(TensorData::new(tokens.to_vec(), [1, tokens.len()]), &device)).into_data().into_vec().unwrap()
+        };
+        let row: Vec<i64> = [a.clone(), b.clone(), vec![0; 3]].concat();
+        let positions: Vec<usize> = (0..5).chain(0..4).chain(0..3).collect();
+        let packed: Vec<f32> =
+            model.forward_packed(Tensor::from_data(TensorData::new(row, [1, 12]), &device), &positions).into_data().into_vec().unwrap();
+        let expected = [alone(&a), alone(&b)].concat();
+        for (i, (got, want)) in packed[..9 * 50].iter().zip(&expected).enumerate() {
+            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{:?} logit {i}: packed {got} vs alone {want}", config.position);
+        }
+    }
+}

@@ -64,7 +64,9 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
             if skipped > 0 { format!(", {skipped} malformed lines skipped") } else { String::new() },
         );
         let pad = tokenizer.eos();
-        let train = Loader::examples(train, pad, t.seq_len, t.local_batch_size, seed, rank, world, true).map_err(anyhow::Error::msg)?;
+        let train = Loader::examples(train, pad, t.seq_len, t.local_batch_size, seed, rank, world, true)
+            .map_err(anyhow::Error::msg)?
+            .with_packing(recipe.data.packing);
         let val = Loader::examples(val, pad, t.seq_len, t.local_batch_size, seed, 0, 1, false)
             .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
         return Ok(Datasets { tokenizer, train, val, chat_template: Some(template), reference_pairs: None });

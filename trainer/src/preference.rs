@@ -35,6 +35,18 @@ fn tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B, 2, Int>,
     )
 }
 
+/// The log-probabilities of a batch's pairs under `model`, in batch order.
+pub fn batch_log_probs<B: FusedOps, M: CausalLm<B>>(model: &M, batch: &Batch, device: &B::Device) -> Vec<PairLogps> {
+    let counts = row_counts(batch);
+    let (inputs, targets) = tensors::<B>(batch, device);
+    let sums: Vec<f32> = sequence_log_probs(model.forward(inputs), targets).into_data().convert::<f32>().into_vec().expect("f32");
+    (0..batch.items.len())
+        .map(|k| {
+            [RowLogp { sum: sums[2 * k] as f64, count: counts[2 * k] }, RowLogp { sum: sums[2 * k + 1] as f64, count: counts[2 * k + 1] }]
+        })
+        .collect()
+}
+
 /// Every pair's log-probabilities under `model` (the reference), read from an unshuffled loader.
 pub fn reference_log_probs<B: FusedOps, M: CausalLm<B>>(
     model: &M,
@@ -46,18 +58,32 @@ pub fn reference_log_probs<B: FusedOps, M: CausalLm<B>>(
     let mut seen = 0;
     while seen < pairs {
         let batch = loader.next_batch();
-        let counts = row_counts(&batch);
-        let (inputs, targets) = tensors::<B>(&batch, device);
-        let sums: Vec<f32> = sequence_log_probs(model.forward(inputs), targets).into_data().convert::<f32>().into_vec().expect("f32");
-        for (k, &item) in batch.items.iter().enumerate() {
-            out[item] = [
-                RowLogp { sum: sums[2 * k] as f64, count: counts[2 * k] },
-                RowLogp { sum: sums[2 * k + 1] as f64, count: counts[2 * k + 1] },
-            ];
+        for (&item, logps) in batch.items.iter().zip(batch_log_probs(model, &batch, device)) {
+            out[item] = logps;
         }
         seen += batch.items.len();
     }
     out
+}
+
+/// DPO's reference: log-probabilities of every train and val pair computed before the first
+/// step (`dpo.precompute_ref_log_probs`), or the frozen starting model run on each batch.
+pub enum DpoReference<B: Backend> {
+    Precomputed { train: Vec<PairLogps>, val: Vec<PairLogps> },
+    Model(LanguageModel<B>),
+}
+
+impl<B: FusedOps> DpoReference<B> {
+    /// The reference log-probabilities of `batch`'s pairs, in batch order.
+    pub fn of_batch(&self, batch: &Batch, validation: bool, device: &B::Device) -> Vec<PairLogps> {
+        match self {
+            Self::Precomputed { train, val } => {
+                let all = if validation { val } else { train };
+                batch.items.iter().map(|&item| all[item]).collect()
+            }
+            Self::Model(model) => batch_log_probs(model, batch, device),
+        }
+    }
 }
 
 /// A batch's DPO losses (one per pair, still on the device) and its metrics summed over pairs.
@@ -106,7 +132,8 @@ impl DpoStats {
     }
 }
 
-/// DPO on one batch of pairs (rows chosen, rejected, chosen, ...).
+/// DPO on one batch of pairs (rows chosen, rejected, chosen, ...), given the reference's
+/// log-probabilities of the same pairs in batch order.
 pub fn pair_batch<B: FusedOps, M: CausalLm<B>>(
     model: &M,
     batch: &Batch,
@@ -131,7 +158,7 @@ pub fn pair_batch<B: FusedOps, M: CausalLm<B>>(
         policy_rejected = policy_rejected * host((0..pairs).map(|k| scale(2 * k + 1)).collect());
     }
     let ref_of = |k: usize, side: usize| {
-        let r = reference[batch.items[k]][side];
+        let r = reference[k][side];
         r.sum * if ipo { 1.0 / r.count.max(1) as f64 } else { 1.0 }
     };
     let ref_chosen = host((0..pairs).map(|k| ref_of(k, 0)).collect());
@@ -189,7 +216,7 @@ pub fn evaluate_rewards<B: FusedOps>(model: &LanguageModel<B>, loader: &mut Load
 pub fn evaluate<B: FusedOps, M: CausalLm<B>>(
     model: &M,
     loader: &mut Loader,
-    reference: &[PairLogps],
+    reference: &DpoReference<B>,
     steps: usize,
     config: &DpoSection,
     device: &B::Device,
@@ -198,7 +225,8 @@ pub fn evaluate<B: FusedOps, M: CausalLm<B>>(
     let mut stats = DpoStats::default();
     for _ in 0..steps.max(1) {
         let batch = loader.next_batch();
-        stats.add(&pair_batch(model, &batch, reference, config, device).stats);
+        let reference = reference.of_batch(&batch, true, device);
+        stats.add(&pair_batch(model, &batch, &reference, config, device).stats);
     }
     stats
 }

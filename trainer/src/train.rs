@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
-use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoStats, PairLogps};
+use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
 use crate::rollout::{self, rollout, step_prompts, RolloutStats, Sampling};
 
 /// One step's accumulated gradients, its loss, the inputs of its last micro-batch (for
@@ -78,8 +78,8 @@ struct Trainer<B: TrainBackend> {
     tokenizer: TextTokenizer,
     /// SFT and DPO: how evaluation prompts are rendered.
     chat_template: Option<ChatTemplate>,
-    /// DPO: the reference's log-probabilities of the train and val pairs.
-    reference: Option<(Vec<PairLogps>, Vec<PairLogps>)>,
+    /// DPO: the reference (precomputed log-probabilities or the frozen starting model).
+    reference: Option<DpoReference<B::InnerBackend>>,
     /// DPO: metrics summed since the last log line.
     dpo_window: DpoStats,
     /// GRPO and PPO: what sampling replies needs.
@@ -161,10 +161,16 @@ impl<B: TrainBackend> Trainer<B> {
         // DPO's reference is the starting model: its log-probabilities are computed now, before a
         // resumed run loads its later weights.
         let reference = reference_pairs.map(|(mut train_pairs, mut val_pairs)| {
-            println!("reference log-probabilities of {} + {} pairs from the starting model", train_pairs.items(), val_pairs.items());
             let valid = model.valid();
+            if !recipe.dpo.precompute_ref_log_probs {
+                return DpoReference::Model(valid);
+            }
+            println!("reference log-probabilities of {} + {} pairs from the starting model", train_pairs.items(), val_pairs.items());
             let (n_train, n_val) = (train_pairs.items(), val_pairs.items());
-            (reference_log_probs(&valid, &mut train_pairs, n_train, &device), reference_log_probs(&valid, &mut val_pairs, n_val, &device))
+            DpoReference::Precomputed {
+                train: reference_log_probs(&valid, &mut train_pairs, n_train, &device),
+                val: reference_log_probs(&valid, &mut val_pairs, n_val, &device),
+            }
         });
         // GRPO's and PPO's reference is the starting model too, kept whole (their KL terms
         // need every token).
@@ -381,7 +387,10 @@ impl<B: TrainBackend> Trainer<B> {
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &self.device);
             last_inputs = Some(inputs.clone());
             let pairs = match (&self.reference, t.mode) {
-                (Some((reference, _)), _) => Some(pair_batch(model, &batch, reference, &self.recipe.dpo, &self.device)),
+                (Some(reference), _) => {
+                    let reference = reference.of_batch(&batch, false, &self.device);
+                    Some(pair_batch(model, &batch, &reference, &self.recipe.dpo, &self.device))
+                }
                 (None, TrainMode::Reward) => Some(reward_batch(model, &batch, &self.device)),
                 _ => None,
             };
@@ -393,7 +402,11 @@ impl<B: TrainBackend> Trainer<B> {
                 }
                 None => {
                     let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets, shape), &self.device);
-                    causal_lm_loss_sum(model.forward(inputs), targets) / counted
+                    let logits = match &batch.positions {
+                        Some(positions) => model.forward_packed(inputs, positions),
+                        None => model.forward(inputs),
+                    };
+                    causal_lm_loss_sum(logits, targets) / counted
                 }
             };
             let detached = loss.clone().inner();
@@ -535,7 +548,7 @@ impl<B: TrainBackend> Trainer<B> {
     fn evaluate_pairs(&mut self, model: &LanguageModel<B>, steps: usize) -> Option<DpoStats> {
         let valid = model.valid();
         match (&self.reference, self.recipe.training.mode) {
-            (Some((_, reference)), _) => {
+            (Some(reference), _) => {
                 Some(preference::evaluate(&valid, &mut self.val_loader, reference, steps, &self.recipe.dpo, &self.device))
             }
             (None, TrainMode::Reward) => Some(preference::evaluate_rewards(&valid, &mut self.val_loader, steps, &self.device)),

@@ -213,6 +213,14 @@ fn dpo_logs_trl_metrics_and_resumes_exactly() {
     assert_eq!(a.len(), 6);
     assert_eq!(a, b, "a resumed DPO run recomputes the same reference and repeats the straight one");
     assert!((a[0] - std::f64::consts::LN_2).abs() < 1e-4, "step 1: policy = reference, loss ln 2: {}", a[0]);
+    // The reference run on each batch instead of precomputed: the same losses.
+    let on_the_fly = s.train("on_the_fly", &[&skip[..], &["--set", "dpo.precompute_ref_log_probs=false"]].concat());
+    assert!(on_the_fly.status.success() && !text(&on_the_fly).contains("reference log-probabilities of"), "{}", text(&on_the_fly));
+    let b = losses(&s.dir.path().join("on_the_fly"));
+    assert_eq!(a.len(), b.len());
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-5, "step {}: precomputed reference {x} vs on the fly {y}", step + 1);
+    }
     let metrics = std::fs::read_to_string(s.dir.path().join("straight/metrics.jsonl")).unwrap();
     for name in [
         "rewards/chosen",
@@ -377,4 +385,22 @@ fn ppo_trains_with_a_value_head_resumes_exactly_and_exports_the_policy() {
     run_ok(&["export", "--checkpoint", run.to_str().unwrap(), "--format", "safetensors", "--out", hf.to_str().unwrap()]);
     let tensors = furnace_models::params::from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
     assert!(!tensors.keys().any(|k| k.contains("score")), "{:?}", tensors.keys().collect::<Vec<_>>());
+}
+
+#[test]
+fn sft_packing_trains_and_resumes_exactly() {
+    let s = setup();
+    let packed = ["--set", "data.skip_bad_lines=true", "--set", "data.packing=true"];
+    let straight = s.train("straight", &packed);
+    assert!(straight.status.success(), "{}", text(&straight));
+    assert!(s.train("split", &[&packed[..], &["--max-steps", "3"]].concat()).status.success());
+    let split = s.dir.path().join("split");
+    assert!(s.train("split", &[&packed[..], &["--resume", split.to_str().unwrap()]].concat()).status.success());
+    let (a, b) = (losses(&s.dir.path().join("straight")), losses(&split));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "a resumed packed SFT run repeats the straight one");
+    assert!(a[5] < a[0], "the assistant tokens get learned: {a:?}");
+    let pretrain =
+        s.train("pretrain", &[&packed[..], &["--set", "training.mode=\"pretrain\"", "--set", "data.source=\"stories\""]].concat());
+    assert!(!pretrain.status.success() && text(&pretrain).contains("data.packing"), "{}", text(&pretrain));
 }

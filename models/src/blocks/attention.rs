@@ -14,10 +14,11 @@ pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 /// additive mask/bias. Built once per forward by the model, not per layer.
 #[derive(Debug, Clone)]
 pub struct AttentionContext<B: Backend> {
-    /// cos and sin, `[1, T, 1, head_dim]`, for positions `offset..offset+T`.
+    /// cos and sin, `[1, T, 1, head_dim]` for positions `offset..offset+T`, or `[batch, T, 1,
+    /// head_dim]` for packed rows.
     pub rope: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     /// Added to the scores: 0 where attention is allowed, -inf where masked, plus the ALiBi
-    /// distance penalty. `[1, 1 or heads, T, offset+T]`.
+    /// distance penalty. `[1 or batch, 1 or heads, T, offset+T]`.
     pub bias: Tensor<B, 4>,
 }
 
@@ -116,6 +117,14 @@ impl<B: Backend> Rope<B> {
         Self { cos: table(cos), sin: table(sin) }
     }
 
+    /// Tables for each token's own position (`[batch, len]`), `[batch, len, 1, head_dim]`.
+    pub fn gather(&self, positions: Tensor<B, 2, Int>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [batch, len] = positions.dims();
+        let flat = positions.reshape([batch * len]);
+        let pick = |t: &Tensor<B, 2>| t.clone().select(0, flat.clone()).reshape([batch, len, 1, t.dims()[1]]);
+        (pick(&self.cos), pick(&self.sin))
+    }
+
     /// Tables for positions `offset..offset+len`, shaped to broadcast over `[batch, heads, len, head_dim]`.
     pub fn slice(&self, offset: usize, len: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let cut = |t: &Tensor<B, 2>| t.clone().narrow(0, offset, len).reshape([1, len, 1, t.dims()[1]]);
@@ -137,6 +146,16 @@ pub fn alibi_slopes(n_heads: usize) -> Vec<f32> {
     slopes.into_iter().map(|s| s as f32).collect()
 }
 
+/// The bias of a query over a key `distance` positions back: −∞ unless visible, else the ALiBi
+/// penalty (0 without ALiBi).
+fn bias_value(visible: bool, distance: usize, slope: Option<f32>) -> f32 {
+    match (visible, slope) {
+        (false, _) => f32::NEG_INFINITY,
+        (true, Some(slope)) => -slope * distance as f32,
+        (true, None) => 0.0,
+    }
+}
+
 /// Additive attention bias for queries at `offset..offset+len` over keys `0..offset+len`:
 /// causal mask, optional sliding window, optional ALiBi penalty per head.
 pub fn attention_bias<B: Backend>(len: usize, offset: usize, window: usize, alibi: Option<&[f32]>, device: &B::Device) -> Tensor<B, 4> {
@@ -148,13 +167,35 @@ pub fn attention_bias<B: Backend>(len: usize, offset: usize, window: usize, alib
             let q_pos = offset + i;
             for k_pos in 0..keys {
                 let visible = k_pos <= q_pos && (window == 0 || q_pos - k_pos < window);
-                bias.push(match (visible, alibi) {
-                    (false, _) => f32::NEG_INFINITY,
-                    (true, Some(slopes)) => -slopes[h] * (q_pos - k_pos) as f32,
-                    (true, None) => 0.0,
-                });
+                bias.push(bias_value(visible, q_pos.saturating_sub(k_pos), alibi.map(|s| s[h])));
             }
         }
     }
     Tensor::from_data(TensorData::new(bias, [1, heads, len, keys]), device)
+}
+
+/// Attention bias for rows that pack several sequences, `[batch, 1 or heads, len, len]`:
+/// `positions` (`[batch·len]`) restart at 0 where a sequence starts, and a token sees only the
+/// earlier tokens of its own sequence (key j is in query i's sequence when i − j ≤ position i).
+pub fn packed_attention_bias<B: Backend>(
+    positions: &[usize],
+    len: usize,
+    window: usize,
+    alibi: Option<&[f32]>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let batch = positions.len() / len;
+    let heads = alibi.map_or(1, |s| s.len());
+    let mut bias = Vec::with_capacity(batch * heads * len * len);
+    for row in positions.chunks(len) {
+        for h in 0..heads {
+            for (i, &position) in row.iter().enumerate() {
+                for j in 0..len {
+                    let visible = j <= i && i - j <= position && (window == 0 || i - j < window);
+                    bias.push(bias_value(visible, i.saturating_sub(j), alibi.map(|s| s[h])));
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(bias, [batch, heads, len, len]), device)
 }
