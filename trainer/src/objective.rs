@@ -243,6 +243,7 @@ mod tests {
                 beta: case["beta"].as_f64().unwrap(),
                 loss_type: if case["loss_type"] == "ipo" { DpoLoss::Ipo } else { DpoLoss::Sigmoid },
                 label_smoothing: case["label_smoothing"].as_f64().unwrap(),
+                ..Default::default()
             };
             let averaged = |key: &str, counts: &[f64]| -> Vec<f64> {
                 values(key).iter().zip(counts).map(|(v, c)| if config.loss_type == DpoLoss::Ipo { v / c } else { *v }).collect()

@@ -318,7 +318,7 @@ fn grpo_samples_scores_and_resumes_exactly() {
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "a resumed GRPO run samples and trains as the straight one");
     let wrong = s.train("wrong", &[&grpo[..], &["--set", "data.source=\"chat\""]].concat());
-    assert!(!wrong.status.success() && text(&wrong).contains("grpo \"arithmetic-chat\""), "{}", text(&wrong));
+    assert!(!wrong.status.success() && text(&wrong).contains("grpo and ppo \"arithmetic-chat\""), "{}", text(&wrong));
 
     // Rewards from a reward model trained from the same base instead of the verifier.
     let reward = [
