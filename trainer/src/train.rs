@@ -349,22 +349,36 @@ impl<B: TrainBackend> Trainer<B> {
     /// Zero grads, micro-batches, clip, optimizer step. Returns the step's loss (still on the
     /// device), the pre-clip global gradient norm and the tokens trained on.
     fn train_step(&mut self, model: LanguageModel<B>, lr: f64) -> Result<(LanguageModel<B>, Tensor<B::InnerBackend, 1>, f64, usize)> {
+        // Dropout draws from the backend RNG: reseeding it from (seed, step) makes every mask a
+        // pure function of the step, so a resumed run draws the same masks.
+        B::seed(&self.device, self.recipe.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9));
         let Gradients { grads, loss, last_inputs, tokens } = match self.recipe.training.mode {
             TrainMode::Ppo => return self.ppo_step(model, lr),
             TrainMode::Grpo => self.grpo_gradients(&model),
             _ => self.batch_gradients(&model),
         };
-        let t = &self.recipe.training;
+        let (model, grad_norm) = self.apply_gradients(model, grads, last_inputs, lr)?;
+        Ok((model, loss, grad_norm, tokens))
+    }
+
+    /// Sophia's curvature refresh when due, the global gradient norm, clipping and one
+    /// optimizer step. Returns the model and the pre-clip norm.
+    fn apply_gradients(
+        &mut self,
+        model: LanguageModel<B>,
+        grads: GradientsParams,
+        inputs: Tensor<B, 2, Int>,
+        lr: f64,
+    ) -> Result<(LanguageModel<B>, f64)> {
         if self.optimizer.needs_curvature(self.optimizer.step + 1) {
-            let (curvature, batch_tokens) = self.curvature_grads(&model, last_inputs);
+            let (curvature, batch_tokens) = self.curvature_grads(&model, inputs);
             self.optimizer.update_curvature(&model, &curvature, batch_tokens);
         }
         let grad_norm = global_grad_norm::<B, _>(&model, &grads);
         if !grad_norm.is_finite() {
             bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr or raise lr_scheduler.warmup_steps", self.state.step);
         }
-        let model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, t.max_norm));
-        Ok((model, loss, grad_norm, tokens))
+        Ok((self.optimizer.step(lr, model, grads, clip_factor(grad_norm, self.recipe.training.max_norm)), grad_norm))
     }
 
     /// Gradients of the step's micro-batches from the loader: next-token loss, or DPO's or the
@@ -378,9 +392,6 @@ impl<B: TrainBackend> Trainer<B> {
         let mut accumulator = GradientsAccumulator::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut last_inputs = None;
-        // Dropout draws from the backend RNG: reseeding it from (seed, step) makes every mask a
-        // pure function of the step, so a resumed run draws the same masks.
-        B::seed(&self.device, self.recipe.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9));
         let mut dpo_stats = DpoStats::default();
         for batch in batches {
             let shape = [batch.batch, batch.seq_len];
@@ -511,15 +522,8 @@ impl<B: TrainBackend> Trainer<B> {
             window.add_ppo_update(scalar(policy_loss), scalar(value_loss), scalar(clip_fraction));
             let detached = loss.clone().inner();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            if self.optimizer.needs_curvature(self.optimizer.step + 1) {
-                let (curvature, batch_tokens) = self.curvature_grads(&model, inputs.clone());
-                self.optimizer.update_curvature(&model, &curvature, batch_tokens);
-            }
-            let grad_norm = global_grad_norm::<B, _>(&model, &grads);
-            if !grad_norm.is_finite() {
-                bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr", self.state.step);
-            }
-            model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, t.max_norm));
+            let (updated, grad_norm) = self.apply_gradients(model, grads, inputs.clone(), lr)?;
+            model = updated;
             last = Some((detached, grad_norm));
         }
         let (loss, grad_norm) = last.expect("num_ppo_epochs > 0");
