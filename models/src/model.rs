@@ -56,13 +56,6 @@ impl ModelConfig {
         }
     }
 
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            Self::Decoder(c) => c.vocab_size,
-            Self::Mamba(c) => c.vocab_size,
-        }
-    }
-
     pub fn max_seq_len(&self) -> usize {
         match self {
             Self::Decoder(c) => c.max_seq_len,
