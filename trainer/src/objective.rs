@@ -277,6 +277,16 @@ mod tests {
         }
     }
 
+    /// A fixture's number, list or list of lists, flattened row-major.
+    fn flat(v: &serde_json::Value) -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.as_array().cloned().unwrap_or_else(|| vec![x.clone()]))
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    }
+
     /// Against TRL's formulas (scripts/reference/grpo_reference.py → tests/fixtures/grpo.json):
     /// advantages, and each loss type's value, mean KL and gradient with respect to the
     /// policy's log-probabilities.
@@ -284,14 +294,6 @@ mod tests {
     fn grpo_advantages_and_losses_match_trl() {
         type AB = burn::backend::Autodiff<B>;
         let fixture: serde_json::Value = serde_json::from_str(include_str!("../../tests/fixtures/grpo.json")).unwrap();
-        let flat = |v: &serde_json::Value| -> Vec<f64> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|x| x.as_array().cloned().unwrap_or_else(|| vec![x.clone()]))
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        };
         let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{what}: {a} vs {b}");
         let group = fixture["group"].as_u64().unwrap() as usize;
         let rewards = flat(&fixture["rewards"]);
@@ -346,14 +348,6 @@ mod tests {
     fn ppo_advantages_and_losses_match_trl() {
         type AB = burn::backend::Autodiff<B>;
         let fixture: serde_json::Value = serde_json::from_str(include_str!("../../tests/fixtures/ppo.json")).unwrap();
-        let flat = |v: &serde_json::Value| -> Vec<f64> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|x| x.as_array().cloned().unwrap_or_else(|| vec![x.clone()]))
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        };
         let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() <= 2e-6 * b.abs().max(1.0), "{what}: {a} vs {b}");
         let mask_values = flat(&fixture["mask"]);
         let mask: Vec<bool> = mask_values.iter().map(|&m| m > 0.5).collect();

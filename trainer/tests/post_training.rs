@@ -279,29 +279,31 @@ fn a_reward_model_learns_to_score_the_chosen_reply_higher() {
     assert!(losses[losses.len() - 1] < 0.5 * losses[0], "the Bradley-Terry loss falls: {losses:?}");
 }
 
+/// GRPO's and PPO's task: the built-in arithmetic questions, a few held-out ones at the end.
+const RL_TASK: [&str; 6] =
+    ["--set", "data.source=\"arithmetic-chat\"", "--set", "data.num_examples=200", "--set", "eval.arithmetic_problems=4"];
+
 #[test]
 fn grpo_samples_scores_and_resumes_exactly() {
     let s = setup();
     let grpo = [
-        "--set",
-        "training.mode=\"grpo\"",
-        "--set",
-        "data.source=\"arithmetic-chat\"",
-        "--set",
-        "data.num_examples=200",
-        "--set",
-        "eval.arithmetic_problems=4",
-        "--set",
-        "grpo.num_generations=4",
-        "--set",
-        "grpo.max_completion_length=6",
-        "--set",
-        "training.local_batch_size=2",
-        "--set",
-        "training.grad_accum_steps=2",
-        "--set",
-        "training.steps=4",
-    ];
+        &RL_TASK[..],
+        &[
+            "--set",
+            "training.mode=\"grpo\"",
+            "--set",
+            "grpo.num_generations=4",
+            "--set",
+            "grpo.max_completion_length=6",
+            "--set",
+            "training.local_batch_size=2",
+            "--set",
+            "training.grad_accum_steps=2",
+            "--set",
+            "training.steps=4",
+        ][..],
+    ]
+    .concat();
     let straight = s.train("straight", &grpo);
     assert!(straight.status.success(), "{}", text(&straight));
     let log = text(&straight);
@@ -348,23 +350,21 @@ fn grpo_samples_scores_and_resumes_exactly() {
 fn ppo_trains_with_a_value_head_resumes_exactly_and_exports_the_policy() {
     let s = setup();
     let ppo = [
-        "--set",
-        "training.mode=\"ppo\"",
-        "--set",
-        "data.source=\"arithmetic-chat\"",
-        "--set",
-        "data.num_examples=200",
-        "--set",
-        "eval.arithmetic_problems=4",
-        "--set",
-        "ppo.max_completion_length=6",
-        "--set",
-        "ppo.num_ppo_epochs=2",
-        "--set",
-        "training.local_batch_size=4",
-        "--set",
-        "training.steps=4",
-    ];
+        &RL_TASK[..],
+        &[
+            "--set",
+            "training.mode=\"ppo\"",
+            "--set",
+            "ppo.max_completion_length=6",
+            "--set",
+            "ppo.num_ppo_epochs=2",
+            "--set",
+            "training.local_batch_size=4",
+            "--set",
+            "training.steps=4",
+        ][..],
+    ]
+    .concat();
     let straight = s.train("straight", &ppo);
     assert!(straight.status.success(), "{}", text(&straight));
     assert!(text(&straight).contains("before PPO"), "{}", text(&straight));
