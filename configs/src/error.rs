@@ -82,6 +82,7 @@ fn section_keys(section: &str) -> Option<Vec<&'static str>> {
         "optimizer" => keys::<OptimizerSection>(),
         "lr_scheduler" => keys::<LrSchedulerSection>(),
         "runtime" => keys::<RuntimeSection>(),
+        "distributed" => keys::<DistributedSection>(),
         "logging" => keys::<LoggingSection>(),
         "eval" => keys::<EvalSection>(),
         "lora" => keys::<LoraSection>(),
@@ -92,8 +93,22 @@ fn section_keys(section: &str) -> Option<Vec<&'static str>> {
     })
 }
 
-pub(crate) const SECTIONS: &[&str] =
-    &["run", "model", "data", "training", "optimizer", "lr_scheduler", "runtime", "logging", "eval", "lora", "dpo", "grpo", "ppo"];
+pub(crate) const SECTIONS: &[&str] = &[
+    "run",
+    "model",
+    "data",
+    "training",
+    "optimizer",
+    "lr_scheduler",
+    "runtime",
+    "distributed",
+    "logging",
+    "eval",
+    "lora",
+    "dpo",
+    "grpo",
+    "ppo",
+];
 
 /// Apply one `section.key=value` override. The value is read as TOML (`3e-4`, `true`,
 /// `["+"]`), and as a plain string when it is not valid TOML (`llama`).

@@ -27,6 +27,7 @@ pub fn explain() -> String {
     section_text::<OptimizerSection>(&mut out);
     section_text::<LrSchedulerSection>(&mut out);
     section_text::<RuntimeSection>(&mut out);
+    section_text::<DistributedSection>(&mut out);
     section_text::<LoggingSection>(&mut out);
     section_text::<EvalSection>(&mut out);
     section_text::<LoraSection>(&mut out);
@@ -45,6 +46,7 @@ pub fn explain() -> String {
         ("optimizer.name", OptimizerName::CHOICES),
         ("lr_scheduler.decay", Decay::CHOICES),
         ("runtime.backend", Backend::CHOICES),
+        ("distributed.strategy", Strategy::CHOICES),
         ("lora.init", LoraInit::CHOICES),
         ("lora.quantize_base", BaseQuant::CHOICES),
         ("dpo.loss_type", DpoLoss::CHOICES),

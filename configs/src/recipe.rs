@@ -146,6 +146,20 @@ choice!(
         Nf4 = "nf4",
     }
 );
+choice!(
+    /// How ranks launched by mpirun share the work.
+    Strategy {
+        /// Data parallel (PyTorch DDP): every rank holds the whole model and optimizer state;
+        /// gradients are all-reduced in buckets.
+        Ddp = "ddp",
+        /// ZeRO stage 1: as ddp, but each rank keeps the optimizer state of its own contiguous
+        /// run of parameters, updates only those and broadcasts them to the others.
+        Zero1 = "zero1",
+        /// ZeRO stage 2: as zero1, and each parameter's gradient is reduced to its owner only
+        /// (the others drop theirs), so reduced gradients are sharded too.
+        Zero2 = "zero2",
+    }
+);
 choice!(Decay { Cosine = "cosine", Linear = "linear", Wsd = "wsd", Constant = "constant" });
 choice!(
     /// Compute backend; GPU backends exist only in binaries built with their cargo feature.
@@ -447,6 +461,20 @@ section! {
 }
 
 section! {
+    /// Training on several processes: `mpirun -np N furnace train --config <recipe>` (any number
+    /// of nodes; needs a binary built with `--features mpi`). Each rank reads its own share of
+    /// every step's data, so the global batch is local_batch_size × grad_accum_steps × N.
+    /// Without mpirun these keys have no effect.
+    DistributedSection = "distributed" {
+        /// ddp, zero1 or zero2.
+        strategy: Strategy = Strategy::Ddp,
+        /// Gradients are reduced in buckets of this many megabytes (PyTorch DDP's bucket_cap_mb),
+        /// bounding the host copy a reduction needs.
+        bucket_mb: f64 = 25.0,
+    }
+}
+
+section! {
     /// Metrics and console output.
     LoggingSection = "logging" {
         /// Write <output_dir>/metrics.jsonl.
@@ -484,6 +512,7 @@ pub struct Recipe {
     pub optimizer: OptimizerSection,
     pub lr_scheduler: LrSchedulerSection,
     pub runtime: RuntimeSection,
+    pub distributed: DistributedSection,
     pub logging: LoggingSection,
     pub eval: EvalSection,
     pub lora: LoraSection,

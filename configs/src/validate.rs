@@ -10,6 +10,14 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         Err(RecipeError { file: file.into(), line: line_of_key(text, section, key), key: format!("{section}.{key}"), message, fix })
     };
     let m = recipe.model.resolve(None);
+    if !(recipe.distributed.bucket_mb > 0.0 && recipe.distributed.bucket_mb.is_finite()) {
+        return fail(
+            "distributed",
+            "bucket_mb",
+            format!("bucket_mb = {} must be a positive number of megabytes", recipe.distributed.bucket_mb),
+            "use PyTorch's default 25, or any size above 0".into(),
+        );
+    }
     if m.d_model == 0 || m.n_layers == 0 || m.n_heads == 0 || m.n_kv_heads == 0 || m.d_ff == 0 {
         return fail(
             "model",

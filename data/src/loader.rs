@@ -147,6 +147,9 @@ impl Loader {
                 order.swap(i, rng.below(i + 1));
             }
         }
+        // Every rank gets as many items (as DistributedSampler with drop_last), so ranks keep
+        // equal cursors and cross epochs together.
+        order.truncate(order.len() / self.world * self.world);
         order.into_iter().skip(self.rank).step_by(self.world).collect()
     }
 

@@ -1,5 +1,14 @@
-//! Where this process sits in a job, and the collective operations ranks share.
-//! Today only the single-process world exists; MPI and NCCL implement the same trait.
+//! Where this process sits in a job, and the collective operations ranks share: the
+//! `Collective` trait with a single-process transport and (feature `mpi`) OpenMPI, and the
+//! parameter partition ZeRO shards optimizer state by.
+
+#[cfg(feature = "mpi")]
+mod mpi_transport;
+mod partition;
+
+#[cfg(feature = "mpi")]
+pub use mpi_transport::MpiCollective;
+pub use partition::Partition;
 
 /// This process's rank and the job's world size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -7,10 +16,12 @@ pub struct World {
     pub rank: usize,
     pub size: usize,
     pub local_rank: usize,
+    /// Ranks on this node (for sizing the CPU thread pool).
+    pub local_size: usize,
 }
 
 impl World {
-    pub const SINGLE: World = World { rank: 0, size: 1, local_rank: 0 };
+    pub const SINGLE: World = World { rank: 0, size: 1, local_rank: 0, local_size: 1 };
 
     /// Read the rank from the launcher's environment (`mpirun`: `OMPI_COMM_WORLD_*`, PMIx:
     /// `PMIX_RANK`); a plain process is world size 1.
@@ -23,9 +34,12 @@ impl World {
         let rank = num("OMPI_COMM_WORLD_RANK").or_else(|| num("PMIX_RANK"));
         let size = num("OMPI_COMM_WORLD_SIZE");
         match (rank, size) {
-            (Some(rank), Some(size)) if size > 0 && rank < size => {
-                World { rank, size, local_rank: num("OMPI_COMM_WORLD_LOCAL_RANK").unwrap_or(rank) }
-            }
+            (Some(rank), Some(size)) if size > 0 && rank < size => World {
+                rank,
+                size,
+                local_rank: num("OMPI_COMM_WORLD_LOCAL_RANK").unwrap_or(rank),
+                local_size: num("OMPI_COMM_WORLD_LOCAL_SIZE").unwrap_or(size).max(1),
+            },
             _ => World::SINGLE,
         }
     }
@@ -35,13 +49,21 @@ impl World {
     }
 }
 
-/// Collective operations over flat f32 buffers, the contract every transport implements.
+/// Collective operations over flat buffers, the contract every transport implements. Every
+/// rank calls the same operations in the same order with buffers of the same length.
 pub trait Collective {
     fn world(&self) -> World;
     /// Element-wise sum across ranks, in place.
     fn all_reduce_sum(&self, buffer: &mut [f32]);
+    /// Element-wise sum across ranks, in place, in f64 (losses and counts).
+    fn all_reduce_sum_f64(&self, buffer: &mut [f64]);
+    /// Element-wise sum across ranks, delivered to `root` only (other ranks' buffers are left
+    /// unspecified): ZeRO-2's gradient reduction to the rank that owns the parameter.
+    fn reduce_sum(&self, buffer: &mut [f32], root: usize);
     /// Copy `root`'s buffer to every rank.
     fn broadcast(&self, buffer: &mut [f32], root: usize);
+    /// Every rank's value, in rank order.
+    fn all_gather_u64(&self, value: u64) -> Vec<u64>;
     fn barrier(&self);
 }
 
@@ -54,8 +76,32 @@ impl Collective for SingleProcess {
         World::SINGLE
     }
     fn all_reduce_sum(&self, _buffer: &mut [f32]) {}
+    fn all_reduce_sum_f64(&self, _buffer: &mut [f64]) {}
+    fn reduce_sum(&self, _buffer: &mut [f32], _root: usize) {}
     fn broadcast(&self, _buffer: &mut [f32], _root: usize) {}
+    fn all_gather_u64(&self, value: u64) -> Vec<u64> {
+        vec![value]
+    }
     fn barrier(&self) {}
+}
+
+/// The transport for this process: MPI when a launcher started it with world size > 1,
+/// otherwise the single process. Errors when mpirun started it but MPI is not compiled in.
+pub fn connect() -> Result<Box<dyn Collective>, String> {
+    let world = World::from_env();
+    if world.size == 1 {
+        return Ok(Box::new(SingleProcess));
+    }
+    #[cfg(feature = "mpi")]
+    {
+        MpiCollective::init(world).map(|c| Box::new(c) as Box<dyn Collective>)
+    }
+    #[cfg(not(feature = "mpi"))]
+    Err(format!(
+        "launched as rank {} of {} (mpirun), but this furnace binary was built without MPI; install OpenMPI's \
+         headers (`apt install libopenmpi-dev libclang-dev`) and rebuild with `cargo build --release -p furnace-trainer --features mpi`",
+        world.rank, world.size
+    ))
 }
 
 #[cfg(test)]
@@ -67,9 +113,13 @@ mod tests {
         let vars =
             |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
         assert_eq!(World::from_vars(vars(&[])), World::SINGLE);
-        let w =
-            World::from_vars(vars(&[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_LOCAL_RANK", "0")]));
-        assert_eq!(w, World { rank: 2, size: 4, local_rank: 0 });
+        let w = World::from_vars(vars(&[
+            ("OMPI_COMM_WORLD_RANK", "2"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+        ]));
+        assert_eq!(w, World { rank: 2, size: 4, local_rank: 0, local_size: 2 });
         assert_eq!(World::from_vars(vars(&[("OMPI_COMM_WORLD_RANK", "5"), ("OMPI_COMM_WORLD_SIZE", "4")])), World::SINGLE);
     }
 }

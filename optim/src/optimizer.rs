@@ -67,6 +67,11 @@ impl<B: AutodiffBackend<InnerBackend: FusedUpdate>> Optimizer<B> {
         visit_with_paths(model, &mut Curvature { optimizer: self, grads, scale });
     }
 
+    /// Keep the state of the parameters `keep` accepts (ZeRO: this rank's own), dropping the rest.
+    pub fn retain_state(&mut self, keep: impl Fn(&str) -> bool) {
+        self.state.retain(|path, _| keep(path));
+    }
+
     /// Optimizer-specific metrics since the last call (read back from the device now).
     pub fn take_metrics(&mut self) -> Vec<(&'static str, f64)> {
         let coordinates = std::mem::take(&mut self.coordinates);
@@ -74,6 +79,12 @@ impl<B: AutodiffBackend<InnerBackend: FusedUpdate>> Optimizer<B> {
             Some(count) if coordinates > 0 => vec![("sophia/clip_fraction", count.into_scalar().elem::<f64>() / coordinates as f64)],
             _ => vec![],
         }
+    }
+
+    /// Bytes of optimizer state this process holds (ZeRO: its shard only).
+    pub fn state_bytes(&self) -> usize {
+        let tensors = self.state.values().flat_map(|slots| slots.values());
+        tensors.map(|t| t.shape().num_elements() * t.dtype().size()).sum()
     }
 
     /// State by name (`<slot>.<parameter path>`), for checkpoints.

@@ -49,6 +49,13 @@ fn set_threads(threads: usize, flush_denormals: bool) -> Result<()> {
     if flush_denormals {
         set_flush_denormals();
     }
+    // Ranks sharing a node share its cores (as torchrun sets OMP_NUM_THREADS), else the pools
+    // oversubscribe the cores and every rank slows down.
+    let local_ranks = furnace_distributed::World::from_env().local_size;
+    let threads = match threads {
+        0 if local_ranks > 1 => std::thread::available_parallelism().map_or(1, |n| (n.get() / local_ranks).max(1)),
+        n => n,
+    };
     // The global pool serves gemm and burn-flex's parallel kernels; only the first call in a
     // process can build it, later ones keep it.
     let _ = rayon::ThreadPoolBuilder::new()

@@ -26,6 +26,39 @@ pub struct TrainState {
     pub optimizer_step: u64,
     pub data_cursor: Cursor,
     pub tokens_seen: u64,
+    /// Ranks that trained it; the data cursor counts one rank's items.
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Files the optimizer state is split into: 1, or the world size under ZeRO (one per rank).
+    #[serde(default = "one")]
+    pub optimizer_shards: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl TrainState {
+    pub fn new(data_cursor: Cursor, world_size: usize, optimizer_shards: usize) -> Self {
+        Self { step: 0, optimizer_step: 0, data_cursor, tokens_seen: 0, world_size, optimizer_shards }
+    }
+
+    /// The state continued on `world_size` ranks (each rank's cursor rescaled: the ranks
+    /// together have consumed the same items of the epoch) with `optimizer_shards` files.
+    pub fn resharded(mut self, world_size: usize, optimizer_shards: usize) -> Self {
+        let consumed = self.data_cursor.position * self.world_size;
+        if consumed % world_size != 0 {
+            println!(
+                "resuming {} ranks' data position on {world_size}: {} item(s) of this epoch are seen again",
+                self.world_size,
+                consumed % world_size
+            );
+        }
+        self.data_cursor.position = consumed / world_size;
+        self.world_size = world_size;
+        self.optimizer_shards = optimizer_shards;
+        self
+    }
 }
 
 pub struct Checkpointer {
@@ -85,18 +118,19 @@ impl Checkpointer {
         recipe: &str,
         tokenizer: &str,
     ) -> Result<PathBuf> {
-        fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
         let final_dir = self.dir.join(format!("step_{step}"));
         if final_dir.exists() {
             bail!("{} already exists; refusing to overwrite a written checkpoint", final_dir.display());
         }
-        let tmp = self.dir.join(format!(".tmp-step_{step}"));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
-        }
-        fs::create_dir_all(&tmp)?;
+        let tmp = self.staging(step);
+        let optimizer_file = if state.optimizer_shards > 1 {
+            optimizer_shard_file(0, state.optimizer_shards)
+        } else {
+            self.stage(step)?;
+            OPTIMIZER_FILE.to_string()
+        };
         write_synced(&tmp.join(MODEL_FILE), &to_safetensors(model))?;
-        write_synced(&tmp.join(OPTIMIZER_FILE), &to_safetensors(optimizer))?;
+        write_synced(&tmp.join(optimizer_file), &to_safetensors(optimizer))?;
         write_synced(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
         write_synced(&tmp.join(RECIPE_FILE), recipe.as_bytes())?;
         write_synced(&tmp.join(TOKENIZER_FILE), tokenizer.as_bytes())?;
@@ -105,6 +139,27 @@ impl Checkpointer {
         sync_dir(&self.dir)?;
         self.prune()?;
         Ok(final_dir)
+    }
+
+    /// Where checkpoint `step` is assembled before its rename into place.
+    fn staging(&self, step: usize) -> PathBuf {
+        self.dir.join(format!(".tmp-step_{step}"))
+    }
+
+    /// Start checkpoint `step`: an empty staging folder (a leftover of a crashed save is removed).
+    pub fn stage(&self, step: usize) -> Result<()> {
+        fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let tmp = self.staging(step);
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))
+    }
+
+    /// ZeRO: rank `rank`'s optimizer state into the staging folder of checkpoint `step`
+    /// (rank 0 writes its own shard with the rest in `save`).
+    pub fn write_optimizer_shard(&self, step: usize, rank: usize, shards: usize, optimizer: &NamedTensors) -> Result<()> {
+        write_synced(&self.staging(step).join(optimizer_shard_file(rank, shards)), &to_safetensors(optimizer))
     }
 
     /// Keep the newest `keep_last` checkpoints (0 keeps all).
@@ -144,12 +199,30 @@ fn tensors(dir: &Path, name: &str) -> Result<NamedTensors> {
     })
 }
 
+/// The file of rank `rank`'s optimizer state in a checkpoint split `shards` ways.
+fn optimizer_shard_file(rank: usize, shards: usize) -> String {
+    format!("optimizer-{:05}-of-{shards:05}.safetensors", rank + 1)
+}
+
+/// The whole optimizer state: one file, or the union of the ranks' shards (state is keyed by
+/// parameter path, so any world size can take its own share of it).
+fn optimizer_tensors(dir: &Path, shards: usize) -> Result<NamedTensors> {
+    if shards <= 1 {
+        return tensors(dir, OPTIMIZER_FILE);
+    }
+    let mut all = NamedTensors::new();
+    for rank in 0..shards {
+        all.extend(tensors(dir, &optimizer_shard_file(rank, shards))?);
+    }
+    Ok(all)
+}
+
 pub fn load(dir: &Path) -> Result<Loaded> {
     let state: TrainState = serde_json::from_slice(&read(dir, STATE_FILE)?)
         .with_context(|| format!("checkpoint file {} is damaged", dir.join(STATE_FILE).display()))?;
     Ok(Loaded {
         model: tensors(dir, MODEL_FILE)?,
-        optimizer: tensors(dir, OPTIMIZER_FILE)?,
+        optimizer: optimizer_tensors(dir, state.optimizer_shards)?,
         state,
         recipe: String::from_utf8(read(dir, RECIPE_FILE)?)?,
     })
@@ -167,7 +240,14 @@ mod tests {
     }
 
     fn state(step: usize) -> TrainState {
-        TrainState { step, optimizer_step: step as u64, data_cursor: Cursor { epoch: 1, position: 3 }, tokens_seen: 10 }
+        TrainState {
+            step,
+            optimizer_step: step as u64,
+            data_cursor: Cursor { epoch: 1, position: 3 },
+            tokens_seen: 10,
+            world_size: 1,
+            optimizer_shards: 1,
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod objective;
+pub mod parallel;
 pub mod preference;
 pub mod rollout;
 pub mod tensorboard;

@@ -115,6 +115,22 @@ impl DpoStats {
         self.rejected_logps += other.rejected_logps;
     }
 
+    /// The totals over every rank; `sum` adds a buffer over ranks.
+    pub fn summed_over_ranks(self, sum: impl FnOnce(&mut [f64])) -> Self {
+        let mut v = [
+            self.pairs as f64,
+            self.loss,
+            self.chosen_rewards,
+            self.rejected_rewards,
+            self.accuracies,
+            self.chosen_logps,
+            self.rejected_logps,
+        ];
+        sum(&mut v);
+        let [pairs, loss, chosen_rewards, rejected_rewards, accuracies, chosen_logps, rejected_logps] = v;
+        Self { pairs: pairs as usize, loss, chosen_rewards, rejected_rewards, accuracies, chosen_logps, rejected_logps }
+    }
+
     /// Means over pairs under TRL's metric names (`prefix` "" for training, "eval/" for
     /// validation); a reward model has rewards but no log-probabilities.
     pub fn means(&self, prefix: &str, with_logps: bool) -> Vec<(String, f64)> {

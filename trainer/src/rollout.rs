@@ -12,6 +12,7 @@ use furnace_data::corpus::arithmetic_config;
 use furnace_data::generators::arithmetic_conversations;
 use furnace_data::loader::IGNORE;
 use furnace_data::TextTokenizer;
+use furnace_distributed::World;
 use furnace_models::generate::{generate_group, GenerateConfig};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
@@ -158,6 +159,41 @@ pub struct RolloutStats {
 }
 
 impl RolloutStats {
+    /// The totals over every rank; `sum` adds a buffer over ranks.
+    pub fn summed_over_ranks(self, sum: impl FnOnce(&mut [f64])) -> Self {
+        let mut v = [
+            self.rewards,
+            self.correct as f64,
+            self.reward_stds,
+            self.replies as f64,
+            self.groups as f64,
+            self.reply_tokens as f64,
+            self.kl,
+            self.batches as f64,
+            self.ppo_updates as f64,
+            self.policy_loss,
+            self.value_loss,
+            self.clip_fraction,
+        ];
+        sum(&mut v);
+        let [rewards, correct, reward_stds, replies, groups, reply_tokens, kl, batches, ppo_updates, policy_loss, value_loss, clip_fraction] =
+            v;
+        Self {
+            rewards,
+            correct: correct as usize,
+            reward_stds,
+            replies: replies as usize,
+            groups: groups as usize,
+            reply_tokens: reply_tokens as usize,
+            kl,
+            batches: batches as usize,
+            ppo_updates: ppo_updates as usize,
+            policy_loss,
+            value_loss,
+            clip_fraction,
+        }
+    }
+
     pub fn add(&mut self, rollout: &Rollout, group: usize, kl: f64) {
         self.rewards += rollout.rewards.iter().sum::<f64>();
         self.correct += rollout.correct.iter().filter(|&&ok| ok).count();
@@ -201,8 +237,16 @@ impl RolloutStats {
     }
 }
 
-/// The prompts micro-batch `micro` of `step` trains on: consecutive prompts, wrapping around.
-pub fn step_prompts<'a>(prompts: &'a [Prompt], step: usize, micro: usize, micro_batches: usize, per_batch: usize) -> Vec<&'a Prompt> {
-    let first = ((step - 1) * micro_batches + micro) * per_batch;
+/// The prompts micro-batch `micro` of `step` trains on on this rank: consecutive prompts,
+/// wrapping around; the ranks take consecutive slices of each micro-batch's global batch.
+pub fn step_prompts<'a>(
+    prompts: &'a [Prompt],
+    step: usize,
+    micro: usize,
+    micro_batches: usize,
+    per_batch: usize,
+    world: World,
+) -> Vec<&'a Prompt> {
+    let first = (((step - 1) * micro_batches + micro) * world.size + world.rank) * per_batch;
     (first..first + per_batch).map(|i| &prompts[i % prompts.len()]).collect()
 }

@@ -9,7 +9,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{DataSource, Recipe, TrainMode};
+use furnace_configs::{DataSource, Recipe, Strategy, TrainMode};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{arithmetic_config, val_seed};
 use furnace_data::generators::arithmetic;
@@ -18,7 +18,7 @@ use furnace_data::{Loader, TextTokenizer};
 use furnace_models::generate::generate;
 use furnace_models::params::{load_named, named_tensors, trainable_params};
 use furnace_models::{CausalLm, LanguageModel, ModelConfig};
-use furnace_optim::{clip_factor, global_grad_norm, Algorithm, DecayGroups, Optimizer, Schedule};
+use furnace_optim::{clip_factor, Algorithm, DecayGroups, Optimizer, Schedule};
 
 use crate::backend::{BackendJob, TrainBackend};
 use crate::bench::matmul_gflops;
@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
 use crate::objective::{causal_lm_loss_sum, sample_labels};
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
+use crate::parallel::{quiet_stdout, Parallel};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
 use crate::rollout::{self, rollout, step_prompts, RolloutStats, Sampling};
 
@@ -91,6 +92,8 @@ struct Trainer<B: TrainBackend> {
     peak_flops: f64,
     /// Frozen base parameters held in NF4 (QLoRA), outside the module's parameters.
     nf4_params: usize,
+    /// The ranks mpirun started (world size 1 without it).
+    parallel: Parallel,
 }
 
 impl<B: TrainBackend> Trainer<B> {
@@ -119,16 +122,24 @@ impl<B: TrainBackend> Trainer<B> {
             }
         }
         std::fs::create_dir_all(&out).with_context(|| format!("cannot create the output folder {}", out.display()))?;
-        let world = furnace_distributed::World::from_env();
+        let mut parallel = Parallel::new(furnace_distributed::connect().map_err(anyhow::Error::msg)?, &recipe);
+        parallel.check_same_recipe(&recipe.to_toml())?;
+        let world = parallel.world;
         if world.size > 1 {
-            bail!(
-                "launched as rank {} of {} (mpirun), but data-parallel training is not built yet; run `furnace train` without mpirun",
-                world.rank,
-                world.size
-            );
+            if !world.is_main() {
+                quiet_stdout();
+            }
+            println!("rank 0 of {} ({}); the other ranks print errors only", world.size, recipe.distributed.strategy);
+        }
+        // One rank per node prepares the data (tokenizer, shards); the others then reuse it.
+        if world.local_rank != 0 {
+            parallel.barrier();
         }
         let Datasets { tokenizer, train: mut loader, val: val_loader, chat_template, reference_pairs } =
             datasets::load(&recipe, &out, world.rank, world.size)?;
+        if world.local_rank == 0 {
+            parallel.barrier();
+        }
         let resolved = recipe.model.resolve(Some(tokenizer.vocab_size()));
         if resolved.vocab_size < tokenizer.vocab_size() {
             bail!(
@@ -186,7 +197,8 @@ impl<B: TrainBackend> Trainer<B> {
             _ => None,
         };
         let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
-        let mut state = TrainState { step: 0, optimizer_step: 0, data_cursor: loader.cursor(), tokens_seen: 0 };
+        let shards = if world.size > 1 && recipe.distributed.strategy != Strategy::Ddp { world.size } else { 1 };
+        let mut state = TrainState::new(loader.cursor(), world.size, shards);
         if resume {
             let dir =
                 latest.with_context(|| format!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display()))?;
@@ -202,12 +214,26 @@ impl<B: TrainBackend> Trainer<B> {
             optimizer
                 .load_state(loaded.state.optimizer_step, &loaded.optimizer, &device)
                 .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", dir.display()))?;
-            loader.set_cursor(loaded.state.data_cursor);
-            state = loaded.state;
+            state = loaded.state.resharded(world.size, shards);
+            loader.set_cursor(state.data_cursor);
             println!("resumed from {} (step {})", dir.display(), state.step);
         }
+        // Ranks start from rank 0's weights; under ZeRO each keeps its own parameters' state.
+        model = parallel.broadcast_model(model);
+        let (owned, trainable) = parallel.partition(&model);
+        optimizer.retain_state(|path| parallel.owns(path));
+        if world.size > 1 && owned != trainable {
+            println!(
+                "{}: this rank updates {owned} of {trainable} trainable parameters ({:.1}%) and holds their optimizer state",
+                recipe.distributed.strategy,
+                100.0 * owned as f64 / trainable as f64
+            );
+        }
         let stop_at = max_steps.unwrap_or(t.steps).min(t.steps);
-        let metrics = Metrics::new(&out, recipe.logging.jsonl, recipe.logging.tensorboard, recipe.logging.progress, t.steps, state.step)?;
+        let logging = &recipe.logging;
+        let main = world.is_main();
+        let metrics =
+            Metrics::new(&out, logging.jsonl && main, logging.tensorboard && main, logging.progress && main, t.steps, state.step)?;
         let peak_flops = if recipe.logging.peak_tflops > 0.0 {
             recipe.logging.peak_tflops * 1e12
         } else {
@@ -240,13 +266,14 @@ impl<B: TrainBackend> Trainer<B> {
             stop_at,
             peak_flops,
             nf4_params,
+            parallel,
         };
         Ok((trainer, model))
     }
 
     fn train(mut self, mut model: LanguageModel<B>) -> Result<()> {
         let t = self.recipe.training.clone();
-        let tokens_per_step = self.recipe.tokens_per_step();
+        let tokens_per_step = self.recipe.tokens_per_step() * self.parallel.world.size;
         let flops_per_token = self.model_config.train_flops_per_token(t.seq_len);
         self.metrics.println(format!(
             "model: {} {}, {:.2}M parameters | {} tokens/step | peak {:.1} GFLOP/s for MFU",
@@ -268,7 +295,7 @@ impl<B: TrainBackend> Trainer<B> {
                 100.0 * trainable as f64 / total as f64
             ));
         }
-        if self.rl.is_some() && self.state.step == 0 {
+        if self.rl.is_some() && self.state.step == 0 && self.parallel.is_main() {
             // The verifier's mean reward before any step: what the run improves on.
             let when = format!(" before {}", self.recipe.training.mode.to_string().to_uppercase());
             self.held_out_exact_match(&model.valid(), &when)?;
@@ -280,6 +307,9 @@ impl<B: TrainBackend> Trainer<B> {
             let step = self.state.step;
             let lr = self.schedule.lr(step);
             let (updated, loss, grad_norm, tokens) = self.train_step(model, lr)?;
+            let mut tokens = [tokens as f64];
+            self.parallel.sum(&mut tokens);
+            let tokens = tokens[0] as usize;
             model = updated;
             self.state.tokens_seen += tokens as u64;
             self.state.optimizer_step = self.optimizer.step;
@@ -287,16 +317,20 @@ impl<B: TrainBackend> Trainer<B> {
             window_tokens += tokens;
             let last = step == self.stop_at;
             if step % t.log_every == 0 || last {
-                let loss = loss.into_scalar().elem::<f64>();
+                let loss = self.parallel.mean(loss.into_scalar().elem::<f64>());
                 let seconds = window_start.elapsed().as_secs_f64();
                 let tokens_per_sec = window_tokens as f64 / seconds;
-                let mfu = tokens_per_sec * flops_per_token / self.peak_flops;
+                let mfu = tokens_per_sec * flops_per_token / (self.peak_flops * self.parallel.world.size as f64);
+                let sum = |values: &mut [f64]| self.parallel.sum(values);
                 let mut mode_metrics = match self.recipe.training.mode {
-                    TrainMode::Dpo | TrainMode::Reward => std::mem::take(&mut self.dpo_window).means("", self.reference.is_some()),
+                    TrainMode::Dpo | TrainMode::Reward => {
+                        std::mem::take(&mut self.dpo_window).summed_over_ranks(sum).means("", self.reference.is_some())
+                    }
                     _ => Vec::new(),
                 };
                 if let Some(rl) = &mut self.rl {
-                    mode_metrics.extend(std::mem::take(&mut rl.window).means().into_iter().map(|(name, v)| (name.to_string(), v)));
+                    let window = std::mem::take(&mut rl.window).summed_over_ranks(sum);
+                    mode_metrics.extend(window.means().into_iter().map(|(name, v)| (name.to_string(), v)));
                 }
                 let mut values = vec![
                     ("loss", loss),
@@ -307,6 +341,7 @@ impl<B: TrainBackend> Trainer<B> {
                     ("tokens", self.state.tokens_seen as f64),
                 ];
                 values.extend(self.optimizer.take_metrics());
+                values.push(("optimizer_state_mb", self.optimizer.state_bytes() as f64 / 1e6));
                 values.extend(peak_rss_mb().map(|mb| ("peak_rss_mb", mb)));
                 values.extend(mode_metrics.iter().map(|(name, v)| (name.as_str(), *v)));
                 self.metrics.log(step, &values)?;
@@ -324,17 +359,21 @@ impl<B: TrainBackend> Trainer<B> {
                 window_start = Instant::now();
                 window_tokens = 0;
             }
-            if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) {
+            if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) && self.parallel.is_main() {
                 self.log_validation(&model, step)?;
                 window_start = Instant::now();
             }
             if self.checkpointer.should_save(step, last) {
-                let path = self.save(&model)?;
-                self.metrics.println(format!("step {step:>6} | checkpoint {}", path.display()));
+                if let Some(path) = self.save(&model)? {
+                    self.metrics.println(format!("step {step:>6} | checkpoint {}", path.display()));
+                }
                 window_start = Instant::now();
             }
         }
         self.metrics.finish();
+        if !self.parallel.is_main() {
+            return Ok(());
+        }
         if self.state.step < t.steps {
             println!("stopped at step {} of {}; continue with --resume {}", self.state.step, t.steps, self.out.display());
             return Ok(());
@@ -351,7 +390,7 @@ impl<B: TrainBackend> Trainer<B> {
     fn train_step(&mut self, model: LanguageModel<B>, lr: f64) -> Result<(LanguageModel<B>, Tensor<B::InnerBackend, 1>, f64, usize)> {
         // Dropout draws from the backend RNG: reseeding it from (seed, step) makes every mask a
         // pure function of the step, so a resumed run draws the same masks.
-        B::seed(&self.device, self.recipe.run.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9));
+        B::seed(&self.device, self.rank_seed() ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9));
         let Gradients { grads, loss, last_inputs, tokens } = match self.recipe.training.mode {
             TrainMode::Ppo => return self.ppo_step(model, lr),
             TrainMode::Grpo => self.grpo_gradients(&model),
@@ -361,8 +400,15 @@ impl<B: TrainBackend> Trainer<B> {
         Ok((model, loss, grad_norm, tokens))
     }
 
-    /// Sophia's curvature refresh when due, the global gradient norm, clipping and one
-    /// optimizer step. Returns the model and the pre-clip norm.
+    /// The run's seed, varied by rank so ranks draw different dropout masks and samples
+    /// (rank 0 draws what a single process would).
+    fn rank_seed(&self) -> u64 {
+        self.recipe.run.seed ^ (self.parallel.world.rank as u64).wrapping_mul(0x6A09_E667_F3BC_C909)
+    }
+
+    /// Gradients averaged over ranks, Sophia's curvature refresh when due, the global gradient
+    /// norm, clipping and one optimizer step (of this rank's parameters under ZeRO, which then
+    /// go to every rank). Returns the model and the pre-clip norm.
     fn apply_gradients(
         &mut self,
         model: LanguageModel<B>,
@@ -370,15 +416,20 @@ impl<B: TrainBackend> Trainer<B> {
         inputs: Tensor<B, 2, Int>,
         lr: f64,
     ) -> Result<(LanguageModel<B>, f64)> {
+        let grads = self.parallel.reduce_gradients(&model, grads);
         if self.optimizer.needs_curvature(self.optimizer.step + 1) {
             let (curvature, batch_tokens) = self.curvature_grads(&model, inputs);
-            self.optimizer.update_curvature(&model, &curvature, batch_tokens);
+            let curvature = self.parallel.drop_unowned(&model, self.parallel.reduce_gradients(&model, curvature));
+            let global_tokens = batch_tokens * self.parallel.world.size as f64;
+            self.optimizer.update_curvature(&model, &curvature, global_tokens);
         }
-        let grad_norm = global_grad_norm::<B, _>(&model, &grads);
+        let grad_norm = self.parallel.grad_norm(&model, &grads);
         if !grad_norm.is_finite() {
             bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr or raise lr_scheduler.warmup_steps", self.state.step);
         }
-        Ok((self.optimizer.step(lr, model, grads, clip_factor(grad_norm, self.recipe.training.max_norm)), grad_norm))
+        let grads = self.parallel.drop_unowned(&model, grads);
+        let model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, self.recipe.training.max_norm));
+        Ok((self.parallel.gather_parameters(model), grad_norm))
     }
 
     /// Gradients of the step's micro-batches from the loader: next-token loss, or DPO's or the
@@ -387,8 +438,10 @@ impl<B: TrainBackend> Trainer<B> {
         let t = &self.recipe.training;
         let batches: Vec<_> = (0..t.grad_accum_steps).map(|_| self.loader.next_batch()).collect();
         // The loss is the mean over the step's counted targets: every position when pretraining,
-        // the assistant's tokens under SFT (as TRL averages over completion tokens).
-        let counted = batches.iter().map(|b| b.targets.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>().max(1) as f64;
+        // the assistant's tokens under SFT (as TRL averages over completion tokens). Over ranks
+        // the count is their mean, so averaging the ranks' gradients gives the global mean.
+        let counted = batches.iter().map(|b| b.targets.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>() as f64;
+        let counted = self.parallel.mean(counted).max(1.0);
         let mut accumulator = GradientsAccumulator::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut last_inputs = None;
@@ -440,6 +493,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// GRPO: per micro-batch, sample replies to its prompts with the current weights, score
     /// them, and take the gradient of GRPO's loss on them.
     fn grpo_gradients(&mut self, model: &LanguageModel<B>) -> Gradients<B> {
+        let rank_seed = self.rank_seed();
         let (t, config) = (&self.recipe.training, &self.recipe.grpo);
         let rl = self.rl.as_mut().expect("rollout state in grpo mode");
         let sampling = Sampling {
@@ -451,8 +505,8 @@ impl<B: TrainBackend> Trainer<B> {
         let mut accumulator = GradientsAccumulator::new();
         let (mut step_loss, mut last_inputs, mut tokens) = (None, None, 0);
         for micro in 0..t.grad_accum_steps {
-            let prompts = step_prompts(&rl.prompts, self.state.step, micro, t.grad_accum_steps, t.local_batch_size);
-            let seed = self.recipe.run.seed ^ ((self.state.step * t.grad_accum_steps + micro) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let prompts = step_prompts(&rl.prompts, self.state.step, micro, t.grad_accum_steps, t.local_batch_size, self.parallel.world);
+            let seed = rank_seed ^ ((self.state.step * t.grad_accum_steps + micro) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
             let rollout = rollout(&policy, rl.reward_model.as_ref(), &prompts, &sampling, &self.tokenizer, seed, &self.device);
             let reference = rollout.reference_log_probs(&rl.reference, &self.device);
             let (inputs, targets) = rollout.tensors::<B>(&self.device);
@@ -484,12 +538,13 @@ impl<B: TrainBackend> Trainer<B> {
     /// clipped losses. Returns the last epoch's loss and gradient norm.
     fn ppo_step(&mut self, mut model: LanguageModel<B>, lr: f64) -> Result<(LanguageModel<B>, Tensor<B::InnerBackend, 1>, f64, usize)> {
         let (t, config) = (self.recipe.training.clone(), self.recipe.ppo.clone());
+        let rank_seed = self.rank_seed();
         let rl = self.rl.as_mut().expect("rollout state in ppo mode");
         let device = self.device.clone();
         let sampling =
             Sampling { replies_per_prompt: 1, max_completion_length: config.max_completion_length, temperature: config.temperature };
-        let prompts = step_prompts(&rl.prompts, self.state.step, 0, 1, t.local_batch_size);
-        let seed = self.recipe.run.seed ^ (self.state.step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let prompts = step_prompts(&rl.prompts, self.state.step, 0, 1, t.local_batch_size, self.parallel.world);
+        let seed = rank_seed ^ (self.state.step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
         let policy = model.valid();
         let rollout = rollout(&policy, rl.reward_model.as_ref(), &prompts, &sampling, &self.tokenizer, seed, &device);
         let host = |x: Tensor<B::InnerBackend, 2>| -> Vec<f64> { x.into_data().convert::<f64>().into_vec().expect("f64") };
@@ -625,15 +680,34 @@ impl<B: TrainBackend> Trainer<B> {
         Ok(asked.into_iter().next().map(|a| a.question))
     }
 
-    fn save(&self, model: &LanguageModel<B>) -> Result<PathBuf> {
-        self.checkpointer.save(
-            self.state.step,
+    /// Rank 0 writes the checkpoint; under ZeRO every rank first writes its optimizer shard
+    /// into the staging folder. Returns the checkpoint's folder on rank 0.
+    fn save(&self, model: &LanguageModel<B>) -> Result<Option<PathBuf>> {
+        let (world, step) = (self.parallel.world, self.state.step);
+        let optimizer = self.optimizer.state_tensors();
+        let shards = self.state.optimizer_shards;
+        if shards > 1 {
+            if world.is_main() {
+                self.checkpointer.stage(step)?;
+            }
+            self.parallel.barrier();
+            if !world.is_main() {
+                self.checkpointer.write_optimizer_shard(step, world.rank, shards, &optimizer)?;
+            }
+            self.parallel.barrier();
+        }
+        if !world.is_main() {
+            return Ok(None);
+        }
+        let checkpoint = self.checkpointer.save(
+            step,
             &named_tensors(model),
-            &self.optimizer.state_tensors(),
+            &optimizer,
             &self.state,
             &self.recipe.to_toml(),
             &self.tokenizer.to_json(),
-        )
+        )?;
+        Ok(Some(checkpoint))
     }
 
     /// What the finished run measured: validation loss, held-out exact match, a sample.

@@ -1,0 +1,93 @@
+//! The MPI transport (OpenMPI from Debian through the `mpi` crate): `mpirun` is the launcher,
+//! its byte transfer layers (shared memory within a node, TCP or InfiniBand between nodes) the
+//! wire. A rank that dies makes mpirun stop every other rank (MPI's default
+//! errors-are-fatal handling), so no rank waits forever on a lost peer.
+
+use mpi::collective::SystemOperation;
+use mpi::environment::Universe;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use mpi::Threading;
+
+use crate::{Collective, World};
+
+/// Largest message in elements: MPI counts are C ints, and a bounded scratch buffer keeps the
+/// copy that out-of-place reductions need small.
+const CHUNK: usize = 1 << 24;
+
+pub struct MpiCollective {
+    world: World,
+    communicator: SimpleCommunicator,
+    /// Finalizes MPI when dropped; kept last so the communicator goes first.
+    _universe: Universe,
+}
+
+impl MpiCollective {
+    /// MPI_Init_thread (funneled: only the main thread calls MPI; the compute pool never does).
+    pub fn init(launcher: World) -> Result<Self, String> {
+        let (universe, _) =
+            mpi::initialize_with_threading(Threading::Funneled).ok_or_else(|| "MPI was already initialized in this process".to_string())?;
+        let communicator = universe.world();
+        let (rank, size) = (communicator.rank() as usize, communicator.size() as usize);
+        if (rank, size) != (launcher.rank, launcher.size) {
+            return Err(format!(
+                "MPI says rank {rank} of {size}, the launcher's environment rank {} of {}; launch with the mpirun that matches the linked MPI",
+                launcher.rank, launcher.size
+            ));
+        }
+        Ok(Self { world: launcher, communicator, _universe: universe })
+    }
+}
+
+impl Collective for MpiCollective {
+    fn world(&self) -> World {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, buffer: &mut [f32]) {
+        let mut scratch = Vec::with_capacity(CHUNK.min(buffer.len()));
+        for chunk in buffer.chunks_mut(CHUNK) {
+            scratch.clear();
+            scratch.extend_from_slice(chunk);
+            self.communicator.all_reduce_into(&scratch[..], chunk, SystemOperation::sum());
+        }
+    }
+
+    fn all_reduce_sum_f64(&self, buffer: &mut [f64]) {
+        let send = buffer.to_vec();
+        for (send, receive) in send.chunks(CHUNK).zip(buffer.chunks_mut(CHUNK)) {
+            self.communicator.all_reduce_into(send, receive, SystemOperation::sum());
+        }
+    }
+
+    fn reduce_sum(&self, buffer: &mut [f32], root: usize) {
+        let process = self.communicator.process_at_rank(root as i32);
+        let mut scratch = Vec::with_capacity(CHUNK.min(buffer.len()));
+        for chunk in buffer.chunks_mut(CHUNK) {
+            scratch.clear();
+            scratch.extend_from_slice(chunk);
+            if self.world.rank == root {
+                process.reduce_into_root(&scratch[..], chunk, SystemOperation::sum());
+            } else {
+                process.reduce_into(&scratch[..], SystemOperation::sum());
+            }
+        }
+    }
+
+    fn broadcast(&self, buffer: &mut [f32], root: usize) {
+        let process = self.communicator.process_at_rank(root as i32);
+        for chunk in buffer.chunks_mut(CHUNK) {
+            process.broadcast_into(chunk);
+        }
+    }
+
+    fn all_gather_u64(&self, value: u64) -> Vec<u64> {
+        let mut values = vec![0u64; self.world.size];
+        self.communicator.all_gather_into(&value, &mut values[..]);
+        values
+    }
+
+    fn barrier(&self) {
+        self.communicator.barrier();
+    }
+}

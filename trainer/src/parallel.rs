@@ -1,0 +1,281 @@
+//! Data parallelism over the ranks mpirun started: the same starting weights everywhere,
+//! gradients averaged in buckets after each step's backward passes (PyTorch DDP's arithmetic),
+//! and under ZeRO-1/2 the optimizer state (and with 2 the reduced gradients) kept only by the
+//! rank that owns each parameter, which then broadcasts its updated values. World size 1 makes
+//! every operation here a no-op.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use anyhow::{bail, Result};
+use burn::module::{AutodiffModule, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use furnace_configs::{Recipe, Strategy};
+use furnace_distributed::{Collective, Partition, World};
+use furnace_models::params::{map_with_paths, visit_with_paths, PathMapper, PathVisitor};
+use furnace_optim::global_grad_norm;
+
+pub struct Parallel {
+    collective: Box<dyn Collective>,
+    pub world: World,
+    pub strategy: Strategy,
+    bucket_elements: usize,
+    /// ZeRO: the rank owning each trainable parameter, by path.
+    owners: HashMap<String, usize>,
+}
+
+impl Parallel {
+    pub fn new(collective: Box<dyn Collective>, recipe: &Recipe) -> Self {
+        let world = collective.world();
+        let bucket_elements = ((recipe.distributed.bucket_mb * 1e6 / 4.0) as usize).max(1);
+        Self { collective, world, strategy: recipe.distributed.strategy, bucket_elements, owners: HashMap::new() }
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.world.is_main()
+    }
+
+    fn sharded(&self) -> bool {
+        self.world.size > 1 && self.strategy != Strategy::Ddp
+    }
+
+    /// Fail on every rank, naming the odd ones out, when ranks were given different recipes
+    /// (another file on another node, a different `--set`): they would silently train apart.
+    pub fn check_same_recipe(&self, recipe_toml: &str) -> Result<()> {
+        let mut hasher = DefaultHasher::new();
+        recipe_toml.hash(&mut hasher);
+        let hashes = self.collective.all_gather_u64(hasher.finish());
+        let differing: Vec<usize> = (0..hashes.len()).filter(|&r| hashes[r] != hashes[0]).collect();
+        if !differing.is_empty() {
+            bail!(
+                "rank(s) {differing:?} of {} were given a different recipe than rank 0 (after --set overrides); launch every rank with the same recipe file and overrides",
+                self.world.size
+            );
+        }
+        Ok(())
+    }
+
+    pub fn barrier(&self) {
+        self.collective.barrier();
+    }
+
+    /// The sum over ranks of each value.
+    pub fn sum(&self, values: &mut [f64]) {
+        self.collective.all_reduce_sum_f64(values);
+    }
+
+    /// The mean over ranks of a per-rank count or loss.
+    pub fn mean(&self, value: f64) -> f64 {
+        let mut v = [value];
+        self.sum(&mut v);
+        v[0] / self.world.size as f64
+    }
+
+    /// Rank 0's parameters on every rank (DDP's broadcast at construction), so ranks start
+    /// equal whatever their initialisation did.
+    pub fn broadcast_model<B: Backend, M: Module<B>>(&self, model: M) -> M {
+        if self.world.size == 1 {
+            return model;
+        }
+        struct Broadcast<'a>(&'a dyn Collective);
+        impl<B: Backend> PathMapper<B> for Broadcast<'_> {
+            fn map<const D: usize>(&mut self, _: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+                let (id, tensor, mapper) = param.consume();
+                let value = broadcast_tensor(self.0, tensor, 0);
+                Param::from_mapped_value(id, value, mapper)
+            }
+        }
+        map_with_paths(model, &mut Broadcast(self.collective.as_ref()))
+    }
+
+    /// ZeRO: split the trainable parameters into contiguous runs, one per rank. Returns this
+    /// rank's share of the trainable elements and the total.
+    pub fn partition<B: Backend, M: Module<B>>(&mut self, model: &M) -> (usize, usize) {
+        struct Trainable(Vec<(String, usize)>);
+        impl<B: Backend> PathVisitor<B> for Trainable {
+            fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
+                if param.val().is_require_grad() {
+                    self.0.push((path.to_string(), param.lazy_shape().num_elements()));
+                }
+            }
+        }
+        let mut trainable = Trainable(Vec::new());
+        visit_with_paths(model, &mut trainable);
+        let sizes: Vec<usize> = trainable.0.iter().map(|(_, n)| *n).collect();
+        let total = sizes.iter().sum();
+        if !self.sharded() {
+            return (total, total);
+        }
+        let partition = Partition::contiguous(&sizes, self.world.size);
+        self.owners = trainable.0.into_iter().enumerate().map(|(i, (path, _))| (path, partition.owner(i))).collect();
+        (partition.shares(&sizes)[self.world.rank], total)
+    }
+
+    /// Whether this rank updates (and keeps optimizer state for) the parameter at `path`.
+    pub fn owns(&self, path: &str) -> bool {
+        !self.sharded() || self.owners.get(path).is_none_or(|&owner| owner == self.world.rank)
+    }
+
+    /// Average every gradient over ranks, bucket by bucket. Under ZeRO-2 each gradient goes
+    /// to its owner only and the other ranks drop theirs.
+    pub fn reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(&self, model: &M, grads: GradientsParams) -> GradientsParams {
+        if self.world.size == 1 {
+            return grads;
+        }
+        let to_owner = self.sharded() && self.strategy == Strategy::Zero2;
+        let mut buckets = Buckets {
+            parallel: self,
+            grads,
+            to_owner,
+            flat: Vec::new(),
+            pending: Vec::new(),
+            owner: None,
+            scale: 1.0 / self.world.size as f32,
+        };
+        visit_with_paths(model, &mut buckets);
+        buckets.flush();
+        buckets.grads
+    }
+
+    /// The global gradient norm: from the full averaged gradients that every rank holds, or
+    /// under ZeRO-2 from each owner's share, summed over ranks.
+    pub fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(&self, model: &M, grads: &GradientsParams) -> f64 {
+        let local = global_grad_norm::<B, M>(model, grads);
+        if self.sharded() && self.strategy == Strategy::Zero2 {
+            let mut squares = [local * local];
+            self.sum(&mut squares);
+            squares[0].sqrt()
+        } else {
+            local
+        }
+    }
+
+    /// ZeRO-1: keep only the gradients of this rank's parameters (ZeRO-2 already did).
+    pub fn drop_unowned<B: AutodiffBackend, M: AutodiffModule<B>>(&self, model: &M, mut grads: GradientsParams) -> GradientsParams {
+        if !self.sharded() {
+            return grads;
+        }
+        struct Drop<'a, B: AutodiffBackend> {
+            parallel: &'a Parallel,
+            grads: &'a mut GradientsParams,
+            _backend: std::marker::PhantomData<B>,
+        }
+        impl<B: AutodiffBackend> PathVisitor<B> for Drop<'_, B> {
+            fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
+                if !self.parallel.owns(path) {
+                    self.grads.remove::<B::InnerBackend, D>(param.id);
+                }
+            }
+        }
+        visit_with_paths(model, &mut Drop::<B> { parallel: self, grads: &mut grads, _backend: std::marker::PhantomData });
+        grads
+    }
+
+    /// ZeRO: every parameter's new value from its owner (the all-gather after a sharded step).
+    pub fn gather_parameters<B: Backend, M: Module<B>>(&self, model: M) -> M {
+        if !self.sharded() {
+            return model;
+        }
+        struct Gather<'a>(&'a Parallel);
+        impl<B: Backend> PathMapper<B> for Gather<'_> {
+            fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+                let Some(&owner) = self.0.owners.get(path) else { return param };
+                let (id, tensor, mapper) = param.consume();
+                let value = broadcast_tensor(self.0.collective.as_ref(), tensor, owner);
+                Param::from_mapped_value(id, value, mapper)
+            }
+        }
+        map_with_paths(model, &mut Gather(self))
+    }
+}
+
+/// Ranks other than 0 keep stderr (errors, panics) and drop stdout, as torchtitan logs from
+/// rank 0 only: N copies of every line would bury the one that matters.
+pub fn quiet_stdout() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let _ = std::io::stdout().flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // Safety: duplicates an open descriptor onto stdout's; both stay valid.
+        unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) };
+    }
+}
+
+/// `root`'s value of `tensor` on every rank, keeping its autodiff status.
+fn broadcast_tensor<B: Backend, const D: usize>(collective: &dyn Collective, tensor: Tensor<B, D>, root: usize) -> Tensor<B, D> {
+    let (shape, device, trainable) = (tensor.shape(), tensor.device(), tensor.is_require_grad());
+    let mut values: Vec<f32> = tensor.into_data().convert::<f32>().into_vec().expect("float parameter");
+    collective.broadcast(&mut values, root);
+    let value = Tensor::from_data(TensorData::new(values, shape), &device);
+    if trainable {
+        value.require_grad()
+    } else {
+        value
+    }
+}
+
+/// A gradient copied into the current bucket: where its values sit and how to put them back.
+type Restore = Box<dyn FnOnce(&[f32], &mut GradientsParams)>;
+
+/// Gradients copied to the host bucket by bucket in the model's parameter order (the same on
+/// every rank), reduced when a bucket fills, and put back. The host copy is at most one bucket.
+struct Buckets<'a> {
+    parallel: &'a Parallel,
+    grads: GradientsParams,
+    to_owner: bool,
+    flat: Vec<f32>,
+    pending: Vec<(usize, Restore)>,
+    /// ZeRO-2: the rank the current bucket is reduced to (a bucket never spans two owners).
+    owner: Option<usize>,
+    scale: f32,
+}
+
+impl Buckets<'_> {
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let collective = self.parallel.collective.as_ref();
+        let owner = self.owner.take();
+        match owner {
+            Some(root) => collective.reduce_sum(&mut self.flat, root),
+            None => collective.all_reduce_sum(&mut self.flat),
+        }
+        let keep = owner.is_none_or(|root| root == self.parallel.world.rank);
+        let mut start = 0;
+        for (len, restore) in self.pending.drain(..) {
+            if keep {
+                let values = &mut self.flat[start..start + len];
+                values.iter_mut().for_each(|v| *v *= self.scale);
+                restore(values, &mut self.grads);
+            }
+            start += len;
+        }
+        self.flat.clear();
+    }
+}
+
+impl<B: AutodiffBackend> PathVisitor<B> for Buckets<'_> {
+    fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
+        let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else { return };
+        if self.to_owner {
+            let owner = self.parallel.owners.get(path).copied().unwrap_or(0);
+            if self.owner.is_some_and(|current| current != owner) {
+                self.flush();
+            }
+            self.owner = Some(owner);
+        }
+        let (shape, device, id): (_, _, ParamId) = (grad.shape(), grad.device(), param.id);
+        let values: Vec<f32> = grad.into_data().convert::<f32>().into_vec().expect("float gradient");
+        self.flat.extend_from_slice(&values);
+        let restore: Restore = Box::new(move |values: &[f32], grads: &mut GradientsParams| {
+            grads.register::<B::InnerBackend, D>(id, Tensor::from_data(TensorData::new(values.to_vec(), shape), &device));
+        });
+        self.pending.push((values.len(), restore));
+        if self.flat.len() >= self.parallel.bucket_elements {
+            self.flush();
+        }
+    }
+}

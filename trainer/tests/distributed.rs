@@ -1,0 +1,256 @@
+//! Multi-process training under OpenMPI's `mpirun`: data parallel and ZeRO-1/2 equal one
+//! process with the global batch, over TCP as between nodes; checkpoints reshard to another
+//! world size; mismatched recipes and a lost rank stop every rank with a clear message.
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const FURNACE: &str = env!("CARGO_BIN_EXE_furnace");
+
+/// A small, fast recipe; `local_batch_size` is set per run.
+const TINY: &str = r#"
+[run]
+seed = 11
+[model]
+flavor = "tiny"
+n_kv_heads = 2
+max_seq_len = 32
+[data]
+source = "stories"
+num_examples = 400
+num_val_examples = 20
+tokenizer_vocab_size = 300
+[training]
+seq_len = 32
+grad_accum_steps = 2
+steps = 6
+eval_every = 0
+log_every = 1
+save_every = 0
+keep_last = 0
+[lr_scheduler]
+warmup_steps = 2
+[logging]
+progress = false
+peak_tflops = 1.0
+[eval]
+max_new_tokens = 4
+"#;
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// `furnace train` on `ranks` processes (1: no mpirun). Byte transfer goes over TCP (`btl
+/// tcp,self`), the path ranks on different nodes take, not shared memory.
+fn train(ranks: usize, recipe: &Path, run: &Path, extra: &[&str]) -> Output {
+    let set = format!("run.output_dir={}", run.display());
+    let args = [&["train", "--config", recipe.to_str().unwrap(), "--set", set.as_str()][..], extra].concat();
+    if ranks == 1 {
+        return Command::new(FURNACE).args(&args).output().expect("furnace runs");
+    }
+    mpirun(ranks).arg(FURNACE).args(&args).output().expect("mpirun runs")
+}
+
+fn mpirun(ranks: usize) -> Command {
+    let mut command = Command::new("mpirun");
+    // Root in CI containers; more ranks than the CI machine's 2 cores.
+    command.args(["--allow-run-as-root", "--oversubscribe", "--mca", "btl", "tcp,self", "-np", &ranks.to_string()]);
+    command
+}
+
+fn recipe(dir: &Path) -> PathBuf {
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, TINY).unwrap();
+    path
+}
+
+/// A logged value of every step that logged it.
+fn logged(run: &Path, key: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v["step"].as_u64()?, v.get(key)?.as_f64()?))
+        })
+        .collect()
+}
+
+fn assert_same_losses(expected: &Path, actual: &Path, what: &str) {
+    let (a, b) = (logged(expected, "loss"), logged(actual, "loss"));
+    assert!(!a.is_empty() && a.len() == b.len(), "{what}: {a:?} vs {b:?}");
+    for ((step, x), (step_b, y)) in a.iter().zip(&b) {
+        assert_eq!(step, step_b);
+        assert!((x - y).abs() <= 1e-5, "{what} step {step}: one process {x} vs {y}");
+    }
+}
+
+/// W ranks with local batch b give the loss of one process with batch W·b at every step,
+/// for every strategy; ZeRO ranks hold 1/W of the optimizer state.
+fn check_equivalence(ranks: usize, strategies: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path());
+    let single = dir.path().join("single");
+    let global_batch = format!("training.local_batch_size={}", 2 * ranks);
+    let out = train(1, &recipe, &single, &["--set", &global_batch]);
+    assert!(out.status.success(), "{}", text(&out));
+    let single_state = logged(&single, "optimizer_state_mb")[0].1;
+    for strategy in strategies {
+        let run = dir.path().join(strategy);
+        let strategy_key = format!("distributed.strategy={strategy}");
+        let out = train(ranks, &recipe, &run, &["--set", "training.local_batch_size=2", "--set", &strategy_key]);
+        assert!(out.status.success(), "{strategy}: {}", text(&out));
+        let printed = text(&out);
+        assert!(printed.contains(&format!("rank 0 of {ranks} ({strategy})")), "{printed}");
+        assert_eq!(printed.matches("step      6/6").count(), 1, "only rank 0 prints: {printed}");
+        assert_same_losses(&single, &run, &format!("{ranks} ranks {strategy}"));
+        let state = logged(&run, "optimizer_state_mb")[0].1;
+        if *strategy == "ddp" {
+            assert_eq!(state, single_state);
+        } else {
+            // Whole parameters per rank: at most one embedding table (300 × 64 floats, two
+            // AdamW moments) off an even split.
+            let largest_mb = (300 * 64 * 4 * 2) as f64 / 1e6;
+            assert!((state - single_state / ranks as f64).abs() <= largest_mb, "{strategy}: {state} MB vs {single_state} MB / {ranks}");
+            assert!(state < single_state);
+        }
+    }
+}
+
+#[test]
+fn two_ranks_over_tcp_equal_one_process_for_ddp_zero1_and_zero2() {
+    check_equivalence(2, &["ddp", "zero1", "zero2"]);
+}
+
+#[test]
+fn four_ranks_equal_one_process() {
+    check_equivalence(4, &["ddp", "zero2"]);
+}
+
+/// A ZeRO checkpoint written by 2 ranks (one optimizer shard each) resumes on 1 process,
+/// and a 1-process checkpoint on 2 ranks, continuing exactly as the straight run.
+#[test]
+fn checkpoints_reshard_to_another_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path());
+    let straight = dir.path().join("straight");
+    let out = train(1, &recipe, &straight, &["--set", "training.local_batch_size=4"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for (first, second, name) in [(2, 1, "two_then_one"), (1, 2, "one_then_two")] {
+        let run = dir.path().join(name);
+        let batch = |ranks: usize| format!("training.local_batch_size={}", 4 / ranks);
+        let zero = ["--set", "distributed.strategy=zero2"];
+        let out = train(first, &recipe, &run, &[&["--set", &batch(first), "--max-steps", "3"][..], &zero].concat());
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        let shards = std::fs::read_dir(run.join("checkpoints/step_3"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("optimizer-"));
+        assert_eq!(shards.count(), if first == 2 { 2 } else { 0 }, "{name}: one optimizer shard per ZeRO rank");
+        let resume = run.to_str().unwrap();
+        let out = train(second, &recipe, &run, &[&["--set", &batch(second), "--resume", resume][..], &zero].concat());
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        assert_same_losses(&straight, &run, name);
+    }
+}
+
+#[test]
+fn ranks_given_different_recipes_stop_with_the_rank_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path());
+    let run = dir.path().join("run");
+    let set = format!("run.output_dir={}", run.display());
+    let common = ["train", "--config", recipe.to_str().unwrap(), "--set", set.as_str()];
+    let out = mpirun(1)
+        .arg(FURNACE)
+        .args(common)
+        .args([":", "-np", "1", FURNACE])
+        .args(common)
+        .args(["--set", "optimizer.lr=1e-2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let printed = text(&out);
+    assert!(printed.contains("rank(s) [1] of 2 were given a different recipe than rank 0"), "{printed}");
+    assert!(!run.join("checkpoints").exists());
+}
+
+/// The pids of the processes whose environment says they are rank `rank` of a run writing
+/// to `run`.
+fn rank_pids(run: &Path, rank: usize) -> Vec<u32> {
+    let wanted_rank = format!("OMPI_COMM_WORLD_RANK={rank}");
+    let wanted_run = run.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let read = |f: &str| std::fs::read(format!("/proc/{pid}/{f}")).map(|b| String::from_utf8_lossy(&b).into_owned());
+            let (Ok(environ), Ok(cmdline)) = (read("environ"), read("cmdline")) else { return false };
+            environ.split('\0').any(|v| v == wanted_rank) && cmdline.contains(&wanted_run) && cmdline.contains("train")
+        })
+        .collect()
+}
+
+/// Kill rank 1 after the first checkpoint: mpirun stops every rank within a minute, names the
+/// lost rank, and the checkpoint written before resumes.
+#[test]
+fn a_lost_rank_stops_the_job_and_the_last_checkpoint_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path());
+    let run = dir.path().join("run");
+    let set = format!("run.output_dir={}", run.display());
+    let mut job = mpirun(2)
+        .arg(FURNACE)
+        .args(["train", "--config", recipe.to_str().unwrap(), "--set", &set])
+        .args(["--set", "training.local_batch_size=2", "--set", "training.steps=100000", "--set", "training.save_every=2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !run.join("checkpoints/step_2").exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint within 2 minutes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let victims = rank_pids(&run, 1);
+    assert_eq!(victims.len(), 1, "rank 1's process");
+    Command::new("kill").args(["-9", &victims[0].to_string()]).status().unwrap();
+    let killed = Instant::now();
+    while job.try_wait().unwrap().is_none() {
+        assert!(killed.elapsed() < Duration::from_secs(60), "mpirun still running 60 s after rank 1 died");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = job.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let printed = text(&out);
+    assert!(printed.contains("rank 1"), "the lost rank is named: {printed}");
+    assert!(rank_pids(&run, 0).is_empty(), "rank 0 exited too");
+    let newest = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step_")?.parse::<usize>().ok())
+        .max()
+        .unwrap();
+    let (resume, until) = (run.to_str().unwrap(), (newest + 1).to_string());
+    let out = train(
+        1,
+        &recipe,
+        &run,
+        &["--set", "training.local_batch_size=4", "--set", "training.steps=100000", "--resume", resume, "--max-steps", &until],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&format!("resumed from {}", run.join(format!("checkpoints/step_{newest}")).display())), "{}", text(&out));
+}
+
+#[test]
+fn the_ddp_recipe_runs_on_two_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../recipes/ddp.toml");
+    let run = dir.path().join("run");
+    let small = ["--set", "data.num_examples=3000", "--set", "eval.arithmetic_problems=5", "--max-steps", "2"];
+    let out = train(2, &recipe, &run, &small);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("rank 0 of 2 (ddp)") && text(&out).contains("| 2048 tokens/step |"), "{}", text(&out));
+    assert!(run.join("checkpoints/step_2/model.safetensors").is_file());
+}
