@@ -24,6 +24,11 @@ pub struct ResolvedModel {
     pub d_conv: usize,
     pub expand: usize,
     pub dt_rank: usize,
+    pub n_experts: usize,
+    pub experts_per_token: usize,
+    pub capacity_factor: f64,
+    pub router_aux_loss_coef: f64,
+    pub router_z_loss_coef: f64,
     pub dropout: f64,
 }
 
@@ -48,7 +53,8 @@ impl ModelSection {
     /// Resolve preset + arch defaults + overrides. `tokenizer_vocab` fills an unset vocab_size.
     pub fn resolve(&self, tokenizer_vocab: Option<usize>) -> ResolvedModel {
         let p = preset(self.flavor);
-        let llama = self.arch == Arch::Llama;
+        // Mixtral is a Llama in all but its MLPs.
+        let llama = matches!(self.arch, Arch::Llama | Arch::Mixtral);
         let d_model = self.d_model.unwrap_or(p.d_model);
         let mlp = self.mlp.unwrap_or(if llama { Mlp::SwiGlu } else { Mlp::Gelu });
         let n_heads = self.n_heads.unwrap_or(p.n_heads);
@@ -77,6 +83,11 @@ impl ModelSection {
             d_conv: self.d_conv,
             expand: self.expand,
             dt_rank: self.dt_rank.unwrap_or(d_model.div_ceil(16)),
+            n_experts: self.n_experts,
+            experts_per_token: self.experts_per_token,
+            capacity_factor: self.capacity_factor,
+            router_aux_loss_coef: self.router_aux_loss_coef,
+            router_z_loss_coef: self.router_z_loss_coef,
             dropout: self.dropout,
         }
     }
@@ -109,6 +120,11 @@ impl ResolvedModel {
             d_conv: self.d_conv,
             expand: self.expand,
             dt_rank: Some(self.dt_rank),
+            n_experts: self.n_experts,
+            experts_per_token: self.experts_per_token,
+            capacity_factor: self.capacity_factor,
+            router_aux_loss_coef: self.router_aux_loss_coef,
+            router_z_loss_coef: self.router_z_loss_coef,
             dropout: self.dropout,
             init_from: init_from.to_string(),
         }

@@ -31,7 +31,7 @@ macro_rules! choice {
 
 choice!(
     /// Model family.
-    Arch { Llama = "llama", Gpt2 = "gpt2", Mamba = "mamba" }
+    Arch { Llama = "llama", Gpt2 = "gpt2", Mamba = "mamba", Mixtral = "mixtral" }
 );
 choice!(
     /// Named size presets; explicit `[model]` dimensions override them.
@@ -182,7 +182,8 @@ section! {
     /// The model. `flavor` picks a preset; any dimension given here overrides the preset.
     ModelSection = "model" {
         /// Model family: llama (RMSNorm, RoPE, SwiGLU, no bias), gpt2 (LayerNorm, learned positions,
-        /// GELU, bias) or mamba (selective state-space blocks; the attention and MLP keys do not apply).
+        /// GELU, bias), mamba (selective state-space blocks; the attention and MLP keys do not apply)
+        /// or mixtral (llama with each MLP a sparse mixture of SwiGLU experts).
         arch: Arch = Arch::Llama,
         /// Size preset: tiny, quickstart, small, gpt2-124m.
         flavor: Flavor = Flavor::Tiny,
@@ -226,6 +227,21 @@ section! {
         expand: usize = 2,
         /// Mamba: rank of the step-size (Δ) projection. Unset: ⌈d_model/16⌉.
         dt_rank: Option<usize> = None,
+        /// Mixtral: experts per layer (transformers' num_local_experts).
+        n_experts: usize = 8,
+        /// Mixtral: experts each token is routed to, top-k of the router's softmax
+        /// (num_experts_per_tok).
+        experts_per_token: usize = 2,
+        /// Mixtral: tokens one expert takes per batch, as a multiple of the even share
+        /// tokens·k/n_experts; the tokens past it skip that expert (Switch Transformer's token
+        /// dropping). 0: no limit (dropless, as Mixtral).
+        capacity_factor: f64 = 0.0,
+        /// Mixtral: weight of the load-balancing loss n_experts·Σ f_e·P_e (Switch Transformer;
+        /// transformers' router_aux_loss_coef) added to the training loss.
+        router_aux_loss_coef: f64 = 0.01,
+        /// Mixtral: weight of the router z-loss, the mean squared logsumexp of router logits
+        /// (ST-MoE), which keeps router logits small.
+        router_z_loss_coef: f64 = 0.001,
         /// Dropout probability on attention output and MLP output (0 for exact resume).
         dropout: f64 = 0.0,
         /// Start from these weights instead of a random init: a Furnace run or checkpoint folder,

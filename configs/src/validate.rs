@@ -58,6 +58,27 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "use the defaults: d_state = 16, d_conv = 4, expand = 2".into(),
         );
     }
+    if m.arch == Arch::Mixtral {
+        if m.n_experts == 0 || m.experts_per_token == 0 || m.experts_per_token > m.n_experts {
+            return fail(
+                "model",
+                "experts_per_token",
+                format!("experts_per_token = {} must be between 1 and n_experts = {}", m.experts_per_token, m.n_experts),
+                "Mixtral routes each token to 2 of 8 experts: n_experts = 8, experts_per_token = 2".into(),
+            );
+        }
+        if m.mlp != Mlp::SwiGlu {
+            return fail("model", "mlp", "Mixtral's experts are SwiGLU MLPs".into(), "remove model.mlp or set it to \"swiglu\"".into());
+        }
+        if m.capacity_factor < 0.0 || m.router_aux_loss_coef < 0.0 || m.router_z_loss_coef < 0.0 {
+            return fail(
+                "model",
+                "capacity_factor",
+                "capacity_factor, router_aux_loss_coef and router_z_loss_coef must not be negative".into(),
+                "use 0 for dropless routing or no auxiliary loss".into(),
+            );
+        }
+    }
     if !(0.0..1.0).contains(&m.dropout) {
         return fail(
             "model",

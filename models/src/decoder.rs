@@ -1,6 +1,7 @@
 //! Decoder-only transformer: one module family for Llama (RMSNorm, RoPE, SwiGLU, GQA, no bias)
 //! and GPT-2 (LayerNorm, learned positions, GELU, bias, tied head), with sliding-window
-//! attention, ALiBi and parallel attention+MLP blocks as options.
+//! attention, ALiBi and parallel attention+MLP blocks as options, and Mixtral's sparse
+//! mixture-of-experts MLPs (`mixtral.rs`).
 //!
 //! embed → blocks (pre-norm, two residuals) → final norm → head.
 
@@ -14,6 +15,7 @@ use crate::causal_lm::CausalLm;
 use crate::init::{normal_param, SeededRng};
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
+use crate::mixtral::{MoeConfig, Routing, SparseMoe};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PositionKind {
@@ -60,6 +62,9 @@ pub struct DecoderConfig {
     /// sequence-classification model: what a reward model outputs.
     #[config(default = false)]
     pub score_head: bool,
+    /// Mixtral: every MLP a sparse mixture of SwiGLU experts.
+    #[config(default = "None")]
+    pub moe: Option<MoeConfig>,
 }
 
 impl DecoderConfig {
@@ -73,11 +78,21 @@ impl DecoderConfig {
 
     /// Parameter count, embeddings included.
     pub fn num_params(&self) -> usize {
+        self.params(false)
+    }
+
+    /// All parameters, or (`active_only`) those one token runs through: a mixture of experts
+    /// counts its k routed experts.
+    fn params(&self, active_only: bool) -> usize {
         let kv = self.kv_heads() * self.head_dim();
         let b = self.bias as usize;
         let attn = self.d_model * (self.d_model + 2 * kv) + self.d_model * self.d_model + b * (2 * self.d_model + 2 * kv);
         let mats = if self.mlp == MlpKind::SwiGlu { 3 } else { 2 };
-        let mlp = mats * self.d_model * self.d_ff + b * (self.d_ff * (mats - 1) + self.d_model);
+        let mlp = match &self.moe {
+            Some(moe) if active_only => moe.active_params(self.d_model, self.d_ff),
+            Some(moe) => moe.num_params(self.d_model, self.d_ff),
+            None => mats * self.d_model * self.d_ff + b * (self.d_ff * (mats - 1) + self.d_model),
+        };
         let norm = self.d_model * (1 + (self.bias && self.norm == NormKind::LayerNorm) as usize);
         let norms_per_block = if self.parallel_block { 1 } else { 2 };
         let block = attn + mlp + norms_per_block * norm;
@@ -88,12 +103,12 @@ impl DecoderConfig {
     }
 
     /// Training FLOPs per token at context `seq_len` (PaLM appendix B: 6N + 12·L·d·T,
-    /// with N the non-embedding parameters plus the head).
+    /// with N the non-embedding parameters a token runs through, plus the head).
     pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
         let embed =
             self.vocab_size * self.d_model + if self.position == PositionKind::Learned { self.max_seq_len * self.d_model } else { 0 };
         let head_matmul = if self.tie_embeddings { self.vocab_size * self.d_model } else { 0 };
-        let n = (self.num_params() - embed + head_matmul) as f64;
+        let n = (self.params(true) - embed + head_matmul) as f64;
         6.0 * n + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
     }
 
@@ -110,7 +125,10 @@ impl DecoderConfig {
                 attention_norm: Norm::new(self.norm, self.d_model, self.norm_eps, self.bias, device),
                 attention: Attention::new(self.d_model, self.n_heads, self.kv_heads(), self.bias, std, out_std, &mut rng, device),
                 ffn_norm: (!self.parallel_block).then(|| Norm::new(self.norm, self.d_model, self.norm_eps, self.bias, device)),
-                feed_forward: FeedForward::new(self.mlp, self.d_model, self.d_ff, self.bias, std, out_std, &mut rng, device),
+                feed_forward: match &self.moe {
+                    Some(moe) => MlpLayer::Sparse(moe.init(self.d_model, self.d_ff, std, out_std, &mut rng, device)),
+                    None => MlpLayer::Dense(FeedForward::new(self.mlp, self.d_model, self.d_ff, self.bias, std, out_std, &mut rng, device)),
+                },
                 dropout: DropoutConfig::new(self.dropout).init(),
             })
             .collect();
@@ -131,6 +149,26 @@ impl DecoderConfig {
     }
 }
 
+/// A block's MLP: dense, or Mixtral's sparse mixture of experts.
+#[derive(Module, Debug)]
+pub enum MlpLayer<B: Backend> {
+    Dense(FeedForward<B>),
+    Sparse(SparseMoe<B>),
+}
+
+impl<B: FusedOps> MlpLayer<B> {
+    /// The output, and a mixture's router logits.
+    fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
+        match self {
+            Self::Dense(mlp) => (mlp.forward(x), None),
+            Self::Sparse(moe) => {
+                let (out, logits) = moe.forward(x);
+                (out, Some(logits))
+            }
+        }
+    }
+}
+
 /// Pre-norm transformer block with two residuals (or one, when parallel).
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
@@ -138,20 +176,29 @@ pub struct Block<B: Backend> {
     pub attention: Attention<B>,
     /// None in a parallel block: attention and MLP read the same normed input.
     pub ffn_norm: Option<Norm<B>>,
-    pub feed_forward: FeedForward<B>,
+    pub feed_forward: MlpLayer<B>,
     pub dropout: Dropout,
 }
 
 impl<B: FusedOps> Block<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
+    /// The block's output, and its router logits when its MLP is a mixture of experts.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &AttentionContext<B>,
+        cache: Option<&mut LayerKv<B>>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
         let h = self.attention_norm.forward(x.clone());
         let attn = self.dropout.forward(self.attention.forward(h.clone(), ctx, cache));
         match &self.ffn_norm {
-            None => x + attn + self.dropout.forward(self.feed_forward.forward(h)),
+            None => {
+                let (ff, router) = self.feed_forward.forward(h);
+                (x + attn + self.dropout.forward(ff), router)
+            }
             Some(ffn_norm) => {
                 let x = x + attn;
-                let ff = self.feed_forward.forward(ffn_norm.forward(x.clone()));
-                x + self.dropout.forward(ff)
+                let (ff, router) = self.feed_forward.forward(ffn_norm.forward(x.clone()));
+                (x + self.dropout.forward(ff), router)
             }
         }
     }
@@ -189,10 +236,14 @@ impl<B: Backend> LinearLayers<B> for Decoder<B> {
                 ("v_proj", &mut attn.v_proj),
                 ("o_proj", &mut attn.o_proj),
             ]);
-            if let Some(gate) = &mut ffn.gate_proj {
-                out.push(("gate_proj", gate));
+            // Experts are weight tensors, not linear layers, in transformers' Mixtral, so PEFT's
+            // targets (and so ours) stop at attention there.
+            if let MlpLayer::Dense(ffn) = ffn {
+                if let Some(gate) = &mut ffn.gate_proj {
+                    out.push(("gate_proj", gate));
+                }
+                out.extend([("up_proj", &mut ffn.up_proj), ("down_proj", &mut ffn.down_proj)]);
             }
-            out.extend([("up_proj", &mut ffn.up_proj), ("down_proj", &mut ffn.down_proj)]);
         }
         if let Some(head) = &mut self.lm_head {
             out.push(("lm_head", head));
@@ -220,48 +271,72 @@ impl<B: Backend> KvCache<B> {
 
 impl<B: FusedOps> Decoder<B> {
     /// Final hidden states `[batch, seq, d_model]` (after the final norm).
-    pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let [_, seq] = tokens.dims();
+    pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        self.hidden_states(tokens, cache, None).0
+    }
+
+    /// Final hidden states and the router logits of every MoE layer. With `packed`, rows pack
+    /// several sequences: `packed` (`[batch·seq]`) gives each token's position in its own
+    /// sequence, restarting at 0 where one starts, and attention and positions reset there.
+    fn hidden_states(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+        packed: Option<&[usize]>,
+    ) -> (Tensor<B, 3>, Vec<Tensor<B, 2>>) {
+        let [batch, seq] = tokens.dims();
         let device = tokens.device();
         let offset = cache.as_ref().map_or(0, |c| c.len());
         assert!(offset + seq <= self.max_seq_len, "sequence of {} positions exceeds max_seq_len = {}", offset + seq, self.max_seq_len);
         let mut x = embedding(self.embed_tokens.val(), tokens);
-        if let Some(positions) = &self.embed_positions {
-            x = x + positions.val().narrow(0, offset, seq).unsqueeze::<3>();
-        }
-        x = self.embed_dropout.forward(x);
-        let ctx = AttentionContext {
-            rope: self.rope.as_ref().map(|r| r.slice(offset, seq)),
-            bias: attention_bias(seq, offset, self.sliding_window, self.alibi_slopes.as_deref(), &device),
+        let ctx = match packed {
+            Some(positions) => {
+                let ids = positions.iter().map(|&p| p as i64).collect::<Vec<_>>();
+                let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
+                if let Some(table) = &self.embed_positions {
+                    x = x + embedding(table.val(), ids.clone());
+                }
+                AttentionContext {
+                    rope: self.rope.as_ref().map(|r| r.gather(ids)),
+                    bias: packed_attention_bias(positions, seq, self.sliding_window, self.alibi_slopes.as_deref(), &device),
+                }
+            }
+            None => {
+                if let Some(table) = &self.embed_positions {
+                    x = x + table.val().narrow(0, offset, seq).unsqueeze::<3>();
+                }
+                AttentionContext {
+                    rope: self.rope.as_ref().map(|r| r.slice(offset, seq)),
+                    bias: attention_bias(seq, offset, self.sliding_window, self.alibi_slopes.as_deref(), &device),
+                }
+            }
         };
+        x = self.embed_dropout.forward(x);
+        let mut router_logits = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &ctx, layer_cache);
+            let (out, router) = layer.forward(x, &ctx, layer_cache);
+            x = out;
+            router_logits.extend(router);
         }
-        self.norm.forward(x)
+        (self.norm.forward(x), router_logits)
     }
 
-    /// Logits for rows that pack several sequences: `positions` (`[batch·seq]`) restart at 0
-    /// where each sequence starts, and attention and positions reset there, so each sequence
-    /// is computed as if alone in its row.
+    /// Logits for rows that pack several sequences (see `hidden_states`), each sequence
+    /// computed as if alone in its row.
     pub fn forward_packed(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 3> {
-        let [batch, seq] = tokens.dims();
-        let device = tokens.device();
-        let ids =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(positions.iter().map(|&p| p as i64).collect::<Vec<_>>(), [batch, seq]), &device);
-        let mut x = embedding(self.embed_tokens.val(), tokens);
-        if let Some(table) = &self.embed_positions {
-            x = x + embedding(table.val(), ids.clone());
-        }
-        x = self.embed_dropout.forward(x);
-        let ctx = AttentionContext {
-            rope: self.rope.as_ref().map(|r| r.gather(ids)),
-            bias: packed_attention_bias(positions, seq, self.sliding_window, self.alibi_slopes.as_deref(), &device),
-        };
-        for layer in &self.layers {
-            x = layer.forward(x, &ctx, None);
-        }
-        self.head(self.norm.forward(x))
+        self.forward_routed(tokens, Some(positions)).0
+    }
+
+    /// Training's forward: logits (of packed rows when `packed` is given) and, for a
+    /// mixture of experts, the routing its auxiliary losses need.
+    pub fn forward_routed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        let (hidden, logits) = self.hidden_states(tokens, None, packed);
+        let top_k = self.layers.iter().find_map(|l| match &l.feed_forward {
+            MlpLayer::Sparse(moe) => Some(moe.top_k),
+            MlpLayer::Dense(_) => None,
+        });
+        (self.head(hidden), top_k.map(|top_k| Routing { logits, top_k }))
     }
 
     /// One scalar per row from the score head, read at `positions[row]` (the last token of

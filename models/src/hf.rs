@@ -6,6 +6,7 @@ use serde_json::Value;
 use crate::blocks::{MlpKind, NormKind};
 use crate::decoder::{DecoderConfig, PositionKind};
 use crate::mamba::MambaConfig;
+use crate::mixtral::MoeConfig;
 use crate::model::ModelConfig;
 use crate::params::{HostTensor, NamedTensors};
 
@@ -17,6 +18,8 @@ pub enum HfArch {
     Gpt2,
     /// `MambaForCausalLM`.
     Mamba,
+    /// `MixtralForCausalLM` with this many experts per layer.
+    Mixtral { n_experts: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +44,7 @@ const fn rule(hf: &'static str, ours: &'static [&'static str], layout: Layout) -
 
 use Layout::*;
 
-/// `{i}` stands for the layer index.
+/// `{i}` stands for the layer index, `{e}` for the expert index.
 const LLAMA: &[Rule] = &[
     rule("model.embed_tokens.weight", &["embed_tokens"], Same),
     rule("model.layers.{i}.input_layernorm.weight", &["layers.{i}.attention_norm.weight"], Same),
@@ -60,6 +63,24 @@ const LLAMA: &[Rule] = &[
     rule("model.layers.{i}.mlp.gate_proj.bias", &["layers.{i}.feed_forward.gate_proj.bias"], Same),
     rule("model.layers.{i}.mlp.up_proj.bias", &["layers.{i}.feed_forward.up_proj.bias"], Same),
     rule("model.layers.{i}.mlp.down_proj.bias", &["layers.{i}.feed_forward.down_proj.bias"], Same),
+    rule("model.norm.weight", &["norm.weight"], Same),
+    rule("lm_head.weight", &["lm_head.weight"], Transpose),
+];
+
+/// Llama's attention and norms with a sparse mixture of experts in place of each MLP, in the
+/// per-expert layout transformers saves (w1 = gate, w2 = down, w3 = up).
+const MIXTRAL: &[Rule] = &[
+    rule("model.embed_tokens.weight", &["embed_tokens"], Same),
+    rule("model.layers.{i}.input_layernorm.weight", &["layers.{i}.attention_norm.weight"], Same),
+    rule("model.layers.{i}.self_attn.q_proj.weight", &["layers.{i}.attention.q_proj.weight"], Transpose),
+    rule("model.layers.{i}.self_attn.k_proj.weight", &["layers.{i}.attention.k_proj.weight"], Transpose),
+    rule("model.layers.{i}.self_attn.v_proj.weight", &["layers.{i}.attention.v_proj.weight"], Transpose),
+    rule("model.layers.{i}.self_attn.o_proj.weight", &["layers.{i}.attention.o_proj.weight"], Transpose),
+    rule("model.layers.{i}.post_attention_layernorm.weight", &["layers.{i}.ffn_norm.weight"], Same),
+    rule("model.layers.{i}.block_sparse_moe.gate.weight", &["layers.{i}.feed_forward.router.weight"], Transpose),
+    rule("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", &["layers.{i}.feed_forward.experts.{e}.gate_proj.weight"], Transpose),
+    rule("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", &["layers.{i}.feed_forward.experts.{e}.down_proj.weight"], Transpose),
+    rule("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", &["layers.{i}.feed_forward.experts.{e}.up_proj.weight"], Transpose),
     rule("model.norm.weight", &["norm.weight"], Same),
     rule("lm_head.weight", &["lm_head.weight"], Transpose),
 ];
@@ -118,17 +139,34 @@ fn table(arch: HfArch) -> &'static [Rule] {
         HfArch::Llama => LLAMA,
         HfArch::Gpt2 => GPT2,
         HfArch::Mamba => MAMBA,
+        HfArch::Mixtral { .. } => MIXTRAL,
     }
 }
 
-/// Expand `{i}` rules for `n_layers` layers into (hf name, our names, layout).
+/// Expand `{i}` rules for `n_layers` layers (and `{e}` for each expert) into (hf name, our
+/// names, layout).
 fn expanded(arch: HfArch, n_layers: usize) -> Vec<(String, Vec<String>, Layout)> {
+    let n_experts = match arch {
+        HfArch::Mixtral { n_experts } => n_experts,
+        _ => 0,
+    };
+    let indices = |pattern: &str, key: &str, n: usize| -> Vec<Option<usize>> {
+        if pattern.contains(key) {
+            (0..n).map(Some).collect()
+        } else {
+            vec![None]
+        }
+    };
     let mut out = Vec::new();
     for r in table(arch) {
-        let layers: Vec<Option<usize>> = if r.hf.contains("{i}") { (0..n_layers).map(Some).collect() } else { vec![None] };
-        for i in layers {
-            let fill = |s: &str| i.map_or(s.to_string(), |i| s.replace("{i}", &i.to_string()));
-            out.push((fill(r.hf), r.ours.iter().map(|s| fill(s)).collect(), r.layout));
+        for i in indices(r.hf, "{i}", n_layers) {
+            for e in indices(r.hf, "{e}", n_experts) {
+                let fill = |s: &str| {
+                    let s = i.map_or(s.to_string(), |i| s.replace("{i}", &i.to_string()));
+                    e.map_or(s.clone(), |e| s.replace("{e}", &e.to_string()))
+                };
+                out.push((fill(r.hf), r.ours.iter().map(|s| fill(s)).collect(), r.layout));
+            }
         }
     }
     out
@@ -243,7 +281,7 @@ fn flag(json: &Value, key: &str, default: bool) -> bool {
 pub fn config_from_hf(json: &Value) -> Result<(HfArch, ModelConfig), String> {
     let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or("");
     match model_type {
-        "llama" | "mistral" => {
+        "llama" | "mistral" | "mixtral" => {
             let d_model = field(json, "hidden_size")?;
             let n_heads = field(json, "num_attention_heads")?;
             if json.get("head_dim").and_then(Value::as_u64).is_some_and(|h| h as usize != d_model / n_heads) {
@@ -272,7 +310,11 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, ModelConfig), String> {
             .with_bias(bias)
             .with_sliding_window(json.get("sliding_window").and_then(Value::as_u64).unwrap_or(0) as usize)
             .with_tie_embeddings(flag(json, "tie_word_embeddings", false));
-            Ok((HfArch::Llama, ModelConfig::Decoder(config)))
+            if model_type != "mixtral" {
+                return Ok((HfArch::Llama, ModelConfig::Decoder(config)));
+            }
+            let moe = MoeConfig::new().with_n_experts(field(json, "num_local_experts")?).with_top_k(field(json, "num_experts_per_tok")?);
+            Ok((HfArch::Mixtral { n_experts: moe.n_experts }, ModelConfig::Decoder(config.with_moe(Some(moe)))))
         }
         "gpt2" => {
             let act = json.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
@@ -319,7 +361,7 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, ModelConfig), String> {
                 .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
             Ok((HfArch::Mamba, ModelConfig::Mamba(config)))
         }
-        other => Err(format!("model_type `{other}` is not supported (llama, mistral, gpt2, mamba are)")),
+        other => Err(format!("model_type `{other}` is not supported (llama, mistral, mixtral, gpt2, mamba are)")),
     }
 }
 
@@ -347,7 +389,8 @@ fn decoder_hf_arch(config: &DecoderConfig) -> Result<HfArch, String> {
     };
     match (unsupported, llama_like, gpt2_like) {
         (Some(what), _, _) => Err(format!("the model uses {what}, which neither LlamaForCausalLM nor GPT2LMHeadModel expresses")),
-        (None, true, _) => Ok(HfArch::Llama),
+        (None, true, _) if config.moe.is_some() && config.bias => Err("MixtralForCausalLM has no biases".into()),
+        (None, true, _) => Ok(config.moe.as_ref().map_or(HfArch::Llama, |moe| HfArch::Mixtral { n_experts: moe.n_experts })),
         (None, _, true) => Ok(HfArch::Gpt2),
         _ => Err("the model mixes Llama and GPT-2 parts (norm, positions, MLP, bias); Hugging Face export needs RMSNorm+RoPE+SwiGLU (Llama) or LayerNorm+learned positions+GELU+bias with MHA (GPT-2)".into()),
     }
@@ -422,6 +465,31 @@ pub fn config_to_hf(config: &ModelConfig, bos: u32, eos: u32, dtype: &str) -> Re
             "eos_token_id": eos,
             "torch_dtype": dtype,
         }),
+        HfArch::Mixtral { n_experts } => {
+            let moe = c.moe.as_ref().expect("a Mixtral has experts");
+            serde_json::json!({
+                "architectures": ["MixtralForCausalLM"],
+                "model_type": "mixtral",
+                "vocab_size": c.vocab_size,
+                "hidden_size": c.d_model,
+                "intermediate_size": c.d_ff,
+                "num_hidden_layers": c.n_layers,
+                "num_attention_heads": c.n_heads,
+                "num_key_value_heads": c.kv_heads(),
+                "head_dim": c.head_dim(),
+                "num_local_experts": n_experts,
+                "num_experts_per_tok": moe.top_k,
+                "max_position_embeddings": c.max_seq_len,
+                "rms_norm_eps": c.norm_eps,
+                "rope_theta": c.rope_theta,
+                "hidden_act": "silu",
+                "router_jitter_noise": 0.0,
+                "tie_word_embeddings": c.tie_embeddings,
+                "bos_token_id": bos,
+                "eos_token_id": eos,
+                "torch_dtype": dtype,
+            })
+        }
         HfArch::Mamba => unreachable!("decoder_hf_arch names transformer classes only"),
     })
 }

@@ -10,6 +10,7 @@ pub mod init;
 pub mod kernels;
 pub mod lora;
 pub mod mamba;
+pub mod mixtral;
 pub mod model;
 pub mod nf4;
 pub mod params;
@@ -18,6 +19,7 @@ pub mod sampling;
 pub use causal_lm::CausalLm;
 pub use decoder::{Decoder, DecoderConfig, KvCache, PositionKind};
 pub use mamba::{Mamba, MambaConfig, MambaState};
+pub use mixtral::{MoeConfig, Routing};
 pub use model::{DecodeState, LanguageModel, ModelConfig};
 
 #[cfg(test)]

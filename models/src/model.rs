@@ -9,6 +9,7 @@ use crate::decoder::{Decoder, DecoderConfig, KvCache};
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
 use crate::mamba::{Mamba, MambaConfig, MambaState};
+use crate::mixtral::Routing;
 
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
@@ -44,7 +45,10 @@ impl ModelConfig {
     /// The dimensions that matter for this architecture, for the start-up banner.
     pub fn summary(&self) -> String {
         match self {
-            Self::Decoder(c) => format!("{} layers, d_model {}, {} heads ({} kv)", c.n_layers, c.d_model, c.n_heads, c.kv_heads()),
+            Self::Decoder(c) => {
+                let experts = c.moe.as_ref().map(|m| format!(", {} experts (top {})", m.n_experts, m.top_k)).unwrap_or_default();
+                format!("{} layers, d_model {}, {} heads ({} kv){experts}", c.n_layers, c.d_model, c.n_heads, c.kv_heads())
+            }
             Self::Mamba(c) => format!("{} layers, d_model {}, d_inner {}, d_state {}", c.n_layers, c.d_model, c.d_inner(), c.d_state),
         }
     }
@@ -95,11 +99,13 @@ impl<B: FusedOps> LanguageModel<B> {
         }
     }
 
-    /// Logits for rows packing several sequences (see [`Decoder::forward_packed`]).
-    pub fn forward_packed(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 3> {
-        match self {
-            Self::Decoder(m) => m.forward_packed(tokens, positions),
-            Self::Mamba(_) => panic!("packed rows are for transformers only (the recipe check rejects this)"),
+    /// Training's forward: logits (of rows packing several sequences when `packed` gives
+    /// positions; see [`Decoder::forward_routed`]) and a mixture of experts' routing.
+    pub fn forward_routed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        match (self, packed) {
+            (Self::Decoder(m), _) => m.forward_routed(tokens, packed),
+            (Self::Mamba(m), None) => (m.forward(tokens), None),
+            (Self::Mamba(_), Some(_)) => panic!("packed rows are for transformers only (the recipe check rejects this)"),
         }
     }
 

@@ -4,10 +4,12 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 
 use crate::blocks::*;
+use crate::decoder::MlpLayer;
 use crate::generate::{generate, GenerateConfig};
 use crate::init::SeededRng;
+use crate::mixtral::SparseMoe;
 use crate::sampling::{argmax, SamplingConfig};
-use crate::{CausalLm, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, PositionKind};
+use crate::{CausalLm, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
 
 // f32 central differences: step 1e-2 keeps rounding noise ~1e-4 while the O(h²) truncation
 // stays below the tolerance; a wrong gradient is off by O(1).
@@ -111,6 +113,63 @@ fn parameter_gradient_matches_finite_differences() {
     }
 }
 
+fn moe(n_experts: usize, top_k: usize, seed: u64) -> SparseMoe<AB> {
+    let mut rng = SeededRng::new(seed);
+    MoeConfig::new().with_n_experts(n_experts).with_top_k(top_k).init(8, 12, 0.3, 0.3, &mut rng, &Default::default())
+}
+
+#[test]
+fn moe_layer_matches_finite_differences() {
+    // Every expert chosen: the output is smooth in the input, through the gathers, the
+    // scatter-add and the renormalised router weights.
+    let layer = moe(3, 3, 6);
+    check_input_gradient([2, 3, 8], [2, 3, 8], |x| layer.forward(x).0);
+}
+
+#[test]
+fn router_gradient_through_the_top_k_weights_matches_finite_differences() {
+    // Top 2 of 4: the router learns only through the chosen experts' renormalised weights.
+    // A small step leaves every token's choice unchanged, so the loss is smooth there.
+    let device = Default::default();
+    let shape = [1, 6, 8];
+    let (x, w) = (random(shape, 12), random(shape, 13));
+    let build = |delta: Option<(usize, f32)>| {
+        let mut layer = moe(4, 2, 14);
+        if let Some((i, d)) = delta {
+            let mut values: Vec<f32> = layer.router.weight.as_ref().unwrap().val().into_data().into_vec().unwrap();
+            values[i] += d;
+            layer.router.weight = Some(burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(values, [8, 4]), &device)));
+        }
+        layer
+    };
+    let loss = |layer: &SparseMoe<AB>| (layer.forward(tensor(&x, shape)).0 * tensor::<AB>(&w, shape)).sum();
+    let layer = build(None);
+    let grads = loss(&layer).backward();
+    let analytic: Vec<f32> = layer.router.weight.as_ref().unwrap().val().grad(&grads).unwrap().into_data().into_vec().unwrap();
+    assert!(analytic.iter().any(|g| g.abs() > 1e-3), "the router gets a gradient");
+    for i in [0, 5, 13, 22, 31] {
+        let eps = 1e-3;
+        let numeric = (loss(&build(Some((i, eps)))).into_scalar() - loss(&build(Some((i, -eps)))).into_scalar()) / (2.0 * eps);
+        assert!((numeric - analytic[i]).abs() < 1e-2 * numeric.abs().max(0.1), "router weight {i}: {} vs {numeric}", analytic[i]);
+    }
+}
+
+#[test]
+fn expert_capacity_drops_the_tokens_past_it() {
+    let x = tensor::<AB>(&random([1, 16, 8], 15), [1, 16, 8]);
+    let dropless = moe(4, 2, 16);
+    let mut limited = moe(4, 2, 16);
+    // 16 tokens × 2 choices / 4 experts = 8 each when even; a factor of 1/8 keeps 1 per expert.
+    limited.capacity_factor = 0.125;
+    let rows =
+        |out: Tensor<AB, 3>| -> Vec<Vec<f32>> { out.into_data().into_vec::<f32>().unwrap().chunks(8).map(<[f32]>::to_vec).collect() };
+    let (full, kept) = (rows(dropless.forward(x.clone()).0), rows(limited.forward(x).0));
+    let nonzero = kept.iter().filter(|r| r.iter().any(|v| *v != 0.0)).count();
+    assert!((1..=4).contains(&nonzero), "at most one token per expert keeps an output: {nonzero}");
+    // The first token comes first in both its experts' queues.
+    assert_eq!(full[0], kept[0]);
+}
+
 fn tiny(position: PositionKind) -> DecoderConfig {
     DecoderConfig::new(50, 32, 2, 4, 48, 32).with_n_kv_heads(Some(2)).with_position(position)
 }
@@ -166,6 +225,12 @@ fn cached_decoding_equals_recompute_alibi_sliding_window_parallel() {
 /// Mamba's recurrent decoding (conv and scan state per layer) against its full-sequence pass,
 /// which on flex runs the fused scan kernel while the steps run the chunked tensor-op scan.
 #[test]
+fn cached_decoding_equals_recompute_mixtral() {
+    let experts = MoeConfig::new().with_n_experts(4).with_top_k(2);
+    check_cache_equals_recompute(ModelConfig::Decoder(tiny(PositionKind::Rope).with_moe(Some(experts))));
+}
+
+#[test]
 fn recurrent_decoding_equals_recompute_mamba() {
     check_cache_equals_recompute(ModelConfig::Mamba(tiny_mamba()));
 }
@@ -201,6 +266,7 @@ fn param_count_matches_the_module() {
         tiny(PositionKind::Rope),
         tiny(PositionKind::Learned).with_bias(true).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_tie_embeddings(true),
         tiny(PositionKind::Alibi).with_parallel_block(true),
+        tiny(PositionKind::Rope).with_moe(Some(MoeConfig::new().with_n_experts(3))),
     ] {
         let model = config.init::<F>(1, &Default::default());
         assert_eq!(model.num_params(), config.num_params());
@@ -431,7 +497,8 @@ mod qlora {
         assert_eq!(gb.len(), 2 * 14, "only the adapters have gradients");
         assert_eq!(ga.len(), gb.len());
         let grad = |m: &Decoder<AB>, g: &GradientsParams| -> Vec<f32> {
-            let lora = m.layers[1].feed_forward.down_proj.lora.as_ref().unwrap();
+            let MlpLayer::Dense(mlp) = &m.layers[1].feed_forward else { panic!("a dense MLP") };
+            let lora = mlp.down_proj.lora.as_ref().unwrap();
             g.get::<B, 2>(lora.a.id).unwrap().into_data().into_vec().unwrap()
         };
         let (x, y) = (grad(&dense, &ga), grad(&quantized, &gb));

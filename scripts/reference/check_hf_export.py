@@ -1,4 +1,4 @@
-"""Proof by transformers: train tiny Llama, GPT-2 and Mamba models with furnace, export them with
+"""Proof by transformers: train tiny Llama, GPT-2, Mamba and Mixtral models with furnace, export them with
 `furnace export --format safetensors`, load the folders with transformers on CPU, and compare
 logits (1e-4 relative, f32) and greedy continuations (identical tokens) with `furnace generate`.
 
@@ -95,6 +95,7 @@ def main() -> None:
         ok = check("llama", "n_kv_heads = 2", work)
         ok &= check("gpt2", "", work)
         ok &= check("mamba", "d_state = 8", work)
+        ok &= check("mixtral", "n_kv_heads = 2\nn_experts = 4", work)
     sys.exit(0 if ok else 1)
 
 

@@ -3,12 +3,14 @@
     pip install torch transformers safetensors
     python scripts/reference/make_hf_fixtures.py
 
-For each of LlamaForCausalLM (with GQA), GPT2LMHeadModel and MambaForCausalLM (its
-sequential "slow path": no mamba-ssm kernels on CPU) this writes, under
+For each of LlamaForCausalLM (with GQA), GPT2LMHeadModel, MambaForCausalLM (its
+sequential "slow path": no mamba-ssm kernels on CPU) and MixtralForCausalLM this writes, under
 tests/fixtures/<name>/: model.safetensors and config.json (as save_pretrained writes them),
 plus tokens.json (a fixed batch) and logits.safetensors (the reference logits, float32).
 The Rust test `models/tests/hf_fidelity.rs` loads the weights through our Hugging Face
-name table and must reproduce the logits to 1e-4.
+name table and must reproduce the logits to 1e-4. For Mixtral, losses.json also holds
+transformers' load-balancing loss (`aux_loss`) and the router z-loss of ST-MoE computed from
+transformers' router logits, which the Rust test matches to 1e-5.
 """
 
 import json
@@ -16,7 +18,16 @@ import pathlib
 
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 
@@ -103,6 +114,45 @@ def main() -> None:
         for layer in model.backbone.layers:
             layer.mixer.A_log.add_(0.3 * torch.randn(layer.mixer.A_log.shape))
     write("tiny_mamba", model, mamba.vocab_size)
+
+    mixtral = MixtralConfig(
+        vocab_size=83,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        router_jitter_noise=0.0,
+        torch_dtype="float32",
+    )
+    mixtral._attn_implementation = "eager"
+    model = MixtralForCausalLM(mixtral)
+    # Decisive routers: at init the router logits are nearly tied, and a float's difference in
+    # them could pick another expert than transformers does.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(10.0)
+    write("tiny_mixtral", model, mixtral.vocab_size)
+    with torch.no_grad():
+        out = model(tokens(mixtral.vocab_size), output_router_logits=True)
+    margins = []
+    for logits in out.router_logits:
+        top = logits.float().topk(3, -1).values
+        margins.append((top[:, 1] - top[:, 2]).min().item())
+    assert min(margins) > 1e-3, f"near-tied routing ({margins}): pick another seed"
+    router = torch.cat(out.router_logits, 0).float()
+    losses = {
+        "aux_loss": out.aux_loss.item(),
+        "z_loss": torch.logsumexp(router, -1).pow(2).mean().item(),
+    }
+    (ROOT / "tiny_mixtral" / "losses.json").write_text(json.dumps(losses))
+    print(f"tiny_mixtral losses {losses}, smallest routing margin {min(margins):.4f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for, HfArch};
 use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
 use furnace_models::params::{from_safetensors, named_tensors, NamedTensors};
-use furnace_models::{DecoderConfig, LanguageModel, MambaConfig, ModelConfig, PositionKind};
+use furnace_models::{DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
 
 use furnace_data::TextTokenizer;
 
@@ -51,7 +51,10 @@ pub fn model_config(m: &ResolvedModel) -> ModelConfig {
             .with_tie_embeddings(m.tie_embeddings)
             .with_sliding_window(m.sliding_window)
             .with_parallel_block(m.parallel_block)
-            .with_dropout(m.dropout),
+            .with_dropout(m.dropout)
+            .with_moe((m.arch == Arch::Mixtral).then(|| {
+                MoeConfig::new().with_n_experts(m.n_experts).with_top_k(m.experts_per_token).with_capacity_factor(m.capacity_factor)
+            })),
     )
 }
 
@@ -76,6 +79,7 @@ fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
             };
         }
     };
+    let defaults = ModelSection::default().resolve(None);
     ResolvedModel {
         arch,
         vocab_size: c.vocab_size,
@@ -105,7 +109,10 @@ fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
         sliding_window: c.sliding_window,
         parallel_block: c.parallel_block,
         dropout: c.dropout,
-        ..ModelSection::default().resolve(None)
+        n_experts: c.moe.as_ref().map_or(defaults.n_experts, |m| m.n_experts),
+        experts_per_token: c.moe.as_ref().map_or(defaults.experts_per_token, |m| m.top_k),
+        capacity_factor: c.moe.as_ref().map_or(defaults.capacity_factor, |m| m.capacity_factor),
+        ..defaults
     }
 }
 
@@ -244,6 +251,7 @@ pub fn load_base(path: &Path) -> Result<Base> {
             HfArch::Llama => Arch::Llama,
             HfArch::Gpt2 => Arch::Gpt2,
             HfArch::Mamba => Arch::Mamba,
+            HfArch::Mixtral { .. } => Arch::Mixtral,
         };
         if !tokenizer.is_file() {
             bail!("{} has no tokenizer.json; Furnace reads Hugging Face fast tokenizers only", path.display());

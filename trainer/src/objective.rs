@@ -3,8 +3,9 @@
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, softmax};
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{DpoLoss, DpoSection, GrpoLoss, GrpoSection, PpoSection};
+use furnace_configs::{DpoLoss, DpoSection, GrpoLoss, GrpoSection, ModelSection, PpoSection};
 use furnace_models::kernels::{cross_entropy, FusedOps};
+use furnace_models::Routing;
 
 /// Summed next-token cross-entropy over the positions with a target (an ignored target, -1,
 /// counts nothing and gets no gradient: prompts and padding under SFT): the caller divides by
@@ -12,6 +13,56 @@ use furnace_models::kernels::{cross_entropy, FusedOps};
 pub fn causal_lm_loss_sum<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
     cross_entropy(logits.reshape([batch * seq, vocab]), targets.reshape([batch * seq])).sum()
+}
+
+/// A mixture of experts' auxiliary losses, weighted as the recipe says, to add to the
+/// language-model loss (as transformers adds `router_aux_loss_coef · aux_loss`); their values
+/// and the experts' load go into `stats`.
+pub fn router_losses<B: Backend>(routing: &Routing<B>, model: &ModelSection, stats: &mut RouterStats) -> Tensor<B, 1> {
+    let (balance, z) = (routing.load_balancing_loss(), routing.z_loss());
+    let scalar = |t: &Tensor<B, 1>| t.clone().into_scalar().elem::<f64>();
+    stats.add(scalar(&balance), scalar(&z), &routing.expert_fractions());
+    balance * model.router_aux_loss_coef + z * model.router_z_loss_coef
+}
+
+/// Mixture-of-experts metrics summed since the last log line.
+#[derive(Debug, Default)]
+pub struct RouterStats {
+    batches: usize,
+    load_balancing: f64,
+    z_loss: f64,
+    /// Each expert's share of the routed tokens, summed over batches.
+    fractions: Vec<f64>,
+}
+
+impl RouterStats {
+    fn add(&mut self, load_balancing: f64, z_loss: f64, fractions: &[f64]) {
+        self.batches += 1;
+        self.load_balancing += load_balancing;
+        self.z_loss += z_loss;
+        self.fractions.resize(fractions.len(), 0.0);
+        self.fractions.iter_mut().zip(fractions).for_each(|(sum, f)| *sum += f);
+    }
+
+    /// The totals over every rank; `sum` adds a buffer over ranks.
+    pub fn summed_over_ranks(self, sum: impl FnOnce(&mut [f64])) -> Self {
+        let mut v = vec![self.batches as f64, self.load_balancing, self.z_loss];
+        v.extend(&self.fractions);
+        sum(&mut v);
+        Self { batches: v[0] as usize, load_balancing: v[1], z_loss: v[2], fractions: v[3..].to_vec() }
+    }
+
+    /// Means per batch: `moe/aux_loss` (the load-balancing loss, k when even), `moe/z_loss` and
+    /// `moe/expert_fraction/<e>`; nothing when no batch was routed.
+    pub fn means(&self) -> Vec<(String, f64)> {
+        if self.batches == 0 {
+            return Vec::new();
+        }
+        let n = self.batches as f64;
+        let mut out = vec![("moe/aux_loss".to_string(), self.load_balancing / n), ("moe/z_loss".to_string(), self.z_loss / n)];
+        out.extend(self.fractions.iter().enumerate().map(|(e, f)| (format!("moe/expert_fraction/{e}"), f / n)));
+        out
+    }
 }
 
 /// Per-row sums of the targets' log-probabilities `[rows]` (ignored targets count nothing):

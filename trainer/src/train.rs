@@ -28,7 +28,7 @@ use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_
 use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
-use crate::objective::{causal_lm_loss_sum, sample_labels};
+use crate::objective::{causal_lm_loss_sum, router_losses, sample_labels, RouterStats};
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
 use crate::parallel::{quiet_stdout, Parallel};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
@@ -83,6 +83,8 @@ struct Trainer<B: TrainBackend> {
     reference: Option<DpoReference<B::InnerBackend>>,
     /// DPO: metrics summed since the last log line.
     dpo_window: DpoStats,
+    /// Mixture of experts: router metrics summed since the last log line.
+    router_window: RouterStats,
     /// GRPO and PPO: what sampling replies needs.
     rl: Option<Rl<B>>,
     checkpointer: Checkpointer,
@@ -259,6 +261,7 @@ impl<B: TrainBackend> Trainer<B> {
             chat_template,
             reference,
             dpo_window: DpoStats::default(),
+            router_window: RouterStats::default(),
             rl,
             checkpointer,
             metrics,
@@ -328,6 +331,7 @@ impl<B: TrainBackend> Trainer<B> {
                     }
                     _ => Vec::new(),
                 };
+                mode_metrics.extend(std::mem::take(&mut self.router_window).summed_over_ranks(sum).means());
                 if let Some(rl) = &mut self.rl {
                     let window = std::mem::take(&mut rl.window).summed_over_ranks(sum);
                     mode_metrics.extend(window.means().into_iter().map(|(name, v)| (name.to_string(), v)));
@@ -349,7 +353,7 @@ impl<B: TrainBackend> Trainer<B> {
                     "loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | MFU {:.1}%",
                     mfu * 100.0
                 );
-                for (name, value) in mode_metrics.iter().filter(|(name, _)| name == "reward" || name == "kl") {
+                for (name, value) in mode_metrics.iter().filter(|(name, _)| ["reward", "kl", "moe/aux_loss"].contains(&name.as_str())) {
                     line.push_str(&format!(" | {name} {value:.3}"));
                 }
                 self.metrics.advance(step, line.clone());
@@ -466,11 +470,15 @@ impl<B: TrainBackend> Trainer<B> {
                 }
                 None => {
                     let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets, shape), &self.device);
-                    let logits = match &batch.positions {
-                        Some(positions) => model.forward_packed(inputs, positions),
-                        None => model.forward(inputs),
-                    };
-                    causal_lm_loss_sum(logits, targets) / counted
+                    let (logits, routing) = model.forward_routed(inputs, batch.positions.as_deref());
+                    let loss = causal_lm_loss_sum(logits, targets) / counted;
+                    match routing {
+                        Some(routing) => {
+                            let router = router_losses(&routing, &self.recipe.model, &mut self.router_window);
+                            loss + router / t.grad_accum_steps as f64
+                        }
+                        None => loss,
+                    }
                 }
             };
             let detached = loss.clone().inner();

@@ -125,6 +125,11 @@ fn resume_is_exact_mamba() {
 }
 
 #[test]
+fn resume_is_exact_mixtral() {
+    check_resume_is_exact("adamw", 0.0, "mixtral");
+}
+
+#[test]
 fn resume_is_exact_lion() {
     check_resume_is_exact("lion", 0.0, "llama");
 }
@@ -454,6 +459,33 @@ fn mamba_trains_generates_and_exports_to_hugging_face() {
 
     let gguf = furnace(&["export", "--checkpoint", run, "--format", "gguf", "--out", tiny.dir.path().join("m.gguf").to_str().unwrap()]);
     assert!(!gguf.status.success() && text(&gguf).contains("only the Llama architecture"), "{}", text(&gguf));
+}
+
+#[test]
+fn mixtral_trains_logs_its_routing_and_exports_to_hugging_face() {
+    use furnace_models::hf::{config_from_hf, from_hf};
+    use furnace_models::params::from_safetensors;
+    let tiny = TinyRun::new();
+    let out = tiny.train(&["--max-steps", "2", "--set", "model.arch=mixtral", "--set", "model.n_experts=4"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("model: mixtral 2 layers, d_model 64, 4 heads (2 kv), 4 experts (top 2)"), "{}", text(&out));
+    let last: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(tiny.run.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    let fractions: f64 = (0..4).map(|e| last[format!("moe/expert_fraction/{e}")].as_f64().unwrap()).sum();
+    assert!((fractions - 1.0).abs() < 1e-6, "{last}");
+    assert!(last["moe/aux_loss"].as_f64().unwrap() >= 1.0 && last["moe/z_loss"].as_f64().is_some(), "{last}");
+
+    let run = tiny.run.to_str().unwrap();
+    let hf = tiny.dir.path().join("hf");
+    let out = furnace(&["export", "--checkpoint", run, "--format", "safetensors", "--out", hf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["num_local_experts"].as_u64()), (Some("mixtral"), Some(4)));
+    let (arch, config) = config_from_hf(&config).unwrap();
+    let tensors = from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
+    assert!(tensors.contains_key("model.layers.1.block_sparse_moe.experts.3.w2.weight"), "{:?}", tensors.keys().collect::<Vec<_>>());
+    let ours = from_safetensors(&std::fs::read(tiny.run.join("checkpoints/step_2/model.safetensors")).unwrap()).unwrap();
+    assert_eq!(from_hf(arch, &tensors, config.n_layers(), config.tie_embeddings()).unwrap(), ours, "the export round-trips exactly");
 }
 
 #[test]

@@ -1,0 +1,176 @@
+//! Mixtral (Jiang et al., 2024): the Llama decoder of `decoder.rs` with every MLP replaced by
+//! the sparse mixture of experts defined here. A linear router scores the E experts for each
+//! token; the token goes to the top k of the router's softmax, weighted by those k
+//! probabilities renormalised to sum to 1, and the experts' outputs are summed.
+//!
+//! Routing is sparse: each expert gathers the tokens routed to it, runs on those only, and its
+//! weighted outputs are added back at their rows. Training adds Switch Transformer's
+//! load-balancing loss (in transformers' Mixtral form) and ST-MoE's router z-loss, both
+//! computed from the router logits every MoE layer returns.
+
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use burn::tensor::IndexingUpdateOp;
+
+use crate::blocks::{FeedForward, Linear, MlpKind};
+use crate::init::SeededRng;
+use crate::kernels::FusedOps;
+
+#[derive(Config, Debug)]
+pub struct MoeConfig {
+    /// Experts per layer.
+    #[config(default = 8)]
+    pub n_experts: usize,
+    /// Experts per token.
+    #[config(default = 2)]
+    pub top_k: usize,
+    /// Tokens one expert takes per batch, as a multiple of the even share tokens·k/E; 0 takes
+    /// every token routed to it (dropless).
+    #[config(default = 0.0)]
+    pub capacity_factor: f64,
+}
+
+impl MoeConfig {
+    /// Parameters of one MoE layer: the router and E SwiGLU experts.
+    pub fn num_params(&self, d_model: usize, d_ff: usize) -> usize {
+        d_model * self.n_experts + self.n_experts * 3 * d_model * d_ff
+    }
+
+    /// Parameters one token runs through: the router and k experts.
+    pub fn active_params(&self, d_model: usize, d_ff: usize) -> usize {
+        d_model * self.n_experts + self.top_k * 3 * d_model * d_ff
+    }
+
+    pub fn init<B: Backend>(
+        &self,
+        d_model: usize,
+        d_ff: usize,
+        std: f64,
+        out_std: f64,
+        rng: &mut SeededRng,
+        device: &B::Device,
+    ) -> SparseMoe<B> {
+        SparseMoe {
+            router: Linear::new(d_model, self.n_experts, false, std, rng, device),
+            experts: (0..self.n_experts)
+                .map(|_| FeedForward::new(MlpKind::SwiGlu, d_model, d_ff, false, std, out_std, rng, device))
+                .collect(),
+            top_k: self.top_k,
+            capacity_factor: self.capacity_factor,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct SparseMoe<B: Backend> {
+    /// `[d_model, n_experts]`: one logit per expert.
+    pub router: Linear<B>,
+    pub experts: Vec<FeedForward<B>>,
+    pub top_k: usize,
+    #[module(skip)]
+    pub capacity_factor: f64,
+}
+
+impl<B: FusedOps> SparseMoe<B> {
+    /// The layer's output `[batch, seq, d_model]` and its router logits `[batch·seq, E]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let [batch, seq, d_model] = x.dims();
+        let (tokens, k, n_experts) = (batch * seq, self.top_k, self.experts.len());
+        let device = x.device();
+        let x = x.reshape([tokens, d_model]);
+        let logits = self.router.forward(x.clone());
+        let (top, chosen) = softmax(logits.clone(), 1).topk_with_indices(k, 1);
+        // The k weights are the chosen probabilities renormalised; gradients reach the router
+        // through them.
+        let weights = (top.clone() / top.sum_dim(1)).reshape([tokens * k]);
+        let chosen: Vec<i64> = chosen.into_data().convert::<i64>().into_vec().expect("expert indices");
+        let capacity =
+            (self.capacity_factor > 0.0).then(|| (self.capacity_factor * (tokens * k) as f64 / n_experts as f64).ceil() as usize);
+        // Per expert, its tokens (rows of x) and their slots in the flat [tokens·k] weights, in
+        // token order, so that under a capacity the earliest tokens are kept.
+        let mut rows = vec![Vec::new(); n_experts];
+        let mut slots = vec![Vec::new(); n_experts];
+        for (slot, &expert) in chosen.iter().enumerate() {
+            let expert = expert as usize;
+            if capacity.is_none_or(|c| rows[expert].len() < c) {
+                rows[expert].push((slot / k) as i64);
+                slots[expert].push(slot as i64);
+            }
+        }
+        let index = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device)
+        };
+        let mut out = Tensor::<B, 2>::zeros([tokens, d_model], &device);
+        for ((expert, rows), slots) in self.experts.iter().zip(rows).zip(slots) {
+            if rows.is_empty() {
+                continue;
+            }
+            let m = rows.len();
+            let rows = index(rows);
+            let input = x.clone().select(0, rows.clone()).reshape([1, m, d_model]);
+            let weight = weights.clone().select(0, index(slots)).reshape([m, 1]);
+            let output = expert.forward(input).reshape([m, d_model]) * weight;
+            out = out.select_assign(0, rows, output, IndexingUpdateOp::Add);
+        }
+        (out.reshape([batch, seq, d_model]), logits)
+    }
+}
+
+/// The router logits of every MoE layer of one forward pass (`[tokens, E]` each), from which
+/// training takes its auxiliary losses and the experts' load.
+pub struct Routing<B: Backend> {
+    pub logits: Vec<Tensor<B, 2>>,
+    pub top_k: usize,
+}
+
+impl<B: Backend> Routing<B> {
+    /// Top-k assignments per expert over every layer's tokens (host counts; no gradient).
+    fn assignments(&self) -> Vec<f64> {
+        let n_experts = self.logits[0].dims()[1];
+        let mut counts = vec![0.0; n_experts];
+        for logits in &self.logits {
+            let (_, chosen) = logits.clone().detach().topk_with_indices(self.top_k, 1);
+            for e in chosen.into_data().convert::<i64>().into_vec::<i64>().expect("expert indices") {
+                counts[e as usize] += 1.0;
+            }
+        }
+        counts
+    }
+
+    fn rows(&self) -> usize {
+        self.logits.iter().map(|l| l.dims()[0]).sum()
+    }
+
+    /// Switch Transformer's load-balancing loss as transformers computes it for Mixtral:
+    /// E · Σ_e f_e · P_e over all layers' tokens together, f_e the top-k assignments to expert e
+    /// per token and P_e its mean router probability. k when routing is even, larger when not.
+    pub fn load_balancing_loss(&self) -> Tensor<B, 1> {
+        let device = self.logits[0].device();
+        let n_experts = self.logits[0].dims()[1];
+        let rows = self.rows() as f64;
+        let fractions: Vec<f32> = self.assignments().iter().map(|&c| (c / rows) as f32).collect();
+        let fractions = Tensor::<B, 1>::from_data(TensorData::new(fractions, [n_experts]), &device);
+        let probability_sums: Tensor<B, 1> =
+            self.logits.iter().map(|l| softmax(l.clone(), 1).sum_dim(0).reshape([n_experts])).reduce(|a, b| a + b).expect("one MoE layer");
+        (fractions * probability_sums / rows).sum() * n_experts as f64
+    }
+
+    /// ST-MoE's router z-loss: the mean over tokens (all layers) of logsumexp(logits)².
+    pub fn z_loss(&self) -> Tensor<B, 1> {
+        let rows = self.rows() as f64;
+        let squares = self.logits.iter().map(|l| {
+            let max = l.clone().detach().max_dim(1);
+            let lse = (l.clone() - max.clone()).exp().sum_dim(1).log() + max;
+            lse.powf_scalar(2.0).sum()
+        });
+        squares.reduce(|a, b| a + b).expect("one MoE layer") / rows
+    }
+
+    /// Each expert's share of the top-k assignments over all layers (sums to 1).
+    pub fn expert_fractions(&self) -> Vec<f64> {
+        let counts = self.assignments();
+        let total: f64 = counts.iter().sum();
+        counts.iter().map(|c| c / total).collect()
+    }
+}
