@@ -37,7 +37,18 @@ impl RecipeError {
         let line = err.span().map(|span| line_of_offset(text, span.start));
         let key = err
             .span()
-            .map(|span| text[span.clone()].split('=').next().unwrap_or("").trim().to_string())
+            .map(|span| {
+                let spanned = text[span.clone()].split('=').next().unwrap_or("").trim();
+                // A bad value (an unknown choice, a wrong type) is spanned by the value: name
+                // its line's key within its section instead.
+                let is_value =
+                    spanned.starts_with(['"', '\'', '[', '{']) || spanned.parse::<f64>().is_ok() || ["true", "false"].contains(&spanned);
+                if is_value {
+                    key_at(text, span.start).unwrap_or_else(|| spanned.to_string())
+                } else {
+                    spanned.to_string()
+                }
+            })
             .filter(|k| k.len() < 60 && !k.contains('\n'))
             .unwrap_or_default();
         RecipeError {
@@ -48,6 +59,16 @@ impl RecipeError {
             fix: "see `furnace recipe explain` for every section, key, type and accepted value".into(),
         }
     }
+}
+
+/// `section.key` of the `key = value` line holding byte `offset`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let key = text[line_start..].split('=').next()?.trim();
+    let section =
+        before[..line_start].lines().rev().map(str::trim).find(|l| l.starts_with('['))?.trim_matches(|c| c == '[' || c == ']').trim();
+    Some(format!("{section}.{key}"))
 }
 
 pub(crate) fn line_of_offset(text: &str, offset: usize) -> usize {

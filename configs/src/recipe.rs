@@ -245,7 +245,8 @@ section! {
         /// Dropout probability on attention output and MLP output (0 for exact resume).
         dropout: f64 = 0.0,
         /// Start from these weights instead of a random init: a Furnace run or checkpoint folder,
-        /// or a Hugging Face model folder (config.json, safetensors, tokenizer.json). The
+        /// a Hugging Face model folder (config.json, safetensors, tokenizer.json), or a GGUF file
+        /// in llama.cpp's llama layout (Llama, Mixtral; f32/f16/q8_0/q4_0, dequantized). The
         /// architecture and the tokenizer then come from that folder, and the other [model]
         /// keys, dropout aside, are not used.
         init_from: String = String::new(),

@@ -115,3 +115,17 @@ fn modes_take_their_data_and_dpo_is_validated() {
     let mamba_reward = base.replace("mode = \"dpo\"", "mode = \"reward\"").replace("init_from", "arch = \"mamba\"\ninit_from");
     assert_eq!(Recipe::from_stored(&mamba_reward, "r.toml").unwrap_err().key, "training.mode", "no score head on a Mamba");
 }
+
+#[test]
+fn distributed_and_mixture_of_experts_keys_are_checked() {
+    let parse = |text: &str| Recipe::from_stored(text, "r.toml");
+    assert_eq!(parse("[distributed]\nstrategy = \"zero2\"\n").unwrap().distributed.strategy, Strategy::Zero2);
+    assert_eq!(parse("[distributed]\nstrategy = \"zero9\"\n").unwrap_err().key, "distributed.strategy");
+    assert_eq!(parse("[distributed]\nbucket_mb = 0\n").unwrap_err().key, "distributed.bucket_mb");
+    assert!(explain().contains("[distributed]") && explain().contains("distributed.strategy: ddp | zero1 | zero2"));
+    let mixtral = "[model]\narch = \"mixtral\"\n";
+    assert_eq!(parse(mixtral).unwrap().model.resolve(None).mlp, Mlp::SwiGlu, "a Mixtral is a Llama in all but its MLPs");
+    assert_eq!(parse(&format!("{mixtral}experts_per_token = 9\n")).unwrap_err().key, "model.experts_per_token");
+    assert_eq!(parse(&format!("{mixtral}mlp = \"gelu\"\n")).unwrap_err().key, "model.mlp");
+    assert_eq!(parse(&format!("{mixtral}capacity_factor = -1.0\n")).unwrap_err().key, "model.capacity_factor");
+}

@@ -303,12 +303,14 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "set model.init_from to a Furnace run or a Hugging Face folder (or data.tokenizer to start from scratch)".into(),
         );
     }
-    if check_files && !recipe.model.init_from.is_empty() && !Path::new(&recipe.model.init_from).is_dir() {
+    let init_from = Path::new(&recipe.model.init_from);
+    let gguf_file = init_from.is_file() && init_from.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if check_files && !recipe.model.init_from.is_empty() && !init_from.is_dir() && !gguf_file {
         return fail(
             "model",
             "init_from",
-            format!("init_from = `{}` is not a folder", recipe.model.init_from),
-            "point to a Furnace run or checkpoint folder, or a Hugging Face model folder".into(),
+            format!("init_from = `{}` is neither a folder nor a .gguf file", recipe.model.init_from),
+            "point to a Furnace run or checkpoint folder, a Hugging Face model folder or a GGUF file".into(),
         );
     }
     let l = &recipe.lora;

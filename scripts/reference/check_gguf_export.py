@@ -1,10 +1,13 @@
-"""Proof by gguf-py: train a tiny Llama with furnace, export it to GGUF (f32, f16, q8_0, q4_0)
+"""Proof by gguf-py: train a tiny Llama and a tiny Mixtral with furnace, export them to GGUF (f32, f16, q8_0, q4_0)
 and to Hugging Face safetensors, then read every GGUF metadata key and tensor back with
 gguf-py's GGUFReader and compare them with the model:
 - metadata: architecture, sizes, heads, eps, RoPE base and dimension, vocabulary, merges, ids;
 - tensors: names and shapes as llama.cpp expects them; f32 bytes equal to the weights (with
   Q and K rows permuted as llama.cpp's converter permutes them), f16 / q8_0 / q4_0 bytes equal
-  to `gguf.quants.quantize` of those weights (bit for bit); norms kept in f32.
+  to `gguf.quants.quantize` of those weights (bit for bit); norms kept in f32;
+- Mixtral: expert_count / expert_used_count, the router as ffn_gate_inp (f32) and each layer's
+  experts stacked into ffn_gate_exps / ffn_down_exps / ffn_up_exps (experts outermost), as
+  llama.cpp's converter writes them.
 
     pip install gguf safetensors numpy
     python scripts/reference/check_gguf_export.py      # FURNACE=path/to/furnace to pick a binary
@@ -30,6 +33,7 @@ RECIPE = """
 name = "gguf-check"
 seed = 5
 [model]
+{extra}
 flavor = "tiny"
 n_kv_heads = 2
 max_seq_len = 64
@@ -62,7 +66,9 @@ NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
 }
+EXPERT_PARTS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 QUANTS = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
 
 
@@ -93,8 +99,20 @@ def field(reader: GGUFReader, key: str):
     return f.parts[f.data[0]][0].item()
 
 
+def stack_experts(hf: dict, config: dict) -> dict:
+    """The per-expert HF tensors replaced by one [E, rows, cols] tensor per layer and matrix."""
+    n_experts = config.get("num_local_experts", 0)
+    out = {k: v for k, v in hf.items() if ".experts." not in k}
+    for layer in range(config["num_hidden_layers"] if n_experts else 0):
+        for part, name in EXPERT_PARTS.items():
+            prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+            out[f"blk.{layer}.{name}.weight"] = np.stack([hf[f"{prefix}.{e}.{part}.weight"] for e in range(n_experts)])
+    return out
+
+
 def check(work: pathlib.Path, quant: str, hf: dict, config: dict, tokenizer: dict) -> list[str]:
-    path = work / f"model-{quant}.gguf"
+    arch = config["model_type"]
+    path = work / f"model-{arch}-{quant}.gguf"
     furnace("export", "--checkpoint", str(work / "run"), "--format", "gguf", "--quant", quant, "--out", str(path))
     reader = GGUFReader(path)
     problems = []
@@ -111,6 +129,9 @@ def check(work: pathlib.Path, quant: str, hf: dict, config: dict, tokenizer: dic
         "tokenizer.ggml.eos_token_id": config["eos_token_id"],
         "tokenizer.ggml.bos_token_id": config["bos_token_id"],
     }
+    if arch == "mixtral":
+        expect["llama.expert_count"] = config["num_local_experts"]
+        expect["llama.expert_used_count"] = config["num_experts_per_tok"]
     for key, want in expect.items():
         if field(reader, key) != want:
             problems.append(f"{quant}: {key} = {field(reader, key)!r}, expected {want!r}")
@@ -125,10 +146,10 @@ def check(work: pathlib.Path, quant: str, hf: dict, config: dict, tokenizer: dic
     if field(reader, "tokenizer.ggml.merges") != merges:
         problems.append(f"{quant}: tokenizer.ggml.merges differ from tokenizer.json")
     tensors = {t.name: t for t in reader.tensors}
-    if len(tensors) != len(hf):
-        problems.append(f"{quant}: {len(tensors)} tensors, the model has {len(hf)}")
-    for hf_name, weight in hf.items():
-        name = gguf_name(hf_name)
+    if len(tensors) != len(stack_experts(hf, config)):
+        problems.append(f"{quant}: {len(tensors)} tensors, the model has {len(stack_experts(hf, config))}")
+    for hf_name, weight in stack_experts(hf, config).items():
+        name = hf_name if hf_name.startswith("blk.") else gguf_name(hf_name)
         t = tensors.get(name)
         if t is None:
             problems.append(f"{quant}: missing {name}")
@@ -139,29 +160,32 @@ def check(work: pathlib.Path, quant: str, hf: dict, config: dict, tokenizer: dic
             weight = permute(weight, config["num_key_value_heads"])
         if list(t.shape) != list(reversed(weight.shape)):
             problems.append(f"{quant}: {name} has ggml shape {list(t.shape)}, expected {list(reversed(weight.shape))}")
-        qtype = QUANTS[quant] if weight.ndim == 2 else GGMLQuantizationType.F32
+        router = name.endswith("ffn_gate_inp.weight")
+        qtype = QUANTS[quant] if weight.ndim >= 2 and weight.shape[-1] % 32 == 0 and not router else GGMLQuantizationType.F32
         if t.tensor_type != qtype:
             problems.append(f"{quant}: {name} is {t.tensor_type.name}, expected {qtype.name}")
             continue
         want = quantize(weight.astype(np.float32), qtype)
         if np.asarray(t.data).tobytes() != np.asarray(want).tobytes():
             problems.append(f"{quant}: {name} bytes differ from gguf.quants.quantize")
-    print(f"{quant:5} {len(reader.fields)} metadata keys, {len(tensors)} tensors: {'ok' if not problems else 'MISMATCH'}")
+    print(f"{arch:7} {quant:5} {len(reader.fields)} metadata keys, {len(tensors)} tensors: {'ok' if not problems else 'MISMATCH'}")
     return problems
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        work = pathlib.Path(tmp)
-        (work / "recipe.toml").write_text(RECIPE)
-        furnace("train", "--config", str(work / "recipe.toml"), "--set", f"run.output_dir={work / 'run'}")
-        furnace("export", "--checkpoint", str(work / "run"), "--format", "safetensors", "--out", str(work / "hf"))
-        hf = load_file(str(work / "hf" / "model.safetensors"))
-        config = json.loads((work / "hf" / "config.json").read_text())
-        tokenizer = json.loads((work / "hf" / "tokenizer.json").read_text())
-        problems = []
-        for quant in QUANTS:
-            problems += check(work, quant, hf, config, tokenizer)
+    problems = []
+    for arch, extra in [("llama", ""), ("mixtral", 'arch = "mixtral"\nn_experts = 4')]:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = pathlib.Path(tmp)
+            (work / "recipe.toml").write_text(RECIPE.format(extra=extra))
+            furnace("train", "--config", str(work / "recipe.toml"), "--set", f"run.output_dir={work / 'run'}")
+            furnace("export", "--checkpoint", str(work / "run"), "--format", "safetensors", "--out", str(work / "hf"))
+            hf = load_file(str(work / "hf" / "model.safetensors"))
+            config = json.loads((work / "hf" / "config.json").read_text())
+            tokenizer = json.loads((work / "hf" / "tokenizer.json").read_text())
+            assert config["model_type"] == arch, config["model_type"]
+            for quant in QUANTS:
+                problems += check(work, quant, hf, config, tokenizer)
     for p in problems:
         print("  " + p)
     sys.exit(1 if problems else 0)

@@ -18,7 +18,7 @@ use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::datasets::chat_template_source;
 use crate::evaluate::encode_prompt;
-use crate::model::{base_for, build_model, load_base, model_config};
+use crate::model::{base_for, build_model, is_gguf, load_base, model_config};
 use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
@@ -196,9 +196,9 @@ pub fn export(args: ExportArgs) -> Result<()> {
     crate::export::export_hf(&args.checkpoint, &args.out, dtype, args.max_shard_size, args.merge_lora)
 }
 
-/// Generate from a Furnace checkpoint (adapters included) or a Hugging Face model folder.
+/// Generate from a Furnace checkpoint (adapters included), a Hugging Face model folder or a GGUF file.
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let (recipe, tokenizer, weights) = if args.checkpoint.join("config.json").is_file() {
+    let (recipe, tokenizer, weights) = if args.checkpoint.join("config.json").is_file() || is_gguf(&args.checkpoint) {
         let base = load_base(&args.checkpoint)?;
         let recipe = Recipe { model: base.model.to_section(&args.checkpoint.display().to_string()), ..Default::default() };
         (recipe, TextTokenizer::load(&base.tokenizer).map_err(anyhow::Error::msg)?, base.weights)

@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::gguf::{encode, GgmlType, Gguf, GgufTensor, Value};
+use crate::gguf_llama::{llama_metadata, to_gguf_tensors};
 use crate::model::{base_for, lora_config, model_config};
 
 /// What an export reads from a checkpoint: the model's weights under Hugging Face names.
@@ -174,51 +175,6 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
     Ok(())
 }
 
-/// The llama.cpp tensor name for a Hugging Face Llama tensor name.
-fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
-        return Some(g.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let part = match part {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{part}"))
-}
-
-/// llama.cpp applies RoPE to adjacent pairs, Hugging Face to the two halves of each head:
-/// reorder each head's rows from (half, i) to (i, half), as llama.cpp's converter does.
-fn permute_rope_rows(t: &furnace_models::params::HostTensor, heads: usize) -> furnace_models::params::HostTensor {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let head_dim = rows / heads;
-    let mut data = vec![0.0; t.data.len()];
-    for h in 0..heads {
-        for half in 0..2 {
-            for i in 0..head_dim / 2 {
-                let from = h * head_dim + half * head_dim / 2 + i;
-                let to = h * head_dim + i * 2 + half;
-                data[to * cols..(to + 1) * cols].copy_from_slice(&t.data[from * cols..(from + 1) * cols]);
-            }
-        }
-    }
-    furnace_models::params::HostTensor { shape: t.shape.clone(), data }
-}
-
 /// `general.file_type` for a quantization choice.
 fn file_type(ty: GgmlType) -> u32 {
     match ty {
@@ -234,10 +190,10 @@ fn file_type(ty: GgmlType) -> u32 {
 pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType, merge_adapters: bool) -> Result<()> {
     let Source { dir, recipe, tokenizer, config, arch, hf } = read_source(checkpoint, merge_adapters)?;
     let furnace_models::ModelConfig::Decoder(c) = &config else {
-        anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture is written so far", dir.display());
+        anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture (and Mixtral) is written so far", dir.display());
     };
-    if arch != furnace_models::hf::HfArch::Llama {
-        anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture is written so far", dir.display());
+    if !matches!(arch, HfArch::Llama | HfArch::Mixtral { .. }) {
+        anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture (and Mixtral) is written so far", dir.display());
     }
     let mut g = Gguf::default();
     let mut meta = |k: &str, v: Value| g.metadata.insert(k.to_string(), v);
@@ -246,16 +202,9 @@ pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType, merge_adapter
     meta("general.file_type", Value::U32(file_type(quant)));
     meta("general.quantization_version", Value::U32(2));
     meta("general.alignment", Value::U32(crate::gguf::ALIGNMENT as u32));
-    meta("llama.context_length", Value::U32(c.max_seq_len as u32));
-    meta("llama.embedding_length", Value::U32(c.d_model as u32));
-    meta("llama.block_count", Value::U32(c.n_layers as u32));
-    meta("llama.feed_forward_length", Value::U32(c.d_ff as u32));
-    meta("llama.attention.head_count", Value::U32(c.n_heads as u32));
-    meta("llama.attention.head_count_kv", Value::U32(c.kv_heads() as u32));
-    meta("llama.attention.layer_norm_rms_epsilon", Value::F32(c.norm_eps as f32));
-    meta("llama.rope.freq_base", Value::F32(c.rope_theta as f32));
-    meta("llama.rope.dimension_count", Value::U32(c.head_dim() as u32));
-    meta("llama.vocab_size", Value::U32(c.vocab_size as u32));
+    for (key, value) in llama_metadata(c) {
+        meta(key, value);
+    }
     let vocab = gguf_vocabulary(&tokenizer, c.vocab_size)?;
     meta("tokenizer.ggml.model", Value::Str("gpt2".into()));
     meta("tokenizer.ggml.pre", Value::Str("default".into()));
@@ -266,15 +215,14 @@ pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType, merge_adapter
     meta("tokenizer.ggml.eos_token_id", Value::U32(tokenizer.eos()));
     meta("tokenizer.ggml.padding_token_id", Value::U32(tokenizer.eos()));
     meta("tokenizer.ggml.add_bos_token", Value::Bool(true));
-    for (hf_name, tensor) in &hf {
-        let name = gguf_name(hf_name).with_context(|| format!("no GGUF name for `{hf_name}`"))?;
-        let tensor = match name.rsplit('.').nth(1) {
-            Some("attn_q") => permute_rope_rows(tensor, c.n_heads),
-            Some("attn_k") => permute_rope_rows(tensor, c.kv_heads()),
-            _ => tensor.clone(),
-        };
+    // The whole tokenizer too (a key of the GGUF spec), so Furnace reads it back exactly.
+    meta("tokenizer.huggingface.json", Value::Str(tokenizer.to_json()));
+    let tensors = to_gguf_tensors(&hf, c)?;
+    for (name, tensor) in tensors {
         let dims: Vec<usize> = tensor.shape.iter().rev().copied().collect();
-        let ty = if dims.len() == 2 && dims[0] % 32 == 0 { quant } else { GgmlType::F32 };
+        // The router stays f32, as llama.cpp's converter keeps ffn_gate_inp.
+        let quantizable = dims.len() >= 2 && dims[0] % 32 == 0 && !name.ends_with("ffn_gate_inp.weight");
+        let ty = if quantizable { quant } else { GgmlType::F32 };
         g.tensors.push((name, GgufTensor { dims, ty, bytes: encode(&tensor.data, ty) }));
     }
     atomic_write(out, &g.to_bytes()).with_context(|| format!("cannot write {}", out.display()))?;

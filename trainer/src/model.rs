@@ -15,6 +15,7 @@ use furnace_models::{DecoderConfig, LanguageModel, MambaConfig, ModelConfig, Moe
 use furnace_data::TextTokenizer;
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
+use crate::gguf_llama::read_gguf;
 
 /// The model a resolved `[model]` section describes.
 pub fn model_config(m: &ResolvedModel) -> ModelConfig {
@@ -237,8 +238,16 @@ pub struct Base {
     pub tokenizer: PathBuf,
 }
 
-/// Read `model.init_from`: a Furnace run or checkpoint folder, or a Hugging Face model folder.
+/// Read `model.init_from`: a Furnace run or checkpoint folder, a Hugging Face model folder, or
+/// a GGUF file (llama layout; quantized tensors dequantized).
 pub fn load_base(path: &Path) -> Result<Base> {
+    if is_gguf(path) {
+        let gguf = read_gguf(path)?;
+        let (n_layers, tied) = (gguf.config.n_layers(), gguf.config.tie_embeddings());
+        let weights = from_hf(gguf.arch, &gguf.hf, n_layers, tied).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let arch = if matches!(gguf.arch, HfArch::Mixtral { .. }) { Arch::Mixtral } else { Arch::Llama };
+        return Ok(Base { model: resolved_model(arch, &gguf.config), weights, tokenizer: tokenizer_file(&gguf.tokenizer_json)? });
+    }
     let tokenizer = path.join(TOKENIZER_FILE);
     if path.join("config.json").is_file() {
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path.join("config.json"))?)
@@ -300,6 +309,26 @@ fn read_hf_weights(dir: &Path) -> Result<NamedTensors> {
         all.extend(read(file)?);
     }
     Ok(all)
+}
+
+/// A GGUF file (by its extension).
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// A GGUF's tokenizer as a file, where the trainer and the generator read tokenizers from:
+/// under the system's temporary folder, named by its content (written again when missing).
+fn tokenizer_file(json: &str) -> Result<PathBuf> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    json.hash(&mut hasher);
+    let dir = std::env::temp_dir().join("furnace-gguf-tokenizers");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(format!("{:016x}.json", hasher.finish()));
+    if !path.is_file() {
+        furnace_configs::fsutil::atomic_write(&path, json.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(path)
 }
 
 /// The recipe with `model.init_from` applied: its `[model]` section becomes the base's model

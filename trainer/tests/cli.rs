@@ -488,6 +488,39 @@ fn mixtral_trains_logs_its_routing_and_exports_to_hugging_face() {
     assert_eq!(from_hf(arch, &tensors, config.n_layers(), config.tie_embeddings()).unwrap(), ours, "the export round-trips exactly");
 }
 
+/// A GGUF export loads back: `generate --checkpoint m.gguf` continues exactly as the checkpoint
+/// does (f32), and `init_from` a q8_0 file fine-tunes, for Llama and Mixtral.
+#[test]
+fn gguf_files_load_back_for_generation_and_fine_tuning() {
+    for arch in ["llama", "mixtral"] {
+        let tiny = TinyRun::new();
+        let arch_key = format!("model.arch={arch}");
+        let out = tiny.train(&["--max-steps", "3", "--set", &arch_key, "--set", "model.n_experts=4"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let run = tiny.run.to_str().unwrap();
+        let gguf = |quant: &str| {
+            let file = tiny.dir.path().join(format!("m-{quant}.gguf"));
+            let out = furnace(&["export", "--checkpoint", run, "--format", "gguf", "--quant", quant, "--out", file.to_str().unwrap()]);
+            assert!(out.status.success(), "{}", text(&out));
+            file
+        };
+        let generate = |checkpoint: &str| {
+            let out =
+                furnace(&["generate", "--checkpoint", checkpoint, "--prompt", "Once upon", "--temperature", "0", "--max-new-tokens", "12"]);
+            assert!(out.status.success(), "{}", text(&out));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(generate(gguf("f32").to_str().unwrap()), generate(run), "{arch}: the f32 GGUF decodes as the checkpoint");
+        let q8 = gguf("q8_0");
+        let base = format!("model.init_from={}", q8.display());
+        let set = format!("run.output_dir={}", tiny.dir.path().join("tuned").display());
+        let recipe = tiny.recipe.to_str().unwrap();
+        let out = furnace(&["train", "--config", recipe, "--set", &set, "--set", &base, "--max-steps", "1"]);
+        assert!(out.status.success(), "{arch}: {}", text(&out));
+        assert!(text(&out).contains(&format!("loading base weights from {}", q8.display())), "{}", text(&out));
+    }
+}
+
 #[test]
 fn gguf_export_reads_back_with_llama_names() {
     use furnace_trainer::gguf::{GgmlType, Gguf, Value};
@@ -513,8 +546,10 @@ fn gguf_export_reads_back_with_llama_names() {
     assert!(Gguf::from_bytes(&bytes[..bytes.len() * 2 / 3]).unwrap_err().contains("truncated"));
 }
 
+/// mpirun's variables without mpirun (or in a binary built without MPI): a clear refusal
+/// naming the rank, never a silent single-process run.
 #[test]
-fn a_multi_rank_launch_is_refused_clearly_until_data_parallel_lands() {
+fn a_rank_environment_without_a_matching_mpi_launch_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), TINY);
     let set = format!("run.output_dir={}", dir.path().join("run").display());

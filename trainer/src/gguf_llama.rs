@@ -1,0 +1,300 @@
+//! llama.cpp's `llama` layout of a GGUF file, both ways: its tensor names, Q/K rows permuted
+//! for its RoPE, Mixtral's experts stacked into one tensor per layer and matrix, the model's
+//! hyper-parameters as `llama.*` keys; and such a file read back into Hugging Face tensors, a
+//! model config and a tokenizer (`model.init_from = "x.gguf"`, `generate --checkpoint x.gguf`).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use furnace_models::hf::HfArch;
+use furnace_models::params::{HostTensor, NamedTensors};
+use furnace_models::{DecoderConfig, ModelConfig, MoeConfig};
+use serde_json::json;
+
+use crate::gguf::{decode, Gguf, Value};
+
+/// Hugging Face names of the tensors outside the layers, and inside each layer, with their
+/// GGUF names (`blk.N.` prefixed for layers).
+const GLOBAL_NAMES: &[(&str, &str)] =
+    &[("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+const LAYER_NAMES: &[(&str, &str)] = &[
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("block_sparse_moe.gate.weight", "ffn_gate_inp.weight"),
+];
+/// Mixtral's per-expert matrices and the stacked GGUF tensor each goes into.
+const EXPERT_NAMES: &[(&str, &str)] = &[("w1", "ffn_gate_exps"), ("w2", "ffn_down_exps"), ("w3", "ffn_up_exps")];
+
+fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((_, g)) = GLOBAL_NAMES.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let (layer, part) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let (_, g) = LAYER_NAMES.iter().find(|(h, _)| *h == part)?;
+    Some(format!("blk.{layer}.{g}"))
+}
+
+fn hf_name(gguf: &str) -> Option<String> {
+    if let Some((h, _)) = GLOBAL_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some(h.to_string());
+    }
+    let (layer, part) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let (h, _) = LAYER_NAMES.iter().find(|(_, g)| *g == part)?;
+    Some(format!("model.layers.{layer}.{h}"))
+}
+
+/// llama.cpp applies RoPE to adjacent pairs, Hugging Face to the two halves of each head:
+/// reorder each head's rows from (half, i) to (i, half), as llama.cpp's converter does
+/// (`inverse` undoes it).
+fn permute_rope_rows(t: &HostTensor, heads: usize, inverse: bool) -> HostTensor {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let head_dim = rows / heads;
+    let mut data = vec![0.0; t.data.len()];
+    for h in 0..heads {
+        for half in 0..2 {
+            for i in 0..head_dim / 2 {
+                let hf_row = h * head_dim + half * head_dim / 2 + i;
+                let gguf_row = h * head_dim + i * 2 + half;
+                let (from, to) = if inverse { (gguf_row, hf_row) } else { (hf_row, gguf_row) };
+                data[to * cols..(to + 1) * cols].copy_from_slice(&t.data[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    HostTensor { shape: t.shape.clone(), data }
+}
+
+/// The model's hyper-parameters as llama.cpp's `llama.*` keys.
+pub fn llama_metadata(c: &DecoderConfig) -> Vec<(&'static str, Value)> {
+    let mut meta = vec![
+        ("llama.context_length", Value::U32(c.max_seq_len as u32)),
+        ("llama.embedding_length", Value::U32(c.d_model as u32)),
+        ("llama.block_count", Value::U32(c.n_layers as u32)),
+        ("llama.feed_forward_length", Value::U32(c.d_ff as u32)),
+        ("llama.attention.head_count", Value::U32(c.n_heads as u32)),
+        ("llama.attention.head_count_kv", Value::U32(c.kv_heads() as u32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(c.norm_eps as f32)),
+        ("llama.rope.freq_base", Value::F32(c.rope_theta as f32)),
+        ("llama.rope.dimension_count", Value::U32(c.head_dim() as u32)),
+        ("llama.vocab_size", Value::U32(c.vocab_size as u32)),
+    ];
+    if let Some(moe) = &c.moe {
+        meta.push(("llama.expert_count", Value::U32(moe.n_experts as u32)));
+        meta.push(("llama.expert_used_count", Value::U32(moe.top_k as u32)));
+    }
+    meta
+}
+
+/// Hugging Face tensors (Llama or Mixtral names) as GGUF tensors, in llama.cpp's layout.
+pub fn to_gguf_tensors(hf: &NamedTensors, c: &DecoderConfig) -> Result<Vec<(String, HostTensor)>> {
+    let mut tensors = Vec::new();
+    for (hf_name, tensor) in hf {
+        if hf_name.contains(".block_sparse_moe.experts.") {
+            continue;
+        }
+        let name = gguf_name(hf_name).with_context(|| format!("no GGUF name for `{hf_name}`"))?;
+        let tensor = match name.rsplit('.').nth(1) {
+            Some("attn_q") => permute_rope_rows(tensor, c.n_heads, false),
+            Some("attn_k") => permute_rope_rows(tensor, c.kv_heads(), false),
+            _ => tensor.clone(),
+        };
+        tensors.push((name, tensor));
+    }
+    // llama.cpp keeps a layer's experts as one 3-D tensor per matrix, experts outermost.
+    let n_experts = c.moe.as_ref().map_or(0, |m| m.n_experts);
+    for layer in 0..if n_experts > 0 { c.n_layers } else { 0 } {
+        for (hf_part, gguf_part) in EXPERT_NAMES {
+            let experts: Vec<&HostTensor> = (0..n_experts)
+                .map(|e| {
+                    let name = format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{hf_part}.weight");
+                    hf.get(&name).with_context(|| format!("the checkpoint lacks `{name}`"))
+                })
+                .collect::<Result<_>>()?;
+            let mut shape = vec![n_experts];
+            shape.extend(&experts[0].shape);
+            let data = experts.iter().flat_map(|t| t.data.iter().copied()).collect();
+            tensors.push((format!("blk.{layer}.{gguf_part}.weight"), HostTensor { shape, data }));
+        }
+    }
+    Ok(tensors)
+}
+
+/// A GGUF file read back: the Hugging Face layout it came from, its config, its tensors under
+/// Hugging Face names (dequantized to f32) and its tokenizer as a tokenizer.json.
+pub struct GgufModel {
+    pub arch: HfArch,
+    pub config: ModelConfig,
+    pub hf: NamedTensors,
+    pub tokenizer_json: String,
+}
+
+pub fn read_gguf(path: &Path) -> Result<GgufModel> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let gguf = Gguf::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let at = |key: &str| format!("{}: metadata `{key}`", path.display());
+    let text = |key: &str| match gguf.metadata.get(key) {
+        Some(Value::Str(s)) => Ok(s.clone()),
+        _ => bail!("{} is missing or not a string", at(key)),
+    };
+    let number = |key: &str| match gguf.metadata.get(key) {
+        Some(Value::U32(v)) => Ok(*v as f64),
+        Some(Value::I32(v)) => Ok(*v as f64),
+        Some(Value::F32(v)) => Ok(*v as f64),
+        _ => bail!("{} is missing or not a number", at(key)),
+    };
+    let architecture = text("general.architecture")?;
+    if architecture != "llama" {
+        bail!("{}: architecture `{architecture}` cannot be read yet (llama and Mixtral-as-llama can)", path.display());
+    }
+    let mut hf = NamedTensors::new();
+    for (name, tensor) in &gguf.tensors {
+        let shape: Vec<usize> = tensor.dims.iter().rev().copied().collect();
+        let host = HostTensor { data: decode(&tensor.bytes, tensor.ty), shape };
+        if let Some(expert_part) = EXPERT_NAMES.iter().find(|(_, g)| name.ends_with(&format!(".{g}.weight"))) {
+            let layer = name.trim_start_matches("blk.").split('.').next().unwrap_or_default();
+            let per_expert: usize = host.shape[1..].iter().product();
+            for (e, values) in host.data.chunks(per_expert).enumerate() {
+                let name = format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{}.weight", expert_part.0);
+                hf.insert(name, HostTensor { shape: host.shape[1..].to_vec(), data: values.to_vec() });
+            }
+            continue;
+        }
+        let hf_name = hf_name(name).with_context(|| format!("{}: tensor `{name}` has no place in a llama model", path.display()))?;
+        hf.insert(hf_name, host);
+    }
+    let (n_heads, n_kv_heads) = (number("llama.attention.head_count")? as usize, number("llama.attention.head_count_kv")? as usize);
+    for (name, tensor) in hf.iter_mut() {
+        if name.ends_with("self_attn.q_proj.weight") {
+            *tensor = permute_rope_rows(tensor, n_heads, true);
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            *tensor = permute_rope_rows(tensor, n_kv_heads, true);
+        }
+    }
+    let embedding = hf.get("model.embed_tokens.weight").with_context(|| format!("{}: no token_embd.weight", path.display()))?;
+    let mut config = DecoderConfig::new(
+        embedding.shape[0],
+        number("llama.embedding_length")? as usize,
+        number("llama.block_count")? as usize,
+        n_heads,
+        number("llama.feed_forward_length")? as usize,
+        number("llama.context_length")? as usize,
+    )
+    .with_n_kv_heads(Some(n_kv_heads))
+    .with_norm_eps(number("llama.attention.layer_norm_rms_epsilon")?)
+    .with_rope_theta(number("llama.rope.freq_base").unwrap_or(10000.0))
+    .with_tie_embeddings(!hf.contains_key("lm_head.weight"));
+    let mut arch = HfArch::Llama;
+    if let Ok(n_experts) = number("llama.expert_count") {
+        let moe = MoeConfig::new().with_n_experts(n_experts as usize).with_top_k(number("llama.expert_used_count")? as usize);
+        arch = HfArch::Mixtral { n_experts: moe.n_experts };
+        config = config.with_moe(Some(moe));
+    }
+    let tokenizer_json = match gguf.metadata.get("tokenizer.huggingface.json") {
+        Some(Value::Str(json)) => json.clone(),
+        _ => byte_level_bpe_tokenizer(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+    };
+    Ok(GgufModel { arch, config: ModelConfig::Decoder(config), hf, tokenizer_json })
+}
+
+/// A tokenizer.json for a GGUF `gpt2` (byte-level BPE) vocabulary: tokens, merges and control
+/// tokens from `tokenizer.ggml.*`, GPT-2's byte-level pre-tokenizer and decoder.
+fn byte_level_bpe_tokenizer(gguf: &Gguf) -> Result<String, String> {
+    let get = |key: &str| gguf.metadata.get(key).ok_or_else(|| format!("metadata `{key}` is missing"));
+    match get("tokenizer.ggml.model")? {
+        Value::Str(model) if model == "gpt2" => {}
+        other => return Err(format!("tokenizer model {other:?} cannot be read yet (gpt2, byte-level BPE, can)")),
+    }
+    let (Value::ArrStr(tokens), Value::ArrStr(merges)) = (get("tokenizer.ggml.tokens")?, get("tokenizer.ggml.merges")?) else {
+        return Err("tokenizer.ggml.tokens and tokenizer.ggml.merges must be string arrays".into());
+    };
+    let types = match gguf.metadata.get("tokenizer.ggml.token_type") {
+        Some(Value::ArrI32(types)) => types.clone(),
+        _ => vec![1; tokens.len()],
+    };
+    // Type 5 marks unused rows (vocabulary padding), 3 control tokens.
+    let kept = tokens.iter().zip(&types).enumerate().filter(|(_, (_, &ty))| ty != 5);
+    let vocab: serde_json::Map<String, serde_json::Value> = kept.clone().map(|(id, (token, _))| (token.clone(), json!(id))).collect();
+    let added: Vec<_> = kept
+        .filter(|(_, (_, &ty))| ty == 3)
+        .map(|(id, (token, _))| {
+            json!({"id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    Ok(json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "pre_tokenizer": byte_level,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false},
+    })
+    .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_rope_rows_round_trip() {
+        for (hf, _) in GLOBAL_NAMES {
+            assert_eq!(hf_name(&gguf_name(hf).unwrap()).unwrap(), *hf);
+        }
+        for (part, _) in LAYER_NAMES {
+            let hf = format!("model.layers.3.{part}");
+            assert_eq!(hf_name(&gguf_name(&hf).unwrap()).unwrap(), hf);
+        }
+        let t = HostTensor { shape: vec![16, 3], data: (0..48).map(|v| v as f32).collect() };
+        let permuted = permute_rope_rows(&t, 2, false);
+        assert_ne!(permuted, t);
+        // Head 0's row 1 (first half, i = 1) goes to row 2 (pair 1, first element).
+        assert_eq!(permuted.data[6..9], t.data[3..6]);
+        assert_eq!(permute_rope_rows(&permuted, 2, true), t);
+    }
+
+    /// A GGUF from elsewhere has no tokenizer.json inside: its byte-level BPE vocabulary and
+    /// merges make one that encodes as the original does.
+    #[test]
+    fn a_gguf_vocabulary_becomes_a_working_tokenizer() {
+        let docs: Vec<String> = (0..200).map(|i| format!("the cat {i} sat on the mat near the hat")).collect();
+        let original = furnace_data::TextTokenizer::train(&docs, 300).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&original.to_json()).unwrap();
+        let mut tokens = vec![String::new(); original.vocab_size()];
+        for (token, id) in json["model"]["vocab"].as_object().unwrap() {
+            tokens[id.as_u64().unwrap() as usize] = token.clone();
+        }
+        let mut types = vec![1; tokens.len()];
+        types[original.eos() as usize] = 3;
+        tokens.push("[PAD999]".into());
+        types.push(5);
+        let merges = json["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                m.as_array()
+                    .map_or_else(|| m.as_str().unwrap().to_string(), |p| format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap()))
+            })
+            .collect();
+        let mut gguf = Gguf::default();
+        gguf.metadata.insert("tokenizer.ggml.model".into(), Value::Str("gpt2".into()));
+        gguf.metadata.insert("tokenizer.ggml.tokens".into(), Value::ArrStr(tokens));
+        gguf.metadata.insert("tokenizer.ggml.token_type".into(), Value::ArrI32(types));
+        gguf.metadata.insert("tokenizer.ggml.merges".into(), Value::ArrStr(merges));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, byte_level_bpe_tokenizer(&gguf).unwrap()).unwrap();
+        let rebuilt = furnace_data::TextTokenizer::load(&path).unwrap();
+        // Words (GPT-2's byte-level pre-tokenizer splits numbers as words, not digit by digit).
+        let text = "the cat sat on the mat";
+        assert_eq!(rebuilt.encode(text), original.encode(text));
+        assert_eq!(rebuilt.decode(&rebuilt.encode(text)), text);
+        assert_eq!(rebuilt.eos(), original.eos());
+    }
+}
