@@ -1,4 +1,4 @@
-"""Proof by gguf-py: train a tiny Llama and a tiny Mixtral with furnace, export them to GGUF (f32, f16, q8_0, q4_0)
+"""Proof by gguf-py: train a tiny Llama, Mixtral and GPT-2 with furnace, export them to GGUF (f32, f16, q8_0, q4_0)
 and to Hugging Face safetensors, then read every GGUF metadata key and tensor back with
 gguf-py's GGUFReader and compare them with the model:
 - metadata: architecture, sizes, heads, eps, RoPE base and dimension, vocabulary, merges, ids;
@@ -7,7 +7,9 @@ gguf-py's GGUFReader and compare them with the model:
   to `gguf.quants.quantize` of those weights (bit for bit); norms kept in f32;
 - Mixtral: expert_count / expert_used_count, the router as ffn_gate_inp (f32) and each layer's
   experts stacked into ffn_gate_exps / ffn_down_exps / ffn_up_exps (experts outermost), as
-  llama.cpp's converter writes them.
+  llama.cpp's converter writes them;
+- GPT-2: the `gpt2` architecture's keys and tensor names, Conv1D weights transposed to
+  nn.Linear's layout, biases and the position table kept in f32.
 
     pip install gguf safetensors numpy
     python scripts/reference/check_gguf_export.py      # FURNACE=path/to/furnace to pick a binary
@@ -35,7 +37,6 @@ seed = 5
 [model]
 {extra}
 flavor = "tiny"
-n_kv_heads = 2
 max_seq_len = 64
 [data]
 source = "stories"
@@ -68,6 +69,25 @@ NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight",
     "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
 }
+GPT2_NAMES = {
+    "transformer.wte.weight": "token_embd.weight",
+    "transformer.wpe.weight": "position_embd.weight",
+    "transformer.ln_f.weight": "output_norm.weight",
+    "transformer.ln_f.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+    "ln_1.weight": "attn_norm.weight",
+    "ln_1.bias": "attn_norm.bias",
+    "attn.c_attn.weight": "attn_qkv.weight",
+    "attn.c_attn.bias": "attn_qkv.bias",
+    "attn.c_proj.weight": "attn_output.weight",
+    "attn.c_proj.bias": "attn_output.bias",
+    "ln_2.weight": "ffn_norm.weight",
+    "ln_2.bias": "ffn_norm.bias",
+    "mlp.c_fc.weight": "ffn_up.weight",
+    "mlp.c_fc.bias": "ffn_up.bias",
+    "mlp.c_proj.weight": "ffn_down.weight",
+    "mlp.c_proj.bias": "ffn_down.bias",
+}
 EXPERT_PARTS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 QUANTS = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
 
@@ -78,11 +98,12 @@ def furnace(*args: str) -> None:
         sys.exit(f"furnace {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
 
 
-def gguf_name(hf: str) -> str:
-    if hf in NAMES:
-        return NAMES[hf]
-    layer, rest = hf.removeprefix("model.layers.").split(".", 1)
-    return f"blk.{layer}.{NAMES[rest]}"
+def gguf_name(hf: str, gpt2: bool = False) -> str:
+    names = GPT2_NAMES if gpt2 else NAMES
+    if hf in names:
+        return names[hf]
+    layer, rest = hf.removeprefix("model.layers.").removeprefix("transformer.h.").split(".", 1)
+    return f"blk.{layer}.{names[rest]}"
 
 
 def permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -116,6 +137,8 @@ def check(work: pathlib.Path, quant: str, hf: dict, config: dict, tokenizer: dic
     furnace("export", "--checkpoint", str(work / "run"), "--format", "gguf", "--quant", quant, "--out", str(path))
     reader = GGUFReader(path)
     problems = []
+    if arch == "gpt2":
+        return problems + check_gpt2(reader, quant, hf, config)
     expect = {
         "general.architecture": "llama",
         "llama.embedding_length": config["hidden_size"],
@@ -172,9 +195,49 @@ def check(work: pathlib.Path, quant: str, hf: dict, config: dict, tokenizer: dic
     return problems
 
 
+def check_gpt2(reader: GGUFReader, quant: str, hf: dict, config: dict) -> list[str]:
+    problems = []
+    expect = {
+        "general.architecture": "gpt2",
+        "gpt2.embedding_length": config["n_embd"],
+        "gpt2.block_count": config["n_layer"],
+        "gpt2.feed_forward_length": config["n_inner"],
+        "gpt2.attention.head_count": config["n_head"],
+        "gpt2.context_length": config["n_positions"],
+    }
+    for key, want in expect.items():
+        if field(reader, key) != want:
+            problems.append(f"{quant}: {key} = {field(reader, key)!r}, expected {want!r}")
+    if abs(field(reader, "gpt2.attention.layer_norm_epsilon") - config["layer_norm_epsilon"]) > 1e-9:
+        problems.append(f"{quant}: gpt2.attention.layer_norm_epsilon differs")
+    tensors = {t.name: t for t in reader.tensors}
+    if len(tensors) != len(hf):
+        problems.append(f"{quant}: {len(tensors)} tensors, the model has {len(hf)}")
+    for hf_name, weight in hf.items():
+        name = gguf_name(hf_name, gpt2=True)
+        t = tensors.get(name)
+        if t is None:
+            problems.append(f"{quant}: missing {name}")
+            continue
+        if name.endswith(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")):
+            weight = weight.T  # Conv1D [in, out] -> nn.Linear [out, in]
+        if list(t.shape) != list(reversed(weight.shape)):
+            problems.append(f"{quant}: {name} has ggml shape {list(t.shape)}, expected {list(reversed(weight.shape))}")
+        quantized = weight.ndim == 2 and weight.shape[-1] % 32 == 0 and name != "position_embd.weight"
+        qtype = QUANTS[quant] if quantized else GGMLQuantizationType.F32
+        if t.tensor_type != qtype:
+            problems.append(f"{quant}: {name} is {t.tensor_type.name}, expected {qtype.name}")
+            continue
+        want = quantize(np.ascontiguousarray(weight).astype(np.float32), qtype)
+        if np.asarray(t.data).tobytes() != np.asarray(want).tobytes():
+            problems.append(f"{quant}: {name} bytes differ from gguf.quants.quantize")
+    print(f"gpt2    {quant:5} {len(reader.fields)} metadata keys, {len(tensors)} tensors: {'ok' if not problems else 'MISMATCH'}")
+    return problems
+
+
 def main() -> None:
     problems = []
-    for arch, extra in [("llama", ""), ("mixtral", 'arch = "mixtral"\nn_experts = 4')]:
+    for arch, extra in [("llama", "n_kv_heads = 2"), ("mixtral", 'arch = "mixtral"\nn_experts = 4\nn_kv_heads = 2'), ("gpt2", 'arch = "gpt2"')]:
         with tempfile.TemporaryDirectory() as tmp:
             work = pathlib.Path(tmp)
             (work / "recipe.toml").write_text(RECIPE.format(extra=extra))

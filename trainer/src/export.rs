@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::gguf::{encode, GgmlType, Gguf, GgufTensor, Value};
-use crate::gguf_llama::{llama_metadata, to_gguf_tensors};
+use crate::gguf_layout::{gguf_architecture, gguf_metadata, to_gguf_tensors};
 use crate::model::{base_for, lora_config, model_config};
 
 /// What an export reads from a checkpoint: the model's weights under Hugging Face names.
@@ -189,20 +189,17 @@ fn file_type(ty: GgmlType) -> u32 {
 /// are a multiple of 32 take `quant`; norms stay f32, as llama.cpp's converter keeps them.
 pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType, merge_adapters: bool) -> Result<()> {
     let Source { dir, recipe, tokenizer, config, arch, hf } = read_source(checkpoint, merge_adapters)?;
-    let furnace_models::ModelConfig::Decoder(c) = &config else {
-        anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture (and Mixtral) is written so far", dir.display());
+    let (furnace_models::ModelConfig::Decoder(c), Some(architecture)) = (&config, gguf_architecture(arch)) else {
+        anyhow::bail!("GGUF export of {} is not available yet: Llama, Mixtral and GPT-2 are written so far", dir.display());
     };
-    if !matches!(arch, HfArch::Llama | HfArch::Mixtral { .. }) {
-        anyhow::bail!("GGUF export of {} is not available yet: only the Llama architecture (and Mixtral) is written so far", dir.display());
-    }
     let mut g = Gguf::default();
     let mut meta = |k: &str, v: Value| g.metadata.insert(k.to_string(), v);
-    meta("general.architecture", Value::Str("llama".into()));
+    meta("general.architecture", Value::Str(architecture.into()));
     meta("general.name", Value::Str(recipe.run.name.clone()));
     meta("general.file_type", Value::U32(file_type(quant)));
     meta("general.quantization_version", Value::U32(2));
     meta("general.alignment", Value::U32(crate::gguf::ALIGNMENT as u32));
-    for (key, value) in llama_metadata(c) {
+    for (key, value) in gguf_metadata(arch, c) {
         meta(key, value);
     }
     let vocab = gguf_vocabulary(&tokenizer, c.vocab_size)?;
@@ -217,16 +214,17 @@ pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType, merge_adapter
     meta("tokenizer.ggml.add_bos_token", Value::Bool(true));
     // The whole tokenizer too (a key of the GGUF spec), so Furnace reads it back exactly.
     meta("tokenizer.huggingface.json", Value::Str(tokenizer.to_json()));
-    let tensors = to_gguf_tensors(&hf, c)?;
+    let tensors = to_gguf_tensors(arch, &hf, c)?;
     for (name, tensor) in tensors {
         let dims: Vec<usize> = tensor.shape.iter().rev().copied().collect();
-        // The router stays f32, as llama.cpp's converter keeps ffn_gate_inp.
-        let quantizable = dims.len() >= 2 && dims[0] % 32 == 0 && !name.ends_with("ffn_gate_inp.weight");
+        // The router and position table stay f32, as llama.cpp's converter keeps them.
+        let kept_f32 = ["ffn_gate_inp.weight", "position_embd.weight"].iter().any(|s| name.ends_with(s));
+        let quantizable = dims.len() >= 2 && dims[0] % 32 == 0 && !kept_f32;
         let ty = if quantizable { quant } else { GgmlType::F32 };
         g.tensors.push((name, GgufTensor { dims, ty, bytes: encode(&tensor.data, ty) }));
     }
     atomic_write(out, &g.to_bytes()).with_context(|| format!("cannot write {}", out.display()))?;
-    println!("exported {} (llama, {:?}, {} tensors) to {}", dir.display(), quant, g.tensors.len(), out.display());
+    println!("exported {} ({architecture}, {:?}, {} tensors) to {}", dir.display(), quant, g.tensors.len(), out.display());
     Ok(())
 }
 

@@ -13,7 +13,7 @@ pub mod datasets;
 pub mod evaluate;
 pub mod export;
 pub mod gguf;
-pub mod gguf_llama;
+pub mod gguf_layout;
 pub mod memory;
 pub mod metrics;
 pub mod model;

@@ -15,7 +15,7 @@ use furnace_models::{DecoderConfig, LanguageModel, MambaConfig, ModelConfig, Moe
 use furnace_data::TextTokenizer;
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
-use crate::gguf_llama::read_gguf;
+use crate::gguf_layout::read_gguf;
 
 /// The model a resolved `[model]` section describes.
 pub fn model_config(m: &ResolvedModel) -> ModelConfig {
@@ -245,7 +245,11 @@ pub fn load_base(path: &Path) -> Result<Base> {
         let gguf = read_gguf(path)?;
         let (n_layers, tied) = (gguf.config.n_layers(), gguf.config.tie_embeddings());
         let weights = from_hf(gguf.arch, &gguf.hf, n_layers, tied).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let arch = if matches!(gguf.arch, HfArch::Mixtral { .. }) { Arch::Mixtral } else { Arch::Llama };
+        let arch = match gguf.arch {
+            HfArch::Mixtral { .. } => Arch::Mixtral,
+            HfArch::Gpt2 => Arch::Gpt2,
+            _ => Arch::Llama,
+        };
         return Ok(Base { model: resolved_model(arch, &gguf.config), weights, tokenizer: tokenizer_file(&gguf.tokenizer_json)? });
     }
     let tokenizer = path.join(TOKENIZER_FILE);

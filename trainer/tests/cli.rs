@@ -489,13 +489,15 @@ fn mixtral_trains_logs_its_routing_and_exports_to_hugging_face() {
 }
 
 /// A GGUF export loads back: `generate --checkpoint m.gguf` continues exactly as the checkpoint
-/// does (f32), and `init_from` a q8_0 file fine-tunes, for Llama and Mixtral.
+/// does (f32), and `init_from` a q8_0 file fine-tunes, for Llama, Mixtral and GPT-2.
 #[test]
 fn gguf_files_load_back_for_generation_and_fine_tuning() {
-    for arch in ["llama", "mixtral"] {
+    for arch in ["llama", "mixtral", "gpt2"] {
         let tiny = TinyRun::new();
         let arch_key = format!("model.arch={arch}");
-        let out = tiny.train(&["--max-steps", "3", "--set", &arch_key, "--set", "model.n_experts=4"]);
+        // GPT-2 is multi-head attention: as many key/value heads as heads.
+        let kv_heads = if arch == "gpt2" { "model.n_kv_heads=4" } else { "model.n_kv_heads=2" };
+        let out = tiny.train(&["--max-steps", "3", "--set", &arch_key, "--set", "model.n_experts=4", "--set", kv_heads]);
         assert!(out.status.success(), "{}", text(&out));
         let run = tiny.run.to_str().unwrap();
         let gguf = |quant: &str| {

@@ -1,14 +1,17 @@
-//! llama.cpp's `llama` layout of a GGUF file, both ways: its tensor names, Q/K rows permuted
-//! for its RoPE, Mixtral's experts stacked into one tensor per layer and matrix, the model's
-//! hyper-parameters as `llama.*` keys; and such a file read back into Hugging Face tensors, a
-//! model config and a tokenizer (`model.init_from = "x.gguf"`, `generate --checkpoint x.gguf`).
+//! llama.cpp's layouts of a GGUF file, both ways, for its `llama` architecture (Llama, and
+//! Mixtral with its experts stacked into one tensor per layer and matrix; Q/K rows permuted for
+//! its RoPE) and its `gpt2` architecture (fused QKV, learned positions, LayerNorm biases;
+//! Conv1D weights transposed to nn.Linear's layout): tensor names and `<arch>.*` keys; and such
+//! a file read back into Hugging Face tensors, a model config and a tokenizer
+//! (`model.init_from = "x.gguf"`, `generate --checkpoint x.gguf`).
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::HfArch;
 use furnace_models::params::{HostTensor, NamedTensors};
-use furnace_models::{DecoderConfig, ModelConfig, MoeConfig};
+use furnace_models::{DecoderConfig, ModelConfig, MoeConfig, PositionKind};
 use serde_json::json;
 
 use crate::gguf::{decode, Gguf, Value};
@@ -17,6 +20,28 @@ use crate::gguf::{decode, Gguf, Value};
 /// GGUF names (`blk.N.` prefixed for layers).
 const GLOBAL_NAMES: &[(&str, &str)] =
     &[("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+const GPT2_GLOBAL_NAMES: &[(&str, &str)] = &[
+    ("transformer.wte.weight", "token_embd.weight"),
+    ("transformer.wpe.weight", "position_embd.weight"),
+    ("transformer.ln_f.weight", "output_norm.weight"),
+    ("transformer.ln_f.bias", "output_norm.bias"),
+    ("lm_head.weight", "output.weight"),
+];
+/// GPT-2's Conv1D weights (`[in, out]`) are transposed for GGUF, as llama.cpp's converter does.
+const GPT2_LAYER_NAMES: &[(&str, &str)] = &[
+    ("ln_1.weight", "attn_norm.weight"),
+    ("ln_1.bias", "attn_norm.bias"),
+    ("attn.c_attn.weight", "attn_qkv.weight"),
+    ("attn.c_attn.bias", "attn_qkv.bias"),
+    ("attn.c_proj.weight", "attn_output.weight"),
+    ("attn.c_proj.bias", "attn_output.bias"),
+    ("ln_2.weight", "ffn_norm.weight"),
+    ("ln_2.bias", "ffn_norm.bias"),
+    ("mlp.c_fc.weight", "ffn_up.weight"),
+    ("mlp.c_fc.bias", "ffn_up.bias"),
+    ("mlp.c_proj.weight", "ffn_down.weight"),
+    ("mlp.c_proj.bias", "ffn_down.bias"),
+];
 const LAYER_NAMES: &[(&str, &str)] = &[
     ("input_layernorm.weight", "attn_norm.weight"),
     ("self_attn.q_proj.weight", "attn_q.weight"),
@@ -32,22 +57,38 @@ const LAYER_NAMES: &[(&str, &str)] = &[
 /// Mixtral's per-expert matrices and the stacked GGUF tensor each goes into.
 const EXPERT_NAMES: &[(&str, &str)] = &[("w1", "ffn_gate_exps"), ("w2", "ffn_down_exps"), ("w3", "ffn_up_exps")];
 
-fn gguf_name(hf: &str) -> Option<String> {
-    if let Some((_, g)) = GLOBAL_NAMES.iter().find(|(h, _)| *h == hf) {
+/// The name tables of a layout and the prefix of its Hugging Face layer names.
+fn tables(gpt2: bool) -> (&'static [(&'static str, &'static str)], &'static [(&'static str, &'static str)], &'static str) {
+    if gpt2 {
+        (GPT2_GLOBAL_NAMES, GPT2_LAYER_NAMES, "transformer.h.")
+    } else {
+        (GLOBAL_NAMES, LAYER_NAMES, "model.layers.")
+    }
+}
+
+fn gguf_name(hf: &str, gpt2: bool) -> Option<String> {
+    let (global, layers, prefix) = tables(gpt2);
+    if let Some((_, g)) = global.iter().find(|(h, _)| *h == hf) {
         return Some(g.to_string());
     }
-    let (layer, part) = hf.strip_prefix("model.layers.")?.split_once('.')?;
-    let (_, g) = LAYER_NAMES.iter().find(|(h, _)| *h == part)?;
+    let (layer, part) = hf.strip_prefix(prefix)?.split_once('.')?;
+    let (_, g) = layers.iter().find(|(h, _)| *h == part)?;
     Some(format!("blk.{layer}.{g}"))
 }
 
-fn hf_name(gguf: &str) -> Option<String> {
-    if let Some((h, _)) = GLOBAL_NAMES.iter().find(|(_, g)| *g == gguf) {
+fn hf_name(gguf: &str, gpt2: bool) -> Option<String> {
+    let (global, layers, prefix) = tables(gpt2);
+    if let Some((h, _)) = global.iter().find(|(_, g)| *g == gguf) {
         return Some(h.to_string());
     }
     let (layer, part) = gguf.strip_prefix("blk.")?.split_once('.')?;
-    let (h, _) = LAYER_NAMES.iter().find(|(_, g)| *g == part)?;
-    Some(format!("model.layers.{layer}.{h}"))
+    let (h, _) = layers.iter().find(|(_, g)| *g == part)?;
+    Some(format!("{prefix}{layer}.{h}"))
+}
+
+/// A GPT-2 Conv1D weight, stored `[in, out]` by Hugging Face and `[out, in]` in GGUF.
+fn is_conv1d_weight(gguf: &str) -> bool {
+    ["attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight"].iter().any(|s| gguf.ends_with(s))
 }
 
 /// llama.cpp applies RoPE to adjacent pairs, Hugging Face to the two halves of each head:
@@ -70,8 +111,27 @@ fn permute_rope_rows(t: &HostTensor, heads: usize, inverse: bool) -> HostTensor 
     HostTensor { shape: t.shape.clone(), data }
 }
 
-/// The model's hyper-parameters as llama.cpp's `llama.*` keys.
-pub fn llama_metadata(c: &DecoderConfig) -> Vec<(&'static str, Value)> {
+/// llama.cpp's architecture for a Hugging Face layout, or None when it has no GGUF layout here.
+pub fn gguf_architecture(arch: HfArch) -> Option<&'static str> {
+    match arch {
+        HfArch::Llama | HfArch::Mixtral { .. } => Some("llama"),
+        HfArch::Gpt2 => Some("gpt2"),
+        HfArch::Mamba => None,
+    }
+}
+
+/// The model's hyper-parameters as llama.cpp's `<arch>.*` keys.
+pub fn gguf_metadata(arch: HfArch, c: &DecoderConfig) -> Vec<(&'static str, Value)> {
+    if arch == HfArch::Gpt2 {
+        return vec![
+            ("gpt2.context_length", Value::U32(c.max_seq_len as u32)),
+            ("gpt2.embedding_length", Value::U32(c.d_model as u32)),
+            ("gpt2.block_count", Value::U32(c.n_layers as u32)),
+            ("gpt2.feed_forward_length", Value::U32(c.d_ff as u32)),
+            ("gpt2.attention.head_count", Value::U32(c.n_heads as u32)),
+            ("gpt2.attention.layer_norm_epsilon", Value::F32(c.norm_eps as f32)),
+        ];
+    }
     let mut meta = vec![
         ("llama.context_length", Value::U32(c.max_seq_len as u32)),
         ("llama.embedding_length", Value::U32(c.d_model as u32)),
@@ -91,17 +151,19 @@ pub fn llama_metadata(c: &DecoderConfig) -> Vec<(&'static str, Value)> {
     meta
 }
 
-/// Hugging Face tensors (Llama or Mixtral names) as GGUF tensors, in llama.cpp's layout.
-pub fn to_gguf_tensors(hf: &NamedTensors, c: &DecoderConfig) -> Result<Vec<(String, HostTensor)>> {
+/// Hugging Face tensors (Llama, Mixtral or GPT-2 names) as GGUF tensors, in llama.cpp's layout.
+pub fn to_gguf_tensors(arch: HfArch, hf: &NamedTensors, c: &DecoderConfig) -> Result<Vec<(String, HostTensor)>> {
+    let gpt2 = arch == HfArch::Gpt2;
     let mut tensors = Vec::new();
     for (hf_name, tensor) in hf {
         if hf_name.contains(".block_sparse_moe.experts.") {
             continue;
         }
-        let name = gguf_name(hf_name).with_context(|| format!("no GGUF name for `{hf_name}`"))?;
+        let name = gguf_name(hf_name, gpt2).with_context(|| format!("no GGUF name for `{hf_name}`"))?;
         let tensor = match name.rsplit('.').nth(1) {
-            Some("attn_q") => permute_rope_rows(tensor, c.n_heads, false),
-            Some("attn_k") => permute_rope_rows(tensor, c.kv_heads(), false),
+            _ if gpt2 && is_conv1d_weight(&name) => tensor.transposed(),
+            Some("attn_q") if !gpt2 => permute_rope_rows(tensor, c.n_heads, false),
+            Some("attn_k") if !gpt2 => permute_rope_rows(tensor, c.kv_heads(), false),
             _ => tensor.clone(),
         };
         tensors.push((name, tensor));
@@ -149,9 +211,11 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
         _ => bail!("{} is missing or not a number", at(key)),
     };
     let architecture = text("general.architecture")?;
-    if architecture != "llama" {
-        bail!("{}: architecture `{architecture}` cannot be read yet (llama and Mixtral-as-llama can)", path.display());
-    }
+    let gpt2 = match architecture.as_str() {
+        "llama" => false,
+        "gpt2" => true,
+        other => bail!("{}: architecture `{other}` cannot be read yet (llama, Mixtral-as-llama and gpt2 can)", path.display()),
+    };
     let mut hf = NamedTensors::new();
     for (name, tensor) in &gguf.tensors {
         let shape: Vec<usize> = tensor.dims.iter().rev().copied().collect();
@@ -165,8 +229,28 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
             }
             continue;
         }
-        let hf_name = hf_name(name).with_context(|| format!("{}: tensor `{name}` has no place in a llama model", path.display()))?;
-        hf.insert(hf_name, host);
+        let hf_name =
+            hf_name(name, gpt2).with_context(|| format!("{}: tensor `{name}` has no place in a {architecture} model", path.display()))?;
+        hf.insert(hf_name, if gpt2 && is_conv1d_weight(name) { host.transposed() } else { host });
+    }
+    if gpt2 {
+        let wte = hf.get("transformer.wte.weight").with_context(|| format!("{}: no token_embd.weight", path.display()))?;
+        let config = DecoderConfig::new(
+            wte.shape[0],
+            number("gpt2.embedding_length")? as usize,
+            number("gpt2.block_count")? as usize,
+            number("gpt2.attention.head_count")? as usize,
+            number("gpt2.feed_forward_length")? as usize,
+            number("gpt2.context_length")? as usize,
+        )
+        .with_norm(NormKind::LayerNorm)
+        .with_norm_eps(number("gpt2.attention.layer_norm_epsilon")?)
+        .with_position(PositionKind::Learned)
+        .with_mlp(MlpKind::Gelu)
+        .with_bias(true)
+        .with_tie_embeddings(!hf.contains_key("lm_head.weight"));
+        let tokenizer_json = tokenizer_json(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        return Ok(GgufModel { arch: HfArch::Gpt2, config: ModelConfig::Decoder(config), hf, tokenizer_json });
     }
     let (n_heads, n_kv_heads) = (number("llama.attention.head_count")? as usize, number("llama.attention.head_count_kv")? as usize);
     for (name, tensor) in hf.iter_mut() {
@@ -195,11 +279,17 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
         arch = HfArch::Mixtral { n_experts: moe.n_experts };
         config = config.with_moe(Some(moe));
     }
-    let tokenizer_json = match gguf.metadata.get("tokenizer.huggingface.json") {
-        Some(Value::Str(json)) => json.clone(),
-        _ => byte_level_bpe_tokenizer(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-    };
+    let tokenizer_json = tokenizer_json(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(GgufModel { arch, config: ModelConfig::Decoder(config), hf, tokenizer_json })
+}
+
+/// The file's tokenizer: the whole tokenizer.json when it carries one, else one rebuilt from
+/// its vocabulary.
+fn tokenizer_json(gguf: &Gguf) -> Result<String, String> {
+    match gguf.metadata.get("tokenizer.huggingface.json") {
+        Some(Value::Str(json)) => Ok(json.clone()),
+        _ => byte_level_bpe_tokenizer(gguf),
+    }
 }
 
 /// A tokenizer.json for a GGUF `gpt2` (byte-level BPE) vocabulary: tokens, merges and control
@@ -243,12 +333,15 @@ mod tests {
 
     #[test]
     fn names_and_rope_rows_round_trip() {
-        for (hf, _) in GLOBAL_NAMES {
-            assert_eq!(hf_name(&gguf_name(hf).unwrap()).unwrap(), *hf);
-        }
-        for (part, _) in LAYER_NAMES {
-            let hf = format!("model.layers.3.{part}");
-            assert_eq!(hf_name(&gguf_name(&hf).unwrap()).unwrap(), hf);
+        for gpt2 in [false, true] {
+            let (global, layers, prefix) = tables(gpt2);
+            for (hf, _) in global {
+                assert_eq!(hf_name(&gguf_name(hf, gpt2).unwrap(), gpt2).unwrap(), *hf);
+            }
+            for (part, _) in layers {
+                let hf = format!("{prefix}3.{part}");
+                assert_eq!(hf_name(&gguf_name(&hf, gpt2).unwrap(), gpt2).unwrap(), hf);
+            }
         }
         let t = HostTensor { shape: vec![16, 3], data: (0..48).map(|v| v as f32).collect() };
         let permuted = permute_rope_rows(&t, 2, false);
