@@ -28,6 +28,7 @@ pub fn explain() -> String {
     section_text::<LrSchedulerSection>(&mut out);
     section_text::<RuntimeSection>(&mut out);
     section_text::<DistributedSection>(&mut out);
+    section_text::<ActivationCheckpointSection>(&mut out);
     section_text::<LoggingSection>(&mut out);
     section_text::<EvalSection>(&mut out);
     section_text::<LoraSection>(&mut out);
@@ -47,6 +48,7 @@ pub fn explain() -> String {
         ("lr_scheduler.decay", Decay::CHOICES),
         ("runtime.backend", Backend::CHOICES),
         ("distributed.strategy", Strategy::CHOICES),
+        ("activation_checkpoint.mode", CheckpointMode::CHOICES),
         ("lora.init", LoraInit::CHOICES),
         ("lora.quantize_base", BaseQuant::CHOICES),
         ("dpo.loss_type", DpoLoss::CHOICES),

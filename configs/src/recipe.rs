@@ -160,6 +160,16 @@ choice!(
         Zero2 = "zero2",
     }
 );
+choice!(
+    /// Activation checkpointing, with torchtitan's names.
+    CheckpointMode {
+        /// Keep every activation backward needs (fastest, most memory).
+        None = "none",
+        /// Keep only each transformer block's input; backward recomputes one block at a time
+        /// (about one more forward pass per step, activation memory of one block).
+        Full = "full",
+    }
+);
 choice!(Decay { Cosine = "cosine", Linear = "linear", Wsd = "wsd", Constant = "constant" });
 choice!(
     /// Compute backend; GPU backends exist only in binaries built with their cargo feature.
@@ -492,6 +502,15 @@ section! {
 }
 
 section! {
+    /// Activation (gradient) checkpointing: trade compute for memory in training.
+    ActivationCheckpointSection = "activation_checkpoint" {
+        /// none or full. full: dense transformers (llama, gpt2) in pretrain and sft modes,
+        /// without dropout.
+        mode: CheckpointMode = CheckpointMode::None,
+    }
+}
+
+section! {
     /// Metrics and console output.
     LoggingSection = "logging" {
         /// Write <output_dir>/metrics.jsonl.
@@ -530,6 +549,7 @@ pub struct Recipe {
     pub lr_scheduler: LrSchedulerSection,
     pub runtime: RuntimeSection,
     pub distributed: DistributedSection,
+    pub activation_checkpoint: ActivationCheckpointSection,
     pub logging: LoggingSection,
     pub eval: EvalSection,
     pub lora: LoraSection,

@@ -79,6 +79,27 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             );
         }
     }
+    if recipe.activation_checkpoint.mode == CheckpointMode::Full && m.dropout > 0.0 {
+        return fail(
+            "activation_checkpoint",
+            "mode",
+            "full activation checkpointing recomputes blocks and does not yet replay dropout masks".into(),
+            "set model.dropout = 0 (as LLM pretraining usually does) or activation_checkpoint.mode = \"none\"".into(),
+        );
+    }
+    if recipe.activation_checkpoint.mode == CheckpointMode::Full
+        && (!matches!(m.arch, Arch::Llama | Arch::Gpt2) || !matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft))
+    {
+        return fail(
+            "activation_checkpoint",
+            "mode",
+            format!(
+                "activation checkpointing covers dense transformers (llama, gpt2) in pretrain and sft; this is {} in {}",
+                m.arch, recipe.training.mode
+            ),
+            "set activation_checkpoint.mode = \"none\"".into(),
+        );
+    }
     if !(0.0..1.0).contains(&m.dropout) {
         return fail(
             "model",

@@ -275,18 +275,32 @@ impl<B: FusedOps> Decoder<B> {
         self.hidden_states(tokens, cache, None).0
     }
 
-    /// Final hidden states and the router logits of every MoE layer. With `packed`, rows pack
-    /// several sequences: `packed` (`[batch·seq]`) gives each token's position in its own
-    /// sequence, restarting at 0 where one starts, and attention and positions reset there.
+    /// Final hidden states and the router logits of every MoE layer.
     fn hidden_states(
         &self,
         tokens: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
         packed: Option<&[usize]>,
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 2>>) {
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let (mut x, ctx) = self.embed(tokens, offset, packed);
+        let mut router_logits = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            let (out, router) = layer.forward(x, &ctx, layer_cache);
+            x = out;
+            router_logits.extend(router);
+        }
+        (self.norm.forward(x), router_logits)
+    }
+
+    /// The blocks' input (token and position embeddings) and what attention needs, for
+    /// positions from `offset`. With `packed`, rows pack several sequences: `packed`
+    /// (`[batch·seq]`) gives each token's position in its own sequence, restarting at 0 where one
+    /// starts, and attention and positions reset there.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>, offset: usize, packed: Option<&[usize]>) -> (Tensor<B, 3>, AttentionContext<B>) {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
-        let offset = cache.as_ref().map_or(0, |c| c.len());
         assert!(offset + seq <= self.max_seq_len, "sequence of {} positions exceeds max_seq_len = {}", offset + seq, self.max_seq_len);
         let mut x = embedding(self.embed_tokens.val(), tokens);
         let ctx = match packed {
@@ -311,15 +325,12 @@ impl<B: FusedOps> Decoder<B> {
                 }
             }
         };
-        x = self.embed_dropout.forward(x);
-        let mut router_logits = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            let (out, router) = layer.forward(x, &ctx, layer_cache);
-            x = out;
-            router_logits.extend(router);
-        }
-        (self.norm.forward(x), router_logits)
+        (self.embed_dropout.forward(x), ctx)
+    }
+
+    /// Logits from the last block's output: the final norm, then the head.
+    pub fn finish(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.head(self.norm.forward(x))
     }
 
     /// Logits for rows that pack several sequences (see `hidden_states`), each sequence

@@ -3,9 +3,10 @@
 
 use burn::prelude::*;
 
+use crate::blocks::AttentionContext;
 use crate::blocks::Linear;
 use crate::causal_lm::CausalLm;
-use crate::decoder::{Decoder, DecoderConfig, KvCache};
+use crate::decoder::{Decoder, DecoderConfig, KvCache, MlpLayer};
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
 use crate::mamba::{Mamba, MambaConfig, MambaState};
@@ -114,6 +115,45 @@ impl<B: FusedOps> LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.logits_and_values(tokens),
             Self::Mamba(_) => panic!("value heads are on transformers only (the recipe check rejects this)"),
+        }
+    }
+}
+
+/// The model as a chain embed → blocks → finish, for activation checkpointing: the trainer
+/// keeps each block's input and recomputes one block at a time in backward. Dense transformers
+/// offer it (`recomputable`); the recipe check refuses the others.
+impl<B: FusedOps> LanguageModel<B> {
+    pub fn recomputable(&self) -> bool {
+        matches!(self, Self::Decoder(m) if m.layers.iter().all(|l| matches!(l.feed_forward, MlpLayer::Dense(_))))
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        match self {
+            Self::Decoder(m) => m.layers.len(),
+            Self::Mamba(m) => m.layers.len(),
+        }
+    }
+
+    /// The first block's input and what every block needs (see [`Decoder::embed`]).
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, AttentionContext<B>) {
+        match self {
+            Self::Decoder(m) => m.embed(tokens, 0, packed),
+            Self::Mamba(_) => panic!("activation checkpointing is for dense transformers (the recipe check rejects this)"),
+        }
+    }
+
+    pub fn block(&self, index: usize, x: Tensor<B, 3>, ctx: &AttentionContext<B>) -> Tensor<B, 3> {
+        match self {
+            Self::Decoder(m) => m.layers[index].forward(x, ctx, None).0,
+            Self::Mamba(_) => panic!("activation checkpointing is for dense transformers (the recipe check rejects this)"),
+        }
+    }
+
+    /// Logits from the last block's output.
+    pub fn finish(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Self::Decoder(m) => m.finish(x),
+            Self::Mamba(_) => panic!("activation checkpointing is for dense transformers (the recipe check rejects this)"),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod model;
 pub mod objective;
 pub mod parallel;
 pub mod preference;
+pub mod recompute;
 pub mod rollout;
 pub mod tensorboard;
 pub mod train;

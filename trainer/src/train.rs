@@ -9,7 +9,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{DataSource, Recipe, Strategy, TrainMode};
+use furnace_configs::{CheckpointMode, DataSource, Recipe, Strategy, TrainMode};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{arithmetic_config, val_seed};
 use furnace_data::generators::arithmetic;
@@ -32,6 +32,7 @@ use crate::objective::{causal_lm_loss_sum, router_losses, sample_labels, RouterS
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
 use crate::parallel::{quiet_stdout, Parallel};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
+use crate::recompute::recomputed_gradients;
 use crate::rollout::{self, rollout, step_prompts, RolloutStats, Sampling};
 
 /// One step's accumulated gradients, its loss, the inputs of its last micro-batch (for
@@ -162,6 +163,12 @@ impl<B: TrainBackend> Trainer<B> {
         let built = build_model::<B>(&recipe, tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
         let mut model = built.model;
+        if recipe.activation_checkpoint.mode == CheckpointMode::Full && !model.recomputable() {
+            bail!(
+                "recipe key activation_checkpoint.mode = \"full\": {} is not a dense transformer, which activation checkpointing covers; set it to \"none\"",
+                describe(&recipe.model)
+            );
+        }
         let nf4_params = built.nf4_bytes.map_or(0, |(_, bf16)| bf16 / 2);
         if let Some((nf4, bf16)) = built.nf4_bytes {
             println!(
@@ -450,6 +457,8 @@ impl<B: TrainBackend> Trainer<B> {
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut last_inputs = None;
         let mut dpo_stats = DpoStats::default();
+        let recompute = self.recipe.activation_checkpoint.mode == CheckpointMode::Full;
+        let backward = |loss: Tensor<B, 1>| (loss.clone().inner(), GradientsParams::from_grads(loss.backward(), model));
         for batch in batches {
             let shape = [batch.batch, batch.seq_len];
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &self.device);
@@ -462,31 +471,35 @@ impl<B: TrainBackend> Trainer<B> {
                 (None, TrainMode::Reward) => Some(reward_batch(model, &batch, &self.device)),
                 _ => None,
             };
-            let loss = match pairs {
+            let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), shape), &self.device);
+            let (detached, grads) = match pairs {
                 Some(pairs) => {
                     dpo_stats.add(&pairs.stats);
                     // The mean over the step's pairs.
-                    pairs.losses.sum() / (batch.items.len() * t.grad_accum_steps) as f64
+                    backward(pairs.losses.sum() / (batch.items.len() * t.grad_accum_steps) as f64)
+                }
+                None if recompute => {
+                    let (grads, loss) = recomputed_gradients(model, inputs, batch.positions.as_deref(), |logits| {
+                        causal_lm_loss_sum(logits, targets) / counted
+                    });
+                    (loss, grads)
                 }
                 None => {
-                    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets, shape), &self.device);
                     let (logits, routing) = model.forward_routed(inputs, batch.positions.as_deref());
                     let loss = causal_lm_loss_sum(logits, targets) / counted;
-                    match routing {
+                    backward(match routing {
                         Some(routing) => {
                             let router = router_losses(&routing, &self.recipe.model, &mut self.router_window);
                             loss + router / t.grad_accum_steps as f64
                         }
                         None => loss,
-                    }
+                    })
                 }
             };
-            let detached = loss.clone().inner();
             step_loss = Some(match step_loss.take() {
                 Some(total) => total + detached,
                 None => detached,
             });
-            let grads = GradientsParams::from_grads(loss.backward(), model);
             accumulator.accumulate(model, grads);
         }
         self.dpo_window.add(&dpo_stats);

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Peak memory and step time of activation checkpointing: a 6-layer d_model 512 Llama-style model
+# at T = 512 and T = 2048 (4096 tokens per step), without and with full checkpointing, in one run
+# on this machine. Peak RSS from /usr/bin/time -v (the whole process), step time the median
+# after warm-up.
+#   scripts/bench_memory.sh              # 4 timed steps per run
+#   STEPS=6 scripts/bench_memory.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS="${STEPS:-4}"
+cargo build --release -q -p furnace-trainer
+BIN="${CARGO_TARGET_DIR:-target}/release/furnace"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+median_step_s() {
+  python3 - "$1" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"tokens_per_sec"' in l]
+rows = rows[2:] if len(rows) > 3 else rows  # skip warm-up steps
+print(f"{statistics.median(4096 / r['tokens_per_sec'] for r in rows):.2f}")
+PY
+}
+
+COMMON=(--set data.source='"stories"' --set data.num_examples=3000 --set data.tokenizer_vocab_size=4096
+        --set model.d_model=512 --set model.n_layers=6 --set model.n_heads=8 --set model.max_seq_len=2048
+        --set training.log_every=1 --set training.eval_every=0 --set training.save_every=0 --set training.steps=1000
+        --set logging.progress=false --set eval.max_new_tokens=0)
+printf "%-6s %-6s %14s %12s\n" T mode "peak RSS MB" "step s"
+for t in 512 2048; do
+  batch=$((4096 / t))
+  for mode in none full; do
+    out="$WORK/$t-$mode"
+    /usr/bin/time -v -o "$WORK/time" "$BIN" train --config recipes/quickstart.toml --max-steps $((STEPS + 2)) "${COMMON[@]}" \
+      --set run.output_dir="$out" --set training.seq_len="$t" --set training.local_batch_size="$batch" \
+      --set activation_checkpoint.mode="$mode" > "$WORK/log" 2>&1 || { cat "$WORK/log"; exit 1; }
+    rss_kb="$(grep 'Maximum resident set size' "$WORK/time" | grep -oE '[0-9]+$')"
+    printf "%-6s %-6s %14.0f %12s\n" "$t" "$mode" "$(echo "$rss_kb / 1024" | bc -l)" "$(median_step_s "$out/metrics.jsonl")"
+  done
+done
