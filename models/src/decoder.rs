@@ -112,6 +112,18 @@ impl DecoderConfig {
         6.0 * n + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
     }
 
+    /// Bytes of f32 activations backward keeps for one micro-batch of `batch × seq` tokens: per
+    /// layer s·b·d·(34 + 5·a·s/d) half-precision bytes (Korthikanti et al., 2022), doubled for
+    /// f32, plus the logits and their gradient. With `recompute`, each block's input per layer
+    /// and one block's activations.
+    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute: bool) -> f64 {
+        let (s, b, d, a) = (seq as f64, batch as f64, self.d_model as f64, self.n_heads as f64);
+        let per_layer = 2.0 * s * b * d * (34.0 + 5.0 * a * s / d);
+        let logits = 2.0 * 4.0 * s * b * self.vocab_size as f64;
+        let layers = if recompute { per_layer + self.n_layers as f64 * 4.0 * s * b * d } else { self.n_layers as f64 * per_layer };
+        layers + logits
+    }
+
     pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Decoder<B> {
         let mut rng = SeededRng::new(seed);
         let std = self.init_std;

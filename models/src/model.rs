@@ -54,6 +54,15 @@ impl ModelConfig {
         }
     }
 
+    /// Estimated bytes of activations one micro-batch keeps for backward (transformers; None
+    /// for architectures without an estimate yet).
+    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute: bool) -> Option<f64> {
+        match self {
+            Self::Decoder(c) => Some(c.activation_bytes(batch, seq, recompute)),
+            Self::Mamba(_) => None,
+        }
+    }
+
     pub fn n_layers(&self) -> usize {
         match self {
             Self::Decoder(c) => c.n_layers,

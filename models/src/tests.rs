@@ -556,3 +556,17 @@ fn packed_rows_compute_each_sequence_as_if_alone() {
         }
     }
 }
+
+#[test]
+fn activation_estimate_follows_the_published_formula() {
+    // GPT-3's 175B shape in Korthikanti et al. (2022), one sequence: 34·s·b·h + 5·a·s²·b bytes
+    // per layer in fp16; ours counts f32 (twice) and adds the logits and their gradient.
+    let config = DecoderConfig::new(51200, 12288, 96, 96, 4 * 12288, 2048);
+    let (s, h, a) = (2048.0, 12288.0, 96.0);
+    let per_layer_fp16 = 34.0 * s * h + 5.0 * a * s * s;
+    let logits = 2.0 * 4.0 * s * 51200.0;
+    assert_eq!(config.activation_bytes(1, 2048, false), 96.0 * 2.0 * per_layer_fp16 + logits);
+    let recomputed = config.activation_bytes(1, 2048, true);
+    assert_eq!(recomputed, 2.0 * per_layer_fp16 + 96.0 * 4.0 * s * h + logits);
+    assert!(recomputed < config.activation_bytes(1, 2048, false) / 10.0);
+}

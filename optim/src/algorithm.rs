@@ -32,6 +32,15 @@ impl Algorithm {
         }
     }
 
+    /// Float slots of state per parameter element (Adam's two moments, Lion's one, Sophia's
+    /// momentum and Hessian estimate).
+    pub fn state_slots(&self) -> usize {
+        match self {
+            Algorithm::AdamW { .. } | Algorithm::Sophia { .. } => 2,
+            Algorithm::Lion { .. } => 1,
+        }
+    }
+
     /// One update of `value` given its gradient; `step` is 1-based. Sophia adds the count of
     /// clipped coordinates to `clipped`.
     pub fn update<B: Backend>(

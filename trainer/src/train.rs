@@ -293,6 +293,7 @@ impl<B: TrainBackend> Trainer<B> {
             tokens_per_step,
             self.peak_flops / 1e9
         ));
+        self.metrics.println(self.memory_estimate(&model));
         if self.recipe.lora.r > 0 {
             let (trainable, dense) = trainable_params(&model);
             let total = dense + self.nf4_params;
@@ -390,6 +391,27 @@ impl<B: TrainBackend> Trainer<B> {
             return Ok(());
         }
         self.report(&model)
+    }
+
+    /// What a step should hold, for the start-up banner: f32 parameters, gradients of the
+    /// trainable ones, this rank's optimizer state and the activations of one micro-batch.
+    fn memory_estimate(&self, model: &LanguageModel<B>) -> String {
+        let t = &self.recipe.training;
+        let (trainable, all) = trainable_params(model);
+        let owned = trainable / self.parallel.world.size.max(1);
+        let state_elements = if self.parallel.strategy == Strategy::Ddp { trainable } else { owned };
+        let mb = |bytes: f64| bytes / 1e6;
+        let recompute = self.recipe.activation_checkpoint.mode == CheckpointMode::Full;
+        let activations = self
+            .model_config
+            .activation_bytes(t.local_batch_size, t.seq_len, recompute)
+            .map_or("not estimated for this architecture".into(), |b| format!("~{:.0} MB per micro-batch", mb(b)));
+        format!(
+            "memory estimate (f32): parameters {:.1} MB, gradients {:.1} MB, optimizer state {:.1} MB, activations {activations}; measured peak_rss_mb goes to metrics.jsonl",
+            mb(4.0 * all as f64),
+            mb(4.0 * trainable as f64),
+            mb(4.0 * (self.optimizer.algorithm.state_slots() * state_elements) as f64),
+        )
     }
 
     fn metrics_plain(&self) -> bool {
