@@ -30,10 +30,6 @@ impl Partition {
         self.owners[index]
     }
 
-    pub fn world(&self) -> usize {
-        self.world
-    }
-
     /// Elements each rank owns.
     pub fn shares(&self, sizes: &[usize]) -> Vec<usize> {
         let mut shares = vec![0; self.world];
