@@ -1,12 +1,12 @@
 """Proof by llama.cpp: train tiny Llama, Mixtral and GPT-2 models with furnace, export them to
 GGUF, run them with llama.cpp (through llama-cpp-python) on the same token ids, and compare the
-logits of every prompt position (f32 export: 1e-4 relative to the largest logit; f16: reported)
-and the greedy continuation (f32: identical tokens) with `furnace generate`. (Quantized types
-are checked bit for bit against gguf-py by check_gguf_export.py; a llama.cpp built from source
-on our machines stopped with SIGILL in its q8_0 CPU kernels, a build problem, so they are not
-run here.)
+logits of every prompt position (f32 export: 1e-4 relative to the largest logit) and the greedy
+continuation (f32: identical tokens) with `furnace generate`; for f16, q8_0 and q4_0 it reports
+the logit error and the change in perplexity on a short text.
 
-    pip install llama-cpp-python safetensors numpy   # builds llama.cpp from source (minutes)
+    # builds llama.cpp from source, about 12 minutes on 2 cores (a native build may use
+    # instructions a VM does not have: keep GGML_NATIVE off)
+    CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=OFF" pip install llama-cpp-python safetensors numpy
     cargo build --release -p furnace-trainer
     python scripts/reference/check_llama_cpp.py       # FURNACE=path/to/furnace to pick a binary
 """
@@ -25,6 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FURNACE = os.environ.get("FURNACE", str(ROOT / "target" / "release" / "furnace"))
 PROMPT = "Once upon a time, there was a little"
 NEW_TOKENS = 16
+TEXT = "Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. One day she found a red ball under a tree."
 
 RECIPE = """
 [run]
@@ -73,6 +74,15 @@ def greedy_ids(llm: Llama, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def perplexity(llm: Llama, ids: list[int]) -> float:
+    llm.reset()
+    llm.eval(ids)
+    scores = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    top = scores.max(1, keepdims=True)
+    log_probs = scores - top - np.log(np.exp(scores - top).sum(1, keepdims=True))
+    return float(np.exp(-np.mean([log_probs[i, ids[i + 1]] for i in range(len(ids) - 1)])))
+
+
 def check(arch: str, extra: str, work: pathlib.Path) -> bool:
     recipe = work / f"{arch}.toml"
     recipe.write_text(RECIPE.format(arch=arch, extra=extra))
@@ -82,8 +92,11 @@ def check(arch: str, extra: str, work: pathlib.Path) -> bool:
                         "--max-new-tokens", str(NEW_TOKENS), "--logits-out", str(logits_file))
     ours = load_file(str(logits_file))
     ids = [int(t) for t in ours["input_ids"]]
-    ok = True
-    for quant in ["f32", "f16"]:
+    text_file = work / f"text_{arch}.safetensors"
+    furnace("generate", "--checkpoint", str(run_dir), "--prompt", TEXT, "--max-new-tokens", "1", "--logits-out", str(text_file))
+    text_ids = [int(t) for t in load_file(str(text_file))["input_ids"]]
+    ok, base_ppl = True, None
+    for quant in ["f32", "f16", "q8_0", "q4_0"]:
         gguf = work / f"{arch}-{quant}.gguf"
         furnace("export", "--checkpoint", str(run_dir), "--format", "gguf", "--quant", quant, "--out", str(gguf))
         llm = Llama(model_path=str(gguf), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
@@ -93,7 +106,10 @@ def check(arch: str, extra: str, work: pathlib.Path) -> bool:
         continuation = greedy_ids(llm, ids, NEW_TOKENS)
         text = PROMPT + llm.detokenize(continuation).decode("utf-8", errors="replace")
         same = text.startswith(ours_text.rstrip("\n")) or ours_text.rstrip("\n").startswith(text)
-        print(f"{arch:7} {quant:5} llama.cpp vs furnace: max |Δlogit|/max|logit| = {err:.2e}  greedy continuation identical: {same}")
+        ppl = perplexity(llm, text_ids)
+        base_ppl = base_ppl or ppl
+        print(f"{arch:7} {quant:5} llama.cpp vs furnace: max |Δlogit|/max|logit| = {err:.2e}  greedy continuation identical: {same}"
+              f"  perplexity {ppl:.3f} ({100 * (ppl / base_ppl - 1):+.2f}% vs f32)")
         if not same:
             print(f"  furnace:   {ours_text.rstrip()!r}\n  llama.cpp: {text!r}")
         if quant == "f32":
