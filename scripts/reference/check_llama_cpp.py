@@ -2,7 +2,9 @@
 GGUF, run them with llama.cpp (through llama-cpp-python) on the same token ids, and compare the
 logits of every prompt position (f32 export: 1e-4 relative to the largest logit) and the greedy
 continuation (f32: identical tokens) with `furnace generate`; for f16, q8_0 and q4_0 it reports
-the logit error and the change in perplexity on a short text.
+the logit error and the change in perplexity on a short text. It also checks that llama.cpp's
+own tokenizer (from the GGUF's vocabulary, merges and `pre` type) splits text, digits included,
+into the ids Furnace's tokenizer gives.
 
     # builds llama.cpp from source, about 12 minutes on 2 cores (a native build may use
     # instructions a VM does not have: keep GGML_NATIVE off)
@@ -95,6 +97,10 @@ def check(arch: str, extra: str, work: pathlib.Path) -> bool:
     text_file = work / f"text_{arch}.safetensors"
     furnace("generate", "--checkpoint", str(run_dir), "--prompt", TEXT, "--max-new-tokens", "1", "--logits-out", str(text_file))
     text_ids = [int(t) for t in load_file(str(text_file))["input_ids"]]
+    sums = "37+45=82 and 3-45=-42, 2026 x 12."
+    sums_file = work / f"sums_{arch}.safetensors"
+    furnace("generate", "--checkpoint", str(run_dir), "--prompt", sums, "--max-new-tokens", "1", "--logits-out", str(sums_file))
+    sums_ids = [int(t) for t in load_file(str(sums_file))["input_ids"]]
     ok, base_ppl = True, None
     for quant in ["f32", "f16", "q8_0", "q4_0"]:
         gguf = work / f"{arch}-{quant}.gguf"
@@ -113,7 +119,11 @@ def check(arch: str, extra: str, work: pathlib.Path) -> bool:
         if not same:
             print(f"  furnace:   {ours_text.rstrip()!r}\n  llama.cpp: {text!r}")
         if quant == "f32":
-            ok &= err < 1e-4 and same
+            # Furnace's prompt ids start with end-of-text; llama.cpp's tokenize adds nothing here.
+            tokenized = all(llm.tokenize(t.encode(), add_bos=False, special=False) == ids[1:]
+                            for t, ids in [(TEXT, text_ids), (sums, sums_ids)])
+            print(f"{arch:7} llama.cpp tokenizes text and digits as furnace does: {tokenized}")
+            ok &= err < 1e-4 and same and tokenized
     return ok
 
 
