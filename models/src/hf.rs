@@ -44,8 +44,9 @@ const fn rule(hf: &'static str, ours: &'static [&'static str], layout: Layout) -
 
 use Layout::*;
 
-/// `{i}` stands for the layer index, `{e}` for the expert index.
-const LLAMA: &[Rule] = &[
+/// `{i}` stands for the layer index, `{e}` for the expert index. Llama's embedding, attention,
+/// norms and head; its MLP (or Mixtral's experts) follow in their own table.
+const LLAMA_CORE: &[Rule] = &[
     rule("model.embed_tokens.weight", &["embed_tokens"], Same),
     rule("model.layers.{i}.input_layernorm.weight", &["layers.{i}.attention_norm.weight"], Same),
     rule("model.layers.{i}.self_attn.q_proj.weight", &["layers.{i}.attention.q_proj.weight"], Transpose),
@@ -57,32 +58,26 @@ const LLAMA: &[Rule] = &[
     rule("model.layers.{i}.self_attn.v_proj.bias", &["layers.{i}.attention.v_proj.bias"], Same),
     rule("model.layers.{i}.self_attn.o_proj.bias", &["layers.{i}.attention.o_proj.bias"], Same),
     rule("model.layers.{i}.post_attention_layernorm.weight", &["layers.{i}.ffn_norm.weight"], Same),
+    rule("model.norm.weight", &["norm.weight"], Same),
+    rule("lm_head.weight", &["lm_head.weight"], Transpose),
+];
+
+const LLAMA_MLP: &[Rule] = &[
     rule("model.layers.{i}.mlp.gate_proj.weight", &["layers.{i}.feed_forward.gate_proj.weight"], Transpose),
     rule("model.layers.{i}.mlp.up_proj.weight", &["layers.{i}.feed_forward.up_proj.weight"], Transpose),
     rule("model.layers.{i}.mlp.down_proj.weight", &["layers.{i}.feed_forward.down_proj.weight"], Transpose),
     rule("model.layers.{i}.mlp.gate_proj.bias", &["layers.{i}.feed_forward.gate_proj.bias"], Same),
     rule("model.layers.{i}.mlp.up_proj.bias", &["layers.{i}.feed_forward.up_proj.bias"], Same),
     rule("model.layers.{i}.mlp.down_proj.bias", &["layers.{i}.feed_forward.down_proj.bias"], Same),
-    rule("model.norm.weight", &["norm.weight"], Same),
-    rule("lm_head.weight", &["lm_head.weight"], Transpose),
 ];
 
-/// Llama's attention and norms with a sparse mixture of experts in place of each MLP, in the
-/// per-expert layout transformers saves (w1 = gate, w2 = down, w3 = up).
-const MIXTRAL: &[Rule] = &[
-    rule("model.embed_tokens.weight", &["embed_tokens"], Same),
-    rule("model.layers.{i}.input_layernorm.weight", &["layers.{i}.attention_norm.weight"], Same),
-    rule("model.layers.{i}.self_attn.q_proj.weight", &["layers.{i}.attention.q_proj.weight"], Transpose),
-    rule("model.layers.{i}.self_attn.k_proj.weight", &["layers.{i}.attention.k_proj.weight"], Transpose),
-    rule("model.layers.{i}.self_attn.v_proj.weight", &["layers.{i}.attention.v_proj.weight"], Transpose),
-    rule("model.layers.{i}.self_attn.o_proj.weight", &["layers.{i}.attention.o_proj.weight"], Transpose),
-    rule("model.layers.{i}.post_attention_layernorm.weight", &["layers.{i}.ffn_norm.weight"], Same),
+/// Mixtral's sparse mixture of experts in place of Llama's MLP, in the per-expert layout
+/// transformers saves (w1 = gate, w2 = down, w3 = up).
+const MIXTRAL_EXPERTS: &[Rule] = &[
     rule("model.layers.{i}.block_sparse_moe.gate.weight", &["layers.{i}.feed_forward.router.weight"], Transpose),
     rule("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", &["layers.{i}.feed_forward.experts.{e}.gate_proj.weight"], Transpose),
     rule("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", &["layers.{i}.feed_forward.experts.{e}.down_proj.weight"], Transpose),
     rule("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", &["layers.{i}.feed_forward.experts.{e}.up_proj.weight"], Transpose),
-    rule("model.norm.weight", &["norm.weight"], Same),
-    rule("lm_head.weight", &["lm_head.weight"], Transpose),
 ];
 
 /// GPT-2 uses `Conv1D`, whose weight is already `[in, out]`.
@@ -134,13 +129,14 @@ const MAMBA: &[Rule] = &[
 /// HF keys that carry no parameter of ours (buffers, or a head tied to the embedding).
 const IGNORED_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"];
 
-fn table(arch: HfArch) -> &'static [Rule] {
-    match arch {
-        HfArch::Llama => LLAMA,
-        HfArch::Gpt2 => GPT2,
-        HfArch::Mamba => MAMBA,
-        HfArch::Mixtral { .. } => MIXTRAL,
-    }
+fn table(arch: HfArch) -> impl Iterator<Item = &'static Rule> {
+    let parts: [&'static [Rule]; 2] = match arch {
+        HfArch::Llama => [LLAMA_CORE, LLAMA_MLP],
+        HfArch::Gpt2 => [GPT2, &[]],
+        HfArch::Mamba => [MAMBA, &[]],
+        HfArch::Mixtral { .. } => [LLAMA_CORE, MIXTRAL_EXPERTS],
+    };
+    parts.into_iter().flatten()
 }
 
 /// Expand `{i}` rules for `n_layers` layers (and `{e}` for each expert) into (hf name, our

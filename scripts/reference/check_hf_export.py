@@ -7,10 +7,7 @@ logits (1e-4 relative, f32) and greedy continuations (identical tokens) with `fu
     python scripts/reference/check_hf_export.py
 """
 
-import json
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 
@@ -18,50 +15,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-FURNACE = os.environ.get("FURNACE", str(ROOT / "target" / "release" / "furnace"))
-PROMPT = "Once upon a time, there was a little"
-
-RECIPE = """
-[run]
-seed = 3
-[model]
-arch = "{arch}"
-flavor = "tiny"
-{extra}
-max_seq_len = 128
-[data]
-source = "stories"
-num_examples = 2000
-num_val_examples = 50
-tokenizer_vocab_size = 400
-[training]
-local_batch_size = 8
-seq_len = 64
-steps = 60
-eval_every = 0
-log_every = 20
-save_every = 0
-[optimizer]
-lr = 3e-3
-[lr_scheduler]
-warmup_steps = 10
-[logging]
-progress = false
-peak_tflops = 1.0
-"""
-
-
-def run(*args: str) -> str:
-    out = subprocess.run([FURNACE, *args], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"furnace {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
-    return out.stdout
-
+from furnace_cli import PROMPT, TINY_RECIPE, run
 
 def check(arch: str, extra: str, work: pathlib.Path) -> bool:
     recipe = work / f"{arch}.toml"
-    recipe.write_text(RECIPE.format(arch=arch, extra=extra))
+    recipe.write_text(TINY_RECIPE.format(arch=arch, extra=extra))
     run_dir, hf_dir, logits_file = work / f"run_{arch}", work / f"hf_{arch}", work / f"logits_{arch}.safetensors"
     run("train", "--config", str(recipe), "--set", f"run.output_dir={run_dir}")
     run("export", "--checkpoint", str(run_dir), "--format", "safetensors", "--out", str(hf_dir))

@@ -13,9 +13,7 @@ into the ids Furnace's tokenizer gives.
     python scripts/reference/check_llama_cpp.py       # FURNACE=path/to/furnace to pick a binary
 """
 
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 
@@ -23,48 +21,10 @@ import numpy as np
 from llama_cpp import Llama
 from safetensors.numpy import load_file
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-FURNACE = os.environ.get("FURNACE", str(ROOT / "target" / "release" / "furnace"))
-PROMPT = "Once upon a time, there was a little"
+from furnace_cli import PROMPT, TINY_RECIPE, run as furnace
+
 NEW_TOKENS = 16
 TEXT = "Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. One day she found a red ball under a tree."
-
-RECIPE = """
-[run]
-seed = 3
-[model]
-arch = "{arch}"
-flavor = "tiny"
-{extra}
-max_seq_len = 128
-[data]
-source = "stories"
-num_examples = 2000
-num_val_examples = 50
-tokenizer_vocab_size = 400
-[training]
-local_batch_size = 8
-seq_len = 64
-steps = 60
-eval_every = 0
-log_every = 20
-save_every = 0
-[optimizer]
-lr = 3e-3
-[lr_scheduler]
-warmup_steps = 10
-[logging]
-progress = false
-peak_tflops = 1.0
-"""
-
-
-def furnace(*args: str) -> str:
-    out = subprocess.run([FURNACE, *args], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"furnace {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
-    return out.stdout
-
 
 def greedy_ids(llm: Llama, ids: list[int], n: int) -> list[int]:
     llm.reset()
@@ -87,7 +47,7 @@ def perplexity(llm: Llama, ids: list[int]) -> float:
 
 def check(arch: str, extra: str, work: pathlib.Path) -> bool:
     recipe = work / f"{arch}.toml"
-    recipe.write_text(RECIPE.format(arch=arch, extra=extra))
+    recipe.write_text(TINY_RECIPE.format(arch=arch, extra=extra))
     run_dir, logits_file = work / f"run_{arch}", work / f"logits_{arch}.safetensors"
     furnace("train", "--config", str(recipe), "--set", f"run.output_dir={run_dir}")
     ours_text = furnace("generate", "--checkpoint", str(run_dir), "--prompt", PROMPT, "--temperature", "0",

@@ -493,7 +493,7 @@ impl<B: TrainBackend> Trainer<B> {
                 (None, TrainMode::Reward) => Some(reward_batch(model, &batch, &self.device)),
                 _ => None,
             };
-            let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), shape), &self.device);
+            let targets = || Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), shape), &self.device);
             let (detached, grads) = match pairs {
                 Some(pairs) => {
                     dpo_stats.add(&pairs.stats);
@@ -502,13 +502,13 @@ impl<B: TrainBackend> Trainer<B> {
                 }
                 None if recompute => {
                     let (grads, loss) = recomputed_gradients(model, inputs, batch.positions.as_deref(), |logits| {
-                        causal_lm_loss_sum(logits, targets) / counted
+                        causal_lm_loss_sum(logits, targets()) / counted
                     });
                     (loss, grads)
                 }
                 None => {
                     let (logits, routing) = model.forward_routed(inputs, batch.positions.as_deref());
-                    let loss = causal_lm_loss_sum(logits, targets) / counted;
+                    let loss = causal_lm_loss_sum(logits, targets()) / counted;
                     backward(match routing {
                         Some(routing) => {
                             let router = router_losses(&routing, &self.recipe.model, &mut self.router_window);

@@ -3,6 +3,10 @@
 //! world size; mismatched recipes and a lost rank stop every rank with a clear message.
 #![cfg(feature = "mpi")]
 
+#[allow(dead_code)]
+mod common;
+use common::text;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -38,10 +42,6 @@ peak_tflops = 1.0
 [eval]
 max_new_tokens = 4
 "#;
-
-fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
-}
 
 /// `furnace train` on `ranks` processes (1: no mpirun). Byte transfer goes over TCP (`btl
 /// tcp,self`), the path ranks on different nodes take, not shared memory.
