@@ -55,6 +55,8 @@ impl ModelSection {
         let p = preset(self.flavor);
         // Mixtral is a Llama in all but its MLPs.
         let llama = matches!(self.arch, Arch::Llama | Arch::Mixtral);
+        // BERT is a GPT-2 in its parts (LayerNorm, learned positions, GELU, bias, tied head).
+        let bert = self.arch == Arch::Bert;
         let d_model = self.d_model.unwrap_or(p.d_model);
         let mlp = self.mlp.unwrap_or(if llama { Mlp::SwiGlu } else { Mlp::Gelu });
         let n_heads = self.n_heads.unwrap_or(p.n_heads);
@@ -70,8 +72,14 @@ impl ModelSection {
                 Mlp::SwiGlu => (8 * d_model / 3).div_ceil(32) * 32,
             }),
             max_seq_len: self.max_seq_len.unwrap_or(p.max_seq_len),
-            norm: self.norm.unwrap_or(if self.arch == Arch::Gpt2 { Norm::LayerNorm } else { Norm::RmsNorm }),
-            norm_eps: self.norm_eps.unwrap_or(if llama { 1e-6 } else { 1e-5 }),
+            norm: self.norm.unwrap_or(if matches!(self.arch, Arch::Gpt2 | Arch::Bert) { Norm::LayerNorm } else { Norm::RmsNorm }),
+            norm_eps: self.norm_eps.unwrap_or(if llama {
+                1e-6
+            } else if bert {
+                1e-12
+            } else {
+                1e-5
+            }),
             position: self.position.unwrap_or(if llama { Position::Rope } else { Position::Learned }),
             rope_theta: self.rope_theta,
             mlp,

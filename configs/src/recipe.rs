@@ -31,7 +31,7 @@ macro_rules! choice {
 
 choice!(
     /// Model family.
-    Arch { Llama = "llama", Gpt2 = "gpt2", Mamba = "mamba", Mixtral = "mixtral" }
+    Arch { Llama = "llama", Gpt2 = "gpt2", Mamba = "mamba", Mixtral = "mixtral", Bert = "bert" }
 );
 choice!(
     /// Named size presets; explicit `[model]` dimensions override them.
@@ -84,7 +84,8 @@ choice!(
 choice!(
     /// What the loop optimises.
     TrainMode {
-        /// Next-token prediction on every token of packed windows.
+        /// Next-token prediction on every token of packed windows (masked-token prediction for
+        /// model.arch = "bert", see training.mlm_probability).
         Pretrain = "pretrain",
         /// Supervised fine-tuning on conversations: one per row, loss on the assistant's tokens only.
         Sft = "sft",
@@ -193,7 +194,9 @@ section! {
     ModelSection = "model" {
         /// Model family: llama (RMSNorm, RoPE, SwiGLU, no bias), gpt2 (LayerNorm, learned positions,
         /// GELU, bias), mamba (selective state-space blocks; the attention and MLP keys do not apply)
-        /// or mixtral (llama with each MLP a sparse mixture of SwiGLU experts).
+        /// mixtral (llama with each MLP a sparse mixture of SwiGLU experts) or bert (an encoder:
+        /// learned positions, post-norm LayerNorm blocks, bidirectional attention, GELU, trained
+        /// with the masked-LM objective; the tokenizer then needs a `[MASK]` token).
         arch: Arch = Arch::Llama,
         /// Size preset: tiny, quickstart, small, gpt2-124m.
         flavor: Flavor = Flavor::Tiny,
@@ -408,6 +411,10 @@ section! {
         local_batch_size: usize = 8,
         /// Tokens per sequence.
         seq_len: usize = 128,
+        /// BERT's masked-LM objective: the share of tokens chosen for prediction; of those, 80%
+        /// become `[MASK]`, 10% a random token and 10% stay (Devlin et al., 2019; transformers'
+        /// DataCollatorForLanguageModeling). The loss counts the chosen tokens only.
+        mlm_probability: f64 = 0.15,
         /// Micro-batches accumulated into one optimizer step.
         grad_accum_steps: usize = 1,
         /// Optimizer steps to run.

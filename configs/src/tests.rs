@@ -129,3 +129,20 @@ fn distributed_and_mixture_of_experts_keys_are_checked() {
     assert_eq!(parse(&format!("{mixtral}mlp = \"gelu\"\n")).unwrap_err().key, "model.mlp");
     assert_eq!(parse(&format!("{mixtral}capacity_factor = -1.0\n")).unwrap_err().key, "model.capacity_factor");
 }
+
+#[test]
+fn bert_resolves_to_its_fixed_layout_and_pretrains_only() {
+    let parse = |text: &str| Recipe::from_stored(text, "r.toml");
+    let bert = "[model]\narch = \"bert\"\n";
+    let m = parse(bert).unwrap().model.resolve(None);
+    assert_eq!(
+        (m.norm, m.position, m.mlp, m.bias, m.tie_embeddings, m.norm_eps),
+        (Norm::LayerNorm, Position::Learned, Mlp::Gelu, true, true, 1e-12)
+    );
+    assert_eq!(parse(&format!("{bert}position = \"rope\"\n")).unwrap_err().key, "model.position");
+    assert_eq!(parse(&format!("{bert}n_heads = 4\nn_kv_heads = 1\n")).unwrap_err().key, "model.n_kv_heads");
+    assert_eq!(parse(&format!("{bert}[training]\nmlm_probability = 1.5\n")).unwrap_err().key, "training.mlm_probability");
+    let sft = format!("{bert}init_from = \"x\"\n[data]\nsource = \"chat\"\n[training]\nmode = \"sft\"\n");
+    assert_eq!(parse(&sft).unwrap_err().key, "training.mode");
+    assert!(explain().contains("mlm_probability = 0.15"));
+}

@@ -79,6 +79,45 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             );
         }
     }
+    if m.arch == Arch::Bert {
+        let layout = [
+            ("position", m.position == Position::Learned, "learned"),
+            ("norm", m.norm == Norm::LayerNorm, "layernorm"),
+            ("mlp", m.mlp == Mlp::Gelu, "gelu"),
+            ("bias", m.bias, "true"),
+            ("tie_embeddings", m.tie_embeddings, "true"),
+            ("n_kv_heads", m.n_kv_heads == m.n_heads, "n_heads"),
+            ("sliding_window", m.sliding_window == 0, "0"),
+            ("parallel_block", !m.parallel_block, "false"),
+        ];
+        if let Some((key, _, value)) = layout.iter().find(|(_, fits, _)| !fits) {
+            return fail(
+                "model",
+                key,
+                format!("BERT's layout is fixed (learned positions, post-norm LayerNorm, GELU, biases, tied MLM head, full attention); model.{key} does not fit it"),
+                format!("remove model.{key} or set it to {value}"),
+            );
+        }
+        if recipe.training.mode != TrainMode::Pretrain {
+            return fail(
+                "training",
+                "mode",
+                format!(
+                    "model.arch = \"bert\" trains with the masked-LM objective (training.mode = \"pretrain\"), not {}",
+                    recipe.training.mode
+                ),
+                "set training.mode = \"pretrain\", or pick a decoder arch for fine-tuning and alignment".into(),
+            );
+        }
+        if !(recipe.training.mlm_probability > 0.0 && recipe.training.mlm_probability < 1.0) {
+            return fail(
+                "training",
+                "mlm_probability",
+                format!("mlm_probability = {} is outside (0, 1)", recipe.training.mlm_probability),
+                "use BERT's 0.15".into(),
+            );
+        }
+    }
     if recipe.activation_checkpoint.mode == CheckpointMode::Full && m.dropout > 0.0 {
         return fail(
             "activation_checkpoint",

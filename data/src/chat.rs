@@ -246,7 +246,7 @@ mod tests {
 
     fn tokenizer() -> TextTokenizer {
         let docs: Vec<String> = (0..200).map(|i| format!("What is {i}+{}? The answer is {}.", i * 3, i * 4)).collect();
-        TextTokenizer::train(&docs, 320).unwrap()
+        TextTokenizer::train(&docs, 320, false).unwrap()
     }
 
     fn message(role: &str, content: &str) -> Message {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use furnace_configs::fsutil::atomic_write;
-use furnace_configs::{DataSection, DataSource, Recipe};
+use furnace_configs::{Arch, DataSection, DataSource, Recipe};
 
 use crate::generators::{arithmetic, stories, ArithmeticConfig};
 use crate::shards::write_shard;
@@ -98,7 +98,8 @@ fn tokenize(tokenizer: &TextTokenizer, docs: &[String]) -> Vec<u32> {
 pub fn prepare(recipe: &Recipe, out: &Path) -> Result<Prepared, String> {
     let data_dir = out.join("data");
     let stamp_path = data_dir.join("data_section.toml");
-    let stamp = format!("seed = {}\n{}", recipe.run.seed, toml_section(&recipe.data));
+    let masked_lm = recipe.model.arch == Arch::Bert;
+    let stamp = format!("seed = {}\n{}{}", recipe.run.seed, if masked_lm { "masked_lm = true\n" } else { "" }, toml_section(&recipe.data));
     let tokenizer_path = if recipe.data.tokenizer.is_empty() { out.join("tokenizer.json") } else { PathBuf::from(&recipe.data.tokenizer) };
     let (train, val) = (data_dir.join("train.bin"), data_dir.join("val.bin"));
     let io = |e: std::io::Error| format!("cannot write prepared data under {}: {e}", data_dir.display());
@@ -116,7 +117,7 @@ pub fn prepare(recipe: &Recipe, out: &Path) -> Result<Prepared, String> {
         return Err("no training or validation documents: check data.files / data.num_examples".into());
     }
     let tokenizer = if recipe.data.tokenizer.is_empty() {
-        let tokenizer = TextTokenizer::train(&train_docs, recipe.data.tokenizer_vocab_size)?;
+        let tokenizer = TextTokenizer::train(&train_docs, recipe.data.tokenizer_vocab_size, masked_lm)?;
         atomic_write(&tokenizer_path, tokenizer.to_json().as_bytes()).map_err(io)?;
         tokenizer
     } else {

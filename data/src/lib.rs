@@ -5,6 +5,7 @@ pub mod chat;
 pub mod corpus;
 pub mod generators;
 pub mod loader;
+pub mod mlm;
 pub mod shards;
 pub mod tokenizer;
 

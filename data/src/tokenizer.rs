@@ -12,22 +12,31 @@ use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
 /// The document separator, as GPT-2 names it.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
+/// The masked-LM placeholder, as BERT names it.
+pub const MASK: &str = "[MASK]";
+
 pub struct TextTokenizer {
     inner: Tokenizer,
     eos: u32,
 }
 
 impl TextTokenizer {
-    /// Train a byte-level BPE with `vocab_size` entries (256 bytes + merges + `<|endoftext|>`).
-    /// Digits are split one per token before BPE (as Llama's tokenizer does), so numbers are
-    /// read digit by digit and arithmetic stays learnable.
-    pub fn train(documents: &[String], vocab_size: usize) -> Result<Self, String> {
+    /// Train a byte-level BPE with `vocab_size` entries (256 bytes + merges + `<|endoftext|>`,
+    /// and `[MASK]` for a masked-LM model). Digits are split one per token before BPE (as
+    /// Llama's tokenizer does), so numbers are read digit by digit and arithmetic stays
+    /// learnable. `[MASK]` takes the space before it (as RoBERTa's `<mask>`), so "the [MASK]
+    /// sat" hides a whole word the way training's masking did.
+    pub fn train(documents: &[String], vocab_size: usize, masked_lm: bool) -> Result<Self, String> {
+        let mut special_tokens = vec![AddedToken::from(END_OF_TEXT, true)];
+        if masked_lm {
+            special_tokens.push(AddedToken::from(MASK, true).lstrip(true));
+        }
         let mut trainer = BpeTrainerBuilder::new()
             .vocab_size(vocab_size)
             .min_frequency(2)
             .show_progress(false)
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-            .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
+            .special_tokens(special_tokens)
             .build();
         let byte_level = ByteLevel::new(false, true, true);
         let pre_tokenizer = Sequence::new(vec![Digits::new(true).into(), byte_level.into()]);
@@ -69,6 +78,11 @@ impl TextTokenizer {
         self.eos
     }
 
+    /// The masked-LM placeholder (`[MASK]`, or RoBERTa's `<mask>`), if the tokenizer has one.
+    pub fn mask(&self) -> Option<u32> {
+        [MASK, "<mask>"].iter().find_map(|t| self.inner.token_to_id(t))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -100,7 +114,8 @@ mod tests {
     #[test]
     fn trained_tokenizer_round_trips_text_and_reloads() {
         let docs: Vec<String> = crate::generators::stories(200, 1);
-        let tok = TextTokenizer::train(&docs, 400).unwrap();
+        let tok = TextTokenizer::train(&docs, 400, false).unwrap();
+        assert_eq!(tok.mask(), None);
         assert!(tok.vocab_size() <= 400 && tok.vocab_size() > 300);
         let text = "Once upon a time, Zoë found 42 shells.";
         assert_eq!(tok.decode(&tok.encode(text)), text);
@@ -111,5 +126,14 @@ mod tests {
         let loaded = TextTokenizer::load(&dir.path().join("tokenizer.json")).unwrap();
         assert_eq!(loaded.encode(text), tok.encode(text));
         assert_eq!(loaded.eos(), tok.eos());
+    }
+
+    #[test]
+    fn masked_lm_tokenizer_masks_a_word_with_its_space() {
+        let docs: Vec<String> = crate::generators::stories(200, 1);
+        let tok = TextTokenizer::train(&docs, 400, true).unwrap();
+        let mask = tok.mask().expect("a [MASK] token");
+        let expected: Vec<u32> = [tok.encode("the"), vec![mask], tok.encode(" sat")].concat();
+        assert_eq!(tok.encode("the [MASK] sat"), expected, "the space before [MASK] goes with it");
     }
 }

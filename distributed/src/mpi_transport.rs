@@ -44,18 +44,16 @@ impl Collective for MpiCollective {
         self.world
     }
 
-    fn all_reduce_sum(&self, buffer: &mut [f32]) {
-        let mut scratch = Vec::with_capacity(CHUNK.min(buffer.len()));
-        for chunk in buffer.chunks_mut(CHUNK) {
-            scratch.clear();
-            scratch.extend_from_slice(chunk);
-            self.communicator.all_reduce_into(&scratch[..], chunk, SystemOperation::sum());
-        }
-    }
-
     fn all_reduce_sum_f64(&self, buffer: &mut [f64]) {
         let send = buffer.to_vec();
         for (send, receive) in send.chunks(CHUNK).zip(buffer.chunks_mut(CHUNK)) {
+            self.communicator.all_reduce_into(send, receive, SystemOperation::sum());
+        }
+    }
+
+    fn all_reduce_sum_into(&self, send: &[f32], receive: &mut [f32]) {
+        // One call up to the largest count MPI takes.
+        for (send, receive) in send.chunks(i32::MAX as usize).zip(receive.chunks_mut(i32::MAX as usize)) {
             self.communicator.all_reduce_into(send, receive, SystemOperation::sum());
         }
     }

@@ -241,20 +241,11 @@ impl<B: Backend> LinearLayers<B> for Decoder<B> {
     fn linear_layers_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
         let mut out: Vec<(&'static str, &mut Linear<B>)> = Vec::new();
         for layer in &mut self.layers {
-            let (attn, ffn) = (&mut layer.attention, &mut layer.feed_forward);
-            out.extend([
-                ("q_proj", &mut attn.q_proj),
-                ("k_proj", &mut attn.k_proj),
-                ("v_proj", &mut attn.v_proj),
-                ("o_proj", &mut attn.o_proj),
-            ]);
+            out.extend(layer.attention.projections_mut());
             // Experts are weight tensors, not linear layers, in transformers' Mixtral, so PEFT's
             // targets (and so ours) stop at attention there.
-            if let MlpLayer::Dense(ffn) = ffn {
-                if let Some(gate) = &mut ffn.gate_proj {
-                    out.push(("gate_proj", gate));
-                }
-                out.extend([("up_proj", &mut ffn.up_proj), ("down_proj", &mut ffn.down_proj)]);
+            if let MlpLayer::Dense(ffn) = &mut layer.feed_forward {
+                out.extend(ffn.projections_mut());
             }
         }
         if let Some(head) = &mut self.lm_head {

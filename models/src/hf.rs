@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use crate::bert::BertConfig;
 use crate::blocks::{MlpKind, NormKind};
 use crate::decoder::{DecoderConfig, PositionKind};
 use crate::mamba::MambaConfig;
@@ -20,6 +21,8 @@ pub enum HfArch {
     Mamba,
     /// `MixtralForCausalLM` with this many experts per layer.
     Mixtral { n_experts: usize },
+    /// `BertForMaskedLM`.
+    Bert,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,8 +129,46 @@ const MAMBA: &[Rule] = &[
     rule("lm_head.weight", &["lm_head.weight"], Transpose),
 ];
 
-/// HF keys that carry no parameter of ours (buffers, or a head tied to the embedding).
-const IGNORED_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"];
+/// BERT's masked-LM model; its decoder is tied to the word embeddings (see `IGNORED_SUFFIXES`).
+const BERT: &[Rule] = &[
+    rule("bert.embeddings.word_embeddings.weight", &["embed_tokens"], Same),
+    rule("bert.embeddings.position_embeddings.weight", &["embed_positions"], Same),
+    rule("bert.embeddings.token_type_embeddings.weight", &["embed_token_types"], Same),
+    rule("bert.embeddings.LayerNorm.weight", &["embed_norm.weight"], Same),
+    rule("bert.embeddings.LayerNorm.bias", &["embed_norm.bias"], Same),
+    rule("bert.encoder.layer.{i}.attention.self.query.weight", &["layers.{i}.attention.q_proj.weight"], Transpose),
+    rule("bert.encoder.layer.{i}.attention.self.query.bias", &["layers.{i}.attention.q_proj.bias"], Same),
+    rule("bert.encoder.layer.{i}.attention.self.key.weight", &["layers.{i}.attention.k_proj.weight"], Transpose),
+    rule("bert.encoder.layer.{i}.attention.self.key.bias", &["layers.{i}.attention.k_proj.bias"], Same),
+    rule("bert.encoder.layer.{i}.attention.self.value.weight", &["layers.{i}.attention.v_proj.weight"], Transpose),
+    rule("bert.encoder.layer.{i}.attention.self.value.bias", &["layers.{i}.attention.v_proj.bias"], Same),
+    rule("bert.encoder.layer.{i}.attention.output.dense.weight", &["layers.{i}.attention.o_proj.weight"], Transpose),
+    rule("bert.encoder.layer.{i}.attention.output.dense.bias", &["layers.{i}.attention.o_proj.bias"], Same),
+    rule("bert.encoder.layer.{i}.attention.output.LayerNorm.weight", &["layers.{i}.attention_norm.weight"], Same),
+    rule("bert.encoder.layer.{i}.attention.output.LayerNorm.bias", &["layers.{i}.attention_norm.bias"], Same),
+    rule("bert.encoder.layer.{i}.intermediate.dense.weight", &["layers.{i}.feed_forward.up_proj.weight"], Transpose),
+    rule("bert.encoder.layer.{i}.intermediate.dense.bias", &["layers.{i}.feed_forward.up_proj.bias"], Same),
+    rule("bert.encoder.layer.{i}.output.dense.weight", &["layers.{i}.feed_forward.down_proj.weight"], Transpose),
+    rule("bert.encoder.layer.{i}.output.dense.bias", &["layers.{i}.feed_forward.down_proj.bias"], Same),
+    rule("bert.encoder.layer.{i}.output.LayerNorm.weight", &["layers.{i}.ffn_norm.weight"], Same),
+    rule("bert.encoder.layer.{i}.output.LayerNorm.bias", &["layers.{i}.ffn_norm.bias"], Same),
+    rule("cls.predictions.transform.dense.weight", &["mlm_dense.weight"], Transpose),
+    rule("cls.predictions.transform.dense.bias", &["mlm_dense.bias"], Same),
+    rule("cls.predictions.transform.LayerNorm.weight", &["mlm_norm.weight"], Same),
+    rule("cls.predictions.transform.LayerNorm.bias", &["mlm_norm.bias"], Same),
+    rule("cls.predictions.bias", &["mlm_bias"], Same),
+];
+
+/// HF keys that carry no parameter of ours (buffers, or a head tied to the embedding; BERT's
+/// decoder bias is `cls.predictions.bias` again).
+const IGNORED_SUFFIXES: &[&str] = &[
+    ".attn.bias",
+    ".attn.masked_bias",
+    "rotary_emb.inv_freq",
+    "embeddings.position_ids",
+    "cls.predictions.decoder.weight",
+    "cls.predictions.decoder.bias",
+];
 
 fn table(arch: HfArch) -> impl Iterator<Item = &'static Rule> {
     let parts: [&'static [Rule]; 2] = match arch {
@@ -135,6 +176,7 @@ fn table(arch: HfArch) -> impl Iterator<Item = &'static Rule> {
         HfArch::Gpt2 => [GPT2, &[]],
         HfArch::Mamba => [MAMBA, &[]],
         HfArch::Mixtral { .. } => [LLAMA_CORE, MIXTRAL_EXPERTS],
+        HfArch::Bert => [BERT, &[]],
     };
     parts.into_iter().flatten()
 }
@@ -357,7 +399,27 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, ModelConfig), String> {
                 .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
             Ok((HfArch::Mamba, ModelConfig::Mamba(config)))
         }
-        other => Err(format!("model_type `{other}` is not supported (llama, mistral, mixtral, gpt2, mamba are)")),
+        "bert" => {
+            let act = json.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu");
+            if act != "gelu" {
+                return Err(format!("BERT activation `{act}` is not supported (gelu is)"));
+            }
+            if json.get("position_embedding_type").and_then(Value::as_str).is_some_and(|p| p != "absolute") {
+                return Err("BERT position_embedding_type other than absolute is not supported".into());
+            }
+            let config = BertConfig::new(
+                field(json, "vocab_size")?,
+                field(json, "hidden_size")?,
+                field(json, "num_hidden_layers")?,
+                field(json, "num_attention_heads")?,
+                field(json, "intermediate_size")?,
+                field(json, "max_position_embeddings")?,
+            )
+            .with_type_vocab_size(field(json, "type_vocab_size")?)
+            .with_norm_eps(float(json, "layer_norm_eps", 1e-12));
+            Ok((HfArch::Bert, ModelConfig::Bert(config)))
+        }
+        other => Err(format!("model_type `{other}` is not supported (llama, mistral, mixtral, gpt2, mamba, bert are)")),
     }
 }
 
@@ -366,6 +428,7 @@ pub fn hf_arch_for(config: &ModelConfig) -> Result<HfArch, String> {
     match config {
         ModelConfig::Decoder(c) => decoder_hf_arch(c),
         ModelConfig::Mamba(_) => Ok(HfArch::Mamba),
+        ModelConfig::Bert(_) => Ok(HfArch::Bert),
     }
 }
 
@@ -415,6 +478,27 @@ pub fn config_to_hf(config: &ModelConfig, bos: u32, eos: u32, dtype: &str) -> Re
                 "tie_word_embeddings": c.tie_embeddings,
                 "bos_token_id": bos,
                 "eos_token_id": eos,
+                "pad_token_id": eos,
+                "torch_dtype": dtype,
+            }))
+        }
+        ModelConfig::Bert(c) => {
+            return Ok(serde_json::json!({
+                "architectures": ["BertForMaskedLM"],
+                "model_type": "bert",
+                "vocab_size": c.vocab_size,
+                "hidden_size": c.d_model,
+                "num_hidden_layers": c.n_layers,
+                "num_attention_heads": c.n_heads,
+                "intermediate_size": c.d_ff,
+                "max_position_embeddings": c.max_seq_len,
+                "type_vocab_size": c.type_vocab_size,
+                "hidden_act": "gelu",
+                "layer_norm_eps": c.norm_eps,
+                "position_embedding_type": "absolute",
+                "hidden_dropout_prob": 0.0,
+                "attention_probs_dropout_prob": 0.0,
+                "tie_word_embeddings": true,
                 "pad_token_id": eos,
                 "torch_dtype": dtype,
             }))
@@ -486,7 +570,7 @@ pub fn config_to_hf(config: &ModelConfig, bos: u32, eos: u32, dtype: &str) -> Re
                 "torch_dtype": dtype,
             })
         }
-        HfArch::Mamba => unreachable!("decoder_hf_arch names transformer classes only"),
+        HfArch::Mamba | HfArch::Bert => unreachable!("decoder_hf_arch names decoder transformer classes only"),
     })
 }
 
@@ -657,7 +741,8 @@ mod tests {
             .with_bias(true)
             .with_tie_embeddings(true);
         let mamba = MambaConfig::new(89, 32, 2, 2048).with_d_state(8).with_dt_rank(Some(3)).with_expand(3);
-        for config in [ModelConfig::Decoder(llama), ModelConfig::Decoder(gpt2), ModelConfig::Mamba(mamba)] {
+        let bert = BertConfig::new(79, 32, 2, 4, 64, 48).with_type_vocab_size(2).with_norm_eps(1e-12);
+        for config in [ModelConfig::Decoder(llama), ModelConfig::Decoder(gpt2), ModelConfig::Mamba(mamba), ModelConfig::Bert(bert)] {
             let json = config_to_hf(&config, 1, 2, "float32").unwrap();
             let (_, back) = config_from_hf(&json).unwrap();
             assert_eq!(format!("{back:?}"), format!("{config:?}"));

@@ -1,6 +1,7 @@
 //! Furnace models. Shared blocks live in `blocks`; each architecture is one file with its
 //! config beside it; generation and sampling are written once against `CausalLm`.
 
+pub mod bert;
 pub mod blocks;
 pub mod causal_lm;
 pub mod decoder;
@@ -16,6 +17,7 @@ pub mod nf4;
 pub mod params;
 pub mod sampling;
 
+pub use bert::{Bert, BertConfig};
 pub use causal_lm::CausalLm;
 pub use decoder::{Decoder, DecoderConfig, KvCache, PositionKind};
 pub use mamba::{Mamba, MambaConfig, MambaState};

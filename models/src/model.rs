@@ -3,6 +3,7 @@
 
 use burn::prelude::*;
 
+use crate::bert::{Bert, BertConfig};
 use crate::blocks::AttentionContext;
 use crate::blocks::Linear;
 use crate::causal_lm::CausalLm;
@@ -17,13 +18,19 @@ pub enum ModelConfig {
     /// Llama- and GPT-2-style transformers.
     Decoder(DecoderConfig),
     Mamba(MambaConfig),
+    /// BERT-style encoders, trained on masked tokens.
+    Bert(BertConfig),
 }
+
+/// Why an encoder refuses what only decoders do.
+const ENCODER: &str = "BERT is an encoder: it fills masks and neither decodes left to right nor carries a score head (the recipe check and the commands refuse this)";
 
 impl ModelConfig {
     pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> LanguageModel<B> {
         match self {
             Self::Decoder(c) => LanguageModel::Decoder(c.init(seed, device)),
             Self::Mamba(c) => LanguageModel::Mamba(c.init(seed, device)),
+            Self::Bert(c) => LanguageModel::Bert(c.init(seed, device)),
         }
     }
 
@@ -32,6 +39,7 @@ impl ModelConfig {
         match self {
             Self::Decoder(c) => c.num_params(),
             Self::Mamba(c) => c.num_params(),
+            Self::Bert(c) => c.num_params(),
         }
     }
 
@@ -40,6 +48,7 @@ impl ModelConfig {
         match self {
             Self::Decoder(c) => c.train_flops_per_token(seq_len),
             Self::Mamba(c) => c.train_flops_per_token(),
+            Self::Bert(c) => c.train_flops_per_token(seq_len),
         }
     }
 
@@ -51,6 +60,7 @@ impl ModelConfig {
                 format!("{} layers, d_model {}, {} heads ({} kv){experts}", c.n_layers, c.d_model, c.n_heads, c.kv_heads())
             }
             Self::Mamba(c) => format!("{} layers, d_model {}, d_inner {}, d_state {}", c.n_layers, c.d_model, c.d_inner(), c.d_state),
+            Self::Bert(c) => format!("{} layers, d_model {}, {} heads, d_ff {}", c.n_layers, c.d_model, c.n_heads, c.d_ff),
         }
     }
 
@@ -59,6 +69,11 @@ impl ModelConfig {
     pub fn activation_bytes(&self, batch: usize, seq: usize, recompute: bool) -> Option<f64> {
         match self {
             Self::Decoder(c) => Some(c.activation_bytes(batch, seq, recompute)),
+            // An encoder block keeps what a decoder block of its dimensions keeps.
+            Self::Bert(c) => Some(
+                DecoderConfig::new(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.d_ff, c.max_seq_len)
+                    .activation_bytes(batch, seq, recompute),
+            ),
             Self::Mamba(_) => None,
         }
     }
@@ -67,6 +82,7 @@ impl ModelConfig {
         match self {
             Self::Decoder(c) => c.n_layers,
             Self::Mamba(c) => c.n_layers,
+            Self::Bert(c) => c.n_layers,
         }
     }
 
@@ -74,6 +90,7 @@ impl ModelConfig {
         match self {
             Self::Decoder(c) => c.max_seq_len,
             Self::Mamba(c) => c.max_seq_len,
+            Self::Bert(c) => c.max_seq_len,
         }
     }
 
@@ -81,6 +98,7 @@ impl ModelConfig {
         match self {
             Self::Decoder(c) => c.tie_embeddings,
             Self::Mamba(c) => c.tie_embeddings,
+            Self::Bert(_) => true,
         }
     }
 }
@@ -91,6 +109,7 @@ impl ModelConfig {
 pub enum LanguageModel<B: Backend> {
     Decoder(Decoder<B>),
     Mamba(Mamba<B>),
+    Bert(Bert<B>),
 }
 
 /// The decoding state of a [`LanguageModel`].
@@ -106,6 +125,7 @@ impl<B: FusedOps> LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.scores(tokens, positions),
             Self::Mamba(_) => panic!("reward models are transformers only (the recipe check rejects this)"),
+            Self::Bert(_) => panic!("{ENCODER}"),
         }
     }
 
@@ -115,7 +135,8 @@ impl<B: FusedOps> LanguageModel<B> {
         match (self, packed) {
             (Self::Decoder(m), _) => m.forward_routed(tokens, packed),
             (Self::Mamba(m), None) => (m.forward(tokens), None),
-            (Self::Mamba(_), Some(_)) => panic!("packed rows are for transformers only (the recipe check rejects this)"),
+            (Self::Bert(m), None) => (m.forward(tokens), None),
+            (Self::Mamba(_) | Self::Bert(_), Some(_)) => panic!("packed rows are for SFT on decoders only (the recipe check rejects this)"),
         }
     }
 
@@ -124,6 +145,7 @@ impl<B: FusedOps> LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.logits_and_values(tokens),
             Self::Mamba(_) => panic!("value heads are on transformers only (the recipe check rejects this)"),
+            Self::Bert(_) => panic!("{ENCODER}"),
         }
     }
 }
@@ -140,6 +162,7 @@ impl<B: FusedOps> LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.layers.len(),
             Self::Mamba(m) => m.layers.len(),
+            Self::Bert(m) => m.layers.len(),
         }
     }
 
@@ -147,14 +170,14 @@ impl<B: FusedOps> LanguageModel<B> {
     pub fn embed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, AttentionContext<B>) {
         match self {
             Self::Decoder(m) => m.embed(tokens, 0, packed),
-            Self::Mamba(_) => panic!("activation checkpointing is for dense transformers (the recipe check rejects this)"),
+            Self::Mamba(_) | Self::Bert(_) => panic!("activation checkpointing is for dense decoders (the recipe check rejects this)"),
         }
     }
 
     pub fn block(&self, index: usize, x: Tensor<B, 3>, ctx: &AttentionContext<B>) -> Tensor<B, 3> {
         match self {
             Self::Decoder(m) => m.layers[index].forward(x, ctx, None).0,
-            Self::Mamba(_) => panic!("activation checkpointing is for dense transformers (the recipe check rejects this)"),
+            Self::Mamba(_) | Self::Bert(_) => panic!("activation checkpointing is for dense decoders (the recipe check rejects this)"),
         }
     }
 
@@ -162,7 +185,7 @@ impl<B: FusedOps> LanguageModel<B> {
     pub fn finish(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             Self::Decoder(m) => m.finish(x),
-            Self::Mamba(_) => panic!("activation checkpointing is for dense transformers (the recipe check rejects this)"),
+            Self::Mamba(_) | Self::Bert(_) => panic!("activation checkpointing is for dense decoders (the recipe check rejects this)"),
         }
     }
 }
@@ -174,6 +197,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.forward(tokens),
             Self::Mamba(m) => m.forward(tokens),
+            Self::Bert(m) => m.forward(tokens),
         }
     }
 
@@ -181,6 +205,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
         match self {
             Self::Decoder(m) => DecodeState::Decoder(m.init_state()),
             Self::Mamba(m) => DecodeState::Mamba(m.init_state()),
+            Self::Bert(_) => panic!("{ENCODER}"),
         }
     }
 
@@ -188,6 +213,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
         match (self, state) {
             (Self::Decoder(m), DecodeState::Decoder(s)) => m.forward_step(tokens, s),
             (Self::Mamba(m), DecodeState::Mamba(s)) => m.forward_step(tokens, s),
+            (Self::Bert(_), _) => panic!("{ENCODER}"),
             _ => panic!("a decoding state belongs to the model that made it"),
         }
     }
@@ -196,6 +222,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.max_seq_len(),
             Self::Mamba(m) => m.max_seq_len(),
+            Self::Bert(m) => m.max_seq_len,
         }
     }
 
@@ -203,6 +230,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
         match self {
             Self::Decoder(m) => CausalLm::vocab_size(m),
             Self::Mamba(m) => CausalLm::vocab_size(m),
+            Self::Bert(m) => m.vocab_size,
         }
     }
 }
@@ -212,6 +240,7 @@ impl<B: Backend> LinearLayers<B> for LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.linear_layers_mut(),
             Self::Mamba(m) => m.linear_layers_mut(),
+            Self::Bert(m) => m.linear_layers_mut(),
         }
     }
 }

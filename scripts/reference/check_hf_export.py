@@ -1,6 +1,8 @@
 """Proof by transformers: train tiny Llama, GPT-2, Mamba and Mixtral models with furnace, export them with
 `furnace export --format safetensors`, load the folders with transformers on CPU, and compare
 logits (1e-4 relative, f32) and greedy continuations (identical tokens) with `furnace generate`.
+A tiny BERT goes the same way through AutoModelForMaskedLM: logits on a prompt with [MASK],
+and transformers' fill-mask pipeline must pick the tokens `furnace generate` picks.
 
     pip install torch transformers safetensors
     cargo build --release -p furnace-trainer
@@ -13,37 +15,70 @@ import tempfile
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, pipeline
 
 from furnace_cli import PROMPT, TINY_RECIPE, run
 
-def check(arch: str, extra: str, work: pathlib.Path) -> bool:
+MASKED_PROMPT = "Once upon a time, there was a little fox named Tim. [MASK] lived near the [MASK]."
+
+def train_and_export(arch: str, extra: str, work: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     recipe = work / f"{arch}.toml"
     recipe.write_text(TINY_RECIPE.format(arch=arch, extra=extra))
-    run_dir, hf_dir, logits_file = work / f"run_{arch}", work / f"hf_{arch}", work / f"logits_{arch}.safetensors"
+    run_dir, hf_dir = work / f"run_{arch}", work / f"hf_{arch}"
     run("train", "--config", str(recipe), "--set", f"run.output_dir={run_dir}")
     run("export", "--checkpoint", str(run_dir), "--format", "safetensors", "--out", str(hf_dir))
-    ours_text = run("generate", "--checkpoint", str(run_dir), "--prompt", PROMPT, "--temperature", "0",
-                    "--max-new-tokens", "24", "--logits-out", str(logits_file)).rstrip("\n")
-    ours = load_file(str(logits_file))
-    ids = ours["input_ids"].long().unsqueeze(0)
+    return run_dir, hf_dir
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    expected_ids = [tokenizer.eos_token_id] + tokenizer.encode(PROMPT, add_special_tokens=False)
+
+def logit_error(model, tokenizer, prompt: str, ours: dict) -> float:
+    """Largest |Δlogit| relative to the largest logit, on the ids `furnace generate --logits-out`
+    wrote, after checking that transformers tokenizes the prompt to the same ids."""
+    ids = ours["input_ids"].long().unsqueeze(0)
+    expected_ids = [tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
     assert ids[0].tolist() == expected_ids, f"tokenization differs: {ids[0].tolist()} vs {expected_ids}"
     with torch.no_grad():
         theirs = model(ids).logits[0]
+    return ((theirs - ours["logits"]).abs().max() / theirs.abs().max()).item()
+
+
+def check(arch: str, extra: str, work: pathlib.Path) -> bool:
+    run_dir, hf_dir = train_and_export(arch, extra, work)
+    logits_file = work / f"logits_{arch}.safetensors"
+    ours_text = run("generate", "--checkpoint", str(run_dir), "--prompt", PROMPT, "--temperature", "0",
+                    "--max-new-tokens", "24", "--logits-out", str(logits_file)).rstrip("\n")
+    ours = load_file(str(logits_file))
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    err = logit_error(model, tokenizer, PROMPT, ours)
+    with torch.no_grad():
+        ids = ours["input_ids"].long().unsqueeze(0)
         generated = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.eos_token_id)
-    scale = theirs.abs().max().item()
-    err = ((theirs - ours["logits"]).abs().max() / scale).item()
     hf_text = PROMPT + tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
     same = hf_text == ours_text
     print(f"{arch:6} {type(model).__name__:18} max |Δlogit|/max|logit| = {err:.2e}  greedy continuation identical: {same}")
     if not same:
         print(f"  furnace:      {ours_text!r}\n  transformers: {hf_text!r}")
+    return err < 1e-4 and same
+
+
+def check_bert(work: pathlib.Path) -> bool:
+    run_dir, hf_dir = train_and_export("bert", "", work)
+    logits_file = work / "logits_bert.safetensors"
+    filled = run("generate", "--checkpoint", str(run_dir), "--prompt", MASKED_PROMPT, "--logits-out", str(logits_file))
+    # "  [MASK] 1: " Tim" 0.912, ..." → the first candidate of each mask.
+    our_picks = [line.split(": ", 1)[1].split('" ')[0].lstrip('"') for line in filled.splitlines() if line.startswith("  [MASK]")]
+    model = AutoModelForMaskedLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    err = logit_error(model, tokenizer, MASKED_PROMPT, load_file(str(logits_file)))
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, top_k=1)
+    hf_picks = [answer[0]["token_str"] for answer in fill(tokenizer.eos_token + MASKED_PROMPT)]
+    same = [p.strip() for p in hf_picks] == [p.strip() for p in our_picks]
+    print(f"bert   {type(model).__name__:18} max |Δlogit|/max|logit| = {err:.2e}  fill-mask picks identical: {same} {our_picks}")
+    if not same:
+        print(f"  furnace:      {our_picks}\n  transformers: {hf_picks}")
     return err < 1e-4 and same
 
 
@@ -54,6 +89,7 @@ def main() -> None:
         ok &= check("gpt2", "", work)
         ok &= check("mamba", "d_state = 8", work)
         ok &= check("mixtral", "n_kv_heads = 2\nn_experts = 4", work)
+        ok &= check_bert(work)
     sys.exit(0 if ok else 1)
 
 

@@ -4,9 +4,11 @@
     python scripts/reference/make_hf_fixtures.py
 
 For each of LlamaForCausalLM (with GQA), GPT2LMHeadModel, MambaForCausalLM (its
-sequential "slow path": no mamba-ssm kernels on CPU) and MixtralForCausalLM this writes, under
+sequential "slow path": no mamba-ssm kernels on CPU), MixtralForCausalLM and BertForMaskedLM
+this writes, under
 tests/fixtures/<name>/: model.safetensors and config.json (as save_pretrained writes them),
-plus tokens.json (a fixed batch) and logits.safetensors (the reference logits, float32).
+plus tokens.json (a fixed batch) and logits.safetensors (the reference logits, float32); for BERT,
+grads.safetensors holds every parameter's gradient of the masked-LM loss on a masked batch.
 The Rust test `models/tests/hf_fidelity.rs` loads the weights through our Hugging Face
 name table and must reproduce the logits to 1e-4. For Mixtral, losses.json also holds
 transformers' load-balancing loss (`aux_loss`) and the router z-loss of ST-MoE computed from
@@ -19,6 +21,8 @@ import pathlib
 import torch
 from safetensors.torch import save_file
 from transformers import (
+    BertConfig,
+    BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -153,6 +157,46 @@ def main() -> None:
     }
     (ROOT / "tiny_mixtral" / "losses.json").write_text(json.dumps(losses))
     print(f"tiny_mixtral losses {losses}, smallest routing margin {min(margins):.4f}")
+
+    torch.manual_seed(0)
+    bert = BertConfig(
+        vocab_size=79,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-12,
+        # No padding row: transformers would hold its embedding's gradient at zero.
+        pad_token_id=None,
+        torch_dtype="float32",
+    )
+    bert._attn_implementation = "eager"
+    model = BertForMaskedLM(bert)
+    # GELU inputs of order 1 and MLP outputs that dominate the residual, so that the exact GELU
+    # and its tanh approximation give clearly different logits: at init any GELU would pass.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("intermediate.dense.weight", "output.dense.weight", "transform.dense.weight")):
+                p.mul_(20.0)
+    write("tiny_bert", model, bert.vocab_size)
+    # Gradients of the masked-LM loss (mean over every third position) with respect to every
+    # parameter, for the training path.
+    batch = tokens(bert.vocab_size)
+    labels = torch.full_like(batch, -100)
+    labels[:, ::3] = batch[:, ::3]
+    inputs = batch.clone()
+    inputs[:, ::3] = 1
+    model.zero_grad()
+    model(inputs, labels=labels).loss.backward()
+    grads = {name: p.grad.float().contiguous() for name, p in model.named_parameters()}
+    grads["inputs"] = inputs.float()
+    grads["labels"] = labels.float()
+    save_file(grads, str(ROOT / "tiny_bert" / "grads.safetensors"))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,44 @@ pub fn scan_seconds(batch: usize, seq: usize, channels: usize, state: usize, rep
     let sequential = start.elapsed().as_secs_f64();
     [("fused (flex kernel)", fused), ("chunked (tensor ops)", chunked), ("sequential (tensor ops)", sequential)]
 }
+
+/// What `furnace bench allreduce` measured on this rank: the best seconds of one gradient
+/// reduction as training does it and of one raw all-reduce of the same number of floats.
+pub struct AllReduceTimes {
+    pub elements: usize,
+    pub training: f64,
+    pub raw: f64,
+}
+
+/// The recipe model's gradients reduced over the ranks mpirun started, the way a training step
+/// reduces them (`Parallel::reduce_gradients`: bucketed by `distributed.bucket_mb`, copied to
+/// the host and back, averaged), against one all-reduce of as many f32 through the transport
+/// as the library offers it. Best of `iters`, every timing started together after a barrier.
+pub fn all_reduce_seconds(recipe: &furnace_configs::Recipe, iters: usize) -> anyhow::Result<AllReduceTimes> {
+    use burn::backend::{Autodiff, Flex};
+    use burn::optim::GradientsParams;
+    use furnace_models::CausalLm;
+    type Ad = Autodiff<Flex>;
+
+    let device = Default::default();
+    let parallel = crate::parallel::Parallel::new(furnace_distributed::connect().map_err(anyhow::Error::msg)?, recipe);
+    let vocab = recipe.model.resolve(None).vocab_size;
+    let model = crate::model::build_model::<Ad>(recipe, vocab, None, &device)?.model;
+    let (_, elements) = furnace_models::params::trainable_params(&model);
+    let tokens = Tensor::<Ad, 2, Int>::zeros([1, 8], &device);
+    let send = vec![1.0f32; elements];
+    let mut receive = vec![0.0f32; elements];
+    let (mut training, mut raw) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..iters {
+        let grads = GradientsParams::from_grads(model.forward(tokens.clone()).mean().backward(), &model);
+        parallel.barrier();
+        let start = Instant::now();
+        drop(parallel.reduce_gradients(&model, grads));
+        training = training.min(start.elapsed().as_secs_f64());
+        parallel.barrier();
+        let start = Instant::now();
+        parallel.collective().all_reduce_sum_into(&send, &mut receive);
+        raw = raw.min(start.elapsed().as_secs_f64());
+    }
+    Ok(AllReduceTimes { elements, training, raw })
+}

@@ -12,12 +12,12 @@ use furnace_models::generate::{generate as run_generation, GenerateConfig};
 use furnace_models::hf::{from_peft, hf_arch_for};
 use furnace_models::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_models::sampling::SamplingConfig;
-use furnace_models::CausalLm;
+use furnace_models::{CausalLm, LanguageModel};
 
 use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::datasets::chat_template_source;
-use crate::evaluate::encode_prompt;
+use crate::evaluate::{encode_prompt, fill_mask_line};
 use crate::model::{base_for, build_model, is_gguf, load_base, model_config};
 use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
@@ -75,12 +75,12 @@ pub fn data_prepare(args: RecipeArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn data_tokenizer(inputs: &[PathBuf], vocab_size: usize, text_field: &str, out: &Path) -> Result<()> {
+pub fn data_tokenizer(inputs: &[PathBuf], vocab_size: usize, text_field: &str, masked_lm: bool, out: &Path) -> Result<()> {
     let mut docs = Vec::new();
     for input in inputs {
         docs.extend(read_documents(input, text_field).map_err(anyhow::Error::msg)?);
     }
-    let tokenizer = TextTokenizer::train(&docs, vocab_size).map_err(anyhow::Error::msg)?;
+    let tokenizer = TextTokenizer::train(&docs, vocab_size, masked_lm).map_err(anyhow::Error::msg)?;
     tokenizer.save(out).map_err(anyhow::Error::msg)?;
     println!("trained a byte-level BPE of {} tokens on {} documents: {}", tokenizer.vocab_size(), docs.len(), out.display());
     Ok(())
@@ -98,6 +98,24 @@ pub fn bench_scan(batch: usize, seq: usize, channels: usize, state: usize) -> Re
     let fused = timings[0].1;
     for (name, seconds) in timings {
         println!("  {name:<24} {:>9.2} ms  {:>6.1}x the fused time", seconds * 1e3, seconds / fused);
+    }
+    Ok(())
+}
+
+pub fn bench_all_reduce(args: RecipeArgs, iters: usize) -> Result<()> {
+    let recipe = load_recipe(&args)?;
+    let times = crate::bench::all_reduce_seconds(&recipe, iters.max(1))?;
+    let world = furnace_distributed::World::from_env();
+    if world.is_main() {
+        let megabytes = times.elements as f64 * 4.0 / 1e6;
+        let rate = |seconds: f64| megabytes / 1e3 / seconds;
+        println!(
+            "gradient all-reduce over {} ranks, {} f32 ({megabytes:.1} MB), buckets of {} MB, best of {iters}:",
+            world.size, times.elements, recipe.distributed.bucket_mb
+        );
+        println!("  training path (bucketed, host copies, mean) {:>9.1} ms  {:>6.2} GB/s", times.training * 1e3, rate(times.training));
+        println!("  raw all-reduce of the same bytes            {:>9.1} ms  {:>6.2} GB/s", times.raw * 1e3, rate(times.raw));
+        println!("  training path throughput / raw: {:.0}%", 100.0 * times.raw / times.training);
     }
     Ok(())
 }
@@ -151,6 +169,11 @@ impl BackendJob for GenerateJob {
             ids.insert("input_ids".into(), HostTensor { shape: vec![prompt.len()], data: prompt.iter().map(|&t| t as f32).collect() });
             out.extend(ids);
             std::fs::write(path, to_safetensors(&out)).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        // An encoder fills the prompt's masks instead of continuing it.
+        if let LanguageModel::Bert(bert) = &model {
+            println!("{}", fill_mask_line(bert, &tokenizer, &args.prompt, &device)?);
+            return Ok(());
         }
         // A chat reply stands alone; a plain continuation follows its prompt.
         if !args.chat {

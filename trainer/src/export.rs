@@ -161,7 +161,7 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
     write("generation_config.json", serde_json::to_string_pretty(&generation)?.as_bytes())?;
     write("tokenizer.json", tokenizer.to_json().as_bytes())?;
     let eos_text = tokenizer.decode_special(eos);
-    let tokenizer_config = json!({
+    let mut tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": eos_text,
         "eos_token": eos_text,
@@ -170,6 +170,10 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
         "clean_up_tokenization_spaces": false,
         "add_bos_token": false,
     });
+    // transformers' fill-mask pipeline finds the placeholder through `mask_token`.
+    if let Some(mask) = tokenizer.mask() {
+        tokenizer_config["mask_token"] = json!(tokenizer.decode_special(mask));
+    }
     write("tokenizer_config.json", serde_json::to_string_pretty(&tokenizer_config)?.as_bytes())?;
     println!("exported {} ({:?}, {} tensors, {}) to {}", dir.display(), arch, hf.len(), dtype.torch_name(), out.display());
     Ok(())

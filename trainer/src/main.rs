@@ -66,6 +66,9 @@ enum DataCommand {
         /// JSONL field holding the text.
         #[arg(long, default_value = "text")]
         text_field: String,
+        /// Add a `[MASK]` token, for masked-LM (BERT) training.
+        #[arg(long)]
+        masked_lm: bool,
         #[arg(long)]
         out: PathBuf,
     },
@@ -89,6 +92,14 @@ enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         state: usize,
     },
+    /// Under mpirun: the recipe model's gradient all-reduce as training does it, against one raw
+    /// MPI all-reduce of the same bytes.
+    Allreduce {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,11 +112,12 @@ fn main() -> ExitCode {
         Command::Recipe(RecipeCommand::Check { file, overrides }) => commands::recipe_check(RecipeArgs { config: file, overrides }),
         Command::Recipe(RecipeCommand::Explain { file }) => commands::recipe_explain(file.as_deref()),
         Command::Data(DataCommand::Prepare(args)) => commands::data_prepare(args),
-        Command::Data(DataCommand::Tokenizer { input, vocab_size, text_field, out }) => {
-            commands::data_tokenizer(&input, vocab_size, &text_field, &out)
+        Command::Data(DataCommand::Tokenizer { input, vocab_size, text_field, masked_lm, out }) => {
+            commands::data_tokenizer(&input, vocab_size, &text_field, masked_lm, &out)
         }
         Command::Bench(BenchCommand::Gemm { size }) => commands::bench_gemm(size),
         Command::Bench(BenchCommand::Scan { batch, seq, channels, state }) => commands::bench_scan(batch, seq, channels, state),
+        Command::Bench(BenchCommand::Allreduce { recipe, iters }) => commands::bench_all_reduce(recipe, iters),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

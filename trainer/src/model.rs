@@ -10,7 +10,7 @@ use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for, HfArch};
 use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
 use furnace_models::params::{from_safetensors, named_tensors, NamedTensors};
-use furnace_models::{DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
+use furnace_models::{BertConfig, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
 
 use furnace_data::TextTokenizer;
 
@@ -28,6 +28,13 @@ pub fn model_config(m: &ResolvedModel) -> ModelConfig {
                 .with_dt_rank(Some(m.dt_rank))
                 .with_norm_eps(m.norm_eps)
                 .with_tie_embeddings(m.tie_embeddings),
+        );
+    }
+    if m.arch == Arch::Bert {
+        return ModelConfig::Bert(
+            BertConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
+                .with_norm_eps(m.norm_eps)
+                .with_dropout(m.dropout),
         );
     }
     ModelConfig::Decoder(
@@ -60,7 +67,7 @@ pub fn model_config(m: &ResolvedModel) -> ModelConfig {
 }
 
 /// The resolved model of a model config (the inverse of `model_config`). A Mamba leaves the
-/// transformer keys at the section's defaults.
+/// transformer keys at the section's defaults; a BERT has its fixed layout.
 fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
     let c = match config {
         ModelConfig::Decoder(c) => c,
@@ -78,6 +85,20 @@ fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
                 dt_rank: c.dt_rank(),
                 ..section.resolve(None)
             };
+        }
+        ModelConfig::Bert(c) => {
+            let section = ModelSection {
+                arch,
+                d_model: Some(c.d_model),
+                n_heads: Some(c.n_heads),
+                n_layers: Some(c.n_layers),
+                d_ff: Some(c.d_ff),
+                max_seq_len: Some(c.max_seq_len),
+                norm_eps: Some(c.norm_eps),
+                vocab_size: Some(c.vocab_size),
+                ..Default::default()
+            };
+            return ResolvedModel { dropout: c.dropout, ..section.resolve(None) };
         }
     };
     let defaults = ModelSection::default().resolve(None);
@@ -103,7 +124,7 @@ fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
         rope_theta: c.rope_theta,
         mlp: match c.mlp {
             MlpKind::SwiGlu => Mlp::SwiGlu,
-            MlpKind::Gelu => Mlp::Gelu,
+            MlpKind::Gelu | MlpKind::GeluExact => Mlp::Gelu,
         },
         bias: c.bias,
         tie_embeddings: c.tie_embeddings,
@@ -265,6 +286,7 @@ pub fn load_base(path: &Path) -> Result<Base> {
             HfArch::Gpt2 => Arch::Gpt2,
             HfArch::Mamba => Arch::Mamba,
             HfArch::Mixtral { .. } => Arch::Mixtral,
+            HfArch::Bert => Arch::Bert,
         };
         if !tokenizer.is_file() {
             bail!("{} has no tokenizer.json; Furnace reads Hugging Face fast tokenizers only", path.display());

@@ -3,16 +3,35 @@
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, softmax};
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{DpoLoss, DpoSection, GrpoLoss, GrpoSection, ModelSection, PpoSection};
+use furnace_configs::{DpoLoss, DpoSection, GrpoLoss, GrpoSection, ModelSection, PpoSection, Recipe};
+use furnace_data::mlm::Masking;
+use furnace_data::TextTokenizer;
 use furnace_models::kernels::{cross_entropy, FusedOps};
 use furnace_models::Routing;
 
-/// Summed next-token cross-entropy over the positions with a target (an ignored target, -1,
-/// counts nothing and gets no gradient: prompts and padding under SFT): the caller divides by
+/// Summed cross-entropy over the positions with a target — the next token, or under masked LM
+/// the hidden one (an ignored target, -1, counts nothing and gets no gradient: prompts and
+/// padding under SFT, unmasked tokens under masked LM): the caller divides by
 /// the step's count of targets, so accumulated micro-batches average over tokens, not batches.
-pub fn causal_lm_loss_sum<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+pub fn lm_loss_sum<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
     cross_entropy(logits.reshape([batch * seq, vocab]), targets.reshape([batch * seq])).sum()
+}
+
+/// BERT's masking for a recipe and its tokenizer, which must have a `[MASK]` token.
+pub fn masked_lm(recipe: &Recipe, tokenizer: &TextTokenizer) -> anyhow::Result<Masking> {
+    let Some(mask) = tokenizer.mask() else {
+        anyhow::bail!(
+            "recipe key data.tokenizer = {}: this tokenizer has no [MASK] token, which model.arch = \"bert\" needs; leave data.tokenizer empty to train one with it, or build one with `furnace data tokenizer --masked-lm`",
+            recipe.data.tokenizer
+        );
+    };
+    Ok(Masking {
+        probability: recipe.training.mlm_probability,
+        mask,
+        vocab_size: tokenizer.vocab_size(),
+        special: vec![tokenizer.eos(), mask],
+    })
 }
 
 /// A mixture of experts' auxiliary losses, weighted as the recipe says, to add to the
@@ -464,7 +483,7 @@ mod tests {
         let ignored = [0usize, 1, 4];
         let run = |values: Vec<f32>| {
             let logits = Tensor::<AB, 3>::from_data(TensorData::new(values, [1, seq, vocab]), &device).require_grad();
-            let loss = causal_lm_loss_sum(logits.clone(), targets.clone());
+            let loss = lm_loss_sum(logits.clone(), targets.clone());
             let grads = loss.backward();
             let grad: Vec<f32> = logits.grad(&grads).unwrap().into_data().into_vec().unwrap();
             (loss.into_scalar(), grad)

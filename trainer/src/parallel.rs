@@ -57,6 +57,10 @@ impl Parallel {
         Ok(())
     }
 
+    pub fn collective(&self) -> &dyn Collective {
+        self.collective.as_ref()
+    }
+
     pub fn barrier(&self) {
         self.collective.barrier();
     }
@@ -130,6 +134,7 @@ impl Parallel {
             grads,
             to_owner,
             flat: Vec::new(),
+            reduced: Vec::new(),
             pending: Vec::new(),
             owner: None,
             scale: 1.0 / self.world.size as f32,
@@ -217,7 +222,7 @@ fn broadcast_tensor<B: Backend, const D: usize>(collective: &dyn Collective, ten
 }
 
 /// A gradient copied into the current bucket: where its values sit and how to put them back.
-type Restore = Box<dyn FnOnce(&[f32], &mut GradientsParams)>;
+type Restore = Box<dyn FnOnce(Vec<f32>, &mut GradientsParams)>;
 
 /// Gradients copied to the host bucket by bucket in the model's parameter order (the same on
 /// every rank), reduced when a bucket fills, and put back. The host copy is at most one bucket.
@@ -226,6 +231,8 @@ struct Buckets<'a> {
     grads: GradientsParams,
     to_owner: bool,
     flat: Vec<f32>,
+    /// Where a data-parallel bucket's sum lands (out of place, so no copy of `flat` is made).
+    reduced: Vec<f32>,
     pending: Vec<(usize, Restore)>,
     /// ZeRO-2: the rank the current bucket is reduced to (a bucket never spans two owners).
     owner: Option<usize>,
@@ -239,17 +246,22 @@ impl Buckets<'_> {
         }
         let collective = self.parallel.collective.as_ref();
         let owner = self.owner.take();
-        match owner {
-            Some(root) => collective.reduce_sum(&mut self.flat, root),
-            None => collective.all_reduce_sum(&mut self.flat),
-        }
+        let sums = match owner {
+            Some(root) => {
+                collective.reduce_sum(&mut self.flat, root);
+                &self.flat
+            }
+            None => {
+                self.reduced.resize(self.flat.len(), 0.0);
+                collective.all_reduce_sum_into(&self.flat, &mut self.reduced);
+                &self.reduced
+            }
+        };
         let keep = owner.is_none_or(|root| root == self.parallel.world.rank);
         let mut start = 0;
         for (len, restore) in self.pending.drain(..) {
             if keep {
-                let values = &mut self.flat[start..start + len];
-                values.iter_mut().for_each(|v| *v *= self.scale);
-                restore(values, &mut self.grads);
+                restore(sums[start..start + len].iter().map(|v| v * self.scale).collect(), &mut self.grads);
             }
             start += len;
         }
@@ -270,8 +282,8 @@ impl<B: AutodiffBackend> PathVisitor<B> for Buckets<'_> {
         let (shape, device, id): (_, _, ParamId) = (grad.shape(), grad.device(), param.id);
         let values: Vec<f32> = grad.into_data().convert::<f32>().into_vec().expect("float gradient");
         self.flat.extend_from_slice(&values);
-        let restore: Restore = Box::new(move |values: &[f32], grads: &mut GradientsParams| {
-            grads.register::<B::InnerBackend, D>(id, Tensor::from_data(TensorData::new(values.to_vec(), shape), &device));
+        let restore: Restore = Box::new(move |values: Vec<f32>, grads: &mut GradientsParams| {
+            grads.register::<B::InnerBackend, D>(id, Tensor::from_data(TensorData::new(values, shape), &device));
         });
         self.pending.push((values.len(), restore));
         if self.flat.len() >= self.parallel.bucket_elements {

@@ -9,11 +9,12 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{CheckpointMode, DataSource, Recipe, Strategy, TrainMode};
+use furnace_configs::{Arch, CheckpointMode, DataSource, Recipe, Strategy, TrainMode};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{arithmetic_config, val_seed};
 use furnace_data::generators::arithmetic;
 use furnace_data::loader::IGNORE;
+use furnace_data::mlm::Masking;
 use furnace_data::{Loader, TextTokenizer};
 use furnace_models::generate::generate;
 use furnace_models::params::{load_named, named_tensors, trainable_params};
@@ -24,12 +25,12 @@ use crate::backend::{BackendJob, TrainBackend};
 use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::datasets::{self, Datasets};
-use crate::evaluate::{arithmetic_exact_match, encode_prompt, greedy, validation_loss, Asked};
+use crate::evaluate::{arithmetic_exact_match, encode_prompt, fill_mask_line, greedy, validation, Asked, Validation, FILL_MASK_PROMPT};
 use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
-use crate::objective::{causal_lm_loss_sum, router_losses, sample_labels, RouterStats};
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
+use crate::objective::{lm_loss_sum, masked_lm, router_losses, sample_labels, RouterStats};
 use crate::parallel::{quiet_stdout, Parallel};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
 use crate::recompute::recomputed_gradients;
@@ -88,6 +89,8 @@ struct Trainer<B: TrainBackend> {
     router_window: RouterStats,
     /// GRPO and PPO: what sampling replies needs.
     rl: Option<Rl<B>>,
+    /// BERT: how each batch's tokens are hidden for the masked-LM objective.
+    masking: Option<Masking>,
     checkpointer: Checkpointer,
     metrics: Metrics,
     state: TrainState,
@@ -160,6 +163,10 @@ impl<B: TrainBackend> Trainer<B> {
             );
         }
         let model_config = model_config(&resolved);
+        let masking = match resolved.arch {
+            Arch::Bert => Some(masked_lm(&recipe, &tokenizer)?),
+            _ => None,
+        };
         let built = build_model::<B>(&recipe, tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
         let mut model = built.model;
@@ -270,6 +277,7 @@ impl<B: TrainBackend> Trainer<B> {
             dpo_window: DpoStats::default(),
             router_window: RouterStats::default(),
             rl,
+            masking,
             checkpointer,
             metrics,
             state,
@@ -469,10 +477,23 @@ impl<B: TrainBackend> Trainer<B> {
     /// reward model's loss on preference pairs.
     fn batch_gradients(&mut self, model: &LanguageModel<B>) -> Gradients<B> {
         let t = &self.recipe.training;
-        let batches: Vec<_> = (0..t.grad_accum_steps).map(|_| self.loader.next_batch()).collect();
+        let rank_seed = self.rank_seed();
+        let batches: Vec<_> = (0..t.grad_accum_steps)
+            .map(|micro| {
+                let batch = self.loader.next_batch();
+                match &self.masking {
+                    Some(masking) => {
+                        let seed = rank_seed ^ ((self.state.step * t.grad_accum_steps + micro) as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+                        masking.apply(batch, seed)
+                    }
+                    None => batch,
+                }
+            })
+            .collect();
         // The loss is the mean over the step's counted targets: every position when pretraining,
-        // the assistant's tokens under SFT (as TRL averages over completion tokens). Over ranks
-        // the count is their mean, so averaging the ranks' gradients gives the global mean.
+        // the hidden tokens under masked LM, the assistant's tokens under SFT (as TRL averages
+        // over completion tokens). Over ranks the count is their mean, so averaging the ranks'
+        // gradients gives the global mean.
         let counted = batches.iter().map(|b| b.targets.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>() as f64;
         let counted = self.parallel.mean(counted).max(1.0);
         let mut accumulator = GradientsAccumulator::new();
@@ -501,14 +522,13 @@ impl<B: TrainBackend> Trainer<B> {
                     backward(pairs.losses.sum() / (batch.items.len() * t.grad_accum_steps) as f64)
                 }
                 None if recompute => {
-                    let (grads, loss) = recomputed_gradients(model, inputs, batch.positions.as_deref(), |logits| {
-                        causal_lm_loss_sum(logits, targets()) / counted
-                    });
+                    let (grads, loss) =
+                        recomputed_gradients(model, inputs, batch.positions.as_deref(), |logits| lm_loss_sum(logits, targets()) / counted);
                     (loss, grads)
                 }
                 None => {
                     let (logits, routing) = model.forward_routed(inputs, batch.positions.as_deref());
-                    let loss = causal_lm_loss_sum(logits, targets()) / counted;
+                    let loss = lm_loss_sum(logits, targets()) / counted;
                     backward(match routing {
                         Some(routing) => {
                             let router = router_losses(&routing, &self.recipe.model, &mut self.router_window);
@@ -638,12 +658,12 @@ impl<B: TrainBackend> Trainer<B> {
         let logits = model.forward(inputs);
         let mut rng = SeededRng::new(self.recipe.run.seed ^ (self.optimizer.step + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
         let labels = sample_labels(logits.clone().detach(), &mut rng);
-        let loss = causal_lm_loss_sum(logits, labels) / tokens;
+        let loss = lm_loss_sum(logits, labels) / tokens;
         (GradientsParams::from_grads(loss.backward(), model), tokens)
     }
 
-    fn evaluate_loss(&mut self, model: &LanguageModel<B>) -> f64 {
-        validation_loss(&model.valid(), &mut self.val_loader, self.recipe.training.eval_steps, &self.device)
+    fn validate(&mut self, model: &LanguageModel<B>) -> Validation {
+        validation(&model.valid(), &mut self.val_loader, self.recipe.training.eval_steps, self.masking.as_ref(), &self.device)
     }
 
     /// DPO or the reward model on the validation pairs: loss and TRL's metrics.
@@ -673,9 +693,12 @@ impl<B: TrainBackend> Trainer<B> {
             ));
             return Ok(());
         }
-        let val = self.evaluate_loss(model);
-        self.metrics.log(step, &[("val_loss", val), ("val_perplexity", val.exp())])?;
-        self.metrics.println(format!("step {step:>6} | val_loss {val:.4} | val_perplexity {:.2}", val.exp()));
+        let Validation { loss: val, mlm_accuracy } = self.validate(model);
+        let mut values = vec![("val_loss", val), ("val_perplexity", val.exp())];
+        values.extend(mlm_accuracy.map(|a| ("val_mlm_accuracy", a)));
+        self.metrics.log(step, &values)?;
+        let accuracy = mlm_accuracy.map(|a| format!(" | masked-token accuracy {:.1}%", 100.0 * a)).unwrap_or_default();
+        self.metrics.println(format!("step {step:>6} | val_loss {val:.4} | val_perplexity {:.2}{accuracy}", val.exp()));
         Ok(())
     }
 
@@ -780,11 +803,26 @@ impl<B: TrainBackend> Trainer<B> {
                 }
             }
             None => {
-                let val = self.evaluate_loss(model);
+                let Validation { loss: val, mlm_accuracy } = self.validate(model);
                 println!("validation loss {val:.4} (perplexity {:.2})", val.exp());
+                if let Some(accuracy) = mlm_accuracy {
+                    println!("masked-token accuracy on held-out text: {:.1}%", 100.0 * accuracy);
+                }
             }
         }
         let model = model.valid();
+        if let LanguageModel::Bert(bert) = &model {
+            let prompt = match self.recipe.eval.prompt.as_str() {
+                "" => FILL_MASK_PROMPT,
+                prompt => prompt,
+            };
+            match fill_mask_line(bert, &self.tokenizer, prompt, &self.device) {
+                Ok(line) => println!("sample (fill-mask): {line}"),
+                Err(e) => println!("sample (fill-mask) skipped: {e}"),
+            }
+            println!("checkpoint: {}", self.checkpointer.latest().map(|p| p.display().to_string()).unwrap_or_default());
+            return Ok(());
+        }
         let mut prompt = self.recipe.eval.prompt.clone();
         if let Some(first_question) = self.held_out_exact_match(&model, "")? {
             if prompt.is_empty() {

@@ -87,7 +87,7 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 }
 
 /// 20 steps straight equal 10 steps, stop, `--resume`, 10 more: same loss at every step.
-fn check_resume_is_exact(optimizer: &str, dropout: f64, arch: &str) {
+fn check_resume_is_exact(optimizer: &str, dropout: f64, model: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), TINY);
     let recipe = recipe.to_str().unwrap();
@@ -96,8 +96,9 @@ fn check_resume_is_exact(optimizer: &str, dropout: f64, arch: &str) {
     let set = |p: &Path| format!("run.output_dir={}", p.display());
     let name = format!("optimizer.name={optimizer}");
     let dropout = format!("model.dropout={dropout}");
-    let arch = format!("model.arch={arch}");
-    let furnace = |args: &[&str]| furnace(&[args, &["--set", dropout.as_str(), "--set", arch.as_str()]].concat());
+    let arch = model.join(" ");
+    let model: Vec<&str> = model.iter().flat_map(|key| ["--set", key]).collect();
+    let furnace = |args: &[&str]| furnace(&[args, &["--set", dropout.as_str()], &model].concat());
     let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&straight)]);
     assert!(out.status.success(), "{}", text(&out));
     let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&split), "--max-steps", "10"]);
@@ -116,17 +117,23 @@ fn check_resume_is_exact(optimizer: &str, dropout: f64, arch: &str) {
 
 #[test]
 fn resume_is_exact_adamw() {
-    check_resume_is_exact("adamw", 0.0, "llama");
+    check_resume_is_exact("adamw", 0.0, &["model.arch=llama"]);
 }
 
 #[test]
 fn resume_is_exact_mamba() {
-    check_resume_is_exact("adamw", 0.0, "mamba");
+    check_resume_is_exact("adamw", 0.0, &["model.arch=mamba"]);
+}
+
+/// BERT with dropout: the masks of the masked-LM objective and of dropout are both replayed.
+#[test]
+fn resume_is_exact_bert() {
+    check_resume_is_exact("adamw", 0.1, &["model.arch=bert", "model.n_kv_heads=4"]);
 }
 
 #[test]
 fn resume_is_exact_mixtral() {
-    check_resume_is_exact("adamw", 0.0, "mixtral");
+    check_resume_is_exact("adamw", 0.0, &["model.arch=mixtral"]);
 }
 
 /// Full activation checkpointing recomputes blocks in backward: the same losses as the plain
@@ -155,18 +162,18 @@ fn activation_checkpointing_changes_no_numbers() {
 
 #[test]
 fn resume_is_exact_lion() {
-    check_resume_is_exact("lion", 0.0, "llama");
+    check_resume_is_exact("lion", 0.0, &["model.arch=llama"]);
 }
 
 #[test]
 fn resume_is_exact_sophia() {
     // Hessian refreshes on steps 1 and 11: the second falls after the resume.
-    check_resume_is_exact("sophia", 0.0, "llama");
+    check_resume_is_exact("sophia", 0.0, &["model.arch=llama"]);
 }
 
 #[test]
 fn resume_is_exact_with_dropout() {
-    check_resume_is_exact("adamw", 0.1, "llama");
+    check_resume_is_exact("adamw", 0.1, &["model.arch=llama"]);
 }
 
 #[test]
@@ -483,6 +490,71 @@ fn mamba_trains_generates_and_exports_to_hugging_face() {
 
     let gguf = furnace(&["export", "--checkpoint", run, "--format", "gguf", "--out", tiny.dir.path().join("m.gguf").to_str().unwrap()]);
     assert!(!gguf.status.success() && text(&gguf).contains("Llama, Mixtral and GPT-2 are written so far"), "{}", text(&gguf));
+}
+
+/// BERT trains on masked tokens (reporting masked-token accuracy), fills masks from
+/// `generate`, and exports to Hugging Face's BertForMaskedLM layout; decoding-only paths refuse
+/// it clearly.
+#[test]
+fn bert_trains_fills_masks_and_exports_to_hugging_face() {
+    use furnace_models::hf::{config_from_hf, from_hf};
+    use furnace_models::params::from_safetensors;
+    let tiny = TinyRun::new();
+    let out =
+        tiny.train(&["--max-steps", "2", "--set", "model.arch=bert", "--set", "model.n_kv_heads=4", "--set", "training.eval_every=2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("model: bert 2 layers, d_model 64, 4 heads, d_ff 256"), "{}", text(&out));
+    assert!(text(&out).contains("masked-token accuracy"), "{}", text(&out));
+    let metrics = std::fs::read_to_string(tiny.run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"val_mlm_accuracy\""), "{metrics}");
+    let tokenizer = furnace_data::TextTokenizer::load(&tiny.run.join("tokenizer.json")).unwrap();
+    assert!(tokenizer.mask().is_some(), "a BERT run trains its tokenizer with [MASK]");
+
+    let run = tiny.run.to_str().unwrap();
+    let out = furnace(&["generate", "--checkpoint", run, "--prompt", "Once upon a [MASK], there was a [MASK]."]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("Once upon a") && stdout.contains("[MASK] 1: ") && stdout.contains("[MASK] 2: "), "{stdout}");
+    assert!(!stdout.lines().next().unwrap().contains("[MASK]"), "the masks are filled: {stdout}");
+    let out = furnace(&["generate", "--checkpoint", run, "--prompt", "no mask here"]);
+    assert!(!out.status.success() && text(&out).contains("has no [MASK]"), "{}", text(&out));
+
+    let hf = tiny.dir.path().join("hf");
+    let out = furnace(&["export", "--checkpoint", run, "--format", "safetensors", "--out", hf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["architectures"][0].as_str()), (Some("bert"), Some("BertForMaskedLM")));
+    let (arch, config) = config_from_hf(&config).unwrap();
+    let tensors = from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
+    assert!(tensors.contains_key("bert.encoder.layer.1.output.LayerNorm.bias"), "{:?}", tensors.keys().collect::<Vec<_>>());
+    let ours = from_safetensors(&std::fs::read(tiny.run.join("checkpoints/step_2/model.safetensors")).unwrap()).unwrap();
+    assert_eq!(from_hf(arch, &tensors, config.n_layers(), config.tie_embeddings()).unwrap(), ours, "the export round-trips exactly");
+
+    let gguf = furnace(&["export", "--checkpoint", run, "--format", "gguf", "--out", tiny.dir.path().join("m.gguf").to_str().unwrap()]);
+    assert!(!gguf.status.success() && text(&gguf).contains("Llama, Mixtral and GPT-2 are written so far"), "{}", text(&gguf));
+    let sft = tiny.train(&["--set", "model.arch=bert", "--set", "model.n_kv_heads=4", "--set", "training.mode=sft"]);
+    assert!(!sft.status.success() && text(&sft).contains("training.mode"), "{}", text(&sft));
+
+    let corpus = tiny.dir.path().join("corpus.txt");
+    std::fs::write(&corpus, "the cat sat on the mat\n\nthe dog sat on the log\n\n".repeat(50)).unwrap();
+    let plain = tiny.dir.path().join("plain.json");
+    let out = furnace(&["data", "tokenizer", "--input", corpus.to_str().unwrap(), "--vocab-size", "280", "--out", plain.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tokenizer = format!("data.tokenizer={}", plain.display());
+    let out = furnace(&[
+        "train",
+        "--config",
+        tiny.recipe.to_str().unwrap(),
+        "--set",
+        "model.arch=bert",
+        "--set",
+        "model.n_kv_heads=4",
+        "--set",
+        &tokenizer,
+        "--set",
+        &format!("run.output_dir={}", tiny.dir.path().join("no_mask").display()),
+    ]);
+    assert!(!out.status.success() && text(&out).contains("has no [MASK] token") && text(&out).contains("--masked-lm"), "{}", text(&out));
 }
 
 #[test]

@@ -254,3 +254,16 @@ fn the_ddp_recipe_runs_on_two_ranks() {
     assert!(text(&out).contains("rank 0 of 2 (ddp)") && text(&out).contains("| 2048 tokens/step |"), "{}", text(&out));
     assert!(run.join("checkpoints/step_2/model.safetensors").is_file());
 }
+
+/// `furnace bench allreduce` reduces the model's gradients over 2 ranks both ways and reports
+/// their times and ratio from rank 0 only.
+#[test]
+fn all_reduce_benchmark_runs_under_mpirun() {
+    let dir = tempfile::tempdir().unwrap();
+    let out =
+        mpirun(2).args([FURNACE, "bench", "allreduce", "--config", recipe(dir.path()).to_str().unwrap(), "--iters", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("gradient all-reduce over 2 ranks"), "{stdout}");
+    assert_eq!(stdout.matches("training path throughput / raw").count(), 1, "rank 0 reports: {stdout}");
+}

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use furnace_configs::rng::SeededRng;
 use furnace_models::{CausalLm, DecoderConfig};
 use furnace_optim::{Algorithm, DecayGroups, Optimizer};
-use furnace_trainer::objective::causal_lm_loss_sum;
+use furnace_trainer::objective::lm_loss_sum;
 
 type B = Autodiff<burn::backend::Flex>;
 
@@ -29,7 +29,7 @@ fn tiny_model_overfits_one_fixed_batch() {
     for _ in 0..300 {
         let x = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.clone(), [batch, seq]), &device);
         let y = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.clone(), [batch, seq]), &device);
-        let loss = causal_lm_loss_sum(model.forward(x), y) / (batch * seq) as f64;
+        let loss = lm_loss_sum(model.forward(x), y) / (batch * seq) as f64;
         loss_value = loss.clone().into_scalar().elem::<f64>();
         if loss_value < 0.05 {
             break;

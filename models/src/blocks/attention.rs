@@ -58,6 +58,13 @@ impl<B: Backend> Attention<B> {
     }
 }
 
+impl<B: Backend> Attention<B> {
+    /// The four projections under their PEFT names (what LoRA's `target_modules` match).
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear<B>); 4] {
+        [("q_proj", &mut self.q_proj), ("k_proj", &mut self.k_proj), ("v_proj", &mut self.v_proj), ("o_proj", &mut self.o_proj)]
+    }
+}
+
 impl<B: FusedOps> Attention<B> {
     /// Heads stay in the projections' `[batch, seq, heads, head_dim]` layout throughout: the
     /// fused attention reads them with strides, so nothing is transposed or repeated.

@@ -1,4 +1,5 @@
 use burn::prelude::*;
+use burn::tensor::activation::gelu;
 
 use super::Linear;
 use crate::init::SeededRng;
@@ -10,6 +11,8 @@ pub enum MlpKind {
     SwiGlu,
     /// down(gelu_tanh(up(x))) — GPT-2's `gelu_new`.
     Gelu,
+    /// down(gelu(up(x))) with the exact, erf-based GELU — BERT's `gelu`.
+    GeluExact,
 }
 
 #[derive(Module, Debug)]
@@ -42,11 +45,21 @@ impl<B: Backend> FeedForward<B> {
     }
 }
 
+impl<B: Backend> FeedForward<B> {
+    /// The projections under their PEFT names (what LoRA's `target_modules` match).
+    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out: Vec<(&'static str, &mut Linear<B>)> = self.gate_proj.iter_mut().map(|gate| ("gate_proj", gate)).collect();
+        out.extend([("up_proj", &mut self.up_proj), ("down_proj", &mut self.down_proj)]);
+        out
+    }
+}
+
 impl<B: FusedOps> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let hidden = match &self.gate_proj {
-            Some(gate) => swiglu(gate.forward(x.clone()), self.up_proj.forward(x)),
-            None => gelu_tanh(self.up_proj.forward(x)),
+        let hidden = match (&self.gate_proj, self.kind) {
+            (Some(gate), _) => swiglu(gate.forward(x.clone()), self.up_proj.forward(x)),
+            (None, MlpKind::GeluExact) => gelu(self.up_proj.forward(x)),
+            (None, _) => gelu_tanh(self.up_proj.forward(x)),
         };
         self.down_proj.forward(hidden)
     }

@@ -1,0 +1,176 @@
+//! Encoder-only transformer (BERT, Devlin et al., 2019), as transformers' `BertForMaskedLM`:
+//! token + learned position + token-type embeddings and a LayerNorm; post-norm blocks of
+//! bidirectional attention and an exact-GELU MLP; the masked-LM head (dense → GELU →
+//! LayerNorm → the tied token embedding, plus a bias).
+//!
+//! embed → blocks (each residual followed by its norm) → MLM head.
+
+use burn::module::Param;
+use burn::nn::{Dropout, DropoutConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::embedding;
+
+use crate::blocks::*;
+use crate::init::{constant_param, normal_param, SeededRng};
+use crate::kernels::FusedOps;
+use crate::lora::LinearLayers;
+
+#[derive(Config, Debug)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub d_ff: usize,
+    pub max_seq_len: usize,
+    /// Segments (sentence A/B); every token here is type 0, the table is kept for Hugging Face.
+    #[config(default = 2)]
+    pub type_vocab_size: usize,
+    #[config(default = 1e-12)]
+    pub norm_eps: f64,
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+impl BertConfig {
+    /// Parameter count, embeddings included.
+    pub fn num_params(&self) -> usize {
+        let (d, f) = (self.d_model, self.d_ff);
+        let norm = 2 * d;
+        let block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * norm;
+        let embeddings = (self.vocab_size + self.max_seq_len + self.type_vocab_size) * d + norm;
+        let head = d * d + d + norm + self.vocab_size;
+        embeddings + self.n_layers * block + head
+    }
+
+    /// Training FLOPs per token at context `seq_len`: 6N for the parameters a token runs
+    /// through (the tied output matmul included) plus attention's 12·L·d·T, as for decoders.
+    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
+        let tables = (self.max_seq_len + self.type_vocab_size) * self.d_model;
+        let n = (self.num_params() - tables) as f64;
+        6.0 * n + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
+    }
+
+    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Bert<B> {
+        let mut rng = SeededRng::new(seed);
+        let (d, std) = (self.d_model, self.init_std);
+        let layer_norm = || Norm::new(NormKind::LayerNorm, d, self.norm_eps, true, device);
+        let embed_tokens = normal_param([self.vocab_size, d], std, &mut rng, device);
+        let embed_positions = normal_param([self.max_seq_len, d], std, &mut rng, device);
+        let embed_token_types = normal_param([self.type_vocab_size, d], std, &mut rng, device);
+        let layers = (0..self.n_layers)
+            .map(|_| EncoderBlock {
+                attention: Attention::new(d, self.n_heads, self.n_heads, true, std, std, &mut rng, device),
+                attention_norm: layer_norm(),
+                feed_forward: FeedForward::new(MlpKind::GeluExact, d, self.d_ff, true, std, std, &mut rng, device),
+                ffn_norm: layer_norm(),
+                dropout: DropoutConfig::new(self.dropout).init(),
+            })
+            .collect();
+        Bert {
+            embed_tokens,
+            embed_positions,
+            embed_token_types,
+            embed_norm: layer_norm(),
+            layers,
+            mlm_dense: Linear::new(d, d, true, std, &mut rng, device),
+            mlm_norm: layer_norm(),
+            mlm_bias: constant_param([self.vocab_size], 0.0, device),
+            embed_dropout: DropoutConfig::new(self.dropout).init(),
+            max_seq_len: self.max_seq_len,
+            vocab_size: self.vocab_size,
+        }
+    }
+}
+
+/// Post-norm block: each sub-layer's output is added to its input and then normalised.
+#[derive(Module, Debug)]
+pub struct EncoderBlock<B: Backend> {
+    pub attention: Attention<B>,
+    pub attention_norm: Norm<B>,
+    pub feed_forward: FeedForward<B>,
+    pub ffn_norm: Norm<B>,
+    pub dropout: Dropout,
+}
+
+impl<B: FusedOps> EncoderBlock<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>) -> Tensor<B, 3> {
+        let x = self.attention_norm.forward(x.clone() + self.dropout.forward(self.attention.forward(x, ctx, None)));
+        self.ffn_norm.forward(x.clone() + self.dropout.forward(self.feed_forward.forward(x)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Bert<B: Backend> {
+    /// `[vocab_size, d_model]`, also the MLM head's output matrix.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// `[max_seq_len, d_model]`.
+    pub embed_positions: Param<Tensor<B, 2>>,
+    /// `[type_vocab_size, d_model]`.
+    pub embed_token_types: Param<Tensor<B, 2>>,
+    pub embed_norm: Norm<B>,
+    pub layers: Vec<EncoderBlock<B>>,
+    /// The MLM head's transform: dense, GELU, LayerNorm.
+    pub mlm_dense: Linear<B>,
+    pub mlm_norm: Norm<B>,
+    /// `[vocab_size]`, added to the logits.
+    pub mlm_bias: Param<Tensor<B, 1>>,
+    pub embed_dropout: Dropout,
+    pub max_seq_len: usize,
+    pub vocab_size: usize,
+}
+
+impl<B: FusedOps> Bert<B> {
+    /// Final hidden states `[batch, seq, d_model]`; every token sees every other (no padding:
+    /// rows are full windows or a single prompt).
+    pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [_, seq] = tokens.dims();
+        let device = tokens.device();
+        assert!(seq <= self.max_seq_len, "sequence of {seq} positions exceeds max_seq_len = {}", self.max_seq_len);
+        let positions = self.embed_positions.val().narrow(0, 0, seq).unsqueeze::<3>();
+        let segment = self.embed_token_types.val().narrow(0, 0, 1).unsqueeze::<3>();
+        let x = self.embed_norm.forward(embedding(self.embed_tokens.val(), tokens) + positions + segment);
+        let ctx = AttentionContext { rope: None, bias: Tensor::zeros([1, 1, seq, seq], &device) };
+        self.layers.iter().fold(self.embed_dropout.forward(x), |x, layer| layer.forward(x, &ctx))
+    }
+
+    /// Masked-LM logits `[batch, seq, vocab]` at every position.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let hidden = self.mlm_norm.forward(gelu(self.mlm_dense.forward(self.forward_hidden(tokens))));
+        lm_logits(hidden, None, &self.embed_tokens) + self.mlm_bias.val().unsqueeze::<3>()
+    }
+
+    /// The `top_k` likeliest tokens, with their probabilities, at each position of `tokens`
+    /// holding `mask` (what transformers' fill-mask pipeline returns), in position order.
+    pub fn fill_mask(&self, tokens: &[u32], mask: u32, top_k: usize, device: &B::Device) -> Vec<Vec<(u32, f32)>> {
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let logits = self.forward(Tensor::from_data(TensorData::new(ids, [1, tokens.len()]), device));
+        let probs: Vec<f32> = softmax(logits, 2).into_data().convert::<f32>().into_vec().expect("f32 probabilities");
+        tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == mask)
+            .map(|(position, _)| {
+                let row = &probs[position * self.vocab_size..(position + 1) * self.vocab_size];
+                let mut ranked: Vec<(u32, f32)> = row.iter().enumerate().map(|(id, &p)| (id as u32, p)).collect();
+                ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+                ranked.truncate(top_k);
+                ranked
+            })
+            .collect()
+    }
+}
+
+impl<B: Backend> LinearLayers<B> for Bert<B> {
+    fn linear_layers_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out: Vec<(&'static str, &mut Linear<B>)> = Vec::new();
+        for layer in &mut self.layers {
+            out.extend(layer.attention.projections_mut());
+            out.extend(layer.feed_forward.projections_mut());
+        }
+        out
+    }
+}
