@@ -10,6 +10,7 @@ use crate::mamba::MambaConfig;
 use crate::mixtral::MoeConfig;
 use crate::model::ModelConfig;
 use crate::params::{HostTensor, NamedTensors};
+use crate::t5::T5Config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HfArch {
@@ -23,6 +24,9 @@ pub enum HfArch {
     Mixtral { n_experts: usize },
     /// `BertForMaskedLM`.
     Bert,
+    /// `T5ForConditionalGeneration` with this many decoder blocks, its MLPs gated-GELU (T5
+    /// v1.1) or ReLU.
+    T5 { n_decoder_layers: usize, gated: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +163,50 @@ const BERT: &[Rule] = &[
     rule("cls.predictions.bias", &["mlm_bias"], Same),
 ];
 
+/// T5: `{i}` indexes encoder blocks, `{j}` decoder blocks; the relative position bias lives in
+/// each stack's first block. Attention projections have no bias; norms are RMS (weight only).
+const T5_CORE: &[Rule] = &[
+    rule("shared.weight", &["embed_tokens"], Same),
+    rule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", &["encoder_relative_bias"], Same),
+    rule("encoder.block.{i}.layer.0.layer_norm.weight", &["encoder_layers.{i}.self_attention_norm.weight"], Same),
+    rule("encoder.block.{i}.layer.0.SelfAttention.q.weight", &["encoder_layers.{i}.self_attention.q_proj.weight"], Transpose),
+    rule("encoder.block.{i}.layer.0.SelfAttention.k.weight", &["encoder_layers.{i}.self_attention.k_proj.weight"], Transpose),
+    rule("encoder.block.{i}.layer.0.SelfAttention.v.weight", &["encoder_layers.{i}.self_attention.v_proj.weight"], Transpose),
+    rule("encoder.block.{i}.layer.0.SelfAttention.o.weight", &["encoder_layers.{i}.self_attention.o_proj.weight"], Transpose),
+    rule("encoder.block.{i}.layer.1.layer_norm.weight", &["encoder_layers.{i}.ffn_norm.weight"], Same),
+    rule("encoder.block.{i}.layer.1.DenseReluDense.wo.weight", &["encoder_layers.{i}.feed_forward.down_proj.weight"], Transpose),
+    rule("encoder.final_layer_norm.weight", &["encoder_norm.weight"], Same),
+    rule("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", &["decoder_relative_bias"], Same),
+    rule("decoder.block.{j}.layer.0.layer_norm.weight", &["decoder_layers.{j}.self_attention_norm.weight"], Same),
+    rule("decoder.block.{j}.layer.0.SelfAttention.q.weight", &["decoder_layers.{j}.self_attention.q_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.0.SelfAttention.k.weight", &["decoder_layers.{j}.self_attention.k_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.0.SelfAttention.v.weight", &["decoder_layers.{j}.self_attention.v_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.0.SelfAttention.o.weight", &["decoder_layers.{j}.self_attention.o_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.1.layer_norm.weight", &["decoder_layers.{j}.cross_attention_norm.weight"], Same),
+    rule("decoder.block.{j}.layer.1.EncDecAttention.q.weight", &["decoder_layers.{j}.cross_attention.q_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.1.EncDecAttention.k.weight", &["decoder_layers.{j}.cross_attention.k_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.1.EncDecAttention.v.weight", &["decoder_layers.{j}.cross_attention.v_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.1.EncDecAttention.o.weight", &["decoder_layers.{j}.cross_attention.o_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.2.layer_norm.weight", &["decoder_layers.{j}.ffn_norm.weight"], Same),
+    rule("decoder.block.{j}.layer.2.DenseReluDense.wo.weight", &["decoder_layers.{j}.feed_forward.down_proj.weight"], Transpose),
+    rule("decoder.final_layer_norm.weight", &["decoder_norm.weight"], Same),
+    rule("lm_head.weight", &["lm_head.weight"], Transpose),
+];
+
+/// T5's ReLU MLP input `wi`.
+const T5_RELU: &[Rule] = &[
+    rule("encoder.block.{i}.layer.1.DenseReluDense.wi.weight", &["encoder_layers.{i}.feed_forward.up_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.2.DenseReluDense.wi.weight", &["decoder_layers.{j}.feed_forward.up_proj.weight"], Transpose),
+];
+
+/// T5 v1.1's gated-GELU MLP inputs: `wi_0` through the GELU (our gate), `wi_1` linear.
+const T5_GATED: &[Rule] = &[
+    rule("encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight", &["encoder_layers.{i}.feed_forward.gate_proj.weight"], Transpose),
+    rule("encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight", &["encoder_layers.{i}.feed_forward.up_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.2.DenseReluDense.wi_0.weight", &["decoder_layers.{j}.feed_forward.gate_proj.weight"], Transpose),
+    rule("decoder.block.{j}.layer.2.DenseReluDense.wi_1.weight", &["decoder_layers.{j}.feed_forward.up_proj.weight"], Transpose),
+];
+
 /// HF keys that carry no parameter of ours (buffers, or a head tied to the embedding; BERT's
 /// decoder bias is `cls.predictions.bias` again).
 const IGNORED_SUFFIXES: &[&str] = &[
@@ -168,6 +216,8 @@ const IGNORED_SUFFIXES: &[&str] = &[
     "embeddings.position_ids",
     "cls.predictions.decoder.weight",
     "cls.predictions.decoder.bias",
+    "encoder.embed_tokens.weight",
+    "decoder.embed_tokens.weight",
 ];
 
 fn table(arch: HfArch) -> impl Iterator<Item = &'static Rule> {
@@ -177,16 +227,19 @@ fn table(arch: HfArch) -> impl Iterator<Item = &'static Rule> {
         HfArch::Mamba => [MAMBA, &[]],
         HfArch::Mixtral { .. } => [LLAMA_CORE, MIXTRAL_EXPERTS],
         HfArch::Bert => [BERT, &[]],
+        HfArch::T5 { gated: false, .. } => [T5_CORE, T5_RELU],
+        HfArch::T5 { gated: true, .. } => [T5_CORE, T5_GATED],
     };
     parts.into_iter().flatten()
 }
 
-/// Expand `{i}` rules for `n_layers` layers (and `{e}` for each expert) into (hf name, our
-/// names, layout).
+/// Expand `{i}` rules for `n_layers` layers (`{j}` for T5's decoder blocks, `{e}` for each
+/// expert) into (hf name, our names, layout).
 fn expanded(arch: HfArch, n_layers: usize) -> Vec<(String, Vec<String>, Layout)> {
-    let n_experts = match arch {
-        HfArch::Mixtral { n_experts } => n_experts,
-        _ => 0,
+    let (n_experts, n_decoder_layers) = match arch {
+        HfArch::Mixtral { n_experts } => (n_experts, 0),
+        HfArch::T5 { n_decoder_layers, .. } => (0, n_decoder_layers),
+        _ => (0, 0),
     };
     let indices = |pattern: &str, key: &str, n: usize| -> Vec<Option<usize>> {
         if pattern.contains(key) {
@@ -198,12 +251,15 @@ fn expanded(arch: HfArch, n_layers: usize) -> Vec<(String, Vec<String>, Layout)>
     let mut out = Vec::new();
     for r in table(arch) {
         for i in indices(r.hf, "{i}", n_layers) {
-            for e in indices(r.hf, "{e}", n_experts) {
-                let fill = |s: &str| {
-                    let s = i.map_or(s.to_string(), |i| s.replace("{i}", &i.to_string()));
-                    e.map_or(s.clone(), |e| s.replace("{e}", &e.to_string()))
-                };
-                out.push((fill(r.hf), r.ours.iter().map(|s| fill(s)).collect(), r.layout));
+            for j in indices(r.hf, "{j}", n_decoder_layers) {
+                for e in indices(r.hf, "{e}", n_experts) {
+                    let fill = |s: &str| {
+                        [("{i}", i), ("{j}", j), ("{e}", e)]
+                            .iter()
+                            .fold(s.to_string(), |s, (key, index)| index.map_or(s.clone(), |n| s.replace(key, &n.to_string())))
+                    };
+                    out.push((fill(r.hf), r.ours.iter().map(|s| fill(s)).collect(), r.layout));
+                }
             }
         }
     }
@@ -419,8 +475,38 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, ModelConfig), String> {
             .with_norm_eps(float(json, "layer_norm_eps", 1e-12));
             Ok((HfArch::Bert, ModelConfig::Bert(config)))
         }
+        "t5" => Err("T5 folders are read by the library's `t5_config_from_hf` so far; training and generating with T5 from the command line come next".into()),
         other => Err(format!("model_type `{other}` is not supported (llama, mistral, mixtral, gpt2, mamba, bert are)")),
     }
+}
+
+/// Read a transformers T5 `config.json`; the T5 architecture is not yet a [`ModelConfig`].
+pub fn t5_config_from_hf(json: &Value) -> Result<(HfArch, T5Config), String> {
+    if json.get("model_type").and_then(Value::as_str) != Some("t5") {
+        return Err("config.json is not a T5 (model_type = \"t5\")".into());
+    }
+    let mlp = match json.get("feed_forward_proj").and_then(Value::as_str).unwrap_or("relu") {
+        "relu" => MlpKind::Relu,
+        "gated-gelu" => MlpKind::GatedGelu,
+        other => return Err(format!("T5 feed_forward_proj `{other}` is not supported (relu and gated-gelu are)")),
+    };
+    let n_layers = field(json, "num_layers")?;
+    let n_decoder_layers = json.get("num_decoder_layers").and_then(Value::as_u64).map_or(n_layers, |v| v as usize);
+    let config = T5Config::new(
+        field(json, "vocab_size")?,
+        field(json, "d_model")?,
+        field(json, "d_kv")?,
+        field(json, "d_ff")?,
+        field(json, "num_heads")?,
+        n_layers,
+        n_decoder_layers,
+    )
+    .with_relative_attention_num_buckets(field(json, "relative_attention_num_buckets")?)
+    .with_relative_attention_max_distance(field(json, "relative_attention_max_distance")?)
+    .with_norm_eps(float(json, "layer_norm_epsilon", 1e-6))
+    .with_mlp(mlp)
+    .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
+    Ok((HfArch::T5 { n_decoder_layers, gated: mlp == MlpKind::GatedGelu }, config))
 }
 
 /// The transformers class that can hold `config` exactly, or why none can.
@@ -570,7 +656,7 @@ pub fn config_to_hf(config: &ModelConfig, bos: u32, eos: u32, dtype: &str) -> Re
                 "torch_dtype": dtype,
             })
         }
-        HfArch::Mamba | HfArch::Bert => unreachable!("decoder_hf_arch names decoder transformer classes only"),
+        HfArch::Mamba | HfArch::Bert | HfArch::T5 { .. } => unreachable!("decoder_hf_arch names decoder transformer classes only"),
     })
 }
 

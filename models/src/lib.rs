@@ -16,6 +16,7 @@ pub mod model;
 pub mod nf4;
 pub mod params;
 pub mod sampling;
+pub mod t5;
 
 pub use bert::{Bert, BertConfig};
 pub use causal_lm::CausalLm;

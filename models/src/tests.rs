@@ -230,6 +230,32 @@ fn cached_decoding_equals_recompute_mixtral() {
     check_cache_equals_recompute(ModelConfig::Decoder(tiny(PositionKind::Rope).with_moe(Some(experts))));
 }
 
+/// T5: the encoder runs once; decoding one token at a time with the self-attention cache and
+/// the cross-attention keys and values computed once gives the full decoder pass's logits
+/// (and the config counts the parameters the model has).
+#[test]
+fn cached_decoding_equals_recompute_t5() {
+    use crate::blocks::MlpKind;
+    use crate::t5::T5Config;
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    for mlp in [MlpKind::Relu, MlpKind::GatedGelu] {
+        let config = T5Config::new(61, 32, 12, 64, 4, 2, 3).with_relative_attention_num_buckets(8).with_mlp(mlp);
+        let model = config.init::<F>(5, &device);
+        assert_eq!(config.num_params(), crate::params::trainable_params(&model).1, "{mlp:?}");
+        let input =
+            Tensor::<F, 2, Int>::from_data(TensorData::new((0..18).map(|i| (i * 7 % 61) as i64).collect::<Vec<_>>(), [2, 9]), &device);
+        let decoder =
+            Tensor::<F, 2, Int>::from_data(TensorData::new((0..12).map(|i| (i * 5 % 61) as i64).collect::<Vec<_>>(), [2, 6]), &device);
+        let full: Vec<f32> = model.forward(input.clone(), decoder.clone()).into_data().into_vec().unwrap();
+        let mut state = model.start_decoding(model.encode(input));
+        let steps: Vec<Tensor<F, 3>> = (0..6).map(|t| model.decode(decoder.clone().narrow(1, t, 1), &mut state)).collect();
+        let stepped: Vec<f32> = Tensor::cat(steps, 1).into_data().into_vec().unwrap();
+        let worst = full.iter().zip(&stepped).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{mlp:?}: cached decoding differs by {worst}");
+    }
+}
+
 #[test]
 fn recurrent_decoding_equals_recompute_mamba() {
     check_cache_equals_recompute(ModelConfig::Mamba(tiny_mamba()));

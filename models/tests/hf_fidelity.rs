@@ -4,9 +4,11 @@
 
 use std::path::PathBuf;
 
+use burn::module::Param;
 use burn::prelude::*;
-use furnace_models::hf::{config_from_hf, from_hf};
-use furnace_models::params::{from_safetensors, load_named};
+use furnace_models::hf::{config_from_hf, from_hf, t5_config_from_hf};
+use furnace_models::kernels::cross_entropy;
+use furnace_models::params::{from_safetensors, load_named, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
 use furnace_models::{CausalLm, LanguageModel};
 
 type B = burn::backend::Flex;
@@ -83,16 +85,10 @@ fn mixtral_router_losses_match_transformers() {
     assert!((fractions.iter().sum::<f64>() - 1.0).abs() < 1e-9);
 }
 
-/// Every parameter's gradient of the masked-LM loss (mean over the labelled positions of a
-/// masked batch) equals transformers' (1e-4 of the largest entry of each gradient, at least 1e-7).
-#[test]
-fn bert_gradients_match_transformers() {
-    use burn::backend::Autodiff;
-    use burn::module::Param;
-    use furnace_models::kernels::cross_entropy;
-    use furnace_models::params::{visit_with_paths, HostTensor, NamedTensors, PathVisitor};
-    type A = Autodiff<B>;
+type A = burn::backend::Autodiff<B>;
 
+/// Every parameter's gradient after `backward`, by parameter path.
+fn named_grads<M: burn::module::Module<A>>(model: &M, grads: &<A as burn::tensor::backend::AutodiffBackend>::Gradients) -> NamedTensors {
     struct Grads<'a> {
         grads: &'a <A as burn::tensor::backend::AutodiffBackend>::Gradients,
         out: NamedTensors,
@@ -103,7 +99,32 @@ fn bert_gradients_match_transformers() {
             self.out.insert(path.to_string(), HostTensor::from_tensor(grad));
         }
     }
+    let mut visitor = Grads { grads, out: NamedTensors::new() };
+    visit_with_paths(model, &mut visitor);
+    visitor.out
+}
 
+/// Ours equal transformers' gradients (already under our names) to 1e-4 of each gradient's
+/// largest entry, at least 1e-7: a gradient that is 0 up to rounding (the key bias's: softmax
+/// ignores a per-query constant) is compared at that floor.
+fn assert_grads_match(name: &str, ours: &NamedTensors, expected: &NamedTensors) {
+    assert_eq!(expected.keys().collect::<Vec<_>>(), ours.keys().collect::<Vec<_>>(), "{name}");
+    for (param, theirs) in expected {
+        let scale = theirs.data.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        for (a, b) in ours[param].data.iter().zip(&theirs.data) {
+            assert!((a - b).abs() <= 1e-4 * scale, "{name} {param}: ours {a}, transformers {b} (largest {scale})");
+        }
+    }
+}
+
+fn ids(t: &HostTensor) -> Vec<i64> {
+    t.data.iter().map(|&v| if v < 0.0 { -1 } else { v as i64 }).collect()
+}
+
+/// Every parameter's gradient of the masked-LM loss (mean over the labelled positions of a
+/// masked batch) equals transformers'.
+#[test]
+fn bert_gradients_match_transformers() {
     let dir = fixture("tiny_bert");
     let config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let (arch, config) = config_from_hf(&config_json).unwrap();
@@ -111,24 +132,47 @@ fn bert_gradients_match_transformers() {
     let hf = from_safetensors(&std::fs::read(dir.join("model.safetensors")).unwrap()).unwrap();
     let model = load_named(config.init::<A>(0, &device), &from_hf(arch, &hf, config.n_layers(), true).unwrap()).unwrap();
     let mut expected = from_safetensors(&std::fs::read(dir.join("grads.safetensors")).unwrap()).unwrap();
-    let as_ids = |t: HostTensor| t.data.iter().map(|&v| if v < 0.0 { -1 } else { v as i64 }).collect::<Vec<i64>>();
-    let (inputs, labels) = (as_ids(expected.remove("inputs").unwrap()), as_ids(expected.remove("labels").unwrap()));
+    let (inputs, labels) = (ids(&expected.remove("inputs").unwrap()), ids(&expected.remove("labels").unwrap()));
     let n = inputs.len();
     let counted = labels.iter().filter(|&&l| l >= 0).count() as f64;
     let logits = model.forward(Tensor::from_data(TensorData::new(inputs, [2, n / 2]), &device));
     let vocab = logits.dims()[2];
     let loss = cross_entropy(logits.reshape([n, vocab]), Tensor::from_data(TensorData::new(labels, [n]), &device)).sum() / counted;
-    let grads = loss.backward();
-    let mut ours = Grads { grads: &grads, out: NamedTensors::new() };
-    visit_with_paths(&model, &mut ours);
-    let expected = from_hf(arch, &expected, config.n_layers(), true).unwrap();
-    assert_eq!(expected.keys().collect::<Vec<_>>(), ours.out.keys().collect::<Vec<_>>());
-    for (name, theirs) in &expected {
-        let ours = &ours.out[name];
-        // The key bias's gradient is 0 up to rounding (softmax ignores a per-query constant).
-        let scale = theirs.data.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        for (a, b) in ours.data.iter().zip(&theirs.data) {
-            assert!((a - b).abs() <= 1e-4 * scale, "{name}: ours {a}, transformers {b} (largest {scale})");
+    let ours = named_grads(&model, &loss.backward());
+    assert_grads_match("bert", &ours, &from_hf(arch, &expected, config.n_layers(), true).unwrap());
+}
+
+/// T5 (ReLU, and v1.1's gated GELU): logits of the decoder over an encoded input equal
+/// transformers' (1e-4), and so does every parameter's gradient of the loss on labels — the
+/// relative position biases of both stacks and the cross-attention included.
+#[test]
+fn t5_logits_and_gradients_match_transformers() {
+    for name in ["tiny_t5", "tiny_t5_gated"] {
+        let dir = fixture(name);
+        let config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let (arch, config) = t5_config_from_hf(&config_json).unwrap();
+        let device = Default::default();
+        let hf = from_safetensors(&std::fs::read(dir.join("model.safetensors")).unwrap()).unwrap();
+        let ours = from_hf(arch, &hf, config.n_layers, config.tie_embeddings).unwrap();
+        let model = load_named(config.init::<A>(0, &device), &ours).unwrap();
+        let reference = from_safetensors(&std::fs::read(dir.join("logits.safetensors")).unwrap()).unwrap();
+        let batch = |key: &str| {
+            let t = &reference[key];
+            Tensor::<A, 2, Int>::from_data(TensorData::new(ids(t), [t.shape[0], t.shape[1]]), &device)
+        };
+        let logits = model.forward(batch("inputs"), batch("decoder_inputs"));
+        let expected = &reference["logits"];
+        let values: Vec<f32> = logits.clone().into_data().into_vec().unwrap();
+        let scale = expected.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in values.iter().zip(&expected.data).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * scale, "{name} logit {i}: ours {a}, transformers {b}");
         }
+        let labels = ids(&reference["labels"]);
+        let [rows, len, vocab] = logits.dims();
+        let targets = Tensor::from_data(TensorData::new(labels, [rows * len]), &device);
+        let loss = cross_entropy(logits.reshape([rows * len, vocab]), targets).sum() / (rows * len) as f64;
+        let grads = named_grads(&model, &loss.backward());
+        let hf_grads = from_safetensors(&std::fs::read(dir.join("grads.safetensors")).unwrap()).unwrap();
+        assert_grads_match(name, &grads, &from_hf(arch, &hf_grads, config.n_layers, config.tie_embeddings).unwrap());
     }
 }

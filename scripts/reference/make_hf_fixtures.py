@@ -4,7 +4,7 @@
     python scripts/reference/make_hf_fixtures.py
 
 For each of LlamaForCausalLM (with GQA), GPT2LMHeadModel, MambaForCausalLM (its
-sequential "slow path": no mamba-ssm kernels on CPU), MixtralForCausalLM and BertForMaskedLM
+sequential "slow path": no mamba-ssm kernels on CPU), MixtralForCausalLM, BertForMaskedLM and T5ForConditionalGeneration (ReLU and gated-GELU)
 this writes, under
 tests/fixtures/<name>/: model.safetensors and config.json (as save_pretrained writes them),
 plus tokens.json (a fixed batch) and logits.safetensors (the reference logits, float32); for BERT,
@@ -31,6 +31,8 @@ from transformers import (
     MambaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
@@ -41,16 +43,20 @@ def tokens(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 11), generator=g)
 
 
-def write(name: str, model: torch.nn.Module, vocab: int) -> None:
-    out = ROOT / name
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    # Random norm weights and biases too, so a mapping that drops them cannot pass.
+def randomize_vectors(model: torch.nn.Module) -> None:
+    """Random norm weights and biases too, so a mapping that drops them cannot pass."""
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for pname, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "weight" in pname else 0.1 * torch.randn(p.shape, generator=g))
+
+
+def write(name: str, model: torch.nn.Module, vocab: int) -> None:
+    out = ROOT / name
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    randomize_vectors(model)
     model.save_pretrained(out, safe_serialization=True)
     batch = tokens(vocab)
     with torch.no_grad():
@@ -197,6 +203,51 @@ def main() -> None:
     grads["inputs"] = inputs.float()
     grads["labels"] = labels.float()
     save_file(grads, str(ROOT / "tiny_bert" / "grads.safetensors"))
+
+    for name, proj in [("tiny_t5", "relu"), ("tiny_t5_gated", "gated-gelu")]:
+        write_t5(name, proj)
+
+
+def write_t5(name: str, feed_forward_proj: str) -> None:
+    """A tiny T5 (d_kv other than d_model / heads, more decoder than encoder blocks, few
+    buckets so that the logarithmic ones are used): logits of a decoder batch over an input
+    batch, and every parameter's gradient of the loss on labels."""
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=71,
+        d_model=32,
+        d_kv=12,
+        d_ff=64,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=3,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj=feed_forward_proj,
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    model = T5ForConditionalGeneration(config)
+    out = ROOT / name
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    randomize_vectors(model)
+    model.save_pretrained(out, safe_serialization=True)
+    g = torch.Generator().manual_seed(2)
+    inputs = torch.randint(1, config.vocab_size, (2, 13), generator=g)
+    labels = torch.randint(1, config.vocab_size, (2, 7), generator=g)
+    decoder_inputs = model._shift_right(labels)
+    with torch.no_grad():
+        logits = model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits.float().contiguous()
+    model.zero_grad()
+    model(input_ids=inputs, decoder_input_ids=decoder_inputs, labels=labels).loss.backward()
+    grads = {n: p.grad.float().contiguous() for n, p in model.named_parameters()}
+    save_file({"logits": logits, "inputs": inputs.float(), "decoder_inputs": decoder_inputs.float(), "labels": labels.float()},
+              str(out / "logits.safetensors"))
+    save_file(grads, str(out / "grads.safetensors"))
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} params, logits {tuple(logits.shape)}")
 
 
 if __name__ == "__main__":

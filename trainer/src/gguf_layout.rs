@@ -116,7 +116,7 @@ pub fn gguf_architecture(arch: HfArch) -> Option<&'static str> {
     match arch {
         HfArch::Llama | HfArch::Mixtral { .. } => Some("llama"),
         HfArch::Gpt2 => Some("gpt2"),
-        HfArch::Mamba | HfArch::Bert => None,
+        HfArch::Mamba | HfArch::Bert | HfArch::T5 { .. } => None,
     }
 }
 

@@ -124,7 +124,8 @@ fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
         rope_theta: c.rope_theta,
         mlp: match c.mlp {
             MlpKind::SwiGlu => Mlp::SwiGlu,
-            MlpKind::Gelu | MlpKind::GeluExact => Mlp::Gelu,
+            // A recipe's decoder has SwiGLU or the tanh GELU; the other kinds are BERT's and T5's.
+            MlpKind::Gelu | MlpKind::GeluExact | MlpKind::Relu | MlpKind::GatedGelu => Mlp::Gelu,
         },
         bias: c.bias,
         tie_embeddings: c.tie_embeddings,
@@ -287,6 +288,7 @@ pub fn load_base(path: &Path) -> Result<Base> {
             HfArch::Mamba => Arch::Mamba,
             HfArch::Mixtral { .. } => Arch::Mixtral,
             HfArch::Bert => Arch::Bert,
+            HfArch::T5 { .. } => unreachable!("config_from_hf refuses T5 folders until T5 trains"),
         };
         if !tokenizer.is_file() {
             bail!("{} has no tokenizer.json; Furnace reads Hugging Face fast tokenizers only", path.display());

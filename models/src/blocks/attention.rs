@@ -31,9 +31,12 @@ pub struct Attention<B: Backend> {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Multiplies the scores: head_dim^-0.5, or 1 where the initialisation absorbed it (T5).
+    pub scale: f32,
 }
 
 impl<B: Backend> Attention<B> {
+    /// Heads of `d_model / n_heads` dimensions.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         d_model: usize,
@@ -45,20 +48,34 @@ impl<B: Backend> Attention<B> {
         rng: &mut SeededRng,
         device: &B::Device,
     ) -> Self {
-        let head_dim = d_model / n_heads;
+        Self::with_head_dim(d_model, n_heads, n_kv_heads, d_model / n_heads, bias, [std, std, out_std], rng, device)
+    }
+
+    /// Heads of `head_dim` dimensions (T5's d_kv need not be d_model / n_heads), projections
+    /// initialised with standard deviations `[query, key and value, output]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_head_dim(
+        d_model: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        bias: bool,
+        [q_std, kv_std, out_std]: [f64; 3],
+        rng: &mut SeededRng,
+        device: &B::Device,
+    ) -> Self {
         Self {
-            q_proj: Linear::new(d_model, n_heads * head_dim, bias, std, rng, device),
-            k_proj: Linear::new(d_model, n_kv_heads * head_dim, bias, std, rng, device),
-            v_proj: Linear::new(d_model, n_kv_heads * head_dim, bias, std, rng, device),
+            q_proj: Linear::new(d_model, n_heads * head_dim, bias, q_std, rng, device),
+            k_proj: Linear::new(d_model, n_kv_heads * head_dim, bias, kv_std, rng, device),
+            v_proj: Linear::new(d_model, n_kv_heads * head_dim, bias, kv_std, rng, device),
             o_proj: Linear::new(n_heads * head_dim, d_model, bias, out_std, rng, device),
             n_heads,
             n_kv_heads,
             head_dim,
+            scale: (head_dim as f32).powf(-0.5),
         }
     }
-}
 
-impl<B: Backend> Attention<B> {
     /// The four projections under their PEFT names (what LoRA's `target_modules` match).
     pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear<B>); 4] {
         [("q_proj", &mut self.q_proj), ("k_proj", &mut self.k_proj), ("v_proj", &mut self.v_proj), ("o_proj", &mut self.o_proj)]
@@ -69,26 +86,46 @@ impl<B: FusedOps> Attention<B> {
     /// Heads stay in the projections' `[batch, seq, heads, head_dim]` layout throughout: the
     /// fused attention reads them with strides, so nothing is transposed or repeated.
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
-        let [batch, seq, _] = x.dims();
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
-        let mut q = heads(self.q_proj.forward(x.clone()), self.n_heads);
-        let mut k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
-        let mut v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        let mut q = self.queries(x.clone());
+        let (mut k, mut v) = self.keys_values(x);
         if let Some((cos, sin)) = &ctx.rope {
             q = apply_rope(q, cos.clone(), sin.clone());
             k = apply_rope(k, cos.clone(), sin.clone());
         }
         if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.take() {
-                k = Tensor::cat(vec![past_k, k], 1);
-                v = Tensor::cat(vec![past_v, v], 1);
-            }
-            *cache = Some((k.clone(), v.clone()));
+            (k, v) = extend_cache(cache, k, v);
         }
-        let scale = (self.head_dim as f32).powf(-0.5);
-        let out = multi_head_attention(q, k, v, ctx.bias.clone(), scale);
-        self.o_proj.forward(out.reshape([batch, seq, self.n_heads * self.head_dim]))
+        self.output(multi_head_attention(q, k, v, ctx.bias.clone(), self.scale))
     }
+
+    /// `[batch, seq, heads, head_dim]` queries of `x`.
+    pub fn queries(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [batch, seq, _] = x.dims();
+        self.q_proj.forward(x).reshape([batch, seq, self.n_heads, self.head_dim])
+    }
+
+    /// `[batch, seq, kv_heads, head_dim]` keys and values of `x`.
+    pub fn keys_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [batch, seq, _] = x.dims();
+        let heads = |t: Tensor<B, 3>| t.reshape([batch, seq, self.n_kv_heads, self.head_dim]);
+        (heads(self.k_proj.forward(x.clone())), heads(self.v_proj.forward(x)))
+    }
+
+    /// The output projection of the heads' results `[batch, seq, heads, head_dim]`.
+    pub fn output(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [batch, seq, _, _] = heads.dims();
+        self.o_proj.forward(heads.reshape([batch, seq, self.n_heads * self.head_dim]))
+    }
+}
+
+/// The layer's keys and values so far followed by `k` and `v`, which the cache then holds.
+pub fn extend_cache<B: Backend>(cache: &mut LayerKv<B>, mut k: Tensor<B, 4>, mut v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    if let Some((past_k, past_v)) = cache.take() {
+        k = Tensor::cat(vec![past_k, k], 1);
+        v = Tensor::cat(vec![past_v, v], 1);
+    }
+    *cache = Some((k.clone(), v.clone()));
+    (k, v)
 }
 
 /// Rotate pairs (i, i + head_dim/2) — the "rotate_half" layout Hugging Face Llama uses.

@@ -1,5 +1,5 @@
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
+use burn::tensor::activation::{gelu, relu};
 
 use super::Linear;
 use crate::init::SeededRng;
@@ -13,6 +13,10 @@ pub enum MlpKind {
     Gelu,
     /// down(gelu(up(x))) with the exact, erf-based GELU — BERT's `gelu`.
     GeluExact,
+    /// down(relu(up(x))) — T5's `relu`.
+    Relu,
+    /// down(gelu_tanh(gate(x)) · up(x)) — T5 v1.1's `gated-gelu`.
+    GatedGelu,
 }
 
 #[derive(Module, Debug)]
@@ -37,7 +41,7 @@ impl<B: Backend> FeedForward<B> {
         device: &B::Device,
     ) -> Self {
         Self {
-            gate_proj: (kind == MlpKind::SwiGlu).then(|| Linear::new(d_model, d_ff, bias, std, rng, device)),
+            gate_proj: matches!(kind, MlpKind::SwiGlu | MlpKind::GatedGelu).then(|| Linear::new(d_model, d_ff, bias, std, rng, device)),
             up_proj: Linear::new(d_model, d_ff, bias, std, rng, device),
             down_proj: Linear::new(d_ff, d_model, bias, out_std, rng, device),
             kind,
@@ -57,8 +61,10 @@ impl<B: Backend> FeedForward<B> {
 impl<B: FusedOps> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let hidden = match (&self.gate_proj, self.kind) {
+            (Some(gate), MlpKind::GatedGelu) => gelu_tanh(gate.forward(x.clone())) * self.up_proj.forward(x),
             (Some(gate), _) => swiglu(gate.forward(x.clone()), self.up_proj.forward(x)),
             (None, MlpKind::GeluExact) => gelu(self.up_proj.forward(x)),
+            (None, MlpKind::Relu) => relu(self.up_proj.forward(x)),
             (None, _) => gelu_tanh(self.up_proj.forward(x)),
         };
         self.down_proj.forward(hidden)

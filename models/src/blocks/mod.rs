@@ -5,7 +5,7 @@ mod linear;
 mod mlp;
 mod norm;
 
-pub use attention::{alibi_slopes, attention_bias, packed_attention_bias, Attention, AttentionContext, LayerKv, Rope};
+pub use attention::{alibi_slopes, attention_bias, extend_cache, packed_attention_bias, Attention, AttentionContext, LayerKv, Rope};
 pub use linear::{lm_logits, Linear};
 pub use mlp::{FeedForward, MlpKind};
 pub use norm::{Norm, NormKind};

@@ -258,6 +258,19 @@ pub fn multi_head_attention<B: FusedOps>(
     tensor(B::multi_head_attention(primitive(q), primitive(k), primitive(v), primitive(bias), scale))
 }
 
+/// [`multi_head_attention`] whose `bias` is a learned function of the parameters (T5's relative
+/// position bias): composed from tensor ops, so the bias gets its gradient, which the fused
+/// kernel (bias as a constant mask) does not give.
+pub fn multi_head_attention_learned_bias<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Tensor<B, 4>,
+    scale: f32,
+) -> Tensor<B, 4> {
+    tensor(reference::attention_forward::<B>(primitive(q), primitive(k), primitive(v), primitive(bias), scale).0)
+}
+
 /// RMSNorm or LayerNorm over the last dimension.
 pub fn norm<B: FusedOps, const D: usize>(
     x: Tensor<B, D>,
