@@ -152,7 +152,7 @@ pub struct T5Block<B: Backend> {
 }
 
 /// What a decoder block reads from the encoder: its output's keys and values for this block's
-/// cross-attention (computed once per input) and the bias over them (zeros: no padding).
+/// cross-attention (computed once per input) and the bias over them (−∞ on padding).
 pub struct CrossInput<'a, B: Backend> {
     pub keys_values: &'a (Tensor<B, 4>, Tensor<B, 4>),
     pub bias: &'a Tensor<B, 4>,
@@ -210,7 +210,8 @@ pub struct T5<B: Backend> {
 #[derive(Debug, Clone)]
 pub struct T5State<B: Backend> {
     pub cross: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
-    pub input_len: usize,
+    /// `[batch, 1, 1, input_len]`: 0 on each row's input tokens, −∞ on its padding.
+    pub padding: Tensor<B, 4>,
     pub layers: Vec<LayerKv<B>>,
 }
 
@@ -235,24 +236,33 @@ impl<B: FusedOps> T5<B> {
         values + Tensor::<B, 2>::from_data(TensorData::new(mask, [queries, keys]), &device).unsqueeze::<4>()
     }
 
-    /// The encoder's output `[batch, input_len, d_model]`.
-    pub fn encode(&self, input: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    /// `[batch, 1, 1, len]`: 0 on the first `lengths[row]` positions of each row, −∞ after.
+    fn padding_bias(lengths: &[usize], len: usize, device: &B::Device) -> Tensor<B, 4> {
+        let values = lengths.iter().flat_map(|&n| (0..len).map(move |j| if j < n { 0.0 } else { f32::NEG_INFINITY })).collect::<Vec<_>>();
+        Tensor::<B, 2>::from_data(TensorData::new(values, [lengths.len(), len]), device).reshape([lengths.len(), 1, 1, len])
+    }
+
+    /// The encoder's output `[batch, input_len, d_model]` for rows whose first `lengths[row]`
+    /// tokens are input and the rest padding (which no position attends to).
+    pub fn encode(&self, input: Tensor<B, 2, Int>, lengths: &[usize]) -> Tensor<B, 3> {
         let [_, len] = input.dims();
-        let bias = self.position_bias(&self.encoder_relative_bias, len, 0, len, false);
+        let padding = Self::padding_bias(lengths, len, &input.device());
+        let bias = self.position_bias(&self.encoder_relative_bias, len, 0, len, false) + padding;
         let x = self.dropout.forward(embedding(self.embed_tokens.val(), input));
         let x = self.encoder_layers.iter().fold(x, |x, layer| layer.forward(x, &bias, None, None));
         self.dropout.forward(self.encoder_norm.forward(x))
     }
 
-    /// A fresh decoding state for the encoder's output `encoded`.
-    pub fn start_decoding(&self, encoded: Tensor<B, 3>) -> T5State<B> {
+    /// A fresh decoding state for the encoder's output `encoded` of inputs `lengths` long.
+    pub fn start_decoding(&self, encoded: Tensor<B, 3>, lengths: &[usize]) -> T5State<B> {
         let [_, len, _] = encoded.dims();
+        let padding = Self::padding_bias(lengths, len, &encoded.device());
         let cross = self
             .decoder_layers
             .iter()
             .map(|l| l.cross_attention.as_ref().expect("decoder blocks cross-attend").keys_values(encoded.clone()))
             .collect();
-        T5State { cross, input_len: len, layers: vec![None; self.decoder_layers.len()] }
+        T5State { cross, padding, layers: vec![None; self.decoder_layers.len()] }
     }
 
     /// Logits `[batch, len, vocab]` for decoder tokens `[batch, len]` following those already
@@ -261,7 +271,7 @@ impl<B: FusedOps> T5<B> {
         let [_, len] = tokens.dims();
         let offset = state.layers[0].as_ref().map_or(0, |(k, _)| k.dims()[1]);
         let bias = self.position_bias(&self.decoder_relative_bias, len, offset, offset + len, true);
-        let cross_bias = Tensor::zeros([1, 1, len, state.input_len], &tokens.device());
+        let cross_bias = state.padding.clone().repeat_dim(2, len);
         let mut x = self.dropout.forward(embedding(self.embed_tokens.val(), tokens));
         for ((layer, cache), keys_values) in self.decoder_layers.iter().zip(&mut state.layers).zip(&state.cross) {
             let cross = CrossInput { keys_values, bias: &cross_bias };
@@ -278,9 +288,10 @@ impl<B: FusedOps> T5<B> {
     }
 
     /// Training's forward: logits `[batch, target_len, vocab]` of the decoder reading
-    /// `decoder_input` (the targets shifted right behind the start token) over `input`.
-    pub fn forward(&self, input: Tensor<B, 2, Int>, decoder_input: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let mut state = self.start_decoding(self.encode(input));
+    /// `decoder_input` (the targets shifted right behind the start token) over `input` (rows
+    /// `lengths` long, padded after).
+    pub fn forward(&self, input: Tensor<B, 2, Int>, lengths: &[usize], decoder_input: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let mut state = self.start_decoding(self.encode(input, lengths), lengths);
         self.decode(decoder_input, &mut state)
     }
 }

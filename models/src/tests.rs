@@ -231,8 +231,8 @@ fn cached_decoding_equals_recompute_mixtral() {
 }
 
 /// T5: the encoder runs once; decoding one token at a time with the self-attention cache and
-/// the cross-attention keys and values computed once gives the full decoder pass's logits
-/// (and the config counts the parameters the model has).
+/// the cross-attention keys and values computed once gives the full decoder pass's logits,
+/// with one input row padded (and the config counts the parameters the model has).
 #[test]
 fn cached_decoding_equals_recompute_t5() {
     use crate::blocks::MlpKind;
@@ -247,8 +247,9 @@ fn cached_decoding_equals_recompute_t5() {
             Tensor::<F, 2, Int>::from_data(TensorData::new((0..18).map(|i| (i * 7 % 61) as i64).collect::<Vec<_>>(), [2, 9]), &device);
         let decoder =
             Tensor::<F, 2, Int>::from_data(TensorData::new((0..12).map(|i| (i * 5 % 61) as i64).collect::<Vec<_>>(), [2, 6]), &device);
-        let full: Vec<f32> = model.forward(input.clone(), decoder.clone()).into_data().into_vec().unwrap();
-        let mut state = model.start_decoding(model.encode(input));
+        let lengths = [9, 6];
+        let full: Vec<f32> = model.forward(input.clone(), &lengths, decoder.clone()).into_data().into_vec().unwrap();
+        let mut state = model.start_decoding(model.encode(input, &lengths), &lengths);
         let steps: Vec<Tensor<F, 3>> = (0..6).map(|t| model.decode(decoder.clone().narrow(1, t, 1), &mut state)).collect();
         let stepped: Vec<f32> = Tensor::cat(steps, 1).into_data().into_vec().unwrap();
         let worst = full.iter().zip(&stepped).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -142,7 +142,8 @@ fn bert_gradients_match_transformers() {
     assert_grads_match("bert", &ours, &from_hf(arch, &expected, config.n_layers(), true).unwrap());
 }
 
-/// T5 (ReLU, and v1.1's gated GELU): logits of the decoder over an encoded input equal
+/// T5 (ReLU, and v1.1's gated GELU): logits of the decoder over an encoded input (one row
+/// padded, masked from the encoder's and the cross-attention) equal
 /// transformers' (1e-4), and so does every parameter's gradient of the loss on labels — the
 /// relative position biases of both stacks and the cross-attention included.
 #[test]
@@ -160,7 +161,8 @@ fn t5_logits_and_gradients_match_transformers() {
             let t = &reference[key];
             Tensor::<A, 2, Int>::from_data(TensorData::new(ids(t), [t.shape[0], t.shape[1]]), &device)
         };
-        let logits = model.forward(batch("inputs"), batch("decoder_inputs"));
+        let lengths: Vec<usize> = reference["input_lengths"].data.iter().map(|&n| n as usize).collect();
+        let logits = model.forward(batch("inputs"), &lengths, batch("decoder_inputs"));
         let expected = &reference["logits"];
         let values: Vec<f32> = logits.clone().into_data().into_vec().unwrap();
         let scale = expected.data.iter().fold(0f32, |m, v| m.max(v.abs()));

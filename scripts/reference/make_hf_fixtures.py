@@ -211,7 +211,7 @@ def main() -> None:
 def write_t5(name: str, feed_forward_proj: str) -> None:
     """A tiny T5 (d_kv other than d_model / heads, more decoder than encoder blocks, few
     buckets so that the logarithmic ones are used): logits of a decoder batch over an input
-    batch, and every parameter's gradient of the loss on labels."""
+    batch with one row padded, and every parameter's gradient of the loss on labels."""
     torch.manual_seed(0)
     config = T5Config(
         vocab_size=71,
@@ -239,12 +239,17 @@ def write_t5(name: str, feed_forward_proj: str) -> None:
     inputs = torch.randint(1, config.vocab_size, (2, 13), generator=g)
     labels = torch.randint(1, config.vocab_size, (2, 7), generator=g)
     decoder_inputs = model._shift_right(labels)
+    # The second input is 9 tokens, padded to 13: nothing may attend to its padding.
+    lengths = torch.tensor([13, 9])
+    mask = (torch.arange(13)[None, :] < lengths[:, None]).long()
+    inputs[1, 9:] = 0
     with torch.no_grad():
-        logits = model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits.float().contiguous()
+        logits = model(input_ids=inputs, attention_mask=mask, decoder_input_ids=decoder_inputs).logits.float().contiguous()
     model.zero_grad()
-    model(input_ids=inputs, decoder_input_ids=decoder_inputs, labels=labels).loss.backward()
+    model(input_ids=inputs, attention_mask=mask, decoder_input_ids=decoder_inputs, labels=labels).loss.backward()
     grads = {n: p.grad.float().contiguous() for n, p in model.named_parameters()}
-    save_file({"logits": logits, "inputs": inputs.float(), "decoder_inputs": decoder_inputs.float(), "labels": labels.float()},
+    save_file({"logits": logits, "inputs": inputs.float(), "input_lengths": lengths.float(),
+               "decoder_inputs": decoder_inputs.float(), "labels": labels.float()},
               str(out / "logits.safetensors"))
     save_file(grads, str(out / "grads.safetensors"))
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params, logits {tuple(logits.shape)}")
