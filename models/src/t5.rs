@@ -16,6 +16,7 @@ use burn::prelude::*;
 use burn::tensor::module::embedding;
 
 use crate::blocks::*;
+use crate::causal_lm::CausalLm;
 use crate::init::{normal_param, SeededRng};
 use crate::kernels::{multi_head_attention, multi_head_attention_learned_bias, FusedOps};
 
@@ -293,5 +294,41 @@ impl<B: FusedOps> T5<B> {
     pub fn forward(&self, input: Tensor<B, 2, Int>, lengths: &[usize], decoder_input: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let mut state = self.start_decoding(self.encode(input, lengths), lengths);
         self.decode(decoder_input, &mut state)
+    }
+}
+
+/// A T5 reading one input: its decoder as a causal language model over that input, so the
+/// generator (sampling, stop tokens, streaming) decodes T5 as it decodes every other model,
+/// starting from the decoder's start token. The encoder runs once, when decoding starts.
+pub struct Conditioned<'a, B: Backend> {
+    pub model: &'a T5<B>,
+    /// `[1, input_len]` for `generate` (one row per reply decoded together).
+    pub input: Tensor<B, 2, Int>,
+    /// Each row's input tokens before its padding.
+    pub lengths: Vec<usize>,
+}
+
+impl<B: FusedOps> CausalLm<B> for Conditioned<'_, B> {
+    type State = T5State<B>;
+
+    fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.model.forward(self.input.clone(), &self.lengths, tokens)
+    }
+
+    fn init_state(&self) -> T5State<B> {
+        self.model.start_decoding(self.model.encode(self.input.clone(), &self.lengths), &self.lengths)
+    }
+
+    fn forward_step(&self, tokens: Tensor<B, 2, Int>, state: &mut T5State<B>) -> Tensor<B, 3> {
+        self.model.decode(tokens, state)
+    }
+
+    /// Relative positions have no table to run out of.
+    fn max_seq_len(&self) -> usize {
+        usize::MAX
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.vocab_size
     }
 }

@@ -257,6 +257,28 @@ fn cached_decoding_equals_recompute_t5() {
     }
 }
 
+/// T5 through the shared generator: greedy decoding over an encoded input (from the start
+/// token, with caches) equals the argmax chain of full decoder passes.
+#[test]
+fn t5_greedy_generation_equals_argmax_of_full_decoder_passes() {
+    use crate::t5::{Conditioned, T5Config};
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let model = T5Config::new(50, 32, 8, 64, 4, 2, 2).with_relative_attention_num_buckets(8).init::<F>(3, &device);
+    let input = Tensor::<F, 2, Int>::from_data(TensorData::new(vec![5i64, 9, 2, 7, 7, 1], [1, 6]), &device);
+    let conditioned = Conditioned { model: &model, input, lengths: vec![6] };
+    let config = GenerateConfig { max_new_tokens: 6, stop_tokens: vec![], sampling: SamplingConfig::default() };
+    let generated = generate(&conditioned, &[0], &config, &device, |_| {});
+    let mut seq = vec![0u32];
+    for _ in 0..6 {
+        let ids: Vec<i64> = seq.iter().map(|&t| t as i64).collect();
+        let logits = conditioned.forward(Tensor::from_data(TensorData::new(ids, [1, seq.len()]), &device));
+        let values: Vec<f32> = logits.into_data().into_vec().unwrap();
+        seq.push(argmax(&values[(seq.len() - 1) * 50..seq.len() * 50]));
+    }
+    assert_eq!(generated, seq[1..]);
+}
+
 #[test]
 fn recurrent_decoding_equals_recompute_mamba() {
     check_cache_equals_recompute(ModelConfig::Mamba(tiny_mamba()));
