@@ -12,9 +12,7 @@ Llama base must give PEFT's logits in `furnace generate --adapter`.
     python scripts/reference/check_peft.py
 """
 
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 
@@ -23,40 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-FURNACE = os.environ.get("FURNACE", str(ROOT / "target" / "release" / "furnace"))
-PROMPT = "Once upon a time, there was a little"
-
-BASE = """
-[run]
-seed = 3
-[model]
-arch = "{arch}"
-flavor = "tiny"
-{extra}
-max_seq_len = 128
-[data]
-source = "stories"
-num_examples = 2000
-num_val_examples = 50
-tokenizer_vocab_size = 400
-[training]
-local_batch_size = 8
-seq_len = 64
-steps = 40
-eval_every = 0
-log_every = 20
-save_every = 0
-[optimizer]
-lr = 3e-3
-[lr_scheduler]
-warmup_steps = 10
-[logging]
-progress = false
-peak_tflops = 1.0
-[eval]
-max_new_tokens = 4
-"""
+from furnace_cli import PROMPT, TINY_RECIPE, run
 
 LORA = """
 [run]
@@ -92,22 +57,16 @@ max_new_tokens = 4
 """
 
 
-def run(*args: str) -> str:
-    out = subprocess.run([FURNACE, *args], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"furnace {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
-    return out.stdout
-
-
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
 def check(name: str, arch: str, extra: str, lora: dict, work: pathlib.Path) -> bool:
     base_run, lora_run = work / f"base_{name}", work / f"lora_{name}"
-    (work / f"base_{name}.toml").write_text(BASE.format(arch=arch, extra=extra))
+    (work / f"base_{name}.toml").write_text(TINY_RECIPE.format(arch=arch, extra=extra))
     (work / f"lora_{name}.toml").write_text(LORA.format(base=base_run, **lora))
-    run("train", "--config", str(work / f"base_{name}.toml"), "--set", f"run.output_dir={base_run}")
+    run("train", "--config", str(work / f"base_{name}.toml"), "--set", f"run.output_dir={base_run}",
+        "--set", "training.steps=40", "--set", "eval.max_new_tokens=4")
     run("train", "--config", str(work / f"lora_{name}.toml"), "--set", f"run.output_dir={lora_run}")
     base_hf, peft_dir, merged_hf = work / f"hf_{name}", work / f"peft_{name}", work / f"merged_{name}"
     run("export", "--checkpoint", str(base_run), "--out", str(base_hf))
