@@ -94,6 +94,13 @@ impl Recipe {
     }
 
     /// Tokens consumed by one optimizer step on one rank.
+    /// An encoder-decoder trained on (input, target) pairs (seq2seq files or generated
+    /// arithmetic); on other data (text) it trains by span corruption.
+    pub fn trains_on_pairs(&self) -> bool {
+        self.model.arch == Arch::T5
+            && matches!(self.data.source, DataSource::Seq2seq | DataSource::Arithmetic | DataSource::ArithmeticWords)
+    }
+
     pub fn tokens_per_step(&self) -> usize {
         self.training.local_batch_size * self.training.seq_len * self.training.grad_accum_steps
     }

@@ -7,6 +7,10 @@ pub struct ResolvedModel {
     pub vocab_size: usize,
     pub d_model: usize,
     pub n_layers: usize,
+    pub n_decoder_layers: usize,
+    pub head_dim: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub d_ff: usize,
@@ -57,33 +61,52 @@ impl ModelSection {
         let llama = matches!(self.arch, Arch::Llama | Arch::Mixtral);
         // BERT is a GPT-2 in its parts (LayerNorm, learned positions, GELU, bias, tied head).
         let bert = self.arch == Arch::Bert;
+        // T5: RMS norms without biases (as llama), relative positions, ReLU MLPs, a tied head.
+        let t5 = self.arch == Arch::T5;
         let d_model = self.d_model.unwrap_or(p.d_model);
-        let mlp = self.mlp.unwrap_or(if llama { Mlp::SwiGlu } else { Mlp::Gelu });
+        let mlp = self.mlp.unwrap_or(if llama {
+            Mlp::SwiGlu
+        } else if t5 {
+            Mlp::Relu
+        } else {
+            Mlp::Gelu
+        });
         let n_heads = self.n_heads.unwrap_or(p.n_heads);
+        let n_layers = self.n_layers.unwrap_or(p.n_layers);
         ResolvedModel {
             arch: self.arch,
             vocab_size: self.vocab_size.or(p.vocab_size).or(tokenizer_vocab).unwrap_or(512),
             d_model,
-            n_layers: self.n_layers.unwrap_or(p.n_layers),
+            n_layers,
+            n_decoder_layers: self.n_decoder_layers.unwrap_or(n_layers),
+            head_dim: self.head_dim.unwrap_or(d_model / n_heads.max(1)),
+            relative_attention_num_buckets: self.relative_attention_num_buckets,
+            relative_attention_max_distance: self.relative_attention_max_distance,
             n_heads,
             n_kv_heads: self.n_kv_heads.unwrap_or(n_heads),
             d_ff: self.d_ff.unwrap_or(match mlp {
-                Mlp::Gelu => 4 * d_model,
-                Mlp::SwiGlu => (8 * d_model / 3).div_ceil(32) * 32,
+                Mlp::Gelu | Mlp::Relu => 4 * d_model,
+                Mlp::SwiGlu | Mlp::GatedGelu => (8 * d_model / 3).div_ceil(32) * 32,
             }),
             max_seq_len: self.max_seq_len.unwrap_or(p.max_seq_len),
             norm: self.norm.unwrap_or(if matches!(self.arch, Arch::Gpt2 | Arch::Bert) { Norm::LayerNorm } else { Norm::RmsNorm }),
-            norm_eps: self.norm_eps.unwrap_or(if llama {
+            norm_eps: self.norm_eps.unwrap_or(if llama || t5 {
                 1e-6
             } else if bert {
                 1e-12
             } else {
                 1e-5
             }),
-            position: self.position.unwrap_or(if llama { Position::Rope } else { Position::Learned }),
+            position: self.position.unwrap_or(if llama {
+                Position::Rope
+            } else if t5 {
+                Position::Relative
+            } else {
+                Position::Learned
+            }),
             rope_theta: self.rope_theta,
             mlp,
-            bias: self.bias.unwrap_or(!llama),
+            bias: self.bias.unwrap_or(!llama && !t5),
             tie_embeddings: self.tie_embeddings.unwrap_or(!llama),
             sliding_window: self.sliding_window,
             parallel_block: self.parallel_block,
@@ -111,6 +134,11 @@ impl ResolvedModel {
             vocab_size: Some(self.vocab_size),
             d_model: Some(self.d_model),
             n_layers: Some(self.n_layers),
+            // T5's keys only: any other arch refuses them.
+            n_decoder_layers: (self.arch == Arch::T5).then_some(self.n_decoder_layers),
+            head_dim: (self.arch == Arch::T5).then_some(self.head_dim),
+            relative_attention_num_buckets: self.relative_attention_num_buckets,
+            relative_attention_max_distance: self.relative_attention_max_distance,
             n_heads: Some(self.n_heads),
             n_kv_heads: Some(self.n_kv_heads),
             d_ff: Some(self.d_ff),

@@ -31,7 +31,7 @@ macro_rules! choice {
 
 choice!(
     /// Model family.
-    Arch { Llama = "llama", Gpt2 = "gpt2", Mamba = "mamba", Mixtral = "mixtral", Bert = "bert" }
+    Arch { Llama = "llama", Gpt2 = "gpt2", Mamba = "mamba", Mixtral = "mixtral", Bert = "bert", T5 = "t5" }
 );
 choice!(
     /// Named size presets; explicit `[model]` dimensions override them.
@@ -47,12 +47,20 @@ choice!(
     }
 );
 choice!(Norm { RmsNorm = "rmsnorm", LayerNorm = "layernorm" });
-choice!(Position { Rope = "rope", Alibi = "alibi", Learned = "learned" });
-choice!(Mlp { SwiGlu = "swiglu", Gelu = "gelu" });
+choice!(
+    /// Position encoding; relative is T5's bucketed bias (its only one).
+    Position { Rope = "rope", Alibi = "alibi", Learned = "learned", Relative = "relative" }
+);
+choice!(
+    /// Feed-forward; relu (T5) and gated-gelu (T5 v1.1, Flan-T5) are T5's, with transformers'
+    /// feed_forward_proj names.
+    Mlp { SwiGlu = "swiglu", Gelu = "gelu", Relu = "relu", GatedGelu = "gated-gelu" }
+);
 choice!(
     /// Where training tokens come from.
     DataSource {
-        /// Generated arithmetic problems with answers, e.g. `37+45=82`.
+        /// Generated arithmetic problems with answers, e.g. `37+45=82` (for t5, the pair
+        /// `37+45=` → `82`).
         Arithmetic = "arithmetic",
         /// A generated story corpus (a small grammar of characters, places and events).
         Stories = "stories",
@@ -70,6 +78,12 @@ choice!(
         /// DPO: generated arithmetic questions with the right reply chosen and a wrong one
         /// (the answer off by 1, 2 or 10) rejected.
         ArithmeticPreferences = "arithmetic-preferences",
+        /// Encoder-decoder (t5): (input, target) pairs, one `{"input": ..., "target": ...}` per
+        /// line, in the `.jsonl` files listed in `data.files`.
+        Seq2seq = "seq2seq",
+        /// Encoder-decoder (t5): generated arithmetic written in words, answered in digits
+        /// ("thirty-seven plus forty-five" → "82").
+        ArithmeticWords = "arithmetic-words",
     }
 );
 choice!(
@@ -84,8 +98,10 @@ choice!(
 choice!(
     /// What the loop optimises.
     TrainMode {
-        /// Next-token prediction on every token of packed windows (masked-token prediction for
-        /// model.arch = "bert", see training.mlm_probability).
+        /// The architecture's own objective: next-token prediction on every token of packed
+        /// windows; masked-token prediction for model.arch = "bert" (see
+        /// training.mlm_probability); for "t5", the target given the input on pair data
+        /// (seq2seq, arithmetic, arithmetic-words) and span corruption on text (stories, files).
         Pretrain = "pretrain",
         /// Supervised fine-tuning on conversations: one per row, loss on the assistant's tokens only.
         Sft = "sft",
@@ -194,9 +210,11 @@ section! {
     ModelSection = "model" {
         /// Model family: llama (RMSNorm, RoPE, SwiGLU, no bias), gpt2 (LayerNorm, learned positions,
         /// GELU, bias), mamba (selective state-space blocks; the attention and MLP keys do not apply)
-        /// mixtral (llama with each MLP a sparse mixture of SwiGLU experts) or bert (an encoder:
+        /// mixtral (llama with each MLP a sparse mixture of SwiGLU experts), bert (an encoder:
         /// learned positions, post-norm LayerNorm blocks, bidirectional attention, GELU, trained
-        /// with the masked-LM objective; the tokenizer then needs a `[MASK]` token).
+        /// with the masked-LM objective; the tokenizer then needs a `[MASK]` token) or t5 (an
+        /// encoder-decoder: relative position bias, pre-norm RMS blocks without biases,
+        /// cross-attention, relu or gated-gelu MLPs, as transformers' T5ForConditionalGeneration).
         arch: Arch = Arch::Llama,
         /// Size preset: tiny, quickstart, small, gpt2-124m.
         flavor: Flavor = Flavor::Tiny,
@@ -204,13 +222,22 @@ section! {
         vocab_size: Option<usize> = None,
         /// Hidden size.
         d_model: Option<usize> = None,
-        /// Number of transformer blocks.
+        /// Number of transformer blocks (t5: of the encoder).
         n_layers: Option<usize> = None,
+        /// T5: number of decoder blocks. Unset: n_layers.
+        n_decoder_layers: Option<usize> = None,
+        /// T5: dimensions per attention head (transformers' d_kv). Unset: d_model / n_heads.
+        head_dim: Option<usize> = None,
+        /// T5: buckets of the relative position bias.
+        relative_attention_num_buckets: usize = 32,
+        /// T5: distance at which the relative position buckets stop growing.
+        relative_attention_max_distance: usize = 128,
         /// Number of attention (query) heads.
         n_heads: Option<usize> = None,
         /// Number of key/value heads: equal to n_heads is MHA, 1 is MQA, between is GQA. Unset: n_heads.
         n_kv_heads: Option<usize> = None,
-        /// Feed-forward hidden size. Unset: 4·d_model for gelu, 8/3·d_model rounded up to 32 for swiglu.
+        /// Feed-forward hidden size. Unset: 4·d_model for gelu and relu, 8/3·d_model rounded up
+        /// to 32 for swiglu and gated-gelu.
         d_ff: Option<usize> = None,
         /// Longest sequence the model accepts (size of the learned position table, RoPE table).
         max_seq_len: Option<usize> = None,
@@ -218,11 +245,11 @@ section! {
         norm: Option<Norm> = None,
         /// Epsilon inside the norms.
         norm_eps: Option<f64> = None,
-        /// Position encoding: rope, alibi or learned. Unset: the arch's.
+        /// Position encoding: rope, alibi, learned or relative (t5). Unset: the arch's.
         position: Option<Position> = None,
         /// RoPE base frequency.
         rope_theta: f64 = 10000.0,
-        /// Feed-forward: swiglu or gelu. Unset: the arch's.
+        /// Feed-forward: swiglu, gelu, or for t5 relu (its default) or gated-gelu. Unset: the arch's.
         mlp: Option<Mlp> = None,
         /// Biases in linear layers and norms. Unset: the arch's (gpt2 yes, llama no).
         bias: Option<bool> = None,
@@ -411,10 +438,16 @@ section! {
         local_batch_size: usize = 8,
         /// Tokens per sequence.
         seq_len: usize = 128,
-        /// BERT's masked-LM objective: the share of tokens chosen for prediction; of those, 80%
+        /// BERT's masked-LM objective (and T5's noise density, see mean_noise_span_length): the
+        /// share of tokens chosen for prediction; of those, 80%
         /// become `[MASK]`, 10% a random token and 10% stay (Devlin et al., 2019; transformers'
         /// DataCollatorForLanguageModeling). The loss counts the chosen tokens only.
         mlm_probability: f64 = 0.15,
+        /// T5's span corruption (model.arch = "t5" on text): the share of tokens hidden is
+        /// training.mlm_probability (the noise density, 0.15 as T5), in spans of this mean
+        /// length, each span replaced by one sentinel in the input; the target lists the spans
+        /// after their sentinels (Raffel et al., 2020; transformers' run_t5_mlm_flax.py).
+        mean_noise_span_length: f64 = 3.0,
         /// Micro-batches accumulated into one optimizer step.
         grad_accum_steps: usize = 1,
         /// Optimizer steps to run.
@@ -543,6 +576,10 @@ section! {
         arithmetic_problems: usize = 200,
     }
 }
+
+/// Sentinel tokens of a T5 tokenizer (transformers' `extra_ids`): span corruption replaces each
+/// hidden span by the next one, so a row can hold at most this many spans.
+pub const SENTINELS: usize = 100;
 
 /// A whole recipe: one table per section, every key optional with a documented default.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

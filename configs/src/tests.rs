@@ -146,3 +146,31 @@ fn bert_resolves_to_its_fixed_layout_and_pretrains_only() {
     assert_eq!(parse(&sft).unwrap_err().key, "training.mode");
     assert!(explain().contains("mlm_probability = 0.15"));
 }
+
+#[test]
+fn t5_resolves_to_its_layout_and_keeps_its_keys_to_itself() {
+    let parse = |text: &str| Recipe::from_stored(text, "r.toml");
+    let t5 = "[model]\narch = \"t5\"\n";
+    let m = parse(t5).unwrap().model.resolve(None);
+    assert_eq!(
+        (m.norm, m.position, m.mlp, m.bias, m.tie_embeddings, m.norm_eps, m.n_decoder_layers, m.head_dim),
+        (Norm::RmsNorm, Position::Relative, Mlp::Relu, false, true, 1e-6, 2, 16)
+    );
+    assert_eq!((m.d_ff, m.relative_attention_num_buckets, m.relative_attention_max_distance), (256, 32, 128));
+    let v11 = parse(&format!("{t5}mlp = \"gated-gelu\"\nn_heads = 6\nhead_dim = 12\nn_decoder_layers = 3\n")).unwrap();
+    assert_eq!(v11.model.resolve(None).d_ff, 192, "gated MLPs default to 8/3·d_model as SwiGLU");
+    assert_eq!(parse(&format!("{t5}bias = true\n")).unwrap_err().key, "model.bias");
+    assert_eq!(parse(&format!("{t5}mlp = \"swiglu\"\n")).unwrap_err().key, "model.mlp");
+    assert_eq!(parse("[model]\narch = \"llama\"\nmlp = \"relu\"\n").unwrap_err().key, "model.mlp");
+    assert_eq!(parse("[model]\nhead_dim = 8\n").unwrap_err().key, "model.head_dim");
+    assert_eq!(parse("[data]\nsource = \"arithmetic-words\"\n").unwrap_err().key, "data.source");
+    assert_eq!(parse(&format!("{t5}[optimizer]\nname = \"sophia\"\n")).unwrap_err().key, "optimizer.name");
+    let long = format!("{t5}max_seq_len = 4096\n[data]\nsource = \"stories\"\n[training]\nseq_len = 4096\n");
+    assert_eq!(parse(&long).unwrap_err().key, "training.seq_len", "more spans than sentinels");
+    let pairs = parse(&format!("{t5}[data]\nsource = \"arithmetic-words\"\n")).unwrap();
+    let text = parse(&format!("{t5}[data]\nsource = \"stories\"\n")).unwrap();
+    assert!(pairs.trains_on_pairs() && !text.trains_on_pairs());
+    let to_section = |recipe: &Recipe| recipe.model.resolve(Some(500)).to_section("x");
+    assert_eq!(to_section(&v11).resolve(None).head_dim, 12, "a stored T5 keeps its head_dim");
+    assert_eq!(to_section(&parse("").unwrap()).head_dim, None, "other archs store no T5 keys");
+}

@@ -26,7 +26,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "set d_model, n_layers, n_heads, n_kv_heads and d_ff above 0".into(),
         );
     }
-    if m.d_model % m.n_heads != 0 {
+    if m.d_model % m.n_heads != 0 && !(m.arch == Arch::T5 && recipe.model.head_dim.is_some()) {
         return fail(
             "model",
             "n_heads",
@@ -77,6 +77,110 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
                 "capacity_factor, router_aux_loss_coef and router_z_loss_coef must not be negative".into(),
                 "use 0 for dropless routing or no auxiliary loss".into(),
             );
+        }
+    }
+    if m.arch != Arch::T5 {
+        let t5_only = [
+            ("position", m.position == Position::Relative),
+            ("mlp", matches!(m.mlp, Mlp::Relu | Mlp::GatedGelu)),
+            ("n_decoder_layers", recipe.model.n_decoder_layers.is_some()),
+            ("head_dim", recipe.model.head_dim.is_some()),
+        ];
+        if let Some((key, _)) = t5_only.iter().find(|(_, set)| *set) {
+            return fail(
+                "model",
+                key,
+                format!("model.{key} as given is T5's; this model is {}", m.arch),
+                format!("remove model.{key}, or set model.arch = \"t5\""),
+            );
+        }
+        if matches!(recipe.data.source, DataSource::Seq2seq | DataSource::ArithmeticWords) {
+            return fail(
+                "data",
+                "source",
+                format!(
+                    "data.source = \"{}\" holds (input, target) pairs for an encoder-decoder; this model is {}",
+                    recipe.data.source, m.arch
+                ),
+                "set model.arch = \"t5\", or pick a text source (arithmetic, stories, files)".into(),
+            );
+        }
+    }
+    if m.arch == Arch::T5 {
+        let layout = [
+            ("position", m.position == Position::Relative, "relative"),
+            ("norm", m.norm == Norm::RmsNorm, "rmsnorm"),
+            ("mlp", matches!(m.mlp, Mlp::Relu | Mlp::GatedGelu), "relu or gated-gelu"),
+            ("bias", !m.bias, "false"),
+            ("n_kv_heads", m.n_kv_heads == m.n_heads, "n_heads"),
+            ("sliding_window", m.sliding_window == 0, "0"),
+            ("parallel_block", !m.parallel_block, "false"),
+        ];
+        if let Some((key, _, value)) = layout.iter().find(|(_, fits, _)| !fits) {
+            return fail(
+                "model",
+                key,
+                format!("T5's layout is fixed (relative position bias, pre-norm RMS blocks without biases, relu or gated-gelu MLPs, full attention); model.{key} does not fit it"),
+                format!("remove model.{key} or set it to {value}"),
+            );
+        }
+        if m.n_decoder_layers == 0 || m.head_dim == 0 || m.relative_attention_num_buckets < 2 || m.relative_attention_max_distance == 0 {
+            return fail(
+                "model",
+                "n_decoder_layers",
+                "T5 needs n_decoder_layers, head_dim and relative_attention_max_distance above 0 and at least 2 relative_attention_num_buckets".into(),
+                "use T5's: n_decoder_layers = n_layers, relative_attention_num_buckets = 32, relative_attention_max_distance = 128".into(),
+            );
+        }
+        if recipe.training.mode != TrainMode::Pretrain {
+            return fail(
+                "training",
+                "mode",
+                format!(
+                    "model.arch = \"t5\" trains on (input, target) pairs or span corruption (training.mode = \"pretrain\"), not {}",
+                    recipe.training.mode
+                ),
+                "set training.mode = \"pretrain\" with data.source = \"seq2seq\" (your pairs), or pick a decoder arch".into(),
+            );
+        }
+        if recipe.optimizer.name == OptimizerName::Sophia {
+            return fail(
+                "optimizer",
+                "name",
+                "Sophia estimates curvature from a decoder's own samples; T5 is an encoder-decoder".into(),
+                "use optimizer.name = \"adamw\" or \"lion\"".into(),
+            );
+        }
+        if recipe.lora.r > 0 {
+            return fail(
+                "lora",
+                "r",
+                "LoRA adapters are for decoders (and BERT) so far; T5 trains all its weights".into(),
+                "set lora.r = 0".into(),
+            );
+        }
+        if !recipe.trains_on_pairs() {
+            let t = &recipe.training;
+            if !(t.mlm_probability > 0.0 && t.mlm_probability < 1.0 && t.mean_noise_span_length >= 1.0) {
+                return fail(
+                    "training",
+                    "mean_noise_span_length",
+                    format!(
+                        "span corruption needs mlm_probability (the noise density) in (0, 1) and mean_noise_span_length ≥ 1; got {} and {}",
+                        t.mlm_probability, t.mean_noise_span_length
+                    ),
+                    "use T5's: mlm_probability = 0.15, mean_noise_span_length = 3.0".into(),
+                );
+            }
+            let spans = ((t.seq_len as f64 * t.mlm_probability).round() / t.mean_noise_span_length).round();
+            if spans > SENTINELS as f64 {
+                return fail(
+                    "training",
+                    "seq_len",
+                    format!("span corruption of {} tokens makes {spans} spans, more than T5's {SENTINELS} sentinels", t.seq_len),
+                    "lower training.seq_len or raise training.mean_noise_span_length".into(),
+                );
+            }
         }
     }
     if m.arch == Arch::Bert {
@@ -228,7 +332,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         return fail("lr_scheduler", "decay_ratio", format!("decay_ratio = {} is outside (0, 1]", s.decay_ratio), "use e.g. 0.2".into());
     }
     let d = &recipe.data;
-    if matches!(d.source, DataSource::Files | DataSource::Chat | DataSource::Preferences) && d.files.is_empty() {
+    if matches!(d.source, DataSource::Files | DataSource::Chat | DataSource::Preferences | DataSource::Seq2seq) && d.files.is_empty() {
         return fail(
             "data",
             "files",

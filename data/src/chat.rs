@@ -211,7 +211,7 @@ pub fn prepare_preferences(
 }
 
 /// Validation items: the given ones, else the last `fraction` of the training items.
-fn split_off_val<T>(mut train: Vec<T>, val: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
+pub(crate) fn split_off_val<T>(mut train: Vec<T>, val: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
     if !val.is_empty() {
         return (train, val);
     }
@@ -221,7 +221,7 @@ fn split_off_val<T>(mut train: Vec<T>, val: Vec<T>, fraction: f64) -> (Vec<T>, V
 }
 
 /// Items of a `.jsonl` file, one JSON object per line; `shape` describes a line in errors.
-fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool, shape: &str) -> Result<(Vec<T>, usize), String> {
+pub(crate) fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool, shape: &str) -> Result<(Vec<T>, usize), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let (mut items, mut skipped) = (Vec::new(), 0);
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -246,7 +246,7 @@ mod tests {
 
     fn tokenizer() -> TextTokenizer {
         let docs: Vec<String> = (0..200).map(|i| format!("What is {i}+{}? The answer is {}.", i * 3, i * 4)).collect();
-        TextTokenizer::train(&docs, 320, false).unwrap()
+        TextTokenizer::train(&docs, 320, crate::tokenizer::ExtraTokens::None).unwrap()
     }
 
     fn message(role: &str, content: &str) -> Message {

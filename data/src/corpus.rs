@@ -8,7 +8,7 @@ use furnace_configs::{Arch, DataSection, DataSource, Recipe};
 
 use crate::generators::{arithmetic, stories, ArithmeticConfig};
 use crate::shards::write_shard;
-use crate::tokenizer::TextTokenizer;
+use crate::tokenizer::{ExtraTokens, TextTokenizer};
 
 /// What `prepare` leaves in `<output_dir>`.
 pub struct Prepared {
@@ -43,6 +43,9 @@ pub fn documents(recipe: &Recipe) -> Result<(Vec<String>, Vec<String>), String> 
         DataSource::Stories => (stories(d.num_examples, seed), stories(d.num_val_examples, val_seed(seed))),
         DataSource::Chat | DataSource::ArithmeticChat | DataSource::Preferences | DataSource::ArithmeticPreferences => {
             return Err(format!("data.source = \"{}\" is fine-tuning data: set training.mode to sft or dpo", d.source))
+        }
+        DataSource::Seq2seq | DataSource::ArithmeticWords => {
+            return Err(format!("data.source = \"{}\" holds (input, target) pairs: set model.arch = \"t5\"", d.source))
         }
         DataSource::Files => {
             let mut train = Vec::new();
@@ -98,8 +101,7 @@ fn tokenize(tokenizer: &TextTokenizer, docs: &[String]) -> Vec<u32> {
 pub fn prepare(recipe: &Recipe, out: &Path) -> Result<Prepared, String> {
     let data_dir = out.join("data");
     let stamp_path = data_dir.join("data_section.toml");
-    let masked_lm = recipe.model.arch == Arch::Bert;
-    let stamp = format!("seed = {}\n{}{}", recipe.run.seed, if masked_lm { "masked_lm = true\n" } else { "" }, toml_section(&recipe.data));
+    let stamp = data_stamp(recipe);
     let tokenizer_path = if recipe.data.tokenizer.is_empty() { out.join("tokenizer.json") } else { PathBuf::from(&recipe.data.tokenizer) };
     let (train, val) = (data_dir.join("train.bin"), data_dir.join("val.bin"));
     let io = |e: std::io::Error| format!("cannot write prepared data under {}: {e}", data_dir.display());
@@ -117,7 +119,7 @@ pub fn prepare(recipe: &Recipe, out: &Path) -> Result<Prepared, String> {
         return Err("no training or validation documents: check data.files / data.num_examples".into());
     }
     let tokenizer = if recipe.data.tokenizer.is_empty() {
-        let tokenizer = TextTokenizer::train(&train_docs, recipe.data.tokenizer_vocab_size, masked_lm)?;
+        let tokenizer = TextTokenizer::train(&train_docs, recipe.data.tokenizer_vocab_size, extra_tokens(recipe))?;
         atomic_write(&tokenizer_path, tokenizer.to_json().as_bytes()).map_err(io)?;
         tokenizer
     } else {
@@ -131,6 +133,18 @@ pub fn prepare(recipe: &Recipe, out: &Path) -> Result<Prepared, String> {
     Ok(Prepared { tokenizer, tokenizer_path, train, val, train_tokens: train_ids.len(), val_tokens: val_ids.len(), reused: false })
 }
 
-fn toml_section(data: &DataSection) -> String {
-    furnace_configs::Recipe { data: data.clone(), ..Default::default() }.to_toml()
+/// The special tokens the recipe's model needs from a tokenizer trained for it.
+pub fn extra_tokens(recipe: &Recipe) -> ExtraTokens {
+    match recipe.model.arch {
+        Arch::Bert => ExtraTokens::Mask,
+        Arch::T5 => ExtraTokens::Sentinels,
+        _ => ExtraTokens::None,
+    }
+}
+
+/// What prepared data depends on: the seed, the tokens the model needs and the `[data]`
+/// section. Prepared data with the same stamp is reused.
+pub(crate) fn data_stamp(recipe: &Recipe) -> String {
+    let data = furnace_configs::Recipe { data: recipe.data.clone(), ..Default::default() }.to_toml();
+    format!("seed = {}\nextra_tokens = \"{:?}\"\n{data}", recipe.run.seed, extra_tokens(recipe))
 }

@@ -45,11 +45,65 @@ impl Problem {
         }
     }
 
+    /// The problem in English words, for the encoder-decoder task words → digits:
+    /// "thirty-seven plus forty-five" (answer "82").
+    pub fn words(&self) -> String {
+        let op = match self.op {
+            '+' => "plus",
+            '-' => "minus",
+            '*' => "times",
+            other => unreachable!("operator {other} is rejected by recipe validation"),
+        };
+        format!("{} {op} {}", number_words(self.a), number_words(self.b))
+    }
+
     /// Held-out problems are a fixed tenth of the problem space, chosen by a hash of the
     /// problem itself, so no held-out problem ever appears in training data.
     pub fn is_held_out(&self) -> bool {
         let mut h = SeededRng::new(self.a.wrapping_mul(1_000_003) ^ self.b.wrapping_mul(7919) ^ self.op as u64);
         h.next_u64() % 10 == 0
+    }
+}
+
+/// A number in English words: 0 "zero", 37 "thirty-seven", 412 "four hundred twelve",
+/// 1_005 "one thousand five".
+pub fn number_words(n: u64) -> String {
+    const ONES: [&str; 20] = [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
+    ];
+    const TENS: [&str; 10] = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"];
+    const SCALES: [(u64, &str); 4] =
+        [(1_000_000_000_000, "trillion"), (1_000_000_000, "billion"), (1_000_000, "million"), (1_000, "thousand")];
+    if let Some(&(scale, name)) = SCALES.iter().find(|(scale, _)| n >= *scale) {
+        let rest = n % scale;
+        let head = format!("{} {name}", number_words(n / scale));
+        return if rest == 0 { head } else { format!("{head} {}", number_words(rest)) };
+    }
+    match n {
+        0..=19 => ONES[n as usize].to_string(),
+        20..=99 if n % 10 == 0 => TENS[n as usize / 10].to_string(),
+        20..=99 => format!("{}-{}", TENS[n as usize / 10], ONES[n as usize % 10]),
+        _ if n % 100 == 0 => format!("{} hundred", ONES[n as usize / 100]),
+        _ => format!("{} hundred {}", ONES[n as usize / 100], number_words(n % 100)),
     }
 }
 
@@ -186,6 +240,26 @@ mod tests {
             assert!([1, 2, 10].contains(&(wrong - p.answer()).abs()), "{}", pair.rejected);
             assert!((0..4).any(|style| pair.prompt == p.question(style)));
         }
+    }
+
+    #[test]
+    fn numbers_and_problems_in_words() {
+        let cases = [
+            (0, "zero"),
+            (7, "seven"),
+            (13, "thirteen"),
+            (40, "forty"),
+            (37, "thirty-seven"),
+            (100, "one hundred"),
+            (412, "four hundred twelve"),
+            (1_005, "one thousand five"),
+            (2_300_019, "two million three hundred thousand nineteen"),
+        ];
+        for (n, words) in cases {
+            assert_eq!(number_words(n), words);
+        }
+        assert_eq!(Problem { a: 37, op: '+', b: 45 }.words(), "thirty-seven plus forty-five");
+        assert_eq!(Problem { a: 3, op: '-', b: 12 }.words(), "three minus twelve");
     }
 
     #[test]

@@ -6,7 +6,9 @@ pub mod corpus;
 pub mod generators;
 pub mod loader;
 pub mod mlm;
+pub mod seq2seq;
 pub mod shards;
+pub mod span_corruption;
 pub mod tokenizer;
 
 pub use loader::{Batch, Cursor, Loader};

@@ -1,11 +1,13 @@
 //! Training batches, visited in an order shuffled from (seed, epoch), split across ranks, with a
 //! cursor that a checkpoint saves and restores. Items are either packed windows (the token
-//! stream cut into windows of seq_len+1 tokens: input and shifted target) or labelled examples
-//! (SFT: one conversation per row, padded, targets only where the loss counts).
+//! stream cut into windows of seq_len+1 tokens: input and shifted target), labelled examples
+//! (SFT: one conversation per row, padded, targets only where the loss counts) or
+//! encoder-decoder pairs (the encoder's input rows beside the decoder's).
 
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{LabeledPair, LabeledTokens};
+use crate::seq2seq::Seq2SeqExample;
 use crate::shards::Shard;
 use furnace_configs::rng::SeededRng;
 
@@ -31,6 +33,34 @@ pub struct Batch {
     /// Packed rows: each token's position in its own example (`[batch·seq_len]`), restarting at
     /// 0 where an example starts; None when each row holds one item.
     pub positions: Option<Vec<usize>>,
+    /// Encoder-decoder batches: the encoder's input; `inputs` and `targets` are then the
+    /// decoder's (the target behind the start token, and the target).
+    pub encoder: Option<EncoderRows>,
+}
+
+/// The encoder's input of a batch: `batch × len` tokens, row r's first `lengths[r]` real and
+/// the rest padding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderRows {
+    pub tokens: Vec<i64>,
+    pub len: usize,
+    pub lengths: Vec<usize>,
+}
+
+impl Batch {
+    /// The positions with a target: what a loss over this batch averages over.
+    pub fn counted_targets(&self) -> usize {
+        self.targets.iter().filter(|&&t| t != IGNORE).count()
+    }
+
+    /// Real (not padding) tokens read by the model: the encoder's and the decoder's targets
+    /// for an encoder-decoder, every position otherwise.
+    pub fn tokens(&self) -> usize {
+        match &self.encoder {
+            Some(encoder) => encoder.lengths.iter().sum::<usize>() + self.counted_targets(),
+            None => self.batch * self.seq_len,
+        }
+    }
 }
 
 enum Items {
@@ -39,6 +69,8 @@ enum Items {
     Examples(Vec<LabeledTokens>, u32),
     /// Preference pairs, two rows each, and the padding id.
     Pairs(Vec<LabeledPair>, u32),
+    /// Encoder-decoder pairs and the id that pads rows and starts the decoder.
+    Seq2Seq(Vec<Seq2SeqExample>, u32),
 }
 
 pub struct Loader {
@@ -100,6 +132,22 @@ impl Loader {
         Self::labelled(Items::Pairs(pairs, pad), "pairs", seq_len, batch, seed, rank, world, shuffle)
     }
 
+    /// Encoder-decoder pairs, a batch of `batch` rows padded to its longest input and its
+    /// longest target (each cut at `seq_len`); the decoder reads `pad` as its start token, as T5.
+    #[allow(clippy::too_many_arguments)]
+    pub fn seq2seq(
+        examples: Vec<Seq2SeqExample>,
+        pad: u32,
+        seq_len: usize,
+        batch: usize,
+        seed: u64,
+        rank: usize,
+        world: usize,
+        shuffle: bool,
+    ) -> Result<Self, String> {
+        Self::labelled(Items::Seq2Seq(examples, pad), "pairs", seq_len, batch, seed, rank, world, shuffle)
+    }
+
     /// A loader over labelled items (`what` names them in errors), at least one batch of them.
     #[allow(clippy::too_many_arguments)]
     fn labelled(
@@ -135,6 +183,7 @@ impl Loader {
             Items::Windows(shard) => shard.len().saturating_sub(1) / self.seq_len,
             Items::Examples(examples, _) => examples.len(),
             Items::Pairs(pairs, _) => pairs.len(),
+            Items::Seq2Seq(examples, _) => examples.len(),
         }
     }
 
@@ -177,6 +226,9 @@ impl Loader {
         if self.pack {
             return self.next_packed_batch();
         }
+        if let Items::Seq2Seq(..) = self.items {
+            return self.next_seq2seq_batch();
+        }
         let mut inputs = Vec::with_capacity(self.batch * self.seq_len);
         let mut targets = Vec::with_capacity(self.batch * self.seq_len);
         let mut window = Vec::with_capacity(self.seq_len + 1);
@@ -208,10 +260,51 @@ impl Loader {
                     labelled_row(&pairs[item].0, *pad);
                     labelled_row(&pairs[item].1, *pad);
                 }
+                Items::Seq2Seq(..) => unreachable!("encoder-decoder batches are built apart"),
             }
         }
         let rows = if matches!(self.items, Items::Pairs(..)) { 2 * self.batch } else { self.batch };
-        Batch { inputs, targets, batch: rows, seq_len: self.seq_len, items, positions: None }
+        Batch { inputs, targets, batch: rows, seq_len: self.seq_len, items, positions: None, encoder: None }
+    }
+
+    /// The next item's index, starting a new epoch when this one is done.
+    fn next_item(&mut self) -> usize {
+        if self.cursor.position >= self.order.len() {
+            self.set_cursor(Cursor { epoch: self.cursor.epoch + 1, position: 0 });
+        }
+        self.cursor.position += 1;
+        self.order[self.cursor.position - 1]
+    }
+
+    fn next_seq2seq_batch(&mut self) -> Batch {
+        let items: Vec<usize> = (0..self.batch).map(|_| self.next_item()).collect();
+        let Items::Seq2Seq(examples, pad) = &self.items else { unreachable!("called for encoder-decoder pairs") };
+        let (pad, seq_len) = (*pad as i64, self.seq_len);
+        let rows: Vec<&Seq2SeqExample> = items.iter().map(|&i| &examples[i]).collect();
+        let lengths: Vec<usize> = rows.iter().map(|e| e.input.len().min(seq_len)).collect();
+        let input_len = lengths.iter().copied().max().unwrap_or(1).max(1);
+        let target_len = rows.iter().map(|e| e.target.len().min(seq_len)).max().unwrap_or(1).max(1);
+        let (mut encoder, mut inputs, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+        for example in &rows {
+            encoder.extend((0..input_len).map(|j| example.input.get(j).map_or(pad, |&t| t as i64)));
+            let target = &example.target[..example.target.len().min(seq_len)];
+            for j in 0..target_len {
+                inputs.push(match j {
+                    0 => pad,
+                    _ => target.get(j - 1).map_or(pad, |&t| t as i64),
+                });
+                targets.push(target.get(j).map_or(IGNORE, |&t| t as i64));
+            }
+        }
+        Batch {
+            inputs,
+            targets,
+            batch: self.batch,
+            seq_len: target_len,
+            items,
+            positions: None,
+            encoder: Some(EncoderRows { tokens: encoder, len: input_len, lengths }),
+        }
     }
 
     fn next_packed_batch(&mut self) -> Batch {
@@ -249,7 +342,7 @@ impl Loader {
                 positions.push(j);
             }
         }
-        Batch { inputs, targets, batch: self.batch, seq_len, items, positions: Some(positions) }
+        Batch { inputs, targets, batch: self.batch, seq_len, items, positions: Some(positions), encoder: None }
     }
 }
 
@@ -327,6 +420,20 @@ mod tests {
         assert_eq!((b.batch, b.items.clone()), (4, vec![0, 1]));
         assert_eq!(&b.targets[..6], &[2, 3, IGNORE, 2, 4, IGNORE]);
         assert_eq!(&b.inputs[6..], &[5, 0, 0, 5, 0, 0]);
+    }
+
+    #[test]
+    fn seq2seq_rows_pad_to_the_batch_and_shift_the_target_behind_the_start() {
+        let pair = |input: Vec<u32>, target: Vec<u32>| Seq2SeqExample { input, target };
+        let pairs = vec![pair(vec![5, 6, 7, 1], vec![8, 1]), pair(vec![9, 1], vec![10, 11, 12, 1])];
+        let b = Loader::seq2seq(pairs, 0, 3, 2, 1, 0, 1, false).unwrap().next_batch();
+        let encoder = b.encoder.as_ref().unwrap();
+        assert_eq!((encoder.len, encoder.lengths.clone()), (3, vec![3, 2]), "inputs cut at seq_len");
+        assert_eq!(encoder.tokens, [5, 6, 7, 9, 1, 0]);
+        assert_eq!((b.batch, b.seq_len), (2, 3));
+        assert_eq!(b.inputs, [0, 8, 1, 0, 10, 11], "the start token, then the target");
+        assert_eq!(b.targets, [8, 1, IGNORE, 10, 11, 12]);
+        assert_eq!((b.counted_targets(), b.tokens()), (5, 10));
     }
 
     #[test]

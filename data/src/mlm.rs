@@ -53,7 +53,8 @@ mod tests {
     fn chooses_about_the_probability_and_hides_eighty_ten_ten() {
         let n = 200_000;
         let inputs: Vec<i64> = (0..n).map(|i| 2 + (i % 97) as i64).collect();
-        let batch = Batch { inputs: inputs.clone(), targets: vec![0; n], batch: 1, seq_len: n, items: vec![0], positions: None };
+        let batch =
+            Batch { inputs: inputs.clone(), targets: vec![0; n], batch: 1, seq_len: n, items: vec![0], positions: None, encoder: None };
         let masking = Masking { probability: 0.15, mask: 1, vocab_size: 100, special: vec![0, 1] };
         let out = masking.apply(batch.clone(), 7);
         let chosen: Vec<usize> = (0..n).filter(|&i| out.targets[i] != IGNORE).collect();
@@ -73,7 +74,7 @@ mod tests {
     #[test]
     fn special_tokens_are_never_chosen() {
         let inputs: Vec<i64> = (0..10_000).map(|i| (i % 3) as i64).collect();
-        let batch = Batch { inputs, targets: vec![0; 10_000], batch: 1, seq_len: 10_000, items: vec![0], positions: None };
+        let batch = Batch { inputs, targets: vec![0; 10_000], batch: 1, seq_len: 10_000, items: vec![0], positions: None, encoder: None };
         let out = Masking { probability: 0.5, mask: 1, vocab_size: 3, special: vec![0, 1] }.apply(batch, 3);
         assert!(out.targets.iter().all(|&t| t == IGNORE || t == 2));
         assert!(out.targets.contains(&2));

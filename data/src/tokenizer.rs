@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use furnace_configs::SENTINELS;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -15,21 +16,37 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 /// The masked-LM placeholder, as BERT names it.
 pub const MASK: &str = "[MASK]";
 
+/// Special tokens beyond end-of-text that a model's objective needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtraTokens {
+    None,
+    /// BERT's `[MASK]`.
+    Mask,
+    /// T5's span-corruption sentinels `<extra_id_0>` … `<extra_id_99>` ([`SENTINELS`]).
+    Sentinels,
+}
+
+fn sentinel(i: usize) -> String {
+    format!("<extra_id_{i}>")
+}
+
 pub struct TextTokenizer {
     inner: Tokenizer,
     eos: u32,
 }
 
 impl TextTokenizer {
-    /// Train a byte-level BPE with `vocab_size` entries (256 bytes + merges + `<|endoftext|>`,
-    /// and `[MASK]` for a masked-LM model). Digits are split one per token before BPE (as
+    /// Train a byte-level BPE with `vocab_size` entries (256 bytes + merges + `<|endoftext|>`
+    /// and the `extra` tokens). Digits are split one per token before BPE (as
     /// Llama's tokenizer does), so numbers are read digit by digit and arithmetic stays
     /// learnable. `[MASK]` takes the space before it (as RoBERTa's `<mask>`), so "the [MASK]
     /// sat" hides a whole word the way training's masking did.
-    pub fn train(documents: &[String], vocab_size: usize, masked_lm: bool) -> Result<Self, String> {
+    pub fn train(documents: &[String], vocab_size: usize, extra: ExtraTokens) -> Result<Self, String> {
         let mut special_tokens = vec![AddedToken::from(END_OF_TEXT, true)];
-        if masked_lm {
-            special_tokens.push(AddedToken::from(MASK, true).lstrip(true));
+        match extra {
+            ExtraTokens::None => {}
+            ExtraTokens::Mask => special_tokens.push(AddedToken::from(MASK, true).lstrip(true)),
+            ExtraTokens::Sentinels => special_tokens.extend((0..SENTINELS).map(|i| AddedToken::from(sentinel(i), true))),
         }
         let mut trainer = BpeTrainerBuilder::new()
             .vocab_size(vocab_size)
@@ -78,9 +95,20 @@ impl TextTokenizer {
         self.eos
     }
 
+    /// The padding token: `<pad>` where the tokenizer has one (T5's, which also starts its
+    /// decoder), else end-of-text, which Furnace pads with.
+    pub fn pad(&self) -> u32 {
+        self.inner.token_to_id("<pad>").unwrap_or(self.eos)
+    }
+
     /// The masked-LM placeholder (`[MASK]`, or RoBERTa's `<mask>`), if the tokenizer has one.
     pub fn mask(&self) -> Option<u32> {
         [MASK, "<mask>"].iter().find_map(|t| self.inner.token_to_id(t))
+    }
+
+    /// T5's sentinels `<extra_id_0>`, `<extra_id_1>`, … as far as the tokenizer has them.
+    pub fn sentinels(&self) -> Vec<u32> {
+        (0..).map_while(|i| self.inner.token_to_id(&sentinel(i))).collect()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -102,6 +130,11 @@ impl TextTokenizer {
         self.inner.id_to_token(id).unwrap_or_default()
     }
 
+    /// The text of `ids` with special tokens written out (a T5's sentinels, end-of-text).
+    pub fn decode_keeping_special(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, false).unwrap_or_default()
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         self.inner.decode(ids, true).unwrap_or_default()
     }
@@ -114,7 +147,7 @@ mod tests {
     #[test]
     fn trained_tokenizer_round_trips_text_and_reloads() {
         let docs: Vec<String> = crate::generators::stories(200, 1);
-        let tok = TextTokenizer::train(&docs, 400, false).unwrap();
+        let tok = TextTokenizer::train(&docs, 400, ExtraTokens::None).unwrap();
         assert_eq!(tok.mask(), None);
         assert!(tok.vocab_size() <= 400 && tok.vocab_size() > 300);
         let text = "Once upon a time, Zoë found 42 shells.";
@@ -131,9 +164,19 @@ mod tests {
     #[test]
     fn masked_lm_tokenizer_masks_a_word_with_its_space() {
         let docs: Vec<String> = crate::generators::stories(200, 1);
-        let tok = TextTokenizer::train(&docs, 400, true).unwrap();
+        let tok = TextTokenizer::train(&docs, 400, ExtraTokens::Mask).unwrap();
         let mask = tok.mask().expect("a [MASK] token");
         let expected: Vec<u32> = [tok.encode("the"), vec![mask], tok.encode(" sat")].concat();
         assert_eq!(tok.encode("the [MASK] sat"), expected, "the space before [MASK] goes with it");
+    }
+
+    #[test]
+    fn span_corruption_tokenizer_has_t5_sentinels() {
+        let docs: Vec<String> = crate::generators::stories(200, 1);
+        let tok = TextTokenizer::train(&docs, 600, ExtraTokens::Sentinels).unwrap();
+        let sentinels = tok.sentinels();
+        assert_eq!(sentinels.len(), SENTINELS);
+        assert_eq!(tok.encode("a<extra_id_7>b")[1], sentinels[7]);
+        assert!(TextTokenizer::train(&docs, 400, ExtraTokens::None).unwrap().sentinels().is_empty());
     }
 }

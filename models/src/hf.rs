@@ -475,38 +475,32 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, ModelConfig), String> {
             .with_norm_eps(float(json, "layer_norm_eps", 1e-12));
             Ok((HfArch::Bert, ModelConfig::Bert(config)))
         }
-        "t5" => Err("T5 folders are read by the library's `t5_config_from_hf` so far; training and generating with T5 from the command line come next".into()),
-        other => Err(format!("model_type `{other}` is not supported (llama, mistral, mixtral, gpt2, mamba, bert are)")),
+        "t5" => {
+            let mlp = match json.get("feed_forward_proj").and_then(Value::as_str).unwrap_or("relu") {
+                "relu" => MlpKind::Relu,
+                "gated-gelu" => MlpKind::GatedGelu,
+                other => return Err(format!("T5 feed_forward_proj `{other}` is not supported (relu and gated-gelu are)")),
+            };
+            let n_layers = field(json, "num_layers")?;
+            let n_decoder_layers = json.get("num_decoder_layers").and_then(Value::as_u64).map_or(n_layers, |v| v as usize);
+            let config = T5Config::new(
+                field(json, "vocab_size")?,
+                field(json, "d_model")?,
+                field(json, "d_kv")?,
+                field(json, "d_ff")?,
+                field(json, "num_heads")?,
+                n_layers,
+                n_decoder_layers,
+            )
+            .with_relative_attention_num_buckets(field(json, "relative_attention_num_buckets")?)
+            .with_relative_attention_max_distance(field(json, "relative_attention_max_distance")?)
+            .with_norm_eps(float(json, "layer_norm_epsilon", 1e-6))
+            .with_mlp(mlp)
+            .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
+            Ok((HfArch::T5 { n_decoder_layers, gated: mlp == MlpKind::GatedGelu }, ModelConfig::T5(config)))
+        }
+        other => Err(format!("model_type `{other}` is not supported (llama, mistral, mixtral, gpt2, mamba, bert, t5 are)")),
     }
-}
-
-/// Read a transformers T5 `config.json`; the T5 architecture is not yet a [`ModelConfig`].
-pub fn t5_config_from_hf(json: &Value) -> Result<(HfArch, T5Config), String> {
-    if json.get("model_type").and_then(Value::as_str) != Some("t5") {
-        return Err("config.json is not a T5 (model_type = \"t5\")".into());
-    }
-    let mlp = match json.get("feed_forward_proj").and_then(Value::as_str).unwrap_or("relu") {
-        "relu" => MlpKind::Relu,
-        "gated-gelu" => MlpKind::GatedGelu,
-        other => return Err(format!("T5 feed_forward_proj `{other}` is not supported (relu and gated-gelu are)")),
-    };
-    let n_layers = field(json, "num_layers")?;
-    let n_decoder_layers = json.get("num_decoder_layers").and_then(Value::as_u64).map_or(n_layers, |v| v as usize);
-    let config = T5Config::new(
-        field(json, "vocab_size")?,
-        field(json, "d_model")?,
-        field(json, "d_kv")?,
-        field(json, "d_ff")?,
-        field(json, "num_heads")?,
-        n_layers,
-        n_decoder_layers,
-    )
-    .with_relative_attention_num_buckets(field(json, "relative_attention_num_buckets")?)
-    .with_relative_attention_max_distance(field(json, "relative_attention_max_distance")?)
-    .with_norm_eps(float(json, "layer_norm_epsilon", 1e-6))
-    .with_mlp(mlp)
-    .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
-    Ok((HfArch::T5 { n_decoder_layers, gated: mlp == MlpKind::GatedGelu }, config))
 }
 
 /// The transformers class that can hold `config` exactly, or why none can.
@@ -515,6 +509,7 @@ pub fn hf_arch_for(config: &ModelConfig) -> Result<HfArch, String> {
         ModelConfig::Decoder(c) => decoder_hf_arch(c),
         ModelConfig::Mamba(_) => Ok(HfArch::Mamba),
         ModelConfig::Bert(_) => Ok(HfArch::Bert),
+        ModelConfig::T5(c) => Ok(HfArch::T5 { n_decoder_layers: c.n_decoder_layers, gated: c.mlp == MlpKind::GatedGelu }),
     }
 }
 
@@ -541,8 +536,9 @@ fn decoder_hf_arch(config: &DecoderConfig) -> Result<HfArch, String> {
     }
 }
 
-/// A transformers `config.json` for `config` (the inverse of `config_from_hf`).
-pub fn config_to_hf(config: &ModelConfig, bos: u32, eos: u32, dtype: &str) -> Result<Value, String> {
+/// A transformers `config.json` for `config` (the inverse of `config_from_hf`); `pad` also
+/// starts T5's decoder.
+pub fn config_to_hf(config: &ModelConfig, bos: u32, eos: u32, pad: u32, dtype: &str) -> Result<Value, String> {
     let c = match config {
         ModelConfig::Decoder(c) => c,
         ModelConfig::Mamba(c) => {
@@ -588,6 +584,30 @@ pub fn config_to_hf(config: &ModelConfig, bos: u32, eos: u32, dtype: &str) -> Re
                 "pad_token_id": eos,
                 "torch_dtype": dtype,
             }))
+        }
+        ModelConfig::T5(c) => {
+            return Ok(serde_json::json!({
+                "architectures": ["T5ForConditionalGeneration"],
+                "model_type": "t5",
+                "vocab_size": c.vocab_size,
+                "d_model": c.d_model,
+                "d_kv": c.d_kv,
+                "d_ff": c.d_ff,
+                "num_heads": c.n_heads,
+                "num_layers": c.n_layers,
+                "num_decoder_layers": c.n_decoder_layers,
+                "relative_attention_num_buckets": c.relative_attention_num_buckets,
+                "relative_attention_max_distance": c.relative_attention_max_distance,
+                "layer_norm_epsilon": c.norm_eps,
+                "feed_forward_proj": if c.mlp == MlpKind::GatedGelu { "gated-gelu" } else { "relu" },
+                "dropout_rate": 0.0,
+                "tie_word_embeddings": c.tie_embeddings,
+                "is_encoder_decoder": true,
+                "decoder_start_token_id": pad,
+                "pad_token_id": pad,
+                "eos_token_id": eos,
+                "torch_dtype": dtype,
+            }));
         }
     };
     Ok(match decoder_hf_arch(c)? {
@@ -829,14 +849,14 @@ mod tests {
         let mamba = MambaConfig::new(89, 32, 2, 2048).with_d_state(8).with_dt_rank(Some(3)).with_expand(3);
         let bert = BertConfig::new(79, 32, 2, 4, 64, 48).with_type_vocab_size(2).with_norm_eps(1e-12);
         for config in [ModelConfig::Decoder(llama), ModelConfig::Decoder(gpt2), ModelConfig::Mamba(mamba), ModelConfig::Bert(bert)] {
-            let json = config_to_hf(&config, 1, 2, "float32").unwrap();
+            let json = config_to_hf(&config, 1, 2, 2, "float32").unwrap();
             let (_, back) = config_from_hf(&json).unwrap();
             assert_eq!(format!("{back:?}"), format!("{config:?}"));
         }
         let alibi = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_position(PositionKind::Alibi);
-        assert!(config_to_hf(&ModelConfig::Decoder(alibi), 1, 2, "float32").unwrap_err().contains("mixes"));
+        assert!(config_to_hf(&ModelConfig::Decoder(alibi), 1, 2, 2, "float32").unwrap_err().contains("mixes"));
         let window = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_sliding_window(8);
-        assert!(config_to_hf(&ModelConfig::Decoder(window), 1, 2, "float32").unwrap_err().contains("sliding"));
+        assert!(config_to_hf(&ModelConfig::Decoder(window), 1, 2, 2, "float32").unwrap_err().contains("sliding"));
     }
 
     #[test]

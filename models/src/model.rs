@@ -12,6 +12,7 @@ use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
 use crate::mamba::{Mamba, MambaConfig, MambaState};
 use crate::mixtral::Routing;
+use crate::t5::{T5Config, T5};
 
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
@@ -20,10 +21,15 @@ pub enum ModelConfig {
     Mamba(MambaConfig),
     /// BERT-style encoders, trained on masked tokens.
     Bert(BertConfig),
+    /// T5-style encoder-decoders, trained on (input, target) pairs.
+    T5(T5Config),
 }
 
 /// Why an encoder refuses what only decoders do.
 const ENCODER: &str = "BERT is an encoder: it fills masks and neither decodes left to right nor carries a score head (the recipe check and the commands refuse this)";
+
+/// Why an encoder-decoder refuses what decoders do alone.
+const ENCODER_DECODER: &str = "T5 decodes given an encoded input (`forward_seq2seq`, `t5::Conditioned`), and carries no score head (the recipe check and the commands refuse this)";
 
 impl ModelConfig {
     pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> LanguageModel<B> {
@@ -31,6 +37,7 @@ impl ModelConfig {
             Self::Decoder(c) => LanguageModel::Decoder(c.init(seed, device)),
             Self::Mamba(c) => LanguageModel::Mamba(c.init(seed, device)),
             Self::Bert(c) => LanguageModel::Bert(c.init(seed, device)),
+            Self::T5(c) => LanguageModel::T5(c.init(seed, device)),
         }
     }
 
@@ -40,6 +47,7 @@ impl ModelConfig {
             Self::Decoder(c) => c.num_params(),
             Self::Mamba(c) => c.num_params(),
             Self::Bert(c) => c.num_params(),
+            Self::T5(c) => c.num_params(),
         }
     }
 
@@ -49,6 +57,7 @@ impl ModelConfig {
             Self::Decoder(c) => c.train_flops_per_token(seq_len),
             Self::Mamba(c) => c.train_flops_per_token(),
             Self::Bert(c) => c.train_flops_per_token(seq_len),
+            Self::T5(c) => c.train_flops_per_token(seq_len),
         }
     }
 
@@ -61,6 +70,16 @@ impl ModelConfig {
             }
             Self::Mamba(c) => format!("{} layers, d_model {}, d_inner {}, d_state {}", c.n_layers, c.d_model, c.d_inner(), c.d_state),
             Self::Bert(c) => format!("{} layers, d_model {}, {} heads, d_ff {}", c.n_layers, c.d_model, c.n_heads, c.d_ff),
+            Self::T5(c) => format!(
+                "{} encoder + {} decoder layers, d_model {}, {} heads × {}, d_ff {} ({})",
+                c.n_layers,
+                c.n_decoder_layers,
+                c.d_model,
+                c.n_heads,
+                c.d_kv,
+                c.d_ff,
+                if c.mlp == crate::blocks::MlpKind::GatedGelu { "gated-gelu" } else { "relu" }
+            ),
         }
     }
 
@@ -74,7 +93,7 @@ impl ModelConfig {
                 DecoderConfig::new(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.d_ff, c.max_seq_len)
                     .activation_bytes(batch, seq, recompute),
             ),
-            Self::Mamba(_) => None,
+            Self::Mamba(_) | Self::T5(_) => None,
         }
     }
 
@@ -83,6 +102,7 @@ impl ModelConfig {
             Self::Decoder(c) => c.n_layers,
             Self::Mamba(c) => c.n_layers,
             Self::Bert(c) => c.n_layers,
+            Self::T5(c) => c.n_layers,
         }
     }
 
@@ -91,6 +111,8 @@ impl ModelConfig {
             Self::Decoder(c) => c.max_seq_len,
             Self::Mamba(c) => c.max_seq_len,
             Self::Bert(c) => c.max_seq_len,
+            // Relative positions have no table to run out of.
+            Self::T5(_) => usize::MAX,
         }
     }
 
@@ -99,6 +121,7 @@ impl ModelConfig {
             Self::Decoder(c) => c.tie_embeddings,
             Self::Mamba(c) => c.tie_embeddings,
             Self::Bert(_) => true,
+            Self::T5(c) => c.tie_embeddings,
         }
     }
 }
@@ -110,6 +133,7 @@ pub enum LanguageModel<B: Backend> {
     Decoder(Decoder<B>),
     Mamba(Mamba<B>),
     Bert(Bert<B>),
+    T5(T5<B>),
 }
 
 /// The decoding state of a [`LanguageModel`].
@@ -126,6 +150,16 @@ impl<B: FusedOps> LanguageModel<B> {
             Self::Decoder(m) => m.scores(tokens, positions),
             Self::Mamba(_) => panic!("reward models are transformers only (the recipe check rejects this)"),
             Self::Bert(_) => panic!("{ENCODER}"),
+            Self::T5(_) => panic!("{ENCODER_DECODER}"),
+        }
+    }
+
+    /// An encoder-decoder's training forward: logits `[batch, target_len, vocab]` of the
+    /// decoder reading `decoder_input` over `input` (rows `lengths` long, padded after).
+    pub fn forward_seq2seq(&self, input: Tensor<B, 2, Int>, lengths: &[usize], decoder_input: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        match self {
+            Self::T5(m) => m.forward(input, lengths, decoder_input),
+            _ => panic!("only an encoder-decoder reads (input, target) pairs (the recipe check rejects this)"),
         }
     }
 
@@ -137,6 +171,7 @@ impl<B: FusedOps> LanguageModel<B> {
             (Self::Mamba(m), None) => (m.forward(tokens), None),
             (Self::Bert(m), None) => (m.forward(tokens), None),
             (Self::Mamba(_) | Self::Bert(_), Some(_)) => panic!("packed rows are for SFT on decoders only (the recipe check rejects this)"),
+            (Self::T5(_), _) => panic!("{ENCODER_DECODER}"),
         }
     }
 
@@ -146,6 +181,7 @@ impl<B: FusedOps> LanguageModel<B> {
             Self::Decoder(m) => m.logits_and_values(tokens),
             Self::Mamba(_) => panic!("value heads are on transformers only (the recipe check rejects this)"),
             Self::Bert(_) => panic!("{ENCODER}"),
+            Self::T5(_) => panic!("{ENCODER_DECODER}"),
         }
     }
 }
@@ -163,6 +199,7 @@ impl<B: FusedOps> LanguageModel<B> {
             Self::Decoder(m) => m.layers.len(),
             Self::Mamba(m) => m.layers.len(),
             Self::Bert(m) => m.layers.len(),
+            Self::T5(m) => m.encoder_layers.len() + m.decoder_layers.len(),
         }
     }
 
@@ -170,14 +207,18 @@ impl<B: FusedOps> LanguageModel<B> {
     pub fn embed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, AttentionContext<B>) {
         match self {
             Self::Decoder(m) => m.embed(tokens, 0, packed),
-            Self::Mamba(_) | Self::Bert(_) => panic!("activation checkpointing is for dense decoders (the recipe check rejects this)"),
+            Self::Mamba(_) | Self::Bert(_) | Self::T5(_) => {
+                panic!("activation checkpointing is for dense decoders (the recipe check rejects this)")
+            }
         }
     }
 
     pub fn block(&self, index: usize, x: Tensor<B, 3>, ctx: &AttentionContext<B>) -> Tensor<B, 3> {
         match self {
             Self::Decoder(m) => m.layers[index].forward(x, ctx, None).0,
-            Self::Mamba(_) | Self::Bert(_) => panic!("activation checkpointing is for dense decoders (the recipe check rejects this)"),
+            Self::Mamba(_) | Self::Bert(_) | Self::T5(_) => {
+                panic!("activation checkpointing is for dense decoders (the recipe check rejects this)")
+            }
         }
     }
 
@@ -185,7 +226,9 @@ impl<B: FusedOps> LanguageModel<B> {
     pub fn finish(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             Self::Decoder(m) => m.finish(x),
-            Self::Mamba(_) | Self::Bert(_) => panic!("activation checkpointing is for dense decoders (the recipe check rejects this)"),
+            Self::Mamba(_) | Self::Bert(_) | Self::T5(_) => {
+                panic!("activation checkpointing is for dense decoders (the recipe check rejects this)")
+            }
         }
     }
 }
@@ -198,6 +241,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
             Self::Decoder(m) => m.forward(tokens),
             Self::Mamba(m) => m.forward(tokens),
             Self::Bert(m) => m.forward(tokens),
+            Self::T5(_) => panic!("{ENCODER_DECODER}"),
         }
     }
 
@@ -206,6 +250,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
             Self::Decoder(m) => DecodeState::Decoder(m.init_state()),
             Self::Mamba(m) => DecodeState::Mamba(m.init_state()),
             Self::Bert(_) => panic!("{ENCODER}"),
+            Self::T5(_) => panic!("{ENCODER_DECODER}"),
         }
     }
 
@@ -214,6 +259,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
             (Self::Decoder(m), DecodeState::Decoder(s)) => m.forward_step(tokens, s),
             (Self::Mamba(m), DecodeState::Mamba(s)) => m.forward_step(tokens, s),
             (Self::Bert(_), _) => panic!("{ENCODER}"),
+            (Self::T5(_), _) => panic!("{ENCODER_DECODER}"),
             _ => panic!("a decoding state belongs to the model that made it"),
         }
     }
@@ -223,6 +269,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
             Self::Decoder(m) => m.max_seq_len(),
             Self::Mamba(m) => m.max_seq_len(),
             Self::Bert(m) => m.max_seq_len,
+            Self::T5(_) => usize::MAX,
         }
     }
 
@@ -231,6 +278,7 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
             Self::Decoder(m) => CausalLm::vocab_size(m),
             Self::Mamba(m) => CausalLm::vocab_size(m),
             Self::Bert(m) => m.vocab_size,
+            Self::T5(m) => m.vocab_size,
         }
     }
 }
@@ -241,6 +289,7 @@ impl<B: Backend> LinearLayers<B> for LanguageModel<B> {
             Self::Decoder(m) => m.linear_layers_mut(),
             Self::Mamba(m) => m.linear_layers_mut(),
             Self::Bert(m) => m.linear_layers_mut(),
+            Self::T5(m) => m.linear_layers_mut(),
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::blocks::*;
 use crate::causal_lm::CausalLm;
 use crate::init::{normal_param, SeededRng};
 use crate::kernels::{multi_head_attention, multi_head_attention_learned_bias, FusedOps};
+use crate::lora::LinearLayers;
 
 #[derive(Config, Debug)]
 pub struct T5Config {
@@ -57,6 +58,18 @@ impl T5Config {
         let decoder = self.n_decoder_layers * (2 * attention + mlp + 3 * d) + d;
         let head = if self.tie_embeddings { 0 } else { self.vocab_size * d };
         self.vocab_size * d + bias_tables + encoder + decoder + head
+    }
+
+    /// Training FLOPs per token, for MFU, counting an encoder token and a decoder token as
+    /// one pair's average (a pair's input and target are about as long): 6 per multiply-add
+    /// of the stack a token goes through (the decoder's with the head), plus attention scores
+    /// over `seq_len` keys (cross-attention's included).
+    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
+        let (d, inner, f) = (self.d_model as f64, (self.n_heads * self.d_kv) as f64, self.d_ff as f64);
+        let mlp = f * d * if self.mlp == MlpKind::GatedGelu { 3.0 } else { 2.0 };
+        let encoder = self.n_layers as f64 * (4.0 * d * inner + mlp + 2.0 * seq_len as f64 * inner);
+        let decoder = self.n_decoder_layers as f64 * (8.0 * d * inner + mlp + 4.0 * seq_len as f64 * inner);
+        6.0 * (encoder + decoder + self.vocab_size as f64 * d) / 2.0
     }
 
     /// Initialised as transformers initialises T5 (factor 1): the embedding N(0, 1), queries
@@ -294,6 +307,18 @@ impl<B: FusedOps> T5<B> {
     pub fn forward(&self, input: Tensor<B, 2, Int>, lengths: &[usize], decoder_input: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let mut state = self.start_decoding(self.encode(input, lengths), lengths);
         self.decode(decoder_input, &mut state)
+    }
+}
+
+impl<B: Backend> LinearLayers<B> for T5<B> {
+    fn linear_layers_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out: Vec<(&'static str, &mut Linear<B>)> = Vec::new();
+        for layer in self.encoder_layers.iter_mut().chain(&mut self.decoder_layers) {
+            out.extend(layer.self_attention.projections_mut());
+            out.extend(layer.cross_attention.iter_mut().flat_map(Attention::projections_mut));
+            out.extend(layer.feed_forward.projections_mut());
+        }
+        out
     }
 }
 

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use burn::module::Param;
 use burn::prelude::*;
-use furnace_models::hf::{config_from_hf, from_hf, t5_config_from_hf};
+use furnace_models::hf::{config_from_hf, from_hf};
 use furnace_models::kernels::cross_entropy;
 use furnace_models::params::{from_safetensors, load_named, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
-use furnace_models::{CausalLm, LanguageModel};
+use furnace_models::{CausalLm, LanguageModel, ModelConfig};
 
 type B = burn::backend::Flex;
 
@@ -151,7 +151,7 @@ fn t5_logits_and_gradients_match_transformers() {
     for name in ["tiny_t5", "tiny_t5_gated"] {
         let dir = fixture(name);
         let config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-        let (arch, config) = t5_config_from_hf(&config_json).unwrap();
+        let (arch, ModelConfig::T5(config)) = config_from_hf(&config_json).unwrap() else { panic!("{name} is a T5") };
         let device = Default::default();
         let hf = from_safetensors(&std::fs::read(dir.join("model.safetensors")).unwrap()).unwrap();
         let ours = from_hf(arch, &hf, config.n_layers, config.tie_embeddings).unwrap();

@@ -2,7 +2,9 @@
 `furnace export --format safetensors`, load the folders with transformers on CPU, and compare
 logits (1e-4 relative, f32) and greedy continuations (identical tokens) with `furnace generate`.
 A tiny BERT goes the same way through AutoModelForMaskedLM: logits on a prompt with [MASK],
-and transformers' fill-mask pipeline must pick the tokens `furnace generate` picks.
+and transformers' fill-mask pipeline must pick the tokens `furnace generate` picks. A tiny T5
+(span corruption) through AutoModelForSeq2SeqLM: the decoder's logits over its reply to a
+prompt with a sentinel, and transformers' greedy generate must write the same tokens.
 
     pip install torch transformers safetensors
     cargo build --release -p furnace-trainer
@@ -15,11 +17,12 @@ import tempfile
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, pipeline
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
 from furnace_cli import PROMPT, TINY_RECIPE, run
 
 MASKED_PROMPT = "Once upon a time, there was a little fox named Tim. [MASK] lived near the [MASK]."
+SPAN_PROMPT = "Once upon a time, there was a little fox named Tim. <extra_id_0> lived near the <extra_id_1>."
 
 def train_and_export(arch: str, extra: str, work: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     recipe = work / f"{arch}.toml"
@@ -82,6 +85,34 @@ def check_bert(work: pathlib.Path) -> bool:
     return err < 1e-4 and same
 
 
+def check_t5(work: pathlib.Path, extra: str, label: str) -> bool:
+    """T5 (tied head, ReLU) or T5 v1.1 (its own head, gated GELU), trained by span corruption."""
+    sub = work / label
+    sub.mkdir()
+    run_dir, hf_dir = train_and_export("t5", extra, sub)
+    logits_file = sub / "logits_t5.safetensors"
+    ours_text = run("generate", "--checkpoint", str(run_dir), "--prompt", SPAN_PROMPT, "--temperature", "0",
+                    "--max-new-tokens", "12", "--logits-out", str(logits_file)).strip()
+    ours = load_file(str(logits_file))
+    model = AutoModelForSeq2SeqLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    input_ids = ours["input_ids"].long().unsqueeze(0)
+    decoder_ids = ours["decoder_input_ids"].long().unsqueeze(0)
+    expected_ids = tokenizer.encode(SPAN_PROMPT, add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert input_ids[0].tolist() == expected_ids, f"tokenization differs: {input_ids[0].tolist()} vs {expected_ids}"
+    with torch.no_grad():
+        theirs = model(input_ids=input_ids, decoder_input_ids=decoder_ids).logits[0]
+        generated = model.generate(input_ids, max_new_tokens=12, do_sample=False)
+    err = ((theirs - ours["logits"]).abs().max() / theirs.abs().max()).item()
+    # Both start from the decoder start token; furnace's reply may end at end-of-text as theirs does.
+    same = generated[0].tolist() == decoder_ids[0].tolist()
+    print(f"{label:6} {type(model).__name__:18} max |Δlogit|/max|logit| = {err:.2e}  greedy reply identical: {same} {ours_text!r}")
+    if not same:
+        print(f"  furnace:      {decoder_ids[0].tolist()}\n  transformers: {generated[0].tolist()}")
+    return err < 1e-4 and same
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
@@ -90,6 +121,8 @@ def main() -> None:
         ok &= check("mamba", "d_state = 8", work)
         ok &= check("mixtral", "n_kv_heads = 2\nn_experts = 4", work)
         ok &= check_bert(work)
+        ok &= check_t5(work, "", "t5")
+        ok &= check_t5(work, 'mlp = "gated-gelu"\ntie_embeddings = false', "t5v1.1")
     sys.exit(0 if ok else 1)
 
 

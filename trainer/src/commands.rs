@@ -7,9 +7,11 @@ use anyhow::{bail, Context, Result};
 use furnace_configs::Recipe;
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{prepare, read_documents};
+use furnace_data::tokenizer::ExtraTokens;
 use furnace_data::TextTokenizer;
-use furnace_models::generate::{generate as run_generation, GenerateConfig};
+use furnace_models::generate::GenerateConfig;
 use furnace_models::hf::{from_peft, hf_arch_for};
+use furnace_models::kernels::FusedOps;
 use furnace_models::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::{CausalLm, LanguageModel};
@@ -17,7 +19,7 @@ use furnace_models::{CausalLm, LanguageModel};
 use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
 use crate::datasets::chat_template_source;
-use crate::evaluate::{encode_prompt, fill_mask_line};
+use crate::evaluate::{encode_prompt, fill_mask_line, reply};
 use crate::model::{base_for, build_model, is_gguf, load_base, model_config};
 use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
@@ -75,12 +77,12 @@ pub fn data_prepare(args: RecipeArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn data_tokenizer(inputs: &[PathBuf], vocab_size: usize, text_field: &str, masked_lm: bool, out: &Path) -> Result<()> {
+pub fn data_tokenizer(inputs: &[PathBuf], vocab_size: usize, text_field: &str, extra: ExtraTokens, out: &Path) -> Result<()> {
     let mut docs = Vec::new();
     for input in inputs {
         docs.extend(read_documents(input, text_field).map_err(anyhow::Error::msg)?);
     }
-    let tokenizer = TextTokenizer::train(&docs, vocab_size, masked_lm).map_err(anyhow::Error::msg)?;
+    let tokenizer = TextTokenizer::train(&docs, vocab_size, extra).map_err(anyhow::Error::msg)?;
     tokenizer.save(out).map_err(anyhow::Error::msg)?;
     println!("trained a byte-level BPE of {} tokens on {} documents: {}", tokenizer.vocab_size(), docs.len(), out.display());
     Ok(())
@@ -152,14 +154,21 @@ impl BackendJob for GenerateJob {
                 seed: args.seed,
             },
         };
+        let encoder_decoder = matches!(model, LanguageModel::T5(_));
+        if encoder_decoder && args.chat {
+            bail!(
+                "--chat renders a chat template for a decoder; {} is an encoder-decoder (T5): give its input as --prompt",
+                args.checkpoint.display()
+            );
+        }
         let prompt = if args.chat {
             let template = ChatTemplate::new(&chat_template_source(&recipe)?, &tokenizer).map_err(anyhow::Error::msg)?;
             let turn = [Message { role: "user".into(), content: args.prompt.clone() }];
             tokenizer.encode(&template.render(&turn, true).map_err(anyhow::Error::msg)?)
         } else {
-            encode_prompt(&tokenizer, &args.prompt)
+            encode_prompt(&tokenizer, &args.prompt, encoder_decoder)
         };
-        if let Some(path) = &args.logits_out {
+        if let (Some(path), false) = (&args.logits_out, encoder_decoder) {
             let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
             let logits = model.forward(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ids, [1, prompt.len()]), &device));
             let [_, positions, vocab] = logits.dims();
@@ -175,16 +184,22 @@ impl BackendJob for GenerateJob {
             println!("{}", fill_mask_line(bert, &tokenizer, &args.prompt, &device)?);
             return Ok(());
         }
-        // A chat reply stands alone; a plain continuation follows its prompt.
-        if !args.chat {
+        // A chat reply or an encoder-decoder's output stands alone; a plain continuation
+        // follows its prompt.
+        if !args.chat && !encoder_decoder {
             print!("{}", args.prompt);
         }
         let mut produced: Vec<u32> = Vec::new();
         let mut printed = 0;
         let mut stdout = std::io::stdout();
-        run_generation(&model, &prompt, &generation, &device, |token| {
+        let stop_tokens = generation.stop_tokens.clone();
+        let reply_tokens = reply(&model, &prompt, tokenizer.pad(), &generation, &device, |token| {
+            if stop_tokens.contains(&token) {
+                return;
+            }
             produced.push(token);
-            let text = tokenizer.decode(&produced);
+            // T5's sentinels are what a span-corruption model writes: they stay visible.
+            let text = if encoder_decoder { tokenizer.decode_keeping_special(&produced) } else { tokenizer.decode(&produced) };
             // Hold back a trailing partial UTF-8 character until its bytes arrive.
             let complete = text.trim_end_matches('\u{FFFD}');
             if complete.len() > printed {
@@ -194,8 +209,37 @@ impl BackendJob for GenerateJob {
             }
         });
         println!();
+        if let (Some(path), LanguageModel::T5(_)) = (&args.logits_out, &model) {
+            write_seq2seq_logits(&model, &prompt, tokenizer.pad(), &reply_tokens, path, &device)?;
+        }
         Ok(())
     }
+}
+
+/// An encoder-decoder's `--logits-out`: the decoder's logits over the start token and the
+/// reply (`decoder_input_ids`), reading the prompt (`input_ids`), as transformers computes
+/// them from the same two id lists.
+fn write_seq2seq_logits<B: FusedOps>(
+    model: &LanguageModel<B>,
+    prompt: &[u32],
+    start: u32,
+    reply: &[u32],
+    path: &Path,
+    device: &B::Device,
+) -> Result<()> {
+    let decoder: Vec<u32> = std::iter::once(start).chain(reply.iter().copied()).collect();
+    let ids = |tokens: &[u32]| {
+        let values: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(values, [1, tokens.len()]), device)
+    };
+    let logits = model.forward_seq2seq(ids(prompt), &[prompt.len()], ids(&decoder));
+    let [_, positions, vocab] = logits.dims();
+    let as_floats = |tokens: &[u32]| HostTensor { shape: vec![tokens.len()], data: tokens.iter().map(|&t| t as f32).collect() };
+    let mut out = NamedTensors::new();
+    out.insert("logits".into(), HostTensor::from_tensor(logits.reshape([positions, vocab])));
+    out.insert("input_ids".into(), as_floats(prompt));
+    out.insert("decoder_input_ids".into(), as_floats(&decoder));
+    std::fs::write(path, to_safetensors(&out)).with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {

@@ -1,6 +1,6 @@
 //! The data a recipe trains on, as loaders: packed token windows for pretraining, labelled
 //! conversations (one per row, loss on the assistant's tokens) for SFT, preference pairs (two
-//! rows each) for DPO.
+//! rows each) for DPO, (input, target) pairs for an encoder-decoder.
 
 use std::path::Path;
 
@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use furnace_configs::{Recipe, TrainMode};
 use furnace_data::chat::{prepare_preferences, prepare_sft, ChatTemplate, DEFAULT_CHAT_TEMPLATE};
 use furnace_data::corpus::prepare;
+use furnace_data::seq2seq::prepare_seq2seq;
 use furnace_data::{Loader, Shard, TextTokenizer};
 
 pub struct Datasets {
@@ -70,6 +71,26 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
         let val = Loader::examples(val, pad, t.seq_len, t.local_batch_size, seed, 0, 1, false)
             .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
         return Ok(Datasets { tokenizer, train, val, chat_template: Some(template), reference_pairs: None });
+    }
+    if recipe.trains_on_pairs() {
+        println!("preparing (input, target) pairs ({})", recipe.data.source);
+        let prepared = prepare_seq2seq(recipe, out).map_err(anyhow::Error::msg)?;
+        let cut = prepared.train.iter().filter(|e| e.input.len().max(e.target.len()) > t.seq_len).count();
+        println!(
+            "  {} train and {} val pairs, tokenizer vocab {}{}{}{}",
+            prepared.train.len(),
+            prepared.val.len(),
+            prepared.tokenizer.vocab_size(),
+            if prepared.reused { " (reused)" } else { "" },
+            if cut > 0 { format!(", {cut} cut at training.seq_len = {}", t.seq_len) } else { String::new() },
+            if prepared.skipped > 0 { format!(", {} malformed lines skipped", prepared.skipped) } else { String::new() },
+        );
+        let pad = prepared.tokenizer.pad();
+        let train =
+            Loader::seq2seq(prepared.train, pad, t.seq_len, t.local_batch_size, seed, rank, world, true).map_err(anyhow::Error::msg)?;
+        let val = Loader::seq2seq(prepared.val, pad, t.seq_len, t.local_batch_size, seed, 0, 1, false)
+            .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
+        return Ok(Datasets { tokenizer: prepared.tokenizer, train, val, chat_template: None, reference_pairs: None });
     }
     println!("preparing data ({}) under {}", recipe.data.source, out.join("data").display());
     let data = prepare(recipe, out).map_err(anyhow::Error::msg)?;

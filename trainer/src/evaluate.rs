@@ -1,15 +1,15 @@
 //! Evaluation: validation loss, exact match on held-out arithmetic, and a sample.
 
 use burn::prelude::*;
-use furnace_data::loader::IGNORE;
-use furnace_data::mlm::Masking;
-use furnace_data::{Loader, TextTokenizer};
+use furnace_data::seq2seq::{Seq2SeqExample, TextPair};
+use furnace_data::{Batch, Loader, TextTokenizer};
 use furnace_models::generate::{generate, GenerateConfig};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
-use furnace_models::{Bert, CausalLm};
+use furnace_models::t5::Conditioned;
+use furnace_models::{Bert, CausalLm, LanguageModel};
 
-use crate::objective::lm_loss_sum;
+use crate::objective::{lm_loss_sum, Denoising};
 
 /// What a validation pass measured.
 pub struct Validation {
@@ -19,40 +19,79 @@ pub struct Validation {
     pub mlm_accuracy: Option<f64>,
 }
 
-/// Mean next-token loss over the counted targets of `steps` validation batches (the same
-/// batches every time), or with `masking` the masked-LM loss and accuracy (batch i masked
-/// with seed i, so every evaluation hides the same tokens).
-pub fn validation<B: FusedOps, M: CausalLm<B>>(
-    model: &M,
+/// Mean loss over the counted targets of `steps` validation batches (the same batches every
+/// time): next-token, target-given-input for an encoder-decoder, or with `denoising` the
+/// masked-LM loss and accuracy or T5's span-corruption loss (batch i noised with seed i, so
+/// every evaluation hides the same tokens).
+pub fn validation<B: FusedOps>(
+    model: &LanguageModel<B>,
     loader: &mut Loader,
     steps: usize,
-    masking: Option<&Masking>,
+    denoising: Option<&Denoising>,
     device: &B::Device,
 ) -> Validation {
     loader.set_cursor(Default::default());
+    let masked_lm = matches!(denoising, Some(Denoising::MaskedLm(_)));
     let (mut total, mut tokens, mut correct) = (0.0, 0usize, 0usize);
     for i in 0..steps.max(1) {
-        let batch = match masking {
-            Some(masking) => masking.apply(loader.next_batch(), i as u64),
+        let batch = match denoising {
+            Some(denoising) => denoising.apply(loader.next_batch(), i as u64),
             None => loader.next_batch(),
         };
-        let shape = [batch.batch, batch.seq_len];
-        tokens += batch.targets.iter().filter(|&&t| t != IGNORE).count();
-        let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs, shape), device);
-        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), shape), device);
-        let logits = model.forward(inputs);
-        if masking.is_some() {
+        tokens += batch.counted_targets();
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), [batch.batch, batch.seq_len]), device);
+        let logits = forward_batch(model, &batch, device);
+        if masked_lm {
             let predicted: Vec<i64> = logits.clone().argmax(2).into_data().convert::<i64>().into_vec().expect("int predictions");
             correct += predicted.iter().zip(&batch.targets).filter(|(p, t)| p == t).count();
         }
         total += lm_loss_sum(logits, targets).into_scalar().elem::<f64>();
     }
     let tokens = tokens.max(1) as f64;
-    Validation { loss: total / tokens, mlm_accuracy: masking.map(|_| correct as f64 / tokens) }
+    Validation { loss: total / tokens, mlm_accuracy: masked_lm.then(|| correct as f64 / tokens) }
 }
 
-/// The prompt as the model saw documents in training: after an end-of-text token.
-pub fn encode_prompt(tokenizer: &TextTokenizer, prompt: &str) -> Vec<u32> {
+/// Logits for a batch as training computes them (packed rows aside): the decoder's over the
+/// encoder's input for an encoder-decoder batch, the model's over the inputs otherwise.
+pub fn forward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 3> {
+    let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), [batch.batch, batch.seq_len]), device);
+    match &batch.encoder {
+        Some(encoder) => {
+            let shape = [batch.batch, encoder.len];
+            let input = Tensor::<B, 2, Int>::from_data(TensorData::new(encoder.tokens.clone(), shape), device);
+            model.forward_seq2seq(input, &encoder.lengths, inputs)
+        }
+        None => model.forward(inputs),
+    }
+}
+
+/// The model's reply to `prompt`: a decoder continues it; T5 reads it with its encoder and
+/// decodes from its start token `start`. `on_token` sees each token as it comes.
+pub fn reply<B: FusedOps>(
+    model: &LanguageModel<B>,
+    prompt: &[u32],
+    start: u32,
+    config: &GenerateConfig,
+    device: &B::Device,
+    on_token: impl FnMut(u32),
+) -> Vec<u32> {
+    match model {
+        LanguageModel::T5(t5) => {
+            let ids = prompt.iter().map(|&t| t as i64).collect::<Vec<_>>();
+            let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), device);
+            let conditioned = Conditioned { model: t5, input, lengths: vec![prompt.len()] };
+            generate(&conditioned, &[start], config, device, on_token)
+        }
+        _ => generate(model, prompt, config, device, on_token),
+    }
+}
+
+/// The prompt as the model saw its inputs in training: a decoder's documents after an
+/// end-of-text token, an encoder-decoder's inputs followed by one (as T5 appends `</s>`).
+pub fn encode_prompt(tokenizer: &TextTokenizer, prompt: &str, encoder_decoder: bool) -> Vec<u32> {
+    if encoder_decoder {
+        return Seq2SeqExample::encode(tokenizer, &TextPair { input: prompt.into(), target: String::new() }).input;
+    }
     let mut ids = vec![tokenizer.eos()];
     ids.extend(tokenizer.encode(prompt));
     ids
@@ -72,8 +111,8 @@ pub struct Asked {
 
 /// Greedy answers to held-out problems: (correct, total, a few (question, answer given,
 /// correct) triples).
-pub fn arithmetic_exact_match<B: Backend, M: CausalLm<B>>(
-    model: &M,
+pub fn arithmetic_exact_match<B: FusedOps>(
+    model: &LanguageModel<B>,
     tokenizer: &TextTokenizer,
     problems: &[Asked],
     device: &B::Device,
@@ -82,7 +121,7 @@ pub fn arithmetic_exact_match<B: Backend, M: CausalLm<B>>(
     let mut correct = 0;
     let mut shown = Vec::new();
     for problem in problems {
-        let out = generate(model, &problem.ids, &config, device, |_| {});
+        let out = reply(model, &problem.ids, tokenizer.pad(), &config, device, |_| {});
         let answer = tokenizer.decode(&out).trim().to_string();
         let ok = answer == problem.expected;
         correct += ok as usize;
@@ -101,7 +140,7 @@ pub const FILL_MASK_PROMPT: &str = "Once upon a time, there was a little fox nam
 /// likeliest tokens with their probabilities (transformers' fill-mask pipeline's answer).
 pub fn fill_mask_line<B: FusedOps>(model: &Bert<B>, tokenizer: &TextTokenizer, prompt: &str, device: &B::Device) -> anyhow::Result<String> {
     let mask = tokenizer.mask().ok_or_else(|| anyhow::anyhow!("the tokenizer has no [MASK] token to fill"))?;
-    let ids = encode_prompt(tokenizer, prompt);
+    let ids = encode_prompt(tokenizer, prompt, false);
     if !ids.contains(&mask) {
         anyhow::bail!("the prompt {prompt:?} has no [MASK] to fill; write one where a word should go");
     }
@@ -117,4 +156,25 @@ pub fn fill_mask_line<B: FusedOps>(model: &Bert<B>, tokenizer: &TextTokenizer, p
         line.push_str(&format!("\n  [MASK] {}: {}", i + 1, listed.join(", ")));
     }
     Ok(line)
+}
+
+/// The span-filling sample a T5 run on text ends with: as BERT's, the hidden name is the
+/// first one again.
+pub const FILL_SPAN_PROMPT: &str = "Once upon a time, there was a little fox named Tim. <extra_id_0> lived near the river.";
+
+/// What a span-corruption T5 writes for a prompt holding sentinels: each sentinel followed by
+/// the tokens it stands for, greedily (`<extra_id_0> Tim <extra_id_1>`).
+pub fn fill_spans_line<B: FusedOps>(
+    model: &LanguageModel<B>,
+    tokenizer: &TextTokenizer,
+    prompt: &str,
+    max_new_tokens: usize,
+    device: &B::Device,
+) -> anyhow::Result<String> {
+    let ids = encode_prompt(tokenizer, prompt, true);
+    if !ids.iter().any(|id| tokenizer.sentinels().contains(id)) {
+        anyhow::bail!("the prompt {prompt:?} has no sentinel to fill; write <extra_id_0> where a span should go");
+    }
+    let out = reply(model, &ids, tokenizer.pad(), &greedy(tokenizer, max_new_tokens), device, |_| {});
+    Ok(tokenizer.decode_keeping_special(&out))
 }

@@ -154,10 +154,13 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
 
     // Furnace separates documents with the end-of-text token and starts prompts with it, so it
     // serves as both bos and eos.
-    let eos = tokenizer.eos();
-    let hf_config = config_to_hf(&config, eos, eos, dtype.torch_name()).map_err(anyhow::Error::msg)?;
+    let (eos, pad) = (tokenizer.eos(), tokenizer.pad());
+    let hf_config = config_to_hf(&config, eos, eos, pad, dtype.torch_name()).map_err(anyhow::Error::msg)?;
     write("config.json", serde_json::to_string_pretty(&hf_config)?.as_bytes())?;
-    let generation = json!({ "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos });
+    let mut generation = json!({ "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad });
+    if let furnace_models::ModelConfig::T5(_) = config {
+        generation["decoder_start_token_id"] = json!(pad);
+    }
     write("generation_config.json", serde_json::to_string_pretty(&generation)?.as_bytes())?;
     write("tokenizer.json", tokenizer.to_json().as_bytes())?;
     let eos_text = tokenizer.decode_special(eos);
@@ -165,7 +168,7 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": eos_text,
         "eos_token": eos_text,
-        "pad_token": eos_text,
+        "pad_token": tokenizer.decode_special(pad),
         "model_max_length": config.max_seq_len(),
         "clean_up_tokenization_spaces": false,
         "add_bos_token": false,

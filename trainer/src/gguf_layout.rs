@@ -356,7 +356,7 @@ mod tests {
     #[test]
     fn a_gguf_vocabulary_becomes_a_working_tokenizer() {
         let docs: Vec<String> = (0..200).map(|i| format!("the cat {i} sat on the mat near the hat")).collect();
-        let original = furnace_data::TextTokenizer::train(&docs, 300, false).unwrap();
+        let original = furnace_data::TextTokenizer::train(&docs, 300, furnace_data::tokenizer::ExtraTokens::None).unwrap();
         let json: serde_json::Value = serde_json::from_str(&original.to_json()).unwrap();
         let mut tokens = vec![String::new(); original.vocab_size()];
         for (token, id) in json["model"]["vocab"].as_object().unwrap() {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use furnace_data::tokenizer::ExtraTokens;
 use furnace_trainer::{commands, ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
 // A retaining allocator: Burn allocates a fresh large buffer per op, and glibc's malloc hands
@@ -67,8 +68,11 @@ enum DataCommand {
         #[arg(long, default_value = "text")]
         text_field: String,
         /// Add a `[MASK]` token, for masked-LM (BERT) training.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "sentinels")]
         masked_lm: bool,
+        /// Add T5's sentinels `<extra_id_0>` … `<extra_id_99>`, for span corruption (T5 training).
+        #[arg(long)]
+        sentinels: bool,
         #[arg(long)]
         out: PathBuf,
     },
@@ -112,8 +116,13 @@ fn main() -> ExitCode {
         Command::Recipe(RecipeCommand::Check { file, overrides }) => commands::recipe_check(RecipeArgs { config: file, overrides }),
         Command::Recipe(RecipeCommand::Explain { file }) => commands::recipe_explain(file.as_deref()),
         Command::Data(DataCommand::Prepare(args)) => commands::data_prepare(args),
-        Command::Data(DataCommand::Tokenizer { input, vocab_size, text_field, masked_lm, out }) => {
-            commands::data_tokenizer(&input, vocab_size, &text_field, masked_lm, &out)
+        Command::Data(DataCommand::Tokenizer { input, vocab_size, text_field, masked_lm, sentinels, out }) => {
+            let extra = match (masked_lm, sentinels) {
+                (true, _) => ExtraTokens::Mask,
+                (_, true) => ExtraTokens::Sentinels,
+                _ => ExtraTokens::None,
+            };
+            commands::data_tokenizer(&input, vocab_size, &text_field, extra, &out)
         }
         Command::Bench(BenchCommand::Gemm { size }) => commands::bench_gemm(size),
         Command::Bench(BenchCommand::Scan { batch, seq, channels, state }) => commands::bench_scan(batch, seq, channels, state),

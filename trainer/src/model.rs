@@ -10,6 +10,7 @@ use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for, HfArch};
 use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
 use furnace_models::params::{from_safetensors, named_tensors, NamedTensors};
+use furnace_models::t5::T5Config;
 use furnace_models::{BertConfig, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
 
 use furnace_data::TextTokenizer;
@@ -37,6 +38,17 @@ pub fn model_config(m: &ResolvedModel) -> ModelConfig {
                 .with_dropout(m.dropout),
         );
     }
+    if m.arch == Arch::T5 {
+        return ModelConfig::T5(
+            T5Config::new(m.vocab_size, m.d_model, m.head_dim, m.d_ff, m.n_heads, m.n_layers, m.n_decoder_layers)
+                .with_relative_attention_num_buckets(m.relative_attention_num_buckets)
+                .with_relative_attention_max_distance(m.relative_attention_max_distance)
+                .with_norm_eps(m.norm_eps)
+                .with_mlp(if m.mlp == Mlp::GatedGelu { MlpKind::GatedGelu } else { MlpKind::Relu })
+                .with_tie_embeddings(m.tie_embeddings)
+                .with_dropout(m.dropout),
+        );
+    }
     ModelConfig::Decoder(
         DecoderConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
             .with_n_kv_heads(Some(m.n_kv_heads))
@@ -49,11 +61,13 @@ pub fn model_config(m: &ResolvedModel) -> ModelConfig {
                 Position::Rope => PositionKind::Rope,
                 Position::Alibi => PositionKind::Alibi,
                 Position::Learned => PositionKind::Learned,
+                Position::Relative => unreachable!("the recipe check keeps relative positions to t5"),
             })
             .with_rope_theta(m.rope_theta)
             .with_mlp(match m.mlp {
                 Mlp::SwiGlu => MlpKind::SwiGlu,
                 Mlp::Gelu => MlpKind::Gelu,
+                Mlp::Relu | Mlp::GatedGelu => unreachable!("the recipe check keeps relu and gated-gelu to t5"),
             })
             .with_bias(m.bias)
             .with_tie_embeddings(m.tie_embeddings)
@@ -96,6 +110,25 @@ fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
                 max_seq_len: Some(c.max_seq_len),
                 norm_eps: Some(c.norm_eps),
                 vocab_size: Some(c.vocab_size),
+                ..Default::default()
+            };
+            return ResolvedModel { dropout: c.dropout, ..section.resolve(None) };
+        }
+        ModelConfig::T5(c) => {
+            let section = ModelSection {
+                arch,
+                vocab_size: Some(c.vocab_size),
+                d_model: Some(c.d_model),
+                n_heads: Some(c.n_heads),
+                head_dim: Some(c.d_kv),
+                n_layers: Some(c.n_layers),
+                n_decoder_layers: Some(c.n_decoder_layers),
+                d_ff: Some(c.d_ff),
+                relative_attention_num_buckets: c.relative_attention_num_buckets,
+                relative_attention_max_distance: c.relative_attention_max_distance,
+                norm_eps: Some(c.norm_eps),
+                mlp: Some(if c.mlp == MlpKind::GatedGelu { Mlp::GatedGelu } else { Mlp::Relu }),
+                tie_embeddings: Some(c.tie_embeddings),
                 ..Default::default()
             };
             return ResolvedModel { dropout: c.dropout, ..section.resolve(None) };
@@ -288,7 +321,7 @@ pub fn load_base(path: &Path) -> Result<Base> {
             HfArch::Mamba => Arch::Mamba,
             HfArch::Mixtral { .. } => Arch::Mixtral,
             HfArch::Bert => Arch::Bert,
-            HfArch::T5 { .. } => unreachable!("config_from_hf refuses T5 folders until T5 trains"),
+            HfArch::T5 { .. } => Arch::T5,
         };
         if !tokenizer.is_file() {
             bail!("{} has no tokenizer.json; Furnace reads Hugging Face fast tokenizers only", path.display());

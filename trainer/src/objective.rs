@@ -3,9 +3,10 @@
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, softmax};
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{DpoLoss, DpoSection, GrpoLoss, GrpoSection, ModelSection, PpoSection, Recipe};
+use furnace_configs::{Arch, DpoLoss, DpoSection, GrpoLoss, GrpoSection, ModelSection, PpoSection, Recipe, SENTINELS};
 use furnace_data::mlm::Masking;
-use furnace_data::TextTokenizer;
+use furnace_data::span_corruption::SpanCorruption;
+use furnace_data::{Batch, TextTokenizer};
 use furnace_models::kernels::{cross_entropy, FusedOps};
 use furnace_models::Routing;
 
@@ -18,20 +19,59 @@ pub fn lm_loss_sum<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>
     cross_entropy(logits.reshape([batch * seq, vocab]), targets.reshape([batch * seq])).sum()
 }
 
-/// BERT's masking for a recipe and its tokenizer, which must have a `[MASK]` token.
-pub fn masked_lm(recipe: &Recipe, tokenizer: &TextTokenizer) -> anyhow::Result<Masking> {
-    let Some(mask) = tokenizer.mask() else {
-        anyhow::bail!(
-            "recipe key data.tokenizer = {}: this tokenizer has no [MASK] token, which model.arch = \"bert\" needs; leave data.tokenizer empty to train one with it, or build one with `furnace data tokenizer --masked-lm`",
-            recipe.data.tokenizer
-        );
-    };
-    Ok(Masking {
-        probability: recipe.training.mlm_probability,
-        mask,
-        vocab_size: tokenizer.vocab_size(),
-        special: vec![tokenizer.eos(), mask],
-    })
+/// How text batches are noised for a denoising objective: BERT's masks, or T5's spans.
+#[derive(Debug, Clone)]
+pub enum Denoising {
+    MaskedLm(Masking),
+    SpanCorruption(SpanCorruption),
+}
+
+impl Denoising {
+    /// The recipe's denoising objective for its tokenizer, which must have the tokens it needs
+    /// (`[MASK]`, T5's sentinels); None when the model reads its batches as they come.
+    pub fn for_recipe(recipe: &Recipe, tokenizer: &TextTokenizer, text: bool) -> anyhow::Result<Option<Self>> {
+        let t = &recipe.training;
+        let needs = |what: &str, flag: &str| {
+            anyhow::anyhow!(
+                "recipe key data.tokenizer = {}: this tokenizer has no {what}, which model.arch = \"{}\" needs; leave data.tokenizer empty to train one with it, or build one with `furnace data tokenizer {flag}`",
+                recipe.data.tokenizer,
+                recipe.model.arch
+            )
+        };
+        Ok(match recipe.model.arch {
+            Arch::Bert => {
+                let mask = tokenizer.mask().ok_or_else(|| needs("[MASK] token", "--masked-lm"))?;
+                Some(Self::MaskedLm(Masking {
+                    probability: t.mlm_probability,
+                    mask,
+                    vocab_size: tokenizer.vocab_size(),
+                    special: vec![tokenizer.eos(), mask],
+                }))
+            }
+            Arch::T5 if text => {
+                let sentinels = tokenizer.sentinels();
+                if sentinels.len() < SENTINELS {
+                    return Err(needs(&format!("{SENTINELS} sentinels <extra_id_0>… (it has {})", sentinels.len()), "--sentinels"));
+                }
+                Some(Self::SpanCorruption(SpanCorruption {
+                    noise_density: t.mlm_probability,
+                    mean_noise_span_length: t.mean_noise_span_length,
+                    sentinels,
+                    eos: tokenizer.eos(),
+                    start: tokenizer.pad(),
+                }))
+            }
+            _ => None,
+        })
+    }
+
+    /// The batch noised; the same seed noises it the same way (so resume replays it).
+    pub fn apply(&self, batch: Batch, seed: u64) -> Batch {
+        match self {
+            Self::MaskedLm(masking) => masking.apply(batch, seed),
+            Self::SpanCorruption(spans) => spans.apply(batch, seed),
+        }
+    }
 }
 
 /// A mixture of experts' auxiliary losses, weighted as the recipe says, to add to the

@@ -2,7 +2,7 @@
 //! { step += 1; train_step; log; evaluate; checkpoint }, then a final report.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
@@ -14,9 +14,7 @@ use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{arithmetic_config, val_seed};
 use furnace_data::generators::arithmetic;
 use furnace_data::loader::IGNORE;
-use furnace_data::mlm::Masking;
-use furnace_data::{Loader, TextTokenizer};
-use furnace_models::generate::generate;
+use furnace_data::{Batch, Loader, TextTokenizer};
 use furnace_models::params::{load_named, named_tensors, trainable_params};
 use furnace_models::{CausalLm, LanguageModel, ModelConfig};
 use furnace_optim::{clip_factor, Algorithm, DecayGroups, Optimizer, Schedule};
@@ -25,12 +23,15 @@ use crate::backend::{BackendJob, TrainBackend};
 use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::datasets::{self, Datasets};
-use crate::evaluate::{arithmetic_exact_match, encode_prompt, fill_mask_line, greedy, validation, Asked, Validation, FILL_MASK_PROMPT};
+use crate::evaluate::{
+    arithmetic_exact_match, encode_prompt, fill_mask_line, fill_spans_line, greedy, reply, validation, Asked, Validation,
+};
+use crate::evaluate::{forward_batch, FILL_MASK_PROMPT, FILL_SPAN_PROMPT};
 use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
-use crate::objective::{lm_loss_sum, masked_lm, router_losses, sample_labels, RouterStats};
+use crate::objective::{lm_loss_sum, router_losses, sample_labels, Denoising, RouterStats};
 use crate::parallel::{quiet_stdout, Parallel};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
 use crate::recompute::recomputed_gradients;
@@ -89,8 +90,8 @@ struct Trainer<B: TrainBackend> {
     router_window: RouterStats,
     /// GRPO and PPO: what sampling replies needs.
     rl: Option<Rl<B>>,
-    /// BERT: how each batch's tokens are hidden for the masked-LM objective.
-    masking: Option<Masking>,
+    /// BERT's masked LM, T5's span corruption: how each text batch is noised.
+    denoising: Option<Denoising>,
     checkpointer: Checkpointer,
     metrics: Metrics,
     state: TrainState,
@@ -163,10 +164,7 @@ impl<B: TrainBackend> Trainer<B> {
             );
         }
         let model_config = model_config(&resolved);
-        let masking = match resolved.arch {
-            Arch::Bert => Some(masked_lm(&recipe, &tokenizer)?),
-            _ => None,
-        };
+        let denoising = Denoising::for_recipe(&recipe, &tokenizer, !recipe.trains_on_pairs())?;
         let built = build_model::<B>(&recipe, tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
         let mut model = built.model;
@@ -277,7 +275,7 @@ impl<B: TrainBackend> Trainer<B> {
             dpo_window: DpoStats::default(),
             router_window: RouterStats::default(),
             rl,
-            masking,
+            denoising,
             checkpointer,
             metrics,
             state,
@@ -319,7 +317,9 @@ impl<B: TrainBackend> Trainer<B> {
             let when = format!(" before {}", self.recipe.training.mode.to_string().to_uppercase());
             self.held_out_exact_match(&model.valid(), &when)?;
         }
+        // Tokens/s counts training time only: evaluation and checkpoint writes are paused out.
         let mut window_start = Instant::now();
+        let mut window_paused = Duration::ZERO;
         let mut window_tokens = 0usize;
         while self.state.step < self.stop_at {
             self.state.step += 1;
@@ -337,7 +337,7 @@ impl<B: TrainBackend> Trainer<B> {
             let last = step == self.stop_at;
             if step % t.log_every == 0 || last {
                 let loss = self.parallel.mean(loss.into_scalar().elem::<f64>());
-                let seconds = window_start.elapsed().as_secs_f64();
+                let seconds = (window_start.elapsed() - window_paused).as_secs_f64();
                 let tokens_per_sec = window_tokens as f64 / seconds;
                 let mfu = tokens_per_sec * flops_per_token / (self.peak_flops * self.parallel.world.size as f64);
                 let sum = |values: &mut [f64]| self.parallel.sum(values);
@@ -377,18 +377,19 @@ impl<B: TrainBackend> Trainer<B> {
                     self.metrics.println(format!("step {step:>6}/{} | {line}", t.steps));
                 }
                 window_start = Instant::now();
+                window_paused = Duration::ZERO;
                 window_tokens = 0;
             }
+            let pause = Instant::now();
             if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) && self.parallel.is_main() {
                 self.log_validation(&model, step)?;
-                window_start = Instant::now();
             }
             if self.checkpointer.should_save(step, last) {
                 if let Some(path) = self.save(&model)? {
                     self.metrics.println(format!("step {step:>6} | checkpoint {}", path.display()));
                 }
-                window_start = Instant::now();
             }
+            window_paused += pause.elapsed();
         }
         self.metrics.finish();
         if !self.parallel.is_main() {
@@ -481,20 +482,25 @@ impl<B: TrainBackend> Trainer<B> {
         let batches: Vec<_> = (0..t.grad_accum_steps)
             .map(|micro| {
                 let batch = self.loader.next_batch();
-                match &self.masking {
-                    Some(masking) => {
+                match &self.denoising {
+                    Some(denoising) => {
                         let seed = rank_seed ^ ((self.state.step * t.grad_accum_steps + micro) as u64).wrapping_mul(0xA24B_AED4_963E_E407);
-                        masking.apply(batch, seed)
+                        denoising.apply(batch, seed)
                     }
                     None => batch,
                 }
             })
             .collect();
         // The loss is the mean over the step's counted targets: every position when pretraining,
-        // the hidden tokens under masked LM, the assistant's tokens under SFT (as TRL averages
-        // over completion tokens). Over ranks the count is their mean, so averaging the ranks'
-        // gradients gives the global mean.
-        let counted = batches.iter().map(|b| b.targets.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>() as f64;
+        // the hidden tokens under masked LM, the targets' tokens of an encoder-decoder, the
+        // assistant's tokens under SFT (as TRL averages over completion tokens). Over ranks the
+        // count is their mean, so averaging the ranks' gradients gives the global mean.
+        let counted = batches.iter().map(Batch::counted_targets).sum::<usize>() as f64;
+        // An encoder-decoder's batches vary in length: count the tokens it read.
+        let tokens = match batches[0].encoder {
+            Some(_) => batches.iter().map(Batch::tokens).sum(),
+            None => self.recipe.tokens_per_step(),
+        };
         let counted = self.parallel.mean(counted).max(1.0);
         let mut accumulator = GradientsAccumulator::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
@@ -526,6 +532,7 @@ impl<B: TrainBackend> Trainer<B> {
                         recomputed_gradients(model, inputs, batch.positions.as_deref(), |logits| lm_loss_sum(logits, targets()) / counted);
                     (loss, grads)
                 }
+                None if batch.encoder.is_some() => backward(lm_loss_sum(forward_batch(model, &batch, &self.device), targets()) / counted),
                 None => {
                     let (logits, routing) = model.forward_routed(inputs, batch.positions.as_deref());
                     let loss = lm_loss_sum(logits, targets()) / counted;
@@ -549,7 +556,7 @@ impl<B: TrainBackend> Trainer<B> {
             grads: accumulator.grads(),
             loss: step_loss.expect("at least one micro-batch"),
             last_inputs: last_inputs.expect("at least one micro-batch"),
-            tokens: self.recipe.tokens_per_step(),
+            tokens,
         }
     }
 
@@ -663,7 +670,7 @@ impl<B: TrainBackend> Trainer<B> {
     }
 
     fn validate(&mut self, model: &LanguageModel<B>) -> Validation {
-        validation(&model.valid(), &mut self.val_loader, self.recipe.training.eval_steps, self.masking.as_ref(), &self.device)
+        validation(&model.valid(), &mut self.val_loader, self.recipe.training.eval_steps, self.denoising.as_ref(), &self.device)
     }
 
     /// DPO or the reward model on the validation pairs: loss and TRL's metrics.
@@ -702,15 +709,16 @@ impl<B: TrainBackend> Trainer<B> {
         Ok(())
     }
 
-    /// A question as the model is asked it: raw text after end-of-text, or under SFT, DPO and
-    /// GRPO a user turn rendered by the chat template with the assistant's turn opened.
+    /// A question as the model is asked it: raw text after end-of-text (an encoder-decoder's
+    /// input: the text then end-of-text), or under SFT, DPO and GRPO a user turn rendered by
+    /// the chat template with the assistant's turn opened.
     fn encode_question(&self, text: &str) -> Result<Vec<u32>> {
         Ok(match &self.chat_template {
             Some(template) => {
                 let turn = [Message { role: "user".into(), content: text.into() }];
                 self.tokenizer.encode(&template.render(&turn, true).map_err(anyhow::Error::msg)?)
             }
-            None => encode_prompt(&self.tokenizer, text),
+            None => encode_prompt(&self.tokenizer, text, self.recipe.model.arch == Arch::T5),
         })
     }
 
@@ -719,8 +727,10 @@ impl<B: TrainBackend> Trainer<B> {
     /// question, or None when the data is not arithmetic.
     fn held_out_exact_match(&mut self, model: &LanguageModel<B::InnerBackend>, when: &str) -> Result<Option<String>> {
         let (eval, data) = (&self.recipe.eval, &self.recipe.data);
-        let arithmetic_data =
-            matches!(data.source, DataSource::Arithmetic | DataSource::ArithmeticChat | DataSource::ArithmeticPreferences);
+        let arithmetic_data = matches!(
+            data.source,
+            DataSource::Arithmetic | DataSource::ArithmeticWords | DataSource::ArithmeticChat | DataSource::ArithmeticPreferences
+        );
         if !arithmetic_data || eval.arithmetic_problems == 0 {
             return Ok(None);
         }
@@ -729,7 +739,11 @@ impl<B: TrainBackend> Trainer<B> {
         let asked = problems
             .iter()
             .map(|p| {
-                let (question, expected) = if chat { (p.question(0), p.text()) } else { (p.prompt(), p.answer().to_string()) };
+                let (question, expected) = match data.source {
+                    _ if chat => (p.question(0), p.text()),
+                    DataSource::ArithmeticWords => (p.words(), p.answer().to_string()),
+                    _ => (p.prompt(), p.answer().to_string()),
+                };
                 Ok(Asked { ids: self.encode_question(&question)?, question, expected })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -738,7 +752,7 @@ impl<B: TrainBackend> Trainer<B> {
             "exact match on {total} held-out problems (never seen in training){when}: {correct}/{total} = {:.1}%",
             100.0 * correct as f64 / total as f64
         );
-        let separator = if chat { " → " } else { "" };
+        let separator = if chat || self.recipe.model.arch == Arch::T5 { " → " } else { "" };
         for (question, answer, ok) in shown {
             println!("  {question}{separator}{answer}  {}", if ok { "✓" } else { "✗" });
         }
@@ -823,6 +837,18 @@ impl<B: TrainBackend> Trainer<B> {
             println!("checkpoint: {}", self.checkpointer.latest().map(|p| p.display().to_string()).unwrap_or_default());
             return Ok(());
         }
+        if let Some(Denoising::SpanCorruption(_)) = self.denoising {
+            let prompt = match self.recipe.eval.prompt.as_str() {
+                "" => FILL_SPAN_PROMPT,
+                prompt => prompt,
+            };
+            match fill_spans_line(&model, &self.tokenizer, prompt, self.recipe.eval.max_new_tokens, &self.device) {
+                Ok(line) => println!("sample (span filling): {prompt} → {line}"),
+                Err(e) => println!("sample (span filling) skipped: {e}"),
+            }
+            println!("checkpoint: {}", self.checkpointer.latest().map(|p| p.display().to_string()).unwrap_or_default());
+            return Ok(());
+        }
         let mut prompt = self.recipe.eval.prompt.clone();
         if let Some(first_question) = self.held_out_exact_match(&model, "")? {
             if prompt.is_empty() {
@@ -831,12 +857,13 @@ impl<B: TrainBackend> Trainer<B> {
         }
         let tokenizer = &self.tokenizer;
         let eval = &self.recipe.eval;
-        let chat = self.chat_template.as_ref();
+        let reply_apart = self.chat_template.is_some() || self.recipe.model.arch == Arch::T5;
         if prompt.is_empty() {
             prompt = "Once upon a time".into();
         }
-        let out = generate(&model, &self.encode_question(&prompt)?, &greedy(tokenizer, eval.max_new_tokens), &self.device, |_| {});
-        println!("sample (greedy): {prompt}{}{}", if chat.is_some() { " → " } else { "" }, tokenizer.decode(&out));
+        let config = greedy(tokenizer, eval.max_new_tokens);
+        let out = reply(&model, &self.encode_question(&prompt)?, tokenizer.pad(), &config, &self.device, |_| {});
+        println!("sample (greedy): {prompt}{}{}", if reply_apart { " → " } else { "" }, tokenizer.decode(&out));
         println!("checkpoint: {}", self.checkpointer.latest().map(|p| p.display().to_string()).unwrap_or_default());
         Ok(())
     }

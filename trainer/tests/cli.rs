@@ -131,6 +131,12 @@ fn resume_is_exact_bert() {
     check_resume_is_exact("adamw", 0.1, &["model.arch=bert", "model.n_kv_heads=4"]);
 }
 
+/// T5 on text with dropout: span corruption's spans and dropout's masks are both replayed.
+#[test]
+fn resume_is_exact_t5() {
+    check_resume_is_exact("adamw", 0.1, &["model.arch=t5", "model.n_kv_heads=4"]);
+}
+
 #[test]
 fn resume_is_exact_mixtral() {
     check_resume_is_exact("adamw", 0.0, &["model.arch=mixtral"]);
@@ -659,4 +665,64 @@ fn a_rank_environment_without_a_matching_mpi_launch_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("rank 1 of 2"), "{}", text(&out));
+}
+
+/// T5 end to end: trained on (input, target) pairs it reports held-out exact match and
+/// answers `furnace generate`; on text it trains by span corruption and fills a sentinel; its
+/// Hugging Face export round-trips exactly; what it cannot do is refused with the key to change.
+#[test]
+fn t5_trains_on_pairs_and_spans_generates_and_exports() {
+    use furnace_models::hf::{config_from_hf, from_hf};
+    use furnace_models::params::from_safetensors;
+    let tiny = TinyRun::new();
+    let t5 = ["--set", "model.arch=t5", "--set", "model.n_kv_heads=4"];
+    let pairs = ["--set", "data.source=arithmetic-words", "--set", "eval.arithmetic_problems=5", "--set", "training.eval_every=2"];
+    let out = tiny.train(&[&t5[..], &pairs, &["--set", "training.steps=2"]].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("model: t5 2 encoder + 2 decoder layers, d_model 64"), "{}", text(&out));
+    assert!(text(&out).contains("exact match on 5 held-out problems"), "{}", text(&out));
+    assert!(text(&out).contains(" plus ") || text(&out).contains(" minus "), "questions are asked in words: {}", text(&out));
+    let run = tiny.run.to_str().unwrap();
+    let out = furnace(&["generate", "--checkpoint", run, "--prompt", "forty-two plus nineteen", "--max-new-tokens", "3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("forty-two"), "an encoder-decoder's reply stands alone");
+    let chat = furnace(&["generate", "--checkpoint", run, "--prompt", "hi", "--chat"]);
+    assert!(!chat.status.success() && text(&chat).contains("encoder-decoder"), "{}", text(&chat));
+
+    let hf = tiny.dir.path().join("hf");
+    let out = furnace(&["export", "--checkpoint", run, "--format", "safetensors", "--out", hf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["architectures"][0].as_str()), (Some("t5"), Some("T5ForConditionalGeneration")));
+    let (arch, config) = config_from_hf(&config).unwrap();
+    let tensors = from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
+    assert!(tensors.contains_key("decoder.block.1.layer.1.EncDecAttention.q.weight"), "{:?}", tensors.keys().collect::<Vec<_>>());
+    let ours = from_safetensors(&std::fs::read(tiny.run.join("checkpoints/step_2/model.safetensors")).unwrap()).unwrap();
+    assert_eq!(from_hf(arch, &tensors, config.n_layers(), config.tie_embeddings()).unwrap(), ours, "the export round-trips exactly");
+    let gguf = furnace(&["export", "--checkpoint", run, "--format", "gguf", "--out", tiny.dir.path().join("m.gguf").to_str().unwrap()]);
+    assert!(!gguf.status.success(), "{}", text(&gguf));
+
+    let spans_run = format!("run.output_dir={}", tiny.dir.path().join("spans").display());
+    let out = tiny.train(&[&t5[..], &["--set", "training.steps=2", "--set", &spans_run]].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("sample (span filling): ") && text(&out).contains("<extra_id_0> lived"), "{}", text(&out));
+
+    let corpus = tiny.dir.path().join("corpus.txt");
+    std::fs::write(&corpus, "the cat sat on the mat\n\nthe dog sat on the log\n\n".repeat(50)).unwrap();
+    let plain = tiny.dir.path().join("plain.json");
+    let out = furnace(&["data", "tokenizer", "--input", corpus.to_str().unwrap(), "--vocab-size", "280", "--out", plain.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tokenizer = format!("data.tokenizer={}", plain.display());
+    let no_sentinels = format!("run.output_dir={}", tiny.dir.path().join("no_sentinels").display());
+    let out = tiny.train(&[&t5[..], &["--set", &tokenizer, "--set", &no_sentinels]].concat());
+    assert!(!out.status.success() && text(&out).contains("sentinels") && text(&out).contains("--sentinels"), "{}", text(&out));
+
+    let jsonl = tiny.dir.path().join("pairs.jsonl");
+    std::fs::write(&jsonl, "{\"input\": \"a\", \"target\": \"b\"}\n{\"input\": \"no target\"}\n").unwrap();
+    let files = format!("data.files=[\"{}\"]", jsonl.display());
+    let bad_run = format!("run.output_dir={}", tiny.dir.path().join("bad").display());
+    let out = tiny.train(&[&t5[..], &["--set", "data.source=seq2seq", "--set", &files, "--set", &bad_run]].concat());
+    assert!(!out.status.success() && text(&out).contains("pairs.jsonl:2"), "{}", text(&out));
+    let llama = tiny.train(&["--set", "data.source=arithmetic-words", "--set", &bad_run]);
+    assert!(!llama.status.success() && text(&llama).contains("data.source"), "{}", text(&llama));
 }
