@@ -187,6 +187,23 @@ choice!(
         Full = "full",
     }
 );
+choice!(
+    /// Numeric precision of training, with PyTorch Lightning's names.
+    Precision {
+        /// Everything in f32.
+        Fp32 = "fp32",
+        /// f32 parameters, gradients and optimizer state; every linear layer's matmul (the
+        /// output head's included) computes in bf16 (inputs and weights cast at the layer,
+        /// the product cast back), as torch.autocast does; norms, softmax, attention, RoPE, the
+        /// loss and the gradient reduction stay f32.
+        Bf16Mixed = "bf16-mixed",
+        /// As bf16-mixed in f16, with dynamic loss scaling (PyTorch's GradScaler): the loss is
+        /// multiplied by the scale before backward and the gradients divided after; a step whose
+        /// gradients overflow is skipped and the scale halved; every
+        /// `runtime.loss_scale_growth_interval` good steps it doubles.
+        Fp16Mixed = "fp16-mixed",
+    }
+);
 choice!(Decay { Cosine = "cosine", Linear = "linear", Wsd = "wsd", Constant = "constant" });
 choice!(
     /// Compute backend; GPU backends exist only in binaries built with their cargo feature.
@@ -520,6 +537,15 @@ section! {
         backend: Backend = Backend::Flex,
         /// CPU threads. 0: all cores.
         threads: usize = 0,
+        /// fp32, bf16-mixed or fp16-mixed (see the choices' notes). On the CPU backend the
+        /// low-precision matmuls are slower than f32 ones (no native bf16/f16 GEMM there);
+        /// mixed precision is for GPUs, where they are the fast path.
+        precision: Precision = Precision::Fp32,
+        /// fp16-mixed: the loss scale of the first step (GradScaler's init_scale, 2^16).
+        initial_loss_scale: f64 = 65536.0,
+        /// fp16-mixed: good steps in a row after which the loss scale doubles (GradScaler's
+        /// growth_interval).
+        loss_scale_growth_interval: usize = 2000,
         /// Treat subnormal floats as zero on CPU (x86 FTZ/DAZ, like torch.set_flush_denormal).
         /// Long runs otherwise slow down 1.5-20x once tiny squared gradients or far-tail
         /// softmax values become subnormal.

@@ -259,6 +259,18 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "use e.g. norm_eps = 1e-5, rope_theta = 10000.0".into(),
         );
     }
+    let r = &recipe.runtime;
+    if !(r.initial_loss_scale >= 1.0 && r.initial_loss_scale.is_finite()) || r.loss_scale_growth_interval == 0 {
+        return fail(
+            "runtime",
+            if r.loss_scale_growth_interval == 0 { "loss_scale_growth_interval" } else { "initial_loss_scale" },
+            format!(
+                "initial_loss_scale = {} must be finite and at least 1, loss_scale_growth_interval = {} at least 1",
+                r.initial_loss_scale, r.loss_scale_growth_interval
+            ),
+            "use GradScaler's defaults: initial_loss_scale = 65536.0, loss_scale_growth_interval = 2000".into(),
+        );
+    }
     let t = &recipe.training;
     for (key, value) in [
         ("local_batch_size", t.local_batch_size),

@@ -28,13 +28,15 @@ pub struct Seq2SeqExample {
 
 impl Seq2SeqExample {
     pub fn encode(tokenizer: &TextTokenizer, pair: &TextPair) -> Self {
-        let with_eos = |text: &str| {
-            let mut ids = tokenizer.encode(text);
-            ids.push(tokenizer.eos());
-            ids
-        };
-        Self { input: with_eos(&pair.input), target: with_eos(&pair.target) }
+        Self { input: with_eos(tokenizer, &pair.input), target: with_eos(tokenizer, &pair.target) }
     }
+}
+
+/// Text as an encoder-decoder reads and writes it: its tokens, then end-of-text.
+pub fn with_eos(tokenizer: &TextTokenizer, text: &str) -> Vec<u32> {
+    let mut ids = tokenizer.encode(text);
+    ids.push(tokenizer.eos());
+    ids
 }
 
 /// Pairs of a `.jsonl` file, one `{"input": ..., "target": ...}` per line; a malformed line is an

@@ -12,6 +12,8 @@ use furnace_data::Cursor;
 use furnace_models::params::{from_safetensors, to_safetensors, NamedTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::precision::LossScaler;
+
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "train_state.json";
@@ -32,6 +34,9 @@ pub struct TrainState {
     /// Files the optimizer state is split into: 1, or the world size under ZeRO (one per rank).
     #[serde(default = "one")]
     pub optimizer_shards: usize,
+    /// fp16-mixed: the dynamic loss scale.
+    #[serde(default)]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 fn one() -> usize {
@@ -40,7 +45,7 @@ fn one() -> usize {
 
 impl TrainState {
     pub fn new(data_cursor: Cursor, world_size: usize, optimizer_shards: usize) -> Self {
-        Self { step: 0, optimizer_step: 0, data_cursor, tokens_seen: 0, world_size, optimizer_shards }
+        Self { step: 0, optimizer_step: 0, data_cursor, tokens_seen: 0, world_size, optimizer_shards, loss_scaler: None }
     }
 
     /// The state continued on `world_size` ranks (each rank's cursor rescaled: the ranks
@@ -247,6 +252,7 @@ mod tests {
             tokens_seen: 10,
             world_size: 1,
             optimizer_shards: 1,
+            loss_scaler: Some(LossScaler { scale: 1024.0, good_steps: 7 }),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Evaluation: validation loss, exact match on held-out arithmetic, and a sample.
 
 use burn::prelude::*;
-use furnace_data::seq2seq::{Seq2SeqExample, TextPair};
+use furnace_data::seq2seq::with_eos;
 use furnace_data::{Batch, Loader, TextTokenizer};
 use furnace_models::generate::{generate, GenerateConfig};
 use furnace_models::kernels::FusedOps;
@@ -90,7 +90,7 @@ pub fn reply<B: FusedOps>(
 /// end-of-text token, an encoder-decoder's inputs followed by one (as T5 appends `</s>`).
 pub fn encode_prompt(tokenizer: &TextTokenizer, prompt: &str, encoder_decoder: bool) -> Vec<u32> {
     if encoder_decoder {
-        return Seq2SeqExample::encode(tokenizer, &TextPair { input: prompt.into(), target: String::new() }).input;
+        return with_eos(tokenizer, prompt);
     }
     let mut ids = vec![tokenizer.eos()];
     ids.extend(tokenizer.encode(prompt));

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod objective;
 pub mod parallel;
+pub mod precision;
 pub mod preference;
 pub mod recompute;
 pub mod rollout;

@@ -60,6 +60,18 @@ impl Metrics {
         Ok(())
     }
 
+    /// fp16-mixed: `step` overflowed and was skipped; the loss scale is now `scale`.
+    pub fn log_skip(&mut self, step: usize, scale: f64) -> Result<()> {
+        if let Some(file) = &mut self.jsonl {
+            file.write_all(format!("{{\"step\": {step}, \"skipped\": true, \"loss_scale\": {scale}}}\n").as_bytes())?;
+            file.flush()?;
+        }
+        if let Some(tb) = &mut self.tensorboard {
+            tb.scalars(step, &[("loss_scale", scale)])?;
+        }
+        Ok(())
+    }
+
     pub fn advance(&self, step: usize, message: String) {
         self.progress.set_position(step as u64);
         self.progress.set_message(message);

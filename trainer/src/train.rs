@@ -8,13 +8,15 @@ use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{Arch, CheckpointMode, DataSource, Recipe, Strategy, TrainMode};
+use furnace_configs::{Arch, CheckpointMode, DataSource, Precision, Recipe, Strategy, TrainMode};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{arithmetic_config, val_seed};
 use furnace_data::generators::arithmetic;
 use furnace_data::loader::IGNORE;
 use furnace_data::{Batch, Loader, TextTokenizer};
+use furnace_models::blocks::with_autocast;
 use furnace_models::params::{load_named, named_tensors, trainable_params};
 use furnace_models::{CausalLm, LanguageModel, ModelConfig};
 use furnace_optim::{clip_factor, Algorithm, DecayGroups, Optimizer, Schedule};
@@ -33,6 +35,7 @@ use crate::model::{build_model, describe, load_base, load_reward_model, model_co
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
 use crate::objective::{lm_loss_sum, router_losses, sample_labels, Denoising, RouterStats};
 use crate::parallel::{quiet_stdout, Parallel};
+use crate::precision::{compute_dtype, LossScaler};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
 use crate::recompute::recomputed_gradients;
 use crate::rollout::{self, rollout, step_prompts, RolloutStats, Sampling};
@@ -101,6 +104,10 @@ struct Trainer<B: TrainBackend> {
     nf4_params: usize,
     /// The ranks mpirun started (world size 1 without it).
     parallel: Parallel,
+    /// Mixed precision: the dtype of the dense layers' matmuls.
+    compute_dtype: Option<FloatDType>,
+    /// fp16-mixed: the loss scale after the last step, when that step overflowed and was skipped.
+    skipped_at_scale: Option<f64>,
 }
 
 impl<B: TrainBackend> Trainer<B> {
@@ -165,6 +172,7 @@ impl<B: TrainBackend> Trainer<B> {
         }
         let model_config = model_config(&resolved);
         let denoising = Denoising::for_recipe(&recipe, &tokenizer, !recipe.trains_on_pairs())?;
+        let compute_dtype = compute_dtype::<B::InnerBackend>(&recipe, &device)?;
         let built = build_model::<B>(&recipe, tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
         let mut model = built.model;
@@ -213,6 +221,8 @@ impl<B: TrainBackend> Trainer<B> {
         let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
         let shards = if world.size > 1 && recipe.distributed.strategy != Strategy::Ddp { world.size } else { 1 };
         let mut state = TrainState::new(loader.cursor(), world.size, shards);
+        let fp16 = recipe.runtime.precision == Precision::Fp16Mixed;
+        state.loss_scaler = fp16.then(|| LossScaler::new(recipe.runtime.initial_loss_scale));
         if resume {
             let dir =
                 latest.with_context(|| format!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display()))?;
@@ -228,7 +238,9 @@ impl<B: TrainBackend> Trainer<B> {
             optimizer
                 .load_state(loaded.state.optimizer_step, &loaded.optimizer, &device)
                 .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", dir.display()))?;
+            let scaler = state.loss_scaler.take();
             state = loaded.state.resharded(world.size, shards);
+            state.loss_scaler = if fp16 { state.loss_scaler.or(scaler) } else { None };
             loader.set_cursor(state.data_cursor);
             println!("resumed from {} (step {})", dir.display(), state.step);
         }
@@ -283,6 +295,8 @@ impl<B: TrainBackend> Trainer<B> {
             peak_flops,
             nf4_params,
             parallel,
+            compute_dtype,
+            skipped_at_scale: None,
         };
         Ok((trainer, model))
     }
@@ -325,7 +339,10 @@ impl<B: TrainBackend> Trainer<B> {
             self.state.step += 1;
             let step = self.state.step;
             let lr = self.schedule.lr(step);
-            let (updated, loss, grad_norm, tokens) = self.train_step(model, lr)?;
+            let (updated, loss, grad_norm, tokens) = with_autocast(self.compute_dtype, || self.train_step(model, lr))?;
+            if let Some(scale) = self.skipped_at_scale.take() {
+                self.metrics.log_skip(step, scale)?;
+            }
             let mut tokens = [tokens as f64];
             self.parallel.sum(&mut tokens);
             let tokens = tokens[0] as usize;
@@ -363,6 +380,7 @@ impl<B: TrainBackend> Trainer<B> {
                 values.extend(self.optimizer.take_metrics());
                 values.push(("optimizer_state_mb", self.optimizer.state_bytes() as f64 / 1e6));
                 values.extend(peak_rss_mb().map(|mb| ("peak_rss_mb", mb)));
+                values.extend(self.state.loss_scaler.as_ref().map(|s| ("loss_scale", s.scale)));
                 values.extend(mode_metrics.iter().map(|(name, v)| (name.as_str(), *v)));
                 self.metrics.log(step, &values)?;
                 let mut line = format!(
@@ -442,6 +460,11 @@ impl<B: TrainBackend> Trainer<B> {
         Ok((model, loss, grad_norm, tokens))
     }
 
+    /// The factor the loss is multiplied by before backward: fp16-mixed's loss scale, else 1.
+    fn loss_scale(&self) -> f64 {
+        self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale)
+    }
+
     /// The run's seed, varied by rank so ranks draw different dropout masks and samples
     /// (rank 0 draws what a single process would).
     fn rank_seed(&self) -> u64 {
@@ -465,12 +488,21 @@ impl<B: TrainBackend> Trainer<B> {
             let global_tokens = batch_tokens * self.parallel.world.size as f64;
             self.optimizer.update_curvature(&model, &curvature, global_tokens);
         }
-        let grad_norm = self.parallel.grad_norm(&model, &grads);
+        // fp16-mixed: the gradients are of the scaled loss; the norm and the step unscale them.
+        let scale = self.loss_scale();
+        let grad_norm = self.parallel.grad_norm(&model, &grads) / scale;
+        if let Some(scaler) = &mut self.state.loss_scaler {
+            // The norm is global, so every rank skips the same steps.
+            if !scaler.update(grad_norm.is_finite(), self.recipe.runtime.loss_scale_growth_interval) {
+                self.skipped_at_scale = Some(scaler.scale);
+                return Ok((model, grad_norm));
+            }
+        }
         if !grad_norm.is_finite() {
             bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr or raise lr_scheduler.warmup_steps", self.state.step);
         }
         let grads = self.parallel.drop_unowned(&model, grads);
-        let model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, self.recipe.training.max_norm));
+        let model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, self.recipe.training.max_norm) / scale);
         Ok((self.parallel.gather_parameters(model), grad_norm))
     }
 
@@ -507,7 +539,8 @@ impl<B: TrainBackend> Trainer<B> {
         let mut last_inputs = None;
         let mut dpo_stats = DpoStats::default();
         let recompute = self.recipe.activation_checkpoint.mode == CheckpointMode::Full;
-        let backward = |loss: Tensor<B, 1>| (loss.clone().inner(), GradientsParams::from_grads(loss.backward(), model));
+        let scale = self.loss_scale();
+        let backward = |loss: Tensor<B, 1>| (loss.clone().inner(), GradientsParams::from_grads((loss * scale).backward(), model));
         for batch in batches {
             let shape = [batch.batch, batch.seq_len];
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &self.device);
@@ -528,9 +561,10 @@ impl<B: TrainBackend> Trainer<B> {
                     backward(pairs.losses.sum() / (batch.items.len() * t.grad_accum_steps) as f64)
                 }
                 None if recompute => {
-                    let (grads, loss) =
-                        recomputed_gradients(model, inputs, batch.positions.as_deref(), |logits| lm_loss_sum(logits, targets()) / counted);
-                    (loss, grads)
+                    let (grads, loss) = recomputed_gradients(model, inputs, batch.positions.as_deref(), |logits| {
+                        lm_loss_sum(logits, targets()) * (scale / counted)
+                    });
+                    (loss / scale, grads)
                 }
                 None if batch.encoder.is_some() => backward(lm_loss_sum(forward_batch(model, &batch, &self.device), targets()) / counted),
                 None => {
@@ -563,7 +597,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// GRPO: per micro-batch, sample replies to its prompts with the current weights, score
     /// them, and take the gradient of GRPO's loss on them.
     fn grpo_gradients(&mut self, model: &LanguageModel<B>) -> Gradients<B> {
-        let rank_seed = self.rank_seed();
+        let (rank_seed, scale) = (self.rank_seed(), self.loss_scale());
         let (t, config) = (&self.recipe.training, &self.recipe.grpo);
         let rl = self.rl.as_mut().expect("rollout state in grpo mode");
         let sampling = Sampling {
@@ -592,7 +626,7 @@ impl<B: TrainBackend> Trainer<B> {
                 Some(total) => total + detached,
                 None => detached,
             });
-            accumulator.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+            accumulator.accumulate(model, GradientsParams::from_grads((loss * scale).backward(), model));
             last_inputs = Some(inputs);
         }
         Gradients {
@@ -646,7 +680,7 @@ impl<B: TrainBackend> Trainer<B> {
             let window = &mut self.rl.as_mut().expect("rollout state in ppo mode").window;
             window.add_ppo_update(scalar(policy_loss), scalar(value_loss), scalar(clip_fraction));
             let detached = loss.clone().inner();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let grads = GradientsParams::from_grads((loss * self.loss_scale()).backward(), &model);
             let (updated, grad_norm) = self.apply_gradients(model, grads, inputs.clone(), lr)?;
             model = updated;
             last = Some((detached, grad_norm));
@@ -670,7 +704,8 @@ impl<B: TrainBackend> Trainer<B> {
     }
 
     fn validate(&mut self, model: &LanguageModel<B>) -> Validation {
-        validation(&model.valid(), &mut self.val_loader, self.recipe.training.eval_steps, self.denoising.as_ref(), &self.device)
+        let (loader, steps, denoising) = (&mut self.val_loader, self.recipe.training.eval_steps, self.denoising.as_ref());
+        with_autocast(self.compute_dtype, || validation(&model.valid(), loader, steps, denoising, &self.device))
     }
 
     /// DPO or the reward model on the validation pairs: loss and TRL's metrics.

@@ -1,7 +1,9 @@
+use std::cell::Cell;
 use std::sync::Arc;
 
 use burn::module::Param;
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 
 use crate::init::{constant_param, normal_param, SeededRng};
 use crate::kernels::{nf4_matmul, FusedOps};
@@ -52,6 +54,31 @@ impl<B: Backend> Linear<B> {
     }
 }
 
+thread_local! {
+    /// The dtype dense layers compute their matmuls in on this thread (None: as stored).
+    static AUTOCAST: Cell<Option<FloatDType>> = const { Cell::new(None) };
+}
+
+/// Run `f` with every dense layer's matmul (and the tied output head's) computed in `dtype`,
+/// as `torch.autocast` does for linear layers: input and weight are cast to it at the layer and
+/// the product cast back to f32, so everything between layers (norms, softmax, attention, the
+/// loss) stays f32 and the parameters' gradients arrive in f32 through the casts' backward.
+/// Backward replays the graph recorded here, so `f` should hold the backward pass too.
+pub fn with_autocast<R>(dtype: Option<FloatDType>, f: impl FnOnce() -> R) -> R {
+    let previous = AUTOCAST.with(|a| a.replace(dtype));
+    let out = f();
+    AUTOCAST.with(|a| a.set(previous));
+    out
+}
+
+/// `x · w` in the autocast dtype, if one is set.
+fn autocast_matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    match AUTOCAST.with(Cell::get) {
+        Some(dtype) => x.cast(dtype).matmul(w.cast(dtype)).cast(FloatDType::F32),
+        None => x.matmul(w),
+    }
+}
+
 impl<B: FusedOps> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
@@ -59,7 +86,7 @@ impl<B: FusedOps> Linear<B> {
         let rows = x.shape().num_elements() / d_in;
         let x = x.reshape([rows, d_in]);
         let mut out = match (&self.weight, &self.nf4) {
-            (Some(weight), _) => x.clone().matmul(weight.val()),
+            (Some(weight), _) => autocast_matmul(x.clone(), weight.val()),
             (None, Some(nf4)) => nf4_matmul(x.clone(), nf4),
             (None, None) => unreachable!("a linear layer holds a dense or an NF4 weight"),
         };
@@ -83,7 +110,7 @@ pub fn lm_logits<B: FusedOps>(hidden: Tensor<B, 3>, head: Option<&Linear<B>>, em
         None => {
             let [batch, seq, d_model] = hidden.dims();
             let vocab = embed_tokens.dims()[0];
-            hidden.reshape([batch * seq, d_model]).matmul(embed_tokens.val().transpose()).reshape([batch, seq, vocab])
+            autocast_matmul(hidden.reshape([batch * seq, d_model]), embed_tokens.val().transpose()).reshape([batch, seq, vocab])
         }
     }
 }
