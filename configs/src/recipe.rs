@@ -178,6 +178,16 @@ choice!(
     }
 );
 choice!(
+    /// The wire gradients cross between ranks.
+    CollectiveBackend {
+        /// OpenMPI: shared memory within a node, TCP or InfiniBand between nodes.
+        Mpi = "mpi",
+        /// NCCL on NVIDIA GPUs (binaries built with `--features nccl`): local rank i uses GPU i;
+        /// the unique id goes over MPI, which still launches the ranks.
+        Nccl = "nccl",
+    }
+);
+choice!(
     /// Activation checkpointing, with torchtitan's names.
     CheckpointMode {
         /// Keep every activation backward needs (fastest, most memory).
@@ -564,6 +574,8 @@ section! {
         /// Gradients are reduced in buckets of this many megabytes (PyTorch DDP's bucket_cap_mb),
         /// bounding the host copy a reduction needs.
         bucket_mb: f64 = 25.0,
+        /// mpi or nccl: what carries the gradient reductions and parameter broadcasts.
+        backend: CollectiveBackend = CollectiveBackend::Mpi,
     }
 }
 

@@ -4,10 +4,14 @@
 
 #[cfg(feature = "mpi")]
 mod mpi_transport;
+#[cfg(feature = "nccl")]
+mod nccl_transport;
 mod partition;
 
 #[cfg(feature = "mpi")]
 pub use mpi_transport::MpiCollective;
+#[cfg(feature = "nccl")]
+pub use nccl_transport::{nccl_present, NcclCollective};
 pub use partition::Partition;
 
 /// This process's rank and the job's world size.
@@ -89,10 +93,24 @@ impl Collective for SingleProcess {
     fn barrier(&self) {}
 }
 
+/// The wire between ranks, as `[distributed] backend` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Mpi,
+    Nccl,
+}
+
 /// The transport for this process: MPI when a launcher started it with world size > 1,
-/// otherwise the single process. Errors when mpirun started it but MPI is not compiled in.
-pub fn connect() -> Result<Box<dyn Collective>, String> {
+/// otherwise the single process; NCCL whenever asked (world size 1 included, so one GPU can
+/// check it). Errors when the transport asked for is not compiled in.
+pub fn connect(transport: Transport) -> Result<Box<dyn Collective>, String> {
     let world = World::from_env();
+    if transport == Transport::Nccl {
+        #[cfg(feature = "nccl")]
+        return NcclCollective::init(world).map(|c| Box::new(c) as Box<dyn Collective>);
+        #[cfg(not(feature = "nccl"))]
+        return Err("distributed.backend = \"nccl\", but this furnace binary was built without NCCL; rebuild with `cargo build --release -p furnace-trainer --features nccl` (CUDA's driver and NCCL are loaded at run time)".into());
+    }
     if world.size == 1 {
         return Ok(Box::new(SingleProcess));
     }

@@ -37,6 +37,11 @@ impl MpiCollective {
         }
         Ok(Self { world: launcher, communicator, _universe: universe })
     }
+
+    /// Copy `root`'s bytes to every rank (NCCL's unique id).
+    pub fn broadcast_bytes(&self, buffer: &mut [u8], root: usize) {
+        self.communicator.process_at_rank(root as i32).broadcast_into(buffer);
+    }
 }
 
 impl Collective for MpiCollective {

@@ -102,7 +102,10 @@ pub fn all_reduce_seconds(recipe: &furnace_configs::Recipe, iters: usize) -> any
     type Ad = Autodiff<Flex>;
 
     let device = Default::default();
-    let parallel = crate::parallel::Parallel::new(furnace_distributed::connect().map_err(anyhow::Error::msg)?, recipe);
+    let parallel = crate::parallel::Parallel::new(
+        furnace_distributed::connect(crate::parallel::transport(recipe)).map_err(anyhow::Error::msg)?,
+        recipe,
+    );
     let vocab = recipe.model.resolve(None).vocab_size;
     let model = crate::model::build_model::<Ad>(recipe, vocab, None, &device)?.model;
     let (_, elements) = furnace_models::params::trainable_params(&model);

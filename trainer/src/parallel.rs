@@ -12,8 +12,8 @@ use burn::module::{AutodiffModule, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use furnace_configs::{Recipe, Strategy};
-use furnace_distributed::{Collective, Partition, World};
+use furnace_configs::{CollectiveBackend, Recipe, Strategy};
+use furnace_distributed::{Collective, Partition, Transport, World};
 use furnace_models::params::{map_with_paths, visit_with_paths, PathMapper, PathVisitor};
 use furnace_optim::global_grad_norm;
 
@@ -193,6 +193,14 @@ impl Parallel {
             }
         }
         map_with_paths(model, &mut Gather(self))
+    }
+}
+
+/// The transport `[distributed] backend` asks for.
+pub fn transport(recipe: &Recipe) -> Transport {
+    match recipe.distributed.backend {
+        CollectiveBackend::Mpi => Transport::Mpi,
+        CollectiveBackend::Nccl => Transport::Nccl,
     }
 }
 

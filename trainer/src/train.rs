@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
 use crate::objective::{lm_loss_sum, router_losses, sample_labels, Denoising, RouterStats};
-use crate::parallel::{quiet_stdout, Parallel};
+use crate::parallel::{quiet_stdout, transport, Parallel};
 use crate::precision::{compute_dtype, LossScaler};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
 use crate::recompute::recomputed_gradients;
@@ -136,7 +136,7 @@ impl<B: TrainBackend> Trainer<B> {
             }
         }
         std::fs::create_dir_all(&out).with_context(|| format!("cannot create the output folder {}", out.display()))?;
-        let mut parallel = Parallel::new(furnace_distributed::connect().map_err(anyhow::Error::msg)?, &recipe);
+        let mut parallel = Parallel::new(furnace_distributed::connect(transport(&recipe)).map_err(anyhow::Error::msg)?, &recipe);
         parallel.check_same_recipe(&recipe.to_toml())?;
         let world = parallel.world;
         if world.size > 1 {

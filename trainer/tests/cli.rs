@@ -777,3 +777,11 @@ fn mixed_precision_tracks_fp32_and_fp16_overflow_backs_off() {
 fn resume_is_exact_fp16_mixed() {
     check_resume_is_exact("adamw", 0.0, &["runtime.precision=fp16-mixed", "runtime.initial_loss_scale=16777216.0"]);
 }
+
+/// `[distributed] backend = "nccl"` in a binary built without it says how to get it.
+#[test]
+fn nccl_backend_without_the_feature_says_how_to_build_it() {
+    let tiny = TinyRun::new();
+    let out = tiny.train(&["--set", "distributed.backend=nccl"]);
+    assert!(!out.status.success() && text(&out).contains("--features nccl"), "{}", text(&out));
+}
