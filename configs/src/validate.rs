@@ -10,6 +10,13 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         Err(RecipeError { file: file.into(), line: line_of_key(text, section, key), key: format!("{section}.{key}"), message, fix })
     };
     let m = recipe.model.resolve(None);
+    // An architecture with a fixed layout: the first (key, fits, value it takes) that does not fit.
+    let fixed_layout = |layout: &[(&str, bool, &str)], what: &str| match layout.iter().find(|(_, fits, _)| !fits) {
+        Some((key, _, value)) => {
+            fail("model", key, format!("{what}; model.{key} does not fit it"), format!("remove model.{key} or set it to {value}"))
+        }
+        None => Ok(()),
+    };
     if !(recipe.distributed.bucket_mb > 0.0 && recipe.distributed.bucket_mb.is_finite()) {
         return fail(
             "distributed",
@@ -116,14 +123,10 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             ("sliding_window", m.sliding_window == 0, "0"),
             ("parallel_block", !m.parallel_block, "false"),
         ];
-        if let Some((key, _, value)) = layout.iter().find(|(_, fits, _)| !fits) {
-            return fail(
-                "model",
-                key,
-                format!("T5's layout is fixed (relative position bias, pre-norm RMS blocks without biases, relu or gated-gelu MLPs, full attention); model.{key} does not fit it"),
-                format!("remove model.{key} or set it to {value}"),
-            );
-        }
+        fixed_layout(
+            &layout,
+            "T5's layout is fixed (relative position bias, pre-norm RMS blocks without biases, relu or gated-gelu MLPs, full attention)",
+        )?;
         if m.n_decoder_layers == 0 || m.head_dim == 0 || m.relative_attention_num_buckets < 2 || m.relative_attention_max_distance == 0 {
             return fail(
                 "model",
@@ -194,14 +197,10 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             ("sliding_window", m.sliding_window == 0, "0"),
             ("parallel_block", !m.parallel_block, "false"),
         ];
-        if let Some((key, _, value)) = layout.iter().find(|(_, fits, _)| !fits) {
-            return fail(
-                "model",
-                key,
-                format!("BERT's layout is fixed (learned positions, post-norm LayerNorm, GELU, biases, tied MLM head, full attention); model.{key} does not fit it"),
-                format!("remove model.{key} or set it to {value}"),
-            );
-        }
+        fixed_layout(
+            &layout,
+            "BERT's layout is fixed (learned positions, post-norm LayerNorm, GELU, biases, tied MLM head, full attention)",
+        )?;
         if recipe.training.mode != TrainMode::Pretrain {
             return fail(
                 "training",

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use furnace_models::hf::{config_from_hf, from_hf};
+use furnace_models::params::from_safetensors;
+
 fn furnace(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).current_dir(workspace()).output().expect("furnace runs")
 }
@@ -398,8 +401,6 @@ fn recipe_check_and_explain() {
 
 #[test]
 fn export_writes_a_hugging_face_folder_that_round_trips() {
-    use furnace_models::hf::{config_from_hf, from_hf};
-    use furnace_models::params::from_safetensors;
     let tiny = TinyRun::new();
     let (dir, recipe, run) = (&tiny.dir, &tiny.recipe, &tiny.run);
     assert!(tiny.train(&["--max-steps", "2"]).status.success());
@@ -473,8 +474,6 @@ fn export_writes_a_hugging_face_folder_that_round_trips() {
 
 #[test]
 fn mamba_trains_generates_and_exports_to_hugging_face() {
-    use furnace_models::hf::{config_from_hf, from_hf};
-    use furnace_models::params::from_safetensors;
     let tiny = TinyRun::new();
     let out = tiny.train(&["--max-steps", "2", "--set", "model.arch=mamba", "--set", "model.d_state=8"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -501,10 +500,24 @@ fn mamba_trains_generates_and_exports_to_hugging_face() {
 /// BERT trains on masked tokens (reporting masked-token accuracy), fills masks from
 /// `generate`, and exports to Hugging Face's BertForMaskedLM layout; decoding-only paths refuse
 /// it clearly.
+/// `furnace export --format safetensors` of the tiny run's step-2 checkpoint: transformers'
+/// class and model type in config.json, a tensor under its Hugging Face name, and the tensors
+/// read back through the same table equal the checkpoint's exactly.
+fn check_hf_export_round_trips(tiny: &TinyRun, (model_type, class): (&str, &str), hf_tensor: &str) {
+    let hf = tiny.dir.path().join("hf");
+    let out = furnace(&["export", "--checkpoint", tiny.run.to_str().unwrap(), "--format", "safetensors", "--out", hf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["architectures"][0].as_str()), (Some(model_type), Some(class)));
+    let (arch, config) = config_from_hf(&config).unwrap();
+    let tensors = from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
+    assert!(tensors.contains_key(hf_tensor), "{:?}", tensors.keys().collect::<Vec<_>>());
+    let ours = from_safetensors(&std::fs::read(tiny.run.join("checkpoints/step_2/model.safetensors")).unwrap()).unwrap();
+    assert_eq!(from_hf(arch, &tensors, config.n_layers(), config.tie_embeddings()).unwrap(), ours, "the export round-trips exactly");
+}
+
 #[test]
 fn bert_trains_fills_masks_and_exports_to_hugging_face() {
-    use furnace_models::hf::{config_from_hf, from_hf};
-    use furnace_models::params::from_safetensors;
     let tiny = TinyRun::new();
     let out =
         tiny.train(&["--max-steps", "2", "--set", "model.arch=bert", "--set", "model.n_kv_heads=4", "--set", "training.eval_every=2"]);
@@ -525,16 +538,7 @@ fn bert_trains_fills_masks_and_exports_to_hugging_face() {
     let out = furnace(&["generate", "--checkpoint", run, "--prompt", "no mask here"]);
     assert!(!out.status.success() && text(&out).contains("has no [MASK]"), "{}", text(&out));
 
-    let hf = tiny.dir.path().join("hf");
-    let out = furnace(&["export", "--checkpoint", run, "--format", "safetensors", "--out", hf.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
-    assert_eq!((config["model_type"].as_str(), config["architectures"][0].as_str()), (Some("bert"), Some("BertForMaskedLM")));
-    let (arch, config) = config_from_hf(&config).unwrap();
-    let tensors = from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
-    assert!(tensors.contains_key("bert.encoder.layer.1.output.LayerNorm.bias"), "{:?}", tensors.keys().collect::<Vec<_>>());
-    let ours = from_safetensors(&std::fs::read(tiny.run.join("checkpoints/step_2/model.safetensors")).unwrap()).unwrap();
-    assert_eq!(from_hf(arch, &tensors, config.n_layers(), config.tie_embeddings()).unwrap(), ours, "the export round-trips exactly");
+    check_hf_export_round_trips(&tiny, ("bert", "BertForMaskedLM"), "bert.encoder.layer.1.output.LayerNorm.bias");
 
     let gguf = furnace(&["export", "--checkpoint", run, "--format", "gguf", "--out", tiny.dir.path().join("m.gguf").to_str().unwrap()]);
     assert!(!gguf.status.success() && text(&gguf).contains("Llama, Mixtral and GPT-2 are written so far"), "{}", text(&gguf));
@@ -565,8 +569,6 @@ fn bert_trains_fills_masks_and_exports_to_hugging_face() {
 
 #[test]
 fn mixtral_trains_logs_its_routing_and_exports_to_hugging_face() {
-    use furnace_models::hf::{config_from_hf, from_hf};
-    use furnace_models::params::from_safetensors;
     let tiny = TinyRun::new();
     let out = tiny.train(&["--max-steps", "2", "--set", "model.arch=mixtral", "--set", "model.n_experts=4"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -672,8 +674,6 @@ fn a_rank_environment_without_a_matching_mpi_launch_is_refused() {
 /// Hugging Face export round-trips exactly; what it cannot do is refused with the key to change.
 #[test]
 fn t5_trains_on_pairs_and_spans_generates_and_exports() {
-    use furnace_models::hf::{config_from_hf, from_hf};
-    use furnace_models::params::from_safetensors;
     let tiny = TinyRun::new();
     let t5 = ["--set", "model.arch=t5", "--set", "model.n_kv_heads=4"];
     let pairs = ["--set", "data.source=arithmetic-words", "--set", "eval.arithmetic_problems=5", "--set", "training.eval_every=2"];
@@ -689,16 +689,7 @@ fn t5_trains_on_pairs_and_spans_generates_and_exports() {
     let chat = furnace(&["generate", "--checkpoint", run, "--prompt", "hi", "--chat"]);
     assert!(!chat.status.success() && text(&chat).contains("encoder-decoder"), "{}", text(&chat));
 
-    let hf = tiny.dir.path().join("hf");
-    let out = furnace(&["export", "--checkpoint", run, "--format", "safetensors", "--out", hf.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
-    assert_eq!((config["model_type"].as_str(), config["architectures"][0].as_str()), (Some("t5"), Some("T5ForConditionalGeneration")));
-    let (arch, config) = config_from_hf(&config).unwrap();
-    let tensors = from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
-    assert!(tensors.contains_key("decoder.block.1.layer.1.EncDecAttention.q.weight"), "{:?}", tensors.keys().collect::<Vec<_>>());
-    let ours = from_safetensors(&std::fs::read(tiny.run.join("checkpoints/step_2/model.safetensors")).unwrap()).unwrap();
-    assert_eq!(from_hf(arch, &tensors, config.n_layers(), config.tie_embeddings()).unwrap(), ours, "the export round-trips exactly");
+    check_hf_export_round_trips(&tiny, ("t5", "T5ForConditionalGeneration"), "decoder.block.1.layer.1.EncDecAttention.q.weight");
     let gguf = furnace(&["export", "--checkpoint", run, "--format", "gguf", "--out", tiny.dir.path().join("m.gguf").to_str().unwrap()]);
     assert!(!gguf.status.success(), "{}", text(&gguf));
 
