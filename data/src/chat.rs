@@ -8,7 +8,7 @@ use std::path::Path;
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use furnace_configs::{DataSource, Recipe};
+use furnace_configs::{DataSection, DataSource, Recipe};
 
 use crate::corpus::{arithmetic_config, val_seed};
 use crate::generators::{arithmetic_conversations, arithmetic_preferences};
@@ -122,16 +122,9 @@ pub fn prepare_sft(
             )
         }
         DataSource::Chat => {
-            let mut read = |files: &[String]| -> Result<Vec<Conversation>, String> {
-                let mut all = Vec::new();
-                for f in files {
-                    let (conversations, bad) = read_conversations(Path::new(f), d.skip_bad_lines)?;
-                    all.extend(conversations);
-                    skipped += bad;
-                }
-                Ok(all)
-            };
-            split_off_val(read(&d.files)?, read(&d.val_files)?, d.val_fraction)
+            let (train, val, bad) = read_train_and_val(d, read_conversations)?;
+            skipped = bad;
+            (train, val)
         }
         other => return Err(format!("data.source = \"{other}\" is not chat data")),
     };
@@ -185,16 +178,9 @@ pub fn prepare_preferences(
             )
         }
         DataSource::Preferences => {
-            let mut read = |files: &[String]| -> Result<Vec<Preference>, String> {
-                let mut all = Vec::new();
-                for f in files {
-                    let (pairs, bad) = read_preferences(Path::new(f), d.skip_bad_lines)?;
-                    all.extend(pairs);
-                    skipped += bad;
-                }
-                Ok(all)
-            };
-            split_off_val(read(&d.files)?, read(&d.val_files)?, d.val_fraction)
+            let (train, val, bad) = read_train_and_val(d, read_preferences)?;
+            skipped = bad;
+            (train, val)
         }
         other => return Err(format!("data.source = \"{other}\" is not preference data")),
     };
@@ -210,8 +196,30 @@ pub fn prepare_preferences(
     Ok((label(train)?, label(val)?, skipped))
 }
 
+/// The JSONL items of `data.files` and `data.val_files` read by `read` (validation: the
+/// val_files' items, else the last `val_fraction` of the training ones), and the malformed
+/// lines skipped.
+pub(crate) fn read_train_and_val<T>(
+    d: &DataSection,
+    read: fn(&Path, bool) -> Result<(Vec<T>, usize), String>,
+) -> Result<(Vec<T>, Vec<T>, usize), String> {
+    let mut skipped = 0;
+    let mut read_all = |files: &[String]| -> Result<Vec<T>, String> {
+        let mut all = Vec::new();
+        for f in files {
+            let (items, bad) = read(Path::new(f), d.skip_bad_lines)?;
+            all.extend(items);
+            skipped += bad;
+        }
+        Ok(all)
+    };
+    let (train, val) = (read_all(&d.files)?, read_all(&d.val_files)?);
+    let (train, val) = split_off_val(train, val, d.val_fraction);
+    Ok((train, val, skipped))
+}
+
 /// Validation items: the given ones, else the last `fraction` of the training items.
-pub(crate) fn split_off_val<T>(mut train: Vec<T>, val: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
+fn split_off_val<T>(mut train: Vec<T>, val: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
     if !val.is_empty() {
         return (train, val);
     }

@@ -7,7 +7,7 @@ use furnace_configs::fsutil::atomic_write;
 use furnace_configs::{DataSource, Recipe};
 use serde::Deserialize;
 
-use crate::chat::{read_jsonl, split_off_val};
+use crate::chat::{read_jsonl, read_train_and_val};
 use crate::corpus::{arithmetic_config, data_stamp, extra_tokens, val_seed};
 use crate::generators::arithmetic;
 use crate::tokenizer::TextTokenizer;
@@ -62,20 +62,7 @@ pub fn text_pairs(recipe: &Recipe) -> Result<(Vec<TextPair>, Vec<TextPair>, usiz
     Ok(match d.source {
         DataSource::Arithmetic => generated(false),
         DataSource::ArithmeticWords => generated(true),
-        DataSource::Seq2seq => {
-            let mut skipped = 0;
-            let mut read = |files: &[String]| -> Result<Vec<TextPair>, String> {
-                let mut all = Vec::new();
-                for f in files {
-                    let (pairs, bad) = read_pairs(Path::new(f), d.skip_bad_lines)?;
-                    all.extend(pairs);
-                    skipped += bad;
-                }
-                Ok(all)
-            };
-            let (train, val) = split_off_val(read(&d.files)?, read(&d.val_files)?, d.val_fraction);
-            (train, val, skipped)
-        }
+        DataSource::Seq2seq => read_train_and_val(d, read_pairs)?,
         other => return Err(format!("data.source = \"{other}\" holds no (input, target) pairs")),
     })
 }
