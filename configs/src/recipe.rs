@@ -202,10 +202,10 @@ choice!(
     Precision {
         /// Everything in f32.
         Fp32 = "fp32",
-        /// f32 parameters, gradients and optimizer state; every linear layer's matmul (the
-        /// output head's included) computes in bf16 (inputs and weights cast at the layer,
-        /// the product cast back), as torch.autocast does; norms, softmax, attention, RoPE, the
-        /// loss and the gradient reduction stay f32.
+        /// f32 parameters, gradients and optimizer state; every linear layer's matmul but the
+        /// output head's computes in bf16 (inputs and weights cast at the layer, the product
+        /// cast back), as torch.autocast does; the head (whose logits feed the loss), norms,
+        /// softmax, attention, RoPE, the loss and the gradient reduction stay f32.
         Bf16Mixed = "bf16-mixed",
         /// As bf16-mixed in f16, with dynamic loss scaling (PyTorch's GradScaler): the loss is
         /// multiplied by the scale before backward and the gradients divided after; a step whose

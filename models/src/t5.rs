@@ -292,13 +292,12 @@ impl<B: FusedOps> T5<B> {
             x = layer.forward(x, &bias, Some(cross), Some(cache));
         }
         let hidden = self.dropout.forward(self.decoder_norm.forward(x));
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                let d_model = hidden.dims()[2] as f64;
-                lm_logits(hidden * d_model.powf(-0.5), None, &self.embed_tokens)
-            }
-        }
+        // Tied, the head reads the states scaled by d_model^-0.5, as T5's.
+        let hidden = match &self.lm_head {
+            Some(_) => hidden,
+            None => hidden * (self.embed_tokens.dims()[1] as f64).powf(-0.5),
+        };
+        lm_logits(hidden, self.lm_head.as_ref(), &self.embed_tokens)
     }
 
     /// Training's forward: logits `[batch, target_len, vocab]` of the decoder reading

@@ -59,7 +59,7 @@ thread_local! {
     static AUTOCAST: Cell<Option<FloatDType>> = const { Cell::new(None) };
 }
 
-/// Run `f` with every dense layer's matmul (and the tied output head's) computed in `dtype`,
+/// Run `f` with every dense layer's matmul (the output head's aside, see `lm_logits`) computed in `dtype`,
 /// as `torch.autocast` does for linear layers: input and weight are cast to it at the layer and
 /// the product cast back to f32, so everything between layers (norms, softmax, attention, the
 /// loss) stays f32 and the parameters' gradients arrive in f32 through the casts' backward.
@@ -103,14 +103,15 @@ impl<B: FusedOps> Linear<B> {
 }
 
 /// Logits `[batch, seq, vocab]` for hidden states `[batch, seq, d_model]`: the output head, or
-/// the transposed embedding when the head is tied to it.
+/// the transposed embedding when the head is tied to it. Always f32, under autocast too: the
+/// logits feed the loss, and rounded to bf16 they slowed the quickstart's learning measurably.
 pub fn lm_logits<B: FusedOps>(hidden: Tensor<B, 3>, head: Option<&Linear<B>>, embed_tokens: &Param<Tensor<B, 2>>) -> Tensor<B, 3> {
-    match head {
+    with_autocast(None, || match head {
         Some(head) => head.forward(hidden),
         None => {
             let [batch, seq, d_model] = hidden.dims();
             let vocab = embed_tokens.dims()[0];
-            autocast_matmul(hidden.reshape([batch * seq, d_model]), embed_tokens.val().transpose()).reshape([batch, seq, vocab])
+            hidden.reshape([batch * seq, d_model]).matmul(embed_tokens.val().transpose()).reshape([batch, seq, vocab])
         }
-    }
+    })
 }
