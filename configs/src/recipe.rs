@@ -192,7 +192,7 @@ choice!(
     CheckpointMode {
         /// Keep every activation backward needs (fastest, most memory).
         None = "none",
-        /// Keep only each transformer block's input; backward recomputes one block at a time
+        /// Keep only each block's input; backward recomputes one block at a time
         /// (about one more forward pass per step, activation memory of one block).
         Full = "full",
     }
@@ -582,8 +582,8 @@ section! {
 section! {
     /// Activation (gradient) checkpointing: trade compute for memory in training.
     ActivationCheckpointSection = "activation_checkpoint" {
-        /// none or full. full: dense transformers (llama, gpt2) in pretrain and sft modes,
-        /// without dropout.
+        /// none or full. full: dense transformers (llama, gpt2) and mamba in pretrain and sft
+        /// modes, without dropout.
         mode: CheckpointMode = CheckpointMode::None,
     }
 }

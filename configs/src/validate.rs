@@ -230,13 +230,14 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if recipe.activation_checkpoint.mode == CheckpointMode::Full
-        && (!matches!(m.arch, Arch::Llama | Arch::Gpt2) || !matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft))
+        && (!matches!(m.arch, Arch::Llama | Arch::Gpt2 | Arch::Mamba)
+            || !matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft))
     {
         return fail(
             "activation_checkpoint",
             "mode",
             format!(
-                "activation checkpointing covers dense transformers (llama, gpt2) in pretrain and sft; this is {} in {}",
+                "activation checkpointing covers dense transformers (llama, gpt2) and mamba in pretrain and sft; this is {} in {}",
                 m.arch, recipe.training.mode
             ),
             "set activation_checkpoint.mode = \"none\"".into(),

@@ -218,6 +218,13 @@ pub struct MambaBlock<B: Backend> {
     pub mixer: MambaMixer<B>,
 }
 
+impl<B: FusedOps> MambaBlock<B> {
+    /// Pre-norm residual block; `state` carries the layer's decoding state.
+    pub fn forward(&self, x: Tensor<B, 3>, state: Option<&mut Option<LayerState<B>>>) -> Tensor<B, 3> {
+        x.clone() + self.mixer.forward(self.norm.forward(x), state)
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Mamba<B: Backend> {
     /// `[vocab_size, d_model]`.
@@ -238,12 +245,21 @@ pub struct MambaState<B: Backend> {
 }
 
 impl<B: FusedOps> Mamba<B> {
+    /// The first block's input.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embedding(self.embed_tokens.val(), tokens)
+    }
+
+    /// Logits from the last block's output.
+    pub fn finish(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        lm_logits(self.norm.forward(x), self.lm_head.as_ref(), &self.embed_tokens)
+    }
+
     /// Final hidden states `[batch, seq, d_model]` (after the final norm).
     pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, mut state: Option<&mut MambaState<B>>) -> Tensor<B, 3> {
-        let mut x = embedding(self.embed_tokens.val(), tokens);
+        let mut x = self.embed(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_state = state.as_mut().map(|s| &mut s.layers[i]);
-            x = x.clone() + layer.mixer.forward(layer.norm.forward(x), layer_state);
+            x = layer.forward(x, state.as_mut().map(|s| &mut s.layers[i]));
         }
         self.norm.forward(x)
     }

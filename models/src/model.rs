@@ -28,6 +28,9 @@ pub enum ModelConfig {
 /// Why an encoder refuses what only decoders do.
 const ENCODER: &str = "BERT is an encoder: it fills masks and neither decodes left to right nor carries a score head (the recipe check and the commands refuse this)";
 
+/// Why an encoder or encoder-decoder cannot be recomputed block by block.
+const NOT_RECOMPUTABLE: &str = "activation checkpointing is for dense decoders and Mamba (the recipe check rejects this)";
+
 /// Why an encoder-decoder refuses what decoders do alone.
 const ENCODER_DECODER: &str = "T5 decodes given an encoded input (`forward_seq2seq`, `t5::Conditioned`), and carries no score head (the recipe check and the commands refuse this)";
 
@@ -188,10 +191,14 @@ impl<B: FusedOps> LanguageModel<B> {
 
 /// The model as a chain embed → blocks → finish, for activation checkpointing: the trainer
 /// keeps each block's input and recomputes one block at a time in backward. Dense transformers
-/// offer it (`recomputable`); the recipe check refuses the others.
+/// and Mamba offer it (`recomputable`); the recipe check refuses the others.
 impl<B: FusedOps> LanguageModel<B> {
     pub fn recomputable(&self) -> bool {
-        matches!(self, Self::Decoder(m) if m.layers.iter().all(|l| matches!(l.feed_forward, MlpLayer::Dense(_))))
+        match self {
+            Self::Decoder(m) => m.layers.iter().all(|l| matches!(l.feed_forward, MlpLayer::Dense(_))),
+            Self::Mamba(_) => true,
+            Self::Bert(_) | Self::T5(_) => false,
+        }
     }
 
     pub fn n_blocks(&self) -> usize {
@@ -203,22 +210,24 @@ impl<B: FusedOps> LanguageModel<B> {
         }
     }
 
-    /// The first block's input and what every block needs (see [`Decoder::embed`]).
-    pub fn embed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, AttentionContext<B>) {
+    /// The first block's input and what every block needs: a transformer's attention context
+    /// (see [`Decoder::embed`]); a Mamba's blocks need nothing more.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, Option<AttentionContext<B>>) {
         match self {
-            Self::Decoder(m) => m.embed(tokens, 0, packed),
-            Self::Mamba(_) | Self::Bert(_) | Self::T5(_) => {
-                panic!("activation checkpointing is for dense decoders (the recipe check rejects this)")
+            Self::Decoder(m) => {
+                let (x, ctx) = m.embed(tokens, 0, packed);
+                (x, Some(ctx))
             }
+            Self::Mamba(m) => (m.embed(tokens), None),
+            Self::Bert(_) | Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 
-    pub fn block(&self, index: usize, x: Tensor<B, 3>, ctx: &AttentionContext<B>) -> Tensor<B, 3> {
+    pub fn block(&self, index: usize, x: Tensor<B, 3>, ctx: Option<&AttentionContext<B>>) -> Tensor<B, 3> {
         match self {
-            Self::Decoder(m) => m.layers[index].forward(x, ctx, None).0,
-            Self::Mamba(_) | Self::Bert(_) | Self::T5(_) => {
-                panic!("activation checkpointing is for dense decoders (the recipe check rejects this)")
-            }
+            Self::Decoder(m) => m.layers[index].forward(x, ctx.expect("a transformer block attends with its context"), None).0,
+            Self::Mamba(m) => m.layers[index].forward(x, None),
+            Self::Bert(_) | Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 
@@ -226,9 +235,8 @@ impl<B: FusedOps> LanguageModel<B> {
     pub fn finish(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             Self::Decoder(m) => m.finish(x),
-            Self::Mamba(_) | Self::Bert(_) | Self::T5(_) => {
-                panic!("activation checkpointing is for dense decoders (the recipe check rejects this)")
-            }
+            Self::Mamba(m) => m.finish(x),
+            Self::Bert(_) | Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 }

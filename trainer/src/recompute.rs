@@ -28,7 +28,7 @@ pub fn recomputed_gradients<B: TrainBackend>(
     let (embedded, ctx) = valid.embed(tokens.clone().inner(), packed);
     let mut inputs = vec![embedded];
     for i in 0..valid.n_blocks() {
-        let output = valid.block(i, inputs[i].clone(), &ctx);
+        let output = valid.block(i, inputs[i].clone(), ctx.as_ref());
         inputs.push(output);
     }
     drop((valid, ctx));
@@ -42,7 +42,7 @@ pub fn recomputed_gradients<B: TrainBackend>(
     accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     for i in (0..model.n_blocks()).rev() {
         let input = Tensor::<B, 3>::from_inner(inputs.pop().expect("a saved block input")).require_grad();
-        let output = model.block(i, input.clone(), &ctx);
+        let output = model.block(i, input.clone(), ctx.as_ref());
         let grads = (output * Tensor::from_inner(upstream)).sum().backward();
         upstream = input.grad(&grads).expect("a block reads its input");
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));

@@ -178,7 +178,7 @@ impl<B: TrainBackend> Trainer<B> {
         let mut model = built.model;
         if recipe.activation_checkpoint.mode == CheckpointMode::Full && !model.recomputable() {
             bail!(
-                "recipe key activation_checkpoint.mode = \"full\": {} is not a dense transformer, which activation checkpointing covers; set it to \"none\"",
+                "recipe key activation_checkpoint.mode = \"full\": {} is neither a dense transformer nor a Mamba, which activation checkpointing covers; set it to \"none\"",
                 describe(&recipe.model)
             );
         }

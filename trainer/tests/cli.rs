@@ -146,22 +146,26 @@ fn resume_is_exact_mixtral() {
 }
 
 /// Full activation checkpointing recomputes blocks in backward: the same losses as the plain
-/// run (1e-5), over two accumulated micro-batches per step; a mixture of experts is refused.
+/// run (1e-5), over two accumulated micro-batches per step, for a transformer and a Mamba; a
+/// mixture of experts is refused.
 #[test]
 fn activation_checkpointing_changes_no_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), TINY);
     let recipe = recipe.to_str().unwrap();
-    let runs: Vec<PathBuf> = ["none", "full"].iter().map(|m| dir.path().join(m)).collect();
-    for (mode, run) in ["none", "full"].iter().zip(&runs) {
-        let (set, mode) = (format!("run.output_dir={}", run.display()), format!("activation_checkpoint.mode={mode}"));
-        let out = furnace(&["train", "--config", recipe, "--set", &set, "--set", &mode, "--max-steps", "6"]);
-        assert!(out.status.success(), "{}", text(&out));
-    }
-    let (plain, recomputed) = (losses(&runs[0]), losses(&runs[1]));
-    assert_eq!(plain.len(), 6);
-    for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
-        assert!((a - b).abs() <= 1e-5, "step {step}: {a} vs {b}");
+    for arch in ["llama", "mamba"] {
+        let runs: Vec<PathBuf> = ["none", "full"].iter().map(|m| dir.path().join(format!("{arch}-{m}"))).collect();
+        for (mode, run) in ["none", "full"].iter().zip(&runs) {
+            let (set, mode) = (format!("run.output_dir={}", run.display()), format!("activation_checkpoint.mode={mode}"));
+            let arch = format!("model.arch={arch}");
+            let out = furnace(&["train", "--config", recipe, "--set", &set, "--set", &mode, "--set", &arch, "--max-steps", "6"]);
+            assert!(out.status.success(), "{}", text(&out));
+        }
+        let (plain, recomputed) = (losses(&runs[0]), losses(&runs[1]));
+        assert_eq!(plain.len(), 6);
+        for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
+            assert!((a - b).abs() <= 1e-5, "{arch} step {step}: {a} vs {b}");
+        }
     }
     let set = format!("run.output_dir={}", dir.path().join("moe").display());
     let out =
