@@ -172,7 +172,8 @@ pub fn fill_spans_line<B: FusedOps>(
     device: &B::Device,
 ) -> anyhow::Result<String> {
     let ids = encode_prompt(tokenizer, prompt, true);
-    if !ids.iter().any(|id| tokenizer.sentinels().contains(id)) {
+    let sentinels = tokenizer.sentinels();
+    if !ids.iter().any(|id| sentinels.contains(id)) {
         anyhow::bail!("the prompt {prompt:?} has no sentinel to fill; write <extra_id_0> where a span should go");
     }
     let out = reply(model, &ids, tokenizer.pad(), &greedy(tokenizer, max_new_tokens), device, |_| {});

@@ -504,6 +504,17 @@ fn mamba_trains_generates_and_exports_to_hugging_face() {
 /// BERT trains on masked tokens (reporting masked-token accuracy), fills masks from
 /// `generate`, and exports to Hugging Face's BertForMaskedLM layout; decoding-only paths refuse
 /// it clearly.
+/// A `data.tokenizer=<file>` setting for a byte-level BPE with no special tokens beyond
+/// end-of-text (`furnace data tokenizer` without `--masked-lm` or `--sentinels`).
+fn plain_tokenizer(tiny: &TinyRun) -> String {
+    let corpus = tiny.dir.path().join("corpus.txt");
+    std::fs::write(&corpus, "the cat sat on the mat\n\nthe dog sat on the log\n\n".repeat(50)).unwrap();
+    let plain = tiny.dir.path().join("plain.json");
+    let out = furnace(&["data", "tokenizer", "--input", corpus.to_str().unwrap(), "--vocab-size", "280", "--out", plain.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    format!("data.tokenizer={}", plain.display())
+}
+
 /// `furnace export --format safetensors` of the tiny run's step-2 checkpoint: transformers'
 /// class and model type in config.json, a tensor under its Hugging Face name, and the tensors
 /// read back through the same table equal the checkpoint's exactly.
@@ -549,12 +560,7 @@ fn bert_trains_fills_masks_and_exports_to_hugging_face() {
     let sft = tiny.train(&["--set", "model.arch=bert", "--set", "model.n_kv_heads=4", "--set", "training.mode=sft"]);
     assert!(!sft.status.success() && text(&sft).contains("training.mode"), "{}", text(&sft));
 
-    let corpus = tiny.dir.path().join("corpus.txt");
-    std::fs::write(&corpus, "the cat sat on the mat\n\nthe dog sat on the log\n\n".repeat(50)).unwrap();
-    let plain = tiny.dir.path().join("plain.json");
-    let out = furnace(&["data", "tokenizer", "--input", corpus.to_str().unwrap(), "--vocab-size", "280", "--out", plain.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-    let tokenizer = format!("data.tokenizer={}", plain.display());
+    let tokenizer = plain_tokenizer(&tiny);
     let out = furnace(&[
         "train",
         "--config",
@@ -702,12 +708,7 @@ fn t5_trains_on_pairs_and_spans_generates_and_exports() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("sample (span filling): ") && text(&out).contains("<extra_id_0> lived"), "{}", text(&out));
 
-    let corpus = tiny.dir.path().join("corpus.txt");
-    std::fs::write(&corpus, "the cat sat on the mat\n\nthe dog sat on the log\n\n".repeat(50)).unwrap();
-    let plain = tiny.dir.path().join("plain.json");
-    let out = furnace(&["data", "tokenizer", "--input", corpus.to_str().unwrap(), "--vocab-size", "280", "--out", plain.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-    let tokenizer = format!("data.tokenizer={}", plain.display());
+    let tokenizer = plain_tokenizer(&tiny);
     let no_sentinels = format!("run.output_dir={}", tiny.dir.path().join("no_sentinels").display());
     let out = tiny.train(&[&t5[..], &["--set", &tokenizer, "--set", &no_sentinels]].concat());
     assert!(!out.status.success() && text(&out).contains("sentinels") && text(&out).contains("--sentinels"), "{}", text(&out));
