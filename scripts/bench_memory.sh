@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Peak memory and step time of activation checkpointing and mixed precision: a 6-layer d_model
-# 512 Llama-style model at T = 512 and T = 2048 (4096 tokens per step), for each precision,
-# without and with full checkpointing, in one run on this machine. Peak RSS from /usr/bin/time -v
+# 512 Llama-style model at T = 512 and T = 2048 (4096 tokens per step), for each precision and
+# checkpoint mode (none, full, selective: every second block), in one run on this machine. Peak RSS from /usr/bin/time -v
 # (the whole process), step time the median after warm-up.
 #   scripts/bench_memory.sh              # 4 timed steps per run, every precision
-#   STEPS=6 PRECISIONS="fp32 bf16-mixed" scripts/bench_memory.sh
+#   STEPS=6 PRECISIONS="fp32 bf16-mixed" MODES="none selective" scripts/bench_memory.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-4}"
 PRECISIONS="${PRECISIONS:-fp32 bf16-mixed fp16-mixed}"
+MODES="${MODES:-none full selective}"
 cargo build --release -q -p furnace-trainer
 BIN="${CARGO_TARGET_DIR:-target}/release/furnace"
 WORK="$(mktemp -d)"
@@ -27,17 +28,17 @@ COMMON=(--set data.source='"stories"' --set data.num_examples=3000 --set data.to
         --set model.d_model=512 --set model.n_layers=6 --set model.n_heads=8 --set model.max_seq_len=2048
         --set training.log_every=1 --set training.eval_every=0 --set training.save_every=0 --set training.steps=1000
         --set logging.progress=false --set eval.max_new_tokens=0)
-printf "%-6s %-11s %-6s %14s %12s\n" T precision mode "peak RSS MB" "step s"
+printf "%-6s %-11s %-9s %14s %12s\n" T precision mode "peak RSS MB" "step s"
 for t in 512 2048; do
   batch=$((4096 / t))
   for precision in $PRECISIONS; do
-  for mode in none full; do
+  for mode in $MODES; do
     out="$WORK/$t-$precision-$mode"
     /usr/bin/time -v -o "$WORK/time" "$BIN" train --config recipes/quickstart.toml --max-steps $((STEPS + 2)) "${COMMON[@]}" \
       --set run.output_dir="$out" --set training.seq_len="$t" --set training.local_batch_size="$batch" \
       --set activation_checkpoint.mode="$mode" --set runtime.precision="\"$precision\"" > "$WORK/log" 2>&1 || { cat "$WORK/log"; exit 1; }
     rss_kb="$(grep 'Maximum resident set size' "$WORK/time" | grep -oE '[0-9]+$')"
-    printf "%-6s %-11s %-6s %14.0f %12s\n" "$t" "$precision" "$mode" "$(echo "$rss_kb / 1024" | bc -l)" "$(median_step_s "$out/metrics.jsonl")"
+    printf "%-6s %-11s %-9s %14.0f %12s\n" "$t" "$precision" "$mode" "$(echo "$rss_kb / 1024" | bc -l)" "$(median_step_s "$out/metrics.jsonl")"
   done
   done
 done

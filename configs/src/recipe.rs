@@ -195,6 +195,9 @@ choice!(
         /// Keep only each block's input; backward recomputes one block at a time
         /// (about one more forward pass per step, activation memory of one block).
         Full = "full",
+        /// Recompute every N-th block only (`selective_ac_option`), keeping the others'
+        /// activations: between none and full in both memory and time.
+        Selective = "selective",
     }
 );
 choice!(
@@ -582,9 +585,24 @@ section! {
 section! {
     /// Activation (gradient) checkpointing: trade compute for memory in training.
     ActivationCheckpointSection = "activation_checkpoint" {
-        /// none or full. full: dense transformers (llama, gpt2) and mamba in pretrain and sft
-        /// modes, without dropout.
+        /// none, full or selective. full and selective: decoder-only transformers (llama, gpt2,
+        /// mixtral) and mamba in pretrain and sft modes, without dropout.
         mode: CheckpointMode = CheckpointMode::None,
+        /// For selective: recompute every N-th block ("2": blocks 2, 4, 6, ...), torchtitan's
+        /// layer-wise option. (torchtitan's "op" policy is not offered.)
+        selective_ac_option: String = "2".into(),
+    }
+}
+
+impl ActivationCheckpointSection {
+    /// Every how many blocks backward recomputes one (1 = all of them); None without
+    /// checkpointing. The recipe check has made sure selective_ac_option is a positive integer.
+    pub fn recompute_every(&self) -> Option<usize> {
+        match self.mode {
+            CheckpointMode::None => None,
+            CheckpointMode::Full => Some(1),
+            CheckpointMode::Selective => Some(self.selective_ac_option.trim().parse().unwrap_or(1)),
+        }
     }
 }
 

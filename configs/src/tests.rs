@@ -174,3 +174,20 @@ fn t5_resolves_to_its_layout_and_keeps_its_keys_to_itself() {
     assert_eq!(to_section(&v11).resolve(None).head_dim, 12, "a stored T5 keeps its head_dim");
     assert_eq!(to_section(&parse("").unwrap()).head_dim, None, "other archs store no T5 keys");
 }
+
+#[test]
+fn activation_checkpoint_modes_resolve_to_a_recompute_frequency() {
+    let parse = |text: &str| Recipe::from_stored(text, "r.toml");
+    assert_eq!(parse("").unwrap().activation_checkpoint.recompute_every(), None);
+    assert_eq!(parse("[activation_checkpoint]\nmode = \"full\"\n").unwrap().activation_checkpoint.recompute_every(), Some(1));
+    let selective = "[activation_checkpoint]\nmode = \"selective\"\n";
+    assert_eq!(parse(selective).unwrap().activation_checkpoint.recompute_every(), Some(2), "torchtitan's default");
+    let every_third = format!("{selective}selective_ac_option = \"3\"\n");
+    assert_eq!(parse(&every_third).unwrap().activation_checkpoint.recompute_every(), Some(3));
+    for bad in ["op", "0", "-1"] {
+        let err = parse(&format!("{selective}selective_ac_option = \"{bad}\"\n")).unwrap_err();
+        assert_eq!(err.key, "activation_checkpoint.selective_ac_option", "{bad}");
+    }
+    let dropout = format!("{selective}[model]\ndropout = 0.1\n");
+    assert_eq!(parse(&dropout).unwrap_err().key, "activation_checkpoint.mode");
+}

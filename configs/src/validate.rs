@@ -221,23 +221,37 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             );
         }
     }
-    if recipe.activation_checkpoint.mode == CheckpointMode::Full && m.dropout > 0.0 {
+    let checkpointing = recipe.activation_checkpoint.mode != CheckpointMode::None;
+    if recipe.activation_checkpoint.mode == CheckpointMode::Selective
+        && !matches!(recipe.activation_checkpoint.selective_ac_option.trim().parse::<usize>(), Ok(n) if n >= 1)
+    {
+        return fail(
+            "activation_checkpoint",
+            "selective_ac_option",
+            format!(
+                "selective_ac_option = {:?} is not a positive block count (op-level selective checkpointing is not offered)",
+                recipe.activation_checkpoint.selective_ac_option
+            ),
+            "give a count such as \"2\" (recompute every second block)".into(),
+        );
+    }
+    if checkpointing && m.dropout > 0.0 {
         return fail(
             "activation_checkpoint",
             "mode",
-            "full activation checkpointing recomputes blocks and does not yet replay dropout masks".into(),
+            "activation checkpointing recomputes blocks and does not yet replay dropout masks".into(),
             "set model.dropout = 0 (as LLM pretraining usually does) or activation_checkpoint.mode = \"none\"".into(),
         );
     }
-    if recipe.activation_checkpoint.mode == CheckpointMode::Full
-        && (!matches!(m.arch, Arch::Llama | Arch::Gpt2 | Arch::Mamba)
+    if checkpointing
+        && (!matches!(m.arch, Arch::Llama | Arch::Gpt2 | Arch::Mixtral | Arch::Mamba)
             || !matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft))
     {
         return fail(
             "activation_checkpoint",
             "mode",
             format!(
-                "activation checkpointing covers dense transformers (llama, gpt2) and mamba in pretrain and sft; this is {} in {}",
+                "activation checkpointing covers decoder-only transformers (llama, gpt2, mixtral) and mamba in pretrain and sft; this is {} in {}",
                 m.arch, recipe.training.mode
             ),
             "set activation_checkpoint.mode = \"none\"".into(),

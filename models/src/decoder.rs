@@ -114,14 +114,16 @@ impl DecoderConfig {
 
     /// Bytes of f32 activations backward keeps for one micro-batch of `batch × seq` tokens: per
     /// layer s·b·d·(34 + 5·a·s/d) half-precision bytes (Korthikanti et al., 2022), doubled for
-    /// f32, plus the logits and their gradient. With `recompute`, each block's input per layer
-    /// and one block's activations.
-    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute: bool) -> f64 {
+    /// f32, plus the logits and their gradient. When every `recompute_every`-th block but the
+    /// last is recomputed, those keep only their input; recomputing one needs no more than the
+    /// kept blocks' activations (the last block's among them) have freed.
+    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> f64 {
         let (s, b, d, a) = (seq as f64, batch as f64, self.d_model as f64, self.n_heads as f64);
         let per_layer = 2.0 * s * b * d * (34.0 + 5.0 * a * s / d);
         let logits = 2.0 * 4.0 * s * b * self.vocab_size as f64;
-        let layers = if recompute { per_layer + self.n_layers as f64 * 4.0 * s * b * d } else { self.n_layers as f64 * per_layer };
-        layers + logits
+        // The last block is never recomputed (its backward follows the forward at once).
+        let recomputed = recompute_every.map_or(0, |every| (self.n_layers - 1) / every.max(1));
+        (self.n_layers - recomputed) as f64 * per_layer + recomputed as f64 * 4.0 * s * b * d + logits
     }
 
     pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Decoder<B> {
@@ -346,11 +348,16 @@ impl<B: FusedOps> Decoder<B> {
     /// mixture of experts, the routing its auxiliary losses need.
     pub fn forward_routed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, Option<Routing<B>>) {
         let (hidden, logits) = self.hidden_states(tokens, None, packed);
+        (self.head(hidden), self.routing(logits))
+    }
+
+    /// The routing of a pass from its MoE layers' router logits (None for a dense model).
+    pub fn routing(&self, logits: Vec<Tensor<B, 2>>) -> Option<Routing<B>> {
         let top_k = self.layers.iter().find_map(|l| match &l.feed_forward {
             MlpLayer::Sparse(moe) => Some(moe.top_k),
             MlpLayer::Dense(_) => None,
         });
-        (self.head(hidden), top_k.map(|top_k| Routing { logits, top_k }))
+        top_k.map(|top_k| Routing { logits, top_k })
     }
 
     /// One scalar per row from the score head, read at `positions[row]` (the last token of

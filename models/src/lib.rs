@@ -22,7 +22,7 @@ pub use bert::{Bert, BertConfig};
 pub use causal_lm::CausalLm;
 pub use decoder::{Decoder, DecoderConfig, KvCache, PositionKind};
 pub use mamba::{Mamba, MambaConfig, MambaState};
-pub use mixtral::{MoeConfig, Routing};
+pub use mixtral::{MoeConfig, RouterLossWeights, Routing};
 pub use model::{DecodeState, LanguageModel, ModelConfig};
 
 #[cfg(test)]

@@ -142,29 +142,28 @@ impl<B: Backend> Routing<B> {
         self.logits.iter().map(|l| l.dims()[0]).sum()
     }
 
+    /// What each layer's share of the auxiliary losses needs from the whole pass, with the
+    /// losses' coefficients: `aux_coef · load_balancing_loss + z_coef · z_loss` is the sum over
+    /// layers of `layer_loss(logits)`.
+    pub fn loss_weights(&self, aux_coef: f64, z_coef: f64) -> RouterLossWeights {
+        let rows = self.rows() as f64;
+        let fractions = self.assignments().iter().map(|&c| (c / rows) as f32).collect();
+        RouterLossWeights { fractions, rows, aux_coef, z_coef }
+    }
+
     /// Switch Transformer's load-balancing loss as transformers computes it for Mixtral:
     /// E · Σ_e f_e · P_e over all layers' tokens together, f_e the top-k assignments to expert e
     /// per token and P_e its mean router probability. k when routing is even, larger when not.
     pub fn load_balancing_loss(&self) -> Tensor<B, 1> {
-        let device = self.logits[0].device();
-        let n_experts = self.logits[0].dims()[1];
-        let rows = self.rows() as f64;
-        let fractions: Vec<f32> = self.assignments().iter().map(|&c| (c / rows) as f32).collect();
-        let fractions = Tensor::<B, 1>::from_data(TensorData::new(fractions, [n_experts]), &device);
-        let probability_sums: Tensor<B, 1> =
-            self.logits.iter().map(|l| softmax(l.clone(), 1).sum_dim(0).reshape([n_experts])).reduce(|a, b| a + b).expect("one MoE layer");
-        (fractions * probability_sums / rows).sum() * n_experts as f64
+        let weights = self.loss_weights(1.0, 0.0);
+        self.logits.iter().map(|l| weights.load_balancing(l.clone())).reduce(|a, b| a + b).expect("one MoE layer")
     }
 
     /// ST-MoE's router z-loss: the mean over tokens (all layers) of logsumexp(logits)².
     pub fn z_loss(&self) -> Tensor<B, 1> {
-        let rows = self.rows() as f64;
-        let squares = self.logits.iter().map(|l| {
-            let max = l.clone().detach().max_dim(1);
-            let lse = (l.clone() - max.clone()).exp().sum_dim(1).log() + max;
-            lse.powf_scalar(2.0).sum()
-        });
-        squares.reduce(|a, b| a + b).expect("one MoE layer") / rows
+        // The z-loss needs no assignments.
+        let weights = RouterLossWeights { fractions: Vec::new(), rows: self.rows() as f64, aux_coef: 0.0, z_coef: 1.0 };
+        self.logits.iter().map(|l| weights.z(l.clone())).reduce(|a, b| a + b).expect("one MoE layer")
     }
 
     /// Each expert's share of the top-k assignments over all layers (sums to 1).
@@ -172,5 +171,46 @@ impl<B: Backend> Routing<B> {
         let counts = self.assignments();
         let total: f64 = counts.iter().sum();
         counts.iter().map(|c| c / total).collect()
+    }
+}
+
+/// The auxiliary losses split by layer. Every layer's top-k assignments enter the
+/// load-balancing loss only as fractions, which carry no gradient, and both losses average over
+/// the rows of all layers; given those, each layer's share depends on its own router logits
+/// alone, so activation checkpointing can back-propagate it when it recomputes the layer.
+#[derive(Debug, Clone)]
+pub struct RouterLossWeights {
+    /// Each expert's top-k assignments over all layers' rows, per row.
+    fractions: Vec<f32>,
+    /// Routed rows over all layers.
+    rows: f64,
+    pub aux_coef: f64,
+    pub z_coef: f64,
+}
+
+impl RouterLossWeights {
+    /// Both coefficients times `factor` (a loss scale, a micro-batch's share).
+    pub fn scaled(self, factor: f64) -> Self {
+        Self { aux_coef: self.aux_coef * factor, z_coef: self.z_coef * factor, ..self }
+    }
+
+    /// One layer's share of the load-balancing loss: E · Σ_e f_e · Σ_rows p_e / rows.
+    pub fn load_balancing<B: Backend>(&self, logits: Tensor<B, 2>) -> Tensor<B, 1> {
+        let n_experts = self.fractions.len();
+        let fractions = Tensor::<B, 1>::from_data(TensorData::new(self.fractions.clone(), [n_experts]), &logits.device());
+        let probability_sums = softmax(logits, 1).sum_dim(0).reshape([n_experts]);
+        (fractions * probability_sums / self.rows).sum() * n_experts as f64
+    }
+
+    /// One layer's share of the z-loss: Σ_rows logsumexp(logits)² / rows.
+    pub fn z<B: Backend>(&self, logits: Tensor<B, 2>) -> Tensor<B, 1> {
+        let max = logits.clone().detach().max_dim(1);
+        let lse = (logits - max.clone()).exp().sum_dim(1).log() + max;
+        lse.powf_scalar(2.0).sum() / self.rows
+    }
+
+    /// One layer's share of `aux_coef · load_balancing + z_coef · z`.
+    pub fn layer_loss<B: Backend>(&self, logits: Tensor<B, 2>) -> Tensor<B, 1> {
+        self.load_balancing(logits.clone()) * self.aux_coef + self.z(logits) * self.z_coef
     }
 }

@@ -7,7 +7,7 @@ use crate::bert::{Bert, BertConfig};
 use crate::blocks::AttentionContext;
 use crate::blocks::Linear;
 use crate::causal_lm::CausalLm;
-use crate::decoder::{Decoder, DecoderConfig, KvCache, MlpLayer};
+use crate::decoder::{Decoder, DecoderConfig, KvCache};
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
 use crate::mamba::{Mamba, MambaConfig, MambaState};
@@ -29,7 +29,7 @@ pub enum ModelConfig {
 const ENCODER: &str = "BERT is an encoder: it fills masks and neither decodes left to right nor carries a score head (the recipe check and the commands refuse this)";
 
 /// Why an encoder or encoder-decoder cannot be recomputed block by block.
-const NOT_RECOMPUTABLE: &str = "activation checkpointing is for dense decoders and Mamba (the recipe check rejects this)";
+const NOT_RECOMPUTABLE: &str = "activation checkpointing is for decoder-only transformers and Mamba (the recipe check rejects this)";
 
 /// Why an encoder-decoder refuses what decoders do alone.
 const ENCODER_DECODER: &str = "T5 decodes given an encoded input (`forward_seq2seq`, `t5::Conditioned`), and carries no score head (the recipe check and the commands refuse this)";
@@ -88,14 +88,17 @@ impl ModelConfig {
 
     /// Estimated bytes of activations one micro-batch keeps for backward (transformers; None
     /// for architectures without an estimate yet).
-    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute: bool) -> Option<f64> {
+    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> Option<f64> {
         match self {
-            Self::Decoder(c) => Some(c.activation_bytes(batch, seq, recompute)),
+            Self::Decoder(c) => Some(c.activation_bytes(batch, seq, recompute_every)),
             // An encoder block keeps what a decoder block of its dimensions keeps.
-            Self::Bert(c) => Some(
-                DecoderConfig::new(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.d_ff, c.max_seq_len)
-                    .activation_bytes(batch, seq, recompute),
-            ),
+            Self::Bert(c) => {
+                Some(DecoderConfig::new(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.d_ff, c.max_seq_len).activation_bytes(
+                    batch,
+                    seq,
+                    recompute_every,
+                ))
+            }
             Self::Mamba(_) | Self::T5(_) => None,
         }
     }
@@ -190,15 +193,12 @@ impl<B: FusedOps> LanguageModel<B> {
 }
 
 /// The model as a chain embed → blocks → finish, for activation checkpointing: the trainer
-/// keeps each block's input and recomputes one block at a time in backward. Dense transformers
-/// and Mamba offer it (`recomputable`); the recipe check refuses the others.
+/// keeps each block's input and recomputes one block at a time in backward. Decoder-only
+/// transformers (dense or mixture of experts) and Mamba offer it (`recomputable`); the recipe
+/// check refuses the others.
 impl<B: FusedOps> LanguageModel<B> {
     pub fn recomputable(&self) -> bool {
-        match self {
-            Self::Decoder(m) => m.layers.iter().all(|l| matches!(l.feed_forward, MlpLayer::Dense(_))),
-            Self::Mamba(_) => true,
-            Self::Bert(_) | Self::T5(_) => false,
-        }
+        matches!(self, Self::Decoder(_) | Self::Mamba(_))
     }
 
     pub fn n_blocks(&self) -> usize {
@@ -223,10 +223,20 @@ impl<B: FusedOps> LanguageModel<B> {
         }
     }
 
-    pub fn block(&self, index: usize, x: Tensor<B, 3>, ctx: Option<&AttentionContext<B>>) -> Tensor<B, 3> {
+    /// A block's output, and its router logits when its MLP is a mixture of experts.
+    pub fn block(&self, index: usize, x: Tensor<B, 3>, ctx: Option<&AttentionContext<B>>) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
         match self {
-            Self::Decoder(m) => m.layers[index].forward(x, ctx.expect("a transformer block attends with its context"), None).0,
-            Self::Mamba(m) => m.layers[index].forward(x, None),
+            Self::Decoder(m) => m.layers[index].forward(x, ctx.expect("a transformer block attends with its context"), None),
+            Self::Mamba(m) => (m.layers[index].forward(x, None), None),
+            Self::Bert(_) | Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
+        }
+    }
+
+    /// The routing of a pass from the router logits its blocks gave (None for dense models).
+    pub fn routing(&self, logits: Vec<Tensor<B, 2>>) -> Option<Routing<B>> {
+        match self {
+            Self::Decoder(m) => m.routing(logits),
+            Self::Mamba(_) => None,
             Self::Bert(_) | Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }

@@ -604,8 +604,12 @@ fn activation_estimate_follows_the_published_formula() {
     let (s, h, a) = (2048.0, 12288.0, 96.0);
     let per_layer_fp16 = 34.0 * s * h + 5.0 * a * s * s;
     let logits = 2.0 * 4.0 * s * 51200.0;
-    assert_eq!(config.activation_bytes(1, 2048, false), 96.0 * 2.0 * per_layer_fp16 + logits);
-    let recomputed = config.activation_bytes(1, 2048, true);
-    assert_eq!(recomputed, 2.0 * per_layer_fp16 + 96.0 * 4.0 * s * h + logits);
-    assert!(recomputed < config.activation_bytes(1, 2048, false) / 10.0);
+    let plain = config.activation_bytes(1, 2048, None);
+    assert_eq!(plain, 96.0 * 2.0 * per_layer_fp16 + logits);
+    let recomputed = config.activation_bytes(1, 2048, Some(1));
+    assert_eq!(recomputed, 2.0 * per_layer_fp16 + 95.0 * 4.0 * s * h + logits, "the last block is kept");
+    assert!(recomputed < plain / 10.0);
+    // Every second block recomputed: half the layers keep everything, half their input.
+    let selective = config.activation_bytes(1, 2048, Some(2));
+    assert_eq!(selective, 49.0 * 2.0 * per_layer_fp16 + 47.0 * 4.0 * s * h + logits);
 }

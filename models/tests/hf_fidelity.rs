@@ -68,7 +68,8 @@ fn bert_masked_lm_matches_transformers() {
 }
 
 /// The load-balancing loss equals transformers' `aux_loss`; the z-loss equals ST-MoE's formula
-/// on transformers' router logits.
+/// on transformers' router logits; their layer-by-layer shares (what activation checkpointing
+/// back-propagates) add up to the weighted sum of both.
 #[test]
 fn mixtral_router_losses_match_transformers() {
     let (model, tokens) = load("tiny_mixtral");
@@ -80,6 +81,11 @@ fn mixtral_router_losses_match_transformers() {
         let (ours, theirs) = (ours.into_scalar() as f64, expected[name].as_f64().unwrap());
         assert!((ours - theirs).abs() <= 1e-5 * theirs.abs().max(1.0), "{name}: ours {ours}, reference {theirs}");
     }
+    let (aux_coef, z_coef) = (0.5, 0.25);
+    let weights = routing.loss_weights(aux_coef, z_coef);
+    let shares: f64 = routing.logits.iter().map(|l| weights.layer_loss(l.clone()).into_scalar() as f64).sum();
+    let total = aux_coef * expected["aux_loss"].as_f64().unwrap() + z_coef * expected["z_loss"].as_f64().unwrap();
+    assert!((shares - total).abs() <= 1e-5 * total.abs().max(1.0), "layer shares {shares}, weighted losses {total}");
     let fractions = routing.expert_fractions();
     assert_eq!(fractions.len(), 4);
     assert!((fractions.iter().sum::<f64>() - 1.0).abs() < 1e-9);

@@ -8,7 +8,7 @@ use furnace_data::mlm::Masking;
 use furnace_data::span_corruption::SpanCorruption;
 use furnace_data::{Batch, TextTokenizer};
 use furnace_models::kernels::{cross_entropy, FusedOps};
-use furnace_models::Routing;
+use furnace_models::{RouterLossWeights, Routing};
 
 /// Summed cross-entropy over the positions with a target — the next token, or under masked LM
 /// the hidden one (an ignored target, -1, counts nothing and gets no gradient: prompts and
@@ -78,10 +78,18 @@ impl Denoising {
 /// language-model loss (as transformers adds `router_aux_loss_coef · aux_loss`); their values
 /// and the experts' load go into `stats`.
 pub fn router_losses<B: Backend>(routing: &Routing<B>, model: &ModelSection, stats: &mut RouterStats) -> Tensor<B, 1> {
-    let (balance, z) = (routing.load_balancing_loss(), routing.z_loss());
-    let scalar = |t: &Tensor<B, 1>| t.clone().into_scalar().elem::<f64>();
-    stats.add(scalar(&balance), scalar(&z), &routing.expert_fractions());
-    balance * model.router_aux_loss_coef + z * model.router_z_loss_coef
+    let weights = router_loss_weights(routing, model, stats);
+    routing.logits.iter().map(|l| weights.layer_loss(l.clone())).reduce(|a, b| a + b).expect("one MoE layer")
+}
+
+/// What each layer's share of the router losses needs (see [`RouterLossWeights`]), for
+/// activation checkpointing, which back-propagates a layer's share when it recomputes it; the
+/// routing's metrics go into `stats`.
+pub fn router_loss_weights<B: Backend>(routing: &Routing<B>, model: &ModelSection, stats: &mut RouterStats) -> RouterLossWeights {
+    let detached = Routing { logits: routing.logits.iter().map(|l| l.clone().detach()).collect(), top_k: routing.top_k };
+    let scalar = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
+    stats.add(scalar(detached.load_balancing_loss()), scalar(detached.z_loss()), &detached.expert_fractions());
+    detached.loss_weights(model.router_aux_loss_coef, model.router_z_loss_coef)
 }
 
 /// Mixture-of-experts metrics summed since the last log line.

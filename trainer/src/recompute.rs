@@ -1,49 +1,97 @@
-//! Full activation checkpointing (torchtitan's `mode = "full"`, PyTorch's
-//! `checkpoint(block, x)` on every block): the forward pass keeps only each block's input and
-//! builds no autodiff graph; backward then walks the
-//! blocks from the last, recomputing one block's forward with autodiff from its saved input and
-//! back-propagating the gradient that reached its output. Activation memory is one block's
-//! plus the saved inputs, for about one more forward pass per step. Gradients are those of the
-//! plain backward (summed in another order).
+//! Activation checkpointing (torchtitan's `mode = "full"`, PyTorch's `checkpoint(block, x)` on
+//! every block, or on every N-th block in `mode = "selective"`): the forward pass keeps only a
+//! checkpointed block's input and builds no autodiff graph for it; backward then walks the
+//! blocks from the last, recomputing each checkpointed block's forward with autodiff from its
+//! saved input and back-propagating the gradient that reached its output. In full mode
+//! activation memory is one block's plus the saved inputs, for about one more forward pass per
+//! step. Gradients are those of the plain backward (summed in another order).
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use furnace_models::LanguageModel;
+use furnace_models::{LanguageModel, RouterLossWeights, Routing};
 
 use crate::backend::TrainBackend;
 
-/// The gradients of `loss(logits)` for one micro-batch, and the loss (detached). The forward
-/// pass runs without autodiff (Burn keeps a graph until a backward pass consumes it, so a
-/// graph built and dropped per block would still be held); each block is then recomputed with
-/// autodiff from its saved input. Dropout must be off (the recipe check says so): the pass
-/// without autodiff draws none.
+/// What the forward pass kept of one block for backward.
+enum Kept<B: TrainBackend> {
+    /// A recomputed block: its input alone.
+    Input(Tensor<B::InnerBackend, 3>),
+    /// A block outside the checkpointed ones: its autodiff graph, from a leaf input to the
+    /// output and router logits.
+    Graph { input: Tensor<B, 3>, output: Tensor<B, 3>, router: Option<Tensor<B, 2>> },
+}
+
+/// The gradients of `loss(logits)` for one micro-batch, and the loss (detached). Every
+/// `every`-th block but the last (1: all of them, torchtitan's full mode; N: its layer-wise
+/// selective mode) runs forward without autodiff (Burn keeps a graph until a backward pass consumes it, so a
+/// graph built and dropped per block would still be held) and is recomputed with autodiff
+/// from its saved input in backward; the others keep their graphs from the forward pass.
+/// Dropout must be off (the recipe check says so): the pass without autodiff draws none.
+///
+/// A mixture of experts' router losses span every layer; `router` turns the pass's routing
+/// into each layer's share of them (see `RouterLossWeights`), added to the loss and
+/// back-propagated with that layer.
 pub fn recomputed_gradients<B: TrainBackend>(
     model: &LanguageModel<B>,
     tokens: Tensor<B, 2, Int>,
     packed: Option<&[usize]>,
+    every: usize,
     loss: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 1>,
+    router: impl FnOnce(&Routing<B::InnerBackend>) -> RouterLossWeights,
 ) -> (GradientsParams, Tensor<B::InnerBackend, 1>) {
     let valid = model.valid();
-    let (embedded, ctx) = valid.embed(tokens.clone().inner(), packed);
-    let mut inputs = vec![embedded];
-    for i in 0..valid.n_blocks() {
-        let output = valid.block(i, inputs[i].clone(), ctx.as_ref());
-        inputs.push(output);
-    }
-    drop((valid, ctx));
+    let (mut x, valid_ctx) = valid.embed(tokens.clone().inner(), packed);
     let (_, ctx) = model.embed(tokens.clone(), packed);
+    let mut kept = Vec::with_capacity(valid.n_blocks());
+    let mut router_logits = Vec::new();
+    let n_blocks = valid.n_blocks();
+    for i in 0..n_blocks {
+        // The last block keeps its graph: its backward follows the forward pass at once, so
+        // recomputing it would save nothing.
+        if (i + 1) % every == 0 && i + 1 < n_blocks {
+            let (output, router) = valid.block(i, x.clone(), valid_ctx.as_ref());
+            router_logits.extend(router);
+            kept.push(Kept::<B>::Input(std::mem::replace(&mut x, output)));
+        } else {
+            let input = Tensor::<B, 3>::from_inner(x).require_grad();
+            let (output, router) = model.block(i, input.clone(), ctx.as_ref());
+            router_logits.extend(router.as_ref().map(|r| r.clone().inner()));
+            x = output.clone().inner();
+            kept.push(Kept::Graph { input, output, router });
+        }
+    }
+    let router_weights = valid.routing(router_logits).map(|routing| {
+        let weights = router(&routing);
+        let total = routing.logits.into_iter().map(|l| weights.layer_loss(l)).reduce(|a, b| a + b).expect("one MoE layer");
+        (weights, total)
+    });
+    drop((valid, valid_ctx));
     let mut accumulator = GradientsAccumulator::new();
-    let last = Tensor::<B, 3>::from_inner(inputs.pop().expect("the embedding")).require_grad();
+    let last = Tensor::<B, 3>::from_inner(x).require_grad();
     let loss = loss(model.finish(last.clone()));
-    let detached_loss = loss.clone().inner();
+    let detached_loss = match &router_weights {
+        Some((_, router_total)) => loss.clone().inner() + router_total.clone(),
+        None => loss.clone().inner(),
+    };
     let grads = loss.backward();
     let mut upstream = last.grad(&grads).expect("the head reads the last block's output");
     accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     for i in (0..model.n_blocks()).rev() {
-        let input = Tensor::<B, 3>::from_inner(inputs.pop().expect("a saved block input")).require_grad();
-        let output = model.block(i, input.clone(), ctx.as_ref());
-        let grads = (output * Tensor::from_inner(upstream)).sum().backward();
+        let (input, output, router) = match kept.pop().expect("one kept entry per block") {
+            Kept::Input(x) => {
+                let input = Tensor::<B, 3>::from_inner(x).require_grad();
+                let (output, router) = model.block(i, input.clone(), ctx.as_ref());
+                (input, output, router)
+            }
+            Kept::Graph { input, output, router } => (input, output, router),
+        };
+        let through_output = (output * Tensor::from_inner(upstream)).sum();
+        let objective = match (router, &router_weights) {
+            (Some(logits), Some((weights, _))) => through_output + weights.layer_loss(logits),
+            _ => through_output,
+        };
+        let grads = objective.backward();
         upstream = input.grad(&grads).expect("a block reads its input");
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }

@@ -33,7 +33,7 @@ use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_fr
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
-use crate::objective::{lm_loss_sum, router_losses, sample_labels, Denoising, RouterStats};
+use crate::objective::{lm_loss_sum, router_loss_weights, router_losses, sample_labels, Denoising, RouterStats};
 use crate::parallel::{quiet_stdout, transport, Parallel};
 use crate::precision::{compute_dtype, LossScaler};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
@@ -176,9 +176,10 @@ impl<B: TrainBackend> Trainer<B> {
         let built = build_model::<B>(&recipe, tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
         let mut model = built.model;
-        if recipe.activation_checkpoint.mode == CheckpointMode::Full && !model.recomputable() {
+        if recipe.activation_checkpoint.mode != CheckpointMode::None && !model.recomputable() {
             bail!(
-                "recipe key activation_checkpoint.mode = \"full\": {} is neither a dense transformer nor a Mamba, which activation checkpointing covers; set it to \"none\"",
+                "recipe key activation_checkpoint.mode = \"{}\": {} is neither a decoder-only transformer nor a Mamba, which activation checkpointing covers; set it to \"none\"",
+                recipe.activation_checkpoint.mode,
                 describe(&recipe.model)
             );
         }
@@ -428,10 +429,9 @@ impl<B: TrainBackend> Trainer<B> {
         let owned = trainable / self.parallel.world.size.max(1);
         let state_elements = if self.parallel.strategy == Strategy::Ddp { trainable } else { owned };
         let mb = |bytes: f64| bytes / 1e6;
-        let recompute = self.recipe.activation_checkpoint.mode == CheckpointMode::Full;
         let activations = self
             .model_config
-            .activation_bytes(t.local_batch_size, t.seq_len, recompute)
+            .activation_bytes(t.local_batch_size, t.seq_len, self.recipe.activation_checkpoint.recompute_every())
             .map_or("not estimated for this architecture".into(), |b| format!("~{:.0} MB per micro-batch", mb(b)));
         format!(
             "memory estimate (f32): parameters {:.1} MB, gradients {:.1} MB, optimizer state {:.1} MB, activations {activations}; measured peak_rss_mb goes to metrics.jsonl",
@@ -538,7 +538,7 @@ impl<B: TrainBackend> Trainer<B> {
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut last_inputs = None;
         let mut dpo_stats = DpoStats::default();
-        let recompute = self.recipe.activation_checkpoint.mode == CheckpointMode::Full;
+        let recompute_every = self.recipe.activation_checkpoint.recompute_every();
         let scale = self.loss_scale();
         let backward = |loss: Tensor<B, 1>| (loss.clone().inner(), GradientsParams::from_grads((loss * scale).backward(), model));
         for batch in batches {
@@ -554,20 +554,28 @@ impl<B: TrainBackend> Trainer<B> {
                 _ => None,
             };
             let targets = || Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), shape), &self.device);
-            let (detached, grads) = match pairs {
-                Some(pairs) => {
+            let (detached, grads) = match (pairs, recompute_every) {
+                (Some(pairs), _) => {
                     dpo_stats.add(&pairs.stats);
                     // The mean over the step's pairs.
                     backward(pairs.losses.sum() / (batch.items.len() * t.grad_accum_steps) as f64)
                 }
-                None if recompute => {
-                    let (grads, loss) = recomputed_gradients(model, inputs, batch.positions.as_deref(), |logits| {
-                        lm_loss_sum(logits, targets()) * (scale / counted)
-                    });
+                (None, Some(every)) => {
+                    let (model_section, router_window) = (&self.recipe.model, &mut self.router_window);
+                    let (grads, loss) = recomputed_gradients(
+                        model,
+                        inputs,
+                        batch.positions.as_deref(),
+                        every,
+                        |logits| lm_loss_sum(logits, targets()) * (scale / counted),
+                        |routing| router_loss_weights(routing, model_section, router_window).scaled(scale / t.grad_accum_steps as f64),
+                    );
                     (loss / scale, grads)
                 }
-                None if batch.encoder.is_some() => backward(lm_loss_sum(forward_batch(model, &batch, &self.device), targets()) / counted),
-                None => {
+                (None, None) if batch.encoder.is_some() => {
+                    backward(lm_loss_sum(forward_batch(model, &batch, &self.device), targets()) / counted)
+                }
+                (None, None) => {
                     let (logits, routing) = model.forward_routed(inputs, batch.positions.as_deref());
                     let loss = lm_loss_sum(logits, targets()) / counted;
                     backward(match routing {

@@ -145,31 +145,56 @@ fn resume_is_exact_mixtral() {
     check_resume_is_exact("adamw", 0.0, &["model.arch=mixtral"]);
 }
 
-/// Full activation checkpointing recomputes blocks in backward: the same losses as the plain
-/// run (1e-5), over two accumulated micro-batches per step, for a transformer and a Mamba; a
-/// mixture of experts is refused.
+/// Activation checkpointing recomputes blocks in backward, all but the last (full) or every
+/// second (selective):
+/// the same losses as the plain run (1e-5), over two accumulated micro-batches per step, for a
+/// transformer, a mixture of experts (its router losses back-propagated layer by layer) and a
+/// Mamba; an encoder is refused.
 #[test]
 fn activation_checkpointing_changes_no_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), TINY);
     let recipe = recipe.to_str().unwrap();
-    for arch in ["llama", "mamba"] {
-        let runs: Vec<PathBuf> = ["none", "full"].iter().map(|m| dir.path().join(format!("{arch}-{m}"))).collect();
-        for (mode, run) in ["none", "full"].iter().zip(&runs) {
+    // The router losses weigh enough that leaving either out of backward shows in the losses.
+    let routers = ["--set", "model.router_aux_loss_coef=1.0", "--set", "model.router_z_loss_coef=0.1"];
+    for (arch, extra) in [("llama", &[][..]), ("mixtral", &routers[..]), ("mamba", &[])] {
+        let modes = ["none", "full", "selective"];
+        let runs: Vec<PathBuf> = modes.iter().map(|m| dir.path().join(format!("{arch}-{m}"))).collect();
+        for (mode, run) in modes.iter().zip(&runs) {
             let (set, mode) = (format!("run.output_dir={}", run.display()), format!("activation_checkpoint.mode={mode}"));
             let arch = format!("model.arch={arch}");
-            let out = furnace(&["train", "--config", recipe, "--set", &set, "--set", &mode, "--set", &arch, "--max-steps", "6"]);
+            // Three blocks: full recomputes the first two, selective the second.
+            let args = [
+                "train",
+                "--config",
+                recipe,
+                "--set",
+                &set,
+                "--set",
+                &mode,
+                "--set",
+                &arch,
+                "--set",
+                "model.n_layers=3",
+                "--max-steps",
+                "6",
+            ];
+            let out = furnace(&[&args[..], extra].concat());
             assert!(out.status.success(), "{}", text(&out));
         }
-        let (plain, recomputed) = (losses(&runs[0]), losses(&runs[1]));
+        let plain = losses(&runs[0]);
         assert_eq!(plain.len(), 6);
-        for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
-            assert!((a - b).abs() <= 1e-5, "{arch} step {step}: {a} vs {b}");
+        for (mode, run) in modes.iter().zip(&runs).skip(1) {
+            let recomputed = losses(run);
+            assert_eq!(recomputed.len(), plain.len(), "{arch} {mode}");
+            for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
+                assert!((a - b).abs() <= 1e-5, "{arch} {mode} step {step}: {a} vs {b}");
+            }
         }
     }
-    let set = format!("run.output_dir={}", dir.path().join("moe").display());
-    let out =
-        furnace(&["train", "--config", recipe, "--set", &set, "--set", "activation_checkpoint.mode=full", "--set", "model.arch=mixtral"]);
+    let set = format!("run.output_dir={}", dir.path().join("bert").display());
+    let bert = ["--set", "activation_checkpoint.mode=full", "--set", "model.arch=bert", "--set", "model.n_kv_heads=4"];
+    let out = furnace(&[&["train", "--config", recipe, "--set", &set][..], &bert].concat());
     assert!(!out.status.success() && text(&out).contains("activation_checkpoint.mode"), "{}", text(&out));
 }
 
