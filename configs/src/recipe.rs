@@ -175,6 +175,12 @@ choice!(
         /// ZeRO stage 2: as zero1, and each parameter's gradient is reduced to its owner only
         /// (the others drop theirs), so reduced gradients are sharded too.
         Zero2 = "zero2",
+        /// FSDP (ZeRO stage 3): as zero2, and between steps each rank holds only its own
+        /// parameters; a block's are gathered from their owners just before it runs (forward,
+        /// and again for its recomputation in backward) and released after, and its gradients
+        /// go to their owners as soon as its backward ends. Backward recomputes every block
+        /// (as activation_checkpoint.mode = "full"), so the same models and modes qualify.
+        Fsdp = "fsdp",
     }
 );
 choice!(
@@ -572,7 +578,7 @@ section! {
     /// every step's data, so the global batch is local_batch_size × grad_accum_steps × N.
     /// Without mpirun these keys have no effect.
     DistributedSection = "distributed" {
-        /// ddp, zero1 or zero2.
+        /// ddp, zero1, zero2 or fsdp.
         strategy: Strategy = Strategy::Ddp,
         /// Gradients are reduced in buckets of this many megabytes (PyTorch DDP's bucket_cap_mb),
         /// bounding the host copy a reduction needs.

@@ -122,7 +122,15 @@ fn distributed_and_mixture_of_experts_keys_are_checked() {
     assert_eq!(parse("[distributed]\nstrategy = \"zero2\"\n").unwrap().distributed.strategy, Strategy::Zero2);
     assert_eq!(parse("[distributed]\nstrategy = \"zero9\"\n").unwrap_err().key, "distributed.strategy");
     assert_eq!(parse("[distributed]\nbucket_mb = 0\n").unwrap_err().key, "distributed.bucket_mb");
-    assert!(explain().contains("[distributed]") && explain().contains("distributed.strategy: ddp | zero1 | zero2"));
+    let fsdp = "[distributed]\nstrategy = \"fsdp\"\n";
+    assert_eq!(parse(fsdp).unwrap().distributed.strategy, Strategy::Fsdp);
+    for what_fsdp_does_not_cover in
+        ["[model]\ndropout = 0.1\n", "[model]\narch = \"bert\"\n", "[optimizer]\nname = \"sophia\"\n", "[lora]\nr = 4\n"]
+    {
+        let err = parse(&format!("{fsdp}{what_fsdp_does_not_cover}")).unwrap_err();
+        assert_eq!(err.key, "distributed.strategy", "{what_fsdp_does_not_cover}");
+    }
+    assert!(explain().contains("[distributed]") && explain().contains("distributed.strategy: ddp | zero1 | zero2 | fsdp"));
     let mixtral = "[model]\narch = \"mixtral\"\n";
     assert_eq!(parse(mixtral).unwrap().model.resolve(None).mlp, Mlp::SwiGlu, "a Mixtral is a Llama in all but its MLPs");
     assert_eq!(parse(&format!("{mixtral}experts_per_token = 9\n")).unwrap_err().key, "model.experts_per_token");

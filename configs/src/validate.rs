@@ -243,6 +243,24 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "set model.dropout = 0 (as LLM pretraining usually does) or activation_checkpoint.mode = \"none\"".into(),
         );
     }
+    let fsdp = recipe.distributed.strategy == Strategy::Fsdp;
+    if fsdp
+        && (!matches!(m.arch, Arch::Llama | Arch::Gpt2 | Arch::Mixtral | Arch::Mamba)
+            || !matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft)
+            || m.dropout > 0.0
+            || recipe.lora.r > 0
+            || recipe.optimizer.name == OptimizerName::Sophia)
+    {
+        return fail(
+            "distributed",
+            "strategy",
+            format!(
+                "fsdp recomputes every block in backward: decoder-only transformers (llama, gpt2, mixtral) and mamba, in pretrain and sft, without dropout, LoRA or Sophia (its curvature pass needs the whole model); this is {} in {}",
+                m.arch, recipe.training.mode
+            ),
+            "use distributed.strategy = \"zero2\" (its memory saving short of the parameters) or remove what fsdp does not cover".into(),
+        );
+    }
     if checkpointing
         && (!matches!(m.arch, Arch::Llama | Arch::Gpt2 | Arch::Mixtral | Arch::Mamba)
             || !matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft))

@@ -1,8 +1,10 @@
 //! Data parallelism over the ranks mpirun started: the same starting weights everywhere,
 //! gradients averaged in buckets after each step's backward passes (PyTorch DDP's arithmetic),
 //! and under ZeRO-1/2 the optimizer state (and with 2 the reduced gradients) kept only by the
-//! rank that owns each parameter, which then broadcasts its updated values. World size 1 makes
-//! every operation here a no-op.
+//! rank that owns each parameter, which then broadcasts its updated values. Under FSDP the
+//! owner alone holds the parameter between uses: `release` swaps the others' copies for
+//! placeholders and `gather` brings a selection back from the owners. World size 1 makes every
+//! operation here a no-op.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -24,13 +26,25 @@ pub struct Parallel {
     bucket_elements: usize,
     /// ZeRO: the rank owning each trainable parameter, by path.
     owners: HashMap<String, usize>,
+    /// FSDP: each sharded parameter's full shape (a released one holds a placeholder).
+    shapes: HashMap<String, Vec<usize>>,
 }
 
 impl Parallel {
     pub fn new(collective: Box<dyn Collective>, recipe: &Recipe) -> Self {
         let world = collective.world();
         let bucket_elements = ((recipe.distributed.bucket_mb * 1e6 / 4.0) as usize).max(1);
-        Self { collective, world, strategy: recipe.distributed.strategy, bucket_elements, owners: HashMap::new() }
+        Self { collective, world, strategy: recipe.distributed.strategy, bucket_elements, owners: HashMap::new(), shapes: HashMap::new() }
+    }
+
+    /// FSDP over more than one rank: parameters are held by their owners between uses.
+    pub fn fsdp(&self) -> bool {
+        self.sharded() && self.strategy == Strategy::Fsdp
+    }
+
+    /// Whether each gradient is reduced to its owner only (ZeRO-2 and FSDP).
+    fn reduces_to_owner(&self) -> bool {
+        self.sharded() && matches!(self.strategy, Strategy::Zero2 | Strategy::Fsdp)
     }
 
     pub fn is_main(&self) -> bool {
@@ -87,7 +101,8 @@ impl Parallel {
         impl<B: Backend> PathMapper<B> for Broadcast<'_> {
             fn map<const D: usize>(&mut self, _: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
                 let (id, tensor, mapper) = param.consume();
-                let value = broadcast_tensor(self.0, tensor, 0);
+                let shape = tensor.shape().dims::<D>().to_vec();
+                let value = broadcast_tensor(self.0, tensor, 0, &shape);
                 Param::from_mapped_value(id, value, mapper)
             }
         }
@@ -97,23 +112,24 @@ impl Parallel {
     /// ZeRO: split the trainable parameters into contiguous runs, one per rank. Returns this
     /// rank's share of the trainable elements and the total.
     pub fn partition<B: Backend, M: Module<B>>(&mut self, model: &M) -> (usize, usize) {
-        struct Trainable(Vec<(String, usize)>);
+        struct Trainable(Vec<(String, Vec<usize>)>);
         impl<B: Backend> PathVisitor<B> for Trainable {
             fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
                 if param.val().is_require_grad() {
-                    self.0.push((path.to_string(), param.lazy_shape().num_elements()));
+                    self.0.push((path.to_string(), param.lazy_shape().dims::<D>().to_vec()));
                 }
             }
         }
         let mut trainable = Trainable(Vec::new());
         visit_with_paths(model, &mut trainable);
-        let sizes: Vec<usize> = trainable.0.iter().map(|(_, n)| *n).collect();
+        let sizes: Vec<usize> = trainable.0.iter().map(|(_, shape)| shape.iter().product()).collect();
         let total = sizes.iter().sum();
         if !self.sharded() {
             return (total, total);
         }
         let partition = Partition::contiguous(&sizes, self.world.size);
-        self.owners = trainable.0.into_iter().enumerate().map(|(i, (path, _))| (path, partition.owner(i))).collect();
+        self.owners = trainable.0.iter().enumerate().map(|(i, (path, _))| (path.clone(), partition.owner(i))).collect();
+        self.shapes = trainable.0.into_iter().collect();
         (partition.shares(&sizes)[self.world.rank], total)
     }
 
@@ -128,7 +144,7 @@ impl Parallel {
         if self.world.size == 1 {
             return grads;
         }
-        let to_owner = self.sharded() && self.strategy == Strategy::Zero2;
+        let to_owner = self.reduces_to_owner();
         let mut buckets = Buckets {
             parallel: self,
             grads,
@@ -145,10 +161,10 @@ impl Parallel {
     }
 
     /// The global gradient norm: from the full averaged gradients that every rank holds, or
-    /// under ZeRO-2 from each owner's share, summed over ranks.
+    /// under ZeRO-2 and FSDP from each owner's share, summed over ranks.
     pub fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(&self, model: &M, grads: &GradientsParams) -> f64 {
         let local = global_grad_norm::<B, M>(model, grads);
-        if self.sharded() && self.strategy == Strategy::Zero2 {
+        if self.reduces_to_owner() {
             let mut squares = [local * local];
             self.sum(&mut squares);
             squares[0].sqrt()
@@ -178,22 +194,74 @@ impl Parallel {
         grads
     }
 
-    /// ZeRO: every parameter's new value from its owner (the all-gather after a sharded step).
+    /// After a sharded step: under ZeRO every parameter's new value from its owner (the
+    /// all-gather); under FSDP each rank keeps its own and releases the rest.
     pub fn gather_parameters<B: Backend, M: Module<B>>(&self, model: M) -> M {
+        match self.fsdp() {
+            true => self.release(model, |_| true),
+            false => self.gather(model, |_| true),
+        }
+    }
+
+    /// The parameters whose path `selects` holds, from their owners, on every rank (a
+    /// collective: every rank calls it alike).
+    pub fn gather<B: Backend, M: Module<B>>(&self, model: M, selects: impl Fn(&str) -> bool) -> M {
         if !self.sharded() {
             return model;
         }
-        struct Gather<'a>(&'a Parallel);
-        impl<B: Backend> PathMapper<B> for Gather<'_> {
+        struct Gather<'a, F>(&'a Parallel, F);
+        impl<B: Backend, F: Fn(&str) -> bool> PathMapper<B> for Gather<'_, F> {
             fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-                let Some(&owner) = self.0.owners.get(path) else { return param };
+                let Some(&owner) = self.0.owners.get(path).filter(|_| (self.1)(path)) else { return param };
                 let (id, tensor, mapper) = param.consume();
-                let value = broadcast_tensor(self.0.collective.as_ref(), tensor, owner);
+                let value = broadcast_tensor(self.0.collective.as_ref(), tensor, owner, &self.0.shapes[path]);
                 Param::from_mapped_value(id, value, mapper)
             }
         }
-        map_with_paths(model, &mut Gather(self))
+        map_with_paths(model, &mut Gather(self, selects))
     }
+
+    /// FSDP: the parameters whose path `selects` holds and that another rank owns, replaced by
+    /// a one-element placeholder until `gather` brings them back.
+    pub fn release<B: Backend, M: Module<B>>(&self, model: M, selects: impl Fn(&str) -> bool) -> M {
+        if !self.fsdp() {
+            return model;
+        }
+        struct Release<'a, F>(&'a Parallel, F);
+        impl<B: Backend, F: Fn(&str) -> bool> PathMapper<B> for Release<'_, F> {
+            fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+                if self.0.owns(path) || !(self.1)(path) {
+                    return param;
+                }
+                let (id, tensor, mapper) = param.consume();
+                let placeholder = Tensor::<B, D>::zeros([1; D], &tensor.device());
+                let placeholder = if tensor.is_require_grad() { placeholder.require_grad() } else { placeholder };
+                Param::from_mapped_value(id, placeholder, mapper)
+            }
+        }
+        map_with_paths(model, &mut Release(self, selects))
+    }
+}
+
+/// The parameters of block `index` (`layers.<index>.…`), which FSDP gathers and releases one
+/// block at a time; `None` selects those outside every block (embeddings, final norm, heads),
+/// which it holds for the whole step.
+pub fn in_block(path: &str, index: Option<usize>) -> bool {
+    let block = path.strip_prefix("layers.").and_then(|rest| rest.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+    block == index
+}
+
+/// Bytes of the parameters this rank holds now (under FSDP, between steps, about 1/W).
+pub fn held_parameter_bytes<B: Backend, M: Module<B>>(model: &M) -> usize {
+    struct Count(usize);
+    impl<B: Backend> PathVisitor<B> for Count {
+        fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<B, D>>) {
+            self.0 += 4 * param.lazy_shape().num_elements();
+        }
+    }
+    let mut count = Count(0);
+    visit_with_paths(model, &mut count);
+    count.0
 }
 
 /// The transport `[distributed] backend` asks for.
@@ -216,12 +284,21 @@ pub fn quiet_stdout() {
     }
 }
 
-/// `root`'s value of `tensor` on every rank, keeping its autodiff status.
-fn broadcast_tensor<B: Backend, const D: usize>(collective: &dyn Collective, tensor: Tensor<B, D>, root: usize) -> Tensor<B, D> {
-    let (shape, device, trainable) = (tensor.shape(), tensor.device(), tensor.is_require_grad());
-    let mut values: Vec<f32> = tensor.into_data().convert::<f32>().into_vec().expect("float parameter");
+/// `root`'s value of `tensor` (of `shape` there: under FSDP the other ranks may hold a
+/// placeholder) on every rank, keeping its autodiff status.
+fn broadcast_tensor<B: Backend, const D: usize>(
+    collective: &dyn Collective,
+    tensor: Tensor<B, D>,
+    root: usize,
+    shape: &[usize],
+) -> Tensor<B, D> {
+    let (device, trainable) = (tensor.device(), tensor.is_require_grad());
+    let mut values: Vec<f32> = match collective.world().rank == root {
+        true => tensor.into_data().convert::<f32>().into_vec().expect("float parameter"),
+        false => vec![0.0; shape.iter().product()],
+    };
     collective.broadcast(&mut values, root);
-    let value = Tensor::from_data(TensorData::new(values, shape), &device);
+    let value = Tensor::from_data(TensorData::new(values, shape.to_vec()), &device);
     if trainable {
         value.require_grad()
     } else {

@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
 use crate::objective::{lm_loss_sum, router_loss_weights, router_losses, sample_labels, Denoising, RouterStats};
-use crate::parallel::{quiet_stdout, transport, Parallel};
+use crate::parallel::{held_parameter_bytes, in_block, quiet_stdout, transport, Parallel};
 use crate::precision::{compute_dtype, LossScaler};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
 use crate::recompute::recomputed_gradients;
@@ -249,11 +249,16 @@ impl<B: TrainBackend> Trainer<B> {
         model = parallel.broadcast_model(model);
         let (owned, trainable) = parallel.partition(&model);
         optimizer.retain_state(|path| parallel.owns(path));
+        model = parallel.release(model, |_| true);
         if world.size > 1 && owned != trainable {
             println!(
-                "{}: this rank updates {owned} of {trainable} trainable parameters ({:.1}%) and holds their optimizer state",
+                "{}: this rank updates {owned} of {trainable} trainable parameters ({:.1}%) and holds their optimizer state{}",
                 recipe.distributed.strategy,
-                100.0 * owned as f64 / trainable as f64
+                100.0 * owned as f64 / trainable as f64,
+                match parallel.fsdp() {
+                    true => format!(" and, between steps, only their values ({:.1} MB)", held_parameter_bytes(&model) as f64 / 1e6),
+                    false => String::new(),
+                }
             );
         }
         let stop_at = max_steps.unwrap_or(t.steps).min(t.steps);
@@ -380,6 +385,7 @@ impl<B: TrainBackend> Trainer<B> {
                 ];
                 values.extend(self.optimizer.take_metrics());
                 values.push(("optimizer_state_mb", self.optimizer.state_bytes() as f64 / 1e6));
+                values.push(("parameter_mb", held_parameter_bytes(&model) as f64 / 1e6));
                 values.extend(peak_rss_mb().map(|mb| ("peak_rss_mb", mb)));
                 values.extend(self.state.loss_scaler.as_ref().map(|s| ("loss_scale", s.scale)));
                 values.extend(mode_metrics.iter().map(|(name, v)| (name.as_str(), *v)));
@@ -400,8 +406,11 @@ impl<B: TrainBackend> Trainer<B> {
                 window_tokens = 0;
             }
             let pause = Instant::now();
-            if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) && self.parallel.is_main() {
-                self.log_validation(&model, step)?;
+            if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) {
+                let whole = self.whole(&model);
+                if self.parallel.is_main() {
+                    self.log_validation(&whole, step)?;
+                }
             }
             if self.checkpointer.should_save(step, last) {
                 if let Some(path) = self.save(&model)? {
@@ -411,6 +420,7 @@ impl<B: TrainBackend> Trainer<B> {
             window_paused += pause.elapsed();
         }
         self.metrics.finish();
+        let model = self.whole(&model);
         if !self.parallel.is_main() {
             return Ok(());
         }
@@ -426,15 +436,21 @@ impl<B: TrainBackend> Trainer<B> {
     fn memory_estimate(&self, model: &LanguageModel<B>) -> String {
         let t = &self.recipe.training;
         let (trainable, all) = trainable_params(model);
-        let owned = trainable / self.parallel.world.size.max(1);
+        // Under FSDP the model holds only this rank's parameters between steps (placeholders
+        // for the rest), so its counts are this rank's share already; every block is recomputed.
+        let fsdp = self.parallel.fsdp();
+        let (owned, held, recompute_every) = match fsdp {
+            true => (trainable, " held between steps (and one block's more while it runs)", Some(1)),
+            false => (trainable / self.parallel.world.size.max(1), "", self.recipe.activation_checkpoint.recompute_every()),
+        };
         let state_elements = if self.parallel.strategy == Strategy::Ddp { trainable } else { owned };
         let mb = |bytes: f64| bytes / 1e6;
         let activations = self
             .model_config
-            .activation_bytes(t.local_batch_size, t.seq_len, self.recipe.activation_checkpoint.recompute_every())
+            .activation_bytes(t.local_batch_size, t.seq_len, recompute_every)
             .map_or("not estimated for this architecture".into(), |b| format!("~{:.0} MB per micro-batch", mb(b)));
         format!(
-            "memory estimate (f32): parameters {:.1} MB, gradients {:.1} MB, optimizer state {:.1} MB, activations {activations}; measured peak_rss_mb goes to metrics.jsonl",
+            "memory estimate (f32): parameters {:.1} MB{held}, gradients {:.1} MB, optimizer state {:.1} MB, activations {activations}; measured peak_rss_mb goes to metrics.jsonl",
             mb(4.0 * all as f64),
             mb(4.0 * trainable as f64),
             mb(4.0 * (self.optimizer.algorithm.state_slots() * state_elements) as f64),
@@ -451,6 +467,11 @@ impl<B: TrainBackend> Trainer<B> {
         // Dropout draws from the backend RNG: reseeding it from (seed, step) makes every mask a
         // pure function of the step, so a resumed run draws the same masks.
         B::seed(&self.device, self.rank_seed() ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9));
+        // FSDP holds the parameters outside the blocks for the whole step (both ends use them).
+        let model = match self.parallel.fsdp() {
+            true => self.parallel.gather(model, |path| in_block(path, None)),
+            false => model,
+        };
         let Gradients { grads, loss, last_inputs, tokens } = match self.recipe.training.mode {
             TrainMode::Ppo => return self.ppo_step(model, lr),
             TrainMode::Grpo => self.grpo_gradients(&model),
@@ -458,6 +479,15 @@ impl<B: TrainBackend> Trainer<B> {
         };
         let (model, grad_norm) = self.apply_gradients(model, grads, last_inputs, lr)?;
         Ok((model, loss, grad_norm, tokens))
+    }
+
+    /// The whole model on every rank: under FSDP gathered from the parameters' owners (a
+    /// collective, so every rank calls it), else the model itself.
+    fn whole(&self, model: &LanguageModel<B>) -> LanguageModel<B> {
+        match self.parallel.fsdp() {
+            true => self.parallel.gather(model.clone(), |_| true),
+            false => model.clone(),
+        }
     }
 
     /// The factor the loss is multiplied by before backward: fp16-mixed's loss scale, else 1.
@@ -481,7 +511,11 @@ impl<B: TrainBackend> Trainer<B> {
         inputs: Tensor<B, 2, Int>,
         lr: f64,
     ) -> Result<(LanguageModel<B>, f64)> {
-        let grads = self.parallel.reduce_gradients(&model, grads);
+        // FSDP reduced each block's gradients to their owners as its backward ended.
+        let grads = match self.parallel.fsdp() {
+            true => grads,
+            false => self.parallel.reduce_gradients(&model, grads),
+        };
         if self.optimizer.needs_curvature(self.optimizer.step + 1) {
             let (curvature, batch_tokens) = self.curvature_grads(&model, inputs);
             let curvature = self.parallel.drop_unowned(&model, self.parallel.reduce_gradients(&model, curvature));
@@ -495,7 +529,7 @@ impl<B: TrainBackend> Trainer<B> {
             // The norm is global, so every rank skips the same steps.
             if !scaler.update(grad_norm.is_finite(), self.recipe.runtime.loss_scale_growth_interval) {
                 self.skipped_at_scale = Some(scaler.scale);
-                return Ok((model, grad_norm));
+                return Ok((self.parallel.release(model, |_| true), grad_norm));
             }
         }
         if !grad_norm.is_finite() {
@@ -538,7 +572,12 @@ impl<B: TrainBackend> Trainer<B> {
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut last_inputs = None;
         let mut dpo_stats = DpoStats::default();
-        let recompute_every = self.recipe.activation_checkpoint.recompute_every();
+        // FSDP runs every block through the recompute path, which gathers its parameters.
+        let sharded = self.parallel.fsdp().then_some(&self.parallel);
+        let recompute_every = match sharded {
+            Some(_) => Some(1),
+            None => self.recipe.activation_checkpoint.recompute_every(),
+        };
         let scale = self.loss_scale();
         let backward = |loss: Tensor<B, 1>| (loss.clone().inner(), GradientsParams::from_grads((loss * scale).backward(), model));
         for batch in batches {
@@ -567,6 +606,7 @@ impl<B: TrainBackend> Trainer<B> {
                         inputs,
                         batch.positions.as_deref(),
                         every,
+                        sharded,
                         |logits| lm_loss_sum(logits, targets()) * (scale / counted),
                         |routing| router_loss_weights(routing, model_section, router_window).scaled(scale / t.grad_accum_steps as f64),
                     );
@@ -807,6 +847,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// into the staging folder. Returns the checkpoint's folder on rank 0.
     fn save(&self, model: &LanguageModel<B>) -> Result<Option<PathBuf>> {
         let (world, step) = (self.parallel.world, self.state.step);
+        let model = &self.whole(model);
         let optimizer = self.optimizer.state_tensors();
         let shards = self.state.optimizer_shards;
         if shards > 1 {

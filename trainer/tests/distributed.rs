@@ -1,4 +1,4 @@
-//! Multi-process training under OpenMPI's `mpirun`: data parallel and ZeRO-1/2 equal one
+//! Multi-process training under OpenMPI's `mpirun`: data parallel, ZeRO-1/2 and FSDP equal one
 //! process with the global batch, over TCP as between nodes; checkpoints reshard to another
 //! world size; mismatched recipes and a lost rank stop every rank with a clear message.
 #![cfg(feature = "mpi")]
@@ -89,7 +89,8 @@ fn assert_same_losses(expected: &Path, actual: &Path, what: &str) {
 }
 
 /// W ranks with local batch b give the loss of one process with batch W·b at every step,
-/// for every strategy; ZeRO ranks hold 1/W of the optimizer state.
+/// for every strategy; ZeRO and FSDP ranks hold 1/W of the optimizer state, and FSDP ranks
+/// 1/W of the parameters between steps.
 fn check_equivalence(ranks: usize, strategies: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path());
@@ -98,6 +99,7 @@ fn check_equivalence(ranks: usize, strategies: &[&str]) {
     let out = train(1, &recipe, &single, &["--set", &global_batch]);
     assert!(out.status.success(), "{}", text(&out));
     let single_state = logged(&single, "optimizer_state_mb")[0].1;
+    let single_params = logged(&single, "parameter_mb")[0].1;
     for strategy in strategies {
         let run = dir.path().join(strategy);
         let strategy_key = format!("distributed.strategy={strategy}");
@@ -107,31 +109,38 @@ fn check_equivalence(ranks: usize, strategies: &[&str]) {
         assert!(printed.contains(&format!("rank 0 of {ranks} ({strategy})")), "{printed}");
         assert_eq!(printed.matches("step      6/6").count(), 1, "only rank 0 prints: {printed}");
         assert_same_losses(&single, &run, &format!("{ranks} ranks {strategy}"));
-        let state = logged(&run, "optimizer_state_mb")[0].1;
+        let (state, params) = (logged(&run, "optimizer_state_mb")[0].1, logged(&run, "parameter_mb")[0].1);
+        // Whole parameters per rank: at most one embedding table (300 × 64 floats) off an
+        // even split.
+        let largest_mb = (300 * 64 * 4) as f64 / 1e6;
         if *strategy == "ddp" {
             assert_eq!(state, single_state);
         } else {
-            // Whole parameters per rank: at most one embedding table (300 × 64 floats, two
-            // AdamW moments) off an even split.
-            let largest_mb = (300 * 64 * 4 * 2) as f64 / 1e6;
-            assert!((state - single_state / ranks as f64).abs() <= largest_mb, "{strategy}: {state} MB vs {single_state} MB / {ranks}");
+            let (expected, slack) = (single_state / ranks as f64, 2.0 * largest_mb);
+            assert!((state - expected).abs() <= slack, "{strategy}: {state} MB vs {single_state} MB / {ranks}");
             assert!(state < single_state);
+        }
+        if *strategy == "fsdp" {
+            let expected = single_params / ranks as f64;
+            assert!((params - expected).abs() <= largest_mb, "fsdp parameters: {params} MB vs {single_params} MB / {ranks}");
+        } else {
+            assert_eq!(params, single_params, "{strategy} holds every parameter");
         }
     }
 }
 
 #[test]
-fn two_ranks_over_tcp_equal_one_process_for_ddp_zero1_and_zero2() {
-    check_equivalence(2, &["ddp", "zero1", "zero2"]);
+fn two_ranks_over_tcp_equal_one_process_for_ddp_zero1_zero2_and_fsdp() {
+    check_equivalence(2, &["ddp", "zero1", "zero2", "fsdp"]);
 }
 
 #[test]
 fn four_ranks_equal_one_process() {
-    check_equivalence(4, &["ddp", "zero2"]);
+    check_equivalence(4, &["ddp", "zero2", "fsdp"]);
 }
 
-/// A ZeRO checkpoint written by 2 ranks (one optimizer shard each) resumes on 1 process,
-/// and a 1-process checkpoint on 2 ranks, continuing exactly as the straight run.
+/// A ZeRO or FSDP checkpoint written by 2 ranks (one optimizer shard each) resumes on 1
+/// process, and a 1-process checkpoint on 2 ranks, continuing exactly as the straight run.
 #[test]
 fn checkpoints_reshard_to_another_world_size() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,10 +148,12 @@ fn checkpoints_reshard_to_another_world_size() {
     let straight = dir.path().join("straight");
     let out = train(1, &recipe, &straight, &["--set", "training.local_batch_size=4"]);
     assert!(out.status.success(), "{}", text(&out));
-    for (first, second, name) in [(2, 1, "two_then_one"), (1, 2, "one_then_two")] {
+    for (first, second, strategy) in [(2, 1, "zero2"), (1, 2, "zero2"), (2, 1, "fsdp"), (1, 2, "fsdp")] {
+        let name = &format!("{strategy}_{first}_then_{second}");
         let run = dir.path().join(name);
         let batch = |ranks: usize| format!("training.local_batch_size={}", 4 / ranks);
-        let zero = ["--set", "distributed.strategy=zero2"];
+        let strategy_key = format!("distributed.strategy={strategy}");
+        let zero = ["--set", strategy_key.as_str()];
         let out = train(first, &recipe, &run, &[&["--set", &batch(first), "--max-steps", "3"][..], &zero].concat());
         assert!(out.status.success(), "{name}: {}", text(&out));
         let shards = std::fs::read_dir(run.join("checkpoints/step_3"))
