@@ -310,7 +310,8 @@ fn broadcast_tensor<B: Backend, const D: usize>(
 type Restore = Box<dyn FnOnce(Vec<f32>, &mut GradientsParams)>;
 
 /// Gradients copied to the host bucket by bucket in the model's parameter order (the same on
-/// every rank), reduced when a bucket fills, and put back. The host copy is at most one bucket.
+/// every rank), reduced when a bucket fills, and put back; a data-parallel gradient of a quarter
+/// bucket or more is reduced on its own. The host copy is at most one bucket.
 struct Buckets<'a> {
     parallel: &'a Parallel,
     grads: GradientsParams,
@@ -365,7 +366,17 @@ impl<B: AutodiffBackend> PathVisitor<B> for Buckets<'_> {
             self.owner = Some(owner);
         }
         let (shape, device, id): (_, _, ParamId) = (grad.shape(), grad.device(), param.id);
-        let values: Vec<f32> = grad.into_data().convert::<f32>().into_vec().expect("float gradient");
+        let mut values: Vec<f32> = grad.into_data().convert::<f32>().into_vec().expect("float gradient");
+        if !self.to_owner && values.len() >= self.parallel.bucket_elements / 4 {
+            // A gradient of a quarter bucket or more is a large enough message alone: reduced
+            // from its own buffer and averaged back into it, it skips the bucket's copies (as
+            // PyTorch's gradient_as_bucket_view does).
+            self.reduced.resize(values.len(), 0.0);
+            self.parallel.collective.all_reduce_sum_into(&values, &mut self.reduced);
+            values.iter_mut().zip(&self.reduced).for_each(|(v, sum)| *v = sum * self.scale);
+            self.grads.register::<B::InnerBackend, D>(id, Tensor::from_data(TensorData::new(values, shape), &device));
+            return;
+        }
         self.flat.extend_from_slice(&values);
         let restore: Restore = Box::new(move |values: Vec<f32>, grads: &mut GradientsParams| {
             grads.register::<B::InnerBackend, D>(id, Tensor::from_data(TensorData::new(values, shape), &device));
