@@ -47,6 +47,8 @@ pub fn explain() -> String {
         ("optimizer.name", OptimizerName::CHOICES),
         ("lr_scheduler.decay", Decay::CHOICES),
         ("runtime.backend", Backend::CHOICES),
+        ("runtime.precision", Precision::CHOICES),
+        ("distributed.backend", CollectiveBackend::CHOICES),
         ("distributed.strategy", Strategy::CHOICES),
         ("activation_checkpoint.mode", CheckpointMode::CHOICES),
         ("lora.init", LoraInit::CHOICES),

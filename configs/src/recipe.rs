@@ -221,6 +221,12 @@ choice!(
         /// gradients overflow is skipped and the scale halved; every
         /// `runtime.loss_scale_growth_interval` good steps it doubles.
         Fp16Mixed = "fp16-mixed",
+        /// The parameters themselves (and so their gradients) in bf16, for memory: the matmuls
+        /// compute in bf16 as under bf16-mixed, other ops widen the weights to f32 where they
+        /// use them, the optimizer updates in f32 (its state stays f32) and rounds the result to
+        /// bf16, so an update below 1/256 of a weight is lost. Dense decoders and Mamba in
+        /// pretrain and sft, one process or ddp, without LoRA.
+        Bf16True = "bf16-true",
     }
 );
 choice!(Decay { Cosine = "cosine", Linear = "linear", Wsd = "wsd", Constant = "constant" });

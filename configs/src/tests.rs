@@ -199,3 +199,14 @@ fn activation_checkpoint_modes_resolve_to_a_recompute_frequency() {
     let dropout = format!("{selective}[model]\ndropout = 0.1\n");
     assert_eq!(parse(&dropout).unwrap_err().key, "activation_checkpoint.mode");
 }
+
+#[test]
+fn bf16_true_is_refused_where_it_is_not_wired() {
+    let parse = |text: &str| Recipe::from_stored(text, "r.toml");
+    let bf16 = "[runtime]\nprecision = \"bf16-true\"\n";
+    assert_eq!(parse(bf16).unwrap().runtime.precision, Precision::Bf16True);
+    for unsupported in ["[distributed]\nstrategy = \"zero2\"\n", "[model]\narch = \"bert\"\n", "[lora]\nr = 4\n"] {
+        assert_eq!(parse(&format!("{bf16}{unsupported}")).unwrap_err().key, "runtime.precision", "{unsupported}");
+    }
+    assert!(explain().contains("fp32 | bf16-mixed | fp16-mixed | bf16-true"));
+}

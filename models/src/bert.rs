@@ -15,6 +15,7 @@ use crate::blocks::*;
 use crate::init::{constant_param, normal_param, SeededRng};
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
+use crate::params::f32_val;
 
 #[derive(Config, Debug)]
 pub struct BertConfig {
@@ -130,9 +131,9 @@ impl<B: FusedOps> Bert<B> {
         let [_, seq] = tokens.dims();
         let device = tokens.device();
         assert!(seq <= self.max_seq_len, "sequence of {seq} positions exceeds max_seq_len = {}", self.max_seq_len);
-        let positions = self.embed_positions.val().narrow(0, 0, seq).unsqueeze::<3>();
-        let segment = self.embed_token_types.val().narrow(0, 0, 1).unsqueeze::<3>();
-        let x = self.embed_norm.forward(embedding(self.embed_tokens.val(), tokens) + positions + segment);
+        let positions = f32_val(&self.embed_positions).narrow(0, 0, seq).unsqueeze::<3>();
+        let segment = f32_val(&self.embed_token_types).narrow(0, 0, 1).unsqueeze::<3>();
+        let x = self.embed_norm.forward(embedding(f32_val(&self.embed_tokens), tokens) + positions + segment);
         let ctx = AttentionContext { rope: None, bias: Tensor::zeros([1, 1, seq, seq], &device) };
         self.layers.iter().fold(self.embed_dropout.forward(x), |x, layer| layer.forward(x, &ctx))
     }
@@ -140,7 +141,7 @@ impl<B: FusedOps> Bert<B> {
     /// Masked-LM logits `[batch, seq, vocab]` at every position.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let hidden = self.mlm_norm.forward(gelu(self.mlm_dense.forward(self.forward_hidden(tokens))));
-        lm_logits(hidden, None, &self.embed_tokens) + self.mlm_bias.val().unsqueeze::<3>()
+        lm_logits(hidden, None, &self.embed_tokens) + f32_val(&self.mlm_bias).unsqueeze::<3>()
     }
 
     /// The `top_k` likeliest tokens, with their probabilities, at each position of `tokens`

@@ -16,6 +16,7 @@ use crate::init::{normal_param, SeededRng};
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
 use crate::mixtral::{MoeConfig, Routing, SparseMoe};
+use crate::params::f32_val;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PositionKind {
@@ -307,13 +308,13 @@ impl<B: FusedOps> Decoder<B> {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
         assert!(offset + seq <= self.max_seq_len, "sequence of {} positions exceeds max_seq_len = {}", offset + seq, self.max_seq_len);
-        let mut x = embedding(self.embed_tokens.val(), tokens);
+        let mut x = embedding(f32_val(&self.embed_tokens), tokens);
         let ctx = match packed {
             Some(positions) => {
                 let ids = positions.iter().map(|&p| p as i64).collect::<Vec<_>>();
                 let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
                 if let Some(table) = &self.embed_positions {
-                    x = x + embedding(table.val(), ids.clone());
+                    x = x + embedding(f32_val(table), ids.clone());
                 }
                 AttentionContext {
                     rope: self.rope.as_ref().map(|r| r.gather(ids)),
@@ -322,7 +323,7 @@ impl<B: FusedOps> Decoder<B> {
             }
             None => {
                 if let Some(table) = &self.embed_positions {
-                    x = x + table.val().narrow(0, offset, seq).unsqueeze::<3>();
+                    x = x + f32_val(table).narrow(0, offset, seq).unsqueeze::<3>();
                 }
                 AttentionContext {
                     rope: self.rope.as_ref().map(|r| r.slice(offset, seq)),

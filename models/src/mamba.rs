@@ -18,6 +18,7 @@ use crate::init::{constant_param, normal_param, uniform_param, SeededRng};
 use crate::kernels::reference::{causal_conv, selective_scan_with_state};
 use crate::kernels::{causal_conv_silu, selective_scan, swiglu, FusedOps, Scan};
 use crate::lora::LinearLayers;
+use crate::params::f32_val;
 
 #[derive(Config, Debug)]
 pub struct MambaConfig {
@@ -175,16 +176,16 @@ impl<B: FusedOps> MambaMixer<B> {
         let (x, z) = (xz.clone().narrow(2, 0, d_inner), xz.narrow(2, d_inner, d_inner));
 
         // Causal depthwise convolution: position t sees inputs t − width + 1 ..= t.
-        let filters = self.conv_weight.val().reshape([d_inner, width]);
+        let filters = f32_val(&self.conv_weight).reshape([d_inner, width]);
         let (x, history) = match state.as_deref() {
-            None => (causal_conv_silu(x, filters, self.conv_bias.val()), None),
+            None => (causal_conv_silu(x, filters, f32_val(&self.conv_bias)), None),
             Some(state) => {
                 let before = match state {
                     Some(s) => s.conv.clone(),
                     None => Tensor::zeros([batch, width - 1, d_inner], &x.device()),
                 };
                 let padded = Tensor::cat(vec![before, x], 1);
-                let conv = causal_conv(padded.clone(), filters, self.conv_bias.val());
+                let conv = causal_conv(padded.clone(), filters, f32_val(&self.conv_bias));
                 (silu(conv), Some(padded.narrow(1, seq, width - 1)))
             }
         };
@@ -194,10 +195,10 @@ impl<B: FusedOps> MambaMixer<B> {
         let scan = Scan {
             u: x,
             dt: self.dt_proj.forward(projected.clone().narrow(2, 0, r)),
-            a: self.a_log.val().exp().neg(),
+            a: f32_val(&self.a_log).exp().neg(),
             b: projected.clone().narrow(2, r, n),
             c: projected.narrow(2, r + n, n),
-            d: self.d.val(),
+            d: f32_val(&self.d),
         };
         let y = match state {
             None => selective_scan(scan),
@@ -247,7 +248,7 @@ pub struct MambaState<B: Backend> {
 impl<B: FusedOps> Mamba<B> {
     /// The first block's input.
     pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embedding(self.embed_tokens.val(), tokens)
+        embedding(f32_val(&self.embed_tokens), tokens)
     }
 
     /// Logits from the last block's output.

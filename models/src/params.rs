@@ -6,6 +6,38 @@ use std::collections::BTreeMap;
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
+
+/// A parameter's value in f32, the type activations are in. Under runtime.precision =
+/// "bf16-true" parameters are stored in bf16 and widened where they are used (the cast's
+/// backward returns their gradients in bf16); f32 parameters pass through untouched.
+pub fn f32_val<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> Tensor<B, D> {
+    widened(param.val())
+}
+
+/// `tensor` in f32 (no op when it is).
+pub fn widened<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Tensor<B, D> {
+    match tensor.dtype() {
+        DType::F32 => tensor,
+        _ => tensor.cast(FloatDType::F32),
+    }
+}
+
+/// Every float parameter stored as `dtype` (bf16-true), keeping its id and trainability.
+pub fn cast_params<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
+    struct Cast(FloatDType);
+    impl<B: Backend> PathMapper<B> for Cast {
+        fn map<const D: usize>(&mut self, _: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let (trainable, device) = (tensor.is_require_grad(), tensor.device());
+            // Through the host, so the result is a fresh leaf rather than the output of a cast.
+            let dtype = DType::from(self.0);
+            let value = Tensor::from_data(tensor.into_data().convert_dtype(dtype), (&device, dtype));
+            Param::from_mapped_value(id, if trainable { value.require_grad() } else { value }, mapper)
+        }
+    }
+    map_with_paths(module, &mut Cast(dtype))
+}
 
 /// A float tensor on the host.
 #[derive(Debug, Clone, PartialEq)]

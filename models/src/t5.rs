@@ -20,6 +20,7 @@ use crate::causal_lm::CausalLm;
 use crate::init::{normal_param, SeededRng};
 use crate::kernels::{multi_head_attention, multi_head_attention_learned_bias, FusedOps};
 use crate::lora::LinearLayers;
+use crate::params::f32_val;
 
 #[derive(Config, Debug)]
 pub struct T5Config {
@@ -246,7 +247,7 @@ impl<B: FusedOps> T5<B> {
         }
         let buckets = Tensor::<B, 2, Int>::from_data(TensorData::new(buckets, [1, queries * keys]), &device);
         let heads = table.dims()[1];
-        let values = embedding(table.val(), buckets).reshape([queries, keys, heads]).permute([2, 0, 1]).unsqueeze::<4>();
+        let values = embedding(f32_val(table), buckets).reshape([queries, keys, heads]).permute([2, 0, 1]).unsqueeze::<4>();
         values + Tensor::<B, 2>::from_data(TensorData::new(mask, [queries, keys]), &device).unsqueeze::<4>()
     }
 
@@ -262,7 +263,7 @@ impl<B: FusedOps> T5<B> {
         let [_, len] = input.dims();
         let padding = Self::padding_bias(lengths, len, &input.device());
         let bias = self.position_bias(&self.encoder_relative_bias, len, 0, len, false) + padding;
-        let x = self.dropout.forward(embedding(self.embed_tokens.val(), input));
+        let x = self.dropout.forward(embedding(f32_val(&self.embed_tokens), input));
         let x = self.encoder_layers.iter().fold(x, |x, layer| layer.forward(x, &bias, None, None));
         self.dropout.forward(self.encoder_norm.forward(x))
     }
@@ -286,7 +287,7 @@ impl<B: FusedOps> T5<B> {
         let offset = state.layers[0].as_ref().map_or(0, |(k, _)| k.dims()[1]);
         let bias = self.position_bias(&self.decoder_relative_bias, len, offset, offset + len, true);
         let cross_bias = state.padding.clone().repeat_dim(2, len);
-        let mut x = self.dropout.forward(embedding(self.embed_tokens.val(), tokens));
+        let mut x = self.dropout.forward(embedding(f32_val(&self.embed_tokens), tokens));
         for ((layer, cache), keys_values) in self.decoder_layers.iter().zip(&mut state.layers).zip(&state.cross) {
             let cross = CrossInput { keys_values, bias: &cross_bias };
             x = layer.forward(x, &bias, Some(cross), Some(cache));

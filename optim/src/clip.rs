@@ -2,6 +2,7 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use furnace_models::params::widened;
 
 /// The L2 norm of all gradients together (one read-back from the device).
 pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> f64 {
@@ -12,7 +13,7 @@ pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, gra
     impl<B: AutodiffBackend> ModuleVisitor<B> for SumSquares<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let s = g.square().sum();
+                let s = widened(g).square().sum();
                 self.total = Some(match self.total.take() {
                     Some(t) => t + s,
                     None => s,

@@ -8,7 +8,8 @@ use burn::module::{AutodiffModule, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use furnace_models::params::{map_with_paths, visit_with_paths, HostTensor, NamedTensors, PathMapper, PathVisitor};
+use burn::tensor::{DType, FloatDType};
+use furnace_models::params::{map_with_paths, visit_with_paths, widened, HostTensor, NamedTensors, PathMapper, PathVisitor};
 
 use crate::algorithm::{Algorithm, Slots};
 use crate::fused::FusedUpdate;
@@ -128,9 +129,15 @@ impl<B: AutodiffBackend<InnerBackend: FusedUpdate>> PathMapper<B> for Update<'_,
         let grad = grad.reshape([n]);
         let optimizer = &mut *self.optimizer;
         let slots = optimizer.state.entry(path.to_string()).or_default();
-        let value = tensor.inner().reshape([n]);
+        // bf16-true: a bf16 parameter is updated in f32 (its state is f32) and rounded back.
+        let stored = tensor.dtype();
+        let (value, grad) = (widened(tensor.inner().reshape([n])), widened(grad));
         let (algorithm, step, clipped) = (&optimizer.algorithm, optimizer.step, &mut optimizer.clipped);
         let updated = Inner::<B>::update(algorithm, step, self.lr, weight_decay, self.grad_scale, value, grad, slots, clipped);
+        let updated = match stored {
+            DType::F32 => updated,
+            _ => updated.cast(FloatDType::from(stored)),
+        };
         if matches!(optimizer.algorithm, Algorithm::Sophia { .. }) {
             optimizer.coordinates += n;
         }

@@ -256,7 +256,7 @@ pub fn held_parameter_bytes<B: Backend, M: Module<B>>(model: &M) -> usize {
     struct Count(usize);
     impl<B: Backend> PathVisitor<B> for Count {
         fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<B, D>>) {
-            self.0 += 4 * param.lazy_shape().num_elements();
+            self.0 += param.val().dtype().size() * param.lazy_shape().num_elements();
         }
     }
     let mut count = Count(0);

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub fn compute_dtype<B: Backend>(recipe: &Recipe, device: &B::Device) -> Result<Option<FloatDType>> {
     let dtype = match recipe.runtime.precision {
         Precision::Fp32 => return Ok(None),
-        Precision::Bf16Mixed => FloatDType::BF16,
+        Precision::Bf16Mixed | Precision::Bf16True => FloatDType::BF16,
         Precision::Fp16Mixed => FloatDType::F16,
     };
     if !B::supports_dtype(device, DType::from(dtype)) {

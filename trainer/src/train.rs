@@ -17,7 +17,7 @@ use furnace_data::generators::arithmetic;
 use furnace_data::loader::IGNORE;
 use furnace_data::{Batch, Loader, TextTokenizer};
 use furnace_models::blocks::with_autocast;
-use furnace_models::params::{load_named, named_tensors, trainable_params};
+use furnace_models::params::{cast_params, load_named, named_tensors, trainable_params};
 use furnace_models::{CausalLm, LanguageModel, ModelConfig};
 use furnace_optim::{clip_factor, Algorithm, DecayGroups, Optimizer, Schedule};
 
@@ -250,6 +250,13 @@ impl<B: TrainBackend> Trainer<B> {
         let (owned, trainable) = parallel.partition(&model);
         optimizer.retain_state(|path| parallel.owns(path));
         model = parallel.release(model, |_| true);
+        if recipe.runtime.precision == Precision::Bf16True {
+            // After the broadcast, whose host copies are f32.
+            model = cast_params(model, FloatDType::BF16);
+            eprintln!(
+                "warning: runtime.precision = \"bf16-true\" stores the parameters and their gradients in bf16 (the optimizer state stays f32): an update below 1/256 of a weight rounds away, so long or low-learning-rate runs lose progress; \"bf16-mixed\" keeps f32 weights"
+            );
+        }
         if world.size > 1 && owned != trainable {
             println!(
                 "{}: this rank updates {owned} of {trainable} trainable parameters ({:.1}%) and holds their optimizer state{}",
@@ -449,10 +456,15 @@ impl<B: TrainBackend> Trainer<B> {
             .model_config
             .activation_bytes(t.local_batch_size, t.seq_len, recompute_every)
             .map_or("not estimated for this architecture".into(), |b| format!("~{:.0} MB per micro-batch", mb(b)));
+        // bf16-true stores parameters and gradients in two bytes; everything else is f32.
+        let (stored, width) = match self.recipe.runtime.precision {
+            Precision::Bf16True => ("parameters and gradients bf16, the rest f32", 2.0),
+            _ => ("f32", 4.0),
+        };
         format!(
-            "memory estimate (f32): parameters {:.1} MB{held}, gradients {:.1} MB, optimizer state {:.1} MB, activations {activations}; measured peak_rss_mb goes to metrics.jsonl",
-            mb(4.0 * all as f64),
-            mb(4.0 * trainable as f64),
+            "memory estimate ({stored}): parameters {:.1} MB{held}, gradients {:.1} MB, optimizer state {:.1} MB, activations {activations}; measured peak_rss_mb goes to metrics.jsonl",
+            mb(width * all as f64),
+            mb(width * trainable as f64),
             mb(4.0 * (self.optimizer.algorithm.state_slots() * state_elements) as f64),
         )
     }

@@ -9,6 +9,7 @@ use crate::init::{constant_param, normal_param, SeededRng};
 use crate::kernels::{nf4_matmul, FusedOps};
 use crate::lora::LoraAdapter;
 use crate::nf4::Nf4Matrix;
+use crate::params::{f32_val, widened};
 
 /// A dense layer computed as one 2-D matmul over all tokens. The weight is stored
 /// `[d_in, d_out]` (Burn's layout; the Hugging Face tables transpose it), either as a parameter
@@ -75,7 +76,7 @@ pub fn with_autocast<R>(dtype: Option<FloatDType>, f: impl FnOnce() -> R) -> R {
 fn autocast_matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     match AUTOCAST.with(Cell::get) {
         Some(dtype) => x.cast(dtype).matmul(w.cast(dtype)).cast(FloatDType::F32),
-        None => x.matmul(w),
+        None => x.matmul(widened(w)),
     }
 }
 
@@ -91,7 +92,7 @@ impl<B: FusedOps> Linear<B> {
             (None, None) => unreachable!("a linear layer holds a dense or an NF4 weight"),
         };
         if let Some(bias) = &self.bias {
-            out = out + bias.val().unsqueeze_dim(0);
+            out = out + f32_val(bias).unsqueeze_dim(0);
         }
         if let Some(lora) = &self.lora {
             out = out + lora.forward(x);
@@ -111,7 +112,7 @@ pub fn lm_logits<B: FusedOps>(hidden: Tensor<B, 3>, head: Option<&Linear<B>>, em
         None => {
             let [batch, seq, d_model] = hidden.dims();
             let vocab = embed_tokens.dims()[0];
-            hidden.reshape([batch * seq, d_model]).matmul(embed_tokens.val().transpose()).reshape([batch, seq, vocab])
+            hidden.reshape([batch * seq, d_model]).matmul(f32_val(embed_tokens).transpose()).reshape([batch, seq, vocab])
         }
     })
 }

@@ -3,6 +3,7 @@ use burn::prelude::*;
 
 use crate::init::constant_param;
 use crate::kernels::{norm, FusedOps};
+use crate::params::f32_val;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NormKind {
@@ -33,6 +34,6 @@ impl<B: Backend> Norm<B> {
 
 impl<B: FusedOps> Norm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        norm(x, self.weight.val(), self.bias.as_ref().map(Param::val), self.kind, self.eps as f32)
+        norm(x, f32_val(&self.weight), self.bias.as_ref().map(f32_val), self.kind, self.eps as f32)
     }
 }
