@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use furnace_configs::{Recipe, TrainMode};
 use furnace_data::chat::{prepare_preferences, prepare_sft, ChatTemplate, DEFAULT_CHAT_TEMPLATE};
 use furnace_data::corpus::prepare;
@@ -31,6 +31,18 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
         println!("preparing preference pairs ({}) with the tokenizer {}", recipe.data.source, path.display());
         let (train, val, skipped) = prepare_preferences(recipe, &template, &tokenizer).map_err(anyhow::Error::msg)?;
         let cut = train.iter().filter(|(c, r)| c.tokens.len().max(r.tokens.len()) > t.seq_len + 1).count();
+        // A pair cut before its replies differ is the same row twice: no signal, only cost.
+        let window = |tokens: &[u32]| tokens[..tokens.len().min(t.seq_len + 1)].to_vec();
+        let blind = train.iter().chain(&val).filter(|(c, r)| window(&c.tokens) == window(&r.tokens)).count();
+        if blind > 0 {
+            let longest = train.iter().chain(&val).map(|(c, r)| c.tokens.len().max(r.tokens.len())).max().unwrap_or(0);
+            bail!(
+                "recipe key training.seq_len = {}: {blind} of {} preference pairs are cut before chosen and rejected differ, so they teach nothing; raise it to {} (the longest pair, minus one)",
+                t.seq_len,
+                train.len() + val.len(),
+                longest - 1
+            );
+        }
         println!(
             "  {} train and {} val pairs{}{}",
             train.len(),

@@ -277,6 +277,13 @@ fn a_reward_model_learns_to_score_the_chosen_reply_higher() {
     assert!(metrics.contains("\"rewards/accuracies\"") && !metrics.contains("logps/chosen"));
     let losses = losses(&s.dir.path().join("reward"));
     assert!(losses[losses.len() - 1] < 0.5 * losses[0], "the Bradley-Terry loss falls: {losses:?}");
+    // A window too short to reach the replies makes every pair the same row twice.
+    let blind = s.train("blind", &[&args[..], &["--set", "training.seq_len=6"]].concat());
+    assert!(
+        !blind.status.success() && text(&blind).contains("training.seq_len = 6: 40 of 40 preference pairs are cut"),
+        "{}",
+        text(&blind)
+    );
 }
 
 /// GRPO's and PPO's task: the built-in arithmetic questions, a few held-out ones at the end.
