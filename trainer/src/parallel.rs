@@ -26,7 +26,8 @@ pub struct Parallel {
     bucket_elements: usize,
     /// ZeRO: the rank owning each trainable parameter, by path.
     owners: HashMap<String, usize>,
-    /// FSDP: each sharded parameter's full shape (a released one holds a placeholder).
+    /// ZeRO and FSDP: each trainable parameter's full shape (what a gather allocates; under
+    /// FSDP a released parameter holds a placeholder).
     shapes: HashMap<String, Vec<usize>>,
 }
 
@@ -369,8 +370,8 @@ impl<B: AutodiffBackend> PathVisitor<B> for Buckets<'_> {
         let mut values: Vec<f32> = grad.into_data().convert::<f32>().into_vec().expect("float gradient");
         if !self.to_owner && values.len() >= self.parallel.bucket_elements / 4 {
             // A gradient of a quarter bucket or more is a large enough message alone: reduced
-            // from its own buffer and averaged back into it, it skips the bucket's copies (as
-            // PyTorch's gradient_as_bucket_view does).
+            // from its own buffer and averaged back into it, it skips the bucket's two copies
+            // (which PyTorch avoids by making gradients views of their bucket).
             self.reduced.resize(values.len(), 0.0);
             self.parallel.collective.all_reduce_sum_into(&values, &mut self.reduced);
             values.iter_mut().zip(&self.reduced).for_each(|(v, sum)| *v = sum * self.scale);
