@@ -128,6 +128,13 @@ impl<B: FusedOps> Bert<B> {
     /// Final hidden states `[batch, seq, d_model]`; every token sees every other (no padding:
     /// rows are full windows or a single prompt).
     pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let (x, ctx) = self.embed(tokens);
+        self.layers.iter().fold(x, |x, layer| layer.forward(x, &ctx))
+    }
+
+    /// The first block's input (token, position and segment embeddings, normed) and the
+    /// attention context of full attention.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, AttentionContext<B>) {
         let [_, seq] = tokens.dims();
         let device = tokens.device();
         assert!(seq <= self.max_seq_len, "sequence of {seq} positions exceeds max_seq_len = {}", self.max_seq_len);
@@ -135,13 +142,18 @@ impl<B: FusedOps> Bert<B> {
         let segment = f32_val(&self.embed_token_types).narrow(0, 0, 1).unsqueeze::<3>();
         let x = self.embed_norm.forward(embedding(f32_val(&self.embed_tokens), tokens) + positions + segment);
         let ctx = AttentionContext { rope: None, bias: Tensor::zeros([1, 1, seq, seq], &device) };
-        self.layers.iter().fold(self.embed_dropout.forward(x), |x, layer| layer.forward(x, &ctx))
+        (self.embed_dropout.forward(x), ctx)
+    }
+
+    /// Masked-LM logits from the last block's output.
+    pub fn finish(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let hidden = self.mlm_norm.forward(gelu(self.mlm_dense.forward(hidden)));
+        lm_logits(hidden, None, &self.embed_tokens) + f32_val(&self.mlm_bias).unsqueeze::<3>()
     }
 
     /// Masked-LM logits `[batch, seq, vocab]` at every position.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let hidden = self.mlm_norm.forward(gelu(self.mlm_dense.forward(self.forward_hidden(tokens))));
-        lm_logits(hidden, None, &self.embed_tokens) + f32_val(&self.mlm_bias).unsqueeze::<3>()
+        self.finish(self.forward_hidden(tokens))
     }
 
     /// The `top_k` likeliest tokens, with their probabilities, at each position of `tokens`

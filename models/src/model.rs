@@ -29,7 +29,7 @@ pub enum ModelConfig {
 const ENCODER: &str = "BERT is an encoder: it fills masks and neither decodes left to right nor carries a score head (the recipe check and the commands refuse this)";
 
 /// Why an encoder or encoder-decoder cannot be recomputed block by block.
-const NOT_RECOMPUTABLE: &str = "activation checkpointing is for decoder-only transformers and Mamba (the recipe check rejects this)";
+const NOT_RECOMPUTABLE: &str = "activation checkpointing is for decoder-only transformers, BERT and Mamba (the recipe check rejects this)";
 
 /// Why an encoder-decoder refuses what decoders do alone.
 const ENCODER_DECODER: &str = "T5 decodes given an encoded input (`forward_seq2seq`, `t5::Conditioned`), and carries no score head (the recipe check and the commands refuse this)";
@@ -194,11 +194,11 @@ impl<B: FusedOps> LanguageModel<B> {
 
 /// The model as a chain embed → blocks → finish, for activation checkpointing: the trainer
 /// keeps each block's input and recomputes one block at a time in backward. Decoder-only
-/// transformers (dense or mixture of experts) and Mamba offer it (`recomputable`); the recipe
-/// check refuses the others.
+/// transformers (dense or mixture of experts), BERT and Mamba offer it (`recomputable`); the
+/// recipe check refuses T5, whose decoder blocks also read the encoder's output.
 impl<B: FusedOps> LanguageModel<B> {
     pub fn recomputable(&self) -> bool {
-        matches!(self, Self::Decoder(_) | Self::Mamba(_))
+        matches!(self, Self::Decoder(_) | Self::Mamba(_) | Self::Bert(_))
     }
 
     pub fn n_blocks(&self) -> usize {
@@ -219,7 +219,11 @@ impl<B: FusedOps> LanguageModel<B> {
                 (x, Some(ctx))
             }
             Self::Mamba(m) => (m.embed(tokens), None),
-            Self::Bert(_) | Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
+            Self::Bert(m) => {
+                let (x, ctx) = m.embed(tokens);
+                (x, Some(ctx))
+            }
+            Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 
@@ -228,7 +232,8 @@ impl<B: FusedOps> LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.layers[index].forward(x, ctx.expect("a transformer block attends with its context"), None),
             Self::Mamba(m) => (m.layers[index].forward(x, None), None),
-            Self::Bert(_) | Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
+            Self::Bert(m) => (m.layers[index].forward(x, ctx.expect("an encoder block attends with its context")), None),
+            Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 
@@ -236,8 +241,8 @@ impl<B: FusedOps> LanguageModel<B> {
     pub fn routing(&self, logits: Vec<Tensor<B, 2>>) -> Option<Routing<B>> {
         match self {
             Self::Decoder(m) => m.routing(logits),
-            Self::Mamba(_) => None,
-            Self::Bert(_) | Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
+            Self::Mamba(_) | Self::Bert(_) => None,
+            Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 
@@ -246,7 +251,8 @@ impl<B: FusedOps> LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.finish(x),
             Self::Mamba(m) => m.finish(x),
-            Self::Bert(_) | Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
+            Self::Bert(m) => m.finish(x),
+            Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 }

@@ -178,7 +178,7 @@ impl<B: TrainBackend> Trainer<B> {
         let mut model = built.model;
         if recipe.activation_checkpoint.mode != CheckpointMode::None && !model.recomputable() {
             bail!(
-                "recipe key activation_checkpoint.mode = \"{}\": {} is neither a decoder-only transformer nor a Mamba, which activation checkpointing covers; set it to \"none\"",
+                "recipe key activation_checkpoint.mode = \"{}\": {} is not a decoder-only transformer, a BERT or a Mamba, which activation checkpointing covers; set it to \"none\"",
                 recipe.activation_checkpoint.mode,
                 describe(&recipe.model)
             );
