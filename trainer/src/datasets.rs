@@ -36,12 +36,16 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
         let blind = train.iter().chain(&val).filter(|(c, r)| window(&c.tokens) == window(&r.tokens)).count();
         if blind > 0 {
             let longest = train.iter().chain(&val).map(|(c, r)| c.tokens.len().max(r.tokens.len())).max().unwrap_or(0);
-            bail!(
+            let message = format!(
                 "recipe key training.seq_len = {}: {blind} of {} preference pairs are cut before chosen and rejected differ, so they teach nothing; raise it to {} (the longest pair, minus one)",
                 t.seq_len,
                 train.len() + val.len(),
                 longest - 1
             );
+            if blind == train.len() + val.len() {
+                bail!(message);
+            }
+            eprintln!("warning: {message}");
         }
         println!(
             "  {} train and {} val pairs{}{}",

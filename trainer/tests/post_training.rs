@@ -277,7 +277,7 @@ fn a_reward_model_learns_to_score_the_chosen_reply_higher() {
     assert!(metrics.contains("\"rewards/accuracies\"") && !metrics.contains("logps/chosen"));
     let losses = losses(&s.dir.path().join("reward"));
     assert!(losses[losses.len() - 1] < 0.5 * losses[0], "the Bradley-Terry loss falls: {losses:?}");
-    // A window too short to reach the replies makes every pair the same row twice.
+    // A window too short to reach any reply makes every pair the same row twice: refused.
     let blind = s.train("blind", &[&args[..], &["--set", "training.seq_len=6"]].concat());
     assert!(
         !blind.status.success() && text(&blind).contains("training.seq_len = 6: 40 of 40 preference pairs are cut"),
