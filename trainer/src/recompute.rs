@@ -7,10 +7,11 @@
 //! step. Gradients are those of the plain backward (summed in another order). FSDP runs every
 //! step through here, gathering each block's parameters just before the block runs.
 
+use std::borrow::Cow;
+
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use std::borrow::Cow;
 
 use furnace_models::{LanguageModel, RouterLossWeights, Routing};
 
@@ -37,8 +38,8 @@ fn with_block<'m, B: TrainBackend>(model: &'m LanguageModel<B>, block: usize, sh
 }
 
 /// The gradients of `loss(logits)` for one micro-batch, and the loss (detached). Every
-/// `every`-th block but the last (1: all of them, torchtitan's full mode; N: its layer-wise
-/// selective mode) runs forward without autodiff (Burn keeps a graph until a backward pass
+/// `every`-th block (1: each one, torchtitan's full mode; N: its layer-wise selective mode)
+/// except the last runs forward without autodiff (Burn keeps a graph until a backward pass
 /// consumes it, so a graph built and dropped per block would still be held) and is recomputed
 /// with autodiff from its saved input in backward; the others keep their graphs from the
 /// forward pass. Dropout must be off (the recipe check says so): the pass without autodiff
