@@ -168,9 +168,7 @@ impl<B: Backend> Routing<B> {
 
     /// Each expert's share of the top-k assignments over all layers (sums to 1).
     pub fn expert_fractions(&self) -> Vec<f64> {
-        let counts = self.assignments();
-        let total: f64 = counts.iter().sum();
-        counts.iter().map(|c| c / total).collect()
+        self.loss_weights(0.0, 0.0).expert_fractions()
     }
 }
 
@@ -189,6 +187,12 @@ pub struct RouterLossWeights {
 }
 
 impl RouterLossWeights {
+    /// Each expert's share of the top-k assignments over all layers (sums to 1).
+    pub fn expert_fractions(&self) -> Vec<f64> {
+        let total: f64 = self.fractions.iter().map(|&f| f as f64).sum();
+        self.fractions.iter().map(|&f| f as f64 / total).collect()
+    }
+
     /// Both coefficients times `factor` (a loss scale, a micro-batch's share).
     pub fn scaled(self, factor: f64) -> Self {
         Self { aux_coef: self.aux_coef * factor, z_coef: self.z_coef * factor, ..self }

@@ -32,8 +32,8 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
         let (train, val, skipped) = prepare_preferences(recipe, &template, &tokenizer).map_err(anyhow::Error::msg)?;
         let cut = train.iter().filter(|(c, r)| c.tokens.len().max(r.tokens.len()) > t.seq_len + 1).count();
         // A pair cut before its replies differ is the same row twice: no signal, only cost.
-        let window = |tokens: &[u32]| tokens[..tokens.len().min(t.seq_len + 1)].to_vec();
-        let blind = train.iter().chain(&val).filter(|(c, r)| window(&c.tokens) == window(&r.tokens)).count();
+        let window = t.seq_len + 1;
+        let blind = train.iter().chain(&val).filter(|(c, r)| c.tokens.iter().take(window).eq(r.tokens.iter().take(window))).count();
         if blind > 0 {
             let longest = train.iter().chain(&val).map(|(c, r)| c.tokens.len().max(r.tokens.len())).max().unwrap_or(0);
             let message = format!(

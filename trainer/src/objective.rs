@@ -75,21 +75,19 @@ impl Denoising {
 }
 
 /// A mixture of experts' auxiliary losses, weighted as the recipe says, to add to the
-/// language-model loss (as transformers adds `router_aux_loss_coef · aux_loss`); their values
-/// and the experts' load go into `stats`.
-pub fn router_losses<B: Backend>(routing: &Routing<B>, model: &ModelSection, stats: &mut RouterStats) -> Tensor<B, 1> {
-    let weights = router_loss_weights(routing, model, stats);
-    routing.logits.iter().map(|l| weights.layer_loss(l.clone())).reduce(|a, b| a + b).expect("one MoE layer")
-}
-
-/// What each layer's share of the router losses needs (see [`RouterLossWeights`]), for
-/// activation checkpointing, which back-propagates a layer's share when it recomputes it; the
-/// routing's metrics go into `stats`.
-pub fn router_loss_weights<B: Backend>(routing: &Routing<B>, model: &ModelSection, stats: &mut RouterStats) -> RouterLossWeights {
-    let detached = Routing { logits: routing.logits.iter().map(|l| l.clone().detach()).collect(), top_k: routing.top_k };
-    let scalar = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
-    stats.add(scalar(detached.load_balancing_loss()), scalar(detached.z_loss()), &detached.expert_fractions());
-    detached.loss_weights(model.router_aux_loss_coef, model.router_z_loss_coef)
+/// language-model loss (as transformers adds `router_aux_loss_coef · aux_loss`), and what each
+/// layer's share of them needs (see [`RouterLossWeights`]: activation checkpointing
+/// back-propagates a layer's share when it recomputes the layer); their values and the
+/// experts' load go into `stats`.
+pub fn router_losses<B: Backend>(routing: &Routing<B>, model: &ModelSection, stats: &mut RouterStats) -> (Tensor<B, 1>, RouterLossWeights) {
+    let weights = routing.loss_weights(model.router_aux_loss_coef, model.router_z_loss_coef);
+    let over_layers = |share: &dyn Fn(Tensor<B, 2>) -> Tensor<B, 1>| {
+        routing.logits.iter().map(|l| share(l.clone())).reduce(|a, b| a + b).expect("one MoE layer")
+    };
+    let (balance, z) = (over_layers(&|l| weights.load_balancing(l)), over_layers(&|l| weights.z(l)));
+    let scalar = |t: &Tensor<B, 1>| t.clone().into_scalar().elem::<f64>();
+    stats.add(scalar(&balance), scalar(&z), &weights.expert_fractions());
+    (balance * weights.aux_coef + z * weights.z_coef, weights)
 }
 
 /// Mixture-of-experts metrics summed since the last log line.

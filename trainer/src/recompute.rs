@@ -46,8 +46,8 @@ fn with_block<'m, B: TrainBackend>(model: &'m LanguageModel<B>, block: usize, sh
 /// draws none.
 ///
 /// A mixture of experts' router losses span every layer; `router` turns the pass's routing
-/// into each layer's share of them (see `RouterLossWeights`), added to the loss and
-/// back-propagated with that layer.
+/// into their value (added to the returned loss) and each layer's share of them (see
+/// `RouterLossWeights`), back-propagated with that layer.
 ///
 /// Under FSDP (`sharded`, with every = 1) `model` holds the parameters outside the blocks and
 /// only its own share of the blocks'; each block's are gathered just before it runs, forward and
@@ -60,7 +60,7 @@ pub fn recomputed_gradients<B: TrainBackend>(
     every: usize,
     sharded: Option<&Parallel>,
     loss: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 1>,
-    router: impl FnOnce(&Routing<B::InnerBackend>) -> RouterLossWeights,
+    router: impl FnOnce(&Routing<B::InnerBackend>) -> (Tensor<B::InnerBackend, 1>, RouterLossWeights),
 ) -> (GradientsParams, Tensor<B::InnerBackend, 1>) {
     let reduce = |model: &LanguageModel<B>, grads: GradientsParams| match sharded {
         Some(parallel) => parallel.reduce_gradients(model, grads),
@@ -93,8 +93,7 @@ pub fn recomputed_gradients<B: TrainBackend>(
         }
     }
     let router_weights = valid.routing(router_logits).map(|routing| {
-        let weights = router(&routing);
-        let total = routing.logits.into_iter().map(|l| weights.layer_loss(l)).reduce(|a, b| a + b).expect("one MoE layer");
+        let (total, weights) = router(&routing);
         (weights, total)
     });
     drop((valid, valid_ctx));

@@ -33,7 +33,7 @@ use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_fr
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
-use crate::objective::{lm_loss_sum, router_loss_weights, router_losses, sample_labels, Denoising, RouterStats};
+use crate::objective::{lm_loss_sum, router_losses, sample_labels, Denoising, RouterStats};
 use crate::parallel::{held_parameter_bytes, in_block, quiet_stdout, transport, Parallel};
 use crate::precision::{compute_dtype, LossScaler};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
@@ -620,7 +620,11 @@ impl<B: TrainBackend> Trainer<B> {
                         every,
                         sharded,
                         |logits| lm_loss_sum(logits, targets()) * (scale / counted),
-                        |routing| router_loss_weights(routing, model_section, router_window).scaled(scale / t.grad_accum_steps as f64),
+                        |routing| {
+                            let (losses, weights) = router_losses(routing, model_section, router_window);
+                            let share = scale / t.grad_accum_steps as f64;
+                            (losses * share, weights.scaled(share))
+                        },
                     );
                     (loss / scale, grads)
                 }
@@ -632,7 +636,7 @@ impl<B: TrainBackend> Trainer<B> {
                     let loss = lm_loss_sum(logits, targets()) / counted;
                     backward(match routing {
                         Some(routing) => {
-                            let router = router_losses(&routing, &self.recipe.model, &mut self.router_window);
+                            let (router, _) = router_losses(&routing, &self.recipe.model, &mut self.router_window);
                             loss + router / t.grad_accum_steps as f64
                         }
                         None => loss,
