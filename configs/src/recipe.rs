@@ -597,8 +597,8 @@ section! {
 section! {
     /// Activation (gradient) checkpointing: trade compute for memory in training.
     ActivationCheckpointSection = "activation_checkpoint" {
-        /// none, full or selective. full and selective: decoder-only transformers (llama, gpt2,
-        /// mixtral), bert and mamba in pretrain and sft modes, without dropout.
+        /// none, full or selective. full and selective: every architecture, in pretrain and sft
+        /// modes, without dropout.
         mode: CheckpointMode = CheckpointMode::None,
         /// For selective: recompute every N-th block ("2": blocks 2, 4, 6, ...), torchtitan's
         /// layer-wise option. (torchtitan's "op" policy is not offered.)

@@ -29,7 +29,7 @@ pub enum ModelConfig {
 const ENCODER: &str = "BERT is an encoder: it fills masks and neither decodes left to right nor carries a score head (the recipe check and the commands refuse this)";
 
 /// Why an encoder or encoder-decoder cannot be recomputed block by block.
-const NOT_RECOMPUTABLE: &str = "activation checkpointing is for decoder-only transformers, BERT and Mamba (the recipe check rejects this)";
+const NOT_RECOMPUTABLE: &str = "T5 is one chain per stack, its decoder reading the encoder's output: checkpointing runs it through `T5::encoder_bias`, `T5::decoder_block` and the rest";
 
 /// Why an encoder-decoder refuses what decoders do alone.
 const ENCODER_DECODER: &str = "T5 decodes given an encoded input (`forward_seq2seq`, `t5::Conditioned`), and carries no score head (the recipe check and the commands refuse this)";
@@ -194,13 +194,9 @@ impl<B: FusedOps> LanguageModel<B> {
 
 /// The model as a chain embed → blocks → finish, for activation checkpointing: the trainer
 /// keeps each block's input and recomputes one block at a time in backward. Decoder-only
-/// transformers (dense or mixture of experts), BERT and Mamba offer it (`recomputable`); the
-/// recipe check refuses T5, whose decoder blocks also read the encoder's output.
+/// transformers (dense or mixture of experts), BERT and Mamba are one chain; T5, two (see
+/// `T5::decoder_block`).
 impl<B: FusedOps> LanguageModel<B> {
-    pub fn recomputable(&self) -> bool {
-        matches!(self, Self::Decoder(_) | Self::Mamba(_) | Self::Bert(_))
-    }
-
     pub fn n_blocks(&self) -> usize {
         match self {
             Self::Decoder(m) => m.layers.len(),

@@ -260,12 +260,10 @@ impl<B: FusedOps> T5<B> {
     /// The encoder's output `[batch, input_len, d_model]` for rows whose first `lengths[row]`
     /// tokens are input and the rest padding (which no position attends to).
     pub fn encode(&self, input: Tensor<B, 2, Int>, lengths: &[usize]) -> Tensor<B, 3> {
-        let [_, len] = input.dims();
-        let padding = Self::padding_bias(lengths, len, &input.device());
-        let bias = self.position_bias(&self.encoder_relative_bias, len, 0, len, false) + padding;
-        let x = self.dropout.forward(embedding(f32_val(&self.embed_tokens), input));
+        let bias = self.encoder_bias(input.dims()[1], lengths);
+        let x = self.embed(input);
         let x = self.encoder_layers.iter().fold(x, |x, layer| layer.forward(x, &bias, None, None));
-        self.dropout.forward(self.encoder_norm.forward(x))
+        self.encoder_finish(x)
     }
 
     /// A fresh decoding state for the encoder's output `encoded` of inputs `lengths` long.
@@ -287,18 +285,12 @@ impl<B: FusedOps> T5<B> {
         let offset = state.layers[0].as_ref().map_or(0, |(k, _)| k.dims()[1]);
         let bias = self.position_bias(&self.decoder_relative_bias, len, offset, offset + len, true);
         let cross_bias = state.padding.clone().repeat_dim(2, len);
-        let mut x = self.dropout.forward(embedding(f32_val(&self.embed_tokens), tokens));
+        let mut x = self.embed(tokens);
         for ((layer, cache), keys_values) in self.decoder_layers.iter().zip(&mut state.layers).zip(&state.cross) {
             let cross = CrossInput { keys_values, bias: &cross_bias };
             x = layer.forward(x, &bias, Some(cross), Some(cache));
         }
-        let hidden = self.dropout.forward(self.decoder_norm.forward(x));
-        // Tied, the head reads the states scaled by d_model^-0.5, as T5's.
-        let hidden = match &self.lm_head {
-            Some(_) => hidden,
-            None => hidden * (self.embed_tokens.dims()[1] as f64).powf(-0.5),
-        };
-        lm_logits(hidden, self.lm_head.as_ref(), &self.embed_tokens)
+        self.decoder_finish(x)
     }
 
     /// Training's forward: logits `[batch, target_len, vocab]` of the decoder reading
@@ -307,6 +299,61 @@ impl<B: FusedOps> T5<B> {
     pub fn forward(&self, input: Tensor<B, 2, Int>, lengths: &[usize], decoder_input: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let mut state = self.start_decoding(self.encode(input, lengths), lengths);
         self.decode(decoder_input, &mut state)
+    }
+}
+
+/// Training's forward in pieces, for activation checkpointing: each stack as a chain embed →
+/// blocks → finish, the decoder's blocks also reading the encoder's output. A block's biases
+/// are built from the position table by whoever runs it, so a recomputed block's graph holds
+/// its own share of the table's gradient.
+impl<B: FusedOps> T5<B> {
+    /// The token embedding, either stack's first block's input.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.dropout.forward(embedding(f32_val(&self.embed_tokens), tokens))
+    }
+
+    /// The encoder's self-attention bias `[batch, heads, len, len]`: relative positions, −∞
+    /// on each row's padding.
+    pub fn encoder_bias(&self, len: usize, lengths: &[usize]) -> Tensor<B, 4> {
+        let device = self.embed_tokens.device();
+        self.position_bias(&self.encoder_relative_bias, len, 0, len, false) + Self::padding_bias(lengths, len, &device)
+    }
+
+    /// The decoder's causal self-attention bias `[1, heads, len, len]` and its cross-attention
+    /// bias `[batch, 1, len, input_len]` over inputs `lengths` long.
+    pub fn decoder_biases(&self, len: usize, input_len: usize, lengths: &[usize]) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let device = self.embed_tokens.device();
+        let cross = Self::padding_bias(lengths, input_len, &device).repeat_dim(2, len);
+        (self.position_bias(&self.decoder_relative_bias, len, 0, len, true), cross)
+    }
+
+    /// The encoder's output from its last block's.
+    pub fn encoder_finish(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.dropout.forward(self.encoder_norm.forward(x))
+    }
+
+    /// Decoder block `index` over the encoder's output `encoded`, with `decoder_biases`.
+    pub fn decoder_block(
+        &self,
+        index: usize,
+        x: Tensor<B, 3>,
+        encoded: Tensor<B, 3>,
+        biases: &(Tensor<B, 4>, Tensor<B, 4>),
+    ) -> Tensor<B, 3> {
+        let layer = &self.decoder_layers[index];
+        let keys_values = layer.cross_attention.as_ref().expect("decoder blocks cross-attend").keys_values(encoded);
+        layer.forward(x, &biases.0, Some(CrossInput { keys_values: &keys_values, bias: &biases.1 }), None)
+    }
+
+    /// Logits from the decoder's last block's output.
+    pub fn decoder_finish(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let hidden = self.dropout.forward(self.decoder_norm.forward(x));
+        // Tied, the head reads the states scaled by d_model^-0.5, as T5's.
+        let hidden = match &self.lm_head {
+            Some(_) => hidden,
+            None => hidden * (self.embed_tokens.dims()[1] as f64).powf(-0.5),
+        };
+        lm_logits(hidden, self.lm_head.as_ref(), &self.embed_tokens)
     }
 }
 

@@ -12,7 +12,9 @@ use std::borrow::Cow;
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 
+use furnace_models::t5::T5;
 use furnace_models::{LanguageModel, RouterLossWeights, Routing};
 
 use crate::backend::TrainBackend;
@@ -117,18 +119,143 @@ pub fn recomputed_gradients<B: TrainBackend>(
             }
             Kept::Graph { input, output, router, gathered } => (input, output, router, gathered.map_or(Cow::Borrowed(model), Cow::Owned)),
         };
-        let through_output = (output * Tensor::from_inner(upstream)).sum();
-        let objective = match (router, &router_weights) {
-            (Some(logits), Some((weights, _))) => through_output + weights.layer_loss(logits),
-            _ => through_output,
+        let router_share = match (router, &router_weights) {
+            (Some(logits), Some((weights, _))) => Some(weights.layer_loss(logits)),
+            _ => None,
         };
-        let grads = objective.backward();
-        upstream = input.grad(&grads).expect("a block reads its input");
+        let grads;
+        (grads, upstream) = through_block(&input, output, upstream, router_share);
         let grads = GradientsParams::from_grads(grads, block_model.as_ref());
         accumulator.accumulate(model, reduce(&block_model, grads));
     }
     let (embedded, _) = model.embed(tokens, packed);
     let grads = (embedded * Tensor::from_inner(upstream)).sum().backward();
     accumulator.accumulate(model, reduce(model, GradientsParams::from_grads(grads, model)));
+    (accumulator.grads(), detached_loss)
+}
+
+/// Back-propagates `upstream`, the gradient reaching a block's output, through the block's
+/// graph (plus `extra`, a loss term read inside the block): the gradients, and the one at the
+/// block's input.
+fn through_block<B: TrainBackend>(
+    input: &Tensor<B, 3>,
+    output: Tensor<B, 3>,
+    upstream: Tensor<B::InnerBackend, 3>,
+    extra: Option<Tensor<B, 1>>,
+) -> (<B as AutodiffBackend>::Gradients, Tensor<B::InnerBackend, 3>) {
+    let through_output = (output * Tensor::from_inner(upstream)).sum();
+    let grads = match extra {
+        Some(extra) => (through_output + extra).backward(),
+        None => through_output.backward(),
+    };
+    let upstream = input.grad(&grads).expect("a block reads its input");
+    (grads, upstream)
+}
+
+/// T5's gradients under activation checkpointing, as [`recomputed_gradients`] for each stack:
+/// the encoder's blocks, then the decoder's, every `every`-th of a stack run without autodiff
+/// and recomputed in backward (the decoder's last block keeps its graph). Every decoder block
+/// also reads the encoder's output, held as one leaf whose gradient sums over the decoder's
+/// backward before the encoder's begins; each block run with autodiff builds its own position
+/// bias from the table, so the table's gradient sums over blocks as in the plain pass.
+pub fn recomputed_seq2seq_gradients<B: TrainBackend>(
+    model: &T5<B>,
+    input: Tensor<B, 2, Int>,
+    lengths: &[usize],
+    decoder_input: Tensor<B, 2, Int>,
+    every: usize,
+    loss: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 1>,
+) -> (GradientsParams, Tensor<B::InnerBackend, 1>) {
+    let (input_len, target_len) = (input.dims()[1], decoder_input.dims()[1]);
+    let recomputed = |index: usize| (index + 1) % every == 0;
+    let valid = model.valid();
+    let mut accumulator = GradientsAccumulator::new();
+    let mut accumulate = |grads| accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+
+    let encoder_bias = valid.encoder_bias(input_len, lengths);
+    let mut x = valid.embed(input.clone().inner());
+    let mut encoder_kept = Vec::with_capacity(model.encoder_layers.len());
+    for (i, layer) in model.encoder_layers.iter().enumerate() {
+        if recomputed(i) {
+            let output = valid.encoder_layers[i].forward(x.clone(), &encoder_bias, None, None);
+            encoder_kept.push(Kept::<B>::Input(std::mem::replace(&mut x, output)));
+        } else {
+            let input = Tensor::<B, 3>::from_inner(x).require_grad();
+            let output = layer.forward(input.clone(), &model.encoder_bias(input_len, lengths), None, None);
+            x = output.clone().inner();
+            encoder_kept.push(Kept::Graph { input, output, router: None, gathered: None });
+        }
+    }
+    let encoder_last = x;
+    let encoded = valid.encoder_finish(encoder_last.clone());
+    // Each decoder block reads the encoder's output through a leaf of its own (graphs kept
+    // from the forward pass must share no node but the parameters).
+    let memory = || Tensor::<B, 3>::from_inner(encoded.clone()).require_grad();
+
+    let decoder_biases = valid.decoder_biases(target_len, input_len, lengths);
+    let n_decoder = model.decoder_layers.len();
+    let mut y = valid.embed(decoder_input.clone().inner());
+    let mut decoder_kept = Vec::with_capacity(n_decoder);
+    for i in 0..n_decoder {
+        if recomputed(i) && i + 1 < n_decoder {
+            let output = valid.decoder_block(i, y.clone(), encoded.clone(), &decoder_biases);
+            decoder_kept.push((Kept::<B>::Input(std::mem::replace(&mut y, output)), None));
+        } else {
+            let (input, read) = (Tensor::<B, 3>::from_inner(y).require_grad(), memory());
+            let biases = model.decoder_biases(target_len, input_len, lengths);
+            let output = model.decoder_block(i, input.clone(), read.clone(), &biases);
+            y = output.clone().inner();
+            decoder_kept.push((Kept::Graph { input, output, router: None, gathered: None }, Some(read)));
+        }
+    }
+    drop((valid, encoder_bias, decoder_biases));
+
+    let last = Tensor::<B, 3>::from_inner(y).require_grad();
+    let loss = loss(model.decoder_finish(last.clone()));
+    let detached_loss = loss.clone().inner();
+    let grads = loss.backward();
+    let mut upstream = last.grad(&grads).expect("the head reads the last block's output");
+    accumulate(grads);
+    let mut memory_grad: Option<Tensor<B::InnerBackend, 3>> = None;
+    for i in (0..n_decoder).rev() {
+        let (input, output, read) = match decoder_kept.pop().expect("one kept entry per block") {
+            (Kept::Input(y), _) => {
+                let (input, read) = (Tensor::<B, 3>::from_inner(y).require_grad(), memory());
+                let biases = model.decoder_biases(target_len, input_len, lengths);
+                let output = model.decoder_block(i, input.clone(), read.clone(), &biases);
+                (input, output, read)
+            }
+            (Kept::Graph { input, output, .. }, read) => (input, output, read.expect("a kept decoder block holds its read")),
+        };
+        let grads;
+        (grads, upstream) = through_block(&input, output, upstream, None);
+        let from_block = read.grad(&grads).expect("a decoder block reads the encoder's output");
+        memory_grad = Some(match memory_grad.take() {
+            Some(total) => total + from_block,
+            None => from_block,
+        });
+        accumulate(grads);
+    }
+    accumulate((model.embed(decoder_input) * Tensor::from_inner(upstream)).sum().backward());
+
+    let last = Tensor::<B, 3>::from_inner(encoder_last).require_grad();
+    let memory_grad = memory_grad.expect("T5 has decoder blocks");
+    let grads = (model.encoder_finish(last.clone()) * Tensor::from_inner(memory_grad)).sum().backward();
+    let mut upstream = last.grad(&grads).expect("the encoder's norm reads its last block's output");
+    accumulate(grads);
+    for i in (0..model.encoder_layers.len()).rev() {
+        let (input, output) = match encoder_kept.pop().expect("one kept entry per block") {
+            Kept::Input(x) => {
+                let input = Tensor::<B, 3>::from_inner(x).require_grad();
+                let output = model.encoder_layers[i].forward(input.clone(), &model.encoder_bias(input_len, lengths), None, None);
+                (input, output)
+            }
+            Kept::Graph { input, output, .. } => (input, output),
+        };
+        let grads;
+        (grads, upstream) = through_block(&input, output, upstream, None);
+        accumulate(grads);
+    }
+    accumulate((model.embed(input) * Tensor::from_inner(upstream)).sum().backward());
     (accumulator.grads(), detached_loss)
 }

@@ -10,7 +10,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use furnace_configs::rng::SeededRng;
-use furnace_configs::{Arch, CheckpointMode, DataSource, Precision, Recipe, Strategy, TrainMode};
+use furnace_configs::{Arch, DataSource, Precision, Recipe, Strategy, TrainMode};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{arithmetic_config, val_seed};
 use furnace_data::generators::arithmetic;
@@ -37,7 +37,7 @@ use crate::objective::{lm_loss_sum, router_losses, sample_labels, Denoising, Rou
 use crate::parallel::{held_parameter_bytes, in_block, quiet_stdout, transport, Parallel};
 use crate::precision::{compute_dtype, LossScaler};
 use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
-use crate::recompute::recomputed_gradients;
+use crate::recompute::{recomputed_gradients, recomputed_seq2seq_gradients};
 use crate::rollout::{self, rollout, step_prompts, RolloutStats, Sampling};
 
 /// One step's accumulated gradients, its loss, the inputs of its last micro-batch (for
@@ -176,13 +176,6 @@ impl<B: TrainBackend> Trainer<B> {
         let built = build_model::<B>(&recipe, tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
         let mut model = built.model;
-        if recipe.activation_checkpoint.mode != CheckpointMode::None && !model.recomputable() {
-            bail!(
-                "recipe key activation_checkpoint.mode = \"{}\": {} is not a decoder-only transformer, a BERT or a Mamba, which activation checkpointing covers; set it to \"none\"",
-                recipe.activation_checkpoint.mode,
-                describe(&recipe.model)
-            );
-        }
         let nf4_params = built.nf4_bytes.map_or(0, |(_, bf16)| bf16 / 2);
         if let Some((nf4, bf16)) = built.nf4_bytes {
             println!(
@@ -610,6 +603,16 @@ impl<B: TrainBackend> Trainer<B> {
                     dpo_stats.add(&pairs.stats);
                     // The mean over the step's pairs.
                     backward(pairs.losses.sum() / (batch.items.len() * t.grad_accum_steps) as f64)
+                }
+                (None, Some(every)) if batch.encoder.is_some() => {
+                    let (LanguageModel::T5(t5), Some(encoder)) = (model, &batch.encoder) else {
+                        unreachable!("only T5 reads encoder rows")
+                    };
+                    let input = Tensor::from_data(TensorData::new(encoder.tokens.clone(), [batch.batch, encoder.len]), &self.device);
+                    let (grads, loss) = recomputed_seq2seq_gradients(t5, input, &encoder.lengths, inputs, every, |logits| {
+                        lm_loss_sum(logits, targets()) * (scale / counted)
+                    });
+                    (loss / scale, grads)
                 }
                 (None, Some(every)) => {
                     let (model_section, router_window) = (&self.recipe.model, &mut self.router_window);
