@@ -224,8 +224,8 @@ choice!(
         /// The parameters themselves (and so their gradients) in bf16, for memory: the matmuls
         /// compute in bf16 as under bf16-mixed, other ops widen the weights to f32 where they
         /// use them, the optimizer updates in f32 (its state stays f32) and rounds the result to
-        /// bf16, so an update below 1/256 of a weight is lost. Dense decoders and Mamba in
-        /// pretrain and sft, one process or ddp, without LoRA.
+        /// bf16, so an update below 1/256 of a weight is lost. Pretrain and sft, without
+        /// LoRA.
         Bf16True = "bf16-true",
     }
 );
@@ -562,7 +562,7 @@ section! {
         backend: Backend = Backend::Flex,
         /// CPU threads. 0: all cores.
         threads: usize = 0,
-        /// fp32, bf16-mixed or fp16-mixed (see the choices' notes). On the CPU backend the
+        /// fp32, bf16-mixed, fp16-mixed or bf16-true (see the choices' notes). On the CPU backend the
         /// low-precision matmuls are slower than f32 ones (no native bf16/f16 GEMM there);
         /// mixed precision is for GPUs, where they are the fast path.
         precision: Precision = Precision::Fp32,

@@ -205,8 +205,11 @@ fn bf16_true_is_refused_where_it_is_not_wired() {
     let parse = |text: &str| Recipe::from_stored(text, "r.toml");
     let bf16 = "[runtime]\nprecision = \"bf16-true\"\n";
     assert_eq!(parse(bf16).unwrap().runtime.precision, Precision::Bf16True);
-    for unsupported in ["[distributed]\nstrategy = \"zero2\"\n", "[model]\narch = \"bert\"\n", "[lora]\nr = 4\n"] {
+    for unsupported in ["[training]\nmode = \"dpo\"\n", "[lora]\nr = 4\n"] {
         assert_eq!(parse(&format!("{bf16}{unsupported}")).unwrap_err().key, "runtime.precision", "{unsupported}");
+    }
+    for supported in ["[distributed]\nstrategy = \"fsdp\"\n", "[model]\narch = \"bert\"\n", "[model]\narch = \"t5\"\n"] {
+        assert!(parse(&format!("{bf16}{supported}")).is_ok(), "{supported}");
     }
     assert!(explain().contains("fp32 | bf16-mixed | fp16-mixed | bf16-true"));
 }

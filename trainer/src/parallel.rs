@@ -235,7 +235,7 @@ impl Parallel {
                     return param;
                 }
                 let (id, tensor, mapper) = param.consume();
-                let placeholder = Tensor::<B, D>::zeros([1; D], &tensor.device());
+                let placeholder = Tensor::<B, D>::zeros([1; D], &tensor.device()).cast(tensor.dtype());
                 let placeholder = if tensor.is_require_grad() { placeholder.require_grad() } else { placeholder };
                 Param::from_mapped_value(id, placeholder, mapper)
             }
@@ -286,20 +286,21 @@ pub fn quiet_stdout() {
 }
 
 /// `root`'s value of `tensor` (of `shape` there: under FSDP the other ranks may hold a
-/// placeholder) on every rank, keeping its autodiff status.
+/// placeholder) on every rank, keeping its autodiff status and its dtype (bf16-true's
+/// parameters travel as f32, which holds every bf16 value exactly).
 fn broadcast_tensor<B: Backend, const D: usize>(
     collective: &dyn Collective,
     tensor: Tensor<B, D>,
     root: usize,
     shape: &[usize],
 ) -> Tensor<B, D> {
-    let (device, trainable) = (tensor.device(), tensor.is_require_grad());
+    let (device, trainable, dtype) = (tensor.device(), tensor.is_require_grad(), tensor.dtype());
     let mut values: Vec<f32> = match collective.world().rank == root {
         true => tensor.into_data().convert::<f32>().into_vec().expect("float parameter"),
         false => vec![0.0; shape.iter().product()],
     };
     collective.broadcast(&mut values, root);
-    let value = Tensor::from_data(TensorData::new(values, shape.to_vec()), &device);
+    let value = Tensor::<B, D>::from_data(TensorData::new(values, shape.to_vec()), &device).cast(dtype);
     if trainable {
         value.require_grad()
     } else {

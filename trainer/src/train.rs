@@ -244,7 +244,6 @@ impl<B: TrainBackend> Trainer<B> {
         optimizer.retain_state(|path| parallel.owns(path));
         model = parallel.release(model, |_| true);
         if recipe.runtime.precision == Precision::Bf16True {
-            // After the broadcast, whose host copies are f32.
             model = cast_params(model, FloatDType::BF16);
             eprintln!(
                 "warning: runtime.precision = \"bf16-true\" stores the parameters and their gradients in bf16 (the optimizer state stays f32): an update below 1/256 of a weight rounds away, so long or low-learning-rate runs lose progress; \"bf16-mixed\" keeps f32 weights"

@@ -806,26 +806,17 @@ fn mixed_precision_tracks_fp32_and_fp16_overflow_backs_off() {
 #[test]
 fn bf16_true_halves_parameter_memory_and_trains() {
     let tiny = TinyRun::new();
-    let run = |name: &str, precision: &str| {
+    let run = |name: &str, precision: &str, extra: &[&str]| {
         let dir = tiny.dir.path().join(name);
         let set = format!("run.output_dir={}", dir.display());
         let precision = format!("runtime.precision={precision}");
-        let out = furnace(&[
-            "train",
-            "--config",
-            tiny.recipe.to_str().unwrap(),
-            "--set",
-            &set,
-            "--set",
-            &precision,
-            "--set",
-            "optimizer.lr=3e-3",
-        ]);
-        assert!(out.status.success(), "{}", text(&out));
+        let args = ["train", "--config", tiny.recipe.to_str().unwrap(), "--set", &set, "--set", &precision, "--set", "optimizer.lr=3e-3"];
+        let out = furnace(&[&args[..], extra].concat());
+        assert!(out.status.success(), "{name}: {}", text(&out));
         (dir, text(&out))
     };
-    let (fp32, _) = run("fp32", "fp32");
-    let (bf16, printed) = run("bf16-true", "bf16-true");
+    let (fp32, _) = run("fp32", "fp32", &[]);
+    let (bf16, printed) = run("bf16-true", "bf16-true", &[]);
     assert!(printed.contains("bf16-true") && printed.contains("rounds away"), "{printed}");
     let parameter_mb = |dir: &Path| logged(dir, "parameter_mb")[0].1;
     assert!((parameter_mb(&bf16) - parameter_mb(&fp32) / 2.0).abs() < 1e-6, "{} vs {}", parameter_mb(&bf16), parameter_mb(&fp32));
@@ -834,6 +825,18 @@ fn bf16_true_halves_parameter_memory_and_trains() {
     let (a, b) = (fp32.last().unwrap().1, bf16.last().unwrap().1);
     assert!((a - b).abs() <= 0.03 * a, "bf16-true: final loss {b} vs fp32 {a}");
     assert!(b < fp32[0].1 * 0.9, "bf16-true trains");
+    // BERT (masked LM) and T5 (span corruption) read their weights through the same widening
+    // reads: parameters halve and training proceeds.
+    for arch in ["bert", "t5"] {
+        let layout = [&format!("model.arch={arch}"), "model.n_kv_heads=4"];
+        let layout = ["--set", layout[0], "--set", layout[1]];
+        let (fp32, _) = run(&format!("{arch}-fp32"), "fp32", &layout);
+        let (bf16, _) = run(&format!("{arch}-bf16-true"), "bf16-true", &layout);
+        assert!((parameter_mb(&bf16) - parameter_mb(&fp32) / 2.0).abs() < 1e-6, "{arch}");
+        let (fp32, bf16) = (losses(&fp32), losses(&bf16));
+        assert!(bf16.last().unwrap().1 < 0.9 * bf16[0].1, "{arch} bf16-true trains: {bf16:?}");
+        assert!(fp32.iter().zip(&bf16).any(|(a, b)| a.1 != b.1), "{arch} bf16-true computes in bf16");
+    }
     let lora = tiny.train(&["--set", "runtime.precision=bf16-true", "--set", "lora.r=4", "--set", "training.mode=sft"]);
     assert!(!lora.status.success() && text(&lora).contains("runtime.precision"), "{}", text(&lora));
 }
