@@ -100,8 +100,9 @@ impl Loader {
         Ok(loader)
     }
 
-    /// One labelled example per row: inputs are its tokens, padded with `pad`; targets are the
-    /// next token where `trained`, [`IGNORE`] elsewhere. Longer examples are cut at `seq_len`.
+    /// One labelled example per row: inputs are its tokens, padded with `pad` to the batch's
+    /// longest; targets are the next token where `trained`, [`IGNORE`] elsewhere. Longer
+    /// examples are cut at `seq_len`.
     #[allow(clippy::too_many_arguments)]
     pub fn examples(
         examples: Vec<LabeledTokens>,
@@ -229,42 +230,46 @@ impl Loader {
         if let Items::Seq2Seq(..) = self.items {
             return self.next_seq2seq_batch();
         }
-        let mut inputs = Vec::with_capacity(self.batch * self.seq_len);
-        let mut targets = Vec::with_capacity(self.batch * self.seq_len);
-        let mut window = Vec::with_capacity(self.seq_len + 1);
-        let mut items = Vec::with_capacity(self.batch);
-        for _ in 0..self.batch {
-            if self.cursor.position >= self.order.len() {
-                self.set_cursor(Cursor { epoch: self.cursor.epoch + 1, position: 0 });
+        let items: Vec<usize> = (0..self.batch).map(|_| self.next_item()).collect();
+        let seq_len = self.seq_len;
+        // Labelled rows are padded to the batch's longest (as transformers' padding collators
+        // do), cut at seq_len: the padding is masked, so only time changes.
+        let longest = match &self.items {
+            Items::Windows(_) => seq_len + 1,
+            Items::Examples(examples, _) => items.iter().map(|&i| examples[i].tokens.len()).max().unwrap_or(0),
+            Items::Pairs(pairs, _) => items.iter().map(|&i| pairs[i].0.tokens.len().max(pairs[i].1.tokens.len())).max().unwrap_or(0),
+            Items::Seq2Seq(..) => unreachable!("encoder-decoder batches are built apart"),
+        };
+        // A row of n tokens gives n - 1 (input, target) positions.
+        let row_len = longest.saturating_sub(1).clamp(1, seq_len);
+        let rows = if matches!(self.items, Items::Pairs(..)) { 2 * self.batch } else { self.batch };
+        let mut inputs = Vec::with_capacity(rows * row_len);
+        let mut targets = Vec::with_capacity(rows * row_len);
+        let mut window = Vec::with_capacity(seq_len + 1);
+        let labelled_row = |inputs: &mut Vec<i64>, targets: &mut Vec<i64>, example: &LabeledTokens, pad: u32| {
+            let n = example.tokens.len().min(row_len + 1);
+            for j in 0..row_len {
+                inputs.push(if j + 1 < n { example.tokens[j] as i64 } else { pad as i64 });
+                targets.push(if j + 1 < n && example.trained[j + 1] { example.tokens[j + 1] as i64 } else { IGNORE });
             }
-            let item = self.order[self.cursor.position];
-            self.cursor.position += 1;
-            items.push(item);
-            let seq_len = self.seq_len;
-            let mut labelled_row = |example: &LabeledTokens, pad: u32| {
-                let n = example.tokens.len().min(seq_len + 1);
-                for j in 0..seq_len {
-                    inputs.push(if j + 1 < n { example.tokens[j] as i64 } else { pad as i64 });
-                    targets.push(if j + 1 < n && example.trained[j + 1] { example.tokens[j + 1] as i64 } else { IGNORE });
-                }
-            };
+        };
+        for &item in &items {
             match &self.items {
                 Items::Windows(shard) => {
                     window.clear();
-                    shard.read_into(item * self.seq_len, self.seq_len + 1, &mut window);
-                    inputs.extend_from_slice(&window[..self.seq_len]);
+                    shard.read_into(item * seq_len, seq_len + 1, &mut window);
+                    inputs.extend_from_slice(&window[..seq_len]);
                     targets.extend_from_slice(&window[1..]);
                 }
-                Items::Examples(examples, pad) => labelled_row(&examples[item], *pad),
+                Items::Examples(examples, pad) => labelled_row(&mut inputs, &mut targets, &examples[item], *pad),
                 Items::Pairs(pairs, pad) => {
-                    labelled_row(&pairs[item].0, *pad);
-                    labelled_row(&pairs[item].1, *pad);
+                    labelled_row(&mut inputs, &mut targets, &pairs[item].0, *pad);
+                    labelled_row(&mut inputs, &mut targets, &pairs[item].1, *pad);
                 }
                 Items::Seq2Seq(..) => unreachable!("encoder-decoder batches are built apart"),
             }
         }
-        let rows = if matches!(self.items, Items::Pairs(..)) { 2 * self.batch } else { self.batch };
-        Batch { inputs, targets, batch: rows, seq_len: self.seq_len, items, positions: None, encoder: None }
+        Batch { inputs, targets, batch: rows, seq_len: row_len, items, positions: None, encoder: None }
     }
 
     /// The next item's index, starting a new epoch when this one is done.
@@ -416,10 +421,15 @@ mod tests {
     fn a_pair_fills_two_rows_chosen_first() {
         let example = |tokens: Vec<u32>| LabeledTokens { trained: vec![true; tokens.len()], tokens };
         let pairs = vec![(example(vec![1, 2, 3]), example(vec![1, 2, 4])), (example(vec![5, 6]), example(vec![5, 7]))];
-        let b = Loader::pairs(pairs, 0, 3, 2, 1, 0, 1, false).unwrap().next_batch();
-        assert_eq!((b.batch, b.items.clone()), (4, vec![0, 1]));
-        assert_eq!(&b.targets[..6], &[2, 3, IGNORE, 2, 4, IGNORE]);
-        assert_eq!(&b.inputs[6..], &[5, 0, 0, 5, 0, 0]);
+        // seq_len 8: rows are padded to the batch's longest (3 tokens: 2 inputs), not to 8.
+        let b = Loader::pairs(pairs.clone(), 0, 8, 2, 1, 0, 1, false).unwrap().next_batch();
+        assert_eq!((b.batch, b.seq_len, b.items.clone()), (4, 2, vec![0, 1]));
+        assert_eq!(&b.targets[..4], &[2, 3, 2, 4]);
+        assert_eq!(&b.inputs[4..], &[5, 0, 5, 0]);
+        assert_eq!(&b.targets[4..], &[6, IGNORE, 7, IGNORE]);
+        // seq_len 1 cuts every row there.
+        let b = Loader::pairs(pairs, 0, 1, 2, 1, 0, 1, false).unwrap().next_batch();
+        assert_eq!((b.seq_len, &b.inputs[..], &b.targets[..]), (1, &[1, 1, 5, 5][..], &[2, 2, 6, 7][..]));
     }
 
     #[test]
