@@ -119,12 +119,10 @@ impl DecoderConfig {
     /// last is recomputed, those keep only their input; recomputing one needs no more than the
     /// kept blocks' activations (the last block's among them) have freed.
     pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> f64 {
-        let (s, b, d, a) = (seq as f64, batch as f64, self.d_model as f64, self.n_heads as f64);
-        let per_layer = 2.0 * s * b * d * (34.0 + 5.0 * a * s / d);
-        let logits = 2.0 * 4.0 * s * b * self.vocab_size as f64;
-        // The last block is never recomputed (its backward follows the forward at once).
-        let recomputed = recompute_every.map_or(0, |every| (self.n_layers - 1) / every.max(1));
-        (self.n_layers - recomputed) as f64 * per_layer + recomputed as f64 * 4.0 * s * b * d + logits
+        let per_layer = transformer_layer_bytes(batch, seq, seq, self.d_model, self.n_heads);
+        let input = 4.0 * (batch * seq * self.d_model) as f64;
+        let logits = 2.0 * 4.0 * (seq * batch * self.vocab_size) as f64;
+        chain_activation_bytes(self.n_layers, per_layer, input, recompute_every, true) + logits
     }
 
     pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Decoder<B> {

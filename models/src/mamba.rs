@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::module::embedding;
 
-use crate::blocks::{lm_logits, Linear, Norm, NormKind};
+use crate::blocks::{chain_activation_bytes, lm_logits, Linear, Norm, NormKind};
 use crate::causal_lm::CausalLm;
 use crate::init::{constant_param, normal_param, uniform_param, SeededRng};
 use crate::kernels::reference::{causal_conv, selective_scan_with_state};
@@ -79,6 +79,20 @@ impl MambaConfig {
         let weights = (self.num_params() - embed + head) as f64;
         let scan = 3.0 * (9 * self.d_state + 2 * self.d_conv) as f64 * (self.d_inner() * self.n_layers) as f64;
         6.0 * weights + scan
+    }
+
+    /// f32 bytes of activations one micro-batch keeps for backward: per layer and token the
+    /// block's input and its norm's output (2·d_model), x and z (2·d_inner), the convolution's
+    /// output before and after SiLU, Δ before and after softplus, the scan's output, SiLU(z) and
+    /// the gated product (7·d_inner), and x_proj's dt_rank + 2·N (the fused scan keeps its
+    /// inputs and recomputes its states); plus the logits and their gradient. Checkpointing as
+    /// for transformers.
+    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> f64 {
+        let tokens = (batch * seq) as f64;
+        let per_layer = 4.0 * tokens * (2 * self.d_model + 9 * self.d_inner() + self.dt_rank() + 2 * self.d_state) as f64;
+        let input = 4.0 * tokens * self.d_model as f64;
+        let logits = 2.0 * 4.0 * tokens * self.vocab_size as f64;
+        chain_activation_bytes(self.n_layers, per_layer, input, recompute_every, true) + logits
     }
 
     pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Mamba<B> {

@@ -86,8 +86,7 @@ impl ModelConfig {
         }
     }
 
-    /// Estimated bytes of activations one micro-batch keeps for backward (transformers; None
-    /// for architectures without an estimate yet).
+    /// Estimated bytes of activations one micro-batch keeps for backward.
     pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> Option<f64> {
         match self {
             Self::Decoder(c) => Some(c.activation_bytes(batch, seq, recompute_every)),
@@ -99,7 +98,8 @@ impl ModelConfig {
                     recompute_every,
                 ))
             }
-            Self::Mamba(_) | Self::T5(_) => None,
+            Self::Mamba(c) => Some(c.activation_bytes(batch, seq, recompute_every)),
+            Self::T5(c) => Some(c.activation_bytes(batch, seq, recompute_every)),
         }
     }
 

@@ -613,3 +613,23 @@ fn activation_estimate_follows_the_published_formula() {
     let selective = config.activation_bytes(1, 2048, Some(2));
     assert_eq!(selective, 49.0 * 2.0 * per_layer_fp16 + 47.0 * 4.0 * s * h + logits);
 }
+
+#[test]
+fn mamba_and_t5_activation_estimates_count_what_their_checkpointing_keeps() {
+    // Mamba, d_model 512 (d_inner 1024, dt_rank 32, N 16), 6 layers, T 2048, 2 rows: each layer
+    // keeps 2·512 + 9·1024 + 32 + 2·16 floats per token; a recomputed one its 512-float input.
+    let mamba = MambaConfig::new(4096, 512, 6, 2048);
+    let tokens = 2.0 * 2048.0;
+    let (layer, input, logits) = (4.0 * tokens * 10304.0, 4.0 * tokens * 512.0, 8.0 * tokens * 4096.0);
+    assert_eq!(mamba.activation_bytes(2, 2048, None), 6.0 * layer + logits);
+    assert_eq!(mamba.activation_bytes(2, 2048, Some(1)), layer + 5.0 * input + logits, "the last block is kept");
+    // T5, 3 + 3 blocks: under full checkpointing every encoder block keeps only its input, the
+    // decoder's last keeps everything (with its cross-attention); the encoder's output is held.
+    let t5 = crate::t5::T5Config::new(100, 64, 16, 256, 4, 3, 3);
+    let (s, b, d, a) = (32.0, 2.0, 64.0, 4.0);
+    let block = 2.0 * s * b * d * (34.0 + 5.0 * a * s / d);
+    let cross = 2.0 * s * b * (11.0 * d + 5.0 * a * s);
+    let (input, logits) = (4.0 * s * b * d, 8.0 * s * b * 100.0);
+    assert_eq!(t5.activation_bytes(2, 32, None), 3.0 * block + 3.0 * (block + cross) + input + logits);
+    assert_eq!(t5.activation_bytes(2, 32, Some(1)), 3.0 * input + 2.0 * input + (block + cross) + input + logits);
+}
