@@ -71,6 +71,36 @@ pub trait Collective {
     /// Every rank's value, in rank order.
     fn all_gather_u64(&self, value: u64) -> Vec<u64>;
     fn barrier(&self);
+    /// Starts the sum of every rank's `values` without waiting for it (MPI_Iallreduce), so
+    /// that computation overlaps the transfer; the result comes from [`PendingSum::wait`].
+    /// Ranks start the same sums in the same order. By default the blocking all-reduce, done
+    /// at once.
+    fn start_all_reduce(&self, values: Vec<f32>) -> Box<dyn PendingSum + '_> {
+        let mut sums = vec![0.0; values.len()];
+        self.all_reduce_sum_into(&values, &mut sums);
+        Box::new(Summed(sums))
+    }
+}
+
+/// A sum started by [`Collective::start_all_reduce`].
+pub trait PendingSum {
+    /// Lets the transport move the transfer along (MPI progresses a nonblocking collective only
+    /// inside its calls); true once it is done.
+    fn poll(&mut self) -> bool;
+    /// The sums, once every rank's values have arrived.
+    fn wait(self: Box<Self>) -> Vec<f32>;
+}
+
+/// A sum already complete.
+pub(crate) struct Summed(pub(crate) Vec<f32>);
+
+impl PendingSum for Summed {
+    fn poll(&mut self) -> bool {
+        true
+    }
+    fn wait(self: Box<Self>) -> Vec<f32> {
+        self.0
+    }
 }
 
 /// World size 1: every collective is the identity.

@@ -5,11 +5,12 @@
 
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
+use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use mpi::Threading;
 
-use crate::{Collective, World};
+use crate::{Collective, PendingSum, Summed, World};
 
 /// Largest message in elements: MPI counts are C ints, and a bounded scratch buffer keeps the
 /// copy that out-of-place reductions need small.
@@ -92,5 +93,71 @@ impl Collective for MpiCollective {
 
     fn barrier(&self) {
         self.communicator.barrier();
+    }
+
+    fn start_all_reduce(&self, values: Vec<f32>) -> Box<dyn PendingSum + '_> {
+        if values.len() > i32::MAX as usize {
+            let mut sums = vec![0.0; values.len()];
+            self.all_reduce_sum_into(&values, &mut sums);
+            return Box::new(Summed(sums));
+        }
+        // MPI reads and writes the buffers until the request completes: they are moved to the
+        // heap here and freed (or returned) only after it has.
+        let send: &'static mut [f32] = Box::leak(values.into_boxed_slice());
+        let receive: &'static mut [f32] = Box::leak(vec![0.0; send.len()].into_boxed_slice());
+        let buffers = (send as *mut [f32], receive as *mut [f32]);
+        // Safety: both pointers come from the leaked boxes above and are only turned back into
+        // boxes once the request is done (in `finish`).
+        let (send, receive) = unsafe { (&*buffers.0, &mut *buffers.1) };
+        let request = self.communicator.immediate_all_reduce_into(StaticScope, send, receive, SystemOperation::sum());
+        Box::new(MpiPendingSum { request: Some(request), buffers: Some(buffers) })
+    }
+}
+
+/// An MPI_Iallreduce in flight, owning its send and receive buffers.
+struct MpiPendingSum {
+    request: Option<Request<'static, [f32], StaticScope>>,
+    /// The leaked send and receive buffers, reclaimed once the request is done.
+    buffers: Option<(*mut [f32], *mut [f32])>,
+}
+
+impl MpiPendingSum {
+    /// Waits for the request and frees the buffers, returning the sums.
+    fn finish(&mut self) -> Vec<f32> {
+        if let Some(request) = self.request.take() {
+            request.wait();
+        }
+        let (send, receive) = self.buffers.take().expect("finished once");
+        // Safety: the request no longer touches the buffers, which came from leaked boxes.
+        unsafe {
+            drop(Box::from_raw(send));
+            Box::from_raw(receive).into_vec()
+        }
+    }
+}
+
+impl PendingSum for MpiPendingSum {
+    fn poll(&mut self) -> bool {
+        match self.request.take().map(Request::test) {
+            Some(Err(request)) => {
+                self.request = Some(request);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    fn wait(mut self: Box<Self>) -> Vec<f32> {
+        self.finish()
+    }
+}
+
+impl Drop for MpiPendingSum {
+    /// A sum dropped unfinished (a step abandoned by an error) still completes before its
+    /// buffers go.
+    fn drop(&mut self) {
+        if self.buffers.is_some() {
+            self.finish();
+        }
     }
 }

@@ -1,13 +1,15 @@
 //! Data parallelism over the ranks mpirun started: the same starting weights everywhere,
-//! gradients averaged in buckets after each step's backward passes (PyTorch DDP's arithmetic),
+//! gradients averaged in buckets (PyTorch DDP's arithmetic) after each step's backward passes,
+//! or under activation checkpointing part by part as backward goes (`GradientReduction`),
 //! and under ZeRO-1/2 the optimizer state (and with 2 the reduced gradients) kept only by the
 //! rank that owns each parameter, which then broadcasts its updated values. Under FSDP the
 //! owner alone holds the parameter between uses: `release` swaps the others' copies for
 //! placeholders and `gather` brings a selection back from the owners. World size 1 makes every
 //! operation here a no-op.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::marker::PhantomData;
 
 use anyhow::{bail, Result};
 use burn::module::{AutodiffModule, Param, ParamId};
@@ -15,7 +17,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::{CollectiveBackend, Recipe, Strategy};
-use furnace_distributed::{Collective, Partition, Transport, World};
+use furnace_distributed::{Collective, Partition, PendingSum, Transport, World};
 use furnace_models::params::{map_with_paths, visit_with_paths, PathMapper, PathVisitor};
 use furnace_optim::global_grad_norm;
 
@@ -145,20 +147,28 @@ impl Parallel {
         if self.world.size == 1 {
             return grads;
         }
-        let to_owner = self.reduces_to_owner();
-        let mut buckets = Buckets {
+        let mut reduction = self.start_reduction(None);
+        reduction.add(model, grads);
+        reduction.finish(model)
+    }
+
+    /// A reduction fed part by part (the recompute path hands over each block's gradients as
+    /// its backward ends): data-parallel buckets are summed by nonblocking all-reduces that run
+    /// while the next parts are computed; ZeRO-2's and FSDP's reductions to an owner block.
+    /// `carried` gradients (earlier micro-batches' of a step) join the first part that holds
+    /// the same parameter.
+    pub fn start_reduction(&self, carried: Option<GradientsParams>) -> GradientReduction<'_> {
+        GradientReduction {
             parallel: self,
-            grads,
-            to_owner,
+            carried,
+            reduced: GradientsParams::new(),
+            to_owner: self.reduces_to_owner(),
             flat: Vec::new(),
-            reduced: Vec::new(),
             pending: Vec::new(),
+            in_flight: VecDeque::new(),
             owner: None,
             scale: 1.0 / self.world.size as f32,
-        };
-        visit_with_paths(model, &mut buckets);
-        buckets.flush();
-        buckets.grads
+        }
     }
 
     /// The global gradient norm: from the full averaged gradients that every rank holds, or
@@ -308,84 +318,140 @@ fn broadcast_tensor<B: Backend, const D: usize>(
     }
 }
 
-/// A gradient copied into the current bucket: where its values sit and how to put them back.
+/// A gradient copied into the current bucket: where its values sit and how to put them back
+/// (added to what the reduction already holds for the same parameter).
 type Restore = Box<dyn FnOnce(Vec<f32>, &mut GradientsParams)>;
+
+/// Data-parallel sums in flight at most (each holds its bucket's send and receive copies).
+const MAX_IN_FLIGHT: usize = 4;
 
 /// Gradients copied to the host bucket by bucket in the model's parameter order (the same on
 /// every rank), reduced when a bucket fills, and put back; a data-parallel gradient of a quarter
-/// bucket or more is reduced on its own. The host copy is at most one bucket.
-struct Buckets<'a> {
+/// bucket or more is reduced on its own.
+pub struct GradientReduction<'a> {
     parallel: &'a Parallel,
-    grads: GradientsParams,
+    carried: Option<GradientsParams>,
+    reduced: GradientsParams,
     to_owner: bool,
     flat: Vec<f32>,
-    /// Where a data-parallel bucket's sum lands (out of place, so no copy of `flat` is made).
-    reduced: Vec<f32>,
     pending: Vec<(usize, Restore)>,
+    /// Data-parallel sums started and not yet put back, oldest first.
+    in_flight: VecDeque<(Box<dyn PendingSum + 'a>, Vec<(usize, Restore)>)>,
     /// ZeRO-2: the rank the current bucket is reduced to (a bucket never spans two owners).
     owner: Option<usize>,
     scale: f32,
 }
 
-impl Buckets<'_> {
+impl GradientReduction<'_> {
+    /// Hands over `grads` of `module`'s parameters (a block's, or the whole model's).
+    pub fn add<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, module: &M, grads: GradientsParams) {
+        visit_with_paths(module, &mut Part::<B> { reduction: self, grads, _backend: PhantomData });
+        // MPI moves a nonblocking sum along only inside its calls.
+        self.in_flight.iter_mut().for_each(|(sum, _)| {
+            sum.poll();
+        });
+    }
+
+    /// Every gradient handed over, averaged (under ZeRO-2 and FSDP: this rank's own). `model`
+    /// is the whole model, for carried gradients no part held.
+    pub fn finish<B: AutodiffBackend, M: AutodiffModule<B>>(mut self, model: &M) -> GradientsParams {
+        if let Some(carried) = self.carried.take() {
+            self.add(model, carried);
+        }
+        self.flush();
+        while !self.in_flight.is_empty() {
+            self.put_back_oldest();
+        }
+        self.reduced
+    }
+
     fn flush(&mut self) {
         if self.pending.is_empty() {
             return;
         }
-        let collective = self.parallel.collective.as_ref();
-        let owner = self.owner.take();
-        let sums = match owner {
+        let pending = std::mem::take(&mut self.pending);
+        let flat = std::mem::take(&mut self.flat);
+        match self.owner.take() {
             Some(root) => {
-                collective.reduce_sum(&mut self.flat, root);
-                &self.flat
+                let mut sums = flat;
+                self.parallel.collective.reduce_sum(&mut sums, root);
+                if root == self.parallel.world.rank {
+                    self.put_back(sums, pending);
+                }
             }
-            None => {
-                self.reduced.resize(self.flat.len(), 0.0);
-                collective.all_reduce_sum_into(&self.flat, &mut self.reduced);
-                &self.reduced
-            }
-        };
-        let keep = owner.is_none_or(|root| root == self.parallel.world.rank);
+            None => self.start(flat, pending),
+        }
+    }
+
+    /// Starts the data-parallel sum of `values`, putting back the oldest when too many are in
+    /// flight.
+    fn start(&mut self, values: Vec<f32>, pending: Vec<(usize, Restore)>) {
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.put_back_oldest();
+        }
+        let sum = self.parallel.collective.start_all_reduce(values);
+        self.in_flight.push_back((sum, pending));
+    }
+
+    fn put_back_oldest(&mut self) {
+        let (sum, pending) = self.in_flight.pop_front().expect("a sum in flight");
+        self.put_back(sum.wait(), pending);
+    }
+
+    fn put_back(&mut self, sums: Vec<f32>, pending: Vec<(usize, Restore)>) {
         let mut start = 0;
-        for (len, restore) in self.pending.drain(..) {
-            if keep {
-                restore(sums[start..start + len].iter().map(|v| v * self.scale).collect(), &mut self.grads);
-            }
+        for (len, restore) in pending {
+            restore(sums[start..start + len].iter().map(|v| v * self.scale).collect(), &mut self.reduced);
             start += len;
         }
-        self.flat.clear();
     }
 }
 
-impl<B: AutodiffBackend> PathVisitor<B> for Buckets<'_> {
+/// One part's gradients on their way into the reduction.
+struct Part<'r, 'a, B> {
+    reduction: &'r mut GradientReduction<'a>,
+    grads: GradientsParams,
+    _backend: PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> PathVisitor<B> for Part<'_, '_, B> {
     fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
-        let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else { return };
-        if self.to_owner {
-            let owner = self.parallel.owners.get(path).copied().unwrap_or(0);
-            if self.owner.is_some_and(|current| current != owner) {
-                self.flush();
+        let Some(mut grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else { return };
+        let reduction = &mut *self.reduction;
+        if let Some(earlier) = reduction.carried.as_mut().and_then(|c| c.remove::<B::InnerBackend, D>(param.id)) {
+            grad = grad + earlier;
+        }
+        if reduction.to_owner {
+            let owner = reduction.parallel.owners.get(path).copied().unwrap_or(0);
+            if reduction.owner.is_some_and(|current| current != owner) {
+                reduction.flush();
             }
-            self.owner = Some(owner);
+            reduction.owner = Some(owner);
         }
         let (shape, device, id): (_, _, ParamId) = (grad.shape(), grad.device(), param.id);
-        let mut values: Vec<f32> = grad.into_data().convert::<f32>().into_vec().expect("float gradient");
-        if !self.to_owner && values.len() >= self.parallel.bucket_elements / 4 {
+        let values: Vec<f32> = grad.into_data().convert::<f32>().into_vec().expect("float gradient");
+        let restore: Restore = Box::new(move |values: Vec<f32>, grads: &mut GradientsParams| {
+            let value = Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, shape), &device);
+            // A parameter read in two parts (a tied embedding: the head and the input) gets
+            // both parts' sums.
+            let value = match grads.remove::<B::InnerBackend, D>(id) {
+                Some(other) => other + value,
+                None => value,
+            };
+            grads.register::<B::InnerBackend, D>(id, value);
+        });
+        if !reduction.to_owner && values.len() >= reduction.parallel.bucket_elements / 4 {
             // A gradient of a quarter bucket or more is a large enough message alone: reduced
-            // from its own buffer and averaged back into it, it skips the bucket's two copies
-            // (which PyTorch avoids by making gradients views of their bucket).
-            self.reduced.resize(values.len(), 0.0);
-            self.parallel.collective.all_reduce_sum_into(&values, &mut self.reduced);
-            values.iter_mut().zip(&self.reduced).for_each(|(v, sum)| *v = sum * self.scale);
-            self.grads.register::<B::InnerBackend, D>(id, Tensor::from_data(TensorData::new(values, shape), &device));
+            // from its own buffer, it skips the bucket's copy (which PyTorch avoids by making
+            // gradients views of their bucket).
+            let len = values.len();
+            reduction.start(values, vec![(len, restore)]);
             return;
         }
-        self.flat.extend_from_slice(&values);
-        let restore: Restore = Box::new(move |values: Vec<f32>, grads: &mut GradientsParams| {
-            grads.register::<B::InnerBackend, D>(id, Tensor::from_data(TensorData::new(values, shape), &device));
-        });
-        self.pending.push((values.len(), restore));
-        if self.flat.len() >= self.parallel.bucket_elements {
-            self.flush();
+        reduction.flat.extend_from_slice(&values);
+        reduction.pending.push((values.len(), restore));
+        if reduction.flat.len() >= reduction.parallel.bucket_elements {
+            reduction.flush();
         }
     }
 }

@@ -18,7 +18,7 @@ use furnace_models::t5::T5;
 use furnace_models::{LanguageModel, RouterLossWeights, Routing};
 
 use crate::backend::TrainBackend;
-use crate::parallel::{in_block, Parallel};
+use crate::parallel::{in_block, GradientReduction, Parallel};
 
 /// What the forward pass kept of one block for backward.
 enum Kept<B: TrainBackend> {
@@ -51,22 +51,26 @@ fn with_block<'m, B: TrainBackend>(model: &'m LanguageModel<B>, block: usize, sh
 /// into their value (added to the returned loss) and each layer's share of them (see
 /// `RouterLossWeights`), back-propagated with that layer.
 ///
-/// Under FSDP (`sharded`, with every = 1) `model` holds the parameters outside the blocks and
-/// only its own share of the blocks'; each block's are gathered just before it runs, forward and
-/// again in backward, and released after, and each part's gradients are reduced to their owners
-/// as soon as its backward ends, so the result holds this rank's own gradients only.
+/// With a `reduction`, each part's gradients (the head's, each block's, the embedding's) go
+/// into it as soon as that part's backward ends, so their transfer overlaps the rest of
+/// backward, and the result is the reduced gradients. Under FSDP (`sharded`, with every = 1)
+/// `model` holds the parameters outside the blocks and only its own share of the blocks'; each
+/// block's are gathered just before it runs, forward and again in backward, and released after.
+#[allow(clippy::too_many_arguments)]
 pub fn recomputed_gradients<B: TrainBackend>(
     model: &LanguageModel<B>,
     tokens: Tensor<B, 2, Int>,
     packed: Option<&[usize]>,
     every: usize,
     sharded: Option<&Parallel>,
+    mut reduction: Option<GradientReduction<'_>>,
     loss: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 1>,
     router: impl FnOnce(&Routing<B::InnerBackend>) -> (Tensor<B::InnerBackend, 1>, RouterLossWeights),
 ) -> (GradientsParams, Tensor<B::InnerBackend, 1>) {
-    let reduce = |model: &LanguageModel<B>, grads: GradientsParams| match sharded {
-        Some(parallel) => parallel.reduce_gradients(model, grads),
-        None => grads,
+    let mut accumulator = GradientsAccumulator::new();
+    let mut hand_over = |part: &LanguageModel<B>, grads: GradientsParams| match reduction.as_mut() {
+        Some(reduction) => reduction.add(part, grads),
+        None => accumulator.accumulate(model, grads),
     };
     let valid = model.valid();
     let (mut x, valid_ctx) = valid.embed(tokens.clone().inner(), packed);
@@ -99,7 +103,6 @@ pub fn recomputed_gradients<B: TrainBackend>(
         (weights, total)
     });
     drop((valid, valid_ctx));
-    let mut accumulator = GradientsAccumulator::new();
     let last = Tensor::<B, 3>::from_inner(x).require_grad();
     let loss = loss(model.finish(last.clone()));
     let detached_loss = match &router_weights {
@@ -108,7 +111,7 @@ pub fn recomputed_gradients<B: TrainBackend>(
     };
     let grads = loss.backward();
     let mut upstream = last.grad(&grads).expect("the head reads the last block's output");
-    accumulator.accumulate(model, reduce(model, GradientsParams::from_grads(grads, model)));
+    hand_over(model, GradientsParams::from_grads(grads, model));
     for i in (0..n_blocks).rev() {
         let (input, output, router, block_model) = match kept.pop().expect("one kept entry per block") {
             Kept::Input(x) => {
@@ -125,13 +128,15 @@ pub fn recomputed_gradients<B: TrainBackend>(
         };
         let grads;
         (grads, upstream) = through_block(&input, output, upstream, router_share);
-        let grads = GradientsParams::from_grads(grads, block_model.as_ref());
-        accumulator.accumulate(model, reduce(&block_model, grads));
+        hand_over(block_model.as_ref(), GradientsParams::from_grads(grads, block_model.as_ref()));
     }
     let (embedded, _) = model.embed(tokens, packed);
     let grads = (embedded * Tensor::from_inner(upstream)).sum().backward();
-    accumulator.accumulate(model, reduce(model, GradientsParams::from_grads(grads, model)));
-    (accumulator.grads(), detached_loss)
+    hand_over(model, GradientsParams::from_grads(grads, model));
+    match reduction {
+        Some(reduction) => (reduction.finish(model), detached_loss),
+        None => (accumulator.grads(), detached_loss),
+    }
 }
 
 /// Back-propagates `upstream`, the gradient reaching a block's output, through the block's

@@ -44,6 +44,8 @@ use crate::rollout::{self, rollout, step_prompts, RolloutStats, Sampling};
 /// Sophia's curvature estimate) and the tokens it trained on.
 struct Gradients<B: TrainBackend> {
     grads: GradientsParams,
+    /// Already averaged over ranks (the recompute path reduces as backward goes).
+    reduced: bool,
     loss: Tensor<B::InnerBackend, 1>,
     last_inputs: Tensor<B, 2, Int>,
     tokens: usize,
@@ -476,10 +478,14 @@ impl<B: TrainBackend> Trainer<B> {
             true => self.parallel.gather(model, |path| in_block(path, None)),
             false => model,
         };
-        let Gradients { grads, loss, last_inputs, tokens } = match self.recipe.training.mode {
+        let Gradients { grads, reduced, loss, last_inputs, tokens } = match self.recipe.training.mode {
             TrainMode::Ppo => return self.ppo_step(model, lr),
             TrainMode::Grpo => self.grpo_gradients(&model),
             _ => self.batch_gradients(&model),
+        };
+        let grads = match reduced {
+            true => grads,
+            false => self.parallel.reduce_gradients(&model, grads),
         };
         let (model, grad_norm) = self.apply_gradients(model, grads, last_inputs, lr)?;
         Ok((model, loss, grad_norm, tokens))
@@ -505,9 +511,9 @@ impl<B: TrainBackend> Trainer<B> {
         self.recipe.run.seed ^ (self.parallel.world.rank as u64).wrapping_mul(0x6A09_E667_F3BC_C909)
     }
 
-    /// Gradients averaged over ranks, Sophia's curvature refresh when due, the global gradient
-    /// norm, clipping and one optimizer step (of this rank's parameters under ZeRO, which then
-    /// go to every rank). Returns the model and the pre-clip norm.
+    /// Given gradients averaged over ranks: Sophia's curvature refresh when due, the global
+    /// gradient norm, clipping and one optimizer step (of this rank's parameters under ZeRO,
+    /// which then go to every rank). Returns the model and the pre-clip norm.
     fn apply_gradients(
         &mut self,
         model: LanguageModel<B>,
@@ -515,11 +521,6 @@ impl<B: TrainBackend> Trainer<B> {
         inputs: Tensor<B, 2, Int>,
         lr: f64,
     ) -> Result<(LanguageModel<B>, f64)> {
-        // FSDP reduced each block's gradients to their owners as its backward ended.
-        let grads = match self.parallel.fsdp() {
-            true => grads,
-            false => self.parallel.reduce_gradients(&model, grads),
-        };
         if self.optimizer.needs_curvature(self.optimizer.step + 1) {
             let (curvature, batch_tokens) = self.curvature_grads(&model, inputs);
             let curvature = self.parallel.drop_unowned(&model, self.parallel.reduce_gradients(&model, curvature));
@@ -584,7 +585,13 @@ impl<B: TrainBackend> Trainer<B> {
         };
         let scale = self.loss_scale();
         let backward = |loss: Tensor<B, 1>| (loss.clone().inner(), GradientsParams::from_grads((loss * scale).backward(), model));
-        for batch in batches {
+        // Under checkpointing the last micro-batch's parts go to the ranks' reduction as their
+        // backward ends (the earlier micro-batches' gradients join them), overlapping the
+        // transfer with the rest of backward; FSDP reduces every micro-batch so (to owners).
+        let overlap = recompute_every.is_some() && self.parallel.world.size > 1;
+        let n_batches = batches.len();
+        let mut reduced = sharded.is_some();
+        for (micro, batch) in batches.into_iter().enumerate() {
             let shape = [batch.batch, batch.seq_len];
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &self.device);
             last_inputs = Some(inputs.clone());
@@ -615,12 +622,22 @@ impl<B: TrainBackend> Trainer<B> {
                 }
                 (None, Some(every)) => {
                     let (model_section, router_window) = (&self.recipe.model, &mut self.router_window);
+                    let reduction = match sharded {
+                        Some(parallel) => Some(parallel.start_reduction(None)),
+                        None if overlap && micro + 1 == n_batches => {
+                            reduced = true;
+                            let earlier = std::mem::replace(&mut accumulator, GradientsAccumulator::new()).grads();
+                            Some(self.parallel.start_reduction(Some(earlier)))
+                        }
+                        None => None,
+                    };
                     let (grads, loss) = recomputed_gradients(
                         model,
                         inputs,
                         batch.positions.as_deref(),
                         every,
                         sharded,
+                        reduction,
                         |logits| lm_loss_sum(logits, targets()) * (scale / counted),
                         |routing| {
                             let (losses, weights) = router_losses(routing, model_section, router_window);
@@ -654,6 +671,7 @@ impl<B: TrainBackend> Trainer<B> {
         self.dpo_window.add(&dpo_stats);
         Gradients {
             grads: accumulator.grads(),
+            reduced,
             loss: step_loss.expect("at least one micro-batch"),
             last_inputs: last_inputs.expect("at least one micro-batch"),
             tokens,
@@ -697,6 +715,7 @@ impl<B: TrainBackend> Trainer<B> {
         }
         Gradients {
             grads: accumulator.grads(),
+            reduced: false,
             loss: step_loss.expect("at least one micro-batch"),
             last_inputs: last_inputs.expect("at least one micro-batch"),
             tokens,
@@ -747,6 +766,7 @@ impl<B: TrainBackend> Trainer<B> {
             window.add_ppo_update(scalar(policy_loss), scalar(value_loss), scalar(clip_fraction));
             let detached = loss.clone().inner();
             let grads = GradientsParams::from_grads((loss * self.loss_scale()).backward(), &model);
+            let grads = self.parallel.reduce_gradients(&model, grads);
             let (updated, grad_norm) = self.apply_gradients(model, grads, inputs.clone(), lr)?;
             model = updated;
             last = Some((detached, grad_norm));

@@ -142,6 +142,43 @@ fn two_ranks_over_tcp_equal_one_process_for_ddp_zero1_zero2_and_fsdp() {
     check_equivalence(2, &["ddp", "zero1", "zero2", "fsdp"]);
 }
 
+/// Under activation checkpointing each part's gradients start their (nonblocking) reduction as
+/// the part's backward ends, joined by the earlier micro-batch's (grad_accum_steps = 2): the
+/// losses equal one process's for every strategy that reduces so. GPT-2's tied embedding gets
+/// gradients from two parts (the head and the input), whose sums add.
+#[test]
+fn reductions_overlapping_backward_equal_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path());
+    let cases =
+        [("llama", &[("ddp", "full"), ("ddp", "selective"), ("zero1", "full"), ("zero2", "full")][..]), ("gpt2", &[("ddp", "full")])];
+    for (arch, runs) in cases {
+        let single = dir.path().join(format!("single-{arch}"));
+        let arch_key = format!("model.arch={arch}");
+        let out = train(1, &recipe, &single, &["--set", "training.local_batch_size=4", "--set", &arch_key]);
+        assert!(out.status.success(), "{}", text(&out));
+        for (strategy, mode) in runs {
+            let run = dir.path().join(format!("{arch}-{strategy}-{mode}"));
+            let (strategy_key, mode_key) = (format!("distributed.strategy={strategy}"), format!("activation_checkpoint.mode={mode}"));
+            let args = [
+                "--set",
+                "training.local_batch_size=2",
+                "--set",
+                &arch_key,
+                "--set",
+                &strategy_key,
+                "--set",
+                &mode_key,
+                "--set",
+                "distributed.bucket_mb=0.01",
+            ];
+            let out = train(2, &recipe, &run, &args);
+            assert!(out.status.success(), "{arch} {strategy} {mode}: {}", text(&out));
+            assert_same_losses(&single, &run, &format!("{arch} {strategy} {mode}"));
+        }
+    }
+}
+
 /// bf16-true under ZeRO-2 and FSDP: parameters keep their dtype through the broadcasts and
 /// gathers (FSDP ranks hold half of the single process's bf16 bytes), and the losses follow one
 /// process. Not to 1e-5: the gradients sum in another order, and a sum that differs in its last
