@@ -158,8 +158,10 @@ fn through_block<B: TrainBackend>(
 }
 
 /// T5's gradients under activation checkpointing, as [`recomputed_gradients`] for each stack:
-/// the encoder's blocks, then the decoder's, every `every`-th of a stack run without autodiff
-/// and recomputed in backward (the decoder's last block keeps its graph). Every decoder block
+/// every encoder block and every `every`-th decoder block but the last run without autodiff
+/// and are recomputed in backward. (The encoder's blocks cannot keep their graphs: Burn 0.21's
+/// autodiff memory management frees, nondeterministically, a graph kept from the forward pass
+/// across the decoder's backward passes.) Every decoder block
 /// also reads the encoder's output, held as one leaf whose gradient sums over the decoder's
 /// backward before the encoder's begins; each block run with autodiff builds its own position
 /// bias from the table, so the table's gradient sums over blocks as in the plain pass.
@@ -179,17 +181,10 @@ pub fn recomputed_seq2seq_gradients<B: TrainBackend>(
 
     let encoder_bias = valid.encoder_bias(input_len, lengths);
     let mut x = valid.embed(input.clone().inner());
-    let mut encoder_kept = Vec::with_capacity(model.encoder_layers.len());
-    for (i, layer) in model.encoder_layers.iter().enumerate() {
-        if recomputed(i) {
-            let output = valid.encoder_layers[i].forward(x.clone(), &encoder_bias, None, None);
-            encoder_kept.push(Kept::<B>::Input(std::mem::replace(&mut x, output)));
-        } else {
-            let input = Tensor::<B, 3>::from_inner(x).require_grad();
-            let output = layer.forward(input.clone(), &model.encoder_bias(input_len, lengths), None, None);
-            x = output.clone().inner();
-            encoder_kept.push(Kept::Graph { input, output, router: None, gathered: None });
-        }
+    let mut encoder_inputs = Vec::with_capacity(model.encoder_layers.len());
+    for layer in &valid.encoder_layers {
+        let output = layer.forward(x.clone(), &encoder_bias, None, None);
+        encoder_inputs.push(std::mem::replace(&mut x, output));
     }
     let encoder_last = x;
     let encoded = valid.encoder_finish(encoder_last.clone());
@@ -248,15 +243,9 @@ pub fn recomputed_seq2seq_gradients<B: TrainBackend>(
     let grads = (model.encoder_finish(last.clone()) * Tensor::from_inner(memory_grad)).sum().backward();
     let mut upstream = last.grad(&grads).expect("the encoder's norm reads its last block's output");
     accumulate(grads);
-    for i in (0..model.encoder_layers.len()).rev() {
-        let (input, output) = match encoder_kept.pop().expect("one kept entry per block") {
-            Kept::Input(x) => {
-                let input = Tensor::<B, 3>::from_inner(x).require_grad();
-                let output = model.encoder_layers[i].forward(input.clone(), &model.encoder_bias(input_len, lengths), None, None);
-                (input, output)
-            }
-            Kept::Graph { input, output, .. } => (input, output),
-        };
+    for (layer, x) in model.encoder_layers.iter().zip(encoder_inputs).rev() {
+        let input = Tensor::<B, 3>::from_inner(x).require_grad();
+        let output = layer.forward(input.clone(), &model.encoder_bias(input_len, lengths), None, None);
         let grads;
         (grads, upstream) = through_block(&input, output, upstream, None);
         accumulate(grads);
