@@ -77,15 +77,15 @@ impl T5Config {
     /// `seq` long (the batch pads both to at most that): each encoder block as a transformer
     /// block, each decoder block as one plus its cross-attention (11·s·b·d + 5·a·s²·b
     /// half-precision bytes, doubled), the encoder's output and the logits. Under checkpointing
-    /// each stack as `recomputed_seq2seq_gradients` runs it: every N-th block keeps only its
-    /// input, the decoder's last excepted.
+    /// as `recomputed_seq2seq_gradients` runs it: every encoder block and every N-th decoder
+    /// block but the last keep only their input.
     pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> f64 {
         let (s, b, d, a) = (seq as f64, batch as f64, self.d_model as f64, self.n_heads as f64);
         let block = transformer_layer_bytes(batch, seq, seq, self.d_model, self.n_heads);
         let cross = 2.0 * s * b * (11.0 * d + 5.0 * a * s);
         let input = 4.0 * s * b * d;
         let logits = 2.0 * 4.0 * s * b * self.vocab_size as f64;
-        let encoder = chain_activation_bytes(self.n_layers, block, input, recompute_every, false);
+        let encoder = chain_activation_bytes(self.n_layers, block, input, recompute_every.map(|_| 1), false);
         let decoder = chain_activation_bytes(self.n_decoder_layers, block + cross, input, recompute_every, true);
         encoder + decoder + input + logits
     }

@@ -623,7 +623,7 @@ fn mamba_and_t5_activation_estimates_count_what_their_checkpointing_keeps() {
     let (layer, input, logits) = (4.0 * tokens * 10304.0, 4.0 * tokens * 512.0, 8.0 * tokens * 4096.0);
     assert_eq!(mamba.activation_bytes(2, 2048, None), 6.0 * layer + logits);
     assert_eq!(mamba.activation_bytes(2, 2048, Some(1)), layer + 5.0 * input + logits, "the last block is kept");
-    // T5, 3 + 3 blocks: under full checkpointing every encoder block keeps only its input, the
+    // T5, 3 + 3 blocks: under checkpointing every encoder block keeps only its input, the
     // decoder's last keeps everything (with its cross-attention); the encoder's output is held.
     let t5 = crate::t5::T5Config::new(100, 64, 16, 256, 4, 3, 3);
     let (s, b, d, a) = (32.0, 2.0, 64.0, 4.0);
@@ -632,4 +632,6 @@ fn mamba_and_t5_activation_estimates_count_what_their_checkpointing_keeps() {
     let (input, logits) = (4.0 * s * b * d, 8.0 * s * b * 100.0);
     assert_eq!(t5.activation_bytes(2, 32, None), 3.0 * block + 3.0 * (block + cross) + input + logits);
     assert_eq!(t5.activation_bytes(2, 32, Some(1)), 3.0 * input + 2.0 * input + (block + cross) + input + logits);
+    // Selective: every encoder block still recomputed, the decoder's second.
+    assert_eq!(t5.activation_bytes(2, 32, Some(2)), 3.0 * input + input + 2.0 * (block + cross) + input + logits);
 }
