@@ -161,10 +161,10 @@ fn through_block<B: TrainBackend>(
 /// every encoder block and every `every`-th decoder block but the last run without autodiff
 /// and are recomputed in backward. (The encoder's blocks cannot keep their graphs: Burn 0.21's
 /// autodiff memory management frees, nondeterministically, a graph kept from the forward pass
-/// across the decoder's backward passes.) Every decoder block
-/// also reads the encoder's output, held as one leaf whose gradient sums over the decoder's
-/// backward before the encoder's begins; each block run with autodiff builds its own position
-/// bias from the table, so the table's gradient sums over blocks as in the plain pass.
+/// across the decoder's backward passes.) Every decoder block also reads the encoder's output,
+/// through a leaf of its own; those leaves' gradients sum over the decoder's backward before the
+/// encoder's begins. Each block run with autodiff builds its own position bias from the table,
+/// so the table's gradient sums over blocks as in the plain pass.
 pub fn recomputed_seq2seq_gradients<B: TrainBackend>(
     model: &T5<B>,
     input: Tensor<B, 2, Int>,
