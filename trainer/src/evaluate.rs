@@ -56,13 +56,15 @@ pub fn validation<B: FusedOps>(
 pub fn forward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 3> {
     let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), [batch.batch, batch.seq_len]), device);
     match &batch.encoder {
-        Some(encoder) => {
-            let shape = [batch.batch, encoder.len];
-            let input = Tensor::<B, 2, Int>::from_data(TensorData::new(encoder.tokens.clone(), shape), device);
-            model.forward_seq2seq(input, &encoder.lengths, inputs)
-        }
+        Some(encoder) => model.forward_seq2seq(encoder_input(batch, device), &encoder.lengths, inputs),
         None => model.forward(inputs),
     }
+}
+
+/// An encoder-decoder batch's encoder rows as a tensor `[batch, input_len]`.
+pub fn encoder_input<B: Backend>(batch: &Batch, device: &B::Device) -> Tensor<B, 2, Int> {
+    let encoder = batch.encoder.as_ref().expect("an encoder-decoder batch");
+    Tensor::from_data(TensorData::new(encoder.tokens.clone(), [batch.batch, encoder.len]), device)
 }
 
 /// The model's reply to `prompt`: a decoder continues it; T5 reads it with its encoder and

@@ -28,7 +28,7 @@ use crate::datasets::{self, Datasets};
 use crate::evaluate::{
     arithmetic_exact_match, encode_prompt, fill_mask_line, fill_spans_line, greedy, reply, validation, Asked, Validation,
 };
-use crate::evaluate::{forward_batch, FILL_MASK_PROMPT, FILL_SPAN_PROMPT};
+use crate::evaluate::{encoder_input, forward_batch, FILL_MASK_PROMPT, FILL_SPAN_PROMPT};
 use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, load_reward_model, model_config, with_base};
@@ -614,7 +614,7 @@ impl<B: TrainBackend> Trainer<B> {
                     let (LanguageModel::T5(t5), Some(encoder)) = (model, &batch.encoder) else {
                         unreachable!("only T5 reads encoder rows")
                     };
-                    let input = Tensor::from_data(TensorData::new(encoder.tokens.clone(), [batch.batch, encoder.len]), &self.device);
+                    let input = encoder_input(&batch, &self.device);
                     let (grads, loss) = recomputed_seq2seq_gradients(t5, input, &encoder.lengths, inputs, every, |logits| {
                         lm_loss_sum(logits, targets()) * (scale / counted)
                     });
