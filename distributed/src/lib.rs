@@ -85,8 +85,8 @@ pub trait Collective {
 /// A sum started by [`Collective::start_all_reduce`].
 pub trait PendingSum {
     /// Lets the transport move the transfer along (MPI progresses a nonblocking collective only
-    /// inside its calls); true once it is done.
-    fn poll(&mut self) -> bool;
+    /// inside its calls).
+    fn poll(&mut self);
     /// The sums, once every rank's values have arrived.
     fn wait(self: Box<Self>) -> Vec<f32>;
 }
@@ -95,9 +95,7 @@ pub trait PendingSum {
 pub(crate) struct Summed(pub(crate) Vec<f32>);
 
 impl PendingSum for Summed {
-    fn poll(&mut self) -> bool {
-        true
-    }
+    fn poll(&mut self) {}
     fn wait(self: Box<Self>) -> Vec<f32> {
         self.0
     }

@@ -137,13 +137,9 @@ impl MpiPendingSum {
 }
 
 impl PendingSum for MpiPendingSum {
-    fn poll(&mut self) -> bool {
-        match self.request.take().map(Request::test) {
-            Some(Err(request)) => {
-                self.request = Some(request);
-                false
-            }
-            _ => true,
+    fn poll(&mut self) {
+        if let Some(Err(request)) = self.request.take().map(Request::test) {
+            self.request = Some(request);
         }
     }
 

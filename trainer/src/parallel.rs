@@ -360,9 +360,7 @@ impl GradientReduction<'_> {
     pub fn add<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, module: &M, grads: GradientsParams) {
         visit_with_paths(module, &mut Part::<B> { reduction: self, grads, _backend: PhantomData });
         // MPI moves a nonblocking sum along only inside its calls.
-        self.in_flight.iter_mut().for_each(|(sum, _)| {
-            sum.poll();
-        });
+        self.in_flight.iter_mut().for_each(|(sum, _)| sum.poll());
     }
 
     /// Every gradient handed over, averaged (under ZeRO-2 and FSDP: this rank's own). `model`
