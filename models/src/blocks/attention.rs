@@ -5,7 +5,7 @@ use burn::prelude::*;
 
 use super::Linear;
 use crate::init::SeededRng;
-use crate::kernels::{multi_head_attention, FusedOps};
+use crate::kernels::{multi_head_attention, rope, FusedOps};
 
 /// Keys and values of one layer for the positions decoded so far: `[batch, len, kv_heads, head_dim]`.
 pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
@@ -89,8 +89,8 @@ impl<B: FusedOps> Attention<B> {
         let mut q = self.queries(x.clone());
         let (mut k, mut v) = self.keys_values(x);
         if let Some((cos, sin)) = &ctx.rope {
-            q = apply_rope(q, cos.clone(), sin.clone());
-            k = apply_rope(k, cos.clone(), sin.clone());
+            q = rope(q, cos.clone(), sin.clone());
+            k = rope(k, cos.clone(), sin.clone());
         }
         if let Some(cache) = cache {
             (k, v) = extend_cache(cache, k, v);
@@ -126,15 +126,6 @@ pub fn extend_cache<B: Backend>(cache: &mut LayerKv<B>, mut k: Tensor<B, 4>, mut
     }
     *cache = Some((k.clone(), v.clone()));
     (k, v)
-}
-
-/// Rotate pairs (i, i + head_dim/2) — the "rotate_half" layout Hugging Face Llama uses.
-fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
-    let first = x.clone().narrow(3, 0, half);
-    let second = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![second.neg(), first], 3);
-    x * cos + rotated * sin
 }
 
 /// Rotary position tables, built once per model: `[max_seq_len, head_dim]` cos and sin.

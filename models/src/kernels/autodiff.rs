@@ -65,6 +65,29 @@ pub fn swiglu<B: FusedOps, C: CheckpointStrategy>(gate: AdTensor<B, C>, up: AdTe
     }
 }
 
+pub fn rope<B: FusedOps, C: CheckpointStrategy>(x: AdTensor<B, C>, cos: AdTensor<B, C>, sin: AdTensor<B, C>) -> AdTensor<B, C> {
+    #[derive(Debug)]
+    struct Rope;
+
+    impl<B: FusedOps> Backward<B, 1> for Rope {
+        /// cos and sin.
+        type State = (FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (cos, sin) = ops.state;
+            unary::<B, _>(ops.parents, ops.node, grads, |grad| B::rope_backward(grad, cos, sin));
+        }
+    }
+
+    match Rope.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let state = (cos.primitive.clone(), sin.primitive.clone());
+            prep.finish(state, B::rope(x.primitive, cos.primitive, sin.primitive))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::rope(x.primitive, cos.primitive, sin.primitive)),
+    }
+}
+
 pub fn multi_head_attention<B: FusedOps, C: CheckpointStrategy>(
     q: AdTensor<B, C>,
     k: AdTensor<B, C>,

@@ -66,6 +66,20 @@ impl FusedOps for Flex {
         (from_vec(gate.shape(), grad_gate), from_vec(gate.shape(), grad_up))
     }
 
+    fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [Some(x), Some(cos), Some(sin)] = [&x, &cos, &sin].map(contiguous_f32) else {
+            return reference::rope::<Self>(x, cos, sin);
+        };
+        rotate(&x, &cos, &sin, 1.0)
+    }
+
+    fn rope_backward(grad: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [Some(grad), Some(cos), Some(sin)] = [&grad, &cos, &sin].map(contiguous_f32) else {
+            return reference::rope_backward::<Self>(grad, cos, sin);
+        };
+        rotate(&grad, &cos, &sin, -1.0)
+    }
+
     fn multi_head_attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -302,6 +316,30 @@ impl FusedOps for Flex {
     }
 }
 
+/// Each head of contiguous `x` `[batch, seq, heads, head_dim]` turned by the angles of its
+/// position (`cos`, `sin` `[1 or batch, seq, 1, head_dim]`); `direction` −1 turns it back (the
+/// backward pass). One task per run of positions, every head of a position at once.
+fn rotate(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, direction: f32) -> FlexTensor {
+    let shape = x.shape();
+    let (seq, heads, head_dim) = (shape[1], shape[2], shape[3]);
+    let table_rows = cos.shape()[0] * seq;
+    let (input, cos, sin) = (values(x), values(cos), values(sin));
+    let row = heads * head_dim;
+    let mut out = vec![0.0; input.len()];
+    let rows_per_task = (TASK_ELEMS / row).max(1);
+    out.par_chunks_mut(rows_per_task * row).zip(input.par_chunks(rows_per_task * row)).enumerate().for_each(|(task, (out, x))| {
+        for (r, (out, x)) in out.chunks_mut(row).zip(x.chunks(row)).enumerate() {
+            // Tables with one batch row serve every batch row.
+            let t = (task * rows_per_task + r) % table_rows;
+            let angles = t * head_dim..(t + 1) * head_dim;
+            for (out, x) in out.chunks_mut(head_dim).zip(x.chunks(head_dim)) {
+                rope_kernel(x, &cos[angles.clone()], &sin[angles.clone()], direction, out);
+            }
+        }
+    });
+    from_vec(shape, out)
+}
+
 /// Sizes and strides of one attention call over `[batch, seq, heads, head_dim]` buffers.
 #[derive(Clone, Copy)]
 struct AttentionDims {
@@ -518,6 +556,25 @@ multiversion! {
             let (one_plus_t, one_minus_t) = one_plus_minus_tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x2 * x));
             let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x2);
             *out = grad * 0.5 * one_plus_t * (1.0 + x * one_minus_t * du);
+        }
+    }
+}
+
+multiversion! {
+    /// One head: `out = x·cos + rotate_half(x)·sin`, rotate_half(x) = [−x₂, x₁]; direction −1
+    /// applies the transpose instead, `x·cos − rotate_half(x·sin)`.
+    fn rope_kernel(x: &[f32], cos: &[f32], sin: &[f32], direction: f32, out: &mut [f32]) {
+        let half = x.len() / 2;
+        let (x1, x2) = x.split_at(half);
+        let (out1, out2) = out.split_at_mut(half);
+        let (cos1, cos2) = cos.split_at(half);
+        let (sin1, sin2) = sin.split_at(half);
+        // Forward: out₁ = x₁cos₁ − x₂sin₁, out₂ = x₂cos₂ + x₁sin₂.
+        // Backward: out₁ = x₁cos₁ + x₂sin₂, out₂ = x₂cos₂ − x₁sin₁.
+        let (s1, s2) = if direction > 0.0 { (sin1, sin2) } else { (sin2, sin1) };
+        for i in 0..half {
+            out1[i] = x1[i] * cos1[i] - direction * x2[i] * s1[i];
+            out2[i] = x2[i] * cos2[i] + direction * x1[i] * s2[i];
         }
     }
 }

@@ -46,6 +46,18 @@ pub trait FusedOps: Backend {
         reference::swiglu_backward::<Self>(gate, up, grad)
     }
 
+    /// Rotary position embedding in the "rotate_half" layout Hugging Face's Llama uses: the
+    /// pairs (i, i + head_dim/2) of `x` `[batch, seq, heads, head_dim]` turned by the angles
+    /// whose `cos` and `sin` are `[1 or batch, seq, 1, head_dim]` (constants, no gradient).
+    fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::rope::<Self>(x, cos, sin)
+    }
+
+    /// Gradient of [`Self::rope`] with respect to `x`: `grad` turned back by the same angles.
+    fn rope_backward(grad: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::rope_backward::<Self>(grad, cos, sin)
+    }
+
     /// Multi-head attention `softmax(q·kᵀ·scale + bias)·v` with grouped key/value heads.
     /// `q` is `[batch, queries, heads, head_dim]`, `k` and `v` are `[batch, keys, kv_heads,
     /// head_dim]` (the projections' own layout: no transposes), `bias` (mask and position
@@ -166,6 +178,10 @@ impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointSt
         autodiff::swiglu::<B, C>(gate, up)
     }
 
+    fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        autodiff::rope::<B, C>(x, cos, sin)
+    }
+
     fn multi_head_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -245,6 +261,11 @@ pub fn gelu_tanh<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// `silu(gate) · up`.
 pub fn swiglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     tensor(B::swiglu(primitive(gate), primitive(up)))
+}
+
+/// Rotary position embedding of `[batch, seq, heads, head_dim]` queries or keys; see [`FusedOps::rope`].
+pub fn rope<B: FusedOps>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    tensor(B::rope(primitive(x), primitive(cos), primitive(sin)))
 }
 
 /// Multi-head attention over `[batch, seq, heads, head_dim]` inputs; see [`FusedOps::multi_head_attention`].

@@ -57,6 +57,24 @@ pub fn swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, gra
     (restore(grad.clone() * up * dsilu, shape.clone()), restore(grad * silu, shape))
 }
 
+/// `[-second half, first half]` of the last dimension: the "rotate_half" of Hugging Face's Llama.
+fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.narrow(3, 0, half)], 3)
+}
+
+pub fn rope<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>) -> FloatTensor<B> {
+    let x = tensor::<B, 4>(x);
+    primitive(x.clone() * tensor::<B, 4>(cos) + rotate_half(x) * tensor::<B, 4>(sin))
+}
+
+/// rotate_half is a linear map whose transpose is minus itself: the gradient of
+/// `x·cos + rotate_half(x)·sin` is `grad·cos − rotate_half(grad·sin)`.
+pub fn rope_backward<B: Backend>(grad: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>) -> FloatTensor<B> {
+    let grad = tensor::<B, 4>(grad);
+    primitive(grad.clone() * tensor::<B, 4>(cos) - rotate_half(grad * tensor::<B, 4>(sin)))
+}
+
 /// `[batch, seq, kv_heads, head_dim]` → `[batch, heads, seq, head_dim]`, each key/value head
 /// repeated for the `group` query heads it serves.
 fn heads_first_repeated<B: Backend>(x: FloatTensor<B>, group: usize) -> Tensor<B, 4> {

@@ -315,3 +315,40 @@ fn causal_conv_silu_matches_reference() {
         );
     }
 }
+
+/// Random angle tables (unlike Llama's, whose halves repeat, so a swapped half shows), for
+/// `batch_rows` rows of positions.
+fn rope_tables(batch_rows: usize, seq: usize, head_dim: usize, seed: u64) -> (Tensor<Ad, 4>, Tensor<Ad, 4>) {
+    let angles = random([batch_rows, seq, 1, head_dim], 2.0, seed);
+    (angles.clone().cos(), angles.sin())
+}
+
+#[test]
+fn rope_matches_reference() {
+    // One row of tables broadcast over the batch (positions 0..seq), and one per row (packed).
+    for table_rows in [1, 3] {
+        let x = random([3, 29, 5, 24], 1.0, 6).require_grad();
+        let weights = random([3, 29, 5, 24], 1.0, 7);
+        let (cos, sin) = rope_tables(table_rows, 29, 24, 8);
+        let prim = |t: &Tensor<Ad, 4>| t.clone().into_primitive().tensor();
+        let want = fused::<4>(reference::rope::<Ad>(prim(&x), prim(&cos), prim(&sin)));
+        let got = rope(x.clone(), cos, sin);
+        assert_close(got.clone().inner(), want.clone().inner(), 2e-6, "rope");
+        assert_close(grad_of(&x, got, &weights), grad_of(&x, want, &weights), 2e-6, "rope grad");
+    }
+}
+
+/// The hand-written reference backward (other backends' default) is the composed forward's
+/// autodiff gradient.
+#[test]
+fn rope_reference_backward_is_the_gradient() {
+    let x = random([2, 11, 3, 8], 1.0, 9).require_grad();
+    let weights = random([2, 11, 3, 8], 1.0, 10);
+    let (cos, sin) = rope_tables(2, 11, 8, 11);
+    let prim = |t: &Tensor<Ad, 4>| t.clone().into_primitive().tensor();
+    let out = fused::<4>(reference::rope::<Ad>(prim(&x), prim(&cos), prim(&sin)));
+    let want = grad_of(&x, out, &weights);
+    let inner = |t: Tensor<Ad, 4>| t.inner().into_primitive().tensor();
+    let got = reference::rope_backward::<Flex>(inner(weights), inner(cos), inner(sin));
+    assert_close(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(got)), want, 1e-6, "rope reference backward");
+}
