@@ -230,7 +230,13 @@ impl Loader {
         if let Items::Seq2Seq(..) = self.items {
             return self.next_seq2seq_batch();
         }
-        let items: Vec<usize> = (0..self.batch).map(|_| self.next_item()).collect();
+        self.next_batch_of(self.batch)
+    }
+
+    /// The next `count` items as one batch, one item per row (never packed): the last batch of
+    /// an evaluation over a set that the batch size does not divide.
+    pub fn next_batch_of(&mut self, count: usize) -> Batch {
+        let items: Vec<usize> = (0..count).map(|_| self.next_item()).collect();
         let seq_len = self.seq_len;
         // Labelled rows are padded to the batch's longest (as transformers' padding collators
         // do), cut at seq_len: the padding is masked, so only time changes.
@@ -242,7 +248,7 @@ impl Loader {
         };
         // A row of n tokens gives n - 1 (input, target) positions.
         let row_len = longest.saturating_sub(1).clamp(1, seq_len);
-        let rows = if matches!(self.items, Items::Pairs(..)) { 2 * self.batch } else { self.batch };
+        let rows = if matches!(self.items, Items::Pairs(..)) { 2 * count } else { count };
         let mut inputs = Vec::with_capacity(rows * row_len);
         let mut targets = Vec::with_capacity(rows * row_len);
         let mut window = Vec::with_capacity(seq_len + 1);

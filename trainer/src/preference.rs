@@ -218,31 +218,63 @@ pub fn reward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device
     PairBatch { losses, stats }
 }
 
-/// Reward-model loss and metrics over `steps` validation batches (the same ones every time).
-pub fn evaluate_rewards<B: FusedOps>(model: &LanguageModel<B>, loader: &mut Loader, steps: usize, device: &B::Device) -> DpoStats {
+/// The first `pairs` validation pairs (the same ones every time) in batches of at most
+/// `batch_size`: each pair counted once, however the batch size divides them.
+fn validation_batches(loader: &mut Loader, pairs: usize, batch_size: usize) -> impl Iterator<Item = Batch> + '_ {
     loader.set_cursor(Default::default());
+    let batch_size = batch_size.max(1);
+    (0..pairs.max(1).div_ceil(batch_size)).map(move |i| loader.next_batch_of(batch_size.min(pairs.max(1) - i * batch_size)))
+}
+
+/// Reward-model loss and metrics over the first `pairs` validation pairs.
+pub fn evaluate_rewards<B: FusedOps>(
+    model: &LanguageModel<B>,
+    loader: &mut Loader,
+    pairs: usize,
+    batch_size: usize,
+    device: &B::Device,
+) -> DpoStats {
     let mut stats = DpoStats::default();
-    for _ in 0..steps.max(1) {
-        stats.add(&reward_batch(model, &loader.next_batch(), device).stats);
+    for batch in validation_batches(loader, pairs, batch_size) {
+        stats.add(&reward_batch(model, &batch, device).stats);
     }
     stats
 }
 
-/// DPO loss and metrics over `steps` validation batches (the same ones every time).
+/// DPO loss and metrics over the first `pairs` validation pairs.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate<B: FusedOps, M: CausalLm<B>>(
     model: &M,
     loader: &mut Loader,
     reference: &DpoReference<B>,
-    steps: usize,
+    pairs: usize,
+    batch_size: usize,
     config: &DpoSection,
     device: &B::Device,
 ) -> DpoStats {
-    loader.set_cursor(Default::default());
     let mut stats = DpoStats::default();
-    for _ in 0..steps.max(1) {
-        let batch = loader.next_batch();
+    for batch in validation_batches(loader, pairs, batch_size) {
         let reference = reference.of_batch(&batch, true, device);
         stats.add(&pair_batch(model, &batch, &reference, config, device).stats);
     }
     stats
+}
+
+#[cfg(test)]
+mod tests {
+    use furnace_data::chat::LabeledTokens;
+
+    use super::*;
+
+    #[test]
+    fn validation_counts_every_pair_once() {
+        let example = |tokens: Vec<u32>| LabeledTokens { trained: vec![true; tokens.len()], tokens };
+        let pairs: Vec<_> = (0..5).map(|i| (example(vec![1, i]), example(vec![1, i + 10]))).collect();
+        let mut loader = Loader::pairs(pairs, 0, 8, 2, 1, 0, 1, false).unwrap();
+        loader.next_batch();
+        let batches: Vec<Batch> = validation_batches(&mut loader, 5, 2).collect();
+        let items: Vec<Vec<usize>> = batches.iter().map(|b| b.items.clone()).collect();
+        assert_eq!(items, [vec![0, 1], vec![2, 3], vec![4]]);
+        assert_eq!(batches[2].batch, 2, "the last batch holds one pair: two rows");
+    }
 }

@@ -794,20 +794,20 @@ impl<B: TrainBackend> Trainer<B> {
         with_autocast(self.compute_dtype, || validation(&model.valid(), loader, steps, denoising, &self.device))
     }
 
-    /// DPO or the reward model on the validation pairs: loss and TRL's metrics.
-    fn evaluate_pairs(&mut self, model: &LanguageModel<B>, steps: usize) -> Option<DpoStats> {
+    /// DPO or the reward model on the first `pairs` validation pairs: loss and TRL's metrics.
+    fn evaluate_pairs(&mut self, model: &LanguageModel<B>, pairs: usize) -> Option<DpoStats> {
         let valid = model.valid();
+        let (loader, batch, device) = (&mut self.val_loader, self.recipe.training.local_batch_size, &self.device);
         match (&self.reference, self.recipe.training.mode) {
-            (Some(reference), _) => {
-                Some(preference::evaluate(&valid, &mut self.val_loader, reference, steps, &self.recipe.dpo, &self.device))
-            }
-            (None, TrainMode::Reward) => Some(preference::evaluate_rewards(&valid, &mut self.val_loader, steps, &self.device)),
+            (Some(reference), _) => Some(preference::evaluate(&valid, loader, reference, pairs, batch, &self.recipe.dpo, device)),
+            (None, TrainMode::Reward) => Some(preference::evaluate_rewards(&valid, loader, pairs, batch, device)),
             _ => None,
         }
     }
 
     fn log_validation(&mut self, model: &LanguageModel<B>, step: usize) -> Result<()> {
-        if let Some(stats) = self.evaluate_pairs(model, self.recipe.training.eval_steps) {
+        let t = &self.recipe.training;
+        if let Some(stats) = self.evaluate_pairs(model, t.eval_steps.max(1) * t.local_batch_size) {
             let loss = stats.loss / stats.pairs.max(1) as f64;
             let means = stats.means("eval/", self.reference.is_some());
             let mut values: Vec<(&str, f64)> = vec![("val_loss", loss)];
@@ -921,8 +921,7 @@ impl<B: TrainBackend> Trainer<B> {
         };
         match pairs {
             Some(n) => {
-                let steps = n.div_ceil(self.recipe.training.local_batch_size);
-                let stats = self.evaluate_pairs(model, steps).expect("pairs are evaluated in dpo and reward modes");
+                let stats = self.evaluate_pairs(model, n).expect("pairs are evaluated in dpo and reward modes");
                 let per_pair = |sum: f64| sum / stats.pairs.max(1) as f64;
                 println!(
                     "held-out preference pairs: chosen scored above rejected in {:.1}% (reward margin {:.3}, loss {:.4})",
