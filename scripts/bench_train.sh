@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # Training throughput of Furnace vs a PyTorch CPU reference of the same model and step,
-# on three shapes, in one run on this machine. Needs `pip install torch`.
+# on four shapes (three GPT-2 style, one Llama), in one run on this machine. Needs `pip install torch`.
 # Furnace and PyTorch alternate, REPS times per shape; the table gives the median over reps of
 # each run's median step, MFU against the FMA peak `furnace bench gemm` measures, and the ratio.
 #   scripts/bench_train.sh            # 8 timed steps per shape, 2 repetitions
 #   STEPS=12 REPS=3 scripts/bench_train.sh
+#   ONLY=d BIN=/path/to/other/furnace scripts/bench_train.sh   # one shape, another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-8}"
 REPS="${REPS:-2}"
 THREADS="${THREADS:-2}"
-cargo build --release -q -p furnace-trainer
-BIN="${CARGO_TARGET_DIR:-target}/release/furnace"
+ONLY="${ONLY:-abcd}"
+if [[ -z "${BIN:-}" ]]; then
+  cargo build --release -q -p furnace-trainer
+  BIN="${CARGO_TARGET_DIR:-target}/release/furnace"
+fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-# name layers d_model heads seq_len batch vocab
+# name arch layers d_model heads seq_len batch vocab
 SHAPES=(
-  "a:L4-d256-T256-B8-V4096 4 256 4 256 8 4096"
-  "b:L4-d256-T256-B8-V50257 4 256 4 256 8 50257"
-  "c:gpt2-124m-B4-T64 12 768 12 64 4 50257"
+  "a:L4-d256-T256-B8-V4096 gpt2 4 256 4 256 8 4096"
+  "b:L4-d256-T256-B8-V50257 gpt2 4 256 4 256 8 50257"
+  "c:gpt2-124m-B4-T64 gpt2 12 768 12 64 4 50257"
+  "d:llama-L4-d256-T256-B8-V4096 llama 4 256 4 256 8 4096"
 )
 
 # Prints "median_tokens_per_sec flops_per_token" of one run (the trainer logs achieved TFLOP/s
@@ -39,12 +44,13 @@ PEAK_GFLOPS=$("$BIN" bench gemm 2>/dev/null | awk '/GFLOP/ {print $(NF-1)}')
 echo "FMA peak (furnace bench gemm, ${THREADS} threads): ${PEAK_GFLOPS} GFLOP/s"
 printf "%-26s %14s %14s %8s %8s %8s\n" shape "furnace tok/s" "pytorch tok/s" "MFU" "MFU pt" ratio
 for entry in "${SHAPES[@]}"; do
-  read -r name layers d heads t b v <<<"$entry"
+  read -r name arch layers d heads t b v <<<"$entry"
+  [[ "$ONLY" == *"${name%%:*}"* ]] || continue
   ours=(); theirs=()
   for rep in $(seq "$REPS"); do
     out="$WORK/$name-$rep"
     "$BIN" train --config recipes/gpt2-124m.toml --max-steps $((STEPS + 2)) \
-      --set run.output_dir="$out" --set model.n_layers="$layers" --set model.d_model="$d" \
+      --set run.output_dir="$out" --set model.arch="$arch" --set model.n_layers="$layers" --set model.d_model="$d" \
       --set model.n_heads="$heads" --set model.vocab_size="$v" --set model.max_seq_len=1024 \
       --set training.seq_len="$t" --set training.local_batch_size="$b" --set training.log_every=1 \
       --set training.eval_every=0 --set training.save_every=0 --set training.steps=1000 \
@@ -53,7 +59,7 @@ for entry in "${SHAPES[@]}"; do
       || { cat "$out.log"; exit 1; }
     read -r tps flops_per_token < <(furnace_run_stats "$out/metrics.jsonl")
     ours+=("$tps")
-    theirs+=("$(python3 scripts/reference/torch_train_bench.py --layers "$layers" --d-model "$d" --heads "$heads" \
+    theirs+=("$(python3 scripts/reference/torch_train_bench.py --arch "$arch" --layers "$layers" --d-model "$d" --heads "$heads" \
       --seq-len "$t" --batch "$b" --vocab "$v" --steps "$STEPS" --threads "$THREADS" | awk '{print $2}')")
   done
   o=$(median "${ours[@]}"); p=$(median "${theirs[@]}")

@@ -1,9 +1,11 @@
-"""PyTorch CPU reference for scripts/bench_train.sh: the same GPT-2-style model and training
-step as Furnace runs (pre-LN blocks, causal attention, tanh-GELU MLP, learned positions,
-tied embeddings, AdamW, global-norm clipping at 1.0, fp32), timed on random tokens.
+"""PyTorch CPU reference for scripts/bench_train.sh: the same model and training step as Furnace
+runs (AdamW, global-norm clipping at 1.0, fp32), timed on random tokens. `--arch gpt2`: pre-LN
+blocks, causal attention, tanh-GELU MLP, learned positions, tied embeddings. `--arch llama`:
+RMSNorm, rotary positions (Hugging Face's rotate_half layout), SwiGLU MLP of width
+8·d/3 rounded up to a multiple of 32, no biases, an untied head (Furnace's llama defaults).
 
     python scripts/reference/torch_train_bench.py --layers 4 --d-model 256 --heads 4 \
-        --seq-len 256 --batch 8 --vocab 4096 --steps 8 --threads 2
+        --seq-len 256 --batch 8 --vocab 4096 --steps 8 --threads 2 [--arch llama]
 
 Prints one line: `tokens_per_sec <median over the timed steps>`.
 """
@@ -57,17 +59,72 @@ class GPT(nn.Module):
         return self.ln_f(x) @ self.wte.weight.T
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.input_layernorm = nn.RMSNorm(d, eps=1e-6)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.post_attention_layernorm = nn.RMSNorm(d, eps=1e-6)
+        hidden = -(-8 * d // 3 // 32) * 32
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = (proj(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads) + mask
+        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.o_proj(y)
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(LlamaBlock(d, heads) for _ in range(layers))
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        head_dim = d // heads
+        self.inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        mask = torch.full((t, t), float("-inf")).triu(1)
+        angles = torch.outer(torch.arange(t).float(), self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, mask, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     for name, default in [("layers", 4), ("d-model", 256), ("heads", 4), ("seq-len", 256), ("batch", 8), ("vocab", 4096), ("steps", 8), ("threads", 2), ("warmup", 2)]:
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     # Without this, once the large-vocabulary softmax produces subnormal probabilities the
     # backward pass slows down 10-20x on x86 (measured: 1 s -> 25 s per step by step 8).
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    model = GPT(a.vocab, a.d_model, a.layers, a.heads, max(a.seq_len, 1024))
+    if a.arch == "llama":
+        model = Llama(a.vocab, a.d_model, a.layers, a.heads)
+    else:
+        model = GPT(a.vocab, a.d_model, a.layers, a.heads, max(a.seq_len, 1024))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     times = []
     for step in range(a.warmup + a.steps):
