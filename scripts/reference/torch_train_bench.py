@@ -71,7 +71,7 @@ class LlamaBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(d, eps=1e-6)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
         self.post_attention_layernorm = nn.RMSNorm(d, eps=1e-6)
-        hidden = -(-8 * d // 3 // 32) * 32
+        hidden = (8 * d // 3 + 31) // 32 * 32
         self.gate_proj = nn.Linear(d, hidden, bias=False)
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d, bias=False)
