@@ -222,8 +222,8 @@ pub fn reward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device
 /// `batch_size`: each pair counted once, however the batch size divides them.
 fn validation_batches(loader: &mut Loader, pairs: usize, batch_size: usize) -> impl Iterator<Item = Batch> + '_ {
     loader.set_cursor(Default::default());
-    let batch_size = batch_size.max(1);
-    (0..pairs.max(1).div_ceil(batch_size)).map(move |i| loader.next_batch_of(batch_size.min(pairs.max(1) - i * batch_size)))
+    let (pairs, batch_size) = (pairs.max(1), batch_size.max(1));
+    (0..pairs.div_ceil(batch_size)).map(move |i| loader.next_batch_of(batch_size.min(pairs - i * batch_size)))
 }
 
 /// Reward-model loss and metrics over the first `pairs` validation pairs.
