@@ -283,15 +283,25 @@ impl<B: FusedOps> Decoder<B> {
     fn hidden_states(
         &self,
         tokens: Tensor<B, 2, Int>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
         packed: Option<&[usize]>,
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 2>>) {
         let offset = cache.as_ref().map_or(0, |c| c.len());
-        let (mut x, ctx) = self.embed(tokens, offset, packed);
+        let (x, ctx) = self.embed(tokens, offset, packed);
+        self.blocks(x, &ctx, cache)
+    }
+
+    /// The blocks and the final norm over embedded `x`: hidden states and the MoE layers' router logits.
+    fn blocks(
+        &self,
+        mut x: Tensor<B, 3>,
+        ctx: &AttentionContext<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> (Tensor<B, 3>, Vec<Tensor<B, 2>>) {
         let mut router_logits = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            let (out, router) = layer.forward(x, &ctx, layer_cache);
+            let (out, router) = layer.forward(x, ctx, layer_cache);
             x = out;
             router_logits.extend(router);
         }
@@ -303,32 +313,35 @@ impl<B: FusedOps> Decoder<B> {
     /// (`[batch·seq]`) gives each token's position in its own sequence, restarting at 0 where one
     /// starts, and attention and positions reset there.
     pub fn embed(&self, tokens: Tensor<B, 2, Int>, offset: usize, packed: Option<&[usize]>) -> (Tensor<B, 3>, AttentionContext<B>) {
+        let [_, seq] = tokens.dims();
+        assert!(offset + seq <= self.max_seq_len, "sequence of {} positions exceeds max_seq_len = {}", offset + seq, self.max_seq_len);
+        if let Some(positions) = packed {
+            let bias = packed_attention_bias(positions, seq, self.sliding_window, self.alibi_slopes.as_deref(), &tokens.device());
+            return self.embed_at(tokens, positions, bias);
+        }
+        let mut x = embedding(f32_val(&self.embed_tokens), tokens.clone());
+        if let Some(table) = &self.embed_positions {
+            x = x + f32_val(table).narrow(0, offset, seq).unsqueeze::<3>();
+        }
+        let ctx = AttentionContext {
+            rope: self.rope.as_ref().map(|r| r.slice(offset, seq)),
+            bias: attention_bias(seq, offset, self.sliding_window, self.alibi_slopes.as_deref(), &tokens.device()),
+        };
+        (self.embed_dropout.forward(x), ctx)
+    }
+
+    /// [`Self::embed`] of tokens at the given `positions` (`[batch·seq]`), attending as `bias` allows.
+    fn embed_at(&self, tokens: Tensor<B, 2, Int>, positions: &[usize], bias: Tensor<B, 4>) -> (Tensor<B, 3>, AttentionContext<B>) {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
-        assert!(offset + seq <= self.max_seq_len, "sequence of {} positions exceeds max_seq_len = {}", offset + seq, self.max_seq_len);
+        assert!(positions.iter().all(|&p| p < self.max_seq_len), "a position beyond max_seq_len = {}", self.max_seq_len);
+        let ids = positions.iter().map(|&p| p as i64).collect::<Vec<_>>();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
         let mut x = embedding(f32_val(&self.embed_tokens), tokens);
-        let ctx = match packed {
-            Some(positions) => {
-                let ids = positions.iter().map(|&p| p as i64).collect::<Vec<_>>();
-                let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
-                if let Some(table) = &self.embed_positions {
-                    x = x + embedding(f32_val(table), ids.clone());
-                }
-                AttentionContext {
-                    rope: self.rope.as_ref().map(|r| r.gather(ids)),
-                    bias: packed_attention_bias(positions, seq, self.sliding_window, self.alibi_slopes.as_deref(), &device),
-                }
-            }
-            None => {
-                if let Some(table) = &self.embed_positions {
-                    x = x + f32_val(table).narrow(0, offset, seq).unsqueeze::<3>();
-                }
-                AttentionContext {
-                    rope: self.rope.as_ref().map(|r| r.slice(offset, seq)),
-                    bias: attention_bias(seq, offset, self.sliding_window, self.alibi_slopes.as_deref(), &device),
-                }
-            }
-        };
+        if let Some(table) = &self.embed_positions {
+            x = x + embedding(f32_val(table), ids.clone());
+        }
+        let ctx = AttentionContext { rope: self.rope.as_ref().map(|r| r.gather(ids)), bias };
         (self.embed_dropout.forward(x), ctx)
     }
 
@@ -362,14 +375,29 @@ impl<B: FusedOps> Decoder<B> {
     /// One scalar per row from the score head, read at `positions[row]` (the last token of
     /// each row's sequence): a reward model's output `[batch]`.
     pub fn scores(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 1> {
+        let seq = tokens.dims()[1];
+        let reads: Vec<usize> = positions.iter().enumerate().map(|(b, &p)| b * seq + p).collect();
+        self.scores_at(self.forward_hidden(tokens, None), &reads)
+    }
+
+    /// Scores of sequences that share prefixes, each computed once: row tokens lie in branches
+    /// (see [`branched_attention_bias`]) at `positions` (`[batch·seq]`), and each score is read
+    /// at a token `reads[i]` (an index into `[batch·seq]`). A sequence's score equals
+    /// [`Self::scores`] of it alone in a row.
+    pub fn branched_scores(&self, tokens: Tensor<B, 2, Int>, positions: &[usize], branches: &[u32], reads: &[usize]) -> Tensor<B, 1> {
+        let seq = tokens.dims()[1];
+        let bias = branched_attention_bias(positions, branches, seq, self.sliding_window, self.alibi_slopes.as_deref(), &tokens.device());
+        let (x, ctx) = self.embed_at(tokens, positions, bias);
+        self.scores_at(self.blocks(x, &ctx, None).0, reads)
+    }
+
+    /// The score head on the hidden states `[batch, seq, d_model]` at flat token indices `reads`.
+    fn scores_at(&self, hidden: Tensor<B, 3>, reads: &[usize]) -> Tensor<B, 1> {
         let score = self.score.as_ref().expect("scores need a model built with score_head");
-        let [batch, seq] = tokens.dims();
-        let device = tokens.device();
-        let hidden = self.forward_hidden(tokens, None);
-        let d_model = hidden.dims()[2];
-        let rows: Vec<i64> = positions.iter().enumerate().map(|(b, &p)| (b * seq + p) as i64).collect();
-        let last = hidden.reshape([batch * seq, d_model]).select(0, Tensor::from_data(TensorData::new(rows, [batch]), &device));
-        score.forward(last).reshape([batch])
+        let [batch, seq, d_model] = hidden.dims();
+        let device = hidden.device();
+        let rows = Tensor::from_data(TensorData::new(reads.iter().map(|&r| r as i64).collect(), [reads.len()]), &device);
+        score.forward(hidden.reshape([batch * seq, d_model]).select(0, rows)).reshape([reads.len()])
     }
 
     /// Logits `[batch, seq, vocab]` and one value per position `[batch, seq]` from the score

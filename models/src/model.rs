@@ -152,8 +152,18 @@ pub enum DecodeState<B: Backend> {
 impl<B: FusedOps> LanguageModel<B> {
     /// One scalar per row from a reward model's score head, read at `positions[row]`.
     pub fn scores(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 1> {
+        self.reward_decoder().scores(tokens, positions)
+    }
+
+    /// Scores of sequences sharing prefixes, each prefix computed once: see [`Decoder::branched_scores`].
+    pub fn branched_scores(&self, tokens: Tensor<B, 2, Int>, positions: &[usize], branches: &[u32], reads: &[usize]) -> Tensor<B, 1> {
+        self.reward_decoder().branched_scores(tokens, positions, branches, reads)
+    }
+
+    /// A reward model's transformer (the recipe check rejects the other architectures).
+    fn reward_decoder(&self) -> &Decoder<B> {
         match self {
-            Self::Decoder(m) => m.scores(tokens, positions),
+            Self::Decoder(m) => m,
             Self::Mamba(_) => panic!("reward models are transformers only (the recipe check rejects this)"),
             Self::Bert(_) => panic!("{ENCODER}"),
             Self::T5(_) => panic!("{ENCODER_DECODER}"),

@@ -596,6 +596,48 @@ fn packed_rows_compute_each_sequence_as_if_alone() {
     }
 }
 
+/// Replies sharing a prompt, laid out as branches of one row (the prompt once, then each
+/// reply), score as each whole sequence does alone: positions continue the prompt's and a reply
+/// sees the prompt but not the other reply.
+#[test]
+fn branched_rows_score_each_sequence_as_if_alone() {
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    for config in [
+        tiny(PositionKind::Rope),
+        tiny(PositionKind::Learned).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_bias(true),
+        tiny(PositionKind::Alibi).with_sliding_window(4),
+    ] {
+        let position = config.position;
+        let model = config.with_score_head(true).init::<F>(4, &device);
+        let seq = |tokens: &[i64]| tokens.to_vec();
+        let (prompt_a, prompt_b) = (seq(&[3, 9, 14, 27, 5, 8]), seq(&[41, 2, 7]));
+        let replies_a = [seq(&[11, 12, 13]), seq(&[30, 31])];
+        let replies_b = [seq(&[19]), seq(&[20, 21, 22, 23])];
+        let alone: Vec<f32> = [(&prompt_a, &replies_a), (&prompt_b, &replies_b)]
+            .iter()
+            .flat_map(|(prompt, replies)| replies.iter().map(|reply| [prompt.as_slice(), reply].concat()))
+            .map(|tokens| {
+                let n = tokens.len();
+                let score = model.scores(Tensor::from_data(TensorData::new(tokens, [1, n]), &device), &[n - 1]);
+                score.into_scalar()
+            })
+            .collect();
+        // Row 0: prompt a (6), reply 0 (3), reply 1 (2). Row 1: prompt b (3), reply 0 (1),
+        // reply 1 (4), then 3 of padding (branch 3, attending to nothing it could change).
+        let len = 11;
+        let tokens: Vec<i64> = [&prompt_a[..], &replies_a[0], &replies_a[1], &prompt_b, &replies_b[0], &replies_b[1], &[0, 0, 0]].concat();
+        let positions: Vec<usize> = (0..9).chain(6..8).chain(0..4).chain(3..7).chain([0; 3]).collect();
+        let branches: Vec<u32> = [[0; 6].as_slice(), &[1; 3], &[2; 2], &[0; 3], &[1], &[2; 4], &[3; 3]].concat();
+        let reads = [8, 10, len + 3, len + 7];
+        let branched = model.branched_scores(Tensor::from_data(TensorData::new(tokens, [2, len]), &device), &positions, &branches, &reads);
+        let branched: Vec<f32> = branched.into_data().into_vec().unwrap();
+        for (i, (got, want)) in branched.iter().zip(&alone).enumerate() {
+            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{position:?} sequence {i}: branched {got} vs alone {want}");
+        }
+    }
+}
+
 #[test]
 fn activation_estimate_follows_the_published_formula() {
     // GPT-3's 175B shape in Korthikanti et al. (2022), one sequence: 34·s·b·h + 5·a·s²·b bytes

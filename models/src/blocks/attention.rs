@@ -211,9 +211,37 @@ pub fn attention_bias<B: Backend>(len: usize, offset: usize, window: usize, alib
 
 /// Attention bias for rows that pack several sequences, `[batch, 1 or heads, len, len]`:
 /// `positions` (`[batch·len]`) restart at 0 where a sequence starts, and a token sees only the
-/// earlier tokens of its own sequence (key j is in query i's sequence when i − j ≤ position i).
+/// earlier tokens of its own sequence.
 pub fn packed_attention_bias<B: Backend>(
     positions: &[usize],
+    len: usize,
+    window: usize,
+    alibi: Option<&[f32]>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    // Each sequence its own branch (numbered from 1: none is a shared prefix).
+    let sequences: Vec<u32> = positions
+        .chunks(len)
+        .flat_map(|row| {
+            let mut sequence = 0;
+            row.iter().enumerate().map(move |(t, &position)| {
+                if t == 0 || position == 0 {
+                    sequence += 1;
+                }
+                sequence
+            })
+        })
+        .collect();
+    branched_attention_bias(positions, &sequences, len, window, alibi, device)
+}
+
+/// Attention bias for rows whose tokens form branches, `[batch, 1 or heads, len, len]`: a token
+/// sees the earlier tokens of its own branch and of branch 0, a prefix the branches share (a
+/// prompt before the replies to it). `positions` (`[batch·len]`) are each token's position in
+/// its own sequence: the sliding window and ALiBi measure distances by them.
+pub fn branched_attention_bias<B: Backend>(
+    positions: &[usize],
+    branches: &[u32],
     len: usize,
     window: usize,
     alibi: Option<&[f32]>,
@@ -222,12 +250,14 @@ pub fn packed_attention_bias<B: Backend>(
     let batch = positions.len() / len;
     let heads = alibi.map_or(1, |s| s.len());
     let mut bias = Vec::with_capacity(batch * heads * len * len);
-    for row in positions.chunks(len) {
+    for (row, row_branches) in positions.chunks(len).zip(branches.chunks(len)) {
         for h in 0..heads {
-            for (i, &position) in row.iter().enumerate() {
+            for (i, (&position, &branch)) in row.iter().zip(row_branches).enumerate() {
                 for j in 0..len {
-                    let visible = j <= i && i - j <= position && (window == 0 || i - j < window);
-                    bias.push(bias_value(visible, i.saturating_sub(j), alibi.map(|s| s[h])));
+                    let distance = position.saturating_sub(row[j]);
+                    let related = row_branches[j] == 0 || row_branches[j] == branch;
+                    let visible = j <= i && related && (window == 0 || distance < window);
+                    bias.push(bias_value(visible, distance, alibi.map(|s| s[h])));
                 }
             }
         }
