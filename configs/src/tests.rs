@@ -213,3 +213,19 @@ fn bf16_true_is_refused_where_it_is_not_wired() {
     }
     assert!(explain().contains("fp32 | bf16-mixed | fp16-mixed | bf16-true"));
 }
+
+#[test]
+fn batch_shards_split_preference_pairs_only() {
+    let parse = |text: &str| Recipe::from_stored(text, "r.toml");
+    let shards = |n: usize| format!("[runtime]\nbatch_shards = {n}\n");
+    assert_eq!(parse(&shards(2)).unwrap_err().key, "runtime.batch_shards", "pretraining has no pairs");
+    assert_eq!(parse(&shards(0)).unwrap_err().key, "runtime.batch_shards");
+    assert!(parse(&shards(1)).is_ok());
+    for mode in ["reward", "dpo"] {
+        let recipe = format!("{}[training]\nmode = \"{mode}\"\n[data]\nsource = \"arithmetic-preferences\"\n", shards(2));
+        let key = parse(&recipe).map_or_else(|e| e.key, |r| format!("ok {}", r.runtime.batch_shards));
+        assert_ne!(key, "runtime.batch_shards", "{mode}");
+    }
+    let cuda = format!("{}backend = \"cuda\"\n[training]\nmode = \"reward\"\n", shards(2));
+    assert_eq!(parse(&cuda).unwrap_err().key, "runtime.batch_shards");
+}

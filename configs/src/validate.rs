@@ -314,6 +314,18 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "use GradScaler's defaults: initial_loss_scale = 65536.0, loss_scale_growth_interval = 2000".into(),
         );
     }
+    let pairs = matches!(recipe.training.mode, TrainMode::Reward | TrainMode::Dpo);
+    if r.batch_shards == 0 || (r.batch_shards > 1 && (!pairs || r.backend != Backend::Flex)) {
+        return fail(
+            "runtime",
+            "batch_shards",
+            format!(
+                "batch_shards = {} on the {} backend in {} mode: shards are 1 or more, and more than 1 only split preference pairs (reward and dpo) on the flex CPU backend",
+                r.batch_shards, r.backend, recipe.training.mode
+            ),
+            "set runtime.batch_shards = 1 (or remove it)".into(),
+        );
+    }
     let t = &recipe.training;
     for (key, value) in [
         ("local_batch_size", t.local_batch_size),

@@ -3,12 +3,18 @@
 //! `init_from`), and the loss and TRL's metrics for a batch of pairs. Reward models: the
 //! Bradley-Terry loss on the score head's outputs.
 
+use std::ops::Range;
+
+use burn::module::{ModuleMapper, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::{DpoLoss, DpoSection};
 use furnace_data::loader::IGNORE;
 use furnace_data::{Batch, Loader};
 use furnace_models::kernels::FusedOps;
 use furnace_models::{CausalLm, LanguageModel};
+use rayon::prelude::*;
 
 use crate::objective::{dpo_loss, reward_loss, sequence_log_probs};
 
@@ -146,6 +152,89 @@ impl DpoStats {
         }
         named.into_iter().map(|(name, sum)| (format!("{prefix}{name}"), sum / n)).collect()
     }
+}
+
+/// The pairs of `batch` in at most `shards` batches of consecutive pairs, as even as the count allows.
+pub fn pair_shards(batch: &Batch, shards: usize) -> Vec<Batch> {
+    let (pairs, row) = (batch.items.len(), batch.seq_len);
+    let shards = shards.clamp(1, pairs.max(1));
+    (0..shards)
+        .map(|s| {
+            let (first, end) = (s * pairs / shards, (s + 1) * pairs / shards);
+            let rows = 2 * first * row..2 * end * row;
+            Batch {
+                inputs: batch.inputs[rows.clone()].to_vec(),
+                targets: batch.targets[rows].to_vec(),
+                batch: 2 * (end - first),
+                seq_len: row,
+                items: batch.items[first..end].to_vec(),
+                positions: None,
+                encoder: None,
+            }
+        })
+        .collect()
+}
+
+/// The gradients of `pair_losses` summed over `batch`'s pairs and divided by `divisor`, with the
+/// pairs split into `shards` that run at once on the CPU pool's threads (`runtime.batch_shards`).
+/// Each shard works on its own fork of the model: the same parameter values and ids in a
+/// separate autodiff graph, so the shards' backward passes do not share a graph's lock. Returns
+/// the loss (detached), the gradients (of the loss times `scale`), summed in shard order so that
+/// a run is deterministic, and the pairs' metrics.
+pub fn pair_gradients<B, F>(
+    model: &LanguageModel<B>,
+    batch: &Batch,
+    shards: usize,
+    divisor: f64,
+    scale: f64,
+    pair_losses: F,
+) -> (Tensor<B::InnerBackend, 1>, GradientsParams, DpoStats)
+where
+    B: AutodiffBackend + FusedOps,
+    F: Fn(&LanguageModel<B>, &Batch, Range<usize>) -> PairBatch<B> + Sync,
+{
+    let gradients = |model: &LanguageModel<B>, batch: &Batch, pairs: Range<usize>| {
+        let PairBatch { losses, stats } = pair_losses(model, batch, pairs);
+        let loss = losses.sum() / divisor;
+        (loss.clone().inner(), GradientsParams::from_grads((loss * scale).backward(), model), stats)
+    };
+    if shards <= 1 {
+        return gradients(model, batch, 0..batch.items.len());
+    }
+    let parts = pair_shards(batch, shards);
+    let starts: Vec<usize> = parts.iter().scan(0, |start, part| Some(std::mem::replace(start, *start + part.items.len()))).collect();
+    let results: Vec<_> = parts
+        .par_iter()
+        .zip(starts)
+        .map(|(part, start)| gradients(&fresh_leaves(model.clone()), part, start..start + part.items.len()))
+        .collect();
+    let mut accumulator = GradientsAccumulator::new();
+    let (mut loss, mut all_stats) = (None, DpoStats::default());
+    for (part_loss, grads, stats) in results {
+        accumulator.accumulate(model, grads);
+        all_stats.add(&stats);
+        loss = Some(match loss {
+            Some(total) => total + part_loss,
+            None => part_loss,
+        });
+    }
+    (loss.expect("at least one shard"), accumulator.grads(), all_stats)
+}
+
+/// A copy of `model` on fresh autodiff leaves: the same parameter values and ids, tracked in a
+/// graph of its own. (`Module::fork` would also record a device move on each parameter of the
+/// original, and Burn's graph bookkeeping then grows with every step's shards.)
+fn fresh_leaves<B: AutodiffBackend, M: Module<B>>(model: M) -> M {
+    struct FreshLeaves;
+    impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let fresh = Tensor::from_inner(tensor.clone().inner());
+            let fresh = if tensor.is_require_grad() { fresh.require_grad() } else { fresh };
+            Param::from_mapped_value(id, fresh, mapper)
+        }
+    }
+    model.map(&mut FreshLeaves)
 }
 
 /// DPO on one batch of pairs (rows chosen, rejected, chosen, ...), given the reference's
@@ -351,6 +440,46 @@ mod tests {
             reads: vec![4, 5, 7, 10],
         };
         assert_eq!(rows, expected);
+    }
+
+    #[test]
+    fn sharded_pair_gradients_equal_one_pass() {
+        type A = burn::backend::Autodiff<burn::backend::Flex>;
+        let device = Default::default();
+        let config = furnace_models::DecoderConfig::new(16, 32, 2, 4, 48, 16).with_score_head(true);
+        let model = LanguageModel::<A>::Decoder(config.init(5, &device));
+        let batch = pair_batch_of(&[
+            (vec![1, 2, 3, 4, 8, 9], vec![1, 2, 3, 5, 9]),
+            (vec![1, 2, 7], vec![1, 2, 3, 6, 9]),
+            (vec![4, 4, 4, 10, 11, 12, 13], vec![4, 4, 4, 10, 11, 12, 14]),
+            (vec![5, 6, 7, 8], vec![5, 6, 7, 9]),
+            (vec![9, 8, 7, 6, 5], vec![9, 8, 7, 6, 4]),
+        ]);
+        let LanguageModel::Decoder(decoder) = &model else { unreachable!() };
+        let ids = [decoder.embed_tokens.id, decoder.score.as_ref().unwrap().weight.as_ref().unwrap().id];
+        let mut seen = Vec::new();
+        let run = |shards: usize, seen: &mut Vec<(usize, Range<usize>)>| {
+            let seen = std::sync::Mutex::new(seen);
+            let (loss, grads, stats) = pair_gradients(&model, &batch, shards, 5.0, 2.0, |model, part, pairs| {
+                seen.lock().unwrap().push((part.items.len(), pairs));
+                reward_batch(model, part, &device)
+            });
+            let grads: Vec<Vec<f32>> =
+                ids.iter().map(|&id| grads.get::<burn::backend::Flex, 2>(id).unwrap().into_data().into_vec().unwrap()).collect();
+            (loss.into_scalar(), grads, stats.accuracies)
+        };
+        let (one_loss, one_grads, one_accuracies) = run(1, &mut seen);
+        let (loss, grads, accuracies) = run(3, &mut seen);
+        seen.sort_by_key(|(_, pairs)| (pairs.end - pairs.start, pairs.start));
+        assert_eq!(seen, [(1, 0..1), (2, 1..3), (2, 3..5), (5, 0..5)], "three shards of the five pairs, then one of all");
+        assert!((loss - one_loss).abs() <= 1e-6, "sharded loss {loss} vs one pass {one_loss}");
+        assert_eq!(accuracies, one_accuracies);
+        for (sharded, one) in grads.iter().zip(&one_grads) {
+            for (got, want) in sharded.iter().zip(one) {
+                assert!((got - want).abs() <= 1e-6 + 1e-5 * want.abs(), "sharded gradient {got} vs one pass {want}");
+            }
+        }
+        assert!(one_grads.iter().all(|g| g.iter().any(|v| *v != 0.0)), "the gradients checked are not all zero");
     }
 
     #[test]

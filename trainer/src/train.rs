@@ -36,7 +36,7 @@ use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, Ppo
 use crate::objective::{lm_loss_sum, router_losses, sample_labels, Denoising, RouterStats};
 use crate::parallel::{held_parameter_bytes, in_block, quiet_stdout, transport, Parallel};
 use crate::precision::{compute_dtype, LossScaler};
-use crate::preference::{self, pair_batch, reference_log_probs, reward_batch, DpoReference, DpoStats};
+use crate::preference::{self, pair_batch, pair_gradients, reference_log_probs, reward_batch, DpoReference, DpoStats};
 use crate::recompute::{recomputed_gradients, recomputed_seq2seq_gradients};
 use crate::rollout::{self, rollout, step_prompts, RolloutStats, Sampling};
 
@@ -595,21 +595,25 @@ impl<B: TrainBackend> Trainer<B> {
             let shape = [batch.batch, batch.seq_len];
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &self.device);
             last_inputs = Some(inputs.clone());
-            let pairs = match (&self.reference, t.mode) {
-                (Some(reference), _) => {
-                    let reference = reference.of_batch(&batch, false, &self.device);
-                    Some(pair_batch(model, &batch, &reference, &self.recipe.dpo, &self.device))
-                }
-                (None, TrainMode::Reward) => Some(reward_batch(model, &batch, &self.device)),
-                _ => None,
-            };
+            let pairs =
+                (self.reference.is_some() || t.mode == TrainMode::Reward).then(|| {
+                    let reference = self.reference.as_ref().map(|r| r.of_batch(&batch, false, &self.device));
+                    let (dpo, device) = (&self.recipe.dpo, &self.device);
+                    // The mean over the step's pairs.
+                    let divisor = (batch.items.len() * t.grad_accum_steps) as f64;
+                    let (loss, grads, stats) =
+                        pair_gradients(model, &batch, self.recipe.runtime.batch_shards, divisor, scale, |model, part, pairs| {
+                            match &reference {
+                                Some(reference) => pair_batch(model, part, &reference[pairs], dpo, device),
+                                None => reward_batch(model, part, device),
+                            }
+                        });
+                    dpo_stats.add(&stats);
+                    (loss, grads)
+                });
             let targets = || Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), shape), &self.device);
             let (detached, grads) = match (pairs, recompute_every) {
-                (Some(pairs), _) => {
-                    dpo_stats.add(&pairs.stats);
-                    // The mean over the step's pairs.
-                    backward(pairs.losses.sum() / (batch.items.len() * t.grad_accum_steps) as f64)
-                }
+                (Some(gradients), _) => gradients,
                 (None, Some(every)) if batch.encoder.is_some() => {
                     let (LanguageModel::T5(t5), Some(encoder)) = (model, &batch.encoder) else {
                         unreachable!("only T5 reads encoder rows")
