@@ -595,7 +595,7 @@ impl<B: TrainBackend> Trainer<B> {
             let shape = [batch.batch, batch.seq_len];
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &self.device);
             last_inputs = Some(inputs.clone());
-            let pairs =
+            let preference_gradients =
                 (self.reference.is_some() || t.mode == TrainMode::Reward).then(|| {
                     let reference = self.reference.as_ref().map(|r| r.of_batch(&batch, false, &self.device));
                     let (dpo, device) = (&self.recipe.dpo, &self.device);
@@ -612,7 +612,7 @@ impl<B: TrainBackend> Trainer<B> {
                     (loss, grads)
                 });
             let targets = || Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), shape), &self.device);
-            let (detached, grads) = match (pairs, recompute_every) {
+            let (detached, grads) = match (preference_gradients, recompute_every) {
                 (Some(gradients), _) => gradients,
                 (None, Some(every)) if batch.encoder.is_some() => {
                     let (LanguageModel::T5(t5), Some(encoder)) = (model, &batch.encoder) else {
