@@ -155,7 +155,7 @@ impl DpoStats {
 }
 
 /// The pairs of `batch` in at most `shards` batches of consecutive pairs, as even as the count allows.
-pub fn pair_shards(batch: &Batch, shards: usize) -> Vec<Batch> {
+fn pair_shards(batch: &Batch, shards: usize) -> Vec<Batch> {
     let (pairs, row) = (batch.items.len(), batch.seq_len);
     let shards = shards.clamp(1, pairs.max(1));
     (0..shards)
@@ -177,8 +177,8 @@ pub fn pair_shards(batch: &Batch, shards: usize) -> Vec<Batch> {
 
 /// The gradients of `pair_losses` summed over `batch`'s pairs and divided by `divisor`, with the
 /// pairs split into `shards` that run at once on the CPU pool's threads (`runtime.batch_shards`).
-/// Each shard works on its own fork of the model: the same parameter values and ids in a
-/// separate autodiff graph, so the shards' backward passes do not share a graph's lock. Returns
+/// Each shard works on its own copy of the model ([`fresh_leaves`]): the same parameter values
+/// and ids in a separate autodiff graph, so the shards' backward passes do not share a graph's lock. Returns
 /// the loss (detached), the gradients (of the loss times `scale`), summed in shard order so that
 /// a run is deterministic, and the pairs' metrics.
 pub fn pair_gradients<B, F>(
