@@ -426,6 +426,12 @@ mod tests {
         Loader::pairs(pairs, 0, 16, n, 1, 0, 1, false).unwrap().next_batch()
     }
 
+    /// A two-layer transformer with a score head over a vocabulary of 16.
+    fn tiny_reward_model<B: FusedOps>(seed: u64) -> LanguageModel<B> {
+        let config = furnace_models::DecoderConfig::new(16, 32, 2, 4, 48, 16).with_score_head(true);
+        LanguageModel::Decoder(config.init(seed, &Default::default()))
+    }
+
     #[test]
     fn shared_prefix_rows_hold_each_prompt_once() {
         // Inputs are a row's tokens but the last: [1,2,3,4,8] and [1,2,3,5] share 3 tokens; [1,2]
@@ -446,8 +452,7 @@ mod tests {
     fn sharded_pair_gradients_equal_one_pass() {
         type A = burn::backend::Autodiff<burn::backend::Flex>;
         let device = Default::default();
-        let config = furnace_models::DecoderConfig::new(16, 32, 2, 4, 48, 16).with_score_head(true);
-        let model = LanguageModel::<A>::Decoder(config.init(5, &device));
+        let model = tiny_reward_model::<A>(5);
         let batch = pair_batch_of(&[
             (vec![1, 2, 3, 4, 8, 9], vec![1, 2, 3, 5, 9]),
             (vec![1, 2, 7], vec![1, 2, 3, 6, 9]),
@@ -486,8 +491,7 @@ mod tests {
     fn reward_scores_with_shared_prefixes_equal_two_rows_per_pair() {
         type B = burn::backend::Flex;
         let device = Default::default();
-        let config = furnace_models::DecoderConfig::new(16, 32, 2, 4, 48, 16).with_score_head(true);
-        let model = LanguageModel::<B>::Decoder(config.init(3, &device));
+        let model = tiny_reward_model::<B>(3);
         let batch = pair_batch_of(&[
             (vec![1, 2, 3, 4, 8, 9], vec![1, 2, 3, 5, 9]),
             (vec![1, 2, 7], vec![1, 2, 3, 6, 9]),
