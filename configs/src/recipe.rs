@@ -476,6 +476,15 @@ section! {
         /// tokenizer) whose score of each reply is its reward. Empty: the exact-match verifier
         /// (1 for the right answer, 0 otherwise).
         reward_model: String = String::new(),
+        /// pretrain and sft: a teacher to distil from (Hinton et al., 2015; torchtune's
+        /// knowledge distillation): any run or checkpoint folder, Hugging Face folder or GGUF
+        /// file model.init_from takes, on the student's tokenizer. Empty: no teacher.
+        teacher: String = String::new(),
+        /// With a teacher: the distillation term's weight, loss = (1 − kd_ratio)·cross-entropy +
+        /// kd_ratio·T²·KL(teacher ‖ student) over the counted targets (torchtune's name).
+        kd_ratio: f64 = 0.5,
+        /// With a teacher: the temperature T both distributions are softened by.
+        kd_temperature: f64 = 1.0,
         /// Sequences per micro-batch on each rank.
         local_batch_size: usize = 8,
         /// Tokens per sequence.

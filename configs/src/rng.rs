@@ -36,3 +36,44 @@ impl SeededRng {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 }
+
+/// The random streams a run draws from. Each has its own odd constant, so that two streams,
+/// two ranks or two steps never start from the same seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// A rank's own seed (rank 0 draws what a single process would).
+    Rank,
+    /// The backend RNG's dropout masks, per step.
+    Dropout,
+    /// Masked-LM and span-corruption noise, per micro-batch.
+    Denoising,
+    /// GRPO's and PPO's sampled replies, per micro-batch.
+    Rollout,
+    /// One prompt's replies within a rollout.
+    Reply,
+    /// Sophia's sampled labels, per curvature refresh.
+    Curvature,
+    /// The loader's shuffle, per epoch.
+    Shuffle,
+}
+
+impl Stream {
+    fn constant(self) -> u64 {
+        match self {
+            Stream::Rank => 0x6A09_E667_F3BC_C909,
+            Stream::Dropout => 0x9E37_79B9,
+            Stream::Denoising => 0xA24B_AED4_963E_E407,
+            Stream::Rollout => 0xD1B5_4A32_D192_ED03,
+            Stream::Reply => 0x9E37_79B9_7F4A_7C15,
+            Stream::Curvature => 0x2545_F491_4F6C_DD1D,
+            Stream::Shuffle => 0xA076_1D64_78BD_642F,
+        }
+    }
+}
+
+/// The one seed derivation every stream uses: `base ^ index · k(stream)`. Draws are pure
+/// functions of (seed, stream, index), which is what makes a resumed run draw what the
+/// uninterrupted one would.
+pub fn derive_seed(base: u64, stream: Stream, index: u64) -> u64 {
+    base ^ index.wrapping_mul(stream.constant())
+}

@@ -505,6 +505,44 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "point it at a run trained with training.mode = \"reward\", or leave it empty for the verifier".into(),
         );
     }
+    let t = &recipe.training;
+    if !t.teacher.is_empty() {
+        if !matches!(t.mode, TrainMode::Pretrain | TrainMode::Sft) || !matches!(m.arch, Arch::Llama | Arch::Gpt2 | Arch::Mamba) {
+            return fail(
+                "training",
+                "teacher",
+                format!(
+                    "distillation trains a decoder (llama, gpt2, mamba) in pretrain or sft; this is {} in {}",
+                    m.arch, t.mode
+                ),
+                "remove training.teacher, or distil into a llama, gpt2 or mamba student".into(),
+            );
+        }
+        if checkpointing || recipe.distributed.strategy == Strategy::Fsdp {
+            return fail(
+                "training",
+                "teacher",
+                "distillation runs whole forward passes: no activation checkpointing or fsdp".into(),
+                "set activation_checkpoint.mode = \"none\" and a distributed.strategy other than fsdp".into(),
+            );
+        }
+        if check_files && !Path::new(&t.teacher).exists() {
+            return fail(
+                "training",
+                "teacher",
+                format!("teacher = `{}` does not exist", t.teacher),
+                "point it at a Furnace run or checkpoint folder, a Hugging Face model folder or a GGUF file".into(),
+            );
+        }
+    }
+    if !(0.0..=1.0).contains(&t.kd_ratio) || !(t.kd_temperature > 0.0 && t.kd_temperature.is_finite()) {
+        return fail(
+            "training",
+            if (0.0..=1.0).contains(&t.kd_ratio) { "kd_temperature" } else { "kd_ratio" },
+            format!("kd_ratio = {} must be in [0, 1] and kd_temperature = {} positive", t.kd_ratio, t.kd_temperature),
+            "use e.g. kd_ratio = 0.5, kd_temperature = 1.0".into(),
+        );
+    }
     if d.packing && (recipe.training.mode != TrainMode::Sft || m.arch == Arch::Mamba) {
         return fail(
             "data",

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat::{LabeledPair, LabeledTokens};
 use crate::seq2seq::Seq2SeqExample;
 use crate::shards::Shard;
-use furnace_configs::rng::SeededRng;
+use furnace_configs::rng::{derive_seed, SeededRng, Stream};
 
 /// Target id of a position the loss ignores (padding, prompts).
 pub const IGNORE: i64 = -1;
@@ -192,7 +192,7 @@ impl Loader {
     fn epoch_order(&self, epoch: u64) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.items()).collect();
         if self.shuffle {
-            let mut rng = SeededRng::new(self.seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F));
+            let mut rng = SeededRng::new(derive_seed(self.seed, Stream::Shuffle, epoch));
             for i in (1..order.len()).rev() {
                 order.swap(i, rng.below(i + 1));
             }

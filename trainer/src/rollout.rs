@@ -6,6 +6,7 @@
 
 use anyhow::Result;
 use burn::prelude::*;
+use furnace_configs::rng::{derive_seed, Stream};
 use furnace_configs::Recipe;
 use furnace_data::chat::ChatTemplate;
 use furnace_data::corpus::arithmetic_config;
@@ -79,7 +80,7 @@ pub fn rollout<B: FusedOps>(
     for (i, prompt) in prompts.iter().enumerate() {
         let sampling = SamplingConfig {
             temperature: config.temperature,
-            seed: seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            seed: derive_seed(seed, Stream::Reply, i as u64 + 1),
             ..Default::default()
         };
         let generate = GenerateConfig { max_new_tokens: config.max_completion_length, stop_tokens: vec![eos], sampling };
