@@ -2,6 +2,7 @@
 //! rejected, overridden from the command line with `--set section.key=value`, validated before
 //! any work starts, and resolved into concrete values (`ResolvedModel`) for the other crates.
 
+pub mod capabilities;
 pub mod fsutil;
 pub mod recipe;
 pub mod rng;

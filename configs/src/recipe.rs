@@ -15,6 +15,7 @@ macro_rules! choice {
 
         impl $name {
             pub const CHOICES: &'static [&'static str] = &[$($text),*];
+            pub const ALL: &'static [Self] = &[$(Self::$variant),*];
 
             pub fn as_str(&self) -> &'static str {
                 match self { $(Self::$variant => $text,)* }
@@ -67,9 +68,10 @@ choice!(
         /// The user's own `.txt` or `.jsonl` files listed in `data.files`.
         Files = "files",
         /// SFT: conversations, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line,
-        /// in the `.jsonl` files listed in `data.files`.
+        /// in the `.jsonl` files listed in `data.files`. GRPO and PPO: each conversation up to
+        /// its last assistant turn is a prompt, that turn the answer the verifier accepts.
         Chat = "chat",
-        /// SFT: generated arithmetic questions and answers as conversations
+        /// SFT, GRPO and PPO: generated arithmetic questions and answers as conversations
         /// (user: "What is 37+45?", assistant: "37+45=82").
         ArithmeticChat = "arithmetic-chat",
         /// DPO: preference pairs, one `{"prompt": ..., "chosen": ..., "rejected": ...}` per line,

@@ -229,3 +229,49 @@ fn batch_shards_split_preference_pairs_only() {
     let cuda = format!("{}backend = \"cuda\"\n[training]\nmode = \"reward\"\n", shards(2));
     assert_eq!(parse(&cuda).unwrap_err().key, "runtime.batch_shards");
 }
+
+#[test]
+fn the_recipe_check_refuses_exactly_what_the_capability_table_lacks() {
+    use crate::capabilities::{Capabilities, CAPABILITIES};
+    let mode_data = |mode: TrainMode| match mode {
+        TrainMode::Pretrain => "",
+        TrainMode::Sft | TrainMode::Grpo | TrainMode::Ppo => "[data]\nsource = \"arithmetic-chat\"\n",
+        TrainMode::Dpo | TrainMode::Reward => "[data]\nsource = \"arithmetic-preferences\"\n",
+    };
+    let features: [(&str, &str, &str, fn(&Capabilities) -> bool); 6] = [
+        ("[lora]\nr = 4\n", "", "lora.r", |c| c.lora),
+        ("[activation_checkpoint]\nmode = \"full\"\n", "", "activation_checkpoint.mode", |c| c.checkpointing),
+        ("[distributed]\nstrategy = \"fsdp\"\n", "", "distributed.strategy", |c| c.fsdp),
+        ("[optimizer]\nname = \"sophia\"\n", "", "optimizer.name", |c| c.sophia),
+        ("[data]\nsource = \"arithmetic-chat\"\npacking = true\n", "sft", "data.packing", |c| c.packing),
+        ("[training]\nteacher = \"teacher\"\n", "", "training.teacher", |c| c.distillation),
+    ];
+    for caps in &CAPABILITIES {
+        let arch = format!("[model]\narch = \"{}\"\ninit_from = \"base\"\n", caps.arch);
+        for mode in TrainMode::ALL {
+            let recipe = format!("{arch}[training]\nmode = \"{mode}\"\n{}", mode_data(*mode));
+            let checked = Recipe::from_stored(&recipe, "r.toml");
+            match caps.modes.contains(mode) {
+                true => assert!(checked.is_ok(), "{} in {mode}: {:?}", caps.arch, checked.err()),
+                false => assert_eq!(checked.unwrap_err().key, "training.mode", "{} in {mode}", caps.arch),
+            }
+        }
+        for (section, mode, key, has) in features {
+            let recipe = match mode {
+                "" => format!("{arch}{section}"),
+                mode => format!("{arch}{section}[training]\nmode = \"{mode}\"\n"),
+            };
+            let checked = Recipe::from_stored(&recipe, "r.toml");
+            match has(caps) {
+                true => assert!(checked.is_ok(), "{} with {key}: {:?}", caps.arch, checked.err()),
+                // A feature of a mode the architecture lacks is refused by the mode.
+                false => assert!(
+                    [key, "training.mode"].contains(&checked.as_ref().unwrap_err().key.as_str()),
+                    "{} with {key}: {:?}",
+                    caps.arch,
+                    checked.err()
+                ),
+            }
+        }
+    }
+}

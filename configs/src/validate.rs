@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use crate::capabilities::{capabilities, Capabilities, CAPABILITIES};
 use crate::error::line_of_key;
 use crate::*;
 
@@ -135,33 +136,6 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
                 "use T5's: n_decoder_layers = n_layers, relative_attention_num_buckets = 32, relative_attention_max_distance = 128".into(),
             );
         }
-        if recipe.training.mode != TrainMode::Pretrain {
-            return fail(
-                "training",
-                "mode",
-                format!(
-                    "model.arch = \"t5\" trains on (input, target) pairs or span corruption (training.mode = \"pretrain\"), not {}",
-                    recipe.training.mode
-                ),
-                "set training.mode = \"pretrain\" with data.source = \"seq2seq\" (your pairs), or pick a decoder arch".into(),
-            );
-        }
-        if recipe.optimizer.name == OptimizerName::Sophia {
-            return fail(
-                "optimizer",
-                "name",
-                "Sophia estimates curvature from a decoder's own samples; T5 is an encoder-decoder".into(),
-                "use optimizer.name = \"adamw\" or \"lion\"".into(),
-            );
-        }
-        if recipe.lora.r > 0 {
-            return fail(
-                "lora",
-                "r",
-                "LoRA adapters are for decoders (and BERT) so far; T5 trains all its weights".into(),
-                "set lora.r = 0".into(),
-            );
-        }
         if !recipe.trains_on_pairs() {
             let t = &recipe.training;
             if !(t.mlm_probability > 0.0 && t.mlm_probability < 1.0 && t.mean_noise_span_length >= 1.0) {
@@ -201,17 +175,6 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             &layout,
             "BERT's layout is fixed (learned positions, post-norm LayerNorm, GELU, biases, tied MLM head, full attention)",
         )?;
-        if recipe.training.mode != TrainMode::Pretrain {
-            return fail(
-                "training",
-                "mode",
-                format!(
-                    "model.arch = \"bert\" trains with the masked-LM objective (training.mode = \"pretrain\"), not {}",
-                    recipe.training.mode
-                ),
-                "set training.mode = \"pretrain\", or pick a decoder arch for fine-tuning and alignment".into(),
-            );
-        }
         if !(recipe.training.mlm_probability > 0.0 && recipe.training.mlm_probability < 1.0) {
             return fail(
                 "training",
@@ -222,6 +185,29 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         }
     }
     let checkpointing = recipe.activation_checkpoint.mode != CheckpointMode::None;
+    // What the architecture's row of the capability table lacks.
+    let caps = capabilities(m.arch);
+    let mode = recipe.training.mode;
+    let asked: [(bool, &str, &str, String, &dyn Fn(&Capabilities) -> bool); 7] = [
+        (true, "training", "mode", format!("training.mode = \"{mode}\""), &|c| c.modes.contains(&mode)),
+        (recipe.lora.r > 0, "lora", "r", "LoRA".into(), &|c| c.lora),
+        (checkpointing, "activation_checkpoint", "mode", "activation checkpointing".into(), &|c| c.checkpointing),
+        (recipe.distributed.strategy == Strategy::Fsdp, "distributed", "strategy", "fsdp".into(), &|c| c.fsdp),
+        (recipe.optimizer.name == OptimizerName::Sophia, "optimizer", "name", "Sophia".into(), &|c| c.sophia),
+        (recipe.data.packing, "data", "packing", "packing".into(), &|c| c.packing),
+        (!recipe.training.teacher.is_empty(), "training", "teacher", "distillation".into(), &|c| c.distillation),
+    ];
+    for (wanted, section, key, feature, has) in asked {
+        if wanted && !has(caps) {
+            let archs: Vec<String> = CAPABILITIES.iter().filter(|c| has(c)).map(|c| c.arch.to_string()).collect();
+            return fail(
+                section,
+                key,
+                format!("model.arch = \"{}\" ({}) does not support {feature}", m.arch, caps.what),
+                format!("{feature} is available for {}; change model.arch or {section}.{key}", archs.join(", ")),
+            );
+        }
+    }
     if recipe.activation_checkpoint.mode == CheckpointMode::Selective
         && !matches!(recipe.activation_checkpoint.selective_ac_option.trim().parse::<usize>(), Ok(n) if n >= 1)
     {
@@ -259,8 +245,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     }
     let fsdp = recipe.distributed.strategy == Strategy::Fsdp;
     if fsdp
-        && (!matches!(m.arch, Arch::Llama | Arch::Gpt2 | Arch::Mixtral | Arch::Mamba)
-            || !matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft)
+        && (!matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft)
             || m.dropout > 0.0
             || recipe.lora.r > 0
             || recipe.optimizer.name == OptimizerName::Sophia)
@@ -446,8 +431,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     let modes_of_source: &[TrainMode] = match d.source {
-        DataSource::Chat => &[TrainMode::Sft],
-        DataSource::ArithmeticChat => &[TrainMode::Sft, TrainMode::Grpo, TrainMode::Ppo],
+        DataSource::Chat | DataSource::ArithmeticChat => &[TrainMode::Sft, TrainMode::Grpo, TrainMode::Ppo],
         DataSource::Preferences | DataSource::ArithmeticPreferences => &[TrainMode::Dpo, TrainMode::Reward],
         _ => &[TrainMode::Pretrain],
     };
@@ -456,15 +440,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "training",
             "mode",
             format!("training.mode = \"{}\" does not train on data.source = \"{}\"", recipe.training.mode, d.source),
-            "sft takes source = \"chat\" or \"arithmetic-chat\"; grpo and ppo \"arithmetic-chat\" (their verifier knows the answers); dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
-        );
-    }
-    if matches!(recipe.training.mode, TrainMode::Reward | TrainMode::Ppo) && m.arch == Arch::Mamba {
-        return fail(
-            "training",
-            "mode",
-            "reward models and PPO's value head are transformers here (a scalar head on the hidden states); model.arch is mamba".into(),
-            "use model.arch = \"llama\" or \"gpt2\" (or a base of that arch) for reward and ppo".into(),
+            "sft, grpo and ppo take source = \"chat\" or \"arithmetic-chat\" (grpo's and ppo's prompts end where a conversation's last assistant turn, the verifier's answer, begins); dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
         );
     }
     let g = &recipe.grpo;
@@ -507,15 +483,12 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     }
     let t = &recipe.training;
     if !t.teacher.is_empty() {
-        if !matches!(t.mode, TrainMode::Pretrain | TrainMode::Sft) || !matches!(m.arch, Arch::Llama | Arch::Gpt2 | Arch::Mamba) {
+        if !matches!(t.mode, TrainMode::Pretrain | TrainMode::Sft) {
             return fail(
                 "training",
                 "teacher",
-                format!(
-                    "distillation trains a decoder (llama, gpt2, mamba) in pretrain or sft; this is {} in {}",
-                    m.arch, t.mode
-                ),
-                "remove training.teacher, or distil into a llama, gpt2 or mamba student".into(),
+                format!("distillation trains in pretrain or sft; this is {}", t.mode),
+                "remove training.teacher, or set training.mode = \"pretrain\" or \"sft\"".into(),
             );
         }
         if checkpointing || recipe.distributed.strategy == Strategy::Fsdp {
@@ -543,7 +516,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "use e.g. kd_ratio = 0.5, kd_temperature = 1.0".into(),
         );
     }
-    if d.packing && (recipe.training.mode != TrainMode::Sft || m.arch == Arch::Mamba) {
+    if d.packing && recipe.training.mode != TrainMode::Sft {
         return fail(
             "data",
             "packing",

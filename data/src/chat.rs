@@ -199,7 +199,7 @@ pub fn prepare_preferences(
 /// The JSONL items of `data.files` and `data.val_files` read by `read` (validation: the
 /// val_files' items, else the last `val_fraction` of the training ones), and the malformed
 /// lines skipped.
-pub(crate) fn read_train_and_val<T>(
+pub fn read_train_and_val<T>(
     d: &DataSection,
     read: fn(&Path, bool) -> Result<(Vec<T>, usize), String>,
 ) -> Result<(Vec<T>, Vec<T>, usize), String> {

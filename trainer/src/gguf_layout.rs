@@ -332,6 +332,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_capability_table_says_which_architectures_gguf_writes() {
+        let archs = [
+            HfArch::Llama,
+            HfArch::Gpt2,
+            HfArch::Mamba,
+            HfArch::Mixtral { n_experts: 4 },
+            HfArch::Bert,
+            HfArch::T5 { n_decoder_layers: 2, gated: true },
+        ];
+        for arch in archs {
+            let declared = furnace_configs::capabilities::capabilities(crate::model::arch_of(arch)).gguf_export;
+            assert_eq!(gguf_architecture(arch).is_some(), declared, "{arch:?}");
+        }
+    }
+
+    #[test]
     fn names_and_rope_rows_round_trip() {
         for gpt2 in [false, true] {
             let (global, layers, prefix) = tables(gpt2);

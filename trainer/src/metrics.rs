@@ -1,6 +1,7 @@
 //! One `log` call per logging step fans out to the sinks: console/progress bar, metrics.jsonl,
 //! TensorBoard. Values are plain f64 read back from the device only when logging.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
@@ -88,5 +89,78 @@ impl Metrics {
 
     pub fn finish(&self) {
         self.progress.finish_and_clear();
+    }
+}
+
+/// Metrics summed since the last log line (or over an evaluation), by name: each mode adds
+/// what it measures and turns the sums into means when it logs. Every rank adds the same
+/// names, so the ranks' totals are one buffer summed in name order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sums(BTreeMap<String, f64>);
+
+impl Sums {
+    pub fn add(&mut self, name: &str, value: f64) {
+        *self.0.entry(name.to_string()).or_default() += value;
+    }
+
+    /// The sum of `name`; 0 when nothing was added under it.
+    pub fn get(&self, name: &str) -> f64 {
+        self.0.get(name).copied().unwrap_or(0.0)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    pub fn merge(&mut self, other: &Sums) {
+        for (name, value) in &other.0 {
+            self.add(name, *value);
+        }
+    }
+
+    /// `name`'s sum per unit of `count`'s: a mean, 0 over nothing.
+    pub fn per(&self, name: &str, count: &str) -> f64 {
+        self.get(name) / self.get(count).max(1.0)
+    }
+
+    /// The names under `prefix` (in name order), with their sums.
+    pub fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+        self.0.iter().filter(move |(name, _)| name.starts_with(prefix)).map(|(name, value)| (name.as_str(), *value))
+    }
+
+    /// The totals over every rank; `sum` adds a buffer over ranks (every rank calls it).
+    pub fn summed_over_ranks(mut self, sum: impl FnOnce(&mut [f64])) -> Self {
+        let mut values: Vec<f64> = self.0.values().copied().collect();
+        if !values.is_empty() {
+            sum(&mut values);
+        }
+        self.0.values_mut().zip(values).for_each(|(total, value)| *total = value);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sums;
+
+    #[test]
+    fn sums_add_merge_and_reduce_in_name_order() {
+        let mut a = Sums::default();
+        a.add("pairs", 2.0);
+        a.add("loss", 1.5);
+        let mut b = Sums::default();
+        b.add("loss", 0.5);
+        b.add("pairs", 2.0);
+        a.merge(&b);
+        assert_eq!((a.get("loss"), a.get("pairs"), a.per("loss", "pairs"), a.get("absent")), (2.0, 4.0, 0.5, 0.0));
+        // Two ranks holding the same sums: the buffer goes over in name order (loss, pairs).
+        let mut seen = Vec::new();
+        let total = a.summed_over_ranks(|values| {
+            seen = values.to_vec();
+            values.iter_mut().for_each(|v| *v *= 2.0);
+        });
+        assert_eq!(seen, [2.0, 4.0]);
+        assert_eq!((total.get("loss"), total.get("pairs")), (4.0, 8.0));
+        assert_eq!(Sums::default().per("loss", "pairs"), 0.0);
     }
 }

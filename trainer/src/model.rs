@@ -293,6 +293,18 @@ pub struct Base {
     pub tokenizer: PathBuf,
 }
 
+/// The recipe's architecture of a Hugging Face one.
+pub fn arch_of(hf_arch: HfArch) -> Arch {
+    match hf_arch {
+        HfArch::Llama => Arch::Llama,
+        HfArch::Gpt2 => Arch::Gpt2,
+        HfArch::Mamba => Arch::Mamba,
+        HfArch::Mixtral { .. } => Arch::Mixtral,
+        HfArch::Bert => Arch::Bert,
+        HfArch::T5 { .. } => Arch::T5,
+    }
+}
+
 /// Read `model.init_from`: a Furnace run or checkpoint folder, a Hugging Face model folder, or
 /// a GGUF file (llama layout; quantized tensors dequantized).
 pub fn load_base(path: &Path) -> Result<Base> {
@@ -315,14 +327,7 @@ pub fn load_base(path: &Path) -> Result<Base> {
         let hf = read_hf_weights(path)?;
         let weights =
             from_hf(hf_arch, &hf, config.n_layers(), config.tie_embeddings()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let arch = match hf_arch {
-            HfArch::Llama => Arch::Llama,
-            HfArch::Gpt2 => Arch::Gpt2,
-            HfArch::Mamba => Arch::Mamba,
-            HfArch::Mixtral { .. } => Arch::Mixtral,
-            HfArch::Bert => Arch::Bert,
-            HfArch::T5 { .. } => Arch::T5,
-        };
+        let arch = arch_of(hf_arch);
         if !tokenizer.is_file() {
             bail!("{} has no tokenizer.json; Furnace reads Hugging Face fast tokenizers only", path.display());
         }

@@ -10,6 +10,8 @@ use furnace_data::{Batch, TextTokenizer};
 use furnace_models::kernels::{cross_entropy, FusedOps};
 use furnace_models::{RouterLossWeights, Routing};
 
+use crate::metrics::Sums;
+
 /// Summed cross-entropy over the positions with a target — the next token, or under masked LM
 /// the hidden one (an ignored target, -1, counts nothing and gets no gradient: prompts and
 /// padding under SFT, unmasked tokens under masked LM): the caller divides by
@@ -79,56 +81,32 @@ impl Denoising {
 /// layer's share of them needs (see [`RouterLossWeights`]: activation checkpointing
 /// back-propagates a layer's share when it recomputes the layer); their values and the
 /// experts' load go into `stats`.
-pub fn router_losses<B: Backend>(routing: &Routing<B>, model: &ModelSection, stats: &mut RouterStats) -> (Tensor<B, 1>, RouterLossWeights) {
+pub fn router_losses<B: Backend>(routing: &Routing<B>, model: &ModelSection, stats: &mut Sums) -> (Tensor<B, 1>, RouterLossWeights) {
     let weights = routing.loss_weights(model.router_aux_loss_coef, model.router_z_loss_coef);
     let over_layers = |share: &dyn Fn(Tensor<B, 2>) -> Tensor<B, 1>| {
         routing.logits.iter().map(|l| share(l.clone())).reduce(|a, b| a + b).expect("one MoE layer")
     };
     let (balance, z) = (over_layers(&|l| weights.load_balancing(l)), over_layers(&|l| weights.z(l)));
     let scalar = |t: &Tensor<B, 1>| t.clone().into_scalar().elem::<f64>();
-    stats.add(scalar(&balance), scalar(&z), &weights.expert_fractions());
+    stats.add(ROUTED_BATCHES, 1.0);
+    stats.add("moe/aux_loss", scalar(&balance));
+    stats.add("moe/z_loss", scalar(&z));
+    for (expert, fraction) in weights.expert_fractions().iter().enumerate() {
+        stats.add(&format!("moe/expert_fraction/{expert}"), *fraction);
+    }
     (balance * weights.aux_coef + z * weights.z_coef, weights)
 }
 
-/// Mixture-of-experts metrics summed since the last log line.
-#[derive(Debug, Default)]
-pub struct RouterStats {
-    batches: usize,
-    load_balancing: f64,
-    z_loss: f64,
-    /// Each expert's share of the routed tokens, summed over batches.
-    fractions: Vec<f64>,
+/// Mixture-of-experts metrics per routed batch: `moe/aux_loss` (the load-balancing loss, k when
+/// even), `moe/z_loss` and `moe/expert_fraction/<e>`; nothing when no batch was routed.
+pub fn router_means(sums: &Sums) -> Vec<(String, f64)> {
+    if sums.get(ROUTED_BATCHES) == 0.0 {
+        return Vec::new();
+    }
+    sums.under("moe/").map(|(name, sum)| (name.to_string(), sum / sums.get(ROUTED_BATCHES))).collect()
 }
 
-impl RouterStats {
-    fn add(&mut self, load_balancing: f64, z_loss: f64, fractions: &[f64]) {
-        self.batches += 1;
-        self.load_balancing += load_balancing;
-        self.z_loss += z_loss;
-        self.fractions.resize(fractions.len(), 0.0);
-        self.fractions.iter_mut().zip(fractions).for_each(|(sum, f)| *sum += f);
-    }
-
-    /// The totals over every rank; `sum` adds a buffer over ranks.
-    pub fn summed_over_ranks(self, sum: impl FnOnce(&mut [f64])) -> Self {
-        let mut v = vec![self.batches as f64, self.load_balancing, self.z_loss];
-        v.extend(&self.fractions);
-        sum(&mut v);
-        Self { batches: v[0] as usize, load_balancing: v[1], z_loss: v[2], fractions: v[3..].to_vec() }
-    }
-
-    /// Means per batch: `moe/aux_loss` (the load-balancing loss, k when even), `moe/z_loss` and
-    /// `moe/expert_fraction/<e>`; nothing when no batch was routed.
-    pub fn means(&self) -> Vec<(String, f64)> {
-        if self.batches == 0 {
-            return Vec::new();
-        }
-        let n = self.batches as f64;
-        let mut out = vec![("moe/aux_loss".to_string(), self.load_balancing / n), ("moe/z_loss".to_string(), self.z_loss / n)];
-        out.extend(self.fractions.iter().enumerate().map(|(e, f)| (format!("moe/expert_fraction/{e}"), f / n)));
-        out
-    }
-}
+const ROUTED_BATCHES: &str = "routed_batches";
 
 /// Per-row sums of the targets' log-probabilities `[rows]` (ignored targets count nothing):
 /// the log-likelihood of each row's completion.

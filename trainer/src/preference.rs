@@ -16,6 +16,7 @@ use furnace_models::kernels::FusedOps;
 use furnace_models::{CausalLm, LanguageModel};
 use rayon::prelude::*;
 
+use crate::metrics::Sums;
 use crate::objective::{dpo_loss, reward_loss, sequence_log_probs};
 
 /// A completion's summed log-probability and its number of tokens.
@@ -95,63 +96,44 @@ impl<B: FusedOps> DpoReference<B> {
 /// A batch's DPO losses (one per pair, still on the device) and its metrics summed over pairs.
 pub struct PairBatch<B: Backend> {
     pub losses: Tensor<B, 1>,
-    pub stats: DpoStats,
+    pub stats: Sums,
 }
 
-/// TRL's DPO metrics, as sums over pairs until `means`.
-#[derive(Debug, Clone, Default)]
-pub struct DpoStats {
-    pub pairs: usize,
-    pub loss: f64,
-    pub chosen_rewards: f64,
-    pub rejected_rewards: f64,
-    pub accuracies: f64,
-    pub chosen_logps: f64,
-    pub rejected_logps: f64,
-}
-
-impl DpoStats {
-    pub fn add(&mut self, other: &DpoStats) {
-        self.pairs += other.pairs;
-        self.loss += other.loss;
-        self.chosen_rewards += other.chosen_rewards;
-        self.rejected_rewards += other.rejected_rewards;
-        self.accuracies += other.accuracies;
-        self.chosen_logps += other.chosen_logps;
-        self.rejected_logps += other.rejected_logps;
-    }
-
-    /// The totals over every rank; `sum` adds a buffer over ranks.
-    pub fn summed_over_ranks(self, sum: impl FnOnce(&mut [f64])) -> Self {
-        let mut v = [
-            self.pairs as f64,
-            self.loss,
-            self.chosen_rewards,
-            self.rejected_rewards,
-            self.accuracies,
-            self.chosen_logps,
-            self.rejected_logps,
-        ];
-        sum(&mut v);
-        let [pairs, loss, chosen_rewards, rejected_rewards, accuracies, chosen_logps, rejected_logps] = v;
-        Self { pairs: pairs as usize, loss, chosen_rewards, rejected_rewards, accuracies, chosen_logps, rejected_logps }
-    }
-
-    /// Means over pairs under TRL's metric names (`prefix` "" for training, "eval/" for
-    /// validation); a reward model has rewards but no log-probabilities.
-    pub fn means(&self, prefix: &str, with_logps: bool) -> Vec<(String, f64)> {
-        let n = self.pairs.max(1) as f64;
-        let mut named = vec![
-            ("rewards/chosen", self.chosen_rewards),
-            ("rewards/rejected", self.rejected_rewards),
-            ("rewards/margins", self.chosen_rewards - self.rejected_rewards),
-            ("rewards/accuracies", self.accuracies),
-        ];
-        if with_logps {
-            named.extend([("logps/chosen", self.chosen_logps), ("logps/rejected", self.rejected_logps)]);
+/// TRL's preference metrics as means over pairs (`prefix` "" for training, "eval/" for
+/// validation), from the sums `pair_batch` and `reward_batch` add; a reward model has rewards
+/// but no log-probabilities.
+pub fn pair_means(sums: &Sums, prefix: &str) -> Vec<(String, f64)> {
+    let per_pair = |sum: f64| sum / sums.get(PAIRS).max(1.0);
+    let mut named = vec![
+        ("rewards/chosen", per_pair(sums.get(CHOSEN))),
+        ("rewards/rejected", per_pair(sums.get(REJECTED))),
+        ("rewards/margins", per_pair(sums.get(CHOSEN) - sums.get(REJECTED))),
+        ("rewards/accuracies", per_pair(sums.get(ACCURACIES))),
+    ];
+    for logps in ["logps/chosen", "logps/rejected"] {
+        if sums.has(logps) {
+            named.push((logps, per_pair(sums.get(logps))));
         }
-        named.into_iter().map(|(name, sum)| (format!("{prefix}{name}"), sum / n)).collect()
     }
+    named.into_iter().map(|(name, mean)| (format!("{prefix}{name}"), mean)).collect()
+}
+
+/// The names of the sums a batch of pairs adds.
+pub const PAIRS: &str = "pairs";
+pub const LOSS: &str = "loss";
+pub const CHOSEN: &str = "rewards/chosen";
+pub const REJECTED: &str = "rewards/rejected";
+pub const ACCURACIES: &str = "rewards/accuracies";
+
+/// Sums over a batch's pairs of their loss, rewards and accuracy (chosen rewarded above rejected).
+fn pair_sums(losses: &[f64], chosen: &[f64], rejected: &[f64]) -> Sums {
+    let mut sums = Sums::default();
+    sums.add(PAIRS, chosen.len() as f64);
+    sums.add(LOSS, losses.iter().sum());
+    sums.add(CHOSEN, chosen.iter().sum());
+    sums.add(REJECTED, rejected.iter().sum());
+    sums.add(ACCURACIES, chosen.iter().zip(rejected).filter(|(c, r)| c > r).count() as f64);
+    sums
 }
 
 /// The pairs of `batch` in at most `shards` batches of consecutive pairs, as even as the count allows.
@@ -188,7 +170,7 @@ pub fn pair_gradients<B, F>(
     divisor: f64,
     scale: f64,
     pair_losses: F,
-) -> (Tensor<B::InnerBackend, 1>, GradientsParams, DpoStats)
+) -> (Tensor<B::InnerBackend, 1>, GradientsParams, Sums)
 where
     B: AutodiffBackend + FusedOps,
     F: Fn(&LanguageModel<B>, &Batch, Range<usize>) -> PairBatch<B> + Sync,
@@ -209,10 +191,10 @@ where
         .map(|(part, start)| gradients(&fresh_leaves(model.clone()), part, start..start + part.items.len()))
         .collect();
     let mut accumulator = GradientsAccumulator::new();
-    let (mut loss, mut all_stats) = (None, DpoStats::default());
+    let (mut loss, mut all_stats) = (None, Sums::default());
     for (part_loss, grads, stats) in results {
         accumulator.accumulate(model, grads);
-        all_stats.add(&stats);
+        all_stats.merge(&stats);
         loss = Some(match loss {
             Some(total) => total + part_loss,
             None => part_loss,
@@ -272,15 +254,9 @@ pub fn pair_batch<B: FusedOps, M: CausalLm<B>>(
     let (chosen_logps, rejected_logps) = (read(policy_chosen.clone().detach()), read(policy_rejected.clone().detach()));
     let (losses, chosen_rewards, rejected_rewards) = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config);
     let (chosen_rewards, rejected_rewards) = (read(chosen_rewards), read(rejected_rewards));
-    let stats = DpoStats {
-        pairs,
-        loss: read(losses.clone().detach()).iter().sum(),
-        chosen_rewards: chosen_rewards.iter().sum(),
-        rejected_rewards: rejected_rewards.iter().sum(),
-        accuracies: chosen_rewards.iter().zip(&rejected_rewards).filter(|(c, r)| c > r).count() as f64,
-        chosen_logps: chosen_logps.iter().sum(),
-        rejected_logps: rejected_logps.iter().sum(),
-    };
+    let mut stats = pair_sums(&read(losses.clone().detach()), &chosen_rewards, &rejected_rewards);
+    stats.add("logps/chosen", chosen_logps.iter().sum());
+    stats.add("logps/rejected", rejected_logps.iter().sum());
     PairBatch { losses, stats }
 }
 
@@ -296,14 +272,7 @@ pub fn reward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device
     let read = |t: Tensor<B, 1>| -> Vec<f64> { t.into_data().convert::<f64>().into_vec().expect("f64") };
     let (c, r) = (read(chosen.clone().detach()), read(rejected.clone().detach()));
     let losses = reward_loss(chosen, rejected);
-    let stats = DpoStats {
-        pairs,
-        loss: read(losses.clone().detach()).iter().sum(),
-        chosen_rewards: c.iter().sum(),
-        rejected_rewards: r.iter().sum(),
-        accuracies: c.iter().zip(&r).filter(|(c, r)| c > r).count() as f64,
-        ..Default::default()
-    };
+    let stats = pair_sums(&read(losses.clone().detach()), &c, &r);
     PairBatch { losses, stats }
 }
 
@@ -373,10 +342,10 @@ pub fn evaluate_rewards<B: FusedOps>(
     pairs: usize,
     batch_size: usize,
     device: &B::Device,
-) -> DpoStats {
-    let mut stats = DpoStats::default();
+) -> Sums {
+    let mut stats = Sums::default();
     for batch in validation_batches(loader, pairs, batch_size) {
-        stats.add(&reward_batch(model, &batch, device).stats);
+        stats.merge(&reward_batch(model, &batch, device).stats);
     }
     stats
 }
@@ -391,11 +360,11 @@ pub fn evaluate<B: FusedOps, M: CausalLm<B>>(
     batch_size: usize,
     config: &DpoSection,
     device: &B::Device,
-) -> DpoStats {
-    let mut stats = DpoStats::default();
+) -> Sums {
+    let mut stats = Sums::default();
     for batch in validation_batches(loader, pairs, batch_size) {
         let reference = reference.of_batch(&batch, true, device);
-        stats.add(&pair_batch(model, &batch, &reference, config, device).stats);
+        stats.merge(&pair_batch(model, &batch, &reference, config, device).stats);
     }
     stats
 }
@@ -471,7 +440,7 @@ mod tests {
             });
             let grads: Vec<Vec<f32>> =
                 ids.iter().map(|&id| grads.get::<burn::backend::Flex, 2>(id).unwrap().into_data().into_vec().unwrap()).collect();
-            (loss.into_scalar(), grads, stats.accuracies)
+            (loss.into_scalar(), grads, stats.get(ACCURACIES))
         };
         let (one_loss, one_grads, one_accuracies) = run(1, &mut seen);
         let (loss, grads, accuracies) = run(3, &mut seen);

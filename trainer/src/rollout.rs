@@ -1,4 +1,4 @@
-//! What GRPO and PPO share: prompts from the built-in arithmetic task, replies sampled from the
+//! What GRPO and PPO share: prompts from chat files or the built-in arithmetic task, replies sampled from the
 //! current model (batched through its decoding state) and scored by the exact-match verifier or
 //! a reward model, laid out as training rows, and the metrics TRL logs. The losses are in
 //! `objective` (`grpo_loss`, `ppo_advantages` / `ppo_loss`). Prompts and sampling seeds are
@@ -7,8 +7,8 @@
 use anyhow::Result;
 use burn::prelude::*;
 use furnace_configs::rng::{derive_seed, Stream};
-use furnace_configs::Recipe;
-use furnace_data::chat::ChatTemplate;
+use furnace_configs::{DataSource, Recipe};
+use furnace_data::chat::{read_conversations, read_train_and_val, ChatTemplate};
 use furnace_data::corpus::arithmetic_config;
 use furnace_data::generators::arithmetic_conversations;
 use furnace_data::loader::IGNORE;
@@ -19,23 +19,35 @@ use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::{CausalLm, LanguageModel};
 
+use crate::metrics::Sums;
 use crate::objective::{group_advantages, token_log_probs};
 
-/// A question as the model is asked it, and the reply the verifier accepts.
+/// A question as the model is asked it, and the reply the verifier accepts (None: only a
+/// reward model can score replies to it).
 pub struct Prompt {
     pub ids: Vec<u32>,
-    pub expected: String,
+    pub expected: Option<String>,
 }
 
-/// The training prompts: generated arithmetic questions (never the held-out ones) rendered as
-/// a user turn with the assistant's turn opened.
+/// The training prompts: each conversation up to its last assistant turn, rendered with the
+/// assistant's turn opened; that turn is the answer the verifier accepts. Conversations come
+/// from `data.files` (chat JSONL, TRL's conversational prompt datasets with their answers) or the
+/// built-in arithmetic task (never its held-out problems).
 pub fn prompts(recipe: &Recipe, template: &ChatTemplate, tokenizer: &TextTokenizer) -> Result<Vec<Prompt>> {
-    let conversations = arithmetic_conversations(&arithmetic_config(&recipe.data), recipe.data.num_examples, recipe.run.seed, false);
+    let d = &recipe.data;
+    let conversations = match d.source {
+        DataSource::Chat => read_train_and_val(d, read_conversations).map_err(anyhow::Error::msg)?.0,
+        _ => arithmetic_conversations(&arithmetic_config(d), d.num_examples, recipe.run.seed, false),
+    };
     conversations
         .into_iter()
         .map(|c| {
-            let question = template.render(&c[..1], true).map_err(anyhow::Error::msg)?;
-            Ok(Prompt { ids: tokenizer.encode(&question), expected: c[1].content.clone() })
+            let (turns, expected) = match c.split_last() {
+                Some((last, turns)) if last.role == "assistant" => (turns, Some(last.content.clone())),
+                _ => (&c[..], None),
+            };
+            let question = template.render(turns, true).map_err(anyhow::Error::msg)?;
+            Ok(Prompt { ids: tokenizer.encode(&question), expected })
         })
         .collect()
 }
@@ -86,7 +98,7 @@ pub fn rollout<B: FusedOps>(
         let generate = GenerateConfig { max_new_tokens: config.max_completion_length, stop_tokens: vec![eos], sampling };
         for reply in generate_group(policy, &prompt.ids, config.replies_per_prompt, &generate, device) {
             let text = reply.strip_suffix(&[eos]).unwrap_or(&reply);
-            correct.push(tokenizer.decode(text).trim() == prompt.expected);
+            correct.push(prompt.expected.as_deref() == Some(tokenizer.decode(text).trim()));
             rows.push(([prompt.ids.as_slice(), reply.as_slice()].concat(), prompt.ids.len()));
         }
     }
@@ -142,100 +154,49 @@ impl Rollout {
     }
 }
 
-/// Rollout metrics summed since the last log line, named as TRL logs them; PPO adds its losses.
-#[derive(Debug, Default)]
-pub struct RolloutStats {
-    rewards: f64,
-    correct: usize,
-    reward_stds: f64,
-    replies: usize,
-    groups: usize,
-    reply_tokens: usize,
-    kl: f64,
-    batches: usize,
-    ppo_updates: usize,
-    policy_loss: f64,
-    value_loss: f64,
-    clip_fraction: f64,
+/// A rollout's metrics, added to `sums` under the names `rollout_means` reads: the rewards,
+/// the verifier's verdicts, the spread of rewards within each group of `group` replies, the
+/// reply lengths and the batch's KL to the reference.
+pub fn add_rollout(sums: &mut Sums, rollout: &Rollout, group: usize, kl: f64) {
+    sums.add("rewards", rollout.rewards.iter().sum::<f64>());
+    sums.add("correct", rollout.correct.iter().filter(|&&ok| ok).count() as f64);
+    for g in rollout.rewards.chunks(group) {
+        let mean = g.iter().sum::<f64>() / g.len() as f64;
+        sums.add("reward_stds", (g.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (g.len() as f64 - 1.0).max(1.0)).sqrt());
+        sums.add("groups", 1.0);
+    }
+    sums.add("replies", rollout.rows as f64);
+    sums.add("reply_tokens", rollout.reply_tokens as f64);
+    sums.add("kl", kl);
+    sums.add("batches", 1.0);
 }
 
-impl RolloutStats {
-    /// The totals over every rank; `sum` adds a buffer over ranks.
-    pub fn summed_over_ranks(self, sum: impl FnOnce(&mut [f64])) -> Self {
-        let mut v = [
-            self.rewards,
-            self.correct as f64,
-            self.reward_stds,
-            self.replies as f64,
-            self.groups as f64,
-            self.reply_tokens as f64,
-            self.kl,
-            self.batches as f64,
-            self.ppo_updates as f64,
-            self.policy_loss,
-            self.value_loss,
-            self.clip_fraction,
-        ];
-        sum(&mut v);
-        let [rewards, correct, reward_stds, replies, groups, reply_tokens, kl, batches, ppo_updates, policy_loss, value_loss, clip_fraction] =
-            v;
-        Self {
-            rewards,
-            correct: correct as usize,
-            reward_stds,
-            replies: replies as usize,
-            groups: groups as usize,
-            reply_tokens: reply_tokens as usize,
-            kl,
-            batches: batches as usize,
-            ppo_updates: ppo_updates as usize,
-            policy_loss,
-            value_loss,
-            clip_fraction,
-        }
-    }
+/// One PPO optimiser step's losses and clipped fraction.
+pub fn add_ppo_update(sums: &mut Sums, policy_loss: f64, value_loss: f64, clip_fraction: f64) {
+    sums.add("ppo_updates", 1.0);
+    sums.add("policy_loss", policy_loss);
+    sums.add("value_loss", value_loss);
+    sums.add("clip_fraction", clip_fraction);
+}
 
-    pub fn add(&mut self, rollout: &Rollout, group: usize, kl: f64) {
-        self.rewards += rollout.rewards.iter().sum::<f64>();
-        self.correct += rollout.correct.iter().filter(|&&ok| ok).count();
-        for g in rollout.rewards.chunks(group) {
-            let mean = g.iter().sum::<f64>() / g.len() as f64;
-            self.reward_stds += (g.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (g.len() as f64 - 1.0).max(1.0)).sqrt();
-            self.groups += 1;
-        }
-        self.replies += rollout.rows;
-        self.reply_tokens += rollout.reply_tokens;
-        self.kl += kl;
-        self.batches += 1;
+/// The rollout metrics as TRL logs them; PPO adds its losses, GRPO the spread of its groups' rewards.
+pub fn rollout_means(sums: &Sums) -> Vec<(String, f64)> {
+    let mut out = vec![
+        ("reward", sums.per("rewards", "replies")),
+        ("rewards/exact_match/mean", sums.per("correct", "replies")),
+        ("kl", sums.per("kl", "batches")),
+        ("completions/mean_length", sums.per("reply_tokens", "replies")),
+    ];
+    if sums.get("ppo_updates") > 0.0 {
+        out.extend([
+            ("loss/policy_avg", sums.per("policy_loss", "ppo_updates")),
+            ("loss/value_avg", sums.per("value_loss", "ppo_updates")),
+            ("policy/clipfrac_avg", sums.per("clip_fraction", "ppo_updates")),
+        ]);
+    } else {
+        out.push(("reward_std", sums.per("reward_stds", "groups")));
     }
-
-    /// One PPO optimiser step's losses and clipped fraction.
-    pub fn add_ppo_update(&mut self, policy_loss: f64, value_loss: f64, clip_fraction: f64) {
-        self.ppo_updates += 1;
-        self.policy_loss += policy_loss;
-        self.value_loss += value_loss;
-        self.clip_fraction += clip_fraction;
-    }
-
-    pub fn means(&self) -> Vec<(&'static str, f64)> {
-        let per = |sum: f64, n: usize| sum / n.max(1) as f64;
-        let mut out = vec![
-            ("reward", per(self.rewards, self.replies)),
-            ("rewards/exact_match/mean", per(self.correct as f64, self.replies)),
-            ("kl", per(self.kl, self.batches)),
-            ("completions/mean_length", per(self.reply_tokens as f64, self.replies)),
-        ];
-        if self.ppo_updates > 0 {
-            out.extend([
-                ("loss/policy_avg", per(self.policy_loss, self.ppo_updates)),
-                ("loss/value_avg", per(self.value_loss, self.ppo_updates)),
-                ("policy/clipfrac_avg", per(self.clip_fraction, self.ppo_updates)),
-            ]);
-        } else {
-            out.push(("reward_std", per(self.reward_stds, self.groups)));
-        }
-        out
-    }
+    out.into_iter().map(|(name, mean)| (name.to_string(), mean)).collect()
 }
 
 /// The prompts micro-batch `micro` of `step` trains on on this rank: consecutive prompts,

@@ -1,6 +1,7 @@
 //! The README is the front door and docs/ the reference: the README stays short, every
-//! relative link in either resolves, and the recipe reference is what `furnace recipe explain`
-//! prints today (`FURNACE_BLESS=1` rewrites it after a schema change).
+//! relative link in either resolves, its feature matrix is the capability table, and the recipe
+//! reference is what `furnace recipe explain` prints today (`FURNACE_BLESS=1` rewrites both
+//! after a change).
 
 use std::path::{Path, PathBuf};
 
@@ -103,6 +104,24 @@ fn recipe_reference_is_current() {
         found == expected,
         "docs/recipe-reference.md differs from `furnace recipe explain`; regenerate it with FURNACE_BLESS=1 cargo test -p furnace-trainer --test docs"
     );
+}
+
+#[test]
+fn the_feature_matrix_is_the_capability_table() {
+    let path = root().join("README.md");
+    let readme = std::fs::read_to_string(&path).expect("README.md");
+    let (start, end) = ("<!-- capabilities:start -->\n", "<!-- capabilities:end -->");
+    let (before, rest) = readme.split_once(start).expect("the README marks where the matrix goes");
+    let (found, after) = rest.split_once(end).expect("the matrix's end marker");
+    let matrix = furnace_configs::capabilities::capability_matrix();
+    if std::env::var("FURNACE_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(&path, format!("{before}{start}{matrix}{end}{after}")).expect("write README.md");
+    } else {
+        assert!(
+            found == matrix,
+            "README.md's feature matrix differs from configs/src/capabilities.rs; regenerate it with FURNACE_BLESS=1 cargo test -p furnace-trainer --test docs"
+        );
+    }
 }
 
 #[test]

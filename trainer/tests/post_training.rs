@@ -326,8 +326,20 @@ fn grpo_samples_scores_and_resumes_exactly() {
     let (a, b) = (losses(&s.dir.path().join("straight")), losses(&split));
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "a resumed GRPO run samples and trains as the straight one");
-    let wrong = s.train("wrong", &[&grpo[..], &["--set", "data.source=\"chat\""]].concat());
-    assert!(!wrong.status.success() && text(&wrong).contains("grpo and ppo \"arithmetic-chat\""), "{}", text(&wrong));
+    // Prompts from the user's chat file: each conversation up to its last assistant turn, which
+    // the verifier compares replies with; without that turn only a reward model can score.
+    let chat_source = ["--set", "data.source=\"chat\"", "--set", "data.skip_bad_lines=true", "--max-steps", "2"];
+    let chat = s.train("chat", &[&grpo[..], &chat_source[..]].concat());
+    assert!(chat.status.success() && text(&chat).contains("| reward "), "{}", text(&chat));
+    let questions = s.dir.path().join("questions.jsonl");
+    std::fs::write(&questions, "{\"messages\": [{\"role\": \"user\", \"content\": \"Say fox.\"}]}\n".repeat(20)).unwrap();
+    let files = format!("data.files=[\"{}\"]", questions.display());
+    let unanswered = s.train("unanswered", &[&grpo[..], &chat_source[..], &["--set", &files]].concat());
+    assert!(
+        !unanswered.status.success() && text(&unanswered).contains("end without an assistant turn"),
+        "{}",
+        text(&unanswered)
+    );
 
     // Rewards from a reward model trained from the same base instead of the verifier.
     let reward = [

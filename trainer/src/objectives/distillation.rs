@@ -18,6 +18,7 @@ use super::language::log_validation;
 use super::{Accumulated, Gradients, Objective, Setup};
 use crate::backend::TrainBackend;
 use crate::context::Context;
+use crate::metrics::Sums;
 use crate::model::{load_base, model_config};
 use crate::objective::lm_loss_sum;
 use crate::tasks::exact_match_and_sample;
@@ -27,7 +28,7 @@ pub struct Distillation<B: TrainBackend> {
     kd_ratio: f64,
     temperature: f64,
     /// KL to the teacher and the count of targets it was summed over, since the last log line.
-    window: [f64; 2],
+    window: Sums,
 }
 
 impl<B: TrainBackend> Distillation<B> {
@@ -41,7 +42,7 @@ impl<B: TrainBackend> Distillation<B> {
                 t.teacher
             );
         }
-        Ok(Self { teacher, kd_ratio: t.kd_ratio, temperature: t.kd_temperature, window: [0.0; 2] })
+        Ok(Self { teacher, kd_ratio: t.kd_ratio, temperature: t.kd_temperature, window: Sums::default() })
     }
 }
 
@@ -91,8 +92,8 @@ impl<B: TrainBackend> Objective<B> for Distillation<B> {
             let teacher = self.teacher.forward_routed(teacher_inputs, batch.positions.as_deref()).0;
             let (student, _) = model.forward_routed(inputs.clone(), batch.positions.as_deref());
             let kl = distillation_loss_sum(student.clone(), Tensor::from_inner(teacher), targets.clone(), self.temperature);
-            self.window[0] += kl.clone().into_scalar().elem::<f64>();
-            self.window[1] += batch.counted_targets() as f64;
+            self.window.add("kl", kl.clone().into_scalar().elem::<f64>());
+            self.window.add("targets", batch.counted_targets() as f64);
             let loss = (lm_loss_sum(student, targets) * (1.0 - self.kd_ratio) + kl * self.kd_ratio) / counted;
             let detached = loss.clone().inner();
             accumulated.add(model, GradientsParams::from_grads((loss * scale).backward(), model), detached, inputs);
@@ -101,9 +102,8 @@ impl<B: TrainBackend> Objective<B> for Distillation<B> {
     }
 
     fn window_metrics(&mut self, cx: &Context<B>) -> Vec<(String, f64)> {
-        let mut window = std::mem::take(&mut self.window);
-        cx.parallel.sum(&mut window);
-        vec![("distill/kl".to_string(), window[0] / window[1].max(1.0))]
+        let window = std::mem::take(&mut self.window).summed_over_ranks(|values| cx.parallel.sum(values));
+        vec![("distill/kl".to_string(), window.per("kl", "targets"))]
     }
 
     fn progress_metrics(&self) -> &'static [&'static str] {

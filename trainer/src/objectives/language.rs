@@ -17,7 +17,8 @@ use crate::backend::TrainBackend;
 use crate::context::Context;
 use crate::evaluate::{encoder_input, fill_mask_line, fill_spans_line, forward_batch, validation, Validation};
 use crate::evaluate::{FILL_MASK_PROMPT, FILL_SPAN_PROMPT};
-use crate::objective::{lm_loss_sum, router_losses, Denoising, RouterStats};
+use crate::metrics::Sums;
+use crate::objective::{lm_loss_sum, router_losses, router_means, Denoising};
 use crate::recompute::{recomputed_gradients, recomputed_seq2seq_gradients};
 use crate::tasks::exact_match_and_sample;
 
@@ -25,13 +26,13 @@ pub struct LanguageModelling {
     /// BERT's masked LM, T5's span corruption: how each text batch is noised.
     denoising: Option<Denoising>,
     /// Mixture of experts: router metrics summed since the last log line.
-    router_window: RouterStats,
+    router_window: Sums,
 }
 
 impl LanguageModelling {
     pub fn new<B: TrainBackend>(setup: &Setup<'_, B>) -> Result<Self> {
         let denoising = Denoising::for_recipe(setup.recipe, setup.tokenizer, !setup.recipe.trains_on_pairs())?;
-        Ok(Self { denoising, router_window: RouterStats::default() })
+        Ok(Self { denoising, router_window: Sums::default() })
     }
 }
 
@@ -135,7 +136,7 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
     }
 
     fn window_metrics(&mut self, cx: &Context<B>) -> Vec<(String, f64)> {
-        std::mem::take(&mut self.router_window).summed_over_ranks(|values| cx.parallel.sum(values)).means()
+        router_means(&std::mem::take(&mut self.router_window).summed_over_ranks(|values| cx.parallel.sum(values)))
     }
 
     fn progress_metrics(&self) -> &'static [&'static str] {

@@ -10,7 +10,9 @@ use furnace_models::LanguageModel;
 use super::{Accumulated, Gradients, Objective, Setup};
 use crate::backend::TrainBackend;
 use crate::context::Context;
-use crate::preference::{self, pair_batch, pair_gradients, reference_log_probs, reward_batch, DpoReference, DpoStats};
+use crate::metrics::Sums;
+use crate::preference::{self, pair_batch, pair_gradients, pair_means, reference_log_probs, reward_batch, DpoReference};
+use crate::preference::{ACCURACIES, CHOSEN, LOSS, PAIRS, REJECTED};
 use crate::tasks::exact_match_and_sample;
 
 pub struct Preference<B: TrainBackend> {
@@ -18,7 +20,7 @@ pub struct Preference<B: TrainBackend> {
     /// reward model has none.
     reference: Option<DpoReference<B::InnerBackend>>,
     /// Metrics summed since the last log line.
-    window: DpoStats,
+    window: Sums,
 }
 
 impl<B: TrainBackend> Preference<B> {
@@ -37,11 +39,11 @@ impl<B: TrainBackend> Preference<B> {
                 val: reference_log_probs(&valid, &mut val_pairs, n_val, setup.device),
             }
         });
-        Self { reference, window: DpoStats::default() }
+        Self { reference, window: Sums::default() }
     }
 
     /// DPO or the reward model on the first `pairs` validation pairs: loss and TRL's metrics.
-    fn evaluate_pairs(&self, cx: &mut Context<B>, model: &LanguageModel<B>, pairs: usize) -> DpoStats {
+    fn evaluate_pairs(&self, cx: &mut Context<B>, model: &LanguageModel<B>, pairs: usize) -> Sums {
         let valid = model.valid();
         let (loader, batch, device) = (&mut cx.val_loader, cx.recipe.training.local_batch_size, &cx.device);
         match &self.reference {
@@ -50,8 +52,8 @@ impl<B: TrainBackend> Preference<B> {
         }
     }
 
-    fn log_means(&self, cx: &mut Context<B>, stats: &DpoStats, first: Option<(&str, f64)>) -> Result<()> {
-        let means = stats.means("eval/", self.reference.is_some());
+    fn log_means(&self, cx: &mut Context<B>, stats: &Sums, first: Option<(&str, f64)>) -> Result<()> {
+        let means = pair_means(stats, "eval/");
         let mut values: Vec<(&str, f64)> = first.into_iter().collect();
         values.extend(means.iter().map(|(name, v)| (name.as_str(), *v)));
         cx.metrics.log(cx.state.step, &values)
@@ -62,7 +64,7 @@ impl<B: TrainBackend> Objective<B> for Preference<B> {
     fn gradients(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<Gradients<B>> {
         let t = &cx.recipe.training;
         let scale = cx.loss_scale();
-        let (mut accumulated, mut step_stats) = (Accumulated::new(), DpoStats::default());
+        let (mut accumulated, mut step_stats) = (Accumulated::new(), Sums::default());
         for _ in 0..t.grad_accum_steps {
             let batch = cx.loader.next_batch();
             let shape = [batch.batch, batch.seq_len];
@@ -76,25 +78,25 @@ impl<B: TrainBackend> Objective<B> for Preference<B> {
                     Some(reference) => pair_batch(model, part, &reference[pairs], dpo, device),
                     None => reward_batch(model, part, device),
                 });
-            step_stats.add(&stats);
+            step_stats.merge(&stats);
             accumulated.add(model, grads, loss, inputs);
         }
-        self.window.add(&step_stats);
+        self.window.merge(&step_stats);
         Ok(accumulated.finish(false, cx.recipe.tokens_per_step()))
     }
 
     fn window_metrics(&mut self, cx: &Context<B>) -> Vec<(String, f64)> {
         let window = std::mem::take(&mut self.window).summed_over_ranks(|values| cx.parallel.sum(values));
-        window.means("", self.reference.is_some())
+        pair_means(&window, "")
     }
 
     fn evaluate(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>, step: usize) -> Result<()> {
         let t = &cx.recipe.training;
         let stats = self.evaluate_pairs(cx, model, t.eval_steps.max(1) * t.local_batch_size);
-        let loss = stats.loss / stats.pairs.max(1) as f64;
+        let loss = stats.per(LOSS, PAIRS);
         self.log_means(cx, &stats, Some(("val_loss", loss)))?;
-        let accuracy = stats.accuracies / stats.pairs.max(1) as f64;
-        let margin = (stats.chosen_rewards - stats.rejected_rewards) / stats.pairs.max(1) as f64;
+        let accuracy = stats.per(ACCURACIES, PAIRS);
+        let margin = (stats.get(CHOSEN) - stats.get(REJECTED)) / stats.get(PAIRS).max(1.0);
         cx.metrics.println(format!(
             "step {step:>6} | val_loss {loss:.4} | preference accuracy {:.1}% | reward margin {margin:.3}",
             100.0 * accuracy
@@ -106,12 +108,11 @@ impl<B: TrainBackend> Objective<B> for Preference<B> {
     fn report(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<()> {
         let pairs = cx.val_loader.items();
         let stats = self.evaluate_pairs(cx, model, pairs);
-        let per_pair = |sum: f64| sum / stats.pairs.max(1) as f64;
         println!(
             "held-out preference pairs: chosen scored above rejected in {:.1}% (reward margin {:.3}, loss {:.4})",
-            100.0 * per_pair(stats.accuracies),
-            per_pair(stats.chosen_rewards - stats.rejected_rewards),
-            per_pair(stats.loss)
+            100.0 * stats.per(ACCURACIES, PAIRS),
+            (stats.get(CHOSEN) - stats.get(REJECTED)) / stats.get(PAIRS).max(1.0),
+            stats.per(LOSS, PAIRS)
         );
         self.log_means(cx, &stats, None)?;
         match self.reference {

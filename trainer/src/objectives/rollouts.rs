@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -21,7 +21,8 @@ use crate::context::Context;
 use crate::evaluate::Validation;
 use crate::model::load_reward_model;
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
-use crate::rollout::{self, rollout, step_prompts, RolloutStats, Sampling};
+use crate::metrics::Sums;
+use crate::rollout::{self, add_ppo_update, add_rollout, rollout, rollout_means, step_prompts, Sampling};
 use crate::tasks::{exact_match_and_sample, held_out_exact_match};
 
 pub struct Rollouts<B: TrainBackend> {
@@ -32,7 +33,7 @@ pub struct Rollouts<B: TrainBackend> {
     /// `training.reward_model`, or None for the verifier.
     reward_model: Option<LanguageModel<B::InnerBackend>>,
     /// Metrics summed since the last log line.
-    window: RolloutStats,
+    window: Sums,
 }
 
 impl<B: TrainBackend> Rollouts<B> {
@@ -43,8 +44,15 @@ impl<B: TrainBackend> Rollouts<B> {
             path => Some(load_reward_model(Path::new(path), setup.tokenizer, setup.device)?),
         };
         let prompts = rollout::prompts(setup.recipe, template, setup.tokenizer)?;
+        let unanswered = prompts.iter().filter(|p| p.expected.is_none()).count();
+        if reward_model.is_none() && unanswered > 0 {
+            bail!(
+                "data.files: {unanswered} of {} conversations end without an assistant turn, which the verifier compares replies with; end each with its answer, or set training.reward_model",
+                prompts.len()
+            );
+        }
         let reference = setup.model.valid();
-        Ok(Self { mode: setup.recipe.training.mode, prompts, reference, reward_model, window: RolloutStats::default() })
+        Ok(Self { mode: setup.recipe.training.mode, prompts, reference, reward_model, window: Sums::default() })
     }
 
     /// PPO: sample one reply per prompt, score it, compute the rollout's log-probabilities,
@@ -67,7 +75,7 @@ impl<B: TrainBackend> Rollouts<B> {
         let mask: Vec<bool> = rollout.targets.iter().map(|&t| t != IGNORE).collect();
         let (advantages, returns) = ppo_advantages(&old_logps, &ref_logps, &old_values, &rollout.rewards, &mask, rollout.len, &config);
         let kl: f64 = old_logps.iter().zip(&ref_logps).zip(&mask).filter(|(_, &m)| m).map(|((a, b), _)| a - b).sum::<f64>();
-        self.window.add(&rollout, 1, kl / rollout.rows as f64);
+        add_rollout(&mut self.window, &rollout, 1, kl / rollout.rows as f64);
         let shape = [rollout.rows, rollout.len];
         let tensor =
             |v: &[f64]| Tensor::<B, 2>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), shape), &device);
@@ -85,7 +93,7 @@ impl<B: TrainBackend> Rollouts<B> {
             let (loss, policy_loss, value_loss, clip_fraction) =
                 ppo_loss(token_log_probs(logits, labels.clone()), values, &targets, &config);
             let scalar = |x: Tensor<B, 1>| x.into_scalar().elem::<f64>();
-            self.window.add_ppo_update(scalar(policy_loss), scalar(value_loss), scalar(clip_fraction));
+            add_ppo_update(&mut self.window, scalar(policy_loss), scalar(value_loss), scalar(clip_fraction));
             let detached = loss.clone().inner();
             let grads = GradientsParams::from_grads((loss * cx.loss_scale()).backward(), &model);
             let gradients = Gradients { grads, reduced: false, loss: detached, last_inputs: inputs.clone(), tokens: 0 };
@@ -122,7 +130,7 @@ impl<B: TrainBackend> Objective<B> for Rollouts<B> {
             let advantages = rollout.group_advantages(config.num_generations, config.scale_rewards, &cx.device);
             let (loss, kl) = grpo_loss(logps, reference, rollout.mask(&cx.device), advantages, config);
             let loss = loss / t.grad_accum_steps as f64;
-            self.window.add(&rollout, config.num_generations, kl.into_scalar().elem::<f64>());
+            add_rollout(&mut self.window, &rollout, config.num_generations, kl.into_scalar().elem::<f64>());
             tokens += rollout.rows * rollout.len;
             let detached = loss.clone().inner();
             accumulated.add(model, GradientsParams::from_grads((loss * scale).backward(), model), detached, inputs);
@@ -142,7 +150,7 @@ impl<B: TrainBackend> Objective<B> for Rollouts<B> {
 
     fn window_metrics(&mut self, cx: &Context<B>) -> Vec<(String, f64)> {
         let window = std::mem::take(&mut self.window).summed_over_ranks(|values| cx.parallel.sum(values));
-        window.means().into_iter().map(|(name, v)| (name.to_string(), v)).collect()
+        rollout_means(&window)
     }
 
     fn progress_metrics(&self) -> &'static [&'static str] {
