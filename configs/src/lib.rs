@@ -3,9 +3,7 @@
 //! any work starts, and resolved into concrete values (`ResolvedModel`) for the other crates.
 
 pub mod capabilities;
-pub mod fsutil;
 pub mod recipe;
-pub mod rng;
 pub mod schema;
 
 mod error;

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use furnace_configs::fsutil::atomic_write;
 use furnace_configs::{Arch, DataSection, DataSource, Recipe};
+use furnace_core::fsutil::atomic_write;
 
 use crate::generators::{arithmetic, stories, ArithmeticConfig};
 use crate::shards::write_shard;

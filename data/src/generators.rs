@@ -1,6 +1,6 @@
 //! Built-in corpora generated from a seed, so the quickstart and the tests need no download.
 
-use furnace_configs::rng::SeededRng;
+use furnace_core::rng::SeededRng;
 
 use crate::chat::{Conversation, Message, Preference};
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat::{LabeledPair, LabeledTokens};
 use crate::seq2seq::Seq2SeqExample;
 use crate::shards::Shard;
-use furnace_configs::rng::{derive_seed, SeededRng, Stream};
+use furnace_core::rng::{derive_seed, SeededRng, Stream};
 
 /// Target id of a position the loss ignores (padding, prompts).
 pub const IGNORE: i64 = -1;

@@ -1,7 +1,7 @@
 //! BERT's masked-LM objective on a batch: choose tokens to predict, hide them, and make the
 //! targets the original tokens at the chosen positions only.
 
-use furnace_configs::rng::SeededRng;
+use furnace_core::rng::SeededRng;
 
 use crate::loader::{Batch, IGNORE};
 

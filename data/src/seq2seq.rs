@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use furnace_configs::fsutil::atomic_write;
 use furnace_configs::{DataSource, Recipe};
+use furnace_core::fsutil::atomic_write;
 use serde::Deserialize;
 
 use crate::chat::{read_jsonl, read_train_and_val};

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use furnace_configs::fsutil::atomic_write;
+use furnace_core::fsutil::atomic_write;
 use memmap2::Mmap;
 
 const MAGIC: &[u8; 8] = b"FURNTOK\0";

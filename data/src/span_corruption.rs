@@ -2,7 +2,7 @@
 //! each replaced in the encoder's input by one sentinel; the decoder's target lists every
 //! sentinel followed by the tokens it hid.
 
-use furnace_configs::rng::SeededRng;
+use furnace_core::rng::SeededRng;
 
 use crate::loader::{Batch, EncoderRows};
 

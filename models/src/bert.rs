@@ -12,10 +12,11 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::embedding;
 
 use crate::blocks::*;
-use crate::init::{constant_param, normal_param, SeededRng};
+use crate::init::{constant_param, normal_param};
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
-use crate::params::f32_val;
+use furnace_core::params::f32_val;
+use furnace_core::rng::SeededRng;
 
 #[derive(Config, Debug)]
 pub struct BertConfig {

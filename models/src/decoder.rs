@@ -12,11 +12,12 @@ use burn::tensor::module::embedding;
 
 use crate::blocks::*;
 use crate::causal_lm::CausalLm;
-use crate::init::{normal_param, SeededRng};
+use crate::init::normal_param;
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
 use crate::mixtral::{MoeConfig, Routing, SparseMoe};
-use crate::params::f32_val;
+use furnace_core::params::f32_val;
+use furnace_core::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PositionKind {

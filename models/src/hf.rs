@@ -9,8 +9,8 @@ use crate::decoder::{DecoderConfig, PositionKind};
 use crate::mamba::MambaConfig;
 use crate::mixtral::MoeConfig;
 use crate::model::ModelConfig;
-use crate::params::{HostTensor, NamedTensors};
 use crate::t5::T5Config;
+use furnace_core::params::{HostTensor, NamedTensors};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HfArch {

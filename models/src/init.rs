@@ -2,7 +2,7 @@
 
 use burn::module::Param;
 use burn::prelude::*;
-pub use furnace_configs::rng::SeededRng;
+use furnace_core::rng::SeededRng;
 
 pub fn normal_param<B: Backend, const D: usize>(
     shape: [usize; D],

@@ -14,7 +14,6 @@ pub mod mamba;
 pub mod mixtral;
 pub mod model;
 pub mod nf4;
-pub mod params;
 pub mod sampling;
 pub mod t5;
 

@@ -10,8 +10,9 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 
 use crate::blocks::Linear;
-use crate::init::{constant_param, SeededRng};
-use crate::params::NamedTensors;
+use crate::init::constant_param;
+use furnace_core::params::NamedTensors;
+use furnace_core::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LoraInit {

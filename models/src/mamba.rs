@@ -14,11 +14,12 @@ use burn::tensor::module::embedding;
 
 use crate::blocks::{chain_activation_bytes, lm_logits, Linear, Norm, NormKind};
 use crate::causal_lm::CausalLm;
-use crate::init::{constant_param, normal_param, uniform_param, SeededRng};
+use crate::init::{constant_param, normal_param, uniform_param};
 use crate::kernels::reference::{causal_conv, selective_scan_with_state};
 use crate::kernels::{causal_conv_silu, selective_scan, swiglu, FusedOps, Scan};
 use crate::lora::LinearLayers;
-use crate::params::f32_val;
+use furnace_core::params::f32_val;
+use furnace_core::rng::SeededRng;
 
 #[derive(Config, Debug)]
 pub struct MambaConfig {

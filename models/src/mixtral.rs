@@ -13,8 +13,8 @@ use burn::tensor::activation::softmax;
 use burn::tensor::IndexingUpdateOp;
 
 use crate::blocks::{FeedForward, Linear, MlpKind};
-use crate::init::SeededRng;
 use crate::kernels::FusedOps;
+use furnace_core::rng::SeededRng;
 
 #[derive(Config, Debug)]
 pub struct MoeConfig {

@@ -172,10 +172,10 @@ impl Nf4Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::params::from_safetensors;
+    use furnace_core::params::from_safetensors;
 
     /// What bitsandbytes computed (scripts/reference/make_nf4_fixtures.py).
-    fn fixture() -> crate::params::NamedTensors {
+    fn fixture() -> furnace_core::params::NamedTensors {
         from_safetensors(include_bytes!("../../tests/fixtures/nf4.safetensors")).unwrap()
     }
 

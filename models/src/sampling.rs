@@ -1,7 +1,7 @@
 //! Turning next-token logits into a token: greedy, temperature, top-k, top-p, min-p and a
 //! repetition penalty, on the host with a seeded RNG so a seed reproduces a sample.
 
-use crate::init::SeededRng;
+use furnace_core::rng::SeededRng;
 
 #[derive(Debug, Clone)]
 pub struct SamplingConfig {

@@ -17,10 +17,11 @@ use burn::tensor::module::embedding;
 
 use crate::blocks::*;
 use crate::causal_lm::CausalLm;
-use crate::init::{normal_param, SeededRng};
+use crate::init::normal_param;
 use crate::kernels::{multi_head_attention, multi_head_attention_learned_bias, FusedOps};
 use crate::lora::LinearLayers;
-use crate::params::f32_val;
+use furnace_core::params::f32_val;
+use furnace_core::rng::SeededRng;
 
 #[derive(Config, Debug)]
 pub struct T5Config {

@@ -6,10 +6,10 @@ use burn::prelude::*;
 use crate::blocks::*;
 use crate::decoder::MlpLayer;
 use crate::generate::{generate, GenerateConfig};
-use crate::init::SeededRng;
 use crate::mixtral::SparseMoe;
 use crate::sampling::{argmax, SamplingConfig};
 use crate::{CausalLm, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
+use furnace_core::rng::SeededRng;
 
 // f32 central differences: step 1e-2 keeps rounding noise ~1e-4 while the O(h²) truncation
 // stays below the tolerance; a wrong gradient is off by O(1).
@@ -242,7 +242,7 @@ fn cached_decoding_equals_recompute_t5() {
     for mlp in [MlpKind::Relu, MlpKind::GatedGelu] {
         let config = T5Config::new(61, 32, 12, 64, 4, 2, 3).with_relative_attention_num_buckets(8).with_mlp(mlp);
         let model = config.init::<F>(5, &device);
-        assert_eq!(config.num_params(), crate::params::trainable_params(&model).1, "{mlp:?}");
+        assert_eq!(config.num_params(), furnace_core::params::trainable_params(&model).1, "{mlp:?}");
         let input =
             Tensor::<F, 2, Int>::from_data(TensorData::new((0..18).map(|i| (i * 7 % 61) as i64).collect::<Vec<_>>(), [2, 9]), &device);
         let decoder =
@@ -321,9 +321,9 @@ fn an_architecture_inside_language_model_keeps_its_parameter_names() {
     type F = burn::backend::Flex;
     let device = Default::default();
     let decoder = tiny(PositionKind::Rope).init::<F>(1, &device);
-    let named = crate::params::named_tensors(&decoder);
-    assert_eq!(crate::params::named_tensors(&LanguageModel::Decoder(decoder)), named);
-    let mamba = crate::params::named_tensors(&ModelConfig::Mamba(tiny_mamba()).init::<F>(1, &device));
+    let named = furnace_core::params::named_tensors(&decoder);
+    assert_eq!(furnace_core::params::named_tensors(&LanguageModel::Decoder(decoder)), named);
+    let mamba = furnace_core::params::named_tensors(&ModelConfig::Mamba(tiny_mamba()).init::<F>(1, &device));
     assert!(mamba.contains_key("layers.1.mixer.a_log"), "{:?}", mamba.keys().collect::<Vec<_>>());
 }
 
@@ -333,13 +333,13 @@ fn named_tensors_round_trip_through_load() {
     let device = Default::default();
     let a = tiny(PositionKind::Rope).init::<F>(1, &device);
     let b = tiny(PositionKind::Rope).init::<F>(2, &device);
-    let named = crate::params::named_tensors(&a);
+    let named = furnace_core::params::named_tensors(&a);
     assert!(named.contains_key("layers.1.attention.q_proj.weight"), "{:?}", named.keys().collect::<Vec<_>>());
-    let b = crate::params::load_named(b, &named).unwrap();
-    assert_eq!(crate::params::named_tensors(&b), named);
+    let b = furnace_core::params::load_named(b, &named).unwrap();
+    assert_eq!(furnace_core::params::named_tensors(&b), named);
     let mut wrong = named.clone();
     wrong.get_mut("norm.weight").unwrap().shape = vec![31];
-    assert!(crate::params::load_named(b, &wrong).unwrap_err().contains("norm.weight"));
+    assert!(furnace_core::params::load_named(b, &wrong).unwrap_err().contains("norm.weight"));
 }
 
 mod lora {
@@ -348,7 +348,7 @@ mod lora {
     use super::*;
     use crate::hf::{from_peft, to_peft, HfArch};
     use crate::lora::{attach_lora, merge_lora, LoraConfig, LoraInit};
-    use crate::params::{load_named, named_tensors, trainable_params, HostTensor};
+    use furnace_core::params::{load_named, named_tensors, trainable_params, HostTensor};
 
     fn tokens<Bk: Backend>() -> Tensor<Bk, 2, Int> {
         Tensor::from_data(TensorData::new((0..24).map(|i| (i * 7 % 50) as i64).collect::<Vec<_>>(), [2, 12]), &Default::default())
@@ -442,7 +442,7 @@ mod lora {
             let (model, _) = attach_lora(decoder.init::<B>(3, &Default::default()), &lora, 1, &Default::default()).unwrap();
             let ours = named_tensors(&train_b(model, 2));
             let peft = to_peft(arch, &ours, 2, lora.scale(), false).unwrap();
-            let adapters: crate::params::NamedTensors =
+            let adapters: furnace_core::params::NamedTensors =
                 ours.iter().filter(|(k, _)| k.contains(".lora.")).map(|(k, v)| (k.clone(), v.clone())).collect();
             assert_eq!(from_peft(arch, &peft.tensors, 2, lora.r).unwrap(), adapters, "{arch:?}: PEFT files read back");
             let merged_ours = merge_lora(&ours, lora.scale());
@@ -483,7 +483,7 @@ mod qlora {
     use super::*;
     use crate::lora::{attach_lora, quantize_base, LoraConfig};
     use crate::nf4::Nf4Matrix;
-    use crate::params::{load_named, named_tensors};
+    use furnace_core::params::{load_named, named_tensors};
 
     /// A decoder whose block linears hold exactly their NF4 dequantization, dense: what the
     /// quantized model must compute.
@@ -521,7 +521,7 @@ mod qlora {
             .filter(|(k, _)| k.ends_with("lora.b"))
             .for_each(|(_, t)| t.data.iter_mut().for_each(|v| *v = (rng.normal() * 0.1) as f32));
         let dense = load_named(dense, &adapters).unwrap();
-        let quantized_tensors: crate::params::NamedTensors = adapters
+        let quantized_tensors: furnace_core::params::NamedTensors = adapters
             .iter()
             .filter(|(k, _)| !(k.starts_with("layers.") && k.ends_with(".weight") && !k.contains("norm") && !k.contains("lora")))
             .map(|(k, v)| (k.clone(), v.clone()))

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use burn::module::Param;
 use burn::prelude::*;
+use furnace_core::params::{from_safetensors, load_named, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
 use furnace_models::hf::{config_from_hf, from_hf};
 use furnace_models::kernels::cross_entropy;
-use furnace_models::params::{from_safetensors, load_named, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
 use furnace_models::{CausalLm, LanguageModel, ModelConfig};
 
 type B = burn::backend::Flex;

@@ -2,7 +2,7 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use furnace_models::params::widened;
+use furnace_core::params::widened;
 
 /// The L2 norm of all gradients together (one read-back from the device).
 pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> f64 {

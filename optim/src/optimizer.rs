@@ -9,7 +9,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
-use furnace_models::params::{map_with_paths, visit_with_paths, widened, HostTensor, NamedTensors, PathMapper, PathVisitor};
+use furnace_core::params::{map_with_paths, visit_with_paths, widened, HostTensor, NamedTensors, PathMapper, PathVisitor};
 
 use crate::algorithm::{Algorithm, Slots};
 use crate::fused::FusedUpdate;

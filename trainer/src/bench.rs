@@ -108,7 +108,7 @@ pub fn all_reduce_seconds(recipe: &furnace_configs::Recipe, iters: usize) -> any
     );
     let vocab = recipe.model.resolve(None).vocab_size;
     let model = crate::model::build_model::<Ad>(recipe, vocab, None, &device)?.model;
-    let (_, elements) = furnace_models::params::trainable_params(&model);
+    let (_, elements) = furnace_core::params::trainable_params(&model);
     let tokens = Tensor::<Ad, 2, Int>::zeros([1, 8], &device);
     let send = vec![1.0f32; elements];
     let mut receive = vec![0.0f32; elements];

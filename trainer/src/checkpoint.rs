@@ -7,9 +7,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use furnace_configs::fsutil::sync_dir;
+use furnace_core::fsutil::sync_dir;
+use furnace_core::params::{from_safetensors, to_safetensors, NamedTensors};
 use furnace_data::Cursor;
-use furnace_models::params::{from_safetensors, to_safetensors, NamedTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::precision::LossScaler;
@@ -236,7 +236,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use furnace_models::params::HostTensor;
+    use furnace_core::params::HostTensor;
 
     fn sample() -> NamedTensors {
         let mut t = NamedTensors::new();

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use furnace_configs::Recipe;
+use furnace_core::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{prepare, read_documents};
 use furnace_data::tokenizer::ExtraTokens;
@@ -12,7 +13,6 @@ use furnace_data::TextTokenizer;
 use furnace_models::generate::GenerateConfig;
 use furnace_models::hf::{from_peft, hf_arch_for};
 use furnace_models::kernels::FusedOps;
-use furnace_models::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::{CausalLm, LanguageModel};
 

@@ -5,14 +5,14 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use furnace_configs::fsutil::atomic_write;
 use furnace_configs::Recipe;
 use furnace_configs::TrainMode;
+use furnace_core::fsutil::atomic_write;
+use furnace_core::params::{from_safetensors, to_safetensors_as, HostTensor, NamedTensors, StoreDtype};
 use furnace_data::TextTokenizer;
 use furnace_models::hf::{config_to_hf, hf_arch_for, to_hf, to_peft, HfArch};
 use furnace_models::lora::{has_lora, merge_lora, LoraInit};
 use furnace_models::nf4::Nf4Matrix;
-use furnace_models::params::{from_safetensors, to_safetensors_as, HostTensor, NamedTensors, StoreDtype};
 use serde_json::json;
 
 use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
@@ -302,7 +302,7 @@ fn shard(tensors: &NamedTensors, dtype: StoreDtype, max_bytes: usize) -> Vec<Nam
 #[cfg(test)]
 mod tests {
     use super::*;
-    use furnace_models::params::HostTensor;
+    use furnace_core::params::HostTensor;
 
     #[test]
     fn shards_respect_the_size_limit_and_keep_every_tensor() {

@@ -8,9 +8,9 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use furnace_core::params::{HostTensor, NamedTensors};
 use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::HfArch;
-use furnace_models::params::{HostTensor, NamedTensors};
 use furnace_models::{DecoderConfig, ModelConfig, MoeConfig, PositionKind};
 use serde_json::json;
 

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use furnace_configs::{Arch, BaseQuant, LoraSection, Mlp, ModelSection, Norm, Position, Recipe, ResolvedModel, TrainMode};
+use furnace_core::params::{from_safetensors, named_tensors, NamedTensors};
 use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for, HfArch};
 use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
-use furnace_models::params::{from_safetensors, named_tensors, NamedTensors};
 use furnace_models::t5::T5Config;
 use furnace_models::{BertConfig, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
 
@@ -206,7 +206,7 @@ pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&Name
         if reward && !weights.contains_key("score.weight") {
             weights.to_mut().extend(named_tensors(&model).into_iter().filter(|(name, _)| name.starts_with("score.")));
         }
-        model = furnace_models::params::load_named(model, &weights)
+        model = furnace_core::params::load_named(model, &weights)
             .map_err(|e| anyhow::anyhow!("model.init_from = {}: {e}", recipe.model.init_from))?;
     }
     if let Some(lora) = lora_config(&recipe.lora) {
@@ -240,7 +240,7 @@ fn load_peft_adapters<B: Backend>(model: LanguageModel<B>, config: &ModelConfig,
         }
         tensors.insert(name, tensor);
     }
-    furnace_models::params::load_named(model, &tensors).map_err(|e| anyhow::anyhow!("lora.adapter_from = {}: {e}", dir.display()))
+    furnace_core::params::load_named(model, &tensors).map_err(|e| anyhow::anyhow!("lora.adapter_from = {}: {e}", dir.display()))
 }
 
 /// `training.reward_model`: a reward model (a run trained with training.mode = "reward") for a
@@ -262,7 +262,7 @@ pub fn load_reward_model<B: Backend>(path: &Path, tokenizer: &TextTokenizer, dev
         bail!("{key} has no score head: it is not a reward model; train one with training.mode = \"reward\"");
     }
     let model = ModelConfig::Decoder(config.with_score_head(true)).init::<B>(0, device);
-    furnace_models::params::load_named(model, &base.weights).map_err(|e| anyhow::anyhow!("{key}: {e}"))
+    furnace_core::params::load_named(model, &base.weights).map_err(|e| anyhow::anyhow!("{key}: {e}"))
 }
 
 /// A built model, and under QLoRA the bytes of its NF4 layers (and of the same layers in bf16).
@@ -392,7 +392,7 @@ fn tokenizer_file(json: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("{:016x}.json", hasher.finish()));
     if !path.is_file() {
-        furnace_configs::fsutil::atomic_write(&path, json.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+        furnace_core::fsutil::atomic_write(&path, json.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(path)
 }

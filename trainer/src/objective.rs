@@ -2,8 +2,8 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, softmax};
-use furnace_configs::rng::SeededRng;
 use furnace_configs::{Arch, DpoLoss, DpoSection, GrpoLoss, GrpoSection, ModelSection, PpoSection, Recipe, SENTINELS};
+use furnace_core::rng::SeededRng;
 use furnace_data::mlm::Masking;
 use furnace_data::span_corruption::SpanCorruption;
 use furnace_data::{Batch, TextTokenizer};

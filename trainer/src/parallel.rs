@@ -17,8 +17,8 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::{CollectiveBackend, Recipe, Strategy};
+use furnace_core::params::{map_with_paths, visit_with_paths, PathMapper, PathVisitor};
 use furnace_distributed::{Collective, Partition, PendingSum, Transport, World};
-use furnace_models::params::{map_with_paths, visit_with_paths, PathMapper, PathVisitor};
 use furnace_optim::global_grad_norm;
 
 pub struct Parallel {

@@ -6,8 +6,8 @@
 
 use anyhow::Result;
 use burn::prelude::*;
-use furnace_configs::rng::{derive_seed, Stream};
 use furnace_configs::{DataSource, Recipe};
+use furnace_core::rng::{derive_seed, Stream};
 use furnace_data::chat::{read_conversations, read_train_and_val, ChatTemplate};
 use furnace_data::corpus::arithmetic_config;
 use furnace_data::generators::arithmetic_conversations;
@@ -90,11 +90,8 @@ pub fn rollout<B: FusedOps>(
     let mut rows: Vec<(Vec<u32>, usize)> = Vec::new();
     let mut correct = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
-        let sampling = SamplingConfig {
-            temperature: config.temperature,
-            seed: derive_seed(seed, Stream::Reply, i as u64 + 1),
-            ..Default::default()
-        };
+        let sampling =
+            SamplingConfig { temperature: config.temperature, seed: derive_seed(seed, Stream::Reply, i as u64 + 1), ..Default::default() };
         let generate = GenerateConfig { max_new_tokens: config.max_completion_length, stop_tokens: vec![eos], sampling };
         for reply in generate_group(policy, &prompt.ids, config.replies_per_prompt, &generate, device) {
             let text = reply.strip_suffix(&[eos]).unwrap_or(&reply);

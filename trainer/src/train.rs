@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use furnace_configs::rng::Stream;
 use furnace_configs::{Precision, Recipe, Strategy};
+use furnace_core::params::{cast_params, load_named, named_tensors, trainable_params};
+use furnace_core::rng::Stream;
 use furnace_models::blocks::with_autocast;
-use furnace_models::params::{cast_params, load_named, named_tensors, trainable_params};
 use furnace_models::LanguageModel;
 use furnace_optim::{Algorithm, DecayGroups, Optimizer, Schedule};
 
@@ -232,8 +232,7 @@ impl<B: TrainBackend> Trainer<B> {
             self.cx.state.step += 1;
             let step = self.cx.state.step;
             let lr = self.schedule.lr(step);
-            let Stepped { model: updated, loss, grad_norm, tokens } =
-                with_autocast(self.cx.compute_dtype, || self.train_step(model, lr))?;
+            let Stepped { model: updated, loss, grad_norm, tokens } = with_autocast(self.cx.compute_dtype, || self.train_step(model, lr))?;
             model = updated;
             if let Some(scale) = self.cx.skipped_at_scale.take() {
                 self.cx.metrics.log_skip(step, scale)?;

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use furnace_core::params::from_safetensors;
 use furnace_models::hf::{config_from_hf, from_hf};
-use furnace_models::params::from_safetensors;
 
 fn furnace(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).current_dir(workspace()).output().expect("furnace runs")
@@ -451,7 +451,7 @@ fn export_writes_a_hugging_face_folder_that_round_trips() {
         } else {
             vec![hf.join("model.safetensors")]
         };
-        let mut tensors = furnace_models::params::NamedTensors::new();
+        let mut tensors = furnace_core::params::NamedTensors::new();
         for f in &files {
             tensors.extend(from_safetensors(&std::fs::read(f).unwrap()).unwrap());
         }

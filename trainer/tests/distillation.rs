@@ -88,7 +88,8 @@ fn a_teacher_must_exist_and_the_ratio_be_a_fraction() {
     std::fs::write(&recipe, RECIPE).unwrap();
     let out = dir.path().join("run");
     let train = |set: &str| {
-        let output = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", set, "--set", &format!("run.output_dir={}", out.display())]);
+        let output =
+            furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", set, "--set", &format!("run.output_dir={}", out.display())]);
         assert!(!output.status.success(), "{set} is refused");
         text(&output)
     };

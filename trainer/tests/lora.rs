@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use furnace_models::params::{from_safetensors, NamedTensors};
+use furnace_core::params::{from_safetensors, NamedTensors};
 
 mod common;
 use common::{furnace, losses, run_ok, text};

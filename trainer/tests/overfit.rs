@@ -4,7 +4,7 @@
 use burn::backend::Autodiff;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use furnace_configs::rng::SeededRng;
+use furnace_core::rng::SeededRng;
 use furnace_models::{CausalLm, DecoderConfig};
 use furnace_optim::{Algorithm, DecayGroups, Optimizer};
 use furnace_trainer::objective::lm_loss_sum;

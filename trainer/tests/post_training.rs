@@ -335,11 +335,7 @@ fn grpo_samples_scores_and_resumes_exactly() {
     std::fs::write(&questions, "{\"messages\": [{\"role\": \"user\", \"content\": \"Say fox.\"}]}\n".repeat(20)).unwrap();
     let files = format!("data.files=[\"{}\"]", questions.display());
     let unanswered = s.train("unanswered", &[&grpo[..], &chat_source[..], &["--set", &files]].concat());
-    assert!(
-        !unanswered.status.success() && text(&unanswered).contains("end without an assistant turn"),
-        "{}",
-        text(&unanswered)
-    );
+    assert!(!unanswered.status.success() && text(&unanswered).contains("end without an assistant turn"), "{}", text(&unanswered));
 
     // Rewards from a reward model trained from the same base instead of the verifier.
     let reward = [
@@ -402,7 +398,7 @@ fn ppo_trains_with_a_value_head_resumes_exactly_and_exports_the_policy() {
     let hf = s.dir.path().join("hf");
     let run = s.dir.path().join("straight");
     run_ok(&["export", "--checkpoint", run.to_str().unwrap(), "--format", "safetensors", "--out", hf.to_str().unwrap()]);
-    let tensors = furnace_models::params::from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
+    let tensors = furnace_core::params::from_safetensors(&std::fs::read(hf.join("model.safetensors")).unwrap()).unwrap();
     assert!(!tensors.keys().any(|k| k.contains("score")), "{:?}", tensors.keys().collect::<Vec<_>>());
 }
 

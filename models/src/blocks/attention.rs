@@ -4,8 +4,8 @@
 use burn::prelude::*;
 
 use super::Linear;
-use crate::init::SeededRng;
 use crate::kernels::{multi_head_attention, rope, FusedOps};
+use furnace_core::rng::SeededRng;
 
 /// Keys and values of one layer for the positions decoded so far: `[batch, len, kv_heads, head_dim]`.
 pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;

@@ -5,11 +5,12 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 
-use crate::init::{constant_param, normal_param, SeededRng};
+use crate::init::{constant_param, normal_param};
 use crate::kernels::{nf4_matmul, FusedOps};
 use crate::lora::LoraAdapter;
 use crate::nf4::Nf4Matrix;
-use crate::params::{f32_val, widened};
+use furnace_core::params::{f32_val, widened};
+use furnace_core::rng::SeededRng;
 
 /// A dense layer computed as one 2-D matmul over all tokens. The weight is stored
 /// `[d_in, d_out]` (Burn's layout; the Hugging Face tables transpose it), either as a parameter

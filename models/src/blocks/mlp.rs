@@ -2,8 +2,8 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu};
 
 use super::Linear;
-use crate::init::SeededRng;
 use crate::kernels::{gelu_tanh, swiglu, FusedOps};
+use furnace_core::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MlpKind {

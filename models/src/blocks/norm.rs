@@ -3,7 +3,7 @@ use burn::prelude::*;
 
 use crate::init::constant_param;
 use crate::kernels::{norm, FusedOps};
-use crate::params::f32_val;
+use furnace_core::params::f32_val;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NormKind {

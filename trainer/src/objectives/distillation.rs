@@ -53,10 +53,13 @@ fn load_teacher<B: Backend>(path: &Path, tokenizer: &TextTokenizer, device: &B::
     let base = load_base(path).with_context(|| key.clone())?;
     let theirs = TextTokenizer::load(&base.tokenizer).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
     if theirs.to_json() != tokenizer.to_json() {
-        bail!("{key}: its tokenizer ({}) differs from the student's; distil on the teacher's tokenizer (data.tokenizer)", base.tokenizer.display());
+        bail!(
+            "{key}: its tokenizer ({}) differs from the student's; distil on the teacher's tokenizer (data.tokenizer)",
+            base.tokenizer.display()
+        );
     }
     let model = model_config(&base.model).init::<B>(0, device);
-    let model = furnace_models::params::load_named(model, &base.weights).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+    let model = furnace_core::params::load_named(model, &base.weights).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
     Ok((model, base.model.vocab_size))
 }
 
@@ -150,7 +153,7 @@ mod tests {
     #[test]
     fn the_loss_is_the_tempered_kl_over_counted_positions() {
         let (batch, seq, vocab) = (2, 3, 5);
-        let mut rng = furnace_configs::rng::SeededRng::new(7);
+        let mut rng = furnace_core::rng::SeededRng::new(7);
         let mut draw = || (0..batch * seq * vocab).map(|_| 3.0 * rng.normal()).collect::<Vec<f64>>();
         let (student, teacher) = (draw(), draw());
         let targets = vec![1, IGNORE, 4, 0, 2, IGNORE];

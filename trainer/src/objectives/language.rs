@@ -7,7 +7,7 @@ use anyhow::Result;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use furnace_configs::rng::Stream;
+use furnace_core::rng::Stream;
 use furnace_data::Batch;
 use furnace_models::blocks::with_autocast;
 use furnace_models::LanguageModel;

@@ -9,8 +9,8 @@ use anyhow::{bail, Context as _, Result};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use furnace_configs::rng::Stream;
 use furnace_configs::TrainMode;
+use furnace_core::rng::Stream;
 use furnace_data::loader::IGNORE;
 use furnace_models::{CausalLm, LanguageModel};
 
@@ -19,9 +19,9 @@ use super::{apply, Accumulated, Gradients, Objective, Setup, Stepped};
 use crate::backend::TrainBackend;
 use crate::context::Context;
 use crate::evaluate::Validation;
+use crate::metrics::Sums;
 use crate::model::load_reward_model;
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
-use crate::metrics::Sums;
 use crate::rollout::{self, add_ppo_update, add_rollout, rollout, rollout_means, step_prompts, Sampling};
 use crate::tasks::{exact_match_and_sample, held_out_exact_match};
 
