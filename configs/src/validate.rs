@@ -1,4 +1,5 @@
-//! Checks on values that parse but cannot work, each reported with the line, key and fix.
+//! Checks on values that parse but cannot work, each reported with the line, key and fix: one
+//! function per concern, run in order, the first failure reported.
 
 use std::path::Path;
 
@@ -7,27 +8,72 @@ use crate::error::line_of_key;
 use crate::*;
 
 pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: bool) -> Result<(), RecipeError> {
-    let fail = |section: &str, key: &str, message: String, fix: String| {
-        Err(RecipeError { file: file.into(), line: line_of_key(text, section, key), key: format!("{section}.{key}"), message, fix })
+    let check = Check {
+        recipe,
+        file,
+        text,
+        check_files,
+        m: recipe.model.resolve(None),
+        checkpointing: recipe.activation_checkpoint.mode != CheckpointMode::None,
     };
-    let m = recipe.model.resolve(None);
-    // An architecture with a fixed layout: the first (key, fits, value it takes) that does not fit.
-    let fixed_layout = |layout: &[(&str, bool, &str)], what: &str| match layout.iter().find(|(_, fits, _)| !fits) {
-        Some((key, _, value)) => {
-            fail("model", key, format!("{what}; model.{key} does not fit it"), format!("remove model.{key} or set it to {value}"))
-        }
-        None => Ok(()),
-    };
-    if !(recipe.distributed.bucket_mb > 0.0 && recipe.distributed.bucket_mb.is_finite()) {
-        return fail(
-            "distributed",
-            "bucket_mb",
-            format!("bucket_mb = {} must be a positive number of megabytes", recipe.distributed.bucket_mb),
-            "use PyTorch's default 25, or any size above 0".into(),
-        );
+    for section in [
+        model,
+        supported,
+        activation_checkpoint,
+        runtime,
+        distributed,
+        training,
+        optimizer,
+        lr_scheduler,
+        data,
+        post_training,
+        init_from,
+        lora,
+    ] {
+        section(&check)?;
     }
+    Ok(())
+}
+
+/// A recipe being checked, and what several checks read.
+struct Check<'a> {
+    recipe: &'a Recipe,
+    file: &'a str,
+    text: &'a str,
+    /// Whether named files must exist (not for a recipe stored in a checkpoint).
+    check_files: bool,
+    m: ResolvedModel,
+    checkpointing: bool,
+}
+
+impl Check<'_> {
+    fn fail(&self, section: &str, key: &str, message: String, fix: String) -> Result<(), RecipeError> {
+        Err(RecipeError {
+            file: self.file.into(),
+            line: line_of_key(self.text, section, key),
+            key: format!("{section}.{key}"),
+            message,
+            fix,
+        })
+    }
+
+    /// An architecture with a fixed layout: the first (key, fits, value it takes) that does not fit.
+    fn fixed_layout(&self, layout: &[(&str, bool, &str)], what: &str) -> Result<(), RecipeError> {
+        match layout.iter().find(|(_, fits, _)| !fits) {
+            Some((key, _, value)) => {
+                self.fail("model", key, format!("{what}; model.{key} does not fit it"), format!("remove model.{key} or set it to {value}"))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// The model's dimensions, each architecture's own keys and fixed layouts, dropout and epsilons.
+fn model(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
+    let m = &c.m;
     if m.d_model == 0 || m.n_layers == 0 || m.n_heads == 0 || m.n_kv_heads == 0 || m.d_ff == 0 {
-        return fail(
+        return c.fail(
             "model",
             "d_model",
             "model dimensions must be positive".into(),
@@ -35,7 +81,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if m.d_model % m.n_heads != 0 && !(m.arch == Arch::T5 && recipe.model.head_dim.is_some()) {
-        return fail(
+        return c.fail(
             "model",
             "n_heads",
             format!("d_model = {} is not divisible by n_heads = {}", m.d_model, m.n_heads),
@@ -43,7 +89,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if m.n_heads % m.n_kv_heads != 0 {
-        return fail(
+        return c.fail(
             "model",
             "n_kv_heads",
             format!("n_heads = {} is not a multiple of n_kv_heads = {}", m.n_heads, m.n_kv_heads),
@@ -51,7 +97,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if m.position == Position::Rope && (m.d_model / m.n_heads) % 2 != 0 {
-        return fail(
+        return c.fail(
             "model",
             "n_heads",
             format!("RoPE needs an even head dimension, got {}", m.d_model / m.n_heads),
@@ -59,7 +105,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if m.arch == Arch::Mamba && (m.d_state == 0 || m.d_conv < 2 || m.expand == 0 || m.dt_rank == 0) {
-        return fail(
+        return c.fail(
             "model",
             "d_state",
             "Mamba needs d_state, expand and dt_rank above 0 and d_conv of at least 2".into(),
@@ -68,7 +114,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     }
     if m.arch == Arch::Mixtral {
         if m.n_experts == 0 || m.experts_per_token == 0 || m.experts_per_token > m.n_experts {
-            return fail(
+            return c.fail(
                 "model",
                 "experts_per_token",
                 format!("experts_per_token = {} must be between 1 and n_experts = {}", m.experts_per_token, m.n_experts),
@@ -76,10 +122,10 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             );
         }
         if m.mlp != Mlp::SwiGlu {
-            return fail("model", "mlp", "Mixtral's experts are SwiGLU MLPs".into(), "remove model.mlp or set it to \"swiglu\"".into());
+            return c.fail("model", "mlp", "Mixtral's experts are SwiGLU MLPs".into(), "remove model.mlp or set it to \"swiglu\"".into());
         }
         if m.capacity_factor < 0.0 || m.router_aux_loss_coef < 0.0 || m.router_z_loss_coef < 0.0 {
-            return fail(
+            return c.fail(
                 "model",
                 "capacity_factor",
                 "capacity_factor, router_aux_loss_coef and router_z_loss_coef must not be negative".into(),
@@ -95,7 +141,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             ("head_dim", recipe.model.head_dim.is_some()),
         ];
         if let Some((key, _)) = t5_only.iter().find(|(_, set)| *set) {
-            return fail(
+            return c.fail(
                 "model",
                 key,
                 format!("model.{key} as given is T5's; this model is {}", m.arch),
@@ -103,7 +149,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             );
         }
         if matches!(recipe.data.source, DataSource::Seq2seq | DataSource::ArithmeticWords) {
-            return fail(
+            return c.fail(
                 "data",
                 "source",
                 format!(
@@ -124,12 +170,12 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             ("sliding_window", m.sliding_window == 0, "0"),
             ("parallel_block", !m.parallel_block, "false"),
         ];
-        fixed_layout(
+        c.fixed_layout(
             &layout,
             "T5's layout is fixed (relative position bias, pre-norm RMS blocks without biases, relu or gated-gelu MLPs, full attention)",
         )?;
         if m.n_decoder_layers == 0 || m.head_dim == 0 || m.relative_attention_num_buckets < 2 || m.relative_attention_max_distance == 0 {
-            return fail(
+            return c.fail(
                 "model",
                 "n_decoder_layers",
                 "T5 needs n_decoder_layers, head_dim and relative_attention_max_distance above 0 and at least 2 relative_attention_num_buckets".into(),
@@ -139,7 +185,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         if !recipe.trains_on_pairs() {
             let t = &recipe.training;
             if !(t.mlm_probability > 0.0 && t.mlm_probability < 1.0 && t.mean_noise_span_length >= 1.0) {
-                return fail(
+                return c.fail(
                     "training",
                     "mean_noise_span_length",
                     format!(
@@ -151,7 +197,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             }
             let spans = ((t.seq_len as f64 * t.mlm_probability).round() / t.mean_noise_span_length).round();
             if spans > SENTINELS as f64 {
-                return fail(
+                return c.fail(
                     "training",
                     "seq_len",
                     format!("span corruption of {} tokens makes {spans} spans, more than T5's {SENTINELS} sentinels", t.seq_len),
@@ -171,12 +217,12 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             ("sliding_window", m.sliding_window == 0, "0"),
             ("parallel_block", !m.parallel_block, "false"),
         ];
-        fixed_layout(
+        c.fixed_layout(
             &layout,
             "BERT's layout is fixed (learned positions, post-norm LayerNorm, GELU, biases, tied MLM head, full attention)",
         )?;
         if !(recipe.training.mlm_probability > 0.0 && recipe.training.mlm_probability < 1.0) {
-            return fail(
+            return c.fail(
                 "training",
                 "mlm_probability",
                 format!("mlm_probability = {} is outside (0, 1)", recipe.training.mlm_probability),
@@ -184,9 +230,31 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             );
         }
     }
-    let checkpointing = recipe.activation_checkpoint.mode != CheckpointMode::None;
-    // What the architecture's row of the capability table lacks.
+    if !(0.0..1.0).contains(&m.dropout) {
+        return c.fail(
+            "model",
+            "dropout",
+            format!("dropout = {} is outside [0, 1)", m.dropout),
+            "use a probability such as 0.0 or 0.1".into(),
+        );
+    }
+    if m.norm_eps <= 0.0 || m.rope_theta <= 0.0 {
+        return c.fail(
+            "model",
+            "norm_eps",
+            "norm_eps and rope_theta must be positive".into(),
+            "use e.g. norm_eps = 1e-5, rope_theta = 10000.0".into(),
+        );
+    }
+    Ok(())
+}
+
+/// What the architecture's row of the capability table lacks.
+fn supported(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
+    let m = &c.m;
     let caps = capabilities(m.arch);
+    let checkpointing = c.checkpointing;
     let mode = recipe.training.mode;
     let asked: [(bool, &str, &str, String, &dyn Fn(&Capabilities) -> bool); 7] = [
         (true, "training", "mode", format!("training.mode = \"{mode}\""), &|c| c.modes.contains(&mode)),
@@ -200,7 +268,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     for (wanted, section, key, feature, has) in asked {
         if wanted && !has(caps) {
             let archs: Vec<String> = CAPABILITIES.iter().filter(|c| has(c)).map(|c| c.arch.to_string()).collect();
-            return fail(
+            return c.fail(
                 section,
                 key,
                 format!("model.arch = \"{}\" ({}) does not support {feature}", m.arch, caps.what),
@@ -208,10 +276,18 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             );
         }
     }
+    Ok(())
+}
+
+/// Which blocks recompute, and what recompute covers.
+fn activation_checkpoint(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
+    let m = &c.m;
+    let checkpointing = c.checkpointing;
     if recipe.activation_checkpoint.mode == CheckpointMode::Selective
         && !matches!(recipe.activation_checkpoint.selective_ac_option.trim().parse::<usize>(), Ok(n) if n >= 1)
     {
-        return fail(
+        return c.fail(
             "activation_checkpoint",
             "selective_ac_option",
             format!(
@@ -222,17 +298,34 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if checkpointing && m.dropout > 0.0 {
-        return fail(
+        return c.fail(
             "activation_checkpoint",
             "mode",
             "activation checkpointing recomputes blocks and does not yet replay dropout masks".into(),
             "set model.dropout = 0 (as LLM pretraining usually does) or activation_checkpoint.mode = \"none\"".into(),
         );
     }
+    if checkpointing && !matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft) {
+        return c.fail(
+            "activation_checkpoint",
+            "mode",
+            format!(
+                "activation checkpointing covers pretrain and sft (every architecture); this is {} in {}",
+                m.arch, recipe.training.mode
+            ),
+            "set activation_checkpoint.mode = \"none\"".into(),
+        );
+    }
+    Ok(())
+}
+
+/// Precision, loss scaling and batch shards.
+fn runtime(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
     if recipe.runtime.precision == Precision::Bf16True
         && (!matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft) || recipe.lora.r > 0)
     {
-        return fail(
+        return c.fail(
             "runtime",
             "precision",
             format!(
@@ -243,53 +336,9 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "use runtime.precision = \"bf16-mixed\"".into(),
         );
     }
-    let fsdp = recipe.distributed.strategy == Strategy::Fsdp;
-    if fsdp
-        && (!matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft)
-            || m.dropout > 0.0
-            || recipe.lora.r > 0
-            || recipe.optimizer.name == OptimizerName::Sophia)
-    {
-        return fail(
-            "distributed",
-            "strategy",
-            format!(
-                "fsdp recomputes every block in backward: decoder-only transformers (llama, gpt2, mixtral) and mamba, in pretrain and sft, without dropout, LoRA or Sophia (its curvature pass needs the whole model); this is {} in {}",
-                m.arch, recipe.training.mode
-            ),
-            "use distributed.strategy = \"zero2\" (its memory saving short of the parameters) or remove what fsdp does not cover".into(),
-        );
-    }
-    if checkpointing && !matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft) {
-        return fail(
-            "activation_checkpoint",
-            "mode",
-            format!(
-                "activation checkpointing covers pretrain and sft (every architecture); this is {} in {}",
-                m.arch, recipe.training.mode
-            ),
-            "set activation_checkpoint.mode = \"none\"".into(),
-        );
-    }
-    if !(0.0..1.0).contains(&m.dropout) {
-        return fail(
-            "model",
-            "dropout",
-            format!("dropout = {} is outside [0, 1)", m.dropout),
-            "use a probability such as 0.0 or 0.1".into(),
-        );
-    }
-    if m.norm_eps <= 0.0 || m.rope_theta <= 0.0 {
-        return fail(
-            "model",
-            "norm_eps",
-            "norm_eps and rope_theta must be positive".into(),
-            "use e.g. norm_eps = 1e-5, rope_theta = 10000.0".into(),
-        );
-    }
     let r = &recipe.runtime;
     if !(r.initial_loss_scale >= 1.0 && r.initial_loss_scale.is_finite()) || r.loss_scale_growth_interval == 0 {
-        return fail(
+        return c.fail(
             "runtime",
             if r.loss_scale_growth_interval == 0 { "loss_scale_growth_interval" } else { "initial_loss_scale" },
             format!(
@@ -301,7 +350,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     }
     let pairs = matches!(recipe.training.mode, TrainMode::Reward | TrainMode::Dpo);
     if r.batch_shards == 0 || (r.batch_shards > 1 && (!pairs || r.backend != Backend::Flex)) {
-        return fail(
+        return c.fail(
             "runtime",
             "batch_shards",
             format!(
@@ -311,6 +360,47 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             "set runtime.batch_shards = 1 (or remove it)".into(),
         );
     }
+    Ok(())
+}
+
+/// Gradient buckets, and what FSDP covers.
+fn distributed(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
+    let m = &c.m;
+    if !(recipe.distributed.bucket_mb > 0.0 && recipe.distributed.bucket_mb.is_finite()) {
+        return c.fail(
+            "distributed",
+            "bucket_mb",
+            format!("bucket_mb = {} must be a positive number of megabytes", recipe.distributed.bucket_mb),
+            "use PyTorch's default 25, or any size above 0".into(),
+        );
+    }
+    let fsdp = recipe.distributed.strategy == Strategy::Fsdp;
+    if fsdp
+        && (!matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft)
+            || m.dropout > 0.0
+            || recipe.lora.r > 0
+            || recipe.optimizer.name == OptimizerName::Sophia)
+    {
+        return c.fail(
+            "distributed",
+            "strategy",
+            format!(
+                "fsdp recomputes every block in backward: decoder-only transformers (llama, gpt2, mixtral) and mamba, in pretrain and sft, without dropout, LoRA or Sophia (its curvature pass needs the whole model); this is {} in {}",
+                m.arch, recipe.training.mode
+            ),
+            "use distributed.strategy = \"zero2\" (its memory saving short of the parameters) or remove what fsdp does not cover".into(),
+        );
+    }
+    Ok(())
+}
+
+/// Step shape and clipping; the reward model and the teacher.
+fn training(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
+    let m = &c.m;
+    let check_files = c.check_files;
+    let checkpointing = c.checkpointing;
     let t = &recipe.training;
     for (key, value) in [
         ("local_batch_size", t.local_batch_size),
@@ -320,12 +410,12 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         ("log_every", t.log_every),
     ] {
         if value == 0 {
-            return fail("training", key, format!("{key} must be at least 1"), format!("set training.{key} to a positive integer"));
+            return c.fail("training", key, format!("{key} must be at least 1"), format!("set training.{key} to a positive integer"));
         }
     }
     // With init_from the model comes from the base; the trainer checks seq_len against it.
     if t.seq_len > m.max_seq_len && recipe.model.init_from.is_empty() {
-        return fail(
+        return c.fail(
             "training",
             "seq_len",
             format!("seq_len = {} exceeds the model's max_seq_len = {}", t.seq_len, m.max_seq_len),
@@ -333,20 +423,70 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if t.max_norm < 0.0 || !t.max_norm.is_finite() {
-        return fail(
+        return c.fail(
             "training",
             "max_norm",
             format!("max_norm = {} must be finite and >= 0", t.max_norm),
             "use 1.0, or 0 to disable clipping".into(),
         );
     }
+    let reward_model = &recipe.training.reward_model;
+    if check_files && !reward_model.is_empty() && !Path::new(reward_model).is_dir() {
+        return c.fail(
+            "training",
+            "reward_model",
+            format!("reward_model = `{reward_model}` is not a folder"),
+            "point it at a run trained with training.mode = \"reward\", or leave it empty for the verifier".into(),
+        );
+    }
+    let t = &recipe.training;
+    if !t.teacher.is_empty() {
+        if !matches!(t.mode, TrainMode::Pretrain | TrainMode::Sft) {
+            return c.fail(
+                "training",
+                "teacher",
+                format!("distillation trains in pretrain or sft; this is {}", t.mode),
+                "remove training.teacher, or set training.mode = \"pretrain\" or \"sft\"".into(),
+            );
+        }
+        if checkpointing || recipe.distributed.strategy == Strategy::Fsdp {
+            return c.fail(
+                "training",
+                "teacher",
+                "distillation runs whole forward passes: no activation checkpointing or fsdp".into(),
+                "set activation_checkpoint.mode = \"none\" and a distributed.strategy other than fsdp".into(),
+            );
+        }
+        if check_files && !Path::new(&t.teacher).exists() {
+            return c.fail(
+                "training",
+                "teacher",
+                format!("teacher = `{}` does not exist", t.teacher),
+                "point it at a Furnace run or checkpoint folder, a Hugging Face model folder or a GGUF file".into(),
+            );
+        }
+    }
+    if !(0.0..=1.0).contains(&t.kd_ratio) || !(t.kd_temperature > 0.0 && t.kd_temperature.is_finite()) {
+        return c.fail(
+            "training",
+            if (0.0..=1.0).contains(&t.kd_ratio) { "kd_temperature" } else { "kd_ratio" },
+            format!("kd_ratio = {} must be in [0, 1] and kd_temperature = {} positive", t.kd_ratio, t.kd_temperature),
+            "use e.g. kd_ratio = 0.5, kd_temperature = 1.0".into(),
+        );
+    }
+    Ok(())
+}
+
+/// The optimizer's hyper-parameters.
+fn optimizer(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
     let o = &recipe.optimizer;
     if !(o.lr > 0.0 && o.lr.is_finite()) {
-        return fail("optimizer", "lr", format!("lr = {} must be positive and finite", o.lr), "use e.g. lr = 3e-4".into());
+        return c.fail("optimizer", "lr", format!("lr = {} must be positive and finite", o.lr), "use e.g. lr = 3e-4".into());
     }
     for (key, value) in [("beta1", o.beta1), ("beta2", o.beta2)] {
         if let Some(value) = value.filter(|v| !(0.0..1.0).contains(v)) {
-            return fail(
+            return c.fail(
                 "optimizer",
                 key,
                 format!("{key} = {value} is outside [0, 1)"),
@@ -355,10 +495,10 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         }
     }
     if o.eps.is_some_and(|e| e < 0.0 || !e.is_finite()) {
-        return fail("optimizer", "eps", "eps must be finite and >= 0".into(), "use e.g. eps = 1e-8, or leave unset".into());
+        return c.fail("optimizer", "eps", "eps must be finite and >= 0".into(), "use e.g. eps = 1e-8, or leave unset".into());
     }
     if o.weight_decay < 0.0 || !o.weight_decay.is_finite() {
-        return fail(
+        return c.fail(
             "optimizer",
             "weight_decay",
             format!("weight_decay = {} must be finite and >= 0", o.weight_decay),
@@ -366,26 +506,45 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if !(o.rho > 0.0 && o.rho.is_finite()) {
-        return fail("optimizer", "rho", format!("rho = {} must be positive", o.rho), "use e.g. rho = 0.01 (Sophia's γ)".into());
+        return c.fail("optimizer", "rho", format!("rho = {} must be positive", o.rho), "use e.g. rho = 0.01 (Sophia's γ)".into());
     }
     if o.hessian_interval == 0 {
-        return fail(
+        return c.fail(
             "optimizer",
             "hessian_interval",
             "hessian_interval must be at least 1".into(),
             "use e.g. hessian_interval = 10".into(),
         );
     }
+    Ok(())
+}
+
+/// The schedule's ratios.
+fn lr_scheduler(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
     let s = &recipe.lr_scheduler;
     if !(0.0..=1.0).contains(&s.min_lr_ratio) {
-        return fail("lr_scheduler", "min_lr_ratio", format!("min_lr_ratio = {} is outside [0, 1]", s.min_lr_ratio), "use e.g. 0.1".into());
+        return c.fail(
+            "lr_scheduler",
+            "min_lr_ratio",
+            format!("min_lr_ratio = {} is outside [0, 1]", s.min_lr_ratio),
+            "use e.g. 0.1".into(),
+        );
     }
     if !(s.decay_ratio > 0.0 && s.decay_ratio <= 1.0) {
-        return fail("lr_scheduler", "decay_ratio", format!("decay_ratio = {} is outside (0, 1]", s.decay_ratio), "use e.g. 0.2".into());
+        return c.fail("lr_scheduler", "decay_ratio", format!("decay_ratio = {} is outside (0, 1]", s.decay_ratio), "use e.g. 0.2".into());
     }
+    Ok(())
+}
+
+/// Files, the tokenizer, the generated tasks' settings and packing.
+fn data(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
+    let m = &c.m;
+    let check_files = c.check_files;
     let d = &recipe.data;
     if matches!(d.source, DataSource::Files | DataSource::Chat | DataSource::Preferences | DataSource::Seq2seq) && d.files.is_empty() {
-        return fail(
+        return c.fail(
             "data",
             "files",
             "source = \"files\" but no files are listed".into(),
@@ -394,7 +553,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     }
     for f in d.files.iter().chain(&d.val_files).filter(|_| check_files) {
         if !Path::new(f).is_file() {
-            return fail(
+            return c.fail(
                 "data",
                 "files",
                 format!("data file `{f}` does not exist"),
@@ -403,7 +562,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         }
     }
     if check_files && !d.tokenizer.is_empty() && !Path::new(&d.tokenizer).is_file() {
-        return fail(
+        return c.fail(
             "data",
             "tokenizer",
             format!("tokenizer file `{}` does not exist", d.tokenizer),
@@ -411,32 +570,50 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if !(1..=9).contains(&d.digits) {
-        return fail("data", "digits", format!("digits = {} is outside 1..=9", d.digits), "use e.g. digits = 2".into());
+        return c.fail("data", "digits", format!("digits = {} is outside 1..=9", d.digits), "use e.g. digits = 2".into());
     }
     if let Some(op) = d.operators.iter().find(|op| !["+", "-", "*"].contains(&op.as_str())) {
-        return fail("data", "operators", format!("unknown operator `{op}`"), "accepted operators are \"+\", \"-\", \"*\"".into());
+        return c.fail("data", "operators", format!("unknown operator `{op}`"), "accepted operators are \"+\", \"-\", \"*\"".into());
     }
     if d.operators.is_empty() {
-        return fail("data", "operators", "no operators given".into(), "accepted operators are \"+\", \"-\", \"*\"".into());
+        return c.fail("data", "operators", "no operators given".into(), "accepted operators are \"+\", \"-\", \"*\"".into());
     }
     if !(0.0..0.5).contains(&d.val_fraction) {
-        return fail("data", "val_fraction", format!("val_fraction = {} is outside [0, 0.5)", d.val_fraction), "use e.g. 0.05".into());
+        return c.fail("data", "val_fraction", format!("val_fraction = {} is outside [0, 0.5)", d.val_fraction), "use e.g. 0.05".into());
     }
     if d.tokenizer.is_empty() && d.tokenizer_vocab_size < 260 {
-        return fail(
+        return c.fail(
             "data",
             "tokenizer_vocab_size",
             format!("tokenizer_vocab_size = {} is below the 256 byte tokens plus specials", d.tokenizer_vocab_size),
             "use at least 260".into(),
         );
     }
+    if d.packing && recipe.training.mode != TrainMode::Sft {
+        return c.fail(
+            "data",
+            "packing",
+            format!(
+                "packing packs SFT conversations for a transformer; this is training.mode = \"{}\" on {}",
+                recipe.training.mode, m.arch
+            ),
+            "set data.packing = false".into(),
+        );
+    }
+    Ok(())
+}
+
+/// Which data each mode trains on, GRPO's, PPO's and DPO's settings, and the base a fine-tuning mode needs.
+fn post_training(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
+    let d = &recipe.data;
     let modes_of_source: &[TrainMode] = match d.source {
         DataSource::Chat | DataSource::ArithmeticChat => &[TrainMode::Sft, TrainMode::Grpo, TrainMode::Ppo],
         DataSource::Preferences | DataSource::ArithmeticPreferences => &[TrainMode::Dpo, TrainMode::Reward],
         _ => &[TrainMode::Pretrain],
     };
     if !modes_of_source.contains(&recipe.training.mode) {
-        return fail(
+        return c.fail(
             "training",
             "mode",
             format!("training.mode = \"{}\" does not train on data.source = \"{}\"", recipe.training.mode, d.source),
@@ -447,7 +624,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     if recipe.training.mode == TrainMode::Grpo
         && (g.num_generations < 2 || g.max_completion_length == 0 || !(g.temperature > 0.0) || g.beta < 0.0)
     {
-        return fail(
+        return c.fail(
             "grpo",
             "num_generations",
             format!(
@@ -465,72 +642,17 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
             || !(0.0..=1.0).contains(&p.lam)
             || !(0.0..=1.0).contains(&p.gamma))
     {
-        return fail(
+        return c.fail(
             "ppo",
             "num_ppo_epochs",
             "PPO needs num_ppo_epochs and max_completion_length above 0, temperature > 0, and gamma and lam in [0, 1]".into(),
             "use e.g. num_ppo_epochs = 4, max_completion_length = 16, temperature = 1.0, gamma = 1.0, lam = 0.95".into(),
         );
     }
-    let reward_model = &recipe.training.reward_model;
-    if check_files && !reward_model.is_empty() && !Path::new(reward_model).is_dir() {
-        return fail(
-            "training",
-            "reward_model",
-            format!("reward_model = `{reward_model}` is not a folder"),
-            "point it at a run trained with training.mode = \"reward\", or leave it empty for the verifier".into(),
-        );
-    }
-    let t = &recipe.training;
-    if !t.teacher.is_empty() {
-        if !matches!(t.mode, TrainMode::Pretrain | TrainMode::Sft) {
-            return fail(
-                "training",
-                "teacher",
-                format!("distillation trains in pretrain or sft; this is {}", t.mode),
-                "remove training.teacher, or set training.mode = \"pretrain\" or \"sft\"".into(),
-            );
-        }
-        if checkpointing || recipe.distributed.strategy == Strategy::Fsdp {
-            return fail(
-                "training",
-                "teacher",
-                "distillation runs whole forward passes: no activation checkpointing or fsdp".into(),
-                "set activation_checkpoint.mode = \"none\" and a distributed.strategy other than fsdp".into(),
-            );
-        }
-        if check_files && !Path::new(&t.teacher).exists() {
-            return fail(
-                "training",
-                "teacher",
-                format!("teacher = `{}` does not exist", t.teacher),
-                "point it at a Furnace run or checkpoint folder, a Hugging Face model folder or a GGUF file".into(),
-            );
-        }
-    }
-    if !(0.0..=1.0).contains(&t.kd_ratio) || !(t.kd_temperature > 0.0 && t.kd_temperature.is_finite()) {
-        return fail(
-            "training",
-            if (0.0..=1.0).contains(&t.kd_ratio) { "kd_temperature" } else { "kd_ratio" },
-            format!("kd_ratio = {} must be in [0, 1] and kd_temperature = {} positive", t.kd_ratio, t.kd_temperature),
-            "use e.g. kd_ratio = 0.5, kd_temperature = 1.0".into(),
-        );
-    }
-    if d.packing && recipe.training.mode != TrainMode::Sft {
-        return fail(
-            "data",
-            "packing",
-            format!(
-                "packing packs SFT conversations for a transformer; this is training.mode = \"{}\" on {}",
-                recipe.training.mode, m.arch
-            ),
-            "set data.packing = false".into(),
-        );
-    }
     let chat_data = recipe.training.mode != TrainMode::Pretrain;
     let p = &recipe.dpo;
     if !(p.beta > 0.0 && p.beta.is_finite()) || !(0.0..0.5).contains(&p.label_smoothing) {
-        return fail(
+        return c.fail(
             "dpo",
             if p.beta > 0.0 { "label_smoothing" } else { "beta" },
             format!("beta = {} must be positive and label_smoothing = {} in [0, 0.5)", p.beta, p.label_smoothing),
@@ -538,33 +660,58 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if chat_data && recipe.model.init_from.is_empty() && d.tokenizer.is_empty() {
-        return fail(
+        return c.fail(
             "model",
             "init_from",
             format!("training.mode = \"{}\" fine-tunes a trained model, and none is given", recipe.training.mode),
             "set model.init_from to a Furnace run or a Hugging Face folder (or data.tokenizer to start from scratch)".into(),
         );
     }
+    Ok(())
+}
+
+/// The base model to start from, and the vocabulary.
+fn init_from(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
+    let check_files = c.check_files;
+    let d = &recipe.data;
     let init_from = Path::new(&recipe.model.init_from);
     let gguf_file = init_from.is_file() && init_from.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if check_files && !recipe.model.init_from.is_empty() && !init_from.is_dir() && !gguf_file {
-        return fail(
+        return c.fail(
             "model",
             "init_from",
             format!("init_from = `{}` is neither a folder nor a .gguf file", recipe.model.init_from),
             "point to a Furnace run or checkpoint folder, a Hugging Face model folder or a GGUF file".into(),
         );
     }
+    if let Some(v) = recipe.model.vocab_size {
+        if d.tokenizer.is_empty() && v < d.tokenizer_vocab_size {
+            return c.fail(
+                "model",
+                "vocab_size",
+                format!("vocab_size = {v} is smaller than data.tokenizer_vocab_size = {}", d.tokenizer_vocab_size),
+                "raise model.vocab_size or leave it unset to follow the tokenizer".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// LoRA's, PEFT adapters' and QLoRA's settings.
+fn lora(c: &Check<'_>) -> Result<(), RecipeError> {
+    let recipe = c.recipe;
+    let check_files = c.check_files;
     let l = &recipe.lora;
     if l.r > 0 {
         if !(l.alpha > 0.0 && l.alpha.is_finite()) {
-            return fail("lora", "alpha", format!("alpha = {} must be positive", l.alpha), "use e.g. alpha = 16 (or 2·r)".into());
+            return c.fail("lora", "alpha", format!("alpha = {} must be positive", l.alpha), "use e.g. alpha = 16 (or 2·r)".into());
         }
         if !(0.0..1.0).contains(&l.dropout) {
-            return fail("lora", "dropout", format!("dropout = {} is outside [0, 1)", l.dropout), "use e.g. dropout = 0.05".into());
+            return c.fail("lora", "dropout", format!("dropout = {} is outside [0, 1)", l.dropout), "use e.g. dropout = 0.05".into());
         }
         if l.target_modules.is_empty() {
-            return fail(
+            return c.fail(
                 "lora",
                 "target_modules",
                 "no target modules given".into(),
@@ -574,7 +721,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
     }
     if !l.adapter_from.is_empty() && (l.r == 0 || (check_files && !Path::new(&l.adapter_from).join("adapter_model.safetensors").is_file()))
     {
-        return fail(
+        return c.fail(
             "lora",
             "adapter_from",
             format!("adapter_from = `{}` needs lora.r > 0 and a folder holding adapter_model.safetensors", l.adapter_from),
@@ -582,22 +729,12 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         );
     }
     if l.quantize_base == BaseQuant::Nf4 && (l.r == 0 || recipe.model.init_from.is_empty()) {
-        return fail(
+        return c.fail(
             "lora",
             "quantize_base",
             "quantize_base = \"nf4\" (QLoRA) freezes a pretrained base in 4 bits and trains adapters on it".into(),
             "set model.init_from to the base model and lora.r above 0".into(),
         );
-    }
-    if let Some(v) = recipe.model.vocab_size {
-        if d.tokenizer.is_empty() && v < d.tokenizer_vocab_size {
-            return fail(
-                "model",
-                "vocab_size",
-                format!("vocab_size = {v} is smaller than data.tokenizer_vocab_size = {}", d.tokenizer_vocab_size),
-                "raise model.vocab_size or leave it unset to follow the tokenizer".into(),
-            );
-        }
     }
     Ok(())
 }
