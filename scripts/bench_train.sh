@@ -19,13 +19,7 @@ fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-# name arch layers d_model heads seq_len batch vocab
-SHAPES=(
-  "a:L4-d256-T256-B8-V4096 gpt2 4 256 4 256 8 4096"
-  "b:L4-d256-T256-B8-V50257 gpt2 4 256 4 256 8 50257"
-  "c:gpt2-124m-B4-T64 gpt2 12 768 12 64 4 50257"
-  "d:llama-L4-d256-T256-B8-V4096 llama 4 256 4 256 8 4096"
-)
+source scripts/lib/train_shapes.sh
 
 # Prints "median_tokens_per_sec flops_per_token" of one run (the trainer logs achieved TFLOP/s
 # as `mfu` when logging.peak_tflops = 1).
@@ -38,8 +32,6 @@ print(f"{statistics.median(r['tokens_per_sec'] for r in rows):.1f} {rows[-1]['mf
 PY
 }
 
-median() { python3 -c "import statistics, sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.1f}')" "$@"; }
-
 PEAK_GFLOPS=$("$BIN" bench gemm 2>/dev/null | awk '/GFLOP/ {print $(NF-1)}')
 echo "FMA peak (furnace bench gemm, ${THREADS} threads): ${PEAK_GFLOPS} GFLOP/s"
 printf "%-26s %14s %14s %8s %8s %8s\n" shape "furnace tok/s" "pytorch tok/s" "MFU" "MFU pt" ratio
@@ -49,14 +41,7 @@ for entry in "${SHAPES[@]}"; do
   ours=(); theirs=()
   for rep in $(seq "$REPS"); do
     out="$WORK/$name-$rep"
-    "$BIN" train --config recipes/gpt2-124m.toml --max-steps $((STEPS + 2)) \
-      --set run.output_dir="$out" --set model.arch="$arch" --set model.n_layers="$layers" --set model.d_model="$d" \
-      --set model.n_heads="$heads" --set model.vocab_size="$v" --set model.max_seq_len=1024 \
-      --set training.seq_len="$t" --set training.local_batch_size="$b" --set training.log_every=1 \
-      --set training.eval_every=0 --set training.save_every=0 --set training.steps=1000 \
-      --set data.num_examples=3000 --set data.tokenizer_vocab_size=2048 \
-      --set runtime.threads="$THREADS" --set logging.progress=false --set logging.peak_tflops=1 >"$out.log" 2>&1 \
-      || { cat "$out.log"; exit 1; }
+    train_shape "$BIN" "$out" "$arch" "$layers" "$d" "$heads" "$t" "$b" "$v"
     read -r tps flops_per_token < <(furnace_run_stats "$out/metrics.jsonl")
     ours+=("$tps")
     theirs+=("$(python3 scripts/reference/torch_train_bench.py --arch "$arch" --layers "$layers" --d-model "$d" --heads "$heads" \

@@ -243,18 +243,24 @@ fn load_peft_adapters<B: Backend>(model: LanguageModel<B>, config: &ModelConfig,
     furnace_core::params::load_named(model, &tensors).map_err(|e| anyhow::anyhow!("lora.adapter_from = {}: {e}", dir.display()))
 }
 
-/// `training.reward_model`: a reward model (a run trained with training.mode = "reward") for a
-/// policy that uses `tokenizer`.
-pub fn load_reward_model<B: Backend>(path: &Path, tokenizer: &TextTokenizer, device: &B::Device) -> Result<LanguageModel<B>> {
-    let key = format!("training.reward_model = {}", path.display());
+/// A second model a run reads beside its own (a reward model, a teacher), given by recipe key
+/// `key`: loaded as `model.init_from` is, and refused unless it uses `tokenizer`; `fix` says
+/// what to do then.
+pub fn load_companion(key: &str, path: &Path, tokenizer: &TextTokenizer, fix: &str) -> Result<Base> {
+    let key = format!("{key} = {}", path.display());
     let base = load_base(path).with_context(|| key.clone())?;
     let theirs = TextTokenizer::load(&base.tokenizer).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
     if theirs.to_json() != tokenizer.to_json() {
-        bail!(
-            "{key}: its tokenizer ({}) differs from the policy's; train the reward model from the policy's base",
-            base.tokenizer.display()
-        );
+        bail!("{key}: its tokenizer ({}) differs from this run's; {fix}", base.tokenizer.display());
     }
+    Ok(base)
+}
+
+/// `training.reward_model`: a reward model (a run trained with training.mode = "reward") for a
+/// policy that uses `tokenizer`.
+pub fn load_reward_model<B: Backend>(path: &Path, tokenizer: &TextTokenizer, device: &B::Device) -> Result<LanguageModel<B>> {
+    let base = load_companion("training.reward_model", path, tokenizer, "train the reward model from the policy's base")?;
+    let key = format!("training.reward_model = {}", path.display());
     let ModelConfig::Decoder(config) = model_config(&base.model) else {
         bail!("{key}: reward models are transformers; this one is {}", base.model.arch);
     };

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
@@ -19,7 +19,7 @@ use super::{Accumulated, Gradients, Objective, Setup};
 use crate::backend::TrainBackend;
 use crate::context::Context;
 use crate::metrics::Sums;
-use crate::model::{load_base, model_config};
+use crate::model::{load_companion, model_config};
 use crate::objective::lm_loss_sum;
 use crate::tasks::exact_match_and_sample;
 
@@ -49,15 +49,8 @@ impl<B: TrainBackend> Distillation<B> {
 /// The teacher: any Furnace run or checkpoint, Hugging Face folder or GGUF file that
 /// `model.init_from` takes, on the student's tokenizer; and its vocabulary size.
 fn load_teacher<B: Backend>(path: &Path, tokenizer: &TextTokenizer, device: &B::Device) -> Result<(LanguageModel<B>, usize)> {
+    let base = load_companion("training.teacher", path, tokenizer, "distil on the teacher's tokenizer (data.tokenizer)")?;
     let key = format!("training.teacher = {}", path.display());
-    let base = load_base(path).with_context(|| key.clone())?;
-    let theirs = TextTokenizer::load(&base.tokenizer).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-    if theirs.to_json() != tokenizer.to_json() {
-        bail!(
-            "{key}: its tokenizer ({}) differs from the student's; distil on the teacher's tokenizer (data.tokenizer)",
-            base.tokenizer.display()
-        );
-    }
     let model = model_config(&base.model).init::<B>(0, device);
     let model = furnace_core::params::load_named(model, &base.weights).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
     Ok((model, base.model.vocab_size))
