@@ -43,6 +43,7 @@ pub fn explain() -> String {
         ("model.position", Position::CHOICES),
         ("model.mlp", Mlp::CHOICES),
         ("data.source", DataSource::CHOICES),
+        ("data.text_documents", TextDocuments::CHOICES),
         ("training.mode", TrainMode::CHOICES),
         ("optimizer.name", OptimizerName::CHOICES),
         ("lr_scheduler.decay", Decay::CHOICES),

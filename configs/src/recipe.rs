@@ -98,6 +98,20 @@ choice!(
     }
 );
 choice!(
+    /// What a document is in a plain-text file of data.source = "files" (JSONL records are one
+    /// document each). Each document is preceded by end-of-text in the token stream.
+    TextDocuments {
+        /// The whole file, newlines and blank lines kept exactly (as nanoGPT's prepare.py and
+        /// transformers' run_clm read a book or a play: continuous text).
+        File = "file",
+        /// Each block between blank lines, trimmed (for corpora that really are one document per
+        /// paragraph).
+        BlankLine = "blank-line",
+        /// Each non-empty line.
+        Line = "line",
+    }
+);
+choice!(
     /// What the loop optimises.
     TrainMode {
         /// The architecture's own objective: next-token prediction on every token of packed
@@ -442,6 +456,8 @@ section! {
         val_files: Vec<String> = Vec::new(),
         /// JSONL field holding the text.
         text_field: String = "text".into(),
+        /// For .txt files of source = "files": what one document is (file, blank-line or line).
+        text_documents: TextDocuments = TextDocuments::File,
         /// Fraction of tokens held out for validation when no val_files are given.
         val_fraction: f64 = 0.05,
         /// Number of generated training examples (arithmetic problems or stories).

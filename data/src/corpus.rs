@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use furnace_configs::{Arch, DataSection, DataSource, Recipe};
+use furnace_configs::{Arch, DataSection, DataSource, Recipe, TextDocuments};
 use furnace_core::fsutil::atomic_write;
 
 use crate::generators::{arithmetic, stories, ArithmeticConfig};
@@ -50,24 +50,58 @@ pub fn documents(recipe: &Recipe) -> Result<(Vec<String>, Vec<String>), String> 
         DataSource::Files => {
             let mut train = Vec::new();
             for f in &d.files {
-                train.extend(read_documents(Path::new(f), &d.text_field)?);
+                train.extend(read_documents(Path::new(f), &d.text_field, d.text_documents)?);
             }
             let mut val = Vec::new();
             for f in &d.val_files {
-                val.extend(read_documents(Path::new(f), &d.text_field)?);
+                val.extend(read_documents(Path::new(f), &d.text_field, d.text_documents)?);
             }
             if val.is_empty() {
-                let held = ((train.len() as f64 * d.val_fraction).ceil() as usize).max(1).min(train.len().saturating_sub(1));
-                val = train.split_off(train.len() - held);
+                val = held_out(&mut train, d.val_fraction);
             }
             (train, val)
         }
     })
 }
 
-/// Documents of a `.jsonl` file (one object per line, text under `field`) or a text file
-/// (blocks separated by blank lines).
-pub fn read_documents(path: &Path, field: &str) -> Result<Vec<String>, String> {
+/// The validation documents when no val_files are given: the last `fraction` of the documents
+/// when there are enough of them for that to be at least one, else the last `fraction` of the
+/// text (a few long documents, such as a book in one file, still leave a validation set), cut at
+/// the start of the line the cut falls in.
+fn held_out(train: &mut Vec<String>, fraction: f64) -> Vec<String> {
+    if train.len() as f64 * fraction >= 1.0 {
+        let held = ((train.len() as f64 * fraction).ceil() as usize).min(train.len() - 1);
+        return train.split_off(train.len() - held);
+    }
+    let total: usize = train.iter().map(String::len).sum();
+    let mut wanted = (total as f64 * fraction).ceil() as usize;
+    let mut val = Vec::new();
+    while wanted > 0 {
+        let documents = train.len();
+        let Some(last) = train.last_mut() else { break };
+        if last.len() <= wanted && documents > 1 {
+            wanted -= last.len();
+            val.extend(train.pop());
+            continue;
+        }
+        let mut cut = last.len().saturating_sub(wanted);
+        while !last.is_char_boundary(cut) {
+            cut += 1;
+        }
+        // Start the held-out text at the line it cuts into, when training text stays before it.
+        if let Some(newline) = last[..cut].rfind('\n').filter(|&i| i > 0) {
+            cut = newline + 1;
+        }
+        val.push(last.split_off(cut));
+        break;
+    }
+    val.reverse();
+    val
+}
+
+/// Documents of a `.jsonl` file (one object per line, text under `field`) or a text file (the
+/// whole file, its blank-line blocks or its lines, as `documents` says).
+pub fn read_documents(path: &Path, field: &str, documents: TextDocuments) -> Result<Vec<String>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if path.extension().is_some_and(|e| e == "jsonl") {
         text.lines()
@@ -84,7 +118,12 @@ pub fn read_documents(path: &Path, field: &str) -> Result<Vec<String>, String> {
             })
             .collect()
     } else {
-        Ok(text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()).map(str::to_string).collect())
+        Ok(match documents {
+            TextDocuments::File if text.trim().is_empty() => Vec::new(),
+            TextDocuments::File => vec![text],
+            TextDocuments::BlankLine => text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()).map(str::to_string).collect(),
+            TextDocuments::Line => text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect(),
+        })
     }
 }
 
@@ -147,4 +186,41 @@ pub fn extra_tokens(recipe: &Recipe) -> ExtraTokens {
 pub(crate) fn data_stamp(recipe: &Recipe) -> String {
     let data = furnace_configs::Recipe { data: recipe.data.clone(), ..Default::default() }.to_toml();
     format!("seed = {}\nextra_tokens = \"{:?}\"\n{data}", recipe.run.seed, extra_tokens(recipe))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAY: &str = "ROMEO: But soft.\nWhat light?\n\nJULIET: Ay me.\n\n\nROMEO: She speaks.\n";
+
+    fn documents_of(text: &str, documents: TextDocuments) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("play.txt");
+        std::fs::write(&path, text).unwrap();
+        read_documents(&path, "text", documents).unwrap()
+    }
+
+    #[test]
+    fn a_text_file_is_one_document_a_block_or_a_line_as_asked() {
+        assert_eq!(documents_of(PLAY, TextDocuments::File), [PLAY], "the whole file, blank lines kept");
+        assert_eq!(documents_of(PLAY, TextDocuments::BlankLine), ["ROMEO: But soft.\nWhat light?", "JULIET: Ay me.", "ROMEO: She speaks."]);
+        assert_eq!(documents_of(PLAY, TextDocuments::Line), ["ROMEO: But soft.", "What light?", "JULIET: Ay me.", "ROMEO: She speaks."]);
+        assert!(documents_of("\n\n  \n", TextDocuments::File).is_empty());
+    }
+
+    #[test]
+    fn few_long_documents_still_leave_a_validation_set() {
+        // One book: its last tenth, from a line start, is held out, and nothing is lost.
+        let book: String = (0..100).map(|i| format!("line {i} of the book\n")).collect();
+        let mut train = vec![book.clone()];
+        let val = held_out(&mut train, 0.1);
+        assert_eq!(val.len(), 1);
+        assert!(val[0].starts_with("line ") && val[0].len() >= book.len() / 10 && val[0].len() < book.len() / 5, "{:?}", val[0]);
+        assert_eq!(format!("{}{}", train[0], val[0]), book);
+        // Many documents: whole documents are held out.
+        let mut many: Vec<String> = (0..40).map(|i| format!("doc {i}")).collect();
+        let val = held_out(&mut many, 0.05);
+        assert_eq!((many.len(), val), (38, vec!["doc 38".to_string(), "doc 39".to_string()]));
+    }
 }

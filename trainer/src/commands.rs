@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use furnace_configs::Recipe;
+use furnace_configs::{Recipe, TextDocuments};
 use furnace_core::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{prepare, read_documents};
@@ -80,7 +80,7 @@ pub fn data_prepare(args: RecipeArgs) -> Result<()> {
 pub fn data_tokenizer(inputs: &[PathBuf], vocab_size: usize, text_field: &str, extra: ExtraTokens, out: &Path) -> Result<()> {
     let mut docs = Vec::new();
     for input in inputs {
-        docs.extend(read_documents(input, text_field).map_err(anyhow::Error::msg)?);
+        docs.extend(read_documents(input, text_field, TextDocuments::File).map_err(anyhow::Error::msg)?);
     }
     let tokenizer = TextTokenizer::train(&docs, vocab_size, extra).map_err(anyhow::Error::msg)?;
     tokenizer.save(out).map_err(anyhow::Error::msg)?;
@@ -135,7 +135,7 @@ impl BackendJob for GenerateJob {
         let base = base_for(&recipe)?;
         let model = load_named(build_model::<B::InnerBackend>(&recipe, tokenizer.vocab_size(), base.as_ref(), &device)?.model, &weights)
             .map_err(|e| anyhow::anyhow!("{} does not fit its model: {e}", args.checkpoint.display()))?;
-        let mut stop_tokens = vec![tokenizer.eos()];
+        let mut stop_tokens = if args.ignore_eos { Vec::new() } else { vec![tokenizer.eos()] };
         for s in &args.stop {
             match tokenizer.encode(s).as_slice() {
                 [single] => stop_tokens.push(*single),
@@ -209,6 +209,17 @@ impl BackendJob for GenerateJob {
             }
         });
         println!();
+        // Why it stopped, on stderr so that stdout stays the text.
+        match reply_tokens.last() {
+            Some(&last) if last == tokenizer.eos() && !args.ignore_eos => eprintln!(
+                "(stopped: the model wrote end-of-text after {} tokens; --ignore-eos continues to --max-new-tokens)",
+                reply_tokens.len() - 1
+            ),
+            Some(&last) if generation.stop_tokens.contains(&last) => {
+                eprintln!("(stopped at a --stop token after {} tokens)", reply_tokens.len() - 1)
+            }
+            _ => eprintln!("(stopped at --max-new-tokens = {})", args.max_new_tokens),
+        }
         if let (Some(path), LanguageModel::T5(_)) = (&args.logits_out, &model) {
             write_seq2seq_logits(&model, &prompt, tokenizer.pad(), &reply_tokens, path, &device)?;
         }

@@ -75,9 +75,14 @@ pub struct GenerateArgs {
     pub repetition_penalty: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Extra stop strings, each encoded to one stop token (the end-of-text token always stops).
+    /// Extra stop strings, each encoded to one stop token (the end-of-text token stops too,
+    /// unless --ignore-eos).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Keep generating past end-of-text, to --max-new-tokens (llama.cpp's and transformers'
+    /// `ignore_eos`).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Send the prompt as a user turn through the chat template (the checkpoint's
     /// data.chat_template, its base's, or the default) and print the assistant's reply.
     #[arg(long)]

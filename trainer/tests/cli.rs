@@ -860,3 +860,39 @@ fn nccl_backend_without_the_feature_says_how_to_build_it() {
     let out = tiny.train(&["--set", "distributed.backend=nccl"]);
     assert!(!out.status.success() && text(&out).contains("--features nccl"), "{}", text(&out));
 }
+
+/// A verse file, trained on as one document (`data.text_documents = "file"`, the default) or
+/// as blank-line blocks; `furnace generate` says why it stopped.
+#[test]
+fn a_text_file_is_continuous_text_and_generation_says_why_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let verse: String = (0..400).map(|_| "the cat sat on the mat.\nthe dog ran.\n\n").collect();
+    std::fs::write(dir.path().join("verse.txt"), &verse).unwrap();
+    let body = TINY.replace(
+        "source = \"stories\"",
+        &format!("source = \"files\"\nfiles = [\"{}\"]\nval_fraction = 0.2", dir.path().join("verse.txt").display()),
+    );
+    let recipe = write_recipe(dir.path(), &body);
+    let prompt = "the cat sat on the mat.\n";
+    let train_and_generate = |name: &str, documents: &str, extra: &[&str]| {
+        let run = dir.path().join(name);
+        let (set, documents) = (format!("run.output_dir={}", run.display()), format!("data.text_documents=\"{documents}\""));
+        let args = ["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--set", &documents, "--set", "training.steps=300"];
+        let out = furnace(&[&args[..], &["--set", "training.grad_accum_steps=1", "--set", "training.log_every=100"]].concat());
+        assert!(out.status.success(), "{}", text(&out));
+        let args = ["generate", "--checkpoint", run.to_str().unwrap(), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24"];
+        let out = furnace(&[&args[..], extra].concat());
+        assert!(out.status.success(), "{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        (stdout.strip_prefix(prompt).unwrap_or(&stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    // One document: blank lines are text the model learns to write, and it goes on past them.
+    let (continuation, why) = train_and_generate("file", "file", &[]);
+    assert!(continuation.contains("\n\nthe cat"), "writes past a blank line: {continuation:?}");
+    assert!(why.contains("stopped at --max-new-tokens = 24"), "{why}");
+    // One document per block: the model ends each block with end-of-text, and says so.
+    let (continuation, why) = train_and_generate("blocks", "blank-line", &[]);
+    assert!(why.contains("the model wrote end-of-text") && why.contains("--ignore-eos"), "{continuation:?} {why}");
+    let (_, why) = train_and_generate("blocks-on", "blank-line", &["--ignore-eos"]);
+    assert!(why.contains("stopped at --max-new-tokens = 24"), "{why}");
+}
