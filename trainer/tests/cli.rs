@@ -7,17 +7,8 @@ use std::process::{Command, Output};
 use furnace_core::params::from_safetensors;
 use furnace_models::hf::{config_from_hf, from_hf};
 
-fn furnace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).current_dir(workspace()).output().expect("furnace runs")
-}
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
-}
+mod common;
+use common::{furnace, text, workspace};
 
 /// A small, fast recipe for tests.
 const TINY: &str = r#"

@@ -1,10 +1,17 @@
 //! Helpers the end-to-end test files share: run the `furnace` binary, read what it wrote.
+// Each test file uses the helpers it needs.
+#![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// `furnace args`, run from the workspace root (so `recipes/...` resolves, as in the README).
 pub fn furnace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).output().expect("furnace runs")
+    Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).current_dir(workspace()).output().expect("furnace runs")
+}
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 pub fn text(output: &Output) -> String {
