@@ -98,3 +98,34 @@ fn a_teacher_must_exist_and_the_ratio_be_a_fraction() {
     let ratio = train("training.kd_ratio=1.5");
     assert!(ratio.contains("kd_ratio"), "{ratio}");
 }
+
+#[test]
+fn packed_rows_need_a_transformer_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("recipe.toml"), RECIPE).unwrap();
+    train(dir, "base", &[]);
+    let tokenizer = format!("data.tokenizer={}", dir.join("base/tokenizer.json").display());
+    train(dir, "mamba", &["model.arch=\"mamba\"".into(), tokenizer.clone()]);
+    let chat: String = (0..40)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"Say {i}.\"}}, {{\"role\": \"assistant\", \"content\": \"{i}\"}}]}}\n"))
+        .collect();
+    std::fs::write(dir.join("chat.jsonl"), chat).unwrap();
+    let sets = [
+        "training.mode=\"sft\"".to_string(),
+        "data.source=\"chat\"".into(),
+        format!("data.files=[\"{}\"]", dir.join("chat.jsonl").display()),
+        "data.packing=true".into(),
+        "data.val_fraction=0.2".into(),
+        "training.seq_len=48".into(),
+        format!("model.init_from={}", dir.join("base").display()),
+        format!("training.teacher={}", dir.join("mamba").display()),
+    ];
+    let mut args = vec!["train".to_string(), "--config".into(), dir.join("recipe.toml").display().to_string()];
+    args.extend(["--set".into(), format!("run.output_dir={}", dir.join("student").display())]);
+    for set in &sets {
+        args.extend(["--set".into(), set.clone()]);
+    }
+    let out = furnace(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success() && text(&out).contains("a mamba teacher has not"), "{}", text(&out));
+}

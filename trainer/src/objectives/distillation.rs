@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
+use furnace_configs::Arch;
 use furnace_data::loader::IGNORE;
 use furnace_data::{Batch, TextTokenizer};
 use furnace_models::kernels::FusedOps;
@@ -34,7 +35,7 @@ pub struct Distillation<B: TrainBackend> {
 impl<B: TrainBackend> Distillation<B> {
     pub fn new(setup: &Setup<'_, B>) -> Result<Self> {
         let t = &setup.recipe.training;
-        let (teacher, theirs) = load_teacher(Path::new(&t.teacher), setup.tokenizer, setup.device)?;
+        let (teacher, theirs) = load_teacher(Path::new(&t.teacher), setup.tokenizer, setup.recipe.data.packing, setup.device)?;
         let ours = setup.recipe.model.resolve(Some(setup.tokenizer.vocab_size())).vocab_size;
         if ours != theirs {
             bail!(
@@ -48,9 +49,17 @@ impl<B: TrainBackend> Distillation<B> {
 
 /// The teacher: any Furnace run or checkpoint, Hugging Face folder or GGUF file that
 /// `model.init_from` takes, on the student's tokenizer; and its vocabulary size.
-fn load_teacher<B: Backend>(path: &Path, tokenizer: &TextTokenizer, device: &B::Device) -> Result<(LanguageModel<B>, usize)> {
+/// It reads the student's rows, so it is a decoder, and a transformer when rows are packed.
+fn load_teacher<B: Backend>(path: &Path, tokenizer: &TextTokenizer, packed: bool, device: &B::Device) -> Result<(LanguageModel<B>, usize)> {
     let base = load_companion("training.teacher", path, tokenizer, "distil on the teacher's tokenizer (data.tokenizer)")?;
     let key = format!("training.teacher = {}", path.display());
+    let arch = base.model.arch;
+    if !matches!(arch, Arch::Llama | Arch::Gpt2 | Arch::Mixtral | Arch::Mamba) {
+        bail!("{key}: a teacher predicts the next token (llama, gpt2, mixtral or mamba); this one is {arch}");
+    }
+    if packed && arch == Arch::Mamba {
+        bail!("{key}: packed rows (data.packing) keep their conversations apart by attention masks, which a mamba teacher has not; set data.packing = false");
+    }
     let model = model_config(&base.model).init::<B>(0, device);
     let model = furnace_core::params::load_named(model, &base.weights).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
     Ok((model, base.model.vocab_size))
