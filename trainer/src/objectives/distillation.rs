@@ -15,14 +15,13 @@ use furnace_data::{Batch, TextTokenizer};
 use furnace_models::kernels::FusedOps;
 use furnace_models::LanguageModel;
 
-use super::language::log_validation;
+use super::language::{log_validation, report_next_token};
 use super::{Accumulated, Gradients, Objective, Setup};
 use crate::backend::TrainBackend;
 use crate::context::Context;
 use crate::metrics::Sums;
 use crate::model::{load_companion, model_config};
 use crate::objective::lm_loss_sum;
-use crate::tasks::exact_match_and_sample;
 
 pub struct Distillation<B: TrainBackend> {
     teacher: LanguageModel<B::InnerBackend>,
@@ -93,8 +92,7 @@ impl<B: TrainBackend> Objective<B> for Distillation<B> {
             let ids = |values: &[i64]| TensorData::new(values.to_vec(), shape);
             let inputs = Tensor::<B, 2, Int>::from_data(ids(&batch.inputs), &cx.device);
             let targets = Tensor::<B, 2, Int>::from_data(ids(&batch.targets), &cx.device);
-            let teacher_inputs = Tensor::<B::InnerBackend, 2, Int>::from_data(ids(&batch.inputs), &cx.device);
-            let teacher = self.teacher.forward_routed(teacher_inputs, batch.positions.as_deref()).0;
+            let teacher = self.teacher.forward_routed(inputs.clone().inner(), batch.positions.as_deref()).0;
             let (student, _) = model.forward_routed(inputs.clone(), batch.positions.as_deref());
             let kl = distillation_loss_sum(student.clone(), Tensor::from_inner(teacher), targets.clone(), self.temperature);
             self.window.add("kl", kl.clone().into_scalar().elem::<f64>());
@@ -120,9 +118,7 @@ impl<B: TrainBackend> Objective<B> for Distillation<B> {
     }
 
     fn report(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<()> {
-        let val = super::language::validate(cx, model, None).loss;
-        println!("validation loss {val:.4} (perplexity {:.2})", val.exp());
-        exact_match_and_sample(cx, &burn::module::AutodiffModule::valid(model))
+        report_next_token(cx, model)
     }
 }
 

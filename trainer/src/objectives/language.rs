@@ -148,8 +148,7 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
     }
 
     fn report(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<()> {
-        let Validation { loss: val, mlm_accuracy } = validate(cx, model, self.denoising.as_ref());
-        println!("validation loss {val:.4} (perplexity {:.2})", val.exp());
+        let Validation { mlm_accuracy, .. } = print_validation(cx, model, self.denoising.as_ref());
         if let Some(accuracy) = mlm_accuracy {
             println!("masked-token accuracy on held-out text: {:.1}%", 100.0 * accuracy);
         }
@@ -179,8 +178,22 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
     }
 }
 
+/// The report's first line: validation loss and perplexity.
+fn print_validation<B: TrainBackend>(cx: &mut Context<B>, model: &LanguageModel<B>, denoising: Option<&Denoising>) -> Validation {
+    let validation = validate(cx, model, denoising);
+    println!("validation loss {:.4} (perplexity {:.2})", validation.loss, validation.loss.exp());
+    validation
+}
+
+/// The report of a mode that trains a next-token model on text it did not denoise (RL,
+/// distillation): validation loss, then held-out exact match and a greedy sample.
+pub fn report_next_token<B: TrainBackend>(cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<()> {
+    print_validation(cx, model, None);
+    exact_match_and_sample(cx, &model.valid())
+}
+
 /// Validation loss (and masked-token accuracy under masked LM) on the validation set.
-pub fn validate<B: TrainBackend>(cx: &mut Context<B>, model: &LanguageModel<B>, denoising: Option<&Denoising>) -> Validation {
+fn validate<B: TrainBackend>(cx: &mut Context<B>, model: &LanguageModel<B>, denoising: Option<&Denoising>) -> Validation {
     let (loader, steps) = (&mut cx.val_loader, cx.recipe.training.eval_steps);
     with_autocast(cx.compute_dtype, || validation(&model.valid(), loader, steps, denoising, &cx.device))
 }

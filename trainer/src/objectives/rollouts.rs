@@ -14,16 +14,15 @@ use furnace_core::rng::Stream;
 use furnace_data::loader::IGNORE;
 use furnace_models::{CausalLm, LanguageModel};
 
-use super::language::{log_validation, validate};
+use super::language::{log_validation, report_next_token};
 use super::{apply, Accumulated, Gradients, Objective, Setup, Stepped};
 use crate::backend::TrainBackend;
 use crate::context::Context;
-use crate::evaluate::Validation;
 use crate::metrics::Sums;
 use crate::model::load_reward_model;
 use crate::objective::{grpo_loss, ppo_advantages, ppo_loss, token_log_probs, PpoTargets};
 use crate::rollout::{self, add_ppo_update, add_rollout, rollout, rollout_means, step_prompts, Sampling};
-use crate::tasks::{exact_match_and_sample, held_out_exact_match};
+use crate::tasks::held_out_exact_match;
 
 pub struct Rollouts<B: TrainBackend> {
     mode: TrainMode,
@@ -168,8 +167,6 @@ impl<B: TrainBackend> Objective<B> for Rollouts<B> {
     }
 
     fn report(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<()> {
-        let Validation { loss: val, .. } = validate(cx, model, None);
-        println!("validation loss {val:.4} (perplexity {:.2})", val.exp());
-        exact_match_and_sample(cx, &model.valid())
+        report_next_token(cx, model)
     }
 }
