@@ -43,7 +43,8 @@ impl RecipeError {
                 // its line's key within its section instead.
                 let is_value =
                     spanned.starts_with(['"', '\'', '[', '{']) || spanned.parse::<f64>().is_ok() || ["true", "false"].contains(&spanned);
-                if is_value {
+                // A duplicated key is spanned by part of its name only.
+                if is_value || err.message().starts_with("duplicate key") {
                     key_at(text, span.start).unwrap_or_else(|| spanned.to_string())
                 } else {
                     spanned.to_string()
@@ -133,9 +134,9 @@ pub(crate) const SECTIONS: &[&str] = &[
     "ppo",
 ];
 
-/// Apply one `section.key=value` override. The value is read as TOML (`3e-4`, `true`,
-/// `["+"]`), and as a plain string when it is not valid TOML (`llama`).
-pub(crate) fn apply_override(table: &mut toml::Table, item: &str, file: &str) -> Result<(), RecipeError> {
+/// Apply one `section.key=value` override; returns `section.key`. The value is read as TOML
+/// (`3e-4`, `true`, `["+"]`), and as a plain string when it is not valid TOML (`llama`).
+pub(crate) fn apply_override(table: &mut toml::Table, item: &str, file: &str) -> Result<String, RecipeError> {
     let err = |key: &str, message: String, fix: String| RecipeError {
         file: file.into(),
         line: None,
@@ -161,5 +162,5 @@ pub(crate) fn apply_override(table: &mut toml::Table, item: &str, file: &str) ->
     let section_table =
         table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new())).as_table_mut().expect("recipe sections are tables");
     section_table.insert(key.to_string(), value);
-    Ok(())
+    Ok(path.to_string())
 }

@@ -39,10 +39,13 @@ impl Recipe {
             recipe
         } else {
             let mut table = toml::Table::try_from(&recipe).expect("a recipe always serializes");
+            let mut applied = recipe;
+            // Read after each override, so a value of the wrong type is named by its key.
             for item in overrides {
-                error::apply_override(&mut table, item, file)?;
+                let key = error::apply_override(&mut table, item, file)?;
+                applied = Recipe::deserialize_value(table.clone(), file, item, &key)?;
             }
-            Recipe::deserialize_value(table, file)?
+            applied
         };
         validate::validate(&recipe, file, text, true)?;
         Ok(recipe)
@@ -56,14 +59,14 @@ impl Recipe {
         Ok(recipe)
     }
 
-    fn deserialize_value(table: toml::Table, file: &str) -> Result<Recipe, RecipeError> {
+    fn deserialize_value(table: toml::Table, file: &str, item: &str, key: &str) -> Result<Recipe, RecipeError> {
         use serde::Deserialize;
         Recipe::deserialize(toml::Value::Table(table)).map_err(|e| RecipeError {
             file: file.into(),
             line: None,
-            key: "--set".into(),
-            message: e.to_string(),
-            fix: "give a value of the type `furnace recipe explain` lists for that key".into(),
+            key: key.into(),
+            message: format!("in --set {item}: {}", e.to_string().trim()),
+            fix: format!("give {key} a value of the type `furnace recipe explain` lists for it"),
         })
     }
 

@@ -589,6 +589,10 @@ section! {
         backend: Backend = Backend::Flex,
         /// CPU threads. 0: all cores.
         threads: usize = 0,
+        /// Memory the run may plan for, in GB: a recipe whose estimate (parameters, gradients,
+        /// optimizer state, one micro-batch's activations) exceeds it is refused before any
+        /// work starts. 0: this machine's memory.
+        max_memory_gb: f64 = 0.0,
         /// flex, reward and DPO only: each micro-batch's pairs are split into this many shards
         /// that train at once, one per thread, each in an autodiff graph of its own (the same
         /// parameters; the gradients summed in shard order, so runs stay deterministic). For

@@ -49,7 +49,7 @@ fn overrides_apply_and_are_validated() {
     assert_eq!(r.optimizer.lr, 1e-2);
     assert_eq!(r.model.arch, Arch::Gpt2);
     let r = Recipe::from_toml("", "t.toml", &["training.steps=abc".into()]).unwrap_err();
-    assert_eq!(r.key, "--set");
+    assert_eq!(r.key, "training.steps");
     let r = Recipe::from_toml("", "t.toml", &["optimizer.lr=0".into()]).unwrap_err();
     assert_eq!(r.key, "optimizer.lr");
 }
@@ -274,4 +274,47 @@ fn the_recipe_check_refuses_exactly_what_the_capability_table_lacks() {
             }
         }
     }
+}
+
+/// Hostile values, each answered by an error naming the key it is about (never another key,
+/// never a bare `--set`).
+#[test]
+fn every_bad_value_names_its_own_key() {
+    let rows: &[(&str, &str)] = &[
+        ("training.steps=-1", "training.steps"),
+        ("training.steps=99999999999999999999999", "training.steps"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("lr_scheduler.decay=sideways", "lr_scheduler.decay"),
+        ("model.arch=rnn", "model.arch"),
+        ("model.flavor=huge", "model.flavor"),
+        ("training.keep_last=-2", "training.keep_last"),
+        ("model.sliding_window=-1", "model.sliding_window"),
+        ("run.seed=-7", "run.seed"),
+        ("training.seq_len=", "training.seq_len"),
+        ("model.n_heads=0", "model.n_heads"),
+        ("model.n_kv_heads=0", "model.n_kv_heads"),
+        ("model.n_layers=0", "model.n_layers"),
+        ("model.d_ff=0", "model.d_ff"),
+        ("model.rope_theta=0", "model.rope_theta"),
+        ("model.rope_theta=nan", "model.rope_theta"),
+        ("optimizer.lr=inf", "optimizer.lr"),
+        ("model.d_model=100000", "model.d_model"),
+        ("model.n_layers=100000", "model.n_layers"),
+        ("model.max_seq_len=1000000000", "model.max_seq_len"),
+        ("model.d_ff=1000000000", "model.d_ff"),
+        ("data.tokenizer_vocab_size=1000000000", "data.tokenizer_vocab_size"),
+        ("runtime.threads=100000", "runtime.threads"),
+        ("lora.r=100000", "lora.r"),
+        ("data.num_val_examples=0", "data.num_val_examples"),
+    ];
+    for (item, key) in rows {
+        let err = Recipe::from_toml("", "t.toml", &[item.to_string()]).expect_err(item);
+        assert_eq!(&err.key, key, "--set {item}: {err}");
+    }
+}
+
+#[test]
+fn a_duplicated_key_in_the_file_is_named() {
+    let err = parse("[training]\nsteps = 10\nsteps = 20\n").unwrap_err();
+    assert_eq!(err.key, "training.steps", "{err}");
 }

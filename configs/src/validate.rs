@@ -17,6 +17,8 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         checkpointing: recipe.activation_checkpoint.mode != CheckpointMode::None,
     };
     for section in [
+        finite,
+        bounded,
         model,
         supported,
         activation_checkpoint,
@@ -68,17 +70,60 @@ impl Check<'_> {
     }
 }
 
+/// Every number of the recipe finite: a NaN or an infinity would pass every range check below
+/// (each comparison is false) and surface steps later as a non-finite loss.
+fn finite(c: &Check<'_>) -> Result<(), RecipeError> {
+    let table = toml::Table::try_from(c.recipe).expect("a recipe always serializes");
+    for (section, keys) in table.iter().filter_map(|(s, v)| Some((s, v.as_table()?))) {
+        for (key, value) in keys {
+            if let Some(x) = value.as_float().filter(|x| !x.is_finite()) {
+                return c.fail(section, key, format!("{key} = {x} is not a finite number"), format!("give {section}.{key} a finite value"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Upper bounds on what sizes one run can hold: past them a typo (an extra zero or three)
+/// would reach an allocation abort instead of this message. The memory estimate of the whole
+/// model is checked against the machine by the trainer (it needs the model's parameter count).
+fn bounded(c: &Check<'_>) -> Result<(), RecipeError> {
+    let (recipe, m) = (c.recipe, &c.m);
+    let vocab = recipe.model.vocab_size.unwrap_or(0);
+    for (section, key, value, limit) in [
+        ("model", "d_model", m.d_model, 1 << 16),
+        ("model", "n_layers", m.n_layers, 1 << 10),
+        ("model", "n_heads", m.n_heads, 1 << 10),
+        ("model", "d_ff", m.d_ff, 1 << 18),
+        ("model", "max_seq_len", m.max_seq_len, 1 << 20),
+        ("model", "n_experts", m.n_experts, 1 << 10),
+        ("model", "vocab_size", vocab, 1 << 22),
+        ("data", "tokenizer_vocab_size", recipe.data.tokenizer_vocab_size, 1 << 22),
+        ("runtime", "threads", recipe.runtime.threads, 1 << 10),
+        ("lora", "r", recipe.lora.r, 1 << 14),
+    ] {
+        if value > limit {
+            return c.fail(
+                section,
+                key,
+                format!("{key} = {value} is beyond what Furnace trains (at most {limit})"),
+                format!("lower {section}.{key}; a typo of a few zeros is the usual cause"),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The model's dimensions, each architecture's own keys and fixed layouts, dropout and epsilons.
 fn model(c: &Check<'_>) -> Result<(), RecipeError> {
     let recipe = c.recipe;
     let m = &c.m;
-    if m.d_model == 0 || m.n_layers == 0 || m.n_heads == 0 || m.n_kv_heads == 0 || m.d_ff == 0 {
-        return c.fail(
-            "model",
-            "d_model",
-            "model dimensions must be positive".into(),
-            "set d_model, n_layers, n_heads, n_kv_heads and d_ff above 0".into(),
-        );
+    for (key, value) in
+        [("d_model", m.d_model), ("n_layers", m.n_layers), ("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff)]
+    {
+        if value == 0 {
+            return c.fail("model", key, format!("{key} = 0: model dimensions must be positive"), format!("set model.{key} above 0"));
+        }
     }
     if m.d_model % m.n_heads != 0 && !(m.arch == Arch::T5 && recipe.model.head_dim.is_some()) {
         return c.fail(
@@ -238,13 +283,10 @@ fn model(c: &Check<'_>) -> Result<(), RecipeError> {
             "use a probability such as 0.0 or 0.1".into(),
         );
     }
-    if m.norm_eps <= 0.0 || m.rope_theta <= 0.0 {
-        return c.fail(
-            "model",
-            "norm_eps",
-            "norm_eps and rope_theta must be positive".into(),
-            "use e.g. norm_eps = 1e-5, rope_theta = 10000.0".into(),
-        );
+    for (key, value, example) in [("norm_eps", m.norm_eps, "1e-5"), ("rope_theta", m.rope_theta, "10000.0")] {
+        if !(value > 0.0) {
+            return c.fail("model", key, format!("{key} = {value} must be positive"), format!("use e.g. model.{key} = {example}"));
+        }
     }
     Ok(())
 }
@@ -550,6 +592,18 @@ fn data(c: &Check<'_>) -> Result<(), RecipeError> {
             "source = \"files\" but no files are listed".into(),
             "list text or JSONL files: files = [\"corpus.txt\"]".into(),
         );
+    }
+    if !matches!(d.source, DataSource::Files | DataSource::Chat | DataSource::Preferences | DataSource::Seq2seq) {
+        for (key, value) in [("num_examples", d.num_examples), ("num_val_examples", d.num_val_examples)] {
+            if value == 0 {
+                return c.fail(
+                    "data",
+                    key,
+                    format!("{key} = 0: source = \"{}\" generates no examples for this split", d.source),
+                    format!("set data.{key} to at least 1"),
+                );
+            }
+        }
     }
     for f in d.files.iter().chain(&d.val_files).filter(|_| check_files) {
         if !Path::new(f).is_file() {

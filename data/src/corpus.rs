@@ -50,11 +50,11 @@ pub fn documents(recipe: &Recipe) -> Result<(Vec<String>, Vec<String>), String> 
         DataSource::Files => {
             let mut train = Vec::new();
             for f in &d.files {
-                train.extend(read_documents(Path::new(f), &d.text_field, d.text_documents)?);
+                train.extend(read_documents(Path::new(f), &d.text_field, d.text_documents, d.skip_bad_lines)?);
             }
             let mut val = Vec::new();
             for f in &d.val_files {
-                val.extend(read_documents(Path::new(f), &d.text_field, d.text_documents)?);
+                val.extend(read_documents(Path::new(f), &d.text_field, d.text_documents, d.skip_bad_lines)?);
             }
             if val.is_empty() {
                 val = held_out(&mut train, d.val_fraction);
@@ -101,22 +101,28 @@ fn held_out(train: &mut Vec<String>, fraction: f64) -> Vec<String> {
 
 /// Documents of a `.jsonl` file (one object per line, text under `field`) or a text file (the
 /// whole file, its blank-line blocks or its lines, as `documents` says).
-pub fn read_documents(path: &Path, field: &str, documents: TextDocuments) -> Result<Vec<String>, String> {
+pub fn read_documents(path: &Path, field: &str, documents: TextDocuments, skip_bad_lines: bool) -> Result<Vec<String>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if path.extension().is_some_and(|e| e == "jsonl") {
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, line)| {
-                let value: serde_json::Value =
-                    serde_json::from_str(line).map_err(|e| format!("{}:{}: invalid JSON: {e}", path.display(), i + 1))?;
+        let (mut texts, mut skipped) = (Vec::new(), 0);
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let parsed = serde_json::from_str::<serde_json::Value>(line).map_err(|e| format!("invalid JSON: {e}")).and_then(|value| {
                 value
                     .get(field)
                     .and_then(|v| v.as_str())
                     .map(str::to_string)
-                    .ok_or_else(|| format!("{}:{}: no string field `{field}` (set data.text_field)", path.display(), i + 1))
-            })
-            .collect()
+                    .ok_or(format!("no string field `{field}` (set data.text_field)"))
+            });
+            match parsed {
+                Ok(document) => texts.push(document),
+                Err(_) if skip_bad_lines => skipped += 1,
+                Err(e) => return Err(format!("{}:{}: {e} (or set data.skip_bad_lines = true)", path.display(), i + 1)),
+            }
+        }
+        if skipped > 0 {
+            eprintln!("warning: {}: skipped {skipped} malformed line(s) (data.skip_bad_lines = true)", path.display());
+        }
+        Ok(texts)
     } else {
         Ok(match documents {
             TextDocuments::File if text.trim().is_empty() => Vec::new(),
@@ -198,7 +204,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("play.txt");
         std::fs::write(&path, text).unwrap();
-        read_documents(&path, "text", documents).unwrap()
+        read_documents(&path, "text", documents, false).unwrap()
     }
 
     #[test]
@@ -207,6 +213,16 @@ mod tests {
         assert_eq!(documents_of(PLAY, TextDocuments::BlankLine), ["ROMEO: But soft.\nWhat light?", "JULIET: Ay me.", "ROMEO: She speaks."]);
         assert_eq!(documents_of(PLAY, TextDocuments::Line), ["ROMEO: But soft.", "What light?", "JULIET: Ay me.", "ROMEO: She speaks."]);
         assert!(documents_of("\n\n  \n", TextDocuments::File).is_empty());
+    }
+
+    #[test]
+    fn malformed_jsonl_lines_stop_the_read_unless_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docs.jsonl");
+        std::fs::write(&path, "{\"text\": \"one\"}\nnot json\n{\"other\": 1}\n{\"text\": \"two\"}\n").unwrap();
+        let err = read_documents(&path, "text", TextDocuments::File, false).unwrap_err();
+        assert!(err.contains("docs.jsonl:2: invalid JSON") && err.contains("skip_bad_lines"), "{err}");
+        assert_eq!(read_documents(&path, "text", TextDocuments::File, true).unwrap(), ["one", "two"]);
     }
 
     #[test]

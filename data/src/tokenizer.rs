@@ -30,6 +30,39 @@ fn sentinel(i: usize) -> String {
     format!("<extra_id_{i}>")
 }
 
+/// The size of the pieces long texts are encoded in.
+const ENCODE_PIECE_BYTES: usize = 1 << 20;
+
+/// `text` cut into pieces of at most about `max_bytes`, each cut just before a space between two
+/// non-spaces: the byte-level pre-tokenizer splits there too (the space starts the next word,
+/// and no merge crosses a split), so the pieces' tokens are the whole text's. A stretch of
+/// `max_bytes` without such a space is cut at a character boundary instead.
+fn pieces(text: &str, max_bytes: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        if rest.len() <= max_bytes {
+            return Some(std::mem::take(&mut rest));
+        }
+        let mut limit = max_bytes;
+        while !rest.is_char_boundary(limit) {
+            limit -= 1;
+        }
+        let at_word = rest[..limit].char_indices().rev().find(|&(i, c)| {
+            c == ' '
+                && i > 0
+                && rest[..i].chars().next_back().is_some_and(|p| !p.is_whitespace())
+                && rest[i + 1..].chars().next().is_some_and(|n| !n.is_whitespace())
+        });
+        let cut = at_word.map_or(limit.max(rest.chars().next().map_or(1, char::len_utf8)), |(i, _)| i);
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
+}
+
 pub struct TextTokenizer {
     inner: Tokenizer,
     eos: u32,
@@ -115,8 +148,14 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The token ids of `text`, encoded in pieces of about `ENCODE_PIECE_BYTES` (see `pieces`):
+    /// a 50 MB line then needs megabytes, not the gigabytes of one whole encoding.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        self.inner.encode(text, false).expect("byte-level encoding cannot fail").get_ids().to_vec()
+        let mut ids = Vec::new();
+        for piece in pieces(text, ENCODE_PIECE_BYTES) {
+            ids.extend_from_slice(self.inner.encode(piece, false).expect("byte-level encoding cannot fail").get_ids());
+        }
+        ids
     }
 
     /// Token ids and each token's byte span in `text`.
@@ -159,6 +198,27 @@ mod tests {
         let loaded = TextTokenizer::load(&dir.path().join("tokenizer.json")).unwrap();
         assert_eq!(loaded.encode(text), tok.encode(text));
         assert_eq!(loaded.eos(), tok.eos());
+    }
+
+    #[test]
+    fn long_texts_encode_in_pieces_to_the_whole_texts_tokens() {
+        let docs: Vec<String> = crate::generators::stories(200, 1);
+        let tok = TextTokenizer::train(&docs, 400, ExtraTokens::Mask).unwrap();
+        let text = format!("{} 12 345  double  spaces\n\nZoë's [MASK] sat, «quoted» 7.5%! {}", docs[..20].join(" "), docs[20]);
+        let whole = tok.inner.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+        for max_bytes in [1, 2, 3, 7, 16, 64, 1000] {
+            let cut: Vec<&str> = pieces(&text, max_bytes).collect();
+            assert_eq!(cut.concat(), text, "pieces of {max_bytes} bytes cover the text");
+            let ids: Vec<u32> = cut.iter().flat_map(|p| tok.inner.encode(*p, false).unwrap().get_ids().to_vec()).collect();
+            if max_bytes >= 16 {
+                assert_eq!(ids, whole, "pieces of {max_bytes} bytes tokenize as the whole");
+            }
+        }
+        assert_eq!(tok.encode(&text), whole);
+        // No space to cut at: character boundaries, never inside a character.
+        let unbroken = "Zoë".repeat(50);
+        assert!(pieces(&unbroken, 4).all(|p| p.len() <= 4 && !p.is_empty()));
+        assert_eq!(pieces(&unbroken, 4).collect::<String>(), unbroken);
     }
 
     #[test]

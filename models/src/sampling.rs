@@ -86,7 +86,9 @@ impl Sampler {
                 return token;
             }
         }
-        probs.last().expect("at least one token survives filtering").0
+        // Filters keep the most likely token for valid settings; non-finite logits (a damaged
+        // model) may leave none, and then the choice is the greedy one.
+        probs.last().map_or_else(|| argmax(&logits), |p| p.0)
     }
 }
 

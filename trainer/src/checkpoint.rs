@@ -1,13 +1,18 @@
 //! Checkpoints: `<output_dir>/checkpoints/step_<N>/` holding the model (safetensors, our
 //! parameter names), the optimizer moments, the train state (step, data cursor), the resolved
-//! recipe and the tokenizer. A checkpoint is written into a hidden temporary folder, fsynced,
-//! then renamed: it is either complete or absent.
+//! recipe, the tokenizer and, written last, a manifest of every file's size and content hash.
+//! A checkpoint is written into a hidden temporary folder, fsynced, then renamed: it is either
+//! complete or absent. Reading one verifies it against its manifest first, and a resume moves
+//! past checkpoints that fail to the newest one that verifies.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
-use furnace_core::fsutil::sync_dir;
+use furnace_configs::Recipe;
+use furnace_core::fsutil::{sync_dir, write_synced};
 use furnace_core::params::{from_safetensors, to_safetensors, NamedTensors};
 use furnace_data::Cursor;
 use serde::{Deserialize, Serialize};
@@ -19,6 +24,7 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "train_state.json";
 pub const RECIPE_FILE: &str = "recipe.toml";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
@@ -80,12 +86,9 @@ pub struct Loaded {
     pub recipe: String,
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut file = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    Ok(())
+/// Write one file of a checkpoint being staged, naming it when that fails (a full disk).
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_synced(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn step_of(path: &Path) -> Option<usize> {
@@ -101,7 +104,8 @@ impl Checkpointer {
         last || (self.save_every > 0 && step % self.save_every == 0)
     }
 
-    /// Complete checkpoints, oldest first.
+    /// Complete checkpoints, oldest first (hidden folders — a save in progress, a checkpoint
+    /// being pruned — are not among them).
     pub fn list(&self) -> Vec<(usize, PathBuf)> {
         let mut found: Vec<(usize, PathBuf)> = fs::read_dir(&self.dir)
             .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).filter_map(|p| step_of(&p).map(|s| (s, p))).collect())
@@ -112,6 +116,36 @@ impl Checkpointer {
 
     pub fn latest(&self) -> Option<PathBuf> {
         self.list().pop().map(|(_, p)| p)
+    }
+
+    /// The newest checkpoint that verifies against its manifest; each newer one that fails is
+    /// reported with the reason and passed over.
+    pub fn newest_verified(&self) -> Result<PathBuf> {
+        let all = self.list();
+        let mut failures = Vec::new();
+        for (_, dir) in all.iter().rev() {
+            match verify(dir) {
+                Ok(()) => {
+                    if !failures.is_empty() {
+                        eprintln!("warning: using {}, the newest checkpoint that verifies", dir.display());
+                    }
+                    return Ok(dir.clone());
+                }
+                Err(err) => {
+                    eprintln!("warning: passing over {}: {err:#}", dir.display());
+                    failures.push(format!("{err:#}"));
+                }
+            }
+        }
+        match failures.is_empty() {
+            true => bail!("no checkpoint under {}", self.dir.display()),
+            false => bail!(
+                "none of the {} checkpoints under {} verifies ({}); restore one from a backup, or pass --no-verify to read one as it is",
+                failures.len(),
+                self.dir.display(),
+                failures.join("; ")
+            ),
+        }
     }
 
     pub fn save(
@@ -128,22 +162,45 @@ impl Checkpointer {
             bail!("{} already exists; refusing to overwrite a written checkpoint", final_dir.display());
         }
         let tmp = self.staging(step);
-        let optimizer_file = if state.optimizer_shards > 1 {
-            optimizer_shard_file(0, state.optimizer_shards)
-        } else {
-            self.stage(step)?;
-            OPTIMIZER_FILE.to_string()
-        };
-        write_synced(&tmp.join(MODEL_FILE), &to_safetensors(model))?;
-        write_synced(&tmp.join(optimizer_file), &to_safetensors(optimizer))?;
-        write_synced(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
-        write_synced(&tmp.join(RECIPE_FILE), recipe.as_bytes())?;
-        write_synced(&tmp.join(TOKENIZER_FILE), tokenizer.as_bytes())?;
-        sync_dir(&tmp)?;
-        fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move the checkpoint into {}", final_dir.display()))?;
-        sync_dir(&self.dir)?;
+        let written = (|| {
+            let optimizer_file = if state.optimizer_shards > 1 {
+                optimizer_shard_file(0, state.optimizer_shards)
+            } else {
+                self.stage(step)?;
+                OPTIMIZER_FILE.to_string()
+            };
+            write_file(&tmp.join(MODEL_FILE), &to_safetensors(model))?;
+            write_file(&tmp.join(optimizer_file), &to_safetensors(optimizer))?;
+            write_file(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
+            write_file(&tmp.join(RECIPE_FILE), recipe.as_bytes())?;
+            write_file(&tmp.join(TOKENIZER_FILE), tokenizer.as_bytes())?;
+            write_manifest(&tmp, step)?;
+            sync_dir(&tmp)?;
+            fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move the checkpoint into {}", final_dir.display()))?;
+            sync_dir(&self.dir).with_context(|| format!("cannot sync {}", self.dir.display()))
+        })();
+        if let Err(err) = written {
+            // The partial checkpoint would keep holding the space a full disk lacks.
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(err.context(format!(
+                "saving checkpoint step_{step} under {} failed (the earlier checkpoints are intact)",
+                self.dir.display()
+            )));
+        }
         self.prune()?;
         Ok(final_dir)
+    }
+
+    /// Remove what interrupted saves and prunes left behind (hidden folders, never a checkpoint).
+    pub fn clean_leftovers(&self) -> Result<()> {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return Ok(()) };
+        for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.starts_with(".tmp-step_") || name.starts_with(".pruned-step_") {
+                fs::remove_dir_all(&path).with_context(|| format!("cannot remove the leftover {}", path.display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Where checkpoint `step` is assembled before its rename into place.
@@ -164,7 +221,7 @@ impl Checkpointer {
     /// ZeRO: rank `rank`'s optimizer state into the staging folder of checkpoint `step`
     /// (rank 0 writes its own shard with the rest in `save`).
     pub fn write_optimizer_shard(&self, step: usize, rank: usize, shards: usize, optimizer: &NamedTensors) -> Result<()> {
-        write_synced(&self.staging(step).join(optimizer_shard_file(rank, shards)), &to_safetensors(optimizer))
+        write_file(&self.staging(step).join(optimizer_shard_file(rank, shards)), &to_safetensors(optimizer))
     }
 
     /// Keep the newest `keep_last` checkpoints (0 keeps all).
@@ -173,21 +230,137 @@ impl Checkpointer {
             return Ok(());
         }
         let all = self.list();
-        for (_, path) in all.iter().take(all.len().saturating_sub(self.keep_last)) {
-            fs::remove_dir_all(path).with_context(|| format!("cannot prune {}", path.display()))?;
+        for (step, path) in all.iter().take(all.len().saturating_sub(self.keep_last)) {
+            // Renamed out of the list first: a kill while deleting leaves a hidden leftover
+            // (removed at the next start), never a half-deleted checkpoint.
+            let doomed = self.dir.join(format!(".pruned-step_{step}"));
+            fs::rename(path, &doomed).with_context(|| format!("cannot prune {}", path.display()))?;
+            fs::remove_dir_all(&doomed).with_context(|| format!("cannot remove {}", doomed.display()))?;
         }
         Ok(())
     }
 }
 
-/// A run folder (→ its newest checkpoint) or a checkpoint folder itself.
+/// Each file of a checkpoint: its size and content hash.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct FileDigest {
+    bytes: u64,
+    xxh3: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    step: usize,
+    files: BTreeMap<String, FileDigest>,
+}
+
+fn digest(bytes: &[u8]) -> FileDigest {
+    FileDigest { bytes: bytes.len() as u64, xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes)) }
+}
+
+/// The manifest of every file staged in `dir` (the ranks' optimizer shards included), read
+/// back from the disk: it records what was written, not what was meant to be.
+fn write_manifest(dir: &Path, step: usize) -> Result<()> {
+    let mut files = BTreeMap::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        if path.is_file() && name != MANIFEST_FILE {
+            files.insert(name, digest(&fs::read(&path).with_context(|| format!("cannot read back {}", path.display()))?));
+        }
+    }
+    write_file(&dir.join(MANIFEST_FILE), serde_json::to_string_pretty(&Manifest { step, files })?.as_bytes())
+}
+
+/// Whether reads verify checkpoints (`--no-verify` turns it off for a command, for models so
+/// large that hashing them costs too much).
+static VERIFY: AtomicBool = AtomicBool::new(true);
+
+pub fn set_verification(on: bool) {
+    VERIFY.store(on, Ordering::Relaxed);
+}
+
+/// Check checkpoint `dir` against its manifest: every file present, of its size and content,
+/// and the step in train_state.json that of the folder's name.
+pub fn verify(dir: &Path) -> Result<()> {
+    if !VERIFY.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let manifest_path = dir.join(MANIFEST_FILE);
+    if !manifest_path.is_file() {
+        if dir.join(MODEL_FILE).is_file() && dir.join(STATE_FILE).is_file() {
+            eprintln!("warning: {} has no {MANIFEST_FILE} (written by a Furnace before manifests): not verified", dir.display());
+            return Ok(());
+        }
+        bail!("{} is missing: the checkpoint is incomplete", manifest_path.display());
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&fs::read(&manifest_path).with_context(|| format!("cannot read {}", manifest_path.display()))?)
+            .with_context(|| format!("{} is damaged", manifest_path.display()))?;
+    for (name, expected) in &manifest.files {
+        let path = dir.join(name);
+        let bytes = fs::read(&path).with_context(|| format!("{} is missing or unreadable (listed in {MANIFEST_FILE})", path.display()))?;
+        let found = digest(&bytes);
+        if found.bytes != expected.bytes {
+            bail!(
+                "{} has {} bytes where {MANIFEST_FILE} recorded {}: the file is truncated or replaced",
+                path.display(),
+                found.bytes,
+                expected.bytes
+            );
+        }
+        if found.xxh3 != expected.xxh3 {
+            bail!("{} is corrupted: its content hash {} differs from {} in {MANIFEST_FILE}", path.display(), found.xxh3, expected.xxh3);
+        }
+    }
+    for required in [MODEL_FILE, STATE_FILE, RECIPE_FILE, TOKENIZER_FILE] {
+        if !manifest.files.contains_key(required) {
+            bail!("{} does not list {required}: the checkpoint is incomplete", manifest_path.display());
+        }
+    }
+    let state: TrainState = serde_json::from_slice(&read(dir, STATE_FILE)?)
+        .with_context(|| format!("checkpoint file {} is damaged", dir.join(STATE_FILE).display()))?;
+    let named = step_of(dir);
+    if state.step != manifest.step || named.is_some_and(|n| n != state.step) {
+        bail!(
+            "{} says step {} but the checkpoint is step {}: the train state does not belong here",
+            dir.join(STATE_FILE).display(),
+            state.step,
+            named.unwrap_or(manifest.step)
+        );
+    }
+    Ok(())
+}
+
+/// A checkpoint read for its model: the folder, its recipe and weights (the tokenizer is
+/// `dir/tokenizer.json`).
+pub struct StoredModel {
+    pub dir: PathBuf,
+    pub recipe: Recipe,
+    pub weights: NamedTensors,
+}
+
+/// The model of a run folder (its newest checkpoint that verifies) or of one checkpoint folder
+/// (which must verify).
+pub fn read_model(path: &Path) -> Result<StoredModel> {
+    let dir = resolve(path)?;
+    let recipe_path = dir.join(RECIPE_FILE);
+    let text = String::from_utf8(read(&dir, RECIPE_FILE)?).with_context(|| format!("{} is not UTF-8 text", recipe_path.display()))?;
+    let recipe = Recipe::from_stored(&text, &recipe_path.display().to_string())?;
+    Ok(StoredModel { weights: tensors(&dir, MODEL_FILE)?, recipe, dir })
+}
+
+/// A checkpoint folder itself (verified), or a run folder's newest checkpoint that verifies.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
-    if path.join(MODEL_FILE).is_file() {
+    if path.join(MODEL_FILE).is_file() || path.join(MANIFEST_FILE).is_file() {
+        verify(path).with_context(|| format!("checkpoint {} fails verification", path.display()))?;
         return Ok(path.to_path_buf());
     }
-    Checkpointer::new(path, 0, 0).latest().with_context(|| {
-        format!("no checkpoint in {} (expected {}/checkpoints/step_<N>/ or a folder holding {MODEL_FILE})", path.display(), path.display())
-    })
+    let run = Checkpointer::new(path, 0, 0);
+    if run.latest().is_none() {
+        bail!("no checkpoint in {} (expected {}/checkpoints/step_<N>/ or a folder holding {MODEL_FILE})", path.display(), path.display());
+    }
+    run.newest_verified()
 }
 
 fn read(dir: &Path, name: &str) -> Result<Vec<u8>> {
@@ -288,6 +461,35 @@ mod tests {
         fs::write(path.join(MODEL_FILE), &bytes[..bytes.len() / 2]).unwrap();
         let err = load(&path).err().unwrap().to_string();
         assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_under_another_step_name_fails_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = Checkpointer::new(dir.path(), 10, 0);
+        let path = ck.save(10, &sample(), &sample(), &state(10), "r", "{}").unwrap();
+        verify(&path).unwrap();
+        let moved = dir.path().join("checkpoints/step_20");
+        fs::rename(&path, &moved).unwrap();
+        let err = format!("{:#}", verify(&moved).err().unwrap());
+        assert!(err.contains("train_state.json says step 10 but the checkpoint is step 20"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_save_leaves_nothing_behind_and_names_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = Checkpointer::new(dir.path(), 10, 0);
+        ck.save(10, &sample(), &sample(), &state(10), "r", "{}").unwrap();
+        // A file where the staging folder's manifest goes makes the last write fail.
+        let mut bad = state(20);
+        bad.optimizer_shards = 2;
+        ck.stage(20).unwrap();
+        fs::create_dir(ck.staging(20).join(MANIFEST_FILE)).unwrap();
+        let err = format!("{:#}", ck.save(20, &sample(), &sample(), &bad, "r", "{}").err().unwrap());
+        assert!(err.contains("saving checkpoint step_20") && err.contains("earlier checkpoints are intact"), "{err}");
+        assert!(!ck.staging(20).exists());
+        assert_eq!(ck.list().len(), 1);
+        verify(&ck.latest().unwrap()).unwrap();
     }
 
     #[test]

@@ -17,18 +17,23 @@ use furnace_models::sampling::SamplingConfig;
 use furnace_models::{CausalLm, LanguageModel};
 
 use crate::backend::{dispatch, BackendJob, TrainBackend};
-use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
+use crate::checkpoint::{self, TOKENIZER_FILE};
 use crate::datasets::chat_template_source;
 use crate::evaluate::{encode_prompt, fill_mask_line, reply};
+use crate::memory::check_fits;
 use crate::model::{base_for, build_model, is_gguf, load_base, model_config};
 use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
+/// A recipe that parses, validates and, by its memory estimate, fits this machine.
 fn load_recipe(args: &RecipeArgs) -> Result<Recipe> {
-    Ok(Recipe::load(&args.config, &args.overrides)?)
+    let recipe = Recipe::load(&args.config, &args.overrides)?;
+    check_fits(&recipe, recipe.model.vocab_size.unwrap_or(recipe.data.tokenizer_vocab_size))?;
+    Ok(recipe)
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
+    checkpoint::set_verification(!args.no_verify);
     let recipe = load_recipe(&args.recipe)?;
     let out = output_dir(&recipe, args.resume.as_deref());
     let job = TrainJob { output_dir: out, resume: args.resume.is_some(), max_steps: args.max_steps, recipe: recipe.clone() };
@@ -80,7 +85,7 @@ pub fn data_prepare(args: RecipeArgs) -> Result<()> {
 pub fn data_tokenizer(inputs: &[PathBuf], vocab_size: usize, text_field: &str, extra: ExtraTokens, out: &Path) -> Result<()> {
     let mut docs = Vec::new();
     for input in inputs {
-        docs.extend(read_documents(input, text_field, TextDocuments::File).map_err(anyhow::Error::msg)?);
+        docs.extend(read_documents(input, text_field, TextDocuments::File, false).map_err(anyhow::Error::msg)?);
     }
     let tokenizer = TextTokenizer::train(&docs, vocab_size, extra).map_err(anyhow::Error::msg)?;
     tokenizer.save(out).map_err(anyhow::Error::msg)?;
@@ -168,6 +173,19 @@ impl BackendJob for GenerateJob {
         } else {
             encode_prompt(&tokenizer, &args.prompt, encoder_decoder)
         };
+        // A decoder's prompt and reply share its context: a longer prompt keeps its end, with
+        // room for at least one new token.
+        let context = model.max_seq_len();
+        let prompt = if !encoder_decoder && prompt.len() >= context {
+            eprintln!(
+                "warning: the prompt has {} tokens and the model's context is {context} (model.max_seq_len): using its last {} tokens",
+                prompt.len(),
+                context - 1
+            );
+            prompt[prompt.len() - (context - 1)..].to_vec()
+        } else {
+            prompt
+        };
         if let (Some(path), false) = (&args.logits_out, encoder_decoder) {
             let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
             let logits = model.forward(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ids, [1, prompt.len()]), &device));
@@ -254,6 +272,7 @@ fn write_seq2seq_logits<B: FusedOps>(
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
+    checkpoint::set_verification(!args.no_verify);
     if args.format == "gguf" {
         let quant = match args.quant.as_str() {
             "f16" => crate::gguf::GgmlType::F16,
@@ -261,40 +280,56 @@ pub fn export(args: ExportArgs) -> Result<()> {
             "q4_0" => crate::gguf::GgmlType::Q4_0,
             _ => crate::gguf::GgmlType::F32,
         };
-        return crate::export::export_gguf(&args.checkpoint, &args.out, quant, args.merge_lora);
+        return crate::export::export_gguf(&args.checkpoint, &args.out, args.force, quant, args.merge_lora);
     }
     if args.format == "peft" {
-        return crate::export::export_peft(&args.checkpoint, &args.out);
+        return crate::export::export_peft(&args.checkpoint, &args.out, args.force);
     }
     let dtype = match args.dtype.as_str() {
         "f16" => StoreDtype::F16,
         "bf16" => StoreDtype::BF16,
         _ => StoreDtype::F32,
     };
-    crate::export::export_hf(&args.checkpoint, &args.out, dtype, args.max_shard_size, args.merge_lora)
+    crate::export::export_hf(&args.checkpoint, &args.out, args.force, dtype, args.max_shard_size, args.merge_lora)
 }
 
 /// Generate from a Furnace checkpoint (adapters included), a Hugging Face model folder or a GGUF file.
 pub fn generate(args: GenerateArgs) -> Result<()> {
+    check_sampling_flags(&args)?;
+    checkpoint::set_verification(!args.no_verify);
     let (recipe, tokenizer, weights) = if args.checkpoint.join("config.json").is_file() || is_gguf(&args.checkpoint) {
         let base = load_base(&args.checkpoint)?;
         let recipe = Recipe { model: base.model.to_section(&args.checkpoint.display().to_string()), ..Default::default() };
         (recipe, TextTokenizer::load(&base.tokenizer).map_err(anyhow::Error::msg)?, base.weights)
     } else {
-        let dir = checkpoint::resolve(&args.checkpoint)?;
-        let recipe_path = dir.join(RECIPE_FILE);
-        let recipe_text = std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?;
-        let recipe = Recipe::from_stored(&recipe_text, &recipe_path.display().to_string())?;
-        let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
-        let weights = from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
-        (recipe, tokenizer, weights)
+        let stored = checkpoint::read_model(&args.checkpoint)?;
+        let tokenizer = TextTokenizer::load(&stored.dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
+        (stored.recipe, tokenizer, stored.weights)
     };
     let (recipe, weights) = match &args.adapter {
         Some(dir) => with_peft_adapter(recipe, weights, dir)?,
         None => (recipe, weights),
     };
     dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights })
+}
+
+/// The sampling flags in their ranges (as transformers' GenerationConfig checks them).
+fn check_sampling_flags(args: &GenerateArgs) -> Result<()> {
+    let checks = [
+        ("--temperature", args.temperature, args.temperature >= 0.0 && args.temperature.is_finite(), "a finite number ≥ 0 (0 is greedy)"),
+        ("--top-p", args.top_p, args.top_p > 0.0 && args.top_p <= 1.0, "in (0, 1] (1 keeps every token)"),
+        ("--min-p", args.min_p, (0.0..=1.0).contains(&args.min_p), "in [0, 1] (0 is off)"),
+        (
+            "--repetition-penalty",
+            args.repetition_penalty,
+            args.repetition_penalty > 0.0 && args.repetition_penalty.is_finite(),
+            "a finite number > 0 (1 is off)",
+        ),
+    ];
+    match checks.iter().find(|(_, _, ok, _)| !ok) {
+        Some((flag, value, _, range)) => bail!("{flag} {value} is out of range: it must be {range}"),
+        None => Ok(()),
+    }
 }
 
 /// The model and weights with the PEFT adapters in `dir` on top: `[lora]` from its

@@ -1,7 +1,7 @@
 //! What every training mode's step and evaluation use: the recipe, the data, the ranks, the
 //! optimizer and the run's state. The loop owns it and lends it to the objective.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
@@ -18,6 +18,10 @@ use crate::evaluate::encode_prompt;
 use crate::metrics::Metrics;
 use crate::objective::{lm_loss_sum, sample_labels};
 use crate::parallel::Parallel;
+
+/// Below this loss scale fp16 gradients overflow even at the loss's own size: the run diverges
+/// (PyTorch's GradScaler would keep halving towards 0 and skip every step).
+const MIN_LOSS_SCALE: f64 = 1.0;
 
 pub struct Context<B: TrainBackend> {
     pub recipe: Recipe,
@@ -38,6 +42,10 @@ pub struct Context<B: TrainBackend> {
     pub compute_dtype: Option<FloatDType>,
     /// fp16-mixed: the loss scale after the last step, when that step overflowed and was skipped.
     pub skipped_at_scale: Option<f64>,
+    /// The step a resumed run continued from (a non-finite first step then points at the checkpoint).
+    pub resumed_at: Option<usize>,
+    /// Whether a step with a zero gradient norm has been reported.
+    pub warned_zero_gradient: bool,
 }
 
 impl<B: TrainBackend> Context<B> {
@@ -89,16 +97,42 @@ impl<B: TrainBackend> Context<B> {
         if let Some(scaler) = &mut self.state.loss_scaler {
             // The norm is global, so every rank skips the same steps.
             if !scaler.update(grad_norm.is_finite(), self.recipe.runtime.loss_scale_growth_interval) {
+                if scaler.scale < MIN_LOSS_SCALE {
+                    let scale = scaler.scale;
+                    return Err(self.diverged(format!(
+                        "fp16's loss scale fell to {scale} after overflow upon overflow: the gradients overflow even unscaled"
+                    )));
+                }
                 self.skipped_at_scale = Some(scaler.scale);
                 return Ok((self.parallel.release(model, |_| true), grad_norm));
             }
         }
         if !grad_norm.is_finite() {
-            bail!("step {}: the gradient norm is {grad_norm}; lower optimizer.lr or raise lr_scheduler.warmup_steps", self.state.step);
+            return Err(self.diverged(format!("the gradient norm is {grad_norm}")));
+        }
+        if grad_norm == 0.0 && !self.warned_zero_gradient && self.parallel.is_main() {
+            self.warned_zero_gradient = true;
+            eprintln!(
+                "warning: step {}: the gradient norm is 0, so this step learns nothing; after a too-large optimizer.lr the activations saturate this way (or every label of the batch is masked)",
+                self.state.step
+            );
         }
         let grads = self.parallel.drop_unowned(&model, grads);
         let model = self.optimizer.step(lr, model, grads, clip_factor(grad_norm, self.recipe.training.max_norm) / scale);
         Ok((self.parallel.gather_parameters(model), grad_norm))
+    }
+
+    /// The error a run stops with when its numbers stop being finite; on the first step after
+    /// a resume the checkpoint is the likelier cause.
+    pub fn diverged(&self, what: String) -> anyhow::Error {
+        let step = self.state.step;
+        let hint = match self.resumed_at {
+            Some(resumed) if step == resumed + 1 => format!(
+                "this is the first step after resuming from step {resumed}: its checkpoint may be damaged; resume from an older step_<N> (move the newest aside), or lower optimizer.lr"
+            ),
+            _ => "lower optimizer.lr or raise lr_scheduler.warmup_steps".into(),
+        };
+        anyhow::anyhow!("step {step}: {what}; the run is diverging and stops here (its last checkpoint is intact): {hint}")
     }
 
     /// Gauss-Newton-Bartlett (Sophia-G): gradients of the mean loss on labels sampled from the

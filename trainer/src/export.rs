@@ -7,15 +7,15 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use furnace_configs::Recipe;
 use furnace_configs::TrainMode;
-use furnace_core::fsutil::atomic_write;
-use furnace_core::params::{from_safetensors, to_safetensors_as, HostTensor, NamedTensors, StoreDtype};
+use furnace_core::fsutil::{atomic_write, sync_dir, write_synced};
+use furnace_core::params::{to_safetensors_as, HostTensor, NamedTensors, StoreDtype};
 use furnace_data::TextTokenizer;
 use furnace_models::hf::{config_to_hf, hf_arch_for, to_hf, to_peft, HfArch};
 use furnace_models::lora::{has_lora, merge_lora, LoraInit};
 use furnace_models::nf4::Nf4Matrix;
 use serde_json::json;
 
-use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
+use crate::checkpoint::{self, TOKENIZER_FILE};
 use crate::gguf::{encode, GgmlType, Gguf, GgufTensor, Value};
 use crate::gguf_layout::{gguf_architecture, gguf_metadata, to_gguf_tensors};
 use crate::model::{base_for, lora_config, model_config};
@@ -32,16 +32,9 @@ struct Source {
 
 /// A checkpoint's recipe, tokenizer, model config and weights under our names.
 fn read_checkpoint(checkpoint: &Path) -> Result<(std::path::PathBuf, Recipe, TextTokenizer, furnace_models::ModelConfig, NamedTensors)> {
-    let dir = checkpoint::resolve(checkpoint)?;
-    let recipe_path = dir.join(RECIPE_FILE);
-    let recipe = Recipe::from_stored(
-        &std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?,
-        &recipe_path.display().to_string(),
-    )?;
+    let checkpoint::StoredModel { dir, recipe, mut weights } = checkpoint::read_model(checkpoint)?;
     let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
     let config = model_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
-    let mut weights =
-        from_safetensors(&std::fs::read(dir.join(MODEL_FILE))?).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
     // QLoRA checkpoints leave out the NF4 base layers: what trained was their dequantization.
     for (name, tensor) in base_for(&recipe)?.unwrap_or_default() {
         if !weights.contains_key(&name) {
@@ -79,11 +72,12 @@ fn read_source(checkpoint: &Path, merge_adapters: bool) -> Result<Source> {
 /// `adapter_model.safetensors`, loadable with `PeftModel.from_pretrained(base, out)` on the
 /// base model exported with `--format safetensors` (of the base run, or of this one merged
 /// with zero adapters — the frozen weights are the base's).
-pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<()> {
+pub fn export_peft(checkpoint: &Path, out: &Path, force: bool) -> Result<()> {
     let (dir, recipe, _, config, weights) = read_checkpoint(checkpoint)?;
     let lora = lora_config(&recipe.lora).filter(|_| has_lora(&weights)).with_context(|| {
         format!("{} holds no LoRA adapters (its recipe has lora.r = 0); export the whole model with --format safetensors", dir.display())
     })?;
+    check_target(out, &dir, force)?;
     let arch = hf_arch_for(&config).map_err(|e| anyhow::anyhow!("cannot export {}: {e}", dir.display()))?;
     let adapters = to_peft(arch, &weights, config.n_layers(), lora.scale(), lora.use_rslora).map_err(anyhow::Error::msg)?;
     // PEFT takes one r and alpha plus per-module patterns; modules whose rank differs (GPT-2's
@@ -109,12 +103,11 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<()> {
         "base_model_name_or_path": recipe.model.init_from,
         "inference_mode": true,
     });
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let write = |name: &str, bytes: &[u8]| {
-        atomic_write(&out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()))
-    };
-    write("adapter_model.safetensors", &to_safetensors_as(&adapters.tensors, StoreDtype::F32))?;
-    write("adapter_config.json", serde_json::to_string_pretty(&config_json)?.as_bytes())?;
+    publish_folder(out, |staged| {
+        let write = |name: &str, bytes: &[u8]| write_into(staged, name, bytes);
+        write("adapter_model.safetensors", &to_safetensors_as(&adapters.tensors, StoreDtype::F32))?;
+        write("adapter_config.json", serde_json::to_string_pretty(&config_json)?.as_bytes())
+    })?;
     println!(
         "exported the LoRA adapters of {} ({} modules, {} tensors) to {}",
         dir.display(),
@@ -128,14 +121,33 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<()> {
 /// Write `checkpoint` (a run folder or a step folder) to `out` in Hugging Face layout: weights
 /// (sharded above `max_shard_bytes`, with `model.safetensors.index.json`), config.json,
 /// generation_config.json and the tokenizer files.
-pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_bytes: usize, merge_adapters: bool) -> Result<()> {
-    let Source { dir, tokenizer, config, arch, hf, .. } = read_source(checkpoint, merge_adapters)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let write = |name: &str, bytes: &[u8]| {
-        atomic_write(&out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()))
-    };
+pub fn export_hf(
+    checkpoint: &Path,
+    out: &Path,
+    force: bool,
+    dtype: StoreDtype,
+    max_shard_bytes: usize,
+    merge_adapters: bool,
+) -> Result<()> {
+    let source = read_source(checkpoint, merge_adapters)?;
+    check_target(out, &source.dir, force)?;
+    publish_folder(out, |staged| write_hf(&source, dtype, max_shard_bytes, |name, bytes| write_into(staged, name, bytes)))?;
+    println!(
+        "exported {} ({:?}, {} tensors, {}) to {}",
+        source.dir.display(),
+        source.arch,
+        source.hf.len(),
+        dtype.torch_name(),
+        out.display()
+    );
+    Ok(())
+}
 
-    let shards = shard(&hf, dtype, max_shard_bytes);
+/// The files of a Hugging Face model folder, each handed to `write`.
+fn write_hf(source: &Source, dtype: StoreDtype, max_shard_bytes: usize, write: impl Fn(&str, &[u8]) -> Result<()>) -> Result<()> {
+    let Source { tokenizer, config, hf, .. } = source;
+
+    let shards = shard(hf, dtype, max_shard_bytes);
     if shards.len() == 1 {
         write("model.safetensors", &to_safetensors_as(&shards[0], dtype))?;
     } else {
@@ -155,7 +167,7 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
     // Furnace separates documents with the end-of-text token and starts prompts with it, so it
     // serves as both bos and eos.
     let (eos, pad) = (tokenizer.eos(), tokenizer.pad());
-    let hf_config = config_to_hf(&config, eos, eos, pad, dtype.torch_name()).map_err(anyhow::Error::msg)?;
+    let hf_config = config_to_hf(config, eos, eos, pad, dtype.torch_name()).map_err(anyhow::Error::msg)?;
     write("config.json", serde_json::to_string_pretty(&hf_config)?.as_bytes())?;
     let mut generation = json!({ "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad });
     if let furnace_models::ModelConfig::T5(_) = config {
@@ -177,9 +189,81 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: StoreDtype, max_shard_byt
     if let Some(mask) = tokenizer.mask() {
         tokenizer_config["mask_token"] = json!(tokenizer.decode_special(mask));
     }
-    write("tokenizer_config.json", serde_json::to_string_pretty(&tokenizer_config)?.as_bytes())?;
-    println!("exported {} ({:?}, {} tensors, {}) to {}", dir.display(), arch, hf.len(), dtype.torch_name(), out.display());
+    write("tokenizer_config.json", serde_json::to_string_pretty(&tokenizer_config)?.as_bytes())
+}
+
+/// Refuse an `--out` that would destroy what the user did not ask to replace: the checkpoint
+/// being exported (or a folder holding it), anything inside a run's `checkpoints/`, a symbolic
+/// link or a device; an existing file or folder is replaced only with `--force`.
+fn check_target(out: &Path, source: &Path, force: bool) -> Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(out) {
+        if meta.file_type().is_symlink() {
+            bail!(
+                "--out {} is a symbolic link; Furnace does not write through or replace links: give the path it points to",
+                out.display()
+            );
+        }
+        if !meta.is_file() && !meta.is_dir() {
+            bail!("--out {} is not a regular file or folder (a device, pipe or socket); choose a new path", out.display());
+        }
+    }
+    let target = absolute(out)?;
+    let source = source.canonicalize().with_context(|| format!("cannot resolve {}", source.display()))?;
+    if target.starts_with(&source) || source.starts_with(&target) {
+        bail!("--out {} would overwrite the checkpoint it exports ({}); choose a path outside it", out.display(), source.display());
+    }
+    if let Some(inside) =
+        target.ancestors().find(|a| a.file_name().is_some_and(|n| n == "checkpoints") || a.join(checkpoint::STATE_FILE).is_file())
+    {
+        bail!("--out {} is inside {}, where a run keeps its checkpoints; choose a path outside it", out.display(), inside.display());
+    }
+    if out.exists() && !force {
+        bail!("--out {} exists; pass --force to replace it (the export is written beside it first, then swapped in)", out.display());
+    }
     Ok(())
+}
+
+/// `path` made absolute with its existing part's links resolved (the rest need not exist yet).
+fn absolute(path: &Path) -> Result<std::path::PathBuf> {
+    let path = std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    let existing = path.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    let rest = path.strip_prefix(existing).unwrap_or(Path::new(""));
+    Ok(existing.canonicalize().with_context(|| format!("cannot resolve {}", existing.display()))?.join(rest))
+}
+
+/// Build a folder export in a hidden staging folder beside `out`, then swap it in: `out` holds
+/// the old export or the new one, and a failed export leaves nothing behind.
+fn publish_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = out.file_name().and_then(|n| n.to_str()).with_context(|| format!("--out {} has no folder name", out.display()))?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let staged = parent.join(format!(".{name}.export-{}", std::process::id()));
+    let replaced = parent.join(format!(".{name}.replaced-{}", std::process::id()));
+    let built = (|| {
+        if staged.exists() {
+            std::fs::remove_dir_all(&staged)?;
+        }
+        std::fs::create_dir(&staged).with_context(|| format!("cannot create {}", staged.display()))?;
+        fill(&staged)?;
+        sync_dir(&staged)?;
+        if out.exists() {
+            std::fs::rename(out, &replaced).with_context(|| format!("cannot move {} aside", out.display()))?;
+        }
+        std::fs::rename(&staged, out).with_context(|| format!("cannot move the export into {}", out.display()))
+    })();
+    if let Err(err) = built {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(err.context(format!("exporting to {} failed; nothing was written there", out.display())));
+    }
+    if replaced.exists() {
+        std::fs::remove_dir_all(&replaced).with_context(|| format!("cannot remove the replaced export {}", replaced.display()))?;
+    }
+    sync_dir(parent).with_context(|| format!("cannot sync {}", parent.display()))
+}
+
+/// One file of a staged export, fsynced (the folder is renamed into place as a whole).
+fn write_into(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    write_synced(&dir.join(name), bytes).with_context(|| format!("cannot write {}", dir.join(name).display()))
 }
 
 /// `general.file_type` for a quantization choice.
@@ -194,8 +278,9 @@ fn file_type(ty: GgmlType) -> u32 {
 
 /// Write `checkpoint` as a GGUF file llama.cpp loads (Llama architecture). Matrices whose rows
 /// are a multiple of 32 take `quant`; norms stay f32, as llama.cpp's converter keeps them.
-pub fn export_gguf(checkpoint: &Path, out: &Path, quant: GgmlType, merge_adapters: bool) -> Result<()> {
+pub fn export_gguf(checkpoint: &Path, out: &Path, force: bool, quant: GgmlType, merge_adapters: bool) -> Result<()> {
     let Source { dir, recipe, tokenizer, config, arch, hf } = read_source(checkpoint, merge_adapters)?;
+    check_target(out, &dir, force)?;
     let (furnace_models::ModelConfig::Decoder(c), Some(architecture)) = (&config, gguf_architecture(arch)) else {
         anyhow::bail!("GGUF export of {} is not available yet: Llama, Mixtral and GPT-2 are written so far", dir.display());
     };

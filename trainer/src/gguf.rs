@@ -217,8 +217,10 @@ impl Gguf {
         if version != VERSION {
             return Err(format!("GGUF version {version} is not supported (3 is)"));
         }
-        let n_tensors = r.u64()? as usize;
-        let n_kv = r.u64()? as usize;
+        // Every count and size is bounded by the file's length before anything is allocated:
+        // a corrupted header must be an error, not a capacity overflow or an abort.
+        let n_tensors = r.count(MIN_TENSOR_INFO_BYTES, "tensors")?;
+        let n_kv = r.count(MIN_KV_BYTES, "metadata entries")?;
         let mut gguf = Gguf::default();
         for _ in 0..n_kv {
             let key = r.string()?;
@@ -228,7 +230,7 @@ impl Gguf {
                 6 => Value::F32(f32::from_bits(r.u32()?)),
                 7 => Value::Bool(r.take(1)?[0] != 0),
                 8 => Value::Str(r.string()?),
-                9 => match (r.u32()?, r.u64()? as usize) {
+                9 => match (r.u32()?, r.count(4, "array elements")?) {
                     (8, n) => Value::ArrStr((0..n).map(|_| r.string()).collect::<Result<_, _>>()?),
                     (5, n) => Value::ArrI32((0..n).map(|_| r.u32().map(|v| v as i32)).collect::<Result<_, _>>()?),
                     (t, _) => return Err(format!("metadata `{key}`: arrays of type {t} are not read")),
@@ -241,6 +243,9 @@ impl Gguf {
         for _ in 0..n_tensors {
             let name = r.string()?;
             let n_dims = r.u32()? as usize;
+            if n_dims > MAX_DIMS {
+                return Err(format!("tensor `{name}` claims {n_dims} dimensions (GGUF allows {MAX_DIMS}; corrupted?)"));
+            }
             let dims = (0..n_dims).map(|_| r.u64().map(|d| d as usize)).collect::<Result<Vec<_>, _>>()?;
             let raw_ty = r.u32()?;
             let ty = GgmlType::from_u32(raw_ty).ok_or_else(|| format!("tensor `{name}` has ggml type {raw_ty}, which is not read"))?;
@@ -248,10 +253,11 @@ impl Gguf {
         }
         let data_start = r.at.div_ceil(ALIGNMENT) * ALIGNMENT;
         for (name, dims, ty, offset) in infos {
-            let len = ty.bytes(dims.iter().product());
-            let start = data_start + offset;
-            let bytes =
-                bytes.get(start..start + len).ok_or_else(|| format!("tensor `{name}` runs past the end of the file (truncated?)"))?;
+            let past_end = || format!("tensor `{name}` runs past the end of the file (truncated or corrupted?)");
+            let elements = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).filter(|&n| n <= bytes.len()).ok_or_else(past_end)?;
+            let start = data_start.checked_add(offset).ok_or_else(past_end)?;
+            let end = start.checked_add(ty.bytes(elements)).ok_or_else(past_end)?;
+            let bytes = bytes.get(start..end).ok_or_else(past_end)?;
             gguf.tensors.push((name, GgufTensor { dims, ty, bytes: bytes.to_vec() }));
         }
         Ok(gguf)
@@ -263,7 +269,27 @@ struct Reader<'a> {
     at: usize,
 }
 
+/// The fewest bytes a tensor's header entry takes (an empty name, no dimensions, type, offset)
+/// and a metadata entry (an empty key, a type, a one-byte value).
+const MIN_TENSOR_INFO_BYTES: usize = 8 + 4 + 4 + 8;
+const MIN_KV_BYTES: usize = 8 + 4 + 1;
+/// GGML_MAX_DIMS.
+const MAX_DIMS: usize = 4;
+
 impl Reader<'_> {
+    /// A count of entries of at least `entry_bytes` each, no more than the rest of the file holds.
+    fn count(&mut self, entry_bytes: usize, what: &str) -> Result<usize, String> {
+        let n = self.u64()?;
+        let room = (self.bytes.len() - self.at) / entry_bytes;
+        if n > room as u64 {
+            return Err(format!(
+                "the GGUF header claims {n} {what}, more than the file's {} bytes can hold (corrupted?)",
+                self.bytes.len()
+            ));
+        }
+        Ok(n as usize)
+    }
+
     fn take(&mut self, n: usize) -> Result<&[u8], String> {
         let slice = self.bytes.get(self.at..self.at + n).ok_or("the GGUF header ends early (truncated file?)")?;
         self.at += n;
@@ -321,5 +347,27 @@ mod tests {
         assert!(Gguf::from_bytes(&bytes[..bytes.len() - 40]).unwrap_err().contains("truncated"));
         assert!(Gguf::from_bytes(&bytes[..50]).is_err());
         assert!(Gguf::from_bytes(b"GGML....").unwrap_err().contains("magic"));
+    }
+
+    #[test]
+    fn hostile_counts_and_sizes_are_errors_not_allocations() {
+        let mut g = Gguf::default();
+        g.tensors.push(("t".into(), GgufTensor { dims: vec![32, 2], ty: GgmlType::F32, bytes: encode(&[0.5; 64], GgmlType::F32) }));
+        let good = g.to_bytes();
+        // Header: magic, version, then the tensor count and the metadata count (u64 each).
+        let with = |at: usize, value: u64| {
+            let mut bytes = good.clone();
+            bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            Gguf::from_bytes(&bytes).unwrap_err()
+        };
+        assert!(with(8, 1 << 62).contains("claims 4611686018427387904 tensors"));
+        assert!(with(16, u64::MAX).contains("metadata entries"));
+        // The first tensor's entry: name length 8 + "t", n_dims 4, then its dimensions.
+        let dims_at = 24 + 8 + 1 + 4;
+        assert!(with(dims_at, u64::MAX).contains("runs past the end"));
+        assert!(with(dims_at, 1 << 40).contains("runs past the end"));
+        let mut bytes = good.clone();
+        bytes[dims_at - 4..dims_at].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(Gguf::from_bytes(&bytes).unwrap_err().contains("1000 dimensions"));
     }
 }

@@ -25,6 +25,7 @@ pub mod precision;
 pub mod preference;
 pub mod recompute;
 pub mod rollout;
+pub mod signals;
 pub mod tasks;
 pub mod tensorboard;
 pub mod train;
@@ -49,6 +50,9 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) after this step; the schedule still spans training.steps.
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Resume (and read model.init_from) without checking checkpoints against their manifests.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 #[derive(Args)]
@@ -94,6 +98,9 @@ pub struct GenerateArgs {
     /// adapter_model.safetensors) to apply over the checkpoint's model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Read the checkpoint without checking it against its manifest (for very large models).
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 #[derive(Args)]
@@ -118,9 +125,15 @@ pub struct ExportArgs {
     /// (transformers' `max_shard_size`: e.g. 5GB, 500MB, 200KB). safetensors only.
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     pub max_shard_size: usize,
-    /// A folder (safetensors) or a file (gguf).
+    /// A folder (safetensors, peft) or a file (gguf). Never inside a run's checkpoints.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out (the new export is written beside it, then swapped in).
+    #[arg(long)]
+    pub force: bool,
+    /// Read the checkpoint without checking it against its manifest (for very large models).
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// "5GB" / "500MB" / "200KB" / "1000" (bytes), decimal units as transformers uses them.

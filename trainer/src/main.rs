@@ -130,9 +130,15 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => match err.downcast_ref::<furnace_trainer::signals::Stopped>() {
+            Some(stopped) => {
+                eprintln!("{stopped}");
+                ExitCode::from(furnace_trainer::signals::STOPPED_EXIT_CODE)
+            }
+            None => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

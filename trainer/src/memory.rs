@@ -1,5 +1,11 @@
-//! Process memory: the allocator policy the binary sets, and peak resident memory as the
-//! trainer reports it.
+//! Process memory: the allocator policy the binary sets, peak resident memory as the trainer
+//! reports it, and the check that a recipe's estimate fits the machine before any work starts.
+
+use anyhow::{bail, Result};
+use furnace_configs::{Precision, Recipe};
+use furnace_optim::Algorithm;
+
+use crate::model::model_config;
 
 /// `mi_option_purge_delay` in mimalloc 2's option enum (libmimalloc-sys is pinned to match).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -32,4 +38,60 @@ pub fn peak_rss_mb() -> Option<f64> {
 /// Start a new peak-RSS window (Linux: `clear_refs` 5); false where that is not possible.
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// This machine's memory in GB (Linux `MemTotal`; None elsewhere).
+fn machine_memory_gb() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: f64 = info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0 / 1e9)
+}
+
+/// Refuse a recipe whose memory estimate exceeds `runtime.max_memory_gb` (or the machine's
+/// memory), naming the figure and the keys that drive it; a typo such as `d_model = 100000`
+/// then ends here instead of in an allocation abort minutes later. A model read from
+/// model.init_from is sized by its base, not by the recipe, and is not estimated here.
+pub fn check_fits(recipe: &Recipe, vocab: usize) -> Result<()> {
+    let (limit, source) = match recipe.runtime.max_memory_gb {
+        gb if gb > 0.0 => (gb, "runtime.max_memory_gb"),
+        _ => match machine_memory_gb() {
+            Some(gb) => (gb, "this machine's memory"),
+            None => return Ok(()),
+        },
+    };
+    if !recipe.model.init_from.is_empty() {
+        return Ok(());
+    }
+    let model = model_config(&recipe.model.resolve(Some(vocab)));
+    let m = recipe.model.resolve(Some(vocab));
+    let params = model.num_params() as f64;
+    // LoRA trains adapters of r·(in + out) on each targeted matrix: at most the attention's four
+    // and the MLP's three per layer.
+    let trainable = match recipe.lora.r {
+        0 => params,
+        r => (r * (m.d_model + m.d_ff.max(m.d_model)) * 7 * m.n_layers) as f64,
+    };
+    let width = if recipe.runtime.precision == Precision::Bf16True { 2.0 } else { 4.0 };
+    let t = &recipe.training;
+    let activations = model.activation_bytes(t.local_batch_size, t.seq_len, recipe.activation_checkpoint.recompute_every()).unwrap_or(0.0);
+    let slots = Algorithm::from_recipe(recipe).state_slots() as f64;
+    let gb = |bytes: f64| bytes / 1e9;
+    let (weights, gradients, state) = (gb(width * (params + trainable)), gb(width * trainable), gb(4.0 * slots * trainable));
+    let total = weights + gradients + state + gb(activations);
+    if total > limit {
+        bail!(
+            "recipe {}: the memory estimate is {total:.1} GB ({:.0}M parameters from model.d_model = {}, model.n_layers = {}, model.d_ff = {}, vocabulary {}: weights {weights:.1} GB, gradients {gradients:.1} GB, optimizer state {state:.1} GB; activations of training.local_batch_size = {} × training.seq_len = {}: {:.1} GB), more than {source} ({limit:.1} GB)\n  fix: lower those keys{}, or raise runtime.max_memory_gb if the estimate is wrong for this run",
+            recipe.run.name,
+            params / 1e6,
+            m.d_model,
+            m.n_layers,
+            m.d_ff,
+            m.vocab_size,
+            t.local_batch_size,
+            t.seq_len,
+            gb(activations),
+            if recipe.lora.r > 0 { " (lora.r among them)" } else { "" },
+        );
+    }
+    Ok(())
 }

@@ -7,9 +7,27 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use furnace_core::fsutil::atomic_write;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::tensorboard::EventWriter;
+
+/// Drop the lines of metrics.jsonl logged after `step` (atomically: the file is whole either way).
+fn truncate_after(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            let logged = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64());
+            logged.is_none_or(|s| s <= step as u64)
+        })
+        .flat_map(|line| [line, "\n"])
+        .collect();
+    if kept.len() != text.len() {
+        atomic_write(path, kept.as_bytes()).with_context(|| format!("cannot rewrite {}", path.display()))?;
+    }
+    Ok(())
+}
 
 pub struct Metrics {
     jsonl: Option<File>,
@@ -18,15 +36,23 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The sinks of a run starting at `start_step` (0, or the step a resume continues from:
+    /// what was logged after it is logged again, so metrics.jsonl is cut back to it and
+    /// TensorBoard told of the restart).
     pub fn new(out: &Path, jsonl: bool, tensorboard: bool, progress: bool, total_steps: usize, start_step: usize) -> Result<Self> {
+        let resumed_at = (start_step > 0).then_some(start_step);
         let jsonl = if jsonl {
             let path = out.join("metrics.jsonl");
+            if let Some(step) = resumed_at {
+                truncate_after(&path, step)?;
+            }
             Some(OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?)
         } else {
             None
         };
         let tensorboard = if tensorboard {
-            Some(EventWriter::create(&out.join("tb")).with_context(|| format!("cannot write TensorBoard events under {}", out.display()))?)
+            let writer = EventWriter::create(&out.join("tb"), resumed_at);
+            Some(writer.with_context(|| format!("cannot write TensorBoard events under {}", out.display()))?)
         } else {
             None
         };

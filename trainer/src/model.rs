@@ -15,7 +15,7 @@ use furnace_models::{BertConfig, DecoderConfig, LanguageModel, MambaConfig, Mode
 
 use furnace_data::TextTokenizer;
 
-use crate::checkpoint::{self, MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE};
+use crate::checkpoint::{self, TOKENIZER_FILE};
 use crate::gguf_layout::read_gguf;
 
 /// The model a resolved `[model]` section describes.
@@ -339,15 +339,7 @@ pub fn load_base(path: &Path) -> Result<Base> {
         }
         return Ok(Base { model: resolved_model(arch, &config), weights, tokenizer });
     }
-    let dir = checkpoint::resolve(path)?;
-    let recipe_path = dir.join(RECIPE_FILE);
-    let recipe = Recipe::from_stored(
-        &std::fs::read_to_string(&recipe_path).with_context(|| format!("cannot read {}", recipe_path.display()))?,
-        &recipe_path.display().to_string(),
-    )?;
-    let weights =
-        from_safetensors(&std::fs::read(dir.join(MODEL_FILE)).with_context(|| format!("cannot read {}", dir.join(MODEL_FILE).display()))?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MODEL_FILE).display()))?;
+    let checkpoint::StoredModel { dir, recipe, weights } = checkpoint::read_model(path)?;
     let weights = match lora_config(&recipe.lora) {
         Some(lora) if has_lora(&weights) => merge_lora(&weights, lora.scale()),
         _ => weights,

@@ -12,7 +12,7 @@ struct Event {
     wall_time: f64,
     #[prost(int64, tag = "2")]
     step: i64,
-    #[prost(oneof = "EventWhat", tags = "3, 5")]
+    #[prost(oneof = "EventWhat", tags = "3, 5, 7")]
     what: Option<EventWhat>,
 }
 
@@ -22,7 +22,19 @@ enum EventWhat {
     FileVersion(String),
     #[prost(message, tag = "5")]
     Summary(Summary),
+    #[prost(message, tag = "7")]
+    SessionLog(SessionLog),
 }
+
+/// TensorBoard's `SessionLog`: a START at step N makes its readers drop the events of earlier
+/// files at steps ≥ N (what a resumed run logs again).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SessionLog {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+const SESSION_START: i32 = 1;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct Summary {
@@ -52,14 +64,19 @@ fn now() -> f64 {
 }
 
 impl EventWriter {
-    /// A new event file in `dir` (one per process start, as TensorBoard expects).
-    pub fn create(dir: &Path) -> std::io::Result<Self> {
+    /// A new event file in `dir` (one per process start, as TensorBoard expects); a run resumed
+    /// at `resumed_at` marks the restart so the steps it logs again replace the old ones.
+    pub fn create(dir: &Path, resumed_at: Option<usize>) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "furnace".into());
         let name = format!("events.out.tfevents.{}.{host}.{}", now() as u64, std::process::id());
         let file = OpenOptions::new().create(true).append(true).open(dir.join(name))?;
         let mut writer = Self { file };
         writer.write(&Event { wall_time: now(), step: 0, what: Some(EventWhat::FileVersion("brain.Event:2".into())) })?;
+        if let Some(step) = resumed_at {
+            let start = EventWhat::SessionLog(SessionLog { status: SESSION_START });
+            writer.write(&Event { wall_time: now(), step: step as i64 + 1, what: Some(start) })?;
+        }
         Ok(writer)
     }
 

@@ -26,6 +26,7 @@ use crate::model::{build_model, describe, load_base, model_config, with_base};
 use crate::objectives::{self, Objective, Setup, Stepped};
 use crate::parallel::{held_parameter_bytes, in_block, quiet_stdout, transport, Parallel};
 use crate::precision::{compute_dtype, LossScaler};
+use crate::signals::{self, Stopped};
 
 pub struct TrainJob {
     pub recipe: Recipe,
@@ -78,6 +79,7 @@ impl<B: TrainBackend> Trainer<B> {
             }
         }
         std::fs::create_dir_all(&out).with_context(|| format!("cannot create the output folder {}", out.display()))?;
+        checkpointer.clean_leftovers()?;
         let mut parallel = Parallel::new(furnace_distributed::connect(transport(&recipe)).map_err(anyhow::Error::msg)?, &recipe);
         parallel.check_same_recipe(&recipe.to_toml())?;
         let world = parallel.world;
@@ -141,9 +143,12 @@ impl<B: TrainBackend> Trainer<B> {
         let mut state = TrainState::new(loader.cursor(), world.size, shards);
         let fp16 = recipe.runtime.precision == Precision::Fp16Mixed;
         state.loss_scaler = fp16.then(|| LossScaler::new(recipe.runtime.initial_loss_scale));
+        let mut resumed_step = 0;
         if resume {
-            let dir =
-                latest.with_context(|| format!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display()))?;
+            if latest.is_none() {
+                bail!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display());
+            }
+            let dir = checkpointer.newest_verified()?;
             let loaded = checkpoint::load(&dir)?;
             let saved = Recipe::from_stored(&loaded.recipe, &dir.join(checkpoint::RECIPE_FILE).display().to_string())?;
             if saved.model.resolve(Some(tokenizer.vocab_size())) != resolved {
@@ -160,6 +165,7 @@ impl<B: TrainBackend> Trainer<B> {
             state = loaded.state.resharded(world.size, shards);
             state.loss_scaler = if fp16 { state.loss_scaler.or(scaler) } else { None };
             loader.set_cursor(state.data_cursor);
+            resumed_step = state.step;
             println!("resumed from {} (step {})", dir.display(), state.step);
         }
         // Ranks start from rank 0's weights; under ZeRO each keeps its own parameters' state.
@@ -216,6 +222,8 @@ impl<B: TrainBackend> Trainer<B> {
             parallel,
             compute_dtype,
             skipped_at_scale: None,
+            resumed_at: resume.then_some(resumed_step),
+            warned_zero_gradient: false,
         };
         Ok((Self { cx, objective, out, schedule, stop_at, peak_flops, nf4_params }, model))
     }
@@ -228,6 +236,8 @@ impl<B: TrainBackend> Trainer<B> {
         }
         // Tokens/s counts training time only: evaluation and checkpoint writes are paused out.
         let mut window = Window::start();
+        signals::install();
+        let mut stopped_by_signal = false;
         while self.cx.state.step < self.stop_at {
             self.cx.state.step += 1;
             let step = self.cx.state.step;
@@ -237,16 +247,22 @@ impl<B: TrainBackend> Trainer<B> {
             if let Some(scale) = self.cx.skipped_at_scale.take() {
                 self.cx.metrics.log_skip(step, scale)?;
             }
-            let mut tokens = [tokens as f64];
-            self.cx.parallel.sum(&mut tokens);
+            // One reduction: the step's tokens, and whether any rank was asked to stop (so
+            // every rank stops at the same step).
+            let mut reduced = [tokens as f64, signals::stop_requested() as u8 as f64];
+            self.cx.parallel.sum(&mut reduced);
+            stopped_by_signal = reduced[1] > 0.0;
             let state = &mut self.cx.state;
-            state.tokens_seen += tokens[0] as u64;
+            state.tokens_seen += reduced[0] as u64;
             state.optimizer_step = self.cx.optimizer.step;
             state.data_cursor = self.cx.loader.cursor();
-            window.tokens += tokens[0] as usize;
-            let last = step == self.stop_at;
+            window.tokens += reduced[0] as usize;
+            let last = step == self.stop_at || stopped_by_signal;
             if step % t.log_every == 0 || last {
                 let loss = self.cx.parallel.mean(loss.into_scalar().elem::<f64>());
+                if !loss.is_finite() {
+                    return Err(self.cx.diverged(format!("the training loss is {loss}")));
+                }
                 self.log_step(&model, step, loss, lr, grad_norm, &window)?;
                 window = Window::start();
             }
@@ -263,8 +279,14 @@ impl<B: TrainBackend> Trainer<B> {
                 }
             }
             window.paused += pause.elapsed();
+            if stopped_by_signal {
+                break;
+            }
         }
         self.cx.metrics.finish();
+        if stopped_by_signal {
+            return Err(Stopped { step: self.cx.state.step, output_dir: self.out.clone() }.into());
+        }
         let model = self.cx.whole(&model);
         if !self.cx.parallel.is_main() {
             return Ok(());
