@@ -98,7 +98,9 @@ impl TextTokenizer {
             .with_decoder(Some(byte_level))
             .build()
             .map_err(|e| e.to_string())?;
-        tokenizer.train(&mut trainer, documents.iter()).map_err(|e| format!("tokenizer training failed: {e}"))?;
+        // In pieces, as `encode` reads text: the same words, counted in bounded memory.
+        let texts = documents.iter().flat_map(|d| pieces(d, ENCODE_PIECE_BYTES));
+        tokenizer.train(&mut trainer, texts).map_err(|e| format!("tokenizer training failed: {e}"))?;
         Self::from_tokenizer(Tokenizer::from(tokenizer))
     }
 

@@ -78,11 +78,10 @@ impl Metrics {
                 line.push_str(&format!(", \"{key}\": {json}"));
             }
             line.push_str("}\n");
-            file.write_all(line.as_bytes())?;
-            file.flush()?;
+            file.write_all(line.as_bytes()).and_then(|_| file.flush()).context("cannot append to metrics.jsonl")?;
         }
         if let Some(tb) = &mut self.tensorboard {
-            tb.scalars(step, values)?;
+            tb.scalars(step, values).context("cannot append to the TensorBoard events file")?;
         }
         Ok(())
     }
@@ -90,11 +89,11 @@ impl Metrics {
     /// fp16-mixed: `step` overflowed and was skipped; the loss scale is now `scale`.
     pub fn log_skip(&mut self, step: usize, scale: f64) -> Result<()> {
         if let Some(file) = &mut self.jsonl {
-            file.write_all(format!("{{\"step\": {step}, \"skipped\": true, \"loss_scale\": {scale}}}\n").as_bytes())?;
-            file.flush()?;
+            let line = format!("{{\"step\": {step}, \"skipped\": true, \"loss_scale\": {scale}}}\n");
+            file.write_all(line.as_bytes()).and_then(|_| file.flush()).context("cannot append to metrics.jsonl")?;
         }
         if let Some(tb) = &mut self.tensorboard {
-            tb.scalars(step, &[("loss_scale", scale)])?;
+            tb.scalars(step, &[("loss_scale", scale)]).context("cannot append to the TensorBoard events file")?;
         }
         Ok(())
     }

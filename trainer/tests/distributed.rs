@@ -456,3 +456,60 @@ fn two_nodes_in_network_namespaces_equal_one_process() {
     assert!(text(&out).contains("rank 0 of 2 (ddp)"), "{}", text(&out));
     assert_same_losses(&single, &run, "two nodes");
 }
+
+/// SIGTERM to one rank only: the ranks agree (through the step's reduction) to stop at the same
+/// step, rank 0 writes that step's checkpoint, every rank exits with the saved-stop status.
+#[test]
+fn a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path());
+    let run = dir.path().join("run");
+    let set = format!("run.output_dir={}", run.display());
+    let job = mpirun(2)
+        .arg(FURNACE)
+        .args(["train", "--config", recipe.to_str().unwrap(), "--set", &set])
+        .args(["--set", "training.local_batch_size=2", "--set", "training.steps=100000", "--set", "training.save_every=100000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while logged_if_any(&run).len() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no 3 steps within 2 minutes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let victims = rank_pids(&run, 1);
+    assert_eq!(victims.len(), 1, "rank 1's process");
+    Command::new("kill").args(["-TERM", &victims[0].to_string()]).status().unwrap();
+    let out = job.wait_with_output().unwrap();
+    let printed = text(&out);
+    assert_eq!(out.status.code(), Some(75), "{printed}");
+    let saved: Vec<String> =
+        std::fs::read_dir(run.join("checkpoints")).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let step: usize = saved[0].strip_prefix("step_").unwrap().parse().unwrap();
+    assert_eq!(printed.matches(&format!("stopped by a signal at step {step} ")).count(), 2, "both ranks at step {step}: {printed}");
+    let until = (step + 1).to_string();
+    let out = train(
+        1,
+        &recipe,
+        &run,
+        &[
+            "--set",
+            "training.local_batch_size=4",
+            "--set",
+            "training.steps=100000",
+            "--resume",
+            run.to_str().unwrap(),
+            "--max-steps",
+            &until,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// The steps logged so far (a line still being written is not one).
+fn logged_if_any(run: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).collect()
+}
