@@ -20,6 +20,7 @@ pub trait BackendJob {
 
 pub fn dispatch(recipe: &Recipe, job: impl BackendJob) -> Result<()> {
     set_threads(recipe.runtime.threads, recipe.runtime.flush_denormals)?;
+    watch_backend_threads();
     match recipe.runtime.backend {
         Backend::Flex => job.run::<Autodiff<burn::backend::Flex>>(Default::default()),
         Backend::Cuda => {
@@ -30,11 +31,73 @@ pub fn dispatch(recipe: &Recipe, job: impl BackendJob) -> Result<()> {
         }
         Backend::Wgpu => {
             #[cfg(feature = "wgpu")]
-            return job.run::<Autodiff<burn::backend::Wgpu>>(Default::default());
+            {
+                use cubecl::Runtime;
+                let device = burn::backend::wgpu::WgpuDevice::default();
+                let largest = burn::backend::wgpu::WgpuRuntime::client(&device).properties().memory.max_page_size;
+                check_device_buffers(recipe, largest)?;
+                return job.run::<Autodiff<burn::backend::Wgpu>>(device);
+            }
             #[cfg(not(feature = "wgpu"))]
             bail!(not_compiled("wgpu"))
         }
     }
+}
+
+/// The largest tensors a run allocates (parameters and their gradients and optimizer moments,
+/// one micro-batch's logits and attention scores), named by the recipe keys that size them.
+fn largest_tensors(recipe: &Recipe) -> Vec<(String, u64)> {
+    let m = recipe.model.resolve(Some(recipe.model.vocab_size.unwrap_or(recipe.data.tokenizer_vocab_size)));
+    let t = &recipe.training;
+    let (v, d, f, b, s) = (m.vocab_size as u64, m.d_model as u64, m.d_ff as u64, t.local_batch_size as u64, t.seq_len as u64);
+    vec![
+        (format!("the embedding, model.vocab_size × model.d_model = {v} × {d} floats"), 4 * v * d),
+        (format!("an MLP matrix, model.d_ff × model.d_model = {f} × {d} floats"), 4 * f * d),
+        (
+            format!("one micro-batch's logits, training.local_batch_size × training.seq_len × model.vocab_size = {b} × {s} × {v} floats"),
+            4 * b * s * v,
+        ),
+        (
+            format!("one micro-batch's attention scores, training.local_batch_size × model.n_heads × training.seq_len² = {b} × {} × {s}² floats", m.n_heads),
+            4 * b * m.n_heads as u64 * s * s,
+        ),
+    ]
+}
+
+/// Refuse at start a run with a tensor larger than the device's largest buffer (wgpu's
+/// max_storage_buffer_binding_size: 128 MiB on many devices), which would otherwise fail inside
+/// the backend at its first allocation.
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+fn check_device_buffers(recipe: &Recipe, largest_buffer: u64) -> Result<()> {
+    match largest_tensors(recipe).into_iter().find(|(_, bytes)| *bytes > largest_buffer) {
+        Some((what, bytes)) => bail!(
+            "recipe key runtime.backend = \"{}\": {what} take {:.1} MB, more than this device's largest buffer ({:.1} MB); \
+             lower those keys, or train on runtime.backend = \"flex\" (no such limit)",
+            recipe.runtime.backend,
+            bytes as f64 / 1e6,
+            largest_buffer as f64 / 1e6
+        ),
+        None => Ok(()),
+    }
+}
+
+/// A panic on a thread the backend owns (a device's server, a worker) does not reach the loop,
+/// which would go on with broken tensors: it is recorded here, and the loop stops on it.
+static BACKEND_PANIC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn watch_backend_threads() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() != Some("main") {
+            let _ = BACKEND_PANIC.set(format!("{info}"));
+        }
+        report(info);
+    }));
+}
+
+/// The first panic of a thread other than the main one, if any.
+pub fn backend_failure() -> Option<&'static str> {
+    BACKEND_PANIC.get().map(String::as_str)
 }
 
 #[cfg(not(all(feature = "cuda", feature = "wgpu")))]
@@ -82,5 +145,27 @@ fn set_flush_denormals() {
             csr |= 0x8040; // FTZ (bit 15) | DAZ (bit 6)
             std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, preserves_flags));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_beyond_the_device_buffer_is_refused_naming_its_keys() {
+        let mut recipe = Recipe::default();
+        recipe.model.flavor = furnace_configs::Flavor::Gpt2_124m;
+        recipe.model.n_layers = Some(2);
+        let err = check_device_buffers(&recipe, 128 << 20).unwrap_err().to_string();
+        assert!(err.contains("model.vocab_size × model.d_model = 50257 × 768") && err.contains("154.4 MB"), "{err}");
+        check_device_buffers(&recipe, 1 << 30).unwrap();
+    }
+
+    #[test]
+    fn a_panic_on_another_thread_is_recorded_for_the_loop() {
+        watch_backend_threads();
+        let _ = std::thread::Builder::new().name("device-server".into()).spawn(|| panic!("can't allocate buffer")).unwrap().join();
+        assert!(backend_failure().is_some_and(|m| m.contains("can't allocate buffer")));
     }
 }

@@ -310,6 +310,11 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         Some(dir) => with_peft_adapter(recipe, weights, dir)?,
         None => (recipe, weights),
     };
+    let mut recipe = recipe;
+    if let Some(backend) = &args.backend {
+        recipe.runtime.backend =
+            *furnace_configs::Backend::ALL.iter().find(|b| b.as_str() == backend).context("--backend is one of flex, cuda, wgpu")?;
+    }
     dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights })
 }
 

@@ -101,6 +101,9 @@ pub struct GenerateArgs {
     /// Read the checkpoint without checking it against its manifest (for very large models).
     #[arg(long)]
     pub no_verify: bool,
+    /// Run on this backend instead of the one the checkpoint trained on.
+    #[arg(long, value_parser = ["flex", "cuda", "wgpu"])]
+    pub backend: Option<String>,
 }
 
 #[derive(Args)]

@@ -15,7 +15,7 @@ use furnace_models::blocks::with_autocast;
 use furnace_models::LanguageModel;
 use furnace_optim::{Algorithm, DecayGroups, Optimizer, Schedule};
 
-use crate::backend::{BackendJob, TrainBackend};
+use crate::backend::{backend_failure, BackendJob, TrainBackend};
 use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::context::Context;
@@ -244,6 +244,12 @@ impl<B: TrainBackend> Trainer<B> {
             let lr = self.schedule.lr(step);
             let Stepped { model: updated, loss, grad_norm, tokens } = with_autocast(self.cx.compute_dtype, || self.train_step(model, lr))?;
             model = updated;
+            if let Some(failure) = backend_failure() {
+                bail!(
+                    "step {step}: the {} backend failed on one of its threads ({failure}); the run stops here (its last checkpoint is intact)",
+                    self.cx.recipe.runtime.backend
+                );
+            }
             if let Some(scale) = self.cx.skipped_at_scale.take() {
                 self.cx.metrics.log_skip(step, scale)?;
             }
