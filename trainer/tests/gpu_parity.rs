@@ -10,8 +10,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use burn::backend::{Autodiff, Flex, Wgpu};
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::capabilities::CAPABILITIES;
-use furnace_core::params::{from_safetensors, NamedTensors};
+use furnace_configs::Recipe;
+use furnace_core::params::{from_safetensors, load_named, named_tensors, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
+use furnace_models::{LanguageModel, ModelConfig};
+use furnace_trainer::model::model_config;
 
 mod common;
 use common::{furnace, text};
@@ -198,5 +205,129 @@ fn a_model_beyond_the_devices_buffers_is_refused_at_start() {
     assert!(!printed.contains("panicked"), "{printed}");
     if !out.status.success() {
         assert!(printed.contains("model.vocab_size × model.d_model = 50257 × 768") && printed.contains("largest buffer"), "{printed}");
+    }
+}
+
+/// Every parameter's gradient, by path.
+fn gradients<B: AutodiffBackend>(model: &LanguageModel<B>, grads: &B::Gradients) -> NamedTensors {
+    struct Collect<'a, B: AutodiffBackend> {
+        grads: &'a B::Gradients,
+        out: NamedTensors,
+    }
+    impl<B: AutodiffBackend> PathVisitor<B> for Collect<'_, B> {
+        fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
+            if let Some(grad) = param.grad(self.grads) {
+                self.out.insert(path.to_string(), HostTensor::from_tensor(grad));
+            }
+        }
+    }
+    let mut collect = Collect { grads, out: NamedTensors::new() };
+    visit_with_paths(model, &mut collect);
+    collect.out
+}
+
+/// Logits of a fixed batch and every parameter's gradient of a fixed weighting of them.
+fn logits_and_gradients<B: AutodiffBackend>(config: &ModelConfig, weights: &NamedTensors, device: &B::Device) -> (HostTensor, NamedTensors)
+where
+    B: furnace_models::kernels::FusedOps,
+{
+    let model = load_named(config.init::<B>(7, device), weights).unwrap();
+    let (batch, seq) = (2, 16);
+    let ids: Vec<i64> = (0..batch * seq).map(|i| ((i * 37 + 11) % 290) as i64).collect();
+    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), device);
+    let logits = match config {
+        ModelConfig::T5(_) => model.forward_seq2seq(tokens.clone(), &[seq, seq], tokens),
+        _ => model.forward_routed(tokens, None).0,
+    };
+    let [b, t, v] = logits.dims();
+    let weighting: Vec<f32> = (0..b * t * v).map(|i| ((i as f32) * 0.618).sin()).collect();
+    let weighting = Tensor::<B, 3>::from_data(TensorData::new(weighting, [b, t, v]), device);
+    let loss = (logits.clone() * weighting).sum();
+    let grads = loss.backward();
+    (HostTensor::from_tensor(logits), gradients(&model, &grads))
+}
+
+fn largest_magnitude(t: &HostTensor) -> f32 {
+    t.data.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// `b` within `relative` of `a`, relative to `a`'s largest magnitude or `floor`, whichever is
+/// larger (a gradient that is zero in exact arithmetic, as a key bias's, is rounding noise).
+fn assert_close_tensor(what: &str, a: &HostTensor, b: &HostTensor, relative: f32, floor: f32) {
+    assert_eq!(a.shape, b.shape, "{what}");
+    let scale = largest_magnitude(a).max(floor).max(1e-12);
+    let worst = a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= relative * scale, "{what}: differs by {worst} (largest magnitude {scale}, relative tolerance {relative})");
+}
+
+/// The forward logits (1e-4 relative) and every parameter's gradient (1e-3 relative) of each
+/// architecture on wgpu against flex, from the same weights.
+#[test]
+fn every_architectures_logits_and_gradients_on_wgpu_equal_flex() {
+    if !vulkan() {
+        return;
+    }
+    for caps in &CAPABILITIES {
+        let arch = caps.arch.to_string();
+        let sets: Vec<String> = arch_settings(&arch);
+        let recipe = Recipe::from_toml(TINY, "tiny.toml", &sets).unwrap();
+        let config = model_config(&recipe.model.resolve(Some(300)));
+        let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
+        let (flex_logits, flex_grads) = logits_and_gradients::<Autodiff<Flex>>(&config, &weights, &Default::default());
+        let (wgpu_logits, wgpu_grads) = logits_and_gradients::<Autodiff<Wgpu>>(&config, &weights, &Default::default());
+        assert_close_tensor(&format!("{arch} logits"), &flex_logits, &wgpu_logits, 1e-4, 0.0);
+        assert_eq!(flex_grads.keys().collect::<Vec<_>>(), wgpu_grads.keys().collect::<Vec<_>>(), "{arch}: parameters with gradients");
+        // (A mixture of experts' experts that no token of the batch chose get no gradient.)
+        if arch != "mixtral" {
+            assert_eq!(flex_grads.len(), weights.len(), "{arch}: every parameter has a gradient");
+        }
+        let largest = flex_grads.values().map(largest_magnitude).fold(0.0f32, f32::max);
+        for (name, grad) in &flex_grads {
+            assert_close_tensor(&format!("{arch} gradient of {name}"), grad, &wgpu_grads[name], 1e-3, 1e-5 * largest);
+        }
+    }
+}
+
+/// Fine-tuning, preference and memory features: two steps on each backend log the same losses
+/// and gradient norms (fp16-mixed to its precision).
+#[test]
+fn post_training_and_memory_features_step_alike() {
+    if !vulkan() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), "base", &[], &[]);
+    let base = format!("model.init_from={}", dir.path().join("base").display());
+    // Preference pairs need a longer context than the stories.
+    train(dir.path(), "base-64", &["model.max_seq_len=64".into(), "training.seq_len=64".into()], &[]);
+    let base_64 = format!("model.init_from={}", dir.path().join("base-64").display());
+    let features: [(&str, Vec<String>, f64); 6] = [
+        ("checkpoint-full", vec!["activation_checkpoint.mode=full".into()], 1e-4),
+        ("checkpoint-selective", vec!["activation_checkpoint.mode=selective".into()], 1e-4),
+        ("lora", vec!["lora.r=4".into()], 1e-4),
+        ("qlora", vec![base.clone(), "lora.r=4".into(), "lora.quantize_base=nf4".into()], 1e-4),
+        ("dpo", vec![base_64, "training.mode=dpo".into(), "data.source=arithmetic-preferences".into(), "training.seq_len=64".into()], 1e-4),
+        ("fp16-mixed", vec!["runtime.precision=fp16-mixed".into()], 1e-3),
+    ];
+    for (name, sets, tolerance) in features {
+        let on = |backend: &str| {
+            let run = format!("{name}-{backend}");
+            let sets = [sets.clone(), vec![format!("runtime.backend={backend}"), "training.steps=2".into()]].concat();
+            train(dir.path(), &run, &sets, &[]);
+            dir.path().join(run)
+        };
+        let (flex, wgpu) = (on("flex"), on("wgpu"));
+        for key in ["loss", "grad_norm"] {
+            let (expected, found) = (logged(&flex, key), logged(&wgpu, key));
+            assert_eq!(expected.len(), 2, "{name}: {key}");
+            for (step, value) in &expected {
+                assert_close(
+                    &format!("{name} {key} at step {step}"),
+                    *value,
+                    found[step],
+                    tolerance * 10.0_f64.powi((key == "grad_norm") as i32),
+                );
+            }
+        }
     }
 }
