@@ -293,3 +293,33 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<NamedTensors, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file whose JSON header is `header`, followed by `data` bytes.
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data, 0);
+        bytes
+    }
+
+    #[test]
+    fn hostile_headers_are_errors_not_allocations() {
+        let ok = file(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 8);
+        assert_eq!(from_safetensors(&ok).unwrap()["w"].data, vec![0.0, 0.0]);
+        let hostile = [
+            // A shape whose element count overflows, and one far past the data.
+            file(r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#, 8),
+            file(r#"{"w":{"dtype":"F32","shape":[1000000000],"data_offsets":[0,4000000000]}}"#, 8),
+            // Offsets past the end; a header length past the file.
+            file(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8000]}}"#, 8),
+            u64::MAX.to_le_bytes().to_vec(),
+        ];
+        for bytes in hostile {
+            assert!(from_safetensors(&bytes).is_err());
+        }
+    }
+}

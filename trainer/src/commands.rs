@@ -44,8 +44,9 @@ pub fn recipe_check(args: RecipeArgs) -> Result<()> {
     let recipe = load_recipe(&args)?;
     let vocab = recipe.model.vocab_size.unwrap_or(recipe.data.tokenizer_vocab_size);
     let model = model_config(&recipe.model.resolve(Some(vocab)));
+    let memory = check_fits(&recipe, vocab)?.map_or(String::new(), |gb| format!(", ~{gb:.2} GB of memory"));
     println!(
-        "ok: {} — {} {}, ~{:.2}M parameters; {} steps of {} tokens; output {}",
+        "ok: {} — {} {}, ~{:.2}M parameters{memory}; {} steps of {} tokens; output {}",
         args.config.display(),
         recipe.model.arch,
         model.summary(),

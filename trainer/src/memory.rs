@@ -50,18 +50,16 @@ fn machine_memory_gb() -> Option<f64> {
 /// Refuse a recipe whose memory estimate exceeds `runtime.max_memory_gb` (or the machine's
 /// memory), naming the figure and the keys that drive it; a typo such as `d_model = 100000`
 /// then ends here instead of in an allocation abort minutes later. A model read from
-/// model.init_from is sized by its base, not by the recipe, and is not estimated here.
-pub fn check_fits(recipe: &Recipe, vocab: usize) -> Result<()> {
+/// model.init_from is sized by its base, not by the recipe, and is not estimated here. Returns
+/// the estimate in GB when there is one.
+pub fn check_fits(recipe: &Recipe, vocab: usize) -> Result<Option<f64>> {
+    if !recipe.model.init_from.is_empty() {
+        return Ok(None);
+    }
     let (limit, source) = match recipe.runtime.max_memory_gb {
         gb if gb > 0.0 => (gb, "runtime.max_memory_gb"),
-        _ => match machine_memory_gb() {
-            Some(gb) => (gb, "this machine's memory"),
-            None => return Ok(()),
-        },
+        _ => (machine_memory_gb().unwrap_or(f64::INFINITY), "this machine's memory"),
     };
-    if !recipe.model.init_from.is_empty() {
-        return Ok(());
-    }
     let model = model_config(&recipe.model.resolve(Some(vocab)));
     let m = recipe.model.resolve(Some(vocab));
     let params = model.num_params() as f64;
@@ -93,5 +91,5 @@ pub fn check_fits(recipe: &Recipe, vocab: usize) -> Result<()> {
             if recipe.lora.r > 0 { " (lora.r among them)" } else { "" },
         );
     }
-    Ok(())
+    Ok(Some(total))
 }

@@ -17,7 +17,7 @@ use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::capabilities::CAPABILITIES;
 use furnace_configs::Recipe;
 use furnace_core::params::{from_safetensors, load_named, named_tensors, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
-use furnace_models::{LanguageModel, ModelConfig};
+use furnace_models::{CausalLm, LanguageModel, ModelConfig};
 use furnace_trainer::model::model_config;
 
 mod common;
@@ -329,5 +329,46 @@ fn post_training_and_memory_features_step_alike() {
                 );
             }
         }
+    }
+}
+
+/// Decoding on wgpu with the KV cache (transformers) or the recurrent state (Mamba), a prompt
+/// then one token at a time, gives the full forward's logits at every position (1e-4 relative),
+/// and those equal flex's full forward.
+#[test]
+fn cached_and_recurrent_decoding_on_wgpu_equal_the_full_forward() {
+    if !vulkan() {
+        return;
+    }
+    for arch in ["llama", "gpt2", "mixtral", "mamba"] {
+        let recipe = Recipe::from_toml(TINY, "tiny.toml", &arch_settings(arch)).unwrap();
+        let config = model_config(&recipe.model.resolve(Some(300)));
+        let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
+        let ids: Vec<i64> = (0..12).map(|i| ((i * 53 + 5) % 290) as i64).collect();
+        let device = burn::backend::wgpu::WgpuDevice::default();
+        let model = load_named(config.init::<Wgpu>(7, &device), &weights).unwrap();
+        let tokens = Tensor::<Wgpu, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device);
+        let full_logits = HostTensor::from_tensor(model.forward(tokens));
+        let flex_model = load_named(config.init::<Flex>(7, &Default::default()), &weights).unwrap();
+        let flex_tokens = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &Default::default());
+        assert_close_tensor(
+            &format!("{arch} full forward"),
+            &HostTensor::from_tensor(flex_model.forward(flex_tokens)),
+            &full_logits,
+            1e-4,
+            0.0,
+        );
+        // A 5-token prompt, then the rest one token at a time.
+        let mut state = model.init_state();
+        let step = |from: usize, to: usize, state: &mut _| {
+            let tokens = Tensor::<Wgpu, 2, Int>::from_data(TensorData::new(ids[from..to].to_vec(), [1, to - from]), &device);
+            HostTensor::from_tensor(model.forward_step(tokens, state))
+        };
+        let mut cached = step(0, 5, &mut state).data;
+        for i in 5..ids.len() {
+            cached.extend(step(i, i + 1, &mut state).data);
+        }
+        let cached = HostTensor { shape: full_logits.shape.clone(), data: cached };
+        assert_close_tensor(&format!("{arch} decoding with its cache or state"), &full_logits, &cached, 1e-4, 0.0);
     }
 }
