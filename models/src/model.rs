@@ -28,9 +28,6 @@ pub enum ModelConfig {
 /// Why an encoder refuses what only decoders do.
 const ENCODER: &str = "BERT is an encoder: it fills masks and neither decodes left to right nor carries a score head (the recipe check and the commands refuse this)";
 
-/// Why an encoder or encoder-decoder cannot be recomputed block by block.
-const NOT_RECOMPUTABLE: &str = "T5 is one chain per stack, its decoder reading the encoder's output: checkpointing runs it through `T5::encoder_bias`, `T5::decoder_block` and the rest";
-
 /// Why an encoder-decoder refuses what decoders do alone.
 const ENCODER_DECODER: &str = "T5 decodes given an encoded input (`forward_seq2seq`, `t5::Conditioned`), and carries no score head (the recipe check and the commands refuse this)";
 
@@ -149,64 +146,85 @@ pub enum DecodeState<B: Backend> {
     Mamba(MambaState<B>),
 }
 
+/// A capability asked of a model whose architecture lacks it. The recipe check refuses these
+/// combinations before any work (from the capability table), so this is the safety net's
+/// message, returned as an error rather than a crash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unsupported {
+    pub arch: &'static str,
+    pub needs: &'static str,
+}
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a {} model has no {} (the recipe check should have refused this combination)", self.arch, self.needs)
+    }
+}
+
+impl std::error::Error for Unsupported {}
+
 impl<B: FusedOps> LanguageModel<B> {
-    /// One scalar per row from a reward model's score head, read at `positions[row]`.
-    pub fn scores(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 1> {
-        self.reward_decoder().scores(tokens, positions)
+    fn unsupported(&self, needs: &'static str) -> Unsupported {
+        let arch = match self {
+            Self::Decoder(_) => "transformer decoder",
+            Self::Mamba(_) => "Mamba",
+            Self::Bert(_) => "BERT",
+            Self::T5(_) => "T5",
+        };
+        Unsupported { arch, needs }
     }
 
-    /// Scores of sequences sharing prefixes, each prefix computed once: see [`Decoder::branched_scores`].
-    pub fn branched_scores(&self, tokens: Tensor<B, 2, Int>, positions: &[usize], branches: &[u32], reads: &[usize]) -> Tensor<B, 1> {
-        self.reward_decoder().branched_scores(tokens, positions, branches, reads)
-    }
-
-    /// A reward model's transformer (the recipe check rejects the other architectures).
-    fn reward_decoder(&self) -> &Decoder<B> {
+    /// The transformer decoder, for what only it carries: a reward model's score head
+    /// (`Decoder::scores`, `Decoder::branched_scores`) and PPO's value head
+    /// (`Decoder::logits_and_values`).
+    pub fn as_decoder(&self) -> Result<&Decoder<B>, Unsupported> {
         match self {
-            Self::Decoder(m) => m,
-            Self::Mamba(_) => panic!("reward models are transformers only (the recipe check rejects this)"),
-            Self::Bert(_) => panic!("{ENCODER}"),
-            Self::T5(_) => panic!("{ENCODER_DECODER}"),
+            Self::Decoder(m) => Ok(m),
+            _ => Err(self.unsupported("score or value head (transformer decoders only)")),
         }
     }
 
     /// An encoder-decoder's training forward: logits `[batch, target_len, vocab]` of the
     /// decoder reading `decoder_input` over `input` (rows `lengths` long, padded after).
-    pub fn forward_seq2seq(&self, input: Tensor<B, 2, Int>, lengths: &[usize], decoder_input: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub fn forward_seq2seq(
+        &self,
+        input: Tensor<B, 2, Int>,
+        lengths: &[usize],
+        decoder_input: Tensor<B, 2, Int>,
+    ) -> Result<Tensor<B, 3>, Unsupported> {
         match self {
-            Self::T5(m) => m.forward(input, lengths, decoder_input),
-            _ => panic!("only an encoder-decoder reads (input, target) pairs (the recipe check rejects this)"),
+            Self::T5(m) => Ok(m.forward(input, lengths, decoder_input)),
+            _ => Err(self.unsupported("encoder for (input, target) pairs (T5 only)")),
         }
     }
 
     /// Training's forward: logits (of rows packing several sequences when `packed` gives
     /// positions; see [`Decoder::forward_routed`]) and a mixture of experts' routing.
-    pub fn forward_routed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, Option<Routing<B>>) {
+    pub fn forward_routed(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        packed: Option<&[usize]>,
+    ) -> Result<(Tensor<B, 3>, Option<Routing<B>>), Unsupported> {
         match (self, packed) {
-            (Self::Decoder(m), _) => m.forward_routed(tokens, packed),
-            (Self::Mamba(m), None) => (m.forward(tokens), None),
-            (Self::Bert(m), None) => (m.forward(tokens), None),
-            (Self::Mamba(_) | Self::Bert(_), Some(_)) => panic!("packed rows are for SFT on decoders only (the recipe check rejects this)"),
-            (Self::T5(_), _) => panic!("{ENCODER_DECODER}"),
+            (Self::Decoder(m), _) => Ok(m.forward_routed(tokens, packed)),
+            (Self::Mamba(m), None) => Ok((m.forward(tokens), None)),
+            (Self::Bert(m), None) => Ok((m.forward(tokens), None)),
+            (Self::Mamba(_) | Self::Bert(_), Some(_)) => Err(self.unsupported("packed rows (SFT packing is for transformer decoders)")),
+            (Self::T5(_), _) => Err(self.unsupported("single-sequence forward (T5 reads (input, target) pairs)")),
         }
     }
 
-    /// Logits and a value per position from the score head (PPO's policy with value head).
-    pub fn logits_and_values(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+    /// The model as one chain embed → blocks → finish, for activation checkpointing; T5 is two
+    /// chains (see `T5::decoder_block`).
+    pub fn blocks(&self) -> Result<Blocks<'_, B>, Unsupported> {
         match self {
-            Self::Decoder(m) => m.logits_and_values(tokens),
-            Self::Mamba(_) => panic!("value heads are on transformers only (the recipe check rejects this)"),
-            Self::Bert(_) => panic!("{ENCODER}"),
-            Self::T5(_) => panic!("{ENCODER_DECODER}"),
+            Self::Decoder(m) => Ok(Blocks::Decoder(m)),
+            Self::Mamba(m) => Ok(Blocks::Mamba(m)),
+            Self::Bert(m) => Ok(Blocks::Bert(m)),
+            Self::T5(_) => Err(self.unsupported("single chain of blocks (T5 checkpoints its two stacks in its own path)")),
         }
     }
-}
 
-/// The model as a chain embed → blocks → finish, for activation checkpointing: the trainer
-/// keeps each block's input and recomputes one block at a time in backward. Decoder-only
-/// transformers (dense or mixture of experts), BERT and Mamba are one chain; T5, two (see
-/// `T5::decoder_block`).
-impl<B: FusedOps> LanguageModel<B> {
     pub fn n_blocks(&self) -> usize {
         match self {
             Self::Decoder(m) => m.layers.len(),
@@ -215,31 +233,50 @@ impl<B: FusedOps> LanguageModel<B> {
             Self::T5(m) => m.encoder_layers.len() + m.decoder_layers.len(),
         }
     }
+}
 
-    /// The first block's input and what every block needs: a transformer's attention context
-    /// (see [`Decoder::embed`]); a Mamba's blocks need nothing more.
-    pub fn embed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, Option<AttentionContext<B>>) {
+/// A model that is one chain embed → blocks → finish: the trainer keeps each block's input and
+/// recomputes one block at a time in backward. Decoder-only transformers (dense or mixture of
+/// experts), BERT and Mamba are one.
+pub enum Blocks<'a, B: Backend> {
+    Decoder(&'a Decoder<B>),
+    Mamba(&'a Mamba<B>),
+    Bert(&'a Bert<B>),
+}
+
+/// What a chain's blocks read besides their input: a transformer's attention context.
+pub enum BlockContext<B: Backend> {
+    Attention(AttentionContext<B>),
+    Recurrent,
+}
+
+impl<B: FusedOps> Blocks<'_, B> {
+    /// The first block's input and what every block needs (see [`Decoder::embed`]).
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>, packed: Option<&[usize]>) -> (Tensor<B, 3>, BlockContext<B>) {
         match self {
             Self::Decoder(m) => {
                 let (x, ctx) = m.embed(tokens, 0, packed);
-                (x, Some(ctx))
+                (x, BlockContext::Attention(ctx))
             }
-            Self::Mamba(m) => (m.embed(tokens), None),
+            Self::Mamba(m) => (m.embed(tokens), BlockContext::Recurrent),
             Self::Bert(m) => {
                 let (x, ctx) = m.embed(tokens);
-                (x, Some(ctx))
+                (x, BlockContext::Attention(ctx))
             }
-            Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 
-    /// A block's output, and its router logits when its MLP is a mixture of experts.
-    pub fn block(&self, index: usize, x: Tensor<B, 3>, ctx: Option<&AttentionContext<B>>) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
-        match self {
-            Self::Decoder(m) => m.layers[index].forward(x, ctx.expect("a transformer block attends with its context"), None),
-            Self::Mamba(m) => (m.layers[index].forward(x, None), None),
-            Self::Bert(m) => (m.layers[index].forward(x, ctx.expect("an encoder block attends with its context")), None),
-            Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
+    /// A block's output, and its router logits when its MLP is a mixture of experts. A
+    /// transformer's block given no attention context (`ctx` not from its own `embed`) is an
+    /// error, not a guess.
+    pub fn block(&self, index: usize, x: Tensor<B, 3>, ctx: &BlockContext<B>) -> Result<(Tensor<B, 3>, Option<Tensor<B, 2>>), Unsupported> {
+        match (self, ctx) {
+            (Self::Decoder(m), BlockContext::Attention(ctx)) => Ok(m.layers[index].forward(x, ctx, None)),
+            (Self::Bert(m), BlockContext::Attention(ctx)) => Ok((m.layers[index].forward(x, ctx), None)),
+            (Self::Mamba(m), _) => Ok((m.layers[index].forward(x, None), None)),
+            (Self::Decoder(_) | Self::Bert(_), BlockContext::Recurrent) => {
+                Err(Unsupported { arch: "transformer", needs: "block without its attention context" })
+            }
         }
     }
 
@@ -248,7 +285,6 @@ impl<B: FusedOps> LanguageModel<B> {
         match self {
             Self::Decoder(m) => m.routing(logits),
             Self::Mamba(_) | Self::Bert(_) => None,
-            Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 
@@ -258,7 +294,6 @@ impl<B: FusedOps> LanguageModel<B> {
             Self::Decoder(m) => m.finish(x),
             Self::Mamba(m) => m.finish(x),
             Self::Bert(m) => m.finish(x),
-            Self::T5(_) => panic!("{NOT_RECOMPUTABLE}"),
         }
     }
 }

@@ -262,7 +262,7 @@ fn write_seq2seq_logits<B: FusedOps>(
         let values: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(values, [1, tokens.len()]), device)
     };
-    let logits = model.forward_seq2seq(ids(prompt), &[prompt.len()], ids(&decoder));
+    let logits = model.forward_seq2seq(ids(prompt), &[prompt.len()], ids(&decoder))?;
     let [_, positions, vocab] = logits.dims();
     let as_floats = |tokens: &[u32]| HostTensor { shape: vec![tokens.len()], data: tokens.iter().map(|&t| t as f32).collect() };
     let mut out = NamedTensors::new();

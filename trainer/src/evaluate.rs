@@ -7,7 +7,7 @@ use furnace_models::generate::{generate, GenerateConfig};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::t5::Conditioned;
-use furnace_models::{Bert, CausalLm, LanguageModel};
+use furnace_models::{Bert, CausalLm, LanguageModel, Unsupported};
 
 use crate::objective::{lm_loss_sum, Denoising};
 
@@ -29,7 +29,7 @@ pub fn validation<B: FusedOps>(
     steps: usize,
     denoising: Option<&Denoising>,
     device: &B::Device,
-) -> Validation {
+) -> Result<Validation, Unsupported> {
     loader.set_cursor(Default::default());
     let masked_lm = matches!(denoising, Some(Denoising::MaskedLm(_)));
     let (mut total, mut tokens, mut correct) = (0.0, 0usize, 0usize);
@@ -40,7 +40,7 @@ pub fn validation<B: FusedOps>(
         };
         tokens += batch.counted_targets();
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), [batch.batch, batch.seq_len]), device);
-        let logits = forward_batch(model, &batch, device);
+        let logits = forward_batch(model, &batch, device)?;
         if masked_lm {
             let predicted: Vec<i64> = logits.clone().argmax(2).into_data().convert::<i64>().into_vec().expect("int predictions");
             correct += predicted.iter().zip(&batch.targets).filter(|(p, t)| p == t).count();
@@ -48,16 +48,16 @@ pub fn validation<B: FusedOps>(
         total += lm_loss_sum(logits, targets).into_scalar().elem::<f64>();
     }
     let tokens = tokens.max(1) as f64;
-    Validation { loss: total / tokens, mlm_accuracy: masked_lm.then(|| correct as f64 / tokens) }
+    Ok(Validation { loss: total / tokens, mlm_accuracy: masked_lm.then(|| correct as f64 / tokens) })
 }
 
 /// Logits for a batch as training computes them (packed rows aside): the decoder's over the
 /// encoder's input for an encoder-decoder batch, the model's over the inputs otherwise.
-pub fn forward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 3> {
+pub fn forward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device: &B::Device) -> Result<Tensor<B, 3>, Unsupported> {
     let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), [batch.batch, batch.seq_len]), device);
     match &batch.encoder {
         Some(encoder) => model.forward_seq2seq(encoder_input(batch, device), &encoder.lengths, inputs),
-        None => model.forward(inputs),
+        None => Ok(model.forward(inputs)),
     }
 }
 

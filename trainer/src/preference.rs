@@ -13,7 +13,7 @@ use furnace_configs::{DpoLoss, DpoSection};
 use furnace_data::loader::IGNORE;
 use furnace_data::{Batch, Loader};
 use furnace_models::kernels::FusedOps;
-use furnace_models::{CausalLm, LanguageModel};
+use furnace_models::{CausalLm, LanguageModel, Unsupported};
 use rayon::prelude::*;
 
 use crate::metrics::Sums;
@@ -170,15 +170,15 @@ pub fn pair_gradients<B, F>(
     divisor: f64,
     scale: f64,
     pair_losses: F,
-) -> (Tensor<B::InnerBackend, 1>, GradientsParams, Sums)
+) -> Result<(Tensor<B::InnerBackend, 1>, GradientsParams, Sums), Unsupported>
 where
     B: AutodiffBackend + FusedOps,
-    F: Fn(&LanguageModel<B>, &Batch, Range<usize>) -> PairBatch<B> + Sync,
+    F: Fn(&LanguageModel<B>, &Batch, Range<usize>) -> Result<PairBatch<B>, Unsupported> + Sync,
 {
     let gradients = |model: &LanguageModel<B>, batch: &Batch, pairs: Range<usize>| {
-        let PairBatch { losses, stats } = pair_losses(model, batch, pairs);
+        let PairBatch { losses, stats } = pair_losses(model, batch, pairs)?;
         let loss = losses.sum() / divisor;
-        (loss.clone().inner(), GradientsParams::from_grads((loss * scale).backward(), model), stats)
+        Ok((loss.clone().inner(), GradientsParams::from_grads((loss * scale).backward(), model), stats))
     };
     if shards <= 1 {
         return gradients(model, batch, 0..batch.items.len());
@@ -189,7 +189,7 @@ where
         .par_iter()
         .zip(starts)
         .map(|(part, start)| gradients(&fresh_leaves(model.clone()), part, start..start + part.items.len()))
-        .collect();
+        .collect::<Result<_, Unsupported>>()?;
     let mut accumulator = GradientsAccumulator::new();
     let (mut loss, mut all_stats) = (None, Sums::default());
     for (part_loss, grads, stats) in results {
@@ -200,7 +200,7 @@ where
             None => part_loss,
         });
     }
-    (loss.expect("at least one shard"), accumulator.grads(), all_stats)
+    Ok((loss.expect("at least one shard"), accumulator.grads(), all_stats))
 }
 
 /// A copy of `model` on fresh autodiff leaves: the same parameter values and ids, tracked in a
@@ -263,17 +263,17 @@ pub fn pair_batch<B: FusedOps, M: CausalLm<B>>(
 /// A reward model on one batch of pairs: Bradley-Terry losses and the scores as rewards, each
 /// reply scored at its last counted position (the end of the reply). Chosen and rejected share
 /// their prompt, which is computed once per pair (see [`SharedPrefixRows`]).
-pub fn reward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device: &B::Device) -> PairBatch<B> {
+pub fn reward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, device: &B::Device) -> Result<PairBatch<B>, Unsupported> {
     let pairs = batch.items.len();
     let rows = SharedPrefixRows::of_pairs(batch);
     let tokens = Tensor::from_data(TensorData::new(rows.tokens, [pairs, rows.len]), device);
-    let scores = model.branched_scores(tokens, &rows.positions, &rows.branches, &rows.reads).reshape([pairs, 2]);
+    let scores = model.as_decoder()?.branched_scores(tokens, &rows.positions, &rows.branches, &rows.reads).reshape([pairs, 2]);
     let (chosen, rejected) = (scores.clone().narrow(1, 0, 1).reshape([pairs]), scores.narrow(1, 1, 1).reshape([pairs]));
     let read = |t: Tensor<B, 1>| -> Vec<f64> { t.into_data().convert::<f64>().into_vec().expect("f64") };
     let (c, r) = (read(chosen.clone().detach()), read(rejected.clone().detach()));
     let losses = reward_loss(chosen, rejected);
     let stats = pair_sums(&read(losses.clone().detach()), &c, &r);
-    PairBatch { losses, stats }
+    Ok(PairBatch { losses, stats })
 }
 
 /// Preference pairs laid out with the tokens both replies share computed once (prefix sharing,
@@ -342,12 +342,12 @@ pub fn evaluate_rewards<B: FusedOps>(
     pairs: usize,
     batch_size: usize,
     device: &B::Device,
-) -> Sums {
+) -> Result<Sums, Unsupported> {
     let mut stats = Sums::default();
     for batch in validation_batches(loader, pairs, batch_size) {
-        stats.merge(&reward_batch(model, &batch, device).stats);
+        stats.merge(&reward_batch(model, &batch, device)?.stats);
     }
-    stats
+    Ok(stats)
 }
 
 /// DPO loss and metrics over the first `pairs` validation pairs.
@@ -437,7 +437,8 @@ mod tests {
             let (loss, grads, stats) = pair_gradients(&model, &batch, shards, 5.0, 2.0, |model, part, pairs| {
                 seen.lock().unwrap().push((part.items.len(), pairs));
                 reward_batch(model, part, &device)
-            });
+            })
+            .unwrap();
             let grads: Vec<Vec<f32>> =
                 ids.iter().map(|&id| grads.get::<burn::backend::Flex, 2>(id).unwrap().into_data().into_vec().unwrap()).collect();
             (loss.into_scalar(), grads, stats.get(ACCURACIES))
@@ -468,12 +469,12 @@ mod tests {
         ]);
         let (inputs, _) = tensors::<B>(&batch, &device);
         let ends: Vec<usize> = batch.targets.chunks(batch.seq_len).map(|row| row.iter().rposition(|&t| t != IGNORE).unwrap()).collect();
-        let alone: Vec<f32> = model.scores(inputs, &ends).into_data().into_vec().unwrap();
+        let alone: Vec<f32> = model.as_decoder().unwrap().scores(inputs, &ends).into_data().into_vec().unwrap();
         let (chosen, rejected) =
             (alone.iter().step_by(2).cloned().collect::<Vec<_>>(), alone.iter().skip(1).step_by(2).cloned().collect::<Vec<_>>());
         let host = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [3]), &device);
         let want: Vec<f32> = reward_loss(host(chosen), host(rejected)).into_data().into_vec().unwrap();
-        let got: Vec<f32> = reward_batch(&model, &batch, &device).losses.into_data().into_vec().unwrap();
+        let got: Vec<f32> = reward_batch(&model, &batch, &device).unwrap().losses.into_data().into_vec().unwrap();
         for (i, (got, want)) in got.iter().zip(&want).enumerate() {
             assert!((got - want).abs() <= 1e-6, "pair {i}: shared-prefix loss {got} vs two rows {want}");
         }

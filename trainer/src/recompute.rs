@@ -15,7 +15,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use furnace_models::t5::T5;
-use furnace_models::{LanguageModel, RouterLossWeights, Routing};
+use furnace_models::{LanguageModel, RouterLossWeights, Routing, Unsupported};
 
 use crate::backend::TrainBackend;
 use crate::parallel::{in_block, GradientReduction, Parallel};
@@ -66,15 +66,15 @@ pub fn recomputed_gradients<B: TrainBackend>(
     mut reduction: Option<GradientReduction<'_>>,
     loss: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 1>,
     router: impl FnOnce(&Routing<B::InnerBackend>) -> (Tensor<B::InnerBackend, 1>, RouterLossWeights),
-) -> (GradientsParams, Tensor<B::InnerBackend, 1>) {
+) -> Result<(GradientsParams, Tensor<B::InnerBackend, 1>), Unsupported> {
     let mut accumulator = GradientsAccumulator::new();
     let mut hand_over = |part: &LanguageModel<B>, grads: GradientsParams| match reduction.as_mut() {
         Some(reduction) => reduction.add(part, grads),
         None => accumulator.accumulate(model, grads),
     };
     let valid = model.valid();
-    let (mut x, valid_ctx) = valid.embed(tokens.clone().inner(), packed);
-    let (_, ctx) = model.embed(tokens.clone(), packed);
+    let (mut x, valid_ctx) = valid.blocks()?.embed(tokens.clone().inner(), packed);
+    let (_, ctx) = model.blocks()?.embed(tokens.clone(), packed);
     let n_blocks = model.n_blocks();
     let mut kept = Vec::with_capacity(n_blocks);
     let mut router_logits = Vec::new();
@@ -87,24 +87,24 @@ pub fn recomputed_gradients<B: TrainBackend>(
                 Cow::Owned(gathered) => Cow::Owned(gathered.valid()),
                 Cow::Borrowed(_) => Cow::Borrowed(&valid),
             };
-            let (output, router) = block_valid.block(i, x.clone(), valid_ctx.as_ref());
+            let (output, router) = block_valid.blocks()?.block(i, x.clone(), &valid_ctx)?;
             router_logits.extend(router);
             kept.push(Kept::<B>::Input(std::mem::replace(&mut x, output)));
         } else {
             let input = Tensor::<B, 3>::from_inner(x).require_grad();
-            let (output, router) = block_model.block(i, input.clone(), ctx.as_ref());
+            let (output, router) = block_model.blocks()?.block(i, input.clone(), &ctx)?;
             router_logits.extend(router.as_ref().map(|r| r.clone().inner()));
             x = output.clone().inner();
             kept.push(Kept::Graph { input, output, router, gathered: sharded.map(|_| block_model.into_owned()) });
         }
     }
-    let router_weights = valid.routing(router_logits).map(|routing| {
+    let router_weights = valid.blocks()?.routing(router_logits).map(|routing| {
         let (total, weights) = router(&routing);
         (weights, total)
     });
     drop((valid, valid_ctx));
     let last = Tensor::<B, 3>::from_inner(x).require_grad();
-    let loss = loss(model.finish(last.clone()));
+    let loss = loss(model.blocks()?.finish(last.clone()));
     let detached_loss = match &router_weights {
         Some((_, router_total)) => loss.clone().inner() + router_total.clone(),
         None => loss.clone().inner(),
@@ -117,7 +117,7 @@ pub fn recomputed_gradients<B: TrainBackend>(
             Kept::Input(x) => {
                 let block_model = with_block(model, i, sharded);
                 let input = Tensor::<B, 3>::from_inner(x).require_grad();
-                let (output, router) = block_model.block(i, input.clone(), ctx.as_ref());
+                let (output, router) = block_model.blocks()?.block(i, input.clone(), &ctx)?;
                 (input, output, router, block_model)
             }
             Kept::Graph { input, output, router, gathered } => (input, output, router, gathered.map_or(Cow::Borrowed(model), Cow::Owned)),
@@ -130,13 +130,13 @@ pub fn recomputed_gradients<B: TrainBackend>(
         (grads, upstream) = through_block(&input, output, upstream, router_share);
         hand_over(block_model.as_ref(), GradientsParams::from_grads(grads, block_model.as_ref()));
     }
-    let (embedded, _) = model.embed(tokens, packed);
+    let (embedded, _) = model.blocks()?.embed(tokens, packed);
     let grads = (embedded * Tensor::from_inner(upstream)).sum().backward();
     hand_over(model, GradientsParams::from_grads(grads, model));
-    match reduction {
+    Ok(match reduction {
         Some(reduction) => (reduction.finish(model), detached_loss),
         None => (accumulator.grads(), detached_loss),
-    }
+    })
 }
 
 /// Back-propagates `upstream`, the gradient reaching a block's output, through the block's

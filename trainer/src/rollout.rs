@@ -17,7 +17,7 @@ use furnace_distributed::World;
 use furnace_models::generate::{generate_group, GenerateConfig};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
-use furnace_models::{CausalLm, LanguageModel};
+use furnace_models::{CausalLm, LanguageModel, Unsupported};
 
 use crate::metrics::Sums;
 use crate::objective::{group_advantages, token_log_probs};
@@ -85,7 +85,7 @@ pub fn rollout<B: FusedOps>(
     tokenizer: &TextTokenizer,
     seed: u64,
     device: &B::Device,
-) -> Rollout {
+) -> Result<Rollout, Unsupported> {
     let eos = tokenizer.eos();
     let mut rows: Vec<(Vec<u32>, usize)> = Vec::new();
     let mut correct = Vec::new();
@@ -115,12 +115,12 @@ pub fn rollout<B: FusedOps>(
         Some(model) => {
             let positions: Vec<usize> =
                 rollout.targets.chunks(len).map(|row| row.iter().rposition(|&t| t != IGNORE).unwrap_or(0)).collect();
-            let scores = model.scores(rollout.tensors::<B>(device).0, &positions);
+            let scores = model.as_decoder()?.scores(rollout.tensors::<B>(device).0, &positions);
             scores.into_data().convert::<f64>().into_vec().expect("f64 scores")
         }
         None => rollout.correct.iter().map(|&ok| ok as u8 as f64).collect(),
     };
-    rollout
+    Ok(rollout)
 }
 
 impl Rollout {

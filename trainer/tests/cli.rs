@@ -2,7 +2,7 @@
 //! TensorBoard files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use furnace_core::params::from_safetensors;
 use furnace_models::hf::{config_from_hf, from_hf};

@@ -236,8 +236,8 @@ where
     let ids: Vec<i64> = (0..batch * seq).map(|i| ((i * 37 + 11) % 290) as i64).collect();
     let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), device);
     let logits = match config {
-        ModelConfig::T5(_) => model.forward_seq2seq(tokens.clone(), &[seq, seq], tokens),
-        _ => model.forward_routed(tokens, None).0,
+        ModelConfig::T5(_) => model.forward_seq2seq(tokens.clone(), &[seq, seq], tokens).unwrap(),
+        _ => model.forward_routed(tokens, None).unwrap().0,
     };
     let [b, t, v] = logits.dims();
     let weighting: Vec<f32> = (0..b * t * v).map(|i| ((i as f32) * 0.618).sin()).collect();

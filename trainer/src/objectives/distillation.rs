@@ -92,8 +92,8 @@ impl<B: TrainBackend> Objective<B> for Distillation<B> {
             let ids = |values: &[i64]| TensorData::new(values.to_vec(), shape);
             let inputs = Tensor::<B, 2, Int>::from_data(ids(&batch.inputs), &cx.device);
             let targets = Tensor::<B, 2, Int>::from_data(ids(&batch.targets), &cx.device);
-            let teacher = self.teacher.forward_routed(inputs.clone().inner(), batch.positions.as_deref()).0;
-            let (student, _) = model.forward_routed(inputs.clone(), batch.positions.as_deref());
+            let teacher = self.teacher.forward_routed(inputs.clone().inner(), batch.positions.as_deref())?.0;
+            let (student, _) = model.forward_routed(inputs.clone(), batch.positions.as_deref())?;
             let kl = distillation_loss_sum(student.clone(), Tensor::from_inner(teacher), targets.clone(), self.temperature);
             self.window.add("kl", kl.clone().into_scalar().elem::<f64>());
             self.window.add("targets", batch.counted_targets() as f64);

@@ -114,12 +114,12 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
                             let share = scale / t.grad_accum_steps as f64;
                             (losses * share, weights.scaled(share))
                         },
-                    );
+                    )?;
                     (loss / scale, grads)
                 }
-                None if batch.encoder.is_some() => backward(lm_loss_sum(forward_batch(model, &batch, &cx.device), targets()) / counted),
+                None if batch.encoder.is_some() => backward(lm_loss_sum(forward_batch(model, &batch, &cx.device)?, targets()) / counted),
                 None => {
-                    let (logits, routing) = model.forward_routed(inputs.clone(), batch.positions.as_deref());
+                    let (logits, routing) = model.forward_routed(inputs.clone(), batch.positions.as_deref())?;
                     let loss = lm_loss_sum(logits, targets()) / counted;
                     backward(match routing {
                         Some(routing) => {
@@ -148,7 +148,7 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
     }
 
     fn report(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<()> {
-        let Validation { mlm_accuracy, .. } = print_validation(cx, model, self.denoising.as_ref());
+        let Validation { mlm_accuracy, .. } = print_validation(cx, model, self.denoising.as_ref())?;
         if let Some(accuracy) = mlm_accuracy {
             println!("masked-token accuracy on held-out text: {:.1}%", 100.0 * accuracy);
         }
@@ -179,23 +179,23 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
 }
 
 /// The report's first line: validation loss and perplexity.
-fn print_validation<B: TrainBackend>(cx: &mut Context<B>, model: &LanguageModel<B>, denoising: Option<&Denoising>) -> Validation {
-    let validation = validate(cx, model, denoising);
+fn print_validation<B: TrainBackend>(cx: &mut Context<B>, model: &LanguageModel<B>, denoising: Option<&Denoising>) -> Result<Validation> {
+    let validation = validate(cx, model, denoising)?;
     println!("validation loss {:.4} (perplexity {:.2})", validation.loss, validation.loss.exp());
-    validation
+    Ok(validation)
 }
 
 /// The report of a mode that trains a next-token model on text it did not denoise (RL,
 /// distillation): validation loss, then held-out exact match and a greedy sample.
 pub fn report_next_token<B: TrainBackend>(cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<()> {
-    print_validation(cx, model, None);
+    print_validation(cx, model, None)?;
     exact_match_and_sample(cx, &model.valid())
 }
 
 /// Validation loss (and masked-token accuracy under masked LM) on the validation set.
-fn validate<B: TrainBackend>(cx: &mut Context<B>, model: &LanguageModel<B>, denoising: Option<&Denoising>) -> Validation {
+fn validate<B: TrainBackend>(cx: &mut Context<B>, model: &LanguageModel<B>, denoising: Option<&Denoising>) -> Result<Validation> {
     let (loader, steps) = (&mut cx.val_loader, cx.recipe.training.eval_steps);
-    with_autocast(cx.compute_dtype, || validation(&model.valid(), loader, steps, denoising, &cx.device))
+    Ok(with_autocast(cx.compute_dtype, || validation(&model.valid(), loader, steps, denoising, &cx.device))?)
 }
 
 /// `validate`, logged as `val_loss`, `val_perplexity` (and `val_mlm_accuracy`) and printed.
@@ -205,7 +205,7 @@ pub fn log_validation<B: TrainBackend>(
     denoising: Option<&Denoising>,
     step: usize,
 ) -> Result<()> {
-    let Validation { loss: val, mlm_accuracy } = validate(cx, model, denoising);
+    let Validation { loss: val, mlm_accuracy } = validate(cx, model, denoising)?;
     let mut values = vec![("val_loss", val), ("val_perplexity", val.exp())];
     values.extend(mlm_accuracy.map(|a| ("val_mlm_accuracy", a)));
     cx.metrics.log(step, &values)?;

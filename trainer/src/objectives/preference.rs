@@ -43,13 +43,13 @@ impl<B: TrainBackend> Preference<B> {
     }
 
     /// DPO or the reward model on the first `pairs` validation pairs: loss and TRL's metrics.
-    fn evaluate_pairs(&self, cx: &mut Context<B>, model: &LanguageModel<B>, pairs: usize) -> Sums {
+    fn evaluate_pairs(&self, cx: &mut Context<B>, model: &LanguageModel<B>, pairs: usize) -> Result<Sums> {
         let valid = model.valid();
         let (loader, batch, device) = (&mut cx.val_loader, cx.recipe.training.local_batch_size, &cx.device);
-        match &self.reference {
+        Ok(match &self.reference {
             Some(reference) => preference::evaluate(&valid, loader, reference, pairs, batch, &cx.recipe.dpo, device),
-            None => preference::evaluate_rewards(&valid, loader, pairs, batch, device),
-        }
+            None => preference::evaluate_rewards(&valid, loader, pairs, batch, device)?,
+        })
     }
 
     fn log_means(&self, cx: &mut Context<B>, stats: &Sums, first: Option<(&str, f64)>) -> Result<()> {
@@ -75,9 +75,9 @@ impl<B: TrainBackend> Objective<B> for Preference<B> {
             let divisor = (batch.items.len() * t.grad_accum_steps) as f64;
             let (loss, grads, stats) =
                 pair_gradients(model, &batch, cx.recipe.runtime.batch_shards, divisor, scale, |model, part, pairs| match &reference {
-                    Some(reference) => pair_batch(model, part, &reference[pairs], dpo, device),
+                    Some(reference) => Ok(pair_batch(model, part, &reference[pairs], dpo, device)),
                     None => reward_batch(model, part, device),
-                });
+                })?;
             step_stats.merge(&stats);
             accumulated.add(model, grads, loss, inputs);
         }
@@ -92,7 +92,7 @@ impl<B: TrainBackend> Objective<B> for Preference<B> {
 
     fn evaluate(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>, step: usize) -> Result<()> {
         let t = &cx.recipe.training;
-        let stats = self.evaluate_pairs(cx, model, t.eval_steps.max(1) * t.local_batch_size);
+        let stats = self.evaluate_pairs(cx, model, t.eval_steps.max(1) * t.local_batch_size)?;
         let loss = stats.per(LOSS, PAIRS);
         self.log_means(cx, &stats, Some(("val_loss", loss)))?;
         let accuracy = stats.per(ACCURACIES, PAIRS);
@@ -107,7 +107,7 @@ impl<B: TrainBackend> Objective<B> for Preference<B> {
     /// Every held-out pair; then DPO's policy, a generative model, answers as the others do.
     fn report(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<()> {
         let pairs = cx.val_loader.items();
-        let stats = self.evaluate_pairs(cx, model, pairs);
+        let stats = self.evaluate_pairs(cx, model, pairs)?;
         println!(
             "held-out preference pairs: chosen scored above rejected in {:.1}% (reward margin {:.3}, loss {:.4})",
             100.0 * stats.per(ACCURACIES, PAIRS),

@@ -65,10 +65,10 @@ impl<B: TrainBackend> Rollouts<B> {
         let prompts = step_prompts(&self.prompts, cx.state.step, 0, 1, t.local_batch_size, cx.parallel.world);
         let seed = cx.rank_seed(Stream::Rollout, cx.state.step);
         let policy = model.valid();
-        let rollout = rollout(&policy, self.reward_model.as_ref(), &prompts, &sampling, &cx.tokenizer, seed, &device);
+        let rollout = rollout(&policy, self.reward_model.as_ref(), &prompts, &sampling, &cx.tokenizer, seed, &device)?;
         let host = |x: Tensor<B::InnerBackend, 2>| -> Vec<f64> { x.into_data().convert::<f64>().into_vec().expect("f64") };
         let (inputs, targets) = rollout.tensors::<B::InnerBackend>(&device);
-        let (logits, values) = policy.logits_and_values(inputs);
+        let (logits, values) = policy.as_decoder()?.logits_and_values(inputs);
         let (old_logps, old_values) = (host(token_log_probs(logits, targets)), host(values));
         let ref_logps: Vec<f64> = rollout.reference_log_probs(&self.reference, &device).into_iter().map(f64::from).collect();
         let mask: Vec<bool> = rollout.targets.iter().map(|&t| t != IGNORE).collect();
@@ -88,7 +88,7 @@ impl<B: TrainBackend> Rollouts<B> {
         let (inputs, labels) = rollout.tensors::<B>(&device);
         let mut last = None;
         for _ in 0..config.num_ppo_epochs {
-            let (logits, values) = model.logits_and_values(inputs.clone());
+            let (logits, values) = model.as_decoder()?.logits_and_values(inputs.clone());
             let (loss, policy_loss, value_loss, clip_fraction) =
                 ppo_loss(token_log_probs(logits, labels.clone()), values, &targets, &config);
             let scalar = |x: Tensor<B, 1>| x.into_scalar().elem::<f64>();
@@ -121,7 +121,7 @@ impl<B: TrainBackend> Objective<B> for Rollouts<B> {
         for micro in 0..t.grad_accum_steps {
             let prompts = step_prompts(&self.prompts, cx.state.step, micro, t.grad_accum_steps, t.local_batch_size, cx.parallel.world);
             let seed = cx.micro_batch_seed(Stream::Rollout, micro);
-            let rollout = rollout(&policy, self.reward_model.as_ref(), &prompts, &sampling, &cx.tokenizer, seed, &cx.device);
+            let rollout = rollout(&policy, self.reward_model.as_ref(), &prompts, &sampling, &cx.tokenizer, seed, &cx.device)?;
             let reference = rollout.reference_log_probs(&self.reference, &cx.device);
             let (inputs, targets) = rollout.tensors::<B>(&cx.device);
             let logps = token_log_probs(model.forward(inputs.clone()), targets);
