@@ -44,7 +44,11 @@ pub fn recipe_check(args: RecipeArgs) -> Result<()> {
     let recipe = load_recipe(&args)?;
     let vocab = recipe.model.vocab_size.unwrap_or(recipe.data.tokenizer_vocab_size);
     let model = model_config(&recipe.model.resolve(Some(vocab)));
-    let memory = check_fits(&recipe, vocab)?.map_or(String::new(), |gb| format!(", ~{gb:.2} GB of memory"));
+    let memory = match check_fits(&recipe, vocab)? {
+        Some(gb) if gb < 1.0 => format!(", ~{:.0} MB of memory", gb * 1e3),
+        Some(gb) => format!(", ~{gb:.1} GB of memory"),
+        None => String::new(),
+    };
     println!(
         "ok: {} — {} {}, ~{:.2}M parameters{memory}; {} steps of {} tokens; output {}",
         args.config.display(),
