@@ -103,6 +103,12 @@ impl Recipe {
             && matches!(self.data.source, DataSource::Seq2seq | DataSource::Arithmetic | DataSource::ArithmeticWords)
     }
 
+    /// The vocabulary before a tokenizer exists: model.vocab_size, else the size the tokenizer
+    /// will be trained to.
+    pub fn planned_vocab_size(&self) -> usize {
+        self.model.vocab_size.unwrap_or(self.data.tokenizer_vocab_size)
+    }
+
     pub fn tokens_per_step(&self) -> usize {
         self.training.local_batch_size * self.training.seq_len * self.training.grad_accum_steps
     }

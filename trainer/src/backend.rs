@@ -47,7 +47,7 @@ pub fn dispatch(recipe: &Recipe, job: impl BackendJob) -> Result<()> {
 /// The largest tensors a run allocates (parameters and their gradients and optimizer moments,
 /// one micro-batch's logits and attention scores), named by the recipe keys that size them.
 fn largest_tensors(recipe: &Recipe) -> Vec<(String, u64)> {
-    let m = recipe.model.resolve(Some(recipe.model.vocab_size.unwrap_or(recipe.data.tokenizer_vocab_size)));
+    let m = recipe.model.resolve(Some(recipe.planned_vocab_size()));
     let t = &recipe.training;
     let (v, d, f, b, s) = (m.vocab_size as u64, m.d_model as u64, m.d_ff as u64, t.local_batch_size as u64, t.seq_len as u64);
     vec![

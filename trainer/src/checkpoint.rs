@@ -169,12 +169,18 @@ impl Checkpointer {
                 self.stage(step)?;
                 OPTIMIZER_FILE.to_string()
             };
-            write_file(&tmp.join(MODEL_FILE), &to_safetensors(model))?;
-            write_file(&tmp.join(optimizer_file), &to_safetensors(optimizer))?;
-            write_file(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
-            write_file(&tmp.join(RECIPE_FILE), recipe.as_bytes())?;
-            write_file(&tmp.join(TOKENIZER_FILE), tokenizer.as_bytes())?;
-            write_manifest(&tmp, step)?;
+            let mut written = BTreeMap::new();
+            let mut write = |name: &str, bytes: &[u8]| -> Result<()> {
+                write_file(&tmp.join(name), bytes)?;
+                written.insert(name.to_string(), digest(bytes));
+                Ok(())
+            };
+            write(MODEL_FILE, &to_safetensors(model))?;
+            write(&optimizer_file, &to_safetensors(optimizer))?;
+            write(STATE_FILE, serde_json::to_string_pretty(state)?.as_bytes())?;
+            write(RECIPE_FILE, recipe.as_bytes())?;
+            write(TOKENIZER_FILE, tokenizer.as_bytes())?;
+            write_manifest(&tmp, step, written)?;
             sync_dir(&tmp)?;
             fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move the checkpoint into {}", final_dir.display()))?;
             sync_dir(&self.dir).with_context(|| format!("cannot sync {}", self.dir.display()))
@@ -258,14 +264,13 @@ fn digest(bytes: &[u8]) -> FileDigest {
     FileDigest { bytes: bytes.len() as u64, xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes)) }
 }
 
-/// The manifest of every file staged in `dir` (the ranks' optimizer shards included), read
-/// back from the disk: it records what was written, not what was meant to be.
-fn write_manifest(dir: &Path, step: usize) -> Result<()> {
-    let mut files = BTreeMap::new();
+/// The manifest of every file staged in `dir`: `files`, the ones this process wrote, and the
+/// other ranks' optimizer shards, read back.
+fn write_manifest(dir: &Path, step: usize, mut files: BTreeMap<String, FileDigest>) -> Result<()> {
     for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        if path.is_file() && name != MANIFEST_FILE {
+        if path.is_file() && name != MANIFEST_FILE && !files.contains_key(&name) {
             files.insert(name, digest(&fs::read(&path).with_context(|| format!("cannot read back {}", path.display()))?));
         }
     }

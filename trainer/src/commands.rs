@@ -25,11 +25,16 @@ use crate::model::{base_for, build_model, is_gguf, load_base, model_config};
 use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
-/// A recipe that parses, validates and, by its memory estimate, fits this machine.
-fn load_recipe(args: &RecipeArgs) -> Result<Recipe> {
+/// A recipe that parses, validates and, by its memory estimate, fits this machine; the
+/// estimate in GB when there is one.
+fn load_recipe_estimated(args: &RecipeArgs) -> Result<(Recipe, Option<f64>)> {
     let recipe = Recipe::load(&args.config, &args.overrides)?;
-    check_fits(&recipe, recipe.model.vocab_size.unwrap_or(recipe.data.tokenizer_vocab_size))?;
-    Ok(recipe)
+    let estimate = check_fits(&recipe)?;
+    Ok((recipe, estimate))
+}
+
+fn load_recipe(args: &RecipeArgs) -> Result<Recipe> {
+    Ok(load_recipe_estimated(args)?.0)
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -41,10 +46,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
 }
 
 pub fn recipe_check(args: RecipeArgs) -> Result<()> {
-    let recipe = load_recipe(&args)?;
-    let vocab = recipe.model.vocab_size.unwrap_or(recipe.data.tokenizer_vocab_size);
-    let model = model_config(&recipe.model.resolve(Some(vocab)));
-    let memory = match check_fits(&recipe, vocab)? {
+    let (recipe, estimate) = load_recipe_estimated(&args)?;
+    let model = model_config(&recipe.model.resolve(Some(recipe.planned_vocab_size())));
+    let memory = match estimate {
         Some(gb) if gb < 1.0 => format!(", ~{:.0} MB of memory", gb * 1e3),
         Some(gb) => format!(", ~{gb:.1} GB of memory"),
         None => String::new(),

@@ -40,6 +40,15 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Bytes of one stored parameter (and of its gradient): bf16-true keeps both in bf16, every
+/// other precision in f32 (the optimizer state is f32 always).
+pub fn parameter_bytes(precision: Precision) -> f64 {
+    match precision {
+        Precision::Bf16True => 2.0,
+        _ => 4.0,
+    }
+}
+
 /// This machine's memory in GB (Linux `MemTotal`; None elsewhere).
 fn machine_memory_gb() -> Option<f64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -52,7 +61,7 @@ fn machine_memory_gb() -> Option<f64> {
 /// then ends here instead of in an allocation abort minutes later. A model read from
 /// model.init_from is sized by its base, not by the recipe, and is not estimated here. Returns
 /// the estimate in GB when there is one.
-pub fn check_fits(recipe: &Recipe, vocab: usize) -> Result<Option<f64>> {
+pub fn check_fits(recipe: &Recipe) -> Result<Option<f64>> {
     if !recipe.model.init_from.is_empty() {
         return Ok(None);
     }
@@ -60,21 +69,24 @@ pub fn check_fits(recipe: &Recipe, vocab: usize) -> Result<Option<f64>> {
         gb if gb > 0.0 => (gb, "runtime.max_memory_gb"),
         _ => (machine_memory_gb().unwrap_or(f64::INFINITY), "this machine's memory"),
     };
-    let model = model_config(&recipe.model.resolve(Some(vocab)));
-    let m = recipe.model.resolve(Some(vocab));
+    let m = recipe.model.resolve(Some(recipe.planned_vocab_size()));
+    let model = model_config(&m);
     let params = model.num_params() as f64;
-    // LoRA trains adapters of r·(in + out) on each targeted matrix: at most the attention's four
-    // and the MLP's three per layer.
-    let trainable = match recipe.lora.r {
-        0 => params,
-        r => (r * (m.d_model + m.d_ff.max(m.d_model)) * 7 * m.n_layers) as f64,
+    // LoRA trains adapters of r·(in + out) on each targeted matrix (at most the attention's four
+    // and the MLP's three per layer), held beside the frozen weights.
+    let (adapters, trainable) = match recipe.lora.r {
+        0 => (0.0, params),
+        r => {
+            let adapters = (r * (m.d_model + m.d_ff.max(m.d_model)) * 7 * m.n_layers) as f64;
+            (adapters, adapters)
+        }
     };
-    let width = if recipe.runtime.precision == Precision::Bf16True { 2.0 } else { 4.0 };
+    let width = parameter_bytes(recipe.runtime.precision);
     let t = &recipe.training;
     let activations = model.activation_bytes(t.local_batch_size, t.seq_len, recipe.activation_checkpoint.recompute_every()).unwrap_or(0.0);
     let slots = Algorithm::from_recipe(recipe).state_slots() as f64;
     let gb = |bytes: f64| bytes / 1e9;
-    let (weights, gradients, state) = (gb(width * (params + trainable)), gb(width * trainable), gb(4.0 * slots * trainable));
+    let (weights, gradients, state) = (gb(width * (params + adapters)), gb(width * trainable), gb(4.0 * slots * trainable));
     let total = weights + gradients + state + gb(activations);
     if total > limit {
         bail!(

@@ -20,7 +20,7 @@ use crate::bench::matmul_gflops;
 use crate::checkpoint::{self, Checkpointer, TrainState};
 use crate::context::Context;
 use crate::datasets::{self, Datasets};
-use crate::memory::{collect_freed_memory, peak_rss_mb, reset_peak_rss, retain_freed_memory};
+use crate::memory::{collect_freed_memory, parameter_bytes, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, model_config, with_base};
 use crate::objectives::{self, Objective, Setup, Stepped};
@@ -143,7 +143,6 @@ impl<B: TrainBackend> Trainer<B> {
         let mut state = TrainState::new(loader.cursor(), world.size, shards);
         let fp16 = recipe.runtime.precision == Precision::Fp16Mixed;
         state.loss_scaler = fp16.then(|| LossScaler::new(recipe.runtime.initial_loss_scale));
-        let mut resumed_step = 0;
         if resume {
             if latest.is_none() {
                 bail!("--resume {}: no checkpoint found under {}/checkpoints", out.display(), out.display());
@@ -165,7 +164,6 @@ impl<B: TrainBackend> Trainer<B> {
             state = loaded.state.resharded(world.size, shards);
             state.loss_scaler = if fp16 { state.loss_scaler.or(scaler) } else { None };
             loader.set_cursor(state.data_cursor);
-            resumed_step = state.step;
             println!("resumed from {} (step {})", dir.display(), state.step);
         }
         // Ranks start from rank 0's weights; under ZeRO each keeps its own parameters' state.
@@ -207,6 +205,7 @@ impl<B: TrainBackend> Trainer<B> {
         if let (Some(setup_peak), true) = (peak_rss_mb(), reset_peak_rss()) {
             println!("setup peak RSS {setup_peak:.0} MB; peak_rss_mb in metrics.jsonl counts from the first step");
         }
+        let resumed_at = resume.then_some(state.step);
         let cx = Context {
             recipe,
             device,
@@ -222,7 +221,7 @@ impl<B: TrainBackend> Trainer<B> {
             parallel,
             compute_dtype,
             skipped_at_scale: None,
-            resumed_at: resume.then_some(resumed_step),
+            resumed_at,
             warned_zero_gradient: false,
         };
         Ok((Self { cx, objective, out, schedule, stop_at, peak_flops, nf4_params }, model))
@@ -400,10 +399,8 @@ impl<B: TrainBackend> Trainer<B> {
             .activation_bytes(t.local_batch_size, t.seq_len, recompute_every)
             .map_or("not estimated for this architecture".into(), |b| format!("~{:.0} MB per micro-batch", mb(b)));
         // bf16-true stores parameters and gradients in two bytes; everything else is f32.
-        let (stored, width) = match recipe.runtime.precision {
-            Precision::Bf16True => ("parameters and gradients bf16, the rest f32", 2.0),
-            _ => ("f32", 4.0),
-        };
+        let width = parameter_bytes(recipe.runtime.precision);
+        let stored = if width == 2.0 { "parameters and gradients bf16, the rest f32" } else { "f32" };
         format!(
             "memory estimate ({stored}): parameters {:.1} MB{held}, gradients {:.1} MB, optimizer state {:.1} MB, activations {activations}; measured peak_rss_mb goes to metrics.jsonl",
             mb(width * all as f64),

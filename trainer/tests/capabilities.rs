@@ -5,49 +5,13 @@
 use furnace_configs::capabilities::{Capabilities, CAPABILITIES};
 
 mod common;
-use common::{furnace, losses, run_ok, text};
-
-const TINY: &str = r#"
-[run]
-seed = 7
-[model]
-flavor = "tiny"
-max_seq_len = 32
-[data]
-source = "stories"
-num_examples = 200
-num_val_examples = 10
-tokenizer_vocab_size = 300
-[training]
-local_batch_size = 2
-seq_len = 32
-steps = 1
-eval_every = 0
-save_every = 0
-keep_last = 0
-[logging]
-progress = false
-peak_tflops = 1.0
-[eval]
-max_new_tokens = 2
-"#;
-
-/// Each architecture's own settings over TINY (BERT's and T5's layouts are fixed).
-fn arch_settings(caps: &Capabilities) -> Vec<String> {
-    let mut settings = vec![format!("model.arch={}", caps.arch)];
-    match caps.arch.as_str() {
-        "bert" => settings.push("model.n_kv_heads=4".into()),
-        "t5" => settings.extend(["model.n_kv_heads=4".into(), "model.n_decoder_layers=2".into()]),
-        _ => {}
-    }
-    settings
-}
+use common::{arch_settings, furnace, losses, run_ok, text, TINY_ARCH};
 
 #[test]
 fn every_granted_feature_trains_a_step_and_every_other_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = dir.path().join("tiny.toml");
-    std::fs::write(&recipe, TINY).unwrap();
+    std::fs::write(&recipe, TINY_ARCH).unwrap();
     let teacher = dir.path().join("teacher");
     let train = |name: &str, sets: &[String]| {
         let mut args = vec!["train".to_string(), "--config".into(), recipe.display().to_string()];
@@ -68,7 +32,7 @@ fn every_granted_feature_trains_a_step_and_every_other_is_refused() {
     for caps in &CAPABILITIES {
         for (key, sets, has) in &features {
             let name = format!("{}-{}", caps.arch, key.replace('.', "-"));
-            let out = train(&name, &[arch_settings(caps), sets.clone()].concat());
+            let out = train(&name, &[arch_settings(caps.arch.as_str()), sets.clone()].concat());
             match has(caps) {
                 true => {
                     assert!(out.status.success(), "{name}: {}", text(&out));

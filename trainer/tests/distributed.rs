@@ -5,7 +5,7 @@
 
 #[allow(dead_code)]
 mod common;
-use common::text;
+use common::{logged_by_step, text};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -282,15 +282,7 @@ fn a_lost_rank_stops_the_job_and_the_last_checkpoint_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path());
     let run = dir.path().join("run");
-    let set = format!("run.output_dir={}", run.display());
-    let mut job = mpirun(2)
-        .arg(FURNACE)
-        .args(["train", "--config", recipe.to_str().unwrap(), "--set", &set])
-        .args(["--set", "training.local_batch_size=2", "--set", "training.steps=100000", "--set", "training.save_every=2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut job = start_long_job(&recipe, &run, "training.save_every=2");
     let started = Instant::now();
     while !run.join("checkpoints/step_2").exists() {
         assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint within 2 minutes");
@@ -464,17 +456,9 @@ fn a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path());
     let run = dir.path().join("run");
-    let set = format!("run.output_dir={}", run.display());
-    let mut job = mpirun(2)
-        .arg(FURNACE)
-        .args(["train", "--config", recipe.to_str().unwrap(), "--set", &set])
-        .args(["--set", "training.local_batch_size=2", "--set", "training.steps=100000", "--set", "training.save_every=100000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut job = start_long_job(&recipe, &run, "training.save_every=100000");
     let started = Instant::now();
-    while logged_if_any(&run).len() < 3 {
+    while logged_by_step(&run, "loss").len() < 3 {
         if job.try_wait().unwrap().is_some() {
             panic!("the job ended before its third step: {}", text(&job.wait_with_output().unwrap()));
         }
@@ -511,8 +495,16 @@ fn a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
-/// The steps logged so far (a line still being written is not one).
-fn logged_if_any(run: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).collect()
+/// A 2-rank job of (practically) unbounded steps in the background, with `save` setting its
+/// checkpoints, for tests that stop it from outside.
+fn start_long_job(recipe: &Path, run: &Path, save: &str) -> std::process::Child {
+    let set = format!("run.output_dir={}", run.display());
+    mpirun(2)
+        .arg(FURNACE)
+        .args(["train", "--config", recipe.to_str().unwrap(), "--set", &set])
+        .args(["--set", "training.local_batch_size=2", "--set", "training.steps=100000", "--set", save])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }

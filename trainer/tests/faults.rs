@@ -3,11 +3,11 @@
 //! stop — never a panic, never a destroyed file.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{furnace, text, TinyRun};
+use common::{furnace, logged_by_step, text, TinyRun};
 
 /// A finished tiny run with checkpoints at steps 2 and 4.
 fn run_with_two_checkpoints() -> TinyRun {
@@ -38,18 +38,6 @@ fn generate(checkpoint: &Path, extra: &[&str]) -> std::process::Output {
     )
 }
 
-/// The loss of each step, the last line logged for it winning.
-fn loss_by_step(run: &Path) -> std::collections::BTreeMap<u64, f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?))
-        })
-        .collect()
-}
-
 #[test]
 fn corrupted_checkpoints_are_named_and_resume_falls_back_to_one_that_verifies() {
     let straight = TinyRun::new();
@@ -71,7 +59,7 @@ fn corrupted_checkpoints_are_named_and_resume_falls_back_to_one_that_verifies() 
     let out = tiny.train(&["--resume", tiny.run.to_str().unwrap(), "--max-steps", "6"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("resumed from") && text(&out).contains("step_2 (step 2)"), "{}", text(&out));
-    let (resumed, expected) = (loss_by_step(&tiny.run), loss_by_step(&straight.run));
+    let (resumed, expected) = (logged_by_step(&tiny.run, "loss"), logged_by_step(&straight.run, "loss"));
     for s in 3..=6 {
         assert_eq!(resumed[&s], expected[&s], "step {s}");
     }
@@ -94,12 +82,6 @@ print(' '.join(f'{e.step}:{e.value!r}' for e in acc.Scalars('loss')))\n";
         .collect();
     let expected: Vec<(u64, f32)> = resumed.iter().map(|(s, l)| (*s, *l as f32)).collect();
     assert_eq!(shown, expected);
-}
-
-/// The step of the last complete line of metrics.jsonl (0 before the first).
-fn last_logged_step(run: &Path) -> u64 {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
-    text.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).unwrap_or(0)
 }
 
 /// The step of every line of metrics.jsonl, in file order.
@@ -188,28 +170,13 @@ fn export_never_destroys_what_it_was_not_asked_to_replace() {
 /// Start training the tiny recipe for many steps in the background; wait until it has logged
 /// `steps` steps.
 fn start_long_run(tiny: &TinyRun, steps: usize) -> std::process::Child {
-    let set = format!("run.output_dir={}", tiny.run.display());
-    let child = Command::new(env!("CARGO_BIN_EXE_furnace"))
-        .args(["train", "--config", tiny.recipe.to_str().unwrap(), "--set", &set, "--set", "training.steps=100000"])
-        .args(["--set", "training.save_every=100000"])
-        .current_dir(common::workspace())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = tiny.spawn_train(&["--set", "training.steps=100000", "--set", "training.save_every=100000"]);
     let started = Instant::now();
-    while loss_by_step_if_any(&tiny.run).len() < steps {
+    while logged_by_step(&tiny.run, "loss").len() < steps {
         assert!(started.elapsed() < Duration::from_secs(600), "the run never logged {steps} steps");
         std::thread::sleep(Duration::from_millis(50));
     }
     child
-}
-
-fn loss_by_step_if_any(run: &Path) -> std::collections::BTreeMap<u64, f64> {
-    match run.join("metrics.jsonl").exists() {
-        true => loss_by_step(run),
-        false => Default::default(),
-    }
 }
 
 fn signal(child: &std::process::Child, signal: libc::c_int) {
@@ -228,7 +195,7 @@ fn sigterm_saves_a_checkpoint_at_that_step_and_the_resume_is_exact() {
     let saved: Vec<_> = std::fs::read_dir(tiny.run.join("checkpoints")).unwrap().filter_map(|e| e.ok()).collect();
     assert_eq!(saved.len(), 1, "one checkpoint, at the stop");
     let stopped_at: usize = saved[0].file_name().to_str().unwrap().strip_prefix("step_").unwrap().parse().unwrap();
-    assert_eq!(loss_by_step(&tiny.run).keys().last(), Some(&(stopped_at as u64)));
+    assert_eq!(logged_by_step(&tiny.run, "loss").keys().last(), Some(&(stopped_at as u64)));
 
     // Resume three more steps; a straight run of the same length logs the same losses.
     let until = (stopped_at + 3).to_string();
@@ -238,7 +205,7 @@ fn sigterm_saves_a_checkpoint_at_that_step_and_the_resume_is_exact() {
     let straight = TinyRun::new();
     let out = straight.train(&[&["--max-steps", until.as_str()][..], &steps].concat());
     assert!(out.status.success(), "{}", text(&out));
-    let (resumed, expected) = (loss_by_step(&tiny.run), loss_by_step(&straight.run));
+    let (resumed, expected) = (logged_by_step(&tiny.run, "loss"), logged_by_step(&straight.run, "loss"));
     for s in 1..=stopped_at as u64 + 3 {
         assert_eq!(resumed[&s], expected[&s], "step {s}");
     }
@@ -394,7 +361,6 @@ fn random_kills_while_training_and_saving_resume_to_the_straight_runs_bytes() {
     let out = straight.train(&steps);
     assert!(out.status.success(), "{}", text(&out));
     let tiny = TinyRun::new();
-    let set = format!("run.output_dir={}", tiny.run.display());
     // Six kills, each once the run has logged a chosen step, a few (pseudo-random) milliseconds
     // later: inside the next step, the save that follows a step, or the prune after it.
     let mut state = 0x2545_f491_u64;
@@ -409,21 +375,15 @@ fn random_kills_while_training_and_saving_resume_to_the_straight_runs_bytes() {
             .join("checkpoints")
             .read_dir()
             .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))));
-        let mut args = vec!["train", "--config", tiny.recipe.to_str().unwrap(), "--set", &set];
-        args.extend(steps);
+        let mut args = steps.to_vec();
         if has_checkpoint {
             args.extend(["--resume", tiny.run.to_str().unwrap()]);
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_furnace"))
-            .args(&args)
-            .current_dir(common::workspace())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = tiny.spawn_train(&args);
         if kills < 6 {
             let target = 8 * (kills + 1) + random(6);
-            while last_logged_step(&tiny.run) < target && child.try_wait().unwrap().is_none() {
+            let last_logged = || logged_by_step(&tiny.run, "loss").keys().next_back().copied().unwrap_or(0);
+            while last_logged() < target && child.try_wait().unwrap().is_none() {
                 std::thread::sleep(Duration::from_millis(1));
             }
             std::thread::sleep(Duration::from_millis(random(15)));

@@ -7,7 +7,6 @@
 //! the tests skip with a note, unless FURNACE_REQUIRE_VULKAN=1 (CI) makes that a failure.
 #![cfg(feature = "wgpu")]
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::backend::{Autodiff, Flex, Wgpu};
@@ -21,33 +20,7 @@ use furnace_models::{CausalLm, LanguageModel, ModelConfig};
 use furnace_trainer::model::model_config;
 
 mod common;
-use common::{furnace, text};
-
-const TINY: &str = r#"
-[run]
-seed = 7
-[model]
-flavor = "tiny"
-max_seq_len = 32
-[data]
-source = "stories"
-num_examples = 200
-num_val_examples = 10
-tokenizer_vocab_size = 300
-[training]
-local_batch_size = 2
-seq_len = 32
-steps = 3
-eval_every = 0
-save_every = 0
-keep_last = 0
-log_every = 1
-[logging]
-progress = false
-peak_tflops = 1.0
-[eval]
-max_new_tokens = 2
-"#;
+use common::{arch_settings, furnace, logged_by_step, text, TINY_ARCH};
 
 /// Whether a Vulkan driver is installed; a missing one fails the test under FURNACE_REQUIRE_VULKAN=1.
 fn vulkan() -> bool {
@@ -64,12 +37,13 @@ fn vulkan() -> bool {
     found
 }
 
-/// `furnace train` on TINY with `sets` overrides into `run`; must succeed.
+/// `furnace train` on TINY_ARCH (3 steps, each logged) with `sets` overrides into `run`; must succeed.
 fn train(dir: &Path, run: &str, sets: &[String], extra: &[&str]) -> String {
     let recipe = dir.join("tiny.toml");
-    std::fs::write(&recipe, TINY).unwrap();
+    std::fs::write(&recipe, TINY_ARCH).unwrap();
     let mut args = vec!["train".to_string(), "--config".into(), recipe.display().to_string()];
     args.extend(["--set".into(), format!("run.output_dir={}", dir.join(run).display())]);
+    args.extend(["--set", "training.steps=3", "--set", "training.log_every=1"].map(String::from));
     for set in sets {
         args.extend(["--set".into(), set.clone()]);
     }
@@ -77,18 +51,6 @@ fn train(dir: &Path, run: &str, sets: &[String], extra: &[&str]) -> String {
     let out = furnace(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(out.status.success(), "{run}: {}", text(&out));
     text(&out)
-}
-
-/// Each logged step's value of `key`.
-fn logged(run: &Path, key: &str) -> BTreeMap<u64, f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v["step"].as_u64()?, v.get(key)?.as_f64()?))
-        })
-        .collect()
 }
 
 fn weights(run: &Path, step: usize) -> NamedTensors {
@@ -110,14 +72,11 @@ fn assert_same_weights(what: &str, a: &NamedTensors, b: &NamedTensors, tolerance
     }
 }
 
-/// Each architecture's settings over TINY (BERT's and T5's layouts are fixed; Llama keeps GQA).
-fn arch_settings(arch: &str) -> Vec<String> {
-    let mut settings = vec![format!("model.arch={arch}")];
-    match arch {
-        "llama" | "mixtral" => settings.push("model.n_kv_heads=2".into()),
-        "bert" => settings.push("model.n_kv_heads=4".into()),
-        "t5" => settings.extend(["model.n_kv_heads=4".into(), "model.n_decoder_layers=2".into()]),
-        _ => {}
+/// Each architecture's settings, with grouped-query attention where it has it.
+fn gqa_arch_settings(arch: &str) -> Vec<String> {
+    let mut settings = arch_settings(arch);
+    if matches!(arch, "llama" | "mixtral") {
+        settings.push("model.n_kv_heads=2".into());
     }
     settings
 }
@@ -132,17 +91,17 @@ fn every_architecture_trains_on_wgpu_as_on_flex() {
         let arch = caps.arch.to_string();
         let on = |backend: &str| {
             let run = format!("{arch}-{backend}");
-            let sets = [arch_settings(&arch), vec![format!("runtime.backend={backend}")]].concat();
+            let sets = [gqa_arch_settings(&arch), vec![format!("runtime.backend={backend}")]].concat();
             train(dir.path(), &run, &sets, &[]);
             dir.path().join(run)
         };
         let (flex, wgpu) = (on("flex"), on("wgpu"));
-        let (flex_loss, wgpu_loss) = (logged(&flex, "loss"), logged(&wgpu, "loss"));
+        let (flex_loss, wgpu_loss) = (logged_by_step(&flex, "loss"), logged_by_step(&wgpu, "loss"));
         assert_eq!(flex_loss.len(), 3, "{arch}");
         for (step, loss) in &flex_loss {
             assert_close(&format!("{arch} loss at step {step}"), *loss, wgpu_loss[step], 1e-4);
         }
-        let (flex_norm, wgpu_norm) = (logged(&flex, "grad_norm"), logged(&wgpu, "grad_norm"));
+        let (flex_norm, wgpu_norm) = (logged_by_step(&flex, "grad_norm"), logged_by_step(&wgpu, "grad_norm"));
         for (step, norm) in &flex_norm {
             assert_close(&format!("{arch} gradient norm at step {step}"), *norm, wgpu_norm[step], 1e-3);
         }
@@ -166,7 +125,7 @@ fn checkpoints_move_between_devices_and_decode_alike() {
         let resume = dir.path().join(&run).display().to_string();
         let printed = train(dir.path(), &run, &backend(second), &["--resume", &resume]);
         assert!(printed.contains("resumed from"), "{printed}");
-        let (expected, resumed) = (logged(&dir.path().join("straight"), "loss"), logged(&dir.path().join(&run), "loss"));
+        let (expected, resumed) = (logged_by_step(&dir.path().join("straight"), "loss"), logged_by_step(&dir.path().join(&run), "loss"));
         for step in 3..=4 {
             assert_close(&format!("{run} loss at step {step}"), expected[&step], resumed[&step], 1e-4);
         }
@@ -269,8 +228,8 @@ fn every_architectures_logits_and_gradients_on_wgpu_equal_flex() {
     }
     for caps in &CAPABILITIES {
         let arch = caps.arch.to_string();
-        let sets: Vec<String> = arch_settings(&arch);
-        let recipe = Recipe::from_toml(TINY, "tiny.toml", &sets).unwrap();
+        let sets: Vec<String> = gqa_arch_settings(&arch);
+        let recipe = Recipe::from_toml(TINY_ARCH, "tiny.toml", &sets).unwrap();
         let config = model_config(&recipe.model.resolve(Some(300)));
         let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
         let (flex_logits, flex_grads) = logits_and_gradients::<Autodiff<Flex>>(&config, &weights, &Default::default());
@@ -318,7 +277,7 @@ fn post_training_and_memory_features_step_alike() {
         };
         let (flex, wgpu) = (on("flex"), on("wgpu"));
         for key in ["loss", "grad_norm"] {
-            let (expected, found) = (logged(&flex, key), logged(&wgpu, key));
+            let (expected, found) = (logged_by_step(&flex, key), logged_by_step(&wgpu, key));
             assert_eq!(expected.len(), 2, "{name}: {key}");
             for (step, value) in &expected {
                 assert_close(
@@ -341,7 +300,7 @@ fn cached_and_recurrent_decoding_on_wgpu_equal_the_full_forward() {
         return;
     }
     for arch in ["llama", "gpt2", "mixtral", "mamba"] {
-        let recipe = Recipe::from_toml(TINY, "tiny.toml", &arch_settings(arch)).unwrap();
+        let recipe = Recipe::from_toml(TINY_ARCH, "tiny.toml", &gqa_arch_settings(arch)).unwrap();
         let config = model_config(&recipe.model.resolve(Some(300)));
         let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
         let ids: Vec<i64> = (0..12).map(|i| ((i * 53 + 5) % 290) as i64).collect();

@@ -82,8 +82,24 @@ impl TinyRun {
 
     /// `furnace train` on the tiny recipe into the run folder, with `extra` arguments.
     pub fn train(&self, extra: &[&str]) -> Output {
-        let set = format!("run.output_dir={}", self.run.display());
-        furnace(&[&["train", "--config", self.recipe.to_str().unwrap(), "--set", set.as_str()][..], extra].concat())
+        furnace(&self.train_args(extra).iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// `train`, started in the background (stdout dropped, stderr kept).
+    pub fn spawn_train(&self, extra: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_furnace"))
+            .args(self.train_args(extra))
+            .current_dir(workspace())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("furnace starts")
+    }
+
+    fn train_args(&self, extra: &[&str]) -> Vec<String> {
+        let fixed = ["train".to_string(), "--config".into(), self.recipe.display().to_string(), "--set".into()];
+        let output = format!("run.output_dir={}", self.run.display());
+        fixed.into_iter().chain([output]).chain(extra.iter().map(|s| s.to_string())).collect()
     }
 }
 
@@ -91,4 +107,55 @@ pub fn write_recipe(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("recipe.toml");
     std::fs::write(&path, body).unwrap();
     path
+}
+
+/// A one-step recipe every architecture trains (with `arch_settings`): the stories, a 300-token
+/// vocabulary, 2 × 32 tokens a step.
+pub const TINY_ARCH: &str = r#"
+[run]
+seed = 7
+[model]
+flavor = "tiny"
+max_seq_len = 32
+[data]
+source = "stories"
+num_examples = 200
+num_val_examples = 10
+tokenizer_vocab_size = 300
+[training]
+local_batch_size = 2
+seq_len = 32
+steps = 1
+eval_every = 0
+save_every = 0
+keep_last = 0
+[logging]
+progress = false
+peak_tflops = 1.0
+[eval]
+max_new_tokens = 2
+"#;
+
+/// Each architecture's own settings over TINY_ARCH (BERT's and T5's layouts are fixed).
+pub fn arch_settings(arch: &str) -> Vec<String> {
+    let mut settings = vec![format!("model.arch={arch}")];
+    match arch {
+        "bert" => settings.push("model.n_kv_heads=4".into()),
+        "t5" => settings.extend(["model.n_kv_heads=4".into(), "model.n_decoder_layers=2".into()]),
+        _ => {}
+    }
+    settings
+}
+
+/// The value of `key` at each logged step (the last line logged for a step wins); empty before
+/// metrics.jsonl exists, and a line still being written is not read.
+pub fn logged_by_step(run: &Path, key: &str) -> std::collections::BTreeMap<u64, f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_u64()?, v.get(key)?.as_f64()?))
+        })
+        .collect()
 }
