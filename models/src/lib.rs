@@ -22,7 +22,7 @@ pub use causal_lm::CausalLm;
 pub use decoder::{Decoder, DecoderConfig, KvCache, PositionKind};
 pub use mamba::{Mamba, MambaConfig, MambaState};
 pub use mixtral::{MoeConfig, RouterLossWeights, Routing};
-pub use model::{BlockContext, Blocks, DecodeState, LanguageModel, ModelConfig, Unsupported};
+pub use model::{BlockContext, Blocks, Causal, DecodeState, LanguageModel, ModelConfig, Unsupported};
 
 #[cfg(test)]
 mod tests;

@@ -25,12 +25,6 @@ pub enum ModelConfig {
     T5(T5Config),
 }
 
-/// Why an encoder refuses what only decoders do.
-const ENCODER: &str = "BERT is an encoder: it fills masks and neither decodes left to right nor carries a score head (the recipe check and the commands refuse this)";
-
-/// Why an encoder-decoder refuses what decoders do alone.
-const ENCODER_DECODER: &str = "T5 decodes given an encoded input (`forward_seq2seq`, `t5::Conditioned`), and carries no score head (the recipe check and the commands refuse this)";
-
 impl ModelConfig {
     pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> LanguageModel<B> {
         match self {
@@ -137,13 +131,6 @@ pub enum LanguageModel<B: Backend> {
     Mamba(Mamba<B>),
     Bert(Bert<B>),
     T5(T5<B>),
-}
-
-/// The decoding state of a [`LanguageModel`].
-#[derive(Debug, Clone)]
-pub enum DecodeState<B: Backend> {
-    Decoder(KvCache<B>),
-    Mamba(MambaState<B>),
 }
 
 /// A capability asked of a model whose architecture lacks it. The recipe check refuses these
@@ -298,38 +285,31 @@ impl<B: FusedOps> Blocks<'_, B> {
     }
 }
 
-impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
-    type State = DecodeState<B>;
-
-    fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+impl<B: FusedOps> LanguageModel<B> {
+    /// Logits `[batch, seq, vocab]` for whole sequences: a decoder's next-token logits, BERT's
+    /// masked-token logits. T5 reads (input, target) pairs (`forward_seq2seq`).
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, Unsupported> {
         match self {
-            Self::Decoder(m) => m.forward(tokens),
-            Self::Mamba(m) => m.forward(tokens),
-            Self::Bert(m) => m.forward(tokens),
-            Self::T5(_) => panic!("{ENCODER_DECODER}"),
+            Self::Decoder(m) => Ok(m.forward(tokens)),
+            Self::Mamba(m) => Ok(m.forward(tokens)),
+            Self::Bert(m) => Ok(m.forward(tokens)),
+            Self::T5(_) => Err(self.unsupported("single-sequence forward (T5 reads (input, target) pairs)")),
         }
     }
 
-    fn init_state(&self) -> DecodeState<B> {
+    /// The model as a left-to-right decoder, for generation and sequence log-probabilities:
+    /// transformer decoders and Mamba. T5 decodes through `t5::Conditioned`.
+    pub fn as_causal(&self) -> Result<Causal<'_, B>, Unsupported> {
         match self {
-            Self::Decoder(m) => DecodeState::Decoder(m.init_state()),
-            Self::Mamba(m) => DecodeState::Mamba(m.init_state()),
-            Self::Bert(_) => panic!("{ENCODER}"),
-            Self::T5(_) => panic!("{ENCODER_DECODER}"),
+            Self::Decoder(m) => Ok(Causal::Decoder(m)),
+            Self::Mamba(m) => Ok(Causal::Mamba(m)),
+            Self::Bert(_) => Err(self.unsupported("left-to-right decoding (BERT is an encoder: it fills masks)")),
+            Self::T5(_) => Err(self.unsupported("decoding without an encoded input (T5 decodes through its encoder)")),
         }
     }
 
-    fn forward_step(&self, tokens: Tensor<B, 2, Int>, state: &mut DecodeState<B>) -> Tensor<B, 3> {
-        match (self, state) {
-            (Self::Decoder(m), DecodeState::Decoder(s)) => m.forward_step(tokens, s),
-            (Self::Mamba(m), DecodeState::Mamba(s)) => m.forward_step(tokens, s),
-            (Self::Bert(_), _) => panic!("{ENCODER}"),
-            (Self::T5(_), _) => panic!("{ENCODER_DECODER}"),
-            _ => panic!("a decoding state belongs to the model that made it"),
-        }
-    }
-
-    fn max_seq_len(&self) -> usize {
+    /// Longest sequence the model reads (T5's relative positions have no limit).
+    pub fn max_seq_len(&self) -> usize {
         match self {
             Self::Decoder(m) => m.max_seq_len(),
             Self::Mamba(m) => m.max_seq_len(),
@@ -338,12 +318,71 @@ impl<B: FusedOps> CausalLm<B> for LanguageModel<B> {
         }
     }
 
-    fn vocab_size(&self) -> usize {
+    pub fn vocab_size(&self) -> usize {
         match self {
             Self::Decoder(m) => CausalLm::vocab_size(m),
             Self::Mamba(m) => CausalLm::vocab_size(m),
             Self::Bert(m) => m.vocab_size,
             Self::T5(m) => m.vocab_size,
+        }
+    }
+}
+
+/// A model that decodes left to right (see [`LanguageModel::as_causal`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Causal<'a, B: Backend> {
+    Decoder(&'a Decoder<B>),
+    Mamba(&'a Mamba<B>),
+}
+
+/// The decoding state of a [`Causal`] model: made only by its `init_state`.
+#[derive(Debug, Clone)]
+pub struct DecodeState<B: Backend>(StateOf<B>);
+
+#[derive(Debug, Clone)]
+enum StateOf<B: Backend> {
+    Decoder(KvCache<B>),
+    Mamba(MambaState<B>),
+}
+
+impl<B: FusedOps> CausalLm<B> for Causal<'_, B> {
+    type State = DecodeState<B>;
+
+    fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        match self {
+            Self::Decoder(m) => m.forward(tokens),
+            Self::Mamba(m) => m.forward(tokens),
+        }
+    }
+
+    fn init_state(&self) -> DecodeState<B> {
+        DecodeState(match self {
+            Self::Decoder(m) => StateOf::Decoder(m.init_state()),
+            Self::Mamba(m) => StateOf::Mamba(m.init_state()),
+        })
+    }
+
+    fn forward_step(&self, tokens: Tensor<B, 2, Int>, state: &mut DecodeState<B>) -> Tensor<B, 3> {
+        match (self, &mut state.0) {
+            (Self::Decoder(m), StateOf::Decoder(s)) => m.forward_step(tokens, s),
+            (Self::Mamba(m), StateOf::Mamba(s)) => m.forward_step(tokens, s),
+            // States are opaque and made by `init_state`: only a caller that hands one model's
+            // state to another gets here, a bug in that caller rather than in a recipe.
+            _ => unreachable!("a decoding state belongs to the model that made it"),
+        }
+    }
+
+    fn max_seq_len(&self) -> usize {
+        match self {
+            Self::Decoder(m) => m.max_seq_len(),
+            Self::Mamba(m) => m.max_seq_len(),
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Self::Decoder(m) => CausalLm::vocab_size(*m),
+            Self::Mamba(m) => CausalLm::vocab_size(*m),
         }
     }
 }

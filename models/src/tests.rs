@@ -183,6 +183,7 @@ fn check_cache_equals_recompute(config: ModelConfig) {
     type F = burn::backend::Flex;
     let device = Default::default();
     let model = config.init::<F>(7, &device);
+    let model = model.as_causal().expect("a decoding model");
     let tokens: Vec<i64> = (0..12).map(|i| (i * 7 + 3) % 50).collect();
     let full = model.forward(Tensor::<F, 2, Int>::from_data(TensorData::new(tokens.clone(), [1, 12]), &device));
     let full: Vec<f32> = full.into_data().into_vec().unwrap();
@@ -277,7 +278,10 @@ fn recurrent_decoding_equals_recompute_mamba() {
 #[test]
 fn greedy_generation_equals_argmax_of_full_forward() {
     for config in [ModelConfig::Decoder(tiny(PositionKind::Rope)), ModelConfig::Mamba(tiny_mamba())] {
-        check_greedy_generation(&config.init::<burn::backend::Flex>(3, &Default::default()), &[1, 2, 3]);
+        check_greedy_generation(
+            &config.init::<burn::backend::Flex>(3, &Default::default()).as_causal().expect("a decoding model"),
+            &[1, 2, 3],
+        );
     }
 }
 
@@ -554,6 +558,7 @@ fn group_generation_decodes_each_row_as_alone() {
     let device = Default::default();
     for config in [ModelConfig::Decoder(tiny(PositionKind::Rope)), ModelConfig::Mamba(tiny_mamba())] {
         let model = config.init::<F>(5, &device);
+        let model = model.as_causal().expect("a decoding model");
         let prompt = [4u32, 9, 2];
         // Greedy: every row is the single-sequence greedy continuation, cut at the stop token.
         let greedy = GenerateConfig { max_new_tokens: 7, stop_tokens: vec![], sampling: SamplingConfig::default() };

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use furnace_core::params::{from_safetensors, load_named, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
 use furnace_models::hf::{config_from_hf, from_hf};
 use furnace_models::kernels::cross_entropy;
-use furnace_models::{CausalLm, LanguageModel, ModelConfig};
+use furnace_models::{LanguageModel, ModelConfig};
 
 type B = burn::backend::Flex;
 
@@ -33,7 +33,7 @@ fn load(name: &str) -> (LanguageModel<B>, Tensor<B, 2, Int>) {
 
 fn check(name: &str) {
     let (model, tokens) = load(name);
-    let ours: Vec<f32> = model.forward(tokens).into_data().into_vec().unwrap();
+    let ours: Vec<f32> = model.forward(tokens).expect("a single-sequence model").into_data().into_vec().unwrap();
     let expected = &from_safetensors(&std::fs::read(fixture(name).join("logits.safetensors")).unwrap()).unwrap()["logits"];
     assert_eq!(expected.data.len(), ours.len());
     let scale = expected.data.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -141,7 +141,7 @@ fn bert_gradients_match_transformers() {
     let (inputs, labels) = (ids(&expected.remove("inputs").unwrap()), ids(&expected.remove("labels").unwrap()));
     let n = inputs.len();
     let counted = labels.iter().filter(|&&l| l >= 0).count() as f64;
-    let logits = model.forward(Tensor::from_data(TensorData::new(inputs, [2, n / 2]), &device));
+    let logits = model.forward(Tensor::from_data(TensorData::new(inputs, [2, n / 2]), &device)).expect("BERT reads single sequences");
     let vocab = logits.dims()[2];
     let loss = cross_entropy(logits.reshape([n, vocab]), Tensor::from_data(TensorData::new(labels, [n]), &device)).sum() / counted;
     let ours = named_grads(&model, &loss.backward());

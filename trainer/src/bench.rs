@@ -98,7 +98,6 @@ pub struct AllReduceTimes {
 pub fn all_reduce_seconds(recipe: &furnace_configs::Recipe, iters: usize) -> anyhow::Result<AllReduceTimes> {
     use burn::backend::{Autodiff, Flex};
     use burn::optim::GradientsParams;
-    use furnace_models::CausalLm;
     type Ad = Autodiff<Flex>;
 
     let device = Default::default();
@@ -114,7 +113,7 @@ pub fn all_reduce_seconds(recipe: &furnace_configs::Recipe, iters: usize) -> any
     let mut receive = vec![0.0f32; elements];
     let (mut training, mut raw) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..iters {
-        let grads = GradientsParams::from_grads(model.forward(tokens.clone()).mean().backward(), &model);
+        let grads = GradientsParams::from_grads(model.forward(tokens.clone())?.mean().backward(), &model);
         parallel.barrier();
         let start = Instant::now();
         drop(parallel.reduce_gradients(&model, grads));

@@ -14,7 +14,7 @@ use furnace_models::generate::GenerateConfig;
 use furnace_models::hf::{from_peft, hf_arch_for};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
-use furnace_models::{CausalLm, LanguageModel};
+use furnace_models::LanguageModel;
 
 use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, TOKENIZER_FILE};
@@ -197,7 +197,7 @@ impl BackendJob for GenerateJob {
         };
         if let (Some(path), false) = (&args.logits_out, encoder_decoder) {
             let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-            let logits = model.forward(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ids, [1, prompt.len()]), &device));
+            let logits = model.forward(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ids, [1, prompt.len()]), &device))?;
             let [_, positions, vocab] = logits.dims();
             let mut out = NamedTensors::new();
             out.insert("logits".into(), HostTensor::from_tensor(logits.reshape([positions, vocab])));
@@ -234,7 +234,7 @@ impl BackendJob for GenerateJob {
                 let _ = stdout.flush();
                 printed = complete.len();
             }
-        });
+        })?;
         println!();
         // Why it stopped, on stderr so that stdout stays the text.
         match reply_tokens.last() {

@@ -9,7 +9,7 @@ use furnace_configs::{Arch, Recipe};
 use furnace_core::rng::{derive_seed, SeededRng, Stream};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::{Loader, TextTokenizer};
-use furnace_models::{CausalLm, LanguageModel, ModelConfig};
+use furnace_models::{LanguageModel, ModelConfig, Unsupported};
 use furnace_optim::{clip_factor, Optimizer};
 
 use crate::backend::TrainBackend;
@@ -86,7 +86,7 @@ impl<B: TrainBackend> Context<B> {
         lr: f64,
     ) -> Result<(LanguageModel<B>, f64)> {
         if self.optimizer.needs_curvature(self.optimizer.step + 1) {
-            let (curvature, batch_tokens) = self.curvature_grads(&model, inputs);
+            let (curvature, batch_tokens) = self.curvature_grads(&model, inputs)?;
             let curvature = self.parallel.drop_unowned(&model, self.parallel.reduce_gradients(&model, curvature));
             let global_tokens = batch_tokens * self.parallel.world.size as f64;
             self.optimizer.update_curvature(&model, &curvature, global_tokens);
@@ -139,14 +139,14 @@ impl<B: TrainBackend> Context<B> {
     /// model's own softmax, on the current parameters. Labels come from the seeded RNG so a
     /// resumed run draws the same ones. Returns the gradients and the batch size in tokens,
     /// the scale of the estimate B·ĝ⊙ĝ (as the Sophia authors' code scales it).
-    fn curvature_grads(&self, model: &LanguageModel<B>, inputs: Tensor<B, 2, Int>) -> (GradientsParams, f64) {
+    fn curvature_grads(&self, model: &LanguageModel<B>, inputs: Tensor<B, 2, Int>) -> Result<(GradientsParams, f64), Unsupported> {
         let [batch, seq] = inputs.dims();
         let tokens = (batch * seq) as f64;
-        let logits = model.forward(inputs);
+        let logits = model.forward(inputs)?;
         let mut rng = SeededRng::new(derive_seed(self.recipe.run.seed, Stream::Curvature, self.optimizer.step + 1));
         let labels = sample_labels(logits.clone().detach(), &mut rng);
         let loss = lm_loss_sum(logits, labels) / tokens;
-        (GradientsParams::from_grads(loss.backward(), model), tokens)
+        Ok((GradientsParams::from_grads(loss.backward(), model), tokens))
     }
 
     /// A question as the model is asked it: raw text after end-of-text (an encoder-decoder's

@@ -7,7 +7,7 @@ use furnace_models::generate::{generate, GenerateConfig};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::t5::Conditioned;
-use furnace_models::{Bert, CausalLm, LanguageModel, Unsupported};
+use furnace_models::{Bert, LanguageModel, Unsupported};
 
 use crate::objective::{lm_loss_sum, Denoising};
 
@@ -57,7 +57,7 @@ pub fn forward_batch<B: FusedOps>(model: &LanguageModel<B>, batch: &Batch, devic
     let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), [batch.batch, batch.seq_len]), device);
     match &batch.encoder {
         Some(encoder) => model.forward_seq2seq(encoder_input(batch, device), &encoder.lengths, inputs),
-        None => Ok(model.forward(inputs)),
+        None => model.forward(inputs),
     }
 }
 
@@ -76,16 +76,16 @@ pub fn reply<B: FusedOps>(
     config: &GenerateConfig,
     device: &B::Device,
     on_token: impl FnMut(u32),
-) -> Vec<u32> {
-    match model {
+) -> Result<Vec<u32>, Unsupported> {
+    Ok(match model {
         LanguageModel::T5(t5) => {
             let ids = prompt.iter().map(|&t| t as i64).collect::<Vec<_>>();
             let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), device);
             let conditioned = Conditioned { model: t5, input, lengths: vec![prompt.len()] };
             generate(&conditioned, &[start], config, device, on_token)
         }
-        _ => generate(model, prompt, config, device, on_token),
-    }
+        _ => generate(&model.as_causal()?, prompt, config, device, on_token),
+    })
 }
 
 /// The prompt as the model saw its inputs in training: a decoder's documents after an
@@ -118,12 +118,12 @@ pub fn arithmetic_exact_match<B: FusedOps>(
     tokenizer: &TextTokenizer,
     problems: &[Asked],
     device: &B::Device,
-) -> (usize, usize, Vec<(String, String, bool)>) {
+) -> Result<(usize, usize, Vec<(String, String, bool)>), Unsupported> {
     let config = greedy(tokenizer, 16);
     let mut correct = 0;
     let mut shown = Vec::new();
     for problem in problems {
-        let out = reply(model, &problem.ids, tokenizer.pad(), &config, device, |_| {});
+        let out = reply(model, &problem.ids, tokenizer.pad(), &config, device, |_| {})?;
         let answer = tokenizer.decode(&out).trim().to_string();
         let ok = answer == problem.expected;
         correct += ok as usize;
@@ -131,7 +131,7 @@ pub fn arithmetic_exact_match<B: FusedOps>(
             shown.push((problem.question.clone(), answer, ok));
         }
     }
-    (correct, problems.len(), shown)
+    Ok((correct, problems.len(), shown))
 }
 
 /// The fill-mask sample a BERT run ends with: the second name is the first one again, which
@@ -178,6 +178,6 @@ pub fn fill_spans_line<B: FusedOps>(
     if !ids.iter().any(|id| sentinels.contains(id)) {
         anyhow::bail!("the prompt {prompt:?} has no sentinel to fill; write <extra_id_0> where a span should go");
     }
-    let out = reply(model, &ids, tokenizer.pad(), &greedy(tokenizer, max_new_tokens), device, |_| {});
+    let out = reply(model, &ids, tokenizer.pad(), &greedy(tokenizer, max_new_tokens), device, |_| {})?;
     Ok(tokenizer.decode_keeping_special(&out))
 }

@@ -82,14 +82,14 @@ pub enum DpoReference<B: Backend> {
 
 impl<B: FusedOps> DpoReference<B> {
     /// The reference log-probabilities of `batch`'s pairs, in batch order.
-    pub fn of_batch(&self, batch: &Batch, validation: bool, device: &B::Device) -> Vec<PairLogps> {
-        match self {
+    pub fn of_batch(&self, batch: &Batch, validation: bool, device: &B::Device) -> Result<Vec<PairLogps>, Unsupported> {
+        Ok(match self {
             Self::Precomputed { train, val } => {
                 let all = if validation { val } else { train };
                 batch.items.iter().map(|&item| all[item]).collect()
             }
-            Self::Model(model) => batch_log_probs(model, batch, device),
-        }
+            Self::Model(model) => batch_log_probs(&model.as_causal()?, batch, device),
+        })
     }
 }
 
@@ -360,13 +360,13 @@ pub fn evaluate<B: FusedOps, M: CausalLm<B>>(
     batch_size: usize,
     config: &DpoSection,
     device: &B::Device,
-) -> Sums {
+) -> Result<Sums, Unsupported> {
     let mut stats = Sums::default();
     for batch in validation_batches(loader, pairs, batch_size) {
-        let reference = reference.of_batch(&batch, true, device);
+        let reference = reference.of_batch(&batch, true, device)?;
         stats.merge(&pair_batch(model, &batch, &reference, config, device).stats);
     }
-    stats
+    Ok(stats)
 }
 
 #[cfg(test)]

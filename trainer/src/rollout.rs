@@ -17,7 +17,7 @@ use furnace_distributed::World;
 use furnace_models::generate::{generate_group, GenerateConfig};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
-use furnace_models::{CausalLm, LanguageModel, Unsupported};
+use furnace_models::{LanguageModel, Unsupported};
 
 use crate::metrics::Sums;
 use crate::objective::{group_advantages, token_log_probs};
@@ -93,7 +93,7 @@ pub fn rollout<B: FusedOps>(
         let sampling =
             SamplingConfig { temperature: config.temperature, seed: derive_seed(seed, Stream::Reply, i as u64 + 1), ..Default::default() };
         let generate = GenerateConfig { max_new_tokens: config.max_completion_length, stop_tokens: vec![eos], sampling };
-        for reply in generate_group(policy, &prompt.ids, config.replies_per_prompt, &generate, device) {
+        for reply in generate_group(&policy.as_causal()?, &prompt.ids, config.replies_per_prompt, &generate, device) {
             let text = reply.strip_suffix(&[eos]).unwrap_or(&reply);
             correct.push(prompt.expected.as_deref() == Some(tokenizer.decode(text).trim()));
             rows.push(([prompt.ids.as_slice(), reply.as_slice()].concat(), prompt.ids.len()));
@@ -145,9 +145,9 @@ impl Rollout {
     }
 
     /// The reference model's per-token log-probabilities of the replies, `[rows, len]` on the host.
-    pub fn reference_log_probs<B: FusedOps>(&self, reference: &LanguageModel<B>, device: &B::Device) -> Vec<f32> {
+    pub fn reference_log_probs<B: FusedOps>(&self, reference: &LanguageModel<B>, device: &B::Device) -> Result<Vec<f32>, Unsupported> {
         let (inputs, targets) = self.tensors::<B>(device);
-        token_log_probs(reference.forward(inputs), targets).into_data().convert::<f32>().into_vec().expect("f32 log-probabilities")
+        Ok(token_log_probs(reference.forward(inputs)?, targets).into_data().convert::<f32>().into_vec().expect("f32 log-probabilities"))
     }
 }
 

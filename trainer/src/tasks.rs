@@ -39,7 +39,7 @@ pub fn held_out_exact_match<B: TrainBackend>(cx: &mut Context<B>, model: &Langua
             Ok(Asked { ids: cx.encode_question(&question)?, question, expected })
         })
         .collect::<Result<Vec<_>>>()?;
-    let (correct, total, shown) = arithmetic_exact_match(model, &cx.tokenizer, &asked, &cx.device);
+    let (correct, total, shown) = arithmetic_exact_match(model, &cx.tokenizer, &asked, &cx.device)?;
     println!(
         "exact match on {total} held-out problems (never seen in training){when}: {correct}/{total} = {:.1}%",
         100.0 * correct as f64 / total as f64
@@ -65,7 +65,7 @@ pub fn exact_match_and_sample<B: TrainBackend>(cx: &mut Context<B>, model: &Lang
         prompt = "Once upon a time".into();
     }
     let config = greedy(&cx.tokenizer, cx.recipe.eval.max_new_tokens);
-    let out = reply(model, &cx.encode_question(&prompt)?, cx.tokenizer.pad(), &config, &cx.device, |_| {});
+    let out = reply(model, &cx.encode_question(&prompt)?, cx.tokenizer.pad(), &config, &cx.device, |_| {})?;
     println!("sample (greedy): {prompt}{}{}", if cx.reply_apart() { " → " } else { "" }, cx.tokenizer.decode(&out));
     cx.print_checkpoint();
     Ok(())

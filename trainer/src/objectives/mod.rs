@@ -141,7 +141,7 @@ pub fn build<B: TrainBackend>(setup: Setup<'_, B>) -> Result<Box<dyn Objective<B
             Box::new(distillation::Distillation::new(&setup)?)
         }
         TrainMode::Pretrain | TrainMode::Sft => Box::new(language::LanguageModelling::new(&setup)?),
-        TrainMode::Dpo | TrainMode::Reward => Box::new(preference::Preference::new(setup)),
+        TrainMode::Dpo | TrainMode::Reward => Box::new(preference::Preference::new(setup)?),
         TrainMode::Grpo | TrainMode::Ppo => Box::new(rollouts::Rollouts::new(&setup)?),
     })
 }

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use furnace_models::LanguageModel;
+use furnace_models::{LanguageModel, Unsupported};
 
 use super::{Accumulated, Gradients, Objective, Setup};
 use crate::backend::TrainBackend;
@@ -26,20 +26,24 @@ pub struct Preference<B: TrainBackend> {
 impl<B: TrainBackend> Preference<B> {
     /// DPO's reference is the starting model: its log-probabilities are computed now, before a
     /// resumed run loads its later weights. Reference pairs are given in DPO mode only.
-    pub fn new(setup: Setup<'_, B>) -> Self {
-        let reference = setup.reference_pairs.map(|(mut train_pairs, mut val_pairs)| {
-            let valid = setup.model.valid();
-            if !setup.recipe.dpo.precompute_ref_log_probs {
-                return DpoReference::Model(valid);
-            }
-            let (n_train, n_val) = (train_pairs.items(), val_pairs.items());
-            println!("reference log-probabilities of {n_train} + {n_val} pairs from the starting model");
-            DpoReference::Precomputed {
-                train: reference_log_probs(&valid, &mut train_pairs, n_train, setup.device),
-                val: reference_log_probs(&valid, &mut val_pairs, n_val, setup.device),
-            }
-        });
-        Self { reference, window: Sums::default() }
+    pub fn new(setup: Setup<'_, B>) -> Result<Self, Unsupported> {
+        let reference = setup
+            .reference_pairs
+            .map(|(mut train_pairs, mut val_pairs)| {
+                let valid = setup.model.valid();
+                if !setup.recipe.dpo.precompute_ref_log_probs {
+                    return Ok(DpoReference::Model(valid));
+                }
+                let (n_train, n_val) = (train_pairs.items(), val_pairs.items());
+                println!("reference log-probabilities of {n_train} + {n_val} pairs from the starting model");
+                let causal = valid.as_causal()?;
+                Ok(DpoReference::Precomputed {
+                    train: reference_log_probs(&causal, &mut train_pairs, n_train, setup.device),
+                    val: reference_log_probs(&causal, &mut val_pairs, n_val, setup.device),
+                })
+            })
+            .transpose()?;
+        Ok(Self { reference, window: Sums::default() })
     }
 
     /// DPO or the reward model on the first `pairs` validation pairs: loss and TRL's metrics.
@@ -47,7 +51,7 @@ impl<B: TrainBackend> Preference<B> {
         let valid = model.valid();
         let (loader, batch, device) = (&mut cx.val_loader, cx.recipe.training.local_batch_size, &cx.device);
         Ok(match &self.reference {
-            Some(reference) => preference::evaluate(&valid, loader, reference, pairs, batch, &cx.recipe.dpo, device),
+            Some(reference) => preference::evaluate(&valid.as_causal()?, loader, reference, pairs, batch, &cx.recipe.dpo, device)?,
             None => preference::evaluate_rewards(&valid, loader, pairs, batch, device)?,
         })
     }
@@ -69,13 +73,13 @@ impl<B: TrainBackend> Objective<B> for Preference<B> {
             let batch = cx.loader.next_batch();
             let shape = [batch.batch, batch.seq_len];
             let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), &cx.device);
-            let reference = self.reference.as_ref().map(|r| r.of_batch(&batch, false, &cx.device));
+            let reference = self.reference.as_ref().map(|r| r.of_batch(&batch, false, &cx.device)).transpose()?;
             let (dpo, device) = (&cx.recipe.dpo, &cx.device);
             // The mean over the step's pairs.
             let divisor = (batch.items.len() * t.grad_accum_steps) as f64;
             let (loss, grads, stats) =
                 pair_gradients(model, &batch, cx.recipe.runtime.batch_shards, divisor, scale, |model, part, pairs| match &reference {
-                    Some(reference) => Ok(pair_batch(model, part, &reference[pairs], dpo, device)),
+                    Some(reference) => Ok(pair_batch(&model.as_causal()?, part, &reference[pairs], dpo, device)),
                     None => reward_batch(model, part, device),
                 })?;
             step_stats.merge(&stats);

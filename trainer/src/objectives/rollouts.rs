@@ -12,7 +12,7 @@ use burn::prelude::*;
 use furnace_configs::TrainMode;
 use furnace_core::rng::Stream;
 use furnace_data::loader::IGNORE;
-use furnace_models::{CausalLm, LanguageModel};
+use furnace_models::LanguageModel;
 
 use super::language::{log_validation, report_next_token};
 use super::{apply, Accumulated, Gradients, Objective, Setup, Stepped};
@@ -70,7 +70,7 @@ impl<B: TrainBackend> Rollouts<B> {
         let (inputs, targets) = rollout.tensors::<B::InnerBackend>(&device);
         let (logits, values) = policy.as_decoder()?.logits_and_values(inputs);
         let (old_logps, old_values) = (host(token_log_probs(logits, targets)), host(values));
-        let ref_logps: Vec<f64> = rollout.reference_log_probs(&self.reference, &device).into_iter().map(f64::from).collect();
+        let ref_logps: Vec<f64> = rollout.reference_log_probs(&self.reference, &device)?.into_iter().map(f64::from).collect();
         let mask: Vec<bool> = rollout.targets.iter().map(|&t| t != IGNORE).collect();
         let (advantages, returns) = ppo_advantages(&old_logps, &ref_logps, &old_values, &rollout.rewards, &mask, rollout.len, &config);
         let kl: f64 = old_logps.iter().zip(&ref_logps).zip(&mask).filter(|(_, &m)| m).map(|((a, b), _)| a - b).sum::<f64>();
@@ -122,9 +122,9 @@ impl<B: TrainBackend> Objective<B> for Rollouts<B> {
             let prompts = step_prompts(&self.prompts, cx.state.step, micro, t.grad_accum_steps, t.local_batch_size, cx.parallel.world);
             let seed = cx.micro_batch_seed(Stream::Rollout, micro);
             let rollout = rollout(&policy, self.reward_model.as_ref(), &prompts, &sampling, &cx.tokenizer, seed, &cx.device)?;
-            let reference = rollout.reference_log_probs(&self.reference, &cx.device);
+            let reference = rollout.reference_log_probs(&self.reference, &cx.device)?;
             let (inputs, targets) = rollout.tensors::<B>(&cx.device);
-            let logps = token_log_probs(model.forward(inputs.clone()), targets);
+            let logps = token_log_probs(model.forward(inputs.clone())?, targets);
             let reference = Tensor::from_data(TensorData::new(reference, [rollout.rows, rollout.len]), &cx.device);
             let advantages = rollout.group_advantages(config.num_generations, config.scale_rewards, &cx.device);
             let (loss, kl) = grpo_loss(logps, reference, rollout.mask(&cx.device), advantages, config);
