@@ -7,7 +7,9 @@ RMSNorm, rotary positions (Hugging Face's rotate_half layout), SwiGLU MLP of wid
     python scripts/reference/torch_train_bench.py --layers 4 --d-model 256 --heads 4 \
         --seq-len 256 --batch 8 --vocab 4096 --steps 8 --threads 2 [--arch llama]
 
-Prints one line: `tokens_per_sec <median over the timed steps>`.
+`--device cuda --bf16` runs the step on a GPU under bf16 autocast (scripts/gpu_check.sh).
+
+Prints `tokens_per_sec <median over the timed steps>`, and on a GPU `peak_memory_mb <peak allocated>`.
 """
 
 import argparse
@@ -52,8 +54,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
-        mask = torch.full((t, t), float("-inf")).triu(1)
-        x = self.wte(idx) + self.wpe(torch.arange(t))
+        mask = torch.full((t, t), float("-inf"), device=idx.device).triu(1)
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
         for block in self.blocks:
             x = block(x, mask)
         return self.ln_f(x) @ self.wte.weight.T
@@ -96,12 +98,12 @@ class Llama(nn.Module):
         self.norm = nn.RMSNorm(d, eps=1e-6)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         head_dim = d // heads
-        self.inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        self.register_buffer("inv_freq", 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
-        mask = torch.full((t, t), float("-inf")).triu(1)
-        angles = torch.outer(torch.arange(t).float(), self.inv_freq)
+        mask = torch.full((t, t), float("-inf"), device=idx.device).triu(1)
+        angles = torch.outer(torch.arange(t, device=idx.device).float(), self.inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos(), angles.sin()
         x = self.embed_tokens(idx)
@@ -115,7 +117,10 @@ def main() -> None:
     for name, default in [("layers", 4), ("d-model", 256), ("heads", 4), ("seq-len", 256), ("batch", 8), ("vocab", 4096), ("steps", 8), ("threads", 2), ("warmup", 2)]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (f32 master weights), as Furnace's bf16-mixed")
     a = p.parse_args()
+    device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     # Without this, once the large-vocabulary softmax produces subnormal probabilities the
     # backward pass slows down 10-20x on x86 (measured: 1 s -> 25 s per step by step 8).
@@ -125,13 +130,17 @@ def main() -> None:
         model = Llama(a.vocab, a.d_model, a.layers, a.heads)
     else:
         model = GPT(a.vocab, a.d_model, a.layers, a.heads, max(a.seq_len, 1024))
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for step in range(a.warmup + a.steps):
-        idx = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1))
+        idx = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1), device=device)
+        synchronize()
         start = time.perf_counter()
-        logits = model(idx[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, a.vocab), idx[:, 1:].reshape(-1))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            logits = model(idx[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, a.vocab), idx[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,6 +149,8 @@ def main() -> None:
         if step >= a.warmup:
             times.append(time.perf_counter() - start)
     print(f"tokens_per_sec {a.batch * a.seq_len / statistics.median(times):.1f}")
+    if device.type == "cuda":
+        print(f"peak_memory_mb {torch.cuda.max_memory_allocated() / 2**20:.0f}")
 
 
 if __name__ == "__main__":

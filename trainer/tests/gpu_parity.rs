@@ -1,40 +1,69 @@
-//! The wgpu backend against flex, on whatever Vulkan device the machine has: Mesa's lavapipe (a
-//! Vulkan device on the CPU) in CI, where no GPU exists, runs the same CubeCL kernels, fusion and
-//! autodiff a GPU runs. Every architecture trains the same steps on both backends to the same
-//! losses, gradient norms and weights; checkpoints move between the devices; a model too large
-//! for the device's buffers is refused at start. Built only with `--features wgpu`
-//! (`cargo test -p furnace-trainer --features wgpu --test gpu_parity`); without a Vulkan driver
-//! the tests skip with a note, unless FURNACE_REQUIRE_VULKAN=1 (CI) makes that a failure.
-#![cfg(feature = "wgpu")]
+//! The GPU backends against flex: every architecture trains the same steps on both to the same
+//! losses, gradient norms and weights; logits, gradients and cached decoding agree; checkpoints
+//! move between the devices; a model too large for wgpu's buffers is refused at start.
+//!
+//! FURNACE_GPU picks the backend: `wgpu` (the default with `--features wgpu`) runs on whatever
+//! Vulkan device the machine has — Mesa's lavapipe (a Vulkan device on the CPU) in CI, where no
+//! GPU exists, runs the same CubeCL kernels, fusion and autodiff a GPU runs — and `cuda` on an
+//! NVIDIA GPU (`--features cuda`; `scripts/gpu_check.sh` runs both there). Without the device the
+//! tests skip with a note, unless FURNACE_REQUIRE_GPU=1 (CI, gpu_check.sh) makes that a failure.
+//!
+//!     FURNACE_REQUIRE_GPU=1 cargo test -p furnace-trainer --features wgpu --test gpu_parity
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 use std::path::Path;
 
-use burn::backend::{Autodiff, Flex, Wgpu};
+use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use furnace_configs::capabilities::CAPABILITIES;
 use furnace_configs::Recipe;
 use furnace_core::params::{from_safetensors, load_named, named_tensors, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
+use furnace_models::kernels::FusedOps;
 use furnace_models::{CausalLm, LanguageModel, ModelConfig};
 use furnace_trainer::model::model_config;
 
 mod common;
 use common::{arch_settings, furnace, logged_by_step, text, TINY_ARCH};
 
-/// Whether a Vulkan driver is installed; a missing one fails the test under FURNACE_REQUIRE_VULKAN=1.
-fn vulkan() -> bool {
-    let found = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
-        .iter()
-        .any(|dir| std::fs::read_dir(dir).is_ok_and(|mut entries| entries.any(|e| e.is_ok())));
-    if !found {
-        assert!(
-            std::env::var("FURNACE_REQUIRE_VULKAN").as_deref() != Ok("1"),
-            "FURNACE_REQUIRE_VULKAN=1 but no Vulkan driver is installed: apt install mesa-vulkan-drivers"
-        );
-        eprintln!("skipped: no Vulkan driver (apt install mesa-vulkan-drivers gives lavapipe)");
+/// The GPU backend under test (`runtime.backend`'s name for it), when its device is present; a
+/// missing one fails the test under FURNACE_REQUIRE_GPU=1.
+fn gpu() -> Option<&'static str> {
+    let default = if cfg!(feature = "wgpu") { "wgpu" } else { "cuda" };
+    let backend = match std::env::var("FURNACE_GPU").as_deref().unwrap_or(default) {
+        "wgpu" => "wgpu",
+        "cuda" => "cuda",
+        other => panic!("FURNACE_GPU={other}: the GPU backends are wgpu and cuda"),
+    };
+    let (present, install) = match backend {
+        "wgpu" => (
+            ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
+                .iter()
+                .any(|dir| std::fs::read_dir(dir).is_ok_and(|mut entries| entries.any(|e| e.is_ok()))),
+            "no Vulkan driver is installed: apt install mesa-vulkan-drivers (lavapipe)",
+        ),
+        _ => (Path::new("/proc/driver/nvidia/version").exists(), "no NVIDIA driver is loaded"),
+    };
+    if !present {
+        assert!(std::env::var("FURNACE_REQUIRE_GPU").as_deref() != Ok("1"), "FURNACE_REQUIRE_GPU=1 but {install}");
+        eprintln!("skipped: {install}");
+        return None;
     }
-    found
+    Some(backend)
+}
+
+/// `$check::<G>(args…)` with `G` the backend `gpu()` named, as this binary was built for it.
+macro_rules! on_gpu {
+    ($gpu:expr, $check:ident($($arg:expr),* $(,)?)) => {
+        match $gpu {
+            #[cfg(feature = "wgpu")]
+            "wgpu" => $check::<burn::backend::Wgpu>($($arg),*),
+            #[cfg(feature = "cuda")]
+            "cuda" => $check::<burn::backend::Cuda>($($arg),*),
+            other => panic!("FURNACE_GPU={other}: this test binary was built without --features {other}"),
+        }
+    };
 }
 
 /// `furnace train` on TINY_ARCH (3 steps, each logged) with `sets` overrides into `run`; must succeed.
@@ -57,8 +86,11 @@ fn weights(run: &Path, step: usize) -> NamedTensors {
     from_safetensors(&std::fs::read(run.join(format!("checkpoints/step_{step}/model.safetensors"))).unwrap()).unwrap()
 }
 
-fn assert_close(what: &str, flex: f64, wgpu: f64, relative: f64) {
-    assert!((flex - wgpu).abs() <= relative * flex.abs().max(1e-6), "{what}: flex {flex} vs wgpu {wgpu} (relative tolerance {relative})");
+fn assert_close(what: &str, flex: f64, gpu: f64, relative: f64) {
+    assert!(
+        (flex - gpu).abs() <= relative * flex.abs().max(1e-6),
+        "{what}: flex {flex} vs the GPU's {gpu} (relative tolerance {relative})"
+    );
 }
 
 /// Every parameter of `b` within `tolerance` (absolute, on values of order 0.1) of `a`.
@@ -82,10 +114,8 @@ fn gqa_arch_settings(arch: &str) -> Vec<String> {
 }
 
 #[test]
-fn every_architecture_trains_on_wgpu_as_on_flex() {
-    if !vulkan() {
-        return;
-    }
+fn every_architecture_trains_on_the_gpu_as_on_flex() {
+    let Some(gpu) = gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
     for caps in &CAPABILITIES {
         let arch = caps.arch.to_string();
@@ -95,31 +125,29 @@ fn every_architecture_trains_on_wgpu_as_on_flex() {
             train(dir.path(), &run, &sets, &[]);
             dir.path().join(run)
         };
-        let (flex, wgpu) = (on("flex"), on("wgpu"));
-        let (flex_loss, wgpu_loss) = (logged_by_step(&flex, "loss"), logged_by_step(&wgpu, "loss"));
+        let (flex, on_gpu) = (on("flex"), on(gpu));
+        let (flex_loss, gpu_loss) = (logged_by_step(&flex, "loss"), logged_by_step(&on_gpu, "loss"));
         assert_eq!(flex_loss.len(), 3, "{arch}");
         for (step, loss) in &flex_loss {
-            assert_close(&format!("{arch} loss at step {step}"), *loss, wgpu_loss[step], 1e-4);
+            assert_close(&format!("{arch} loss at step {step}"), *loss, gpu_loss[step], 1e-4);
         }
-        let (flex_norm, wgpu_norm) = (logged_by_step(&flex, "grad_norm"), logged_by_step(&wgpu, "grad_norm"));
+        let (flex_norm, gpu_norm) = (logged_by_step(&flex, "grad_norm"), logged_by_step(&on_gpu, "grad_norm"));
         for (step, norm) in &flex_norm {
-            assert_close(&format!("{arch} gradient norm at step {step}"), *norm, wgpu_norm[step], 1e-3);
+            assert_close(&format!("{arch} gradient norm at step {step}"), *norm, gpu_norm[step], 1e-3);
         }
-        assert_same_weights(&arch, &weights(&flex, 3), &weights(&wgpu, 3), 1e-4);
+        assert_same_weights(&arch, &weights(&flex, 3), &weights(&on_gpu, 3), 1e-4);
     }
 }
 
 /// A checkpoint written on one device resumes on the other, and its steps are the straight
-/// run's; exports and decoding read a wgpu run's checkpoint as any other.
+/// run's; exports and decoding read a GPU run's checkpoint as any other.
 #[test]
 fn checkpoints_move_between_devices_and_decode_alike() {
-    if !vulkan() {
-        return;
-    }
+    let Some(gpu) = gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
     let backend = |name: &str| vec![format!("runtime.backend={name}"), "training.steps=4".into()];
     train(dir.path(), "straight", &backend("flex"), &[]);
-    for (first, second) in [("wgpu", "flex"), ("flex", "wgpu")] {
+    for (first, second) in [(gpu, "flex"), ("flex", gpu)] {
         let run = format!("{first}-then-{second}");
         train(dir.path(), &run, &backend(first), &["--max-steps", "2"]);
         let resume = dir.path().join(&run).display().to_string();
@@ -132,17 +160,17 @@ fn checkpoints_move_between_devices_and_decode_alike() {
         assert_same_weights(&run, &weights(&dir.path().join("straight"), 4), &weights(&dir.path().join(&run), 4), 1e-4);
     }
     // Greedy decoding with the KV cache gives the same tokens on both devices from the same weights.
-    let checkpoint = dir.path().join("flex-then-wgpu").display().to_string();
+    let run = dir.path().join(format!("flex-then-{gpu}"));
+    let checkpoint = run.display().to_string();
     let decode = |backend: &str| {
         let args = ["generate", "--checkpoint", &checkpoint, "--backend", backend, "--prompt", "Once upon", "--temperature", "0"];
         let out = furnace(&[&args[..], &["--max-new-tokens", "12"]].concat());
         assert!(out.status.success(), "{}", text(&out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert_eq!(decode("flex"), decode("wgpu"), "the step-4 weights decode alike on both devices");
+    assert_eq!(decode("flex"), decode(gpu), "the step-4 weights decode alike on both devices");
     let hf = dir.path().join("hf");
-    let out =
-        furnace(&["export", "--checkpoint", &dir.path().join("flex-then-wgpu").display().to_string(), "--out", &hf.display().to_string()]);
+    let out = furnace(&["export", "--checkpoint", &checkpoint, "--out", &hf.display().to_string()]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(hf.join("model.safetensors").is_file());
 }
@@ -152,7 +180,7 @@ fn checkpoints_move_between_devices_and_decode_alike() {
 /// device with larger buffers trains it.
 #[test]
 fn a_model_beyond_the_devices_buffers_is_refused_at_start() {
-    if !vulkan() {
+    if gpu() != Some("wgpu") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -186,10 +214,11 @@ fn gradients<B: AutodiffBackend>(model: &LanguageModel<B>, grads: &B::Gradients)
 }
 
 /// Logits of a fixed batch and every parameter's gradient of a fixed weighting of them.
-fn logits_and_gradients<B: AutodiffBackend>(config: &ModelConfig, weights: &NamedTensors, device: &B::Device) -> (HostTensor, NamedTensors)
-where
-    B: furnace_models::kernels::FusedOps,
-{
+fn logits_and_gradients<B: AutodiffBackend + FusedOps>(
+    config: &ModelConfig,
+    weights: &NamedTensors,
+    device: &B::Device,
+) -> (HostTensor, NamedTensors) {
     let model = load_named(config.init::<B>(7, device), weights).unwrap();
     let (batch, seq) = (2, 16);
     let ids: Vec<i64> = (0..batch * seq).map(|i| ((i * 37 + 11) % 290) as i64).collect();
@@ -220,12 +249,10 @@ fn assert_close_tensor(what: &str, a: &HostTensor, b: &HostTensor, relative: f32
 }
 
 /// The forward logits (1e-4 relative) and every parameter's gradient (1e-3 relative) of each
-/// architecture on wgpu against flex, from the same weights.
+/// architecture on the GPU against flex, from the same weights.
 #[test]
-fn every_architectures_logits_and_gradients_on_wgpu_equal_flex() {
-    if !vulkan() {
-        return;
-    }
+fn every_architectures_logits_and_gradients_on_the_gpu_equal_flex() {
+    let Some(gpu) = gpu() else { return };
     for caps in &CAPABILITIES {
         let arch = caps.arch.to_string();
         let sets: Vec<String> = gqa_arch_settings(&arch);
@@ -233,27 +260,32 @@ fn every_architectures_logits_and_gradients_on_wgpu_equal_flex() {
         let config = model_config(&recipe.model.resolve(Some(300)));
         let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
         let (flex_logits, flex_grads) = logits_and_gradients::<Autodiff<Flex>>(&config, &weights, &Default::default());
-        let (wgpu_logits, wgpu_grads) = logits_and_gradients::<Autodiff<Wgpu>>(&config, &weights, &Default::default());
-        assert_close_tensor(&format!("{arch} logits"), &flex_logits, &wgpu_logits, 1e-4, 0.0);
-        assert_eq!(flex_grads.keys().collect::<Vec<_>>(), wgpu_grads.keys().collect::<Vec<_>>(), "{arch}: parameters with gradients");
+        let (gpu_logits, gpu_grads) = on_gpu!(gpu, logits_and_gradients_on(&config, &weights));
+        assert_close_tensor(&format!("{arch} logits"), &flex_logits, &gpu_logits, 1e-4, 0.0);
+        assert_eq!(flex_grads.keys().collect::<Vec<_>>(), gpu_grads.keys().collect::<Vec<_>>(), "{arch}: parameters with gradients");
         // (A mixture of experts' experts that no token of the batch chose get no gradient.)
         if arch != "mixtral" {
             assert_eq!(flex_grads.len(), weights.len(), "{arch}: every parameter has a gradient");
         }
         let largest = flex_grads.values().map(largest_magnitude).fold(0.0f32, f32::max);
         for (name, grad) in &flex_grads {
-            assert_close_tensor(&format!("{arch} gradient of {name}"), grad, &wgpu_grads[name], 1e-3, 1e-5 * largest);
+            assert_close_tensor(&format!("{arch} gradient of {name}"), grad, &gpu_grads[name], 1e-3, 1e-5 * largest);
         }
     }
+}
+
+fn logits_and_gradients_on<G: FusedOps>(config: &ModelConfig, weights: &NamedTensors) -> (HostTensor, NamedTensors)
+where
+    Autodiff<G>: FusedOps,
+{
+    logits_and_gradients::<Autodiff<G>>(config, weights, &Default::default())
 }
 
 /// Fine-tuning, preference and memory features: two steps on each backend log the same losses
 /// and gradient norms (fp16-mixed to its precision).
 #[test]
 fn post_training_and_memory_features_step_alike() {
-    if !vulkan() {
-        return;
-    }
+    let Some(gpu) = gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
     train(dir.path(), "base", &[], &[]);
     let base = format!("model.init_from={}", dir.path().join("base").display());
@@ -275,9 +307,9 @@ fn post_training_and_memory_features_step_alike() {
             train(dir.path(), &run, &sets, &[]);
             dir.path().join(run)
         };
-        let (flex, wgpu) = (on("flex"), on("wgpu"));
+        let (flex, on_gpu) = (on("flex"), on(gpu));
         for key in ["loss", "grad_norm"] {
-            let (expected, found) = (logged_by_step(&flex, key), logged_by_step(&wgpu, key));
+            let (expected, found) = (logged_by_step(&flex, key), logged_by_step(&on_gpu, key));
             assert_eq!(expected.len(), 2, "{name}: {key}");
             for (step, value) in &expected {
                 assert_close(
@@ -291,44 +323,46 @@ fn post_training_and_memory_features_step_alike() {
     }
 }
 
-/// Decoding on wgpu with the KV cache (transformers) or the recurrent state (Mamba), a prompt
+/// Decoding on the GPU with the KV cache (transformers) or the recurrent state (Mamba), a prompt
 /// then one token at a time, gives the full forward's logits at every position (1e-4 relative),
 /// and those equal flex's full forward.
 #[test]
-fn cached_and_recurrent_decoding_on_wgpu_equal_the_full_forward() {
-    if !vulkan() {
-        return;
-    }
+fn cached_and_recurrent_decoding_on_the_gpu_equal_the_full_forward() {
+    let Some(gpu) = gpu() else { return };
     for arch in ["llama", "gpt2", "mixtral", "mamba"] {
-        let recipe = Recipe::from_toml(TINY_ARCH, "tiny.toml", &gqa_arch_settings(arch)).unwrap();
-        let config = model_config(&recipe.model.resolve(Some(300)));
-        let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
-        let ids: Vec<i64> = (0..12).map(|i| ((i * 53 + 5) % 290) as i64).collect();
-        let device = burn::backend::wgpu::WgpuDevice::default();
-        let model = load_named(config.init::<Wgpu>(7, &device), &weights).unwrap();
-        let model = model.as_causal().unwrap();
-        let tokens = Tensor::<Wgpu, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device);
-        let full_logits = HostTensor::from_tensor(model.forward(tokens));
-        let flex_model = load_named(config.init::<Flex>(7, &Default::default()), &weights).unwrap();
-        let flex_tokens = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &Default::default());
-        assert_close_tensor(
-            &format!("{arch} full forward"),
-            &HostTensor::from_tensor(flex_model.forward(flex_tokens).unwrap()),
-            &full_logits,
-            1e-4,
-            0.0,
-        );
-        // A 5-token prompt, then the rest one token at a time.
-        let mut state = model.init_state();
-        let step = |from: usize, to: usize, state: &mut _| {
-            let tokens = Tensor::<Wgpu, 2, Int>::from_data(TensorData::new(ids[from..to].to_vec(), [1, to - from]), &device);
-            HostTensor::from_tensor(model.forward_step(tokens, state))
-        };
-        let mut cached = step(0, 5, &mut state).data;
-        for i in 5..ids.len() {
-            cached.extend(step(i, i + 1, &mut state).data);
-        }
-        let cached = HostTensor { shape: full_logits.shape.clone(), data: cached };
-        assert_close_tensor(&format!("{arch} decoding with its cache or state"), &full_logits, &cached, 1e-4, 0.0);
+        on_gpu!(gpu, check_decoding(arch));
     }
+}
+
+fn check_decoding<G: FusedOps>(arch: &str) {
+    let recipe = Recipe::from_toml(TINY_ARCH, "tiny.toml", &gqa_arch_settings(arch)).unwrap();
+    let config = model_config(&recipe.model.resolve(Some(300)));
+    let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
+    let ids: Vec<i64> = (0..12).map(|i| ((i * 53 + 5) % 290) as i64).collect();
+    let device = G::Device::default();
+    let model = load_named(config.init::<G>(7, &device), &weights).unwrap();
+    let model = model.as_causal().unwrap();
+    let tokens = Tensor::<G, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device);
+    let full_logits = HostTensor::from_tensor(model.forward(tokens));
+    let flex_model = load_named(config.init::<Flex>(7, &Default::default()), &weights).unwrap();
+    let flex_tokens = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &Default::default());
+    assert_close_tensor(
+        &format!("{arch} full forward"),
+        &HostTensor::from_tensor(flex_model.forward(flex_tokens).unwrap()),
+        &full_logits,
+        1e-4,
+        0.0,
+    );
+    // A 5-token prompt, then the rest one token at a time.
+    let mut state = model.init_state();
+    let step = |from: usize, to: usize, state: &mut _| {
+        let tokens = Tensor::<G, 2, Int>::from_data(TensorData::new(ids[from..to].to_vec(), [1, to - from]), &device);
+        HostTensor::from_tensor(model.forward_step(tokens, state))
+    };
+    let mut cached = step(0, 5, &mut state).data;
+    for i in 5..ids.len() {
+        cached.extend(step(i, i + 1, &mut state).data);
+    }
+    let cached = HostTensor { shape: full_logits.shape.clone(), data: cached };
+    assert_close_tensor(&format!("{arch} decoding with its cache or state"), &full_logits, &cached, 1e-4, 0.0);
 }

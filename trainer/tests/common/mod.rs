@@ -7,11 +7,18 @@ use std::process::{Command, Output};
 
 /// `furnace args`, run from the workspace root (so `recipes/...` resolves, as in the README).
 pub fn furnace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_furnace")).args(args).current_dir(workspace()).output().expect("furnace runs")
+    Command::new(furnace_bin()).args(args).current_dir(workspace()).output().expect("furnace runs")
 }
 
+/// The binary cargo built beside the tests, or FURNACE_BIN where a test binary travels without
+/// its build tree (scripts/gpu_check.sh on a GPU machine).
+pub fn furnace_bin() -> PathBuf {
+    std::env::var_os("FURNACE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_furnace")), PathBuf::from)
+}
+
+/// The workspace root, or FURNACE_WORKSPACE (as FURNACE_BIN).
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::var_os("FURNACE_WORKSPACE").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."), PathBuf::from)
 }
 
 pub fn text(output: &Output) -> String {
@@ -87,7 +94,7 @@ impl TinyRun {
 
     /// `train`, started in the background (stdout dropped, stderr kept).
     pub fn spawn_train(&self, extra: &[&str]) -> std::process::Child {
-        Command::new(env!("CARGO_BIN_EXE_furnace"))
+        Command::new(furnace_bin())
             .args(self.train_args(extra))
             .current_dir(workspace())
             .stdout(std::process::Stdio::null())
