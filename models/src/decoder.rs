@@ -293,7 +293,7 @@ impl<B: FusedOps> Decoder<B> {
     }
 
     /// The blocks and the final norm over embedded `x`: hidden states and the MoE layers' router logits.
-    fn blocks(
+    pub(crate) fn blocks(
         &self,
         mut x: Tensor<B, 3>,
         ctx: &AttentionContext<B>,
@@ -332,7 +332,12 @@ impl<B: FusedOps> Decoder<B> {
     }
 
     /// [`Self::embed`] of tokens at the given `positions` (`[batch·seq]`), attending as `bias` allows.
-    fn embed_at(&self, tokens: Tensor<B, 2, Int>, positions: &[usize], bias: Tensor<B, 4>) -> (Tensor<B, 3>, AttentionContext<B>) {
+    pub(crate) fn embed_at(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: &[usize],
+        bias: Tensor<B, 4>,
+    ) -> (Tensor<B, 3>, AttentionContext<B>) {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
         assert!(positions.iter().all(|&p| p < self.max_seq_len), "a position beyond max_seq_len = {}", self.max_seq_len);

@@ -1,6 +1,7 @@
 //! Furnace models. Shared blocks live in `blocks`; each architecture is one file with its
 //! config beside it; generation and sampling are written once against `CausalLm`.
 
+pub mod batching;
 pub mod bert;
 pub mod blocks;
 pub mod causal_lm;
@@ -17,6 +18,7 @@ pub mod nf4;
 pub mod sampling;
 pub mod t5;
 
+pub use batching::{BatchedDecoding, CausalBatch};
 pub use bert::{Bert, BertConfig};
 pub use causal_lm::CausalLm;
 pub use decoder::{Decoder, DecoderConfig, KvCache, PositionKind};

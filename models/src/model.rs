@@ -337,10 +337,10 @@ pub enum Causal<'a, B: Backend> {
 
 /// The decoding state of a [`Causal`] model: made only by its `init_state`.
 #[derive(Debug, Clone)]
-pub struct DecodeState<B: Backend>(StateOf<B>);
+pub struct DecodeState<B: Backend>(pub(crate) StateOf<B>);
 
 #[derive(Debug, Clone)]
-enum StateOf<B: Backend> {
+pub(crate) enum StateOf<B: Backend> {
     Decoder(KvCache<B>),
     Mamba(MambaState<B>),
 }

@@ -6,6 +6,7 @@ use burn::prelude::*;
 use crate::blocks::*;
 use crate::decoder::MlpLayer;
 use crate::generate::{generate, GenerateConfig};
+use crate::kernels::FusedOps;
 use crate::mixtral::SparseMoe;
 use crate::sampling::{argmax, SamplingConfig};
 use crate::{CausalLm, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
@@ -681,4 +682,93 @@ fn mamba_and_t5_activation_estimates_count_what_their_checkpointing_keeps() {
     assert_eq!(t5.activation_bytes(2, 32, Some(1)), 3.0 * input + 2.0 * input + (block + cross) + input + logits);
     // Selective: every encoder block still recomputed, the decoder's second.
     assert_eq!(t5.activation_bytes(2, 32, Some(2)), 3.0 * input + input + 2.0 * (block + cross) + input + logits);
+}
+
+/// Greedy decoding of `prompt` alone: the next-token logits after the prompt and after each of
+/// the `steps` tokens chosen, and those tokens.
+fn decode_alone<B: FusedOps, M: CausalLm<B>>(model: &M, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let device = Default::default();
+    let mut state = model.init_state();
+    let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let logits = model.forward_step(Tensor::from_data(TensorData::new(ids, [1, prompt.len()]), &device), &mut state);
+    let vocab = logits.dims()[2];
+    let mut last: Vec<f32> = logits.narrow(1, prompt.len() - 1, 1).into_data().convert::<f32>().into_vec().unwrap();
+    let (mut all, mut tokens) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let token = argmax(&last) as u32;
+        all.push(last);
+        tokens.push(token);
+        let logits = model.forward_step(Tensor::from_data(TensorData::new(vec![token as i64], [1, 1]), &device), &mut state);
+        last = logits.reshape([vocab]).into_data().convert::<f32>().into_vec().unwrap();
+    }
+    all.push(last);
+    (all, tokens)
+}
+
+/// Continuous batching: prompts of different lengths join a running batch at different steps
+/// (after their own prefill) and leave when done, and every row's logits (1e-4) and greedy
+/// tokens equal those of its sequence decoded alone.
+fn check_batched_equals_alone(config: ModelConfig) {
+    use crate::batching::BatchedDecoding;
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let model = config.init::<F>(11, &device);
+    let model = model.as_causal().expect("a decoding model");
+    // (prompt, step it joins at, tokens it generates)
+    let requests: [(&[u32], usize, usize); 4] =
+        [(&[1, 2, 3, 4, 5, 6, 7], 0, 6), (&[9], 1, 3), (&[4, 8, 15], 1, 7), (&[30, 31, 2, 5, 7, 11, 13, 17, 19, 23], 4, 4)];
+    let alone: Vec<_> = requests.iter().map(|&(prompt, _, steps)| decode_alone::<F, _>(&model, prompt, steps)).collect();
+    let close = |what: &str, a: &[f32], b: &[f32]| {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4 * a.iter().fold(1.0f32, |m, x| m.max(x.abs())), "{what}: batched logits differ by {worst}");
+    };
+    let mut batch = model.empty_batch();
+    // Per row: its request and the tokens generated so far.
+    let mut rows: Vec<(usize, Vec<u32>)> = Vec::new();
+    let mut finished = 0;
+    for iteration in 0.. {
+        for (r, &(prompt, joins, _)) in requests.iter().enumerate() {
+            if joins == iteration {
+                let mut state = model.init_state();
+                let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+                let logits = model.forward_step(Tensor::from_data(TensorData::new(ids, [1, prompt.len()]), &device), &mut state);
+                let last: Vec<f32> = logits.narrow(1, prompt.len() - 1, 1).into_data().convert::<f32>().into_vec().unwrap();
+                close(&format!("request {r} after its prefill"), &alone[r].0[0], &last);
+                model.join(&mut batch, state);
+                rows.push((r, vec![argmax(&last) as u32]));
+            }
+        }
+        if rows.is_empty() {
+            break;
+        }
+        let tokens: Vec<u32> = rows.iter().map(|(_, generated)| *generated.last().unwrap()).collect();
+        let logits = model.step(&mut batch, &tokens);
+        let vocab = logits.dims()[1];
+        let logits: Vec<f32> = logits.into_data().convert::<f32>().into_vec().unwrap();
+        for (i, (r, generated)) in rows.iter_mut().enumerate() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            close(&format!("request {r} at its step {}", generated.len()), &alone[*r].0[generated.len()], row);
+            generated.push(argmax(row) as u32);
+        }
+        // Rows that have all their tokens leave, the last first so the indices hold.
+        for i in (0..rows.len()).rev() {
+            let (r, generated) = &rows[i];
+            if generated.len() == requests[*r].2 {
+                assert_eq!(generated, &alone[*r].1, "request {r}: batched greedy tokens");
+                model.leave(&mut batch, i);
+                rows.remove(i);
+                finished += 1;
+            }
+        }
+    }
+    assert_eq!(finished, requests.len());
+}
+
+#[test]
+fn batched_decoding_equals_decoding_alone() {
+    let sliding = tiny(PositionKind::Alibi).with_sliding_window(4);
+    for config in [tiny(PositionKind::Rope), tiny(PositionKind::Learned), sliding] {
+        check_batched_equals_alone(ModelConfig::Decoder(config));
+    }
+    check_batched_equals_alone(ModelConfig::Mamba(tiny_mamba()));
 }

@@ -183,7 +183,7 @@ pub fn alibi_slopes(n_heads: usize) -> Vec<f32> {
 
 /// The bias of a query over a key `distance` positions back: −∞ unless visible, else the ALiBi
 /// penalty (0 without ALiBi).
-fn bias_value(visible: bool, distance: usize, slope: Option<f32>) -> f32 {
+pub(crate) fn bias_value(visible: bool, distance: usize, slope: Option<f32>) -> f32 {
     match (visible, slope) {
         (false, _) => f32::NEG_INFINITY,
         (true, Some(slope)) => -slope * distance as f32,

@@ -5,6 +5,7 @@ mod linear;
 mod mlp;
 mod norm;
 
+pub(crate) use attention::bias_value;
 pub use attention::{
     alibi_slopes, attention_bias, branched_attention_bias, extend_cache, packed_attention_bias, Attention, AttentionContext, LayerKv, Rope,
 };
