@@ -179,11 +179,46 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> String {
         self.inner.decode(ids, true).unwrap_or_default()
     }
+
+    /// The bytes one token stands for: what a byte-level BPE token encodes (a token may hold part
+    /// of a multi-byte character, which its text cannot show), a special token's text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let byte_level = matches!(self.inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
+        let token = self.inner.id_to_token(id).unwrap_or_default();
+        match byte_level.then(|| token.chars().map(byte_of_char).collect::<Option<Vec<u8>>>()).flatten() {
+            Some(bytes) => bytes,
+            None => self.decode_keeping_special(&[id]).into_bytes(),
+        }
+    }
+}
+
+/// The byte a byte-level BPE character stands for (GPT-2's table: printable bytes are
+/// themselves, the others the characters from U+0100 on, in byte order).
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 {
+        return printable(code).then_some(code as u8);
+    }
+    (0..=255u32).filter(|&b| !printable(b)).nth((code - 256) as usize).map(|b| b as u8)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each token's bytes, joined, are the text's UTF-8, characters split across tokens included.
+    #[test]
+    fn token_bytes_join_to_the_text() {
+        let docs: Vec<String> = crate::generators::stories(200, 1);
+        let tokenizer = TextTokenizer::train(&docs, 300, ExtraTokens::None).unwrap();
+        let text = "Once upon a time — a fox named Zoë saw 🦊 and said “hello”.";
+        let ids = tokenizer.encode(text);
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| tokenizer.token_bytes(id)).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), text);
+        assert!(ids.iter().any(|&id| std::str::from_utf8(&tokenizer.token_bytes(id)).is_err()), "some token splits a character");
+        assert_eq!(tokenizer.token_bytes(tokenizer.eos()), tokenizer.decode_special(tokenizer.eos()).into_bytes());
+    }
 
     #[test]
     fn trained_tokenizer_round_trips_text_and_reloads() {

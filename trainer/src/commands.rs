@@ -306,25 +306,36 @@ pub fn export(args: ExportArgs) -> Result<()> {
 pub fn generate(args: GenerateArgs) -> Result<()> {
     check_sampling_flags(&args)?;
     checkpoint::set_verification(!args.no_verify);
-    let (recipe, tokenizer, weights) = if args.checkpoint.join("config.json").is_file() || is_gguf(&args.checkpoint) {
-        let base = load_base(&args.checkpoint)?;
-        let recipe = Recipe { model: base.model.to_section(&args.checkpoint.display().to_string()), ..Default::default() };
+    let (recipe, tokenizer, weights) = load_for_decoding(&args.checkpoint, args.adapter.as_deref(), args.backend.as_deref())?;
+    dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights })
+}
+
+/// What decoding a checkpoint needs — a Furnace run or checkpoint folder, a Hugging Face model
+/// folder or a GGUF file, with PEFT adapters from `adapter` on top — to run on `backend`
+/// (flex, cuda, wgpu; the recipe's when None).
+pub fn load_for_decoding(
+    checkpoint: &Path,
+    adapter: Option<&Path>,
+    backend: Option<&str>,
+) -> Result<(Recipe, TextTokenizer, NamedTensors)> {
+    let (recipe, tokenizer, weights) = if checkpoint.join("config.json").is_file() || is_gguf(checkpoint) {
+        let base = load_base(checkpoint)?;
+        let recipe = Recipe { model: base.model.to_section(&checkpoint.display().to_string()), ..Default::default() };
         (recipe, TextTokenizer::load(&base.tokenizer).map_err(anyhow::Error::msg)?, base.weights)
     } else {
-        let stored = checkpoint::read_model(&args.checkpoint)?;
+        let stored = checkpoint::read_model(checkpoint)?;
         let tokenizer = TextTokenizer::load(&stored.dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
         (stored.recipe, tokenizer, stored.weights)
     };
-    let (recipe, weights) = match &args.adapter {
+    let (mut recipe, weights) = match adapter {
         Some(dir) => with_peft_adapter(recipe, weights, dir)?,
         None => (recipe, weights),
     };
-    let mut recipe = recipe;
-    if let Some(backend) = &args.backend {
+    if let Some(backend) = backend {
         recipe.runtime.backend =
             *furnace_configs::Backend::ALL.iter().find(|b| b.as_str() == backend).context("--backend is one of flex, cuda, wgpu")?;
     }
-    dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights })
+    Ok((recipe, tokenizer, weights))
 }
 
 /// The sampling flags in their ranges (as transformers' GenerationConfig checks them).

@@ -25,6 +25,7 @@ pub mod precision;
 pub mod preference;
 pub mod recompute;
 pub mod rollout;
+pub mod serve;
 pub mod signals;
 pub mod tasks;
 pub mod tensorboard;
@@ -148,4 +149,39 @@ fn parse_size(text: &str) -> Result<usize, String> {
         .unwrap_or((upper.clone(), 1.0));
     let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a size like 5GB, 500MB or 200KB"))?;
     Ok((value * scale) as usize)
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// What to serve: a run folder (its newest checkpoint), one checkpoint folder, a Hugging Face
+    /// model folder or a GGUF file, as `furnace generate --checkpoint` reads.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (printed at start).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The name clients give as `model` (and /v1/models lists); the checkpoint's folder name by default.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Sequences decoded together in one batch; more wait in the queue.
+    #[arg(long, default_value_t = 16)]
+    pub max_num_seqs: usize,
+    /// The KV cache budget in MiB: a sequence waits while the batch's keys and values would exceed it.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mb: usize,
+    /// Requests that may wait; beyond them a request gets 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Prompt tokens one prefill pass reads (chunked prefill: a long prompt takes several steps
+    /// between the batch's decode steps instead of stalling them).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// flex, cuda or wgpu (the checkpoint recipe's backend when unset).
+    #[arg(long, value_parser = ["flex", "cuda", "wgpu"])]
+    pub backend: Option<String>,
+    /// Skip checking the checkpoint's files against its manifest.
+    #[arg(long)]
+    pub no_verify: bool,
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use furnace_data::tokenizer::ExtraTokens;
-use furnace_trainer::{commands, ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
+use furnace_trainer::{commands, ExportArgs, GenerateArgs, RecipeArgs, ServeArgs, TrainArgs};
 
 // A retaining allocator: Burn allocates a fresh large buffer per op, and glibc's malloc hands
 // those back to the OS and faults them in again on every step.
@@ -26,6 +26,8 @@ enum Command {
     Train(TrainArgs),
     /// Generate text from a checkpoint.
     Generate(GenerateArgs),
+    /// Serve a checkpoint over HTTP with OpenAI's API: completions, chat, streaming, /metrics.
+    Serve(ServeArgs),
     /// Export a checkpoint to another format (a Hugging Face model folder).
     Export(ExportArgs),
     /// Validate a recipe, or print every option with its default and meaning.
@@ -112,6 +114,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => commands::train(args),
         Command::Generate(args) => commands::generate(args),
+        Command::Serve(args) => furnace_trainer::serve::serve(args),
         Command::Export(args) => commands::export(args),
         Command::Recipe(RecipeCommand::Check { file, overrides }) => commands::recipe_check(RecipeArgs { config: file, overrides }),
         Command::Recipe(RecipeCommand::Explain { file }) => commands::recipe_explain(file.as_deref()),

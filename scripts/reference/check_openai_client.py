@@ -1,0 +1,129 @@
+"""Proof by the official `openai` client: train a tiny Llama with furnace, serve it with
+`furnace serve`, and talk to it as an OpenAI user would:
+- models.list holds the served name;
+- a completion with max_tokens 5 ends with "length" and exact usage counts, and its greedy text is
+  `furnace generate --temperature 0`'s;
+- chat returns role "assistant"; streamed chat (include_usage) gives the non-streamed text at
+  temperature 0, one finish_reason, and a last chunk with usage and no choices;
+- a stop string gives "stop" and is left out; logprobs are <= 0 and their tokens' bytes make the text;
+- the same seed gives the same text; a bad parameter raises BadRequestError and the next request
+  still succeeds.
+
+    pip install openai
+    python scripts/reference/check_openai_client.py      # FURNACE=path/to/furnace to pick a binary
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import openai
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FURNACE = os.environ.get("FURNACE", str(ROOT / "target" / "release" / "furnace"))
+
+RECIPE = """
+[run]
+seed = 3
+[model]
+arch = "llama"
+flavor = "tiny"
+max_seq_len = 128
+[data]
+source = "stories"
+num_examples = 300
+num_val_examples = 10
+tokenizer_vocab_size = 300
+[training]
+local_batch_size = 4
+seq_len = 32
+steps = 5
+eval_every = 0
+save_every = 0
+[logging]
+progress = false
+peak_tflops = 1.0
+"""
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        (tmp / "tiny.toml").write_text(RECIPE)
+        run = tmp / "run"
+        subprocess.run([FURNACE, "train", "--config", str(tmp / "tiny.toml"), "--set", f"run.output_dir={run}"], check=True, capture_output=True)
+        server = subprocess.Popen(
+            [FURNACE, "serve", "--checkpoint", str(run), "--port", "0", "--served-model-name", "tiny"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            address = None
+            for line in server.stdout:
+                if line.startswith("listening on "):
+                    address = line.split()[2]
+                if line.startswith("serving"):
+                    break
+            assert address, "the server printed no address"
+            check(openai.OpenAI(base_url=f"{address}/v1", api_key="unused"), run)
+        finally:
+            server.terminate()
+            server.wait()
+    print("openai client: ok")
+
+
+def check(client: openai.OpenAI, run: pathlib.Path) -> None:
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+    prompt = "Once upon a time"
+    done = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    choice = done.choices[0]
+    assert choice.finish_reason == "length", choice
+    assert done.usage.completion_tokens == 5 and done.usage.total_tokens == done.usage.prompt_tokens + 5, done.usage
+    generated = subprocess.run(
+        [FURNACE, "generate", "--checkpoint", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "5", "--ignore-eos"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert generated.rstrip("\n") == prompt + choice.text, (generated, choice.text)
+
+    messages = [{"role": "user", "content": "Tell me a story about a fox."}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.role == "assistant", chat
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content, (text, chat.choices[0].message.content)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens, chunks[-1]
+
+    long = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    stop = long[6:8]
+    stopped = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == long[: long.index(stop)], (stopped, stop, long)
+
+    logged = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    entries = logged.choices[0].logprobs.content
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries), entries
+    # A token may hold part of a character (`bytes:\\x..`); its bytes, joined, are the reply.
+    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace") == logged.choices[0].message.content
+
+    sampled = [client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=1.0, seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1], sampled
+
+    try:
+        client.completions.create(model="tiny", prompt=prompt, top_p=1.5)
+        raise AssertionError("top_p = 1.5 was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "top_p", e.body
+    assert client.completions.create(model="tiny", prompt=prompt, max_tokens=2).choices[0].finish_reason in ("length", "stop")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

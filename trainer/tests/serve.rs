@@ -1,0 +1,311 @@
+//! `furnace serve` end to end: a tiny checkpoint behind the OpenAI API on a loopback port,
+//! spoken to over plain HTTP/1.1 (streaming included), as any client would.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+
+mod common;
+use common::{furnace, furnace_bin, text, workspace, TINY_ARCH};
+
+/// A trained tiny checkpoint (2 steps of the stories corpus, context 256) in `dir/run-<arch>`.
+fn tiny_checkpoint(dir: &Path, arch: &str) -> String {
+    let recipe = dir.join("tiny.toml");
+    std::fs::write(&recipe, TINY_ARCH.replace("max_seq_len = 32", "max_seq_len = 256")).unwrap();
+    let run = dir.join(format!("run-{arch}"));
+    let out = furnace(&[
+        "train",
+        "--config",
+        &recipe.display().to_string(),
+        "--set",
+        &format!("model.arch={arch}"),
+        "--set",
+        "training.steps=2",
+        "--set",
+        &format!("run.output_dir={}", run.display()),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    run.display().to_string()
+}
+
+/// A running server; killed when dropped.
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Server {
+    fn start(checkpoint: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(furnace_bin())
+            .args(["serve", "--checkpoint", checkpoint, "--port", "0", "--served-model-name", "tiny"])
+            .args(extra)
+            .current_dir(workspace())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut address = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("listening on http://") {
+                address = rest.split_whitespace().next().map(str::to_string);
+            }
+            if line.starts_with("serving") {
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, address: address.expect("the server prints its address") }
+    }
+
+    /// (status, headers, body) of one request.
+    fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String, Vec<u8>) {
+        let mut stream = TcpStream::connect(&self.address).unwrap();
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.address);
+        if let Some(body) = body {
+            head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        if let Some(body) = body {
+            // A server that refuses a large body early may close before reading all of it.
+            let _ = stream.write_all(body);
+        }
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete response head");
+        let head = String::from_utf8_lossy(&raw[..split]).to_string();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut body = raw[split + 4..].to_vec();
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            body = dechunk(&body);
+        }
+        (status, head, body)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, _, body) = self.request("POST", path, Some(body.to_string().as_bytes()));
+        (status, serde_json::from_slice(&body).unwrap_or_else(|_| panic!("JSON, got {}", String::from_utf8_lossy(&body))))
+    }
+
+    /// The `data:` payloads of a streamed reply.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let (status, _, body) = self.request("POST", path, Some(body.to_string().as_bytes()));
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        String::from_utf8(body).unwrap().lines().filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
+    }
+
+    fn metrics(&self) -> String {
+        String::from_utf8(self.request("GET", "/metrics", None).2).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = body.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&body[..end]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[end + 2..end + 2 + size]);
+        body = &body[end + 2 + size + 2..];
+    }
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} in\n{metrics}"))
+}
+
+#[test]
+fn serves_completions_and_chat_as_openai_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), "llama");
+    let server = Server::start(&checkpoint, &["--max-num-seqs", "4"]);
+    assert_eq!(server.request("GET", "/health", None).0, 200);
+    let (status, _, models) = server.request("GET", "/v1/models", None);
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_slice::<Value>(&models).unwrap()["data"][0]["id"], "tiny");
+
+    // Greedy: exactly `furnace generate --temperature 0`, ending at max_tokens with exact usage.
+    let greedy = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let (status, reply) = server.post("/v1/completions", &greedy);
+    assert_eq!(status, 200, "{reply}");
+    let choice = &reply["choices"][0];
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(reply["usage"]["completion_tokens"], 12);
+    let generated = furnace(&[
+        "generate",
+        "--checkpoint",
+        &checkpoint,
+        "--prompt",
+        "Once upon a time",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+    ]);
+    assert!(generated.status.success(), "{}", text(&generated));
+    let expected = String::from_utf8_lossy(&generated.stdout).trim_end_matches('\n').strip_prefix("Once upon a time").unwrap().to_string();
+    let served = choice["text"].as_str().unwrap().to_string();
+    assert_eq!(served, expected, "served greedy text = furnace generate's");
+    let prompt_tokens = reply["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 0 && reply["usage"]["total_tokens"] == prompt_tokens + 12, "{reply}");
+
+    // Streamed: the same text in chunks, finish_reason once, a usage chunk with no choices, [DONE].
+    let mut streamed_request = greedy.clone();
+    streamed_request["stream"] = json!(true);
+    streamed_request["stream_options"] = json!({"include_usage": true});
+    let events = server.stream("/v1/completions", &streamed_request);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(joined, served);
+    assert_eq!(chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).count(), 1);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 12);
+    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
+
+    // n = 3 greedy choices decoded in one batch equal the single greedy reply.
+    let mut three = greedy.clone();
+    three["n"] = json!(3);
+    let (_, reply) = server.post("/v1/completions", &three);
+    for i in 0..3 {
+        assert_eq!(reply["choices"][i]["text"], served.as_str(), "choice {i}");
+    }
+    assert_eq!(reply["usage"]["completion_tokens"], 36);
+
+    // A stop string ends the text before it, with finish_reason "stop".
+    let cut = served.char_indices().nth(6).map_or(served.len(), |(i, _)| i);
+    let stop: String = served[cut..].chars().take(2).collect();
+    let mut stopped = greedy.clone();
+    stopped["stop"] = json!([stop]);
+    let (_, reply) = server.post("/v1/completions", &stopped);
+    assert_eq!(reply["choices"][0]["finish_reason"], "stop");
+    assert_eq!(reply["choices"][0]["text"], &served[..served.find(&stop).unwrap()]);
+
+    // The same seed gives the same sample; logprobs are ≤ 0 and their tokens make the text.
+    let sampled = json!({"prompt": "The fox", "max_tokens": 10, "temperature": 1.0, "seed": 42, "ignore_eos": true, "logprobs": 2});
+    let (_, a) = server.post("/v1/completions", &sampled);
+    let (_, b) = server.post("/v1/completions", &sampled);
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    let logprobs = &a["choices"][0]["logprobs"];
+    assert_eq!(logprobs["tokens"].as_array().unwrap().len(), 10);
+    assert!(logprobs["token_logprobs"].as_array().unwrap().iter().all(|l| l.as_f64().unwrap() <= 0.0));
+    assert!(logprobs["top_logprobs"].as_array().unwrap().iter().all(|top| top.as_object().unwrap().len() <= 2));
+
+    // Chat: the assistant's message, streamed with the role first.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8, "temperature": 0});
+    let (status, reply) = server.post("/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(reply["choices"][0]["message"]["role"], "assistant");
+    // Chat's logprobs: each token's bytes, joined, are the reply (a token may hold part of a character).
+    let mut with_logprobs = chat.clone();
+    with_logprobs["logprobs"] = json!(true);
+    with_logprobs["top_logprobs"] = json!(3);
+    let (_, logged) = server.post("/v1/chat/completions", &with_logprobs);
+    let entries = logged["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8)).collect();
+    assert_eq!(String::from_utf8_lossy(&bytes), logged["choices"][0]["message"]["content"].as_str().unwrap());
+    assert!(entries.iter().all(|e| e["logprob"].as_f64().unwrap() <= 0.0 && e["top_logprobs"].as_array().unwrap().len() == 3));
+    let mut streamed_chat = chat.clone();
+    streamed_chat["stream"] = json!(true);
+    let events = server.stream("/v1/chat/completions", &streamed_chat);
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(content, reply["choices"][0]["message"]["content"].as_str().unwrap());
+
+    // Bad requests: OpenAI's error object naming the field; the server keeps serving.
+    let bad = [
+        (json!({"model": "gpt-4", "prompt": "x"}), "model"),
+        (json!({"prompt": "x", "top_p": 2.0}), "top_p"),
+        (json!({"prompt": "x", "max_tokens": -1}), "max_tokens"),
+        (json!({"prompt": "x", "temperature": "hot"}), "temperature"),
+        (json!({"prompt": "word ".repeat(400)}), "prompt"),
+        (json!({"messages": "hi"}), "messages"),
+    ];
+    for (request, param) in bad {
+        let path = if param == "messages" { "/v1/chat/completions" } else { "/v1/completions" };
+        let (status, reply) = server.post(path, &request);
+        assert_eq!(status, 400, "{request}: {reply}");
+        assert_eq!(reply["error"]["param"], param, "{reply}");
+        assert!(reply["error"]["message"].as_str().unwrap().len() > 10, "{reply}");
+    }
+    let (status, _, body) = server.request("POST", "/v1/completions", Some(b"{not json"));
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) = server.request("POST", "/v1/completions", Some(&vec![b' '; 5 << 20]));
+    assert_eq!(status, 413);
+    assert_eq!(server.post("/v1/completions", &greedy).1["choices"][0]["text"], served.as_str());
+
+    let metrics = server.metrics();
+    assert!(metric(&metrics, "furnace_requests_total{status=\"200\"}") >= 8.0, "{metrics}");
+    assert!(metric(&metrics, "furnace_requests_total{status=\"400\"}") >= 7.0, "{metrics}");
+    assert!(metric(&metrics, "furnace_generation_tokens_total") >= 100.0, "{metrics}");
+    assert!(metric(&metrics, "furnace_time_to_first_token_seconds_count") >= 8.0, "{metrics}");
+}
+
+#[test]
+fn a_full_queue_answers_429_and_a_gone_client_frees_its_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), "mamba");
+    let server = Server::start(&checkpoint, &["--max-num-seqs", "1", "--max-queue", "1"]);
+    let long = json!({"prompt": "Once", "max_tokens": 60, "temperature": 0, "ignore_eos": true});
+    let statuses: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let (status, head, _) = server.request("POST", "/v1/completions", Some(long.to_string().as_bytes()));
+                    (status, head)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().any(|(s, _)| *s == 200), "{statuses:?}");
+    let refused: Vec<_> = statuses.iter().filter(|(s, _)| *s == 429).collect();
+    assert!(!refused.is_empty(), "{statuses:?}");
+    assert!(refused.iter().all(|(_, head)| head.to_ascii_lowercase().contains("retry-after: 1")), "{refused:?}");
+    assert!(statuses.iter().all(|(s, _)| *s == 200 || *s == 429), "{statuses:?}");
+
+    // A streaming client that hangs up after its first chunk: its sequence stops and leaves.
+    let before = metric(&server.metrics(), "furnace_generation_tokens_total");
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    let body = json!({"prompt": "Once", "max_tokens": 240, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
+    let head =
+        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut first = [0u8; 64];
+    let _ = stream.read(&mut first).unwrap();
+    drop(stream);
+    let mut idle = false;
+    for _ in 0..200 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if metric(&server.metrics(), "furnace_num_requests_running") == 0.0 {
+            idle = true;
+            break;
+        }
+    }
+    assert!(idle, "the hung-up sequence still runs");
+    let after = metric(&server.metrics(), "furnace_generation_tokens_total");
+    assert!(after - before < 240.0, "the sequence stopped before its 240 tokens: {before} → {after}");
+}
