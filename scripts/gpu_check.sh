@@ -63,7 +63,7 @@ parity() {
     "$bin/gpu_parity" --test-threads=1 >"$out/parity-$backend.log" 2>&1; then
     row "parity suite, $backend" "passed: $(grep -o '[0-9]* passed' "$out/parity-$backend.log" | tail -n1)" "$((SECONDS - start)) s"
   else
-    row "parity suite, $backend" "FAILED: $(grep -m1 -E 'panicked|FAILED|error' "$out/parity-$backend.log" | cut -c1-120)" "see parity-$backend.log"
+    row "parity suite, $backend" "FAILED: $(grep -m1 -A1 'panicked at' "$out/parity-$backend.log" | tail -n1 | cut -c1-160)" "see parity-$backend.log"
   fi
 }
 parity cuda
@@ -99,7 +99,7 @@ EOF
   )
   row "gpt2-124m bf16-mixed, B$batch T$seq, Furnace (cuda)" "$summary" "peak GPU memory ${peak_mb:-?} MiB, $((SECONDS - start)) s"
 else
-  row "gpt2-124m bf16-mixed, B$batch T$seq, Furnace (cuda)" "FAILED (exit $status): $(grep -m1 -i 'error' "$out/gpt2-124m.log" | cut -c1-120)" "see gpt2-124m.log"
+  row "gpt2-124m bf16-mixed, B$batch T$seq, Furnace (cuda)" "FAILED (exit $status): $(grep -m1 -iE '^error|panicked' -A1 "$out/gpt2-124m.log" | tail -n1 | cut -c1-160)" "see gpt2-124m.log"
 fi
 
 # 3. The same model and step in PyTorch, when the machine has it with CUDA.

@@ -25,7 +25,10 @@ pub fn dispatch(recipe: &Recipe, job: impl BackendJob) -> Result<()> {
         Backend::Flex => job.run::<Autodiff<burn::backend::Flex>>(Default::default()),
         Backend::Cuda => {
             #[cfg(feature = "cuda")]
-            return job.run::<Autodiff<burn::backend::Cuda>>(Default::default());
+            {
+                check_cuda_driver()?;
+                return job.run::<Autodiff<burn::backend::Cuda>>(Default::default());
+            }
             #[cfg(not(feature = "cuda"))]
             bail!(not_compiled("cuda"))
         }
@@ -93,6 +96,23 @@ fn watch_backend_threads() {
         }
         report(info);
     }));
+}
+
+/// Refuse `runtime.backend = "cuda"` where the CUDA driver cannot be loaded (no NVIDIA driver
+/// on this machine), which the backend would only find as a panic on its first kernel.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn check_cuda_driver() -> Result<()> {
+    // The library the CUDA runtime itself loads; kept loaded for the backend.
+    for name in [c"libcuda.so.1", c"libcuda.so"] {
+        // SAFETY: dlopen reads a NUL-terminated name and returns a handle or null.
+        if !unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) }.is_null() {
+            return Ok(());
+        }
+    }
+    bail!(
+        "recipe key runtime.backend = \"cuda\": the NVIDIA CUDA driver (libcuda.so.1) cannot be loaded on this machine; \
+         install the NVIDIA driver (or add its folder to LD_LIBRARY_PATH), or set runtime.backend = \"flex\" (CPU) or \"wgpu\""
+    )
 }
 
 /// The first panic of a thread other than the main one, if any.
@@ -167,5 +187,19 @@ mod tests {
         watch_backend_threads();
         let _ = std::thread::Builder::new().name("device-server".into()).spawn(|| panic!("can't allocate buffer")).unwrap().join();
         assert!(backend_failure().is_some_and(|m| m.contains("can't allocate buffer")));
+    }
+
+    /// Without an NVIDIA driver the CUDA backend is refused with the key and the fix.
+    #[test]
+    fn cuda_without_a_driver_is_refused_naming_the_key() {
+        match check_cuda_driver() {
+            Ok(()) => {
+                assert!(std::path::Path::new("/proc/driver/nvidia").exists(), "libcuda loaded on a machine without the NVIDIA driver")
+            }
+            Err(e) => {
+                let message = e.to_string();
+                assert!(message.contains("runtime.backend = \"cuda\"") && message.contains("libcuda.so.1"), "{message}");
+            }
+        }
     }
 }
