@@ -11,33 +11,47 @@ furnace="${FURNACE:-${CARGO_TARGET_DIR:-/var/tmp/furnace-target}/release/furnace
 requests="${REQUESTS:-32}"
 output="${OUTPUT:-128}"
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
+servers=()
+trap 'kill "${servers[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 "$furnace" train --config recipes/gpt2-124m.toml --set training.steps=1 --set training.eval_every=0 \
   --set logging.progress=false --set run.output_dir="$work/gpt2" >"$work/train.log" 2>&1
 
-serve() { # max_num_seqs → the server's address
+serve() { # max_num_seqs; sets $address
   "$furnace" serve --checkpoint "$work/gpt2" --port 0 --max-num-seqs "$1" --max-queue 1024 --kv-cache-mb 8192 >"$work/serve-$1.log" 2>&1 &
+  servers+=($!)
   until grep -q '^serving' "$work/serve-$1.log"; do sleep 0.5; done
-  sed -n 's/^listening on \(http:\/\/[^ ]*\).*/\1/p' "$work/serve-$1.log"
+  address=$(sed -n 's/^listening on \(http:\/\/[^ ]*\).*/\1/p' "$work/serve-$1.log")
 }
 
+# Prompt ids stay below the stories tokenizer's vocabulary (under 500 tokens).
 bench() { # url concurrency
-  python3 scripts/bench_serve.py --url "$1" --concurrency "$2" --requests "$(( $2 == 1 ? 8 : requests ))" --output "$output" --vocab 8000
+  python3 scripts/bench_serve.py --url "$1" --concurrency "$2" --requests "$(( $2 == 1 ? 8 : requests ))" --output "$output" --vocab 400
 }
 
-batched=$(serve 32)
+serve 32
+batched=$address
 echo "| server | concurrency | requests/s | output tokens/s | TTFT median ms | TPOT median ms | ITL p99 ms |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
-row() {
-  python3 -c 'import json, sys; r = json.loads(sys.argv[2]); print(f"| {sys.argv[1]} | {r[\"concurrency\"]} | {r[\"request_throughput\"]:.2f} | {r[\"output_token_throughput\"]:.1f} | {r[\"ttft\"][\"median_ms\"]:.0f} | {r[\"tpot\"][\"median_ms\"]:.0f} | {r[\"itl\"][\"p99_ms\"]:.0f} |")' "$1" "$2"
+row() { # label result-json
+  python3 - "$1" "$2" <<'EOF'
+import json, sys
+label, r = sys.argv[1], json.loads(sys.argv[2])
+print(f"| {label} | {r['concurrency']} | {r['request_throughput']:.2f} | {r['output_token_throughput']:.1f} | "
+      f"{r['ttft']['median_ms']:.0f} | {r['tpot']['median_ms']:.0f} | {r['itl']['p99_ms']:.0f} |")
+EOF
 }
 for c in 1 8 32; do
   result=$(bench "$batched" "$c")
   row "continuous batching (--max-num-seqs 32)" "$result"
   [ "$c" = 32 ] && batched32=$result
 done
-single=$(serve 1)
+serve 1
+single=$address
 single32=$(bench "$single" 32)
 row "one sequence at a time (--max-num-seqs 1)" "$single32"
-python3 -c 'import json, sys; a, b = (json.loads(x)["output_token_throughput"] for x in sys.argv[1:]); print(f"continuous batching / one at a time, output tokens/s at concurrency 32: {a / b:.2f}x")' "$batched32" "$single32"
+python3 - "$batched32" "$single32" <<'EOF'
+import json, sys
+a, b = (json.loads(x)["output_token_throughput"] for x in sys.argv[1:])
+print(f"continuous batching / one at a time, output tokens/s at concurrency 32: {a / b:.2f}x")
+EOF
