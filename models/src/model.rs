@@ -345,6 +345,21 @@ pub(crate) enum StateOf<B: Backend> {
     Mamba(MambaState<B>),
 }
 
+impl<B: FusedOps> Causal<'_, B> {
+    /// The mean over positions of the last hidden state (after the final norm) of `tokens`: a
+    /// sentence embedding `[d_model]`, as `/v1/embeddings` serves it.
+    pub fn mean_hidden(&self, tokens: &[u32], device: &B::Device) -> Vec<f32> {
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), device);
+        let hidden = match self {
+            Self::Decoder(m) => m.forward_hidden(tokens, None),
+            Self::Mamba(m) => m.forward_hidden(tokens, None),
+        };
+        let [_, _, width] = hidden.dims();
+        hidden.mean_dim(1).reshape([width]).into_data().convert::<f32>().into_vec().expect("f32 hidden states")
+    }
+}
+
 impl<B: FusedOps> CausalLm<B> for Causal<'_, B> {
     type State = DecodeState<B>;
 

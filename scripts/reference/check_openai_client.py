@@ -6,6 +6,7 @@
 - chat returns role "assistant"; streamed chat (include_usage) gives the non-streamed text at
   temperature 0, one finish_reason, and a last chunk with usage and no choices;
 - a stop string gives "stop" and is left out; logprobs are <= 0 and their tokens' bytes make the text;
+- embeddings (the client's default base64 and floats alike) have the model's width;
 - the same seed gives the same text; a bad parameter raises BadRequestError and the next request
   still succeeds.
 
@@ -113,6 +114,12 @@ def check(client: openai.OpenAI, run: pathlib.Path) -> None:
     assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries), entries
     # A token may hold part of a character (`bytes:\\x..`); its bytes, joined, are the reply.
     assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace") == logged.choices[0].message.content
+
+    vectors = client.embeddings.create(model="tiny", input=["Once upon a time", "The fox"]).data  # base64 by default
+    floats = client.embeddings.create(model="tiny", input=["Once upon a time", "The fox"], encoding_format="float").data
+    assert len(vectors) == 2 and len(vectors[0].embedding) == 64, vectors
+    assert [v.embedding for v in vectors] == [v.embedding for v in floats]
+    assert vectors[0].embedding != vectors[1].embedding
 
     sampled = [client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=1.0, seed=7).choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1], sampled

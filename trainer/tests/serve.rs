@@ -125,6 +125,17 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
     }
 }
 
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".bytes().position(|a| a == c).unwrap() as u32;
+    let mut out = Vec::new();
+    for chunk in text.as_bytes().chunks(4) {
+        let digits: Vec<u32> = chunk.iter().filter(|&&c| c != b'=').map(|&c| value(c)).collect();
+        let n = digits.iter().enumerate().fold(0u32, |n, (i, d)| n | d << (18 - 6 * i));
+        out.extend((0..digits.len() - 1).map(|i| (n >> (16 - 8 * i)) as u8));
+    }
+    out
+}
+
 fn metric(metrics: &str, name: &str) -> f64 {
     metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} in\n{metrics}"))
 }
@@ -233,6 +244,23 @@ fn serves_completions_and_chat_as_openai_does() {
         .filter_map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().map(str::to_string))
         .collect();
     assert_eq!(content, reply["choices"][0]["message"]["content"].as_str().unwrap());
+
+    // Embeddings: the model's width; the same text alike, another not; base64 the same floats.
+    let (status, reply) =
+        server.post("/v1/embeddings", &json!({"model": "tiny", "input": ["Once upon a time", "The fox", "Once upon a time"]}));
+    assert_eq!(status, 200, "{reply}");
+    let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<f32>>();
+    let vectors: Vec<Vec<f32>> = reply["data"].as_array().unwrap().iter().map(|d| floats(&d["embedding"])).collect();
+    assert_eq!(vectors.len(), 3);
+    assert_eq!(vectors[0].len(), 64, "tiny's d_model");
+    assert_eq!(vectors[0], vectors[2]);
+    assert_ne!(vectors[0], vectors[1]);
+    assert!(reply["usage"]["prompt_tokens"].as_u64().unwrap() > 3);
+    let (_, encoded) = server.post("/v1/embeddings", &json!({"input": "Once upon a time", "encoding_format": "base64"}));
+    let bytes = base64_decode(encoded["data"][0]["embedding"].as_str().unwrap());
+    let decoded: Vec<f32> = bytes.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(decoded, vectors[0]);
+    assert_eq!(server.post("/v1/embeddings", &json!({"input": []})).0, 400);
 
     // Bad requests: OpenAI's error object naming the field; the server keeps serving.
     let bad = [

@@ -26,7 +26,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::engine::{Event, Params, Sequence, TokenLogprob, TokenText};
+use super::engine::{Event, Job, Params, Sequence, TokenLogprob, TokenText};
 use super::metrics::Metrics;
 use crate::evaluate::encode_prompt;
 
@@ -46,7 +46,7 @@ pub struct Ready {
 pub struct Shared {
     pub ready: OnceLock<Ready>,
     pub metrics: Arc<Metrics>,
-    pub queue: SyncSender<Sequence>,
+    pub queue: SyncSender<Job>,
     pub created: u64,
 }
 
@@ -57,6 +57,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint", None).into_response() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared)
@@ -182,20 +183,7 @@ async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind
         let mut params = request.params.clone();
         params.sampling.seed = derive_seed(request.params.sampling.seed, Stream::Reply, choice as u64);
         let seq = Sequence { prompt: request.prompt.clone(), params, choice, arrived, events: events.clone() };
-        shared.metrics.waiting.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = shared.queue.try_send(seq) {
-            shared.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-            let mut error = match e {
-                TrySendError::Full(_) => {
-                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "the queue is full (--max-queue); retry shortly", None)
-                }
-                TrySendError::Disconnected(_) => {
-                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "the engine has stopped", None)
-                }
-            };
-            error.retry_after = Some(1);
-            return Err(error);
-        }
+        enqueue(shared, Job::Generate(seq))?;
     }
     drop(events);
     let id = format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
@@ -205,6 +193,107 @@ async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind
     } else {
         Ok(Json(collect(reply, request, receiver).await).into_response())
     }
+}
+
+/// `job` into the engine's queue, or 429 (full) / 503 (stopped) with Retry-After.
+fn enqueue(shared: &Shared, job: Job) -> Result<(), ApiError> {
+    shared.metrics.waiting.fetch_add(1, Ordering::Relaxed);
+    let Err(e) = shared.queue.try_send(job) else { return Ok(()) };
+    shared.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+    let mut error = match e {
+        TrySendError::Full(_) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "the queue is full (--max-queue); retry shortly", None)
+        }
+        TrySendError::Disconnected(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "the engine has stopped", None)
+        }
+    };
+    error.retry_after = Some(1);
+    Err(error)
+}
+
+async fn embeddings(State(shared): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = embed(&shared, body).await;
+    counted(&shared, result)
+}
+
+/// `/v1/embeddings`: each input's last hidden state averaged over its tokens, as floats or
+/// (`encoding_format: "base64"`, the `openai` client's default) little-endian f32 bytes.
+async fn embed(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text(), None))?;
+    let ready = ready(shared)?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad("body", format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(fields) = value else { return Err(ApiError::bad("body", "the body must be a JSON object")) };
+    if let Some(model) = fields.get("model").and_then(Value::as_str).filter(|m| *m != ready.name) {
+        return Err(ApiError::bad("model", format!("the model `{model}` does not exist; this server serves `{}`", ready.name)));
+    }
+    let tokens = |v: &Value| -> Option<Vec<u32>> {
+        match v {
+            Value::String(text) => Some(ready.tokenizer.encode(text)),
+            Value::Array(ids) if ids.iter().all(Value::is_u64) => Some(ids.iter().filter_map(Value::as_u64).map(|t| t as u32).collect()),
+            _ => None,
+        }
+    };
+    let inputs: Option<Vec<Vec<u32>>> = match fields.get("input") {
+        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(|i| i.is_string() || i.is_array()) => {
+            items.iter().map(tokens).collect()
+        }
+        Some(single) => tokens(single).map(|t| vec![t]),
+        None => None,
+    };
+    let inputs =
+        inputs.ok_or_else(|| ApiError::bad("input", "input is a string, a list of strings, token ids, or a list of token-id lists"))?;
+    if inputs.len() > 256 {
+        return Err(ApiError::bad("input", format!("{} inputs; send at most 256 per request", inputs.len())));
+    }
+    for (i, input) in inputs.iter().enumerate() {
+        if input.is_empty() || input.len() > ready.max_seq_len {
+            return Err(ApiError::bad("input", format!("input {i} has {} tokens; it must have 1 to {}", input.len(), ready.max_seq_len)));
+        }
+        if let Some(bad) = input.iter().find(|&&t| t as usize >= ready.tokenizer.vocab_size()) {
+            return Err(ApiError::bad(
+                "input",
+                format!("input {i}: token id {bad} is outside the vocabulary of {}", ready.tokenizer.vocab_size()),
+            ));
+        }
+    }
+    let base64 = match fields.get("encoding_format").and_then(Value::as_str) {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => return Err(ApiError::bad("encoding_format", format!("encoding_format `{other}` is not float or base64"))),
+    };
+    if fields.get("dimensions").is_some_and(|d| !d.is_null()) {
+        return Err(ApiError::bad("dimensions", "dimensions is not supported: the embedding has the model's width"));
+    }
+    let prompt_tokens: usize = inputs.iter().map(Vec::len).sum();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    enqueue(shared, Job::Embed { inputs, reply })?;
+    let vectors =
+        answer.await.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "the engine has stopped", None))?;
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = if base64 { json!(base64_f32(v)) } else { json!(v) };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data, "model": ready.name, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}))
+        .into_response())
+}
+
+/// Standard base64 (RFC 4648, padded) of the floats' little-endian bytes.
+fn base64_f32(values: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
 }
 
 fn next_id() -> u64 {

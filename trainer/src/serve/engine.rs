@@ -15,7 +15,7 @@ use burn::prelude::*;
 use furnace_data::TextTokenizer;
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::{Sampler, SamplingConfig};
-use furnace_models::BatchedDecoding;
+use furnace_models::{BatchedDecoding, Causal, CausalBatch, CausalLm, DecodeState};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
@@ -31,6 +31,16 @@ pub struct Params {
     pub ignore_eos: bool,
     /// Log-probabilities of the chosen tokens, with this many alternatives each.
     pub logprobs: Option<usize>,
+}
+
+/// What the HTTP side asks of the engine.
+pub enum Job {
+    Generate(Sequence),
+    /// Mean-pooled last hidden states of each input, sent back on `reply`.
+    Embed {
+        inputs: Vec<Vec<u32>>,
+        reply: tokio::sync::oneshot::Sender<Vec<Vec<f32>>>,
+    },
 }
 
 /// One sequence to decode: a request's choice.
@@ -115,36 +125,36 @@ enum Outcome {
     Finished,
 }
 
-pub struct Engine<'a, B: FusedOps, M: BatchedDecoding<B>> {
-    model: &'a M,
+pub struct Engine<'a, B: FusedOps> {
+    model: &'a Causal<'a, B>,
     tokenizer: &'a TextTokenizer,
     metrics: Arc<Metrics>,
     limits: Limits,
     device: B::Device,
-    prefilling: VecDeque<Prefilling<M::State>>,
+    prefilling: VecDeque<Prefilling<DecodeState<B>>>,
     running: Vec<Running>,
-    batch: M::Batch,
+    batch: CausalBatch<B>,
 }
 
-impl<'a, B: FusedOps, M: BatchedDecoding<B>> Engine<'a, B, M> {
-    pub fn new(model: &'a M, tokenizer: &'a TextTokenizer, metrics: Arc<Metrics>, limits: Limits, device: B::Device) -> Self {
+impl<'a, B: FusedOps> Engine<'a, B> {
+    pub fn new(model: &'a Causal<'a, B>, tokenizer: &'a TextTokenizer, metrics: Arc<Metrics>, limits: Limits, device: B::Device) -> Self {
         metrics.kv_cache_budget_bytes.store(limits.kv_budget_bytes, Ordering::Relaxed);
         let batch = model.empty_batch();
         Self { model, tokenizer, metrics, limits, device, prefilling: VecDeque::new(), running: Vec::new(), batch }
     }
 
     /// Serves `queue` until every sender is gone.
-    pub fn run(mut self, queue: Receiver<Sequence>) {
+    pub fn run(mut self, queue: Receiver<Job>) {
         loop {
             if self.prefilling.is_empty() && self.running.is_empty() {
                 match queue.recv() {
-                    Ok(seq) => self.admit(seq),
+                    Ok(job) => self.take(job),
                     Err(_) => return,
                 }
             }
             while self.has_room() {
                 match queue.try_recv() {
-                    Ok(seq) => self.admit(seq),
+                    Ok(job) => self.take(job),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => return,
                 }
@@ -179,8 +189,19 @@ impl<'a, B: FusedOps, M: BatchedDecoding<B>> Engine<'a, B, M> {
         (admitted + 1) * longest * self.limits.kv_bytes_per_position <= self.limits.kv_budget_bytes
     }
 
-    fn admit(&mut self, seq: Sequence) {
+    /// A sequence joins the prefill queue; embeddings are computed at once (one forward each).
+    fn take(&mut self, job: Job) {
         self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+        match job {
+            Job::Generate(seq) => self.admit(seq),
+            Job::Embed { inputs, reply } => {
+                self.metrics.prompt_tokens.fetch_add(inputs.iter().map(Vec::len).sum::<usize>() as u64, Ordering::Relaxed);
+                let _ = reply.send(inputs.iter().map(|tokens| self.model.mean_hidden(tokens, &self.device)).collect());
+            }
+        }
+    }
+
+    fn admit(&mut self, seq: Sequence) {
         self.metrics.prompt_tokens.fetch_add(seq.prompt.len() as u64, Ordering::Relaxed);
         self.prefilling.push_back(Prefilling { state: self.model.init_state(), seq, read: 0 });
     }

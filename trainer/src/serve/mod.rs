@@ -82,7 +82,7 @@ struct ServeJob {
     tokenizer: TextTokenizer,
     weights: NamedTensors,
     shared: Arc<api::Shared>,
-    requests: std::sync::mpsc::Receiver<engine::Sequence>,
+    requests: std::sync::mpsc::Receiver<engine::Job>,
 }
 
 impl BackendJob for ServeJob {
