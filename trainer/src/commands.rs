@@ -146,9 +146,7 @@ struct GenerateJob {
 impl BackendJob for GenerateJob {
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
         let Self { args, recipe, tokenizer, weights } = self;
-        let base = base_for(&recipe)?;
-        let model = load_named(build_model::<B::InnerBackend>(&recipe, tokenizer.vocab_size(), base.as_ref(), &device)?.model, &weights)
-            .map_err(|e| anyhow::anyhow!("{} does not fit its model: {e}", args.checkpoint.display()))?;
+        let model = decoding_model::<B::InnerBackend>(&recipe, &tokenizer, &weights, &args.checkpoint, &device)?;
         let mut stop_tokens = if args.ignore_eos { Vec::new() } else { vec![tokenizer.eos()] };
         for s in &args.stop {
             match tokenizer.encode(s).as_slice() {
@@ -308,6 +306,19 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     checkpoint::set_verification(!args.no_verify);
     let (recipe, tokenizer, weights) = load_for_decoding(&args.checkpoint, args.adapter.as_deref(), args.backend.as_deref())?;
     dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights })
+}
+
+/// The model `load_for_decoding`'s recipe and weights describe, on `device`.
+pub fn decoding_model<B: FusedOps>(
+    recipe: &Recipe,
+    tokenizer: &TextTokenizer,
+    weights: &NamedTensors,
+    checkpoint: &Path,
+    device: &B::Device,
+) -> Result<LanguageModel<B>> {
+    let base = base_for(recipe)?;
+    load_named(build_model::<B>(recipe, tokenizer.vocab_size(), base.as_ref(), device)?.model, weights)
+        .map_err(|e| anyhow::anyhow!("{} does not fit its model: {e}", checkpoint.display()))
 }
 
 /// What decoding a checkpoint needs — a Furnace run or checkpoint folder, a Hugging Face model

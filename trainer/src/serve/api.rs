@@ -164,18 +164,7 @@ struct Request {
 }
 
 async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| {
-        let status = e.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the request body is over {} MiB", MAX_BODY_BYTES >> 20)
-        } else {
-            e.body_text()
-        };
-        ApiError::new(status, "invalid_request_error", message, None)
-    })?;
-    let ready = ready(shared)?;
-    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad("body", format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(fields) = value else { return Err(ApiError::bad("body", "the body must be a JSON object")) };
+    let (ready, fields) = request_fields(shared, body)?;
     let request = parse(&fields, kind, ready)?;
     let arrived = Instant::now();
     let (events, receiver) = unbounded_channel();
@@ -220,13 +209,7 @@ async fn embeddings(State(shared): State<Arc<Shared>>, body: Result<Bytes, Bytes
 /// `/v1/embeddings`: each input's last hidden state averaged over its tokens, as floats or
 /// (`encoding_format: "base64"`, the `openai` client's default) little-endian f32 bytes.
 async fn embed(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text(), None))?;
-    let ready = ready(shared)?;
-    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad("body", format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(fields) = value else { return Err(ApiError::bad("body", "the body must be a JSON object")) };
-    if let Some(model) = fields.get("model").and_then(Value::as_str).filter(|m| *m != ready.name) {
-        return Err(ApiError::bad("model", format!("the model `{model}` does not exist; this server serves `{}`", ready.name)));
-    }
+    let (ready, fields) = request_fields(shared, body)?;
     let tokens = |v: &Value| -> Option<Vec<u32>> {
         match v {
             Value::String(text) => Some(ready.tokenizer.encode(text)),
@@ -302,13 +285,31 @@ fn next_id() -> u64 {
     nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(40)
 }
 
-fn parse(fields: &Map<String, Value>, kind: Kind, ready: &Ready) -> Result<Request, ApiError> {
+/// A request body's fields, once the model is loaded: a JSON object within the size limit whose
+/// `model`, when given, is the one served.
+fn request_fields(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Result<(&Ready, Map<String, Value>), ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is over {} MiB", MAX_BODY_BYTES >> 20)
+        } else {
+            e.body_text()
+        };
+        ApiError::new(status, "invalid_request_error", message, None)
+    })?;
+    let ready = ready(shared)?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad("body", format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(fields) = value else { return Err(ApiError::bad("body", "the body must be a JSON object")) };
     if let Some(model) = fields.get("model") {
         let name = model.as_str().ok_or_else(|| ApiError::bad("model", "model must be a string"))?;
         if name != ready.name {
             return Err(ApiError::bad("model", format!("the model `{name}` does not exist; this server serves `{}`", ready.name)));
         }
     }
+    Ok((ready, fields))
+}
+
+fn parse(fields: &Map<String, Value>, kind: Kind, ready: &Ready) -> Result<Request, ApiError> {
     let tokenizer = &ready.tokenizer;
     let (prompt, prompt_text) = match kind {
         Kind::Completion => match fields.get("prompt") {

@@ -11,16 +11,15 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use furnace_configs::Recipe;
-use furnace_core::params::{load_named, NamedTensors};
+use furnace_core::params::NamedTensors;
 use furnace_data::chat::ChatTemplate;
 use furnace_data::TextTokenizer;
 use furnace_models::{CausalLm, LanguageModel};
 
 use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint;
-use crate::commands::load_for_decoding;
+use crate::commands::{decoding_model, load_for_decoding};
 use crate::datasets::chat_template_source;
-use crate::model::{base_for, build_model};
 use crate::ServeArgs;
 
 pub fn serve(args: ServeArgs) -> Result<()> {
@@ -88,9 +87,7 @@ struct ServeJob {
 impl BackendJob for ServeJob {
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
         let Self { args, name, recipe, tokenizer, weights, shared, requests } = self;
-        let base = base_for(&recipe)?;
-        let model = load_named(build_model::<B::InnerBackend>(&recipe, tokenizer.vocab_size(), base.as_ref(), &device)?.model, &weights)
-            .map_err(|e| anyhow::anyhow!("{} does not fit its model: {e}", args.checkpoint.display()))?;
+        let model = decoding_model::<B::InnerBackend>(&recipe, &tokenizer, &weights, &args.checkpoint, &device)?;
         let causal = model.as_causal().map_err(|e| anyhow::anyhow!("furnace serve decodes left to right: {e}"))?;
         let kv_bytes_per_position = match &model {
             // Keys and values, f32, of every layer.
