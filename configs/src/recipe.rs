@@ -445,16 +445,40 @@ section! {
     }
 }
 
+/// One source of a weighted data mixture (`[[data.sources]]`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixtureSource {
+    /// Names the source in metrics (`data/source_fraction/<name>`) and prepared files.
+    pub name: String,
+    /// Files, folders or globs, as data.files.
+    pub files: Vec<String>,
+    /// Sampling weight; the weights are normalised to probabilities.
+    pub weight: f64,
+    /// At most this many passes over the source per pass of the mixture; 0: no cap.
+    #[serde(default)]
+    pub epochs: usize,
+}
+
 section! {
     /// Training data: where it comes from and how it is tokenized.
     DataSection = "data" {
         /// Source: arithmetic, stories (both generated, no download) or files.
         source: DataSource = DataSource::Arithmetic,
-        /// For source = "files": .txt files (one document per blank-line-separated block) or .jsonl files.
+        /// For source = "files" (and the chat, preference and pair sources): data files, folders
+        /// (every data file under them) or globs ("corpus/*.jsonl.zst"). Formats by name: .txt
+        /// (see text_documents), .jsonl, .json (an array of records, or one per line), .parquet;
+        /// .gz and .zst compressed too.
         files: Vec<String> = Vec::new(),
-        /// For source = "files": held-out files for validation. Empty: the last `val_fraction` of the tokens.
+        /// For source = "files": held-out files for validation (as `files`). Empty: the last
+        /// `val_fraction` of the tokens, from a document start when one is near.
         val_files: Vec<String> = Vec::new(),
-        /// JSONL field holding the text.
+        /// For source = "files", instead of `files`: a weighted mixture, `[[data.sources]]`
+        /// entries of `name`, `files`, `weight` (each sequence's probability of coming from it,
+        /// as Megatron's blend) and `epochs` (at most this many passes over the source per pass
+        /// of the mixture; 0: no cap). Without val_files each source holds out its own tail.
+        sources: Vec<MixtureSource> = Vec::new(),
+        /// JSONL, JSON and Parquet: the field (column) holding the text.
         text_field: String = "text".into(),
         /// For .txt files of source = "files": what one document is (file, blank-line or line).
         text_documents: TextDocuments = TextDocuments::File,
@@ -481,6 +505,12 @@ section! {
         packing: bool = false,
         /// Vocabulary size when training the tokenizer.
         tokenizer_vocab_size: usize = 512,
+        /// Training the tokenizer: how much of the training text it learns from (the first
+        /// this-many megabytes), so a corpus of any size trains it in bounded time and memory.
+        tokenizer_sample_mb: usize = 256,
+        /// Tokens per shard file of prepared data; an interrupted `furnace data prepare`
+        /// continues at its last complete shard.
+        shard_tokens: usize = 100_000_000,
     }
 }
 

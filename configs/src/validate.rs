@@ -579,13 +579,70 @@ fn lr_scheduler(c: &Check<'_>) -> Result<(), RecipeError> {
     Ok(())
 }
 
+/// A weighted mixture: for text files, instead of data.files, with named, weighted sources.
+fn mixture(c: &Check<'_>) -> Result<(), RecipeError> {
+    let d = &c.recipe.data;
+    if d.source != DataSource::Files {
+        return c.fail(
+            "data",
+            "sources",
+            format!("data.sources mixes text files, but data.source = \"{}\"", d.source),
+            "set data.source = \"files\", or remove the [[data.sources]] entries".into(),
+        );
+    }
+    if !d.files.is_empty() {
+        return c.fail(
+            "data",
+            "files",
+            "both data.files and [[data.sources]] are given".into(),
+            "list the files in a [[data.sources]] entry of their own (with its weight)".into(),
+        );
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, s) in d.sources.iter().enumerate() {
+        let valid_name = !s.name.is_empty() && s.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-');
+        if !valid_name || !names.insert(s.name.as_str()) {
+            return c.fail(
+                "data",
+                "sources",
+                format!("data.sources[{i}].name = {:?} is empty, repeated or not made of letters, digits, '_' and '-'", s.name),
+                "give each source a distinct name such as \"web\" or \"code\"".into(),
+            );
+        }
+        if !(s.weight.is_finite() && s.weight > 0.0) {
+            return c.fail(
+                "data",
+                "sources",
+                format!("data.sources \"{}\": weight = {} must be positive", s.name, s.weight),
+                "use e.g. weight = 0.3 (weights are normalised to probabilities)".into(),
+            );
+        }
+        if s.files.is_empty() {
+            return c.fail(
+                "data",
+                "sources",
+                format!("data.sources \"{}\" lists no files", s.name),
+                "give it files = [\"corpus/*.jsonl\"]".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Files, the tokenizer, the generated tasks' settings and packing.
 fn data(c: &Check<'_>) -> Result<(), RecipeError> {
     let recipe = c.recipe;
     let m = &c.m;
     let check_files = c.check_files;
     let d = &recipe.data;
-    if matches!(d.source, DataSource::Files | DataSource::Chat | DataSource::Preferences | DataSource::Seq2seq) && d.files.is_empty() {
+    if !d.sources.is_empty() {
+        mixture(c)?;
+    }
+    let mixed = d.source == DataSource::Files && !d.sources.is_empty();
+    if matches!(d.source, DataSource::Files | DataSource::Chat | DataSource::Preferences | DataSource::Seq2seq)
+        && d.files.is_empty()
+        && !mixed
+    {
         return c.fail(
             "data",
             "files",
@@ -605,14 +662,44 @@ fn data(c: &Check<'_>) -> Result<(), RecipeError> {
             }
         }
     }
-    for f in d.files.iter().chain(&d.val_files).filter(|_| check_files) {
-        if !Path::new(f).is_file() {
+    let all_files = || d.files.iter().chain(&d.val_files).chain(d.sources.iter().flat_map(|s| &s.files));
+    if d.tokenizer.is_empty() && all_files().any(|f| f.to_ascii_lowercase().ends_with(".bin")) {
+        return c.fail(
+            "data",
+            "tokenizer",
+            "data.files holds token files (.bin) but no tokenizer is given".into(),
+            "set data.tokenizer to the tokenizer.json that wrote them (GPT-2's for llm.c's and nanoGPT's files)".into(),
+        );
+    }
+    let listed = d.files.iter().map(|f| ("files", f)).chain(d.val_files.iter().map(|f| ("val_files", f)));
+    let in_sources = d.sources.iter().flat_map(|s| s.files.iter().map(|f| ("sources", f)));
+    for (key, f) in listed.chain(in_sources).filter(|_| check_files) {
+        let pattern = f.contains(['*', '?', '[']);
+        let found = match pattern {
+            // As a shell globs: `*` does not match a hidden file's leading dot.
+            true => glob::glob_with(f, glob::MatchOptions { require_literal_leading_dot: true, ..Default::default() })
+                .is_ok_and(|mut paths| paths.any(|p| p.is_ok_and(|p| p.is_file()))),
+            false => Path::new(f).exists(),
+        };
+        if !found {
             return c.fail(
                 "data",
-                "files",
-                format!("data file `{f}` does not exist"),
-                "give paths relative to where furnace runs, or absolute".into(),
+                key,
+                match pattern {
+                    true => format!("the glob `{f}` matches no file"),
+                    false => format!("data file `{f}` does not exist"),
+                },
+                "give paths (files, folders or globs) relative to where furnace runs, or absolute".into(),
             );
+        }
+    }
+    let defaults = crate::DataSection::default();
+    for (key, value, default) in [
+        ("shard_tokens", d.shard_tokens, defaults.shard_tokens),
+        ("tokenizer_sample_mb", d.tokenizer_sample_mb, defaults.tokenizer_sample_mb),
+    ] {
+        if value == 0 {
+            return c.fail("data", key, format!("{key} = 0"), format!("set data.{key} above 0 (the default is {default})"));
         }
     }
     if check_files && !d.tokenizer.is_empty() && !Path::new(&d.tokenizer).is_file() {

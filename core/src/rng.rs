@@ -55,6 +55,8 @@ pub enum Stream {
     Curvature,
     /// The loader's shuffle, per epoch.
     Shuffle,
+    /// A mixture source's shuffle, per pass over it.
+    MixturePass,
 }
 
 impl Stream {
@@ -67,6 +69,7 @@ impl Stream {
             Stream::Reply => 0x9E37_79B9_7F4A_7C15,
             Stream::Curvature => 0x2545_F491_4F6C_DD1D,
             Stream::Shuffle => 0xA076_1D64_78BD_642F,
+            Stream::MixturePass => 0xE703_7ED1_A0B4_28DB,
         }
     }
 }

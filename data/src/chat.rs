@@ -12,6 +12,7 @@ use furnace_configs::{DataSection, DataSource, Recipe};
 
 use crate::corpus::{arithmetic_config, val_seed};
 use crate::generators::{arithmetic_conversations, arithmetic_preferences};
+use crate::inputs::{for_each_record, Input};
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,14 +85,15 @@ pub fn label_conversation(template: &ChatTemplate, tokenizer: &TextTokenizer, co
     Ok(LabeledTokens { tokens, trained })
 }
 
-/// Conversations of a `.jsonl` file, one `{"messages": [...]}` object per line. A malformed line
-/// is an error naming the file and line, or, with `skip_bad`, skipped and counted.
+/// Conversations of a JSONL, JSON or Parquet file, one `{"messages": [...]}` record each. A
+/// malformed record is an error naming the file and line (or row), or, with `skip_bad`, skipped
+/// and counted.
 pub fn read_conversations(path: &Path, skip_bad: bool) -> Result<(Vec<Conversation>, usize), String> {
     #[derive(Deserialize)]
     struct Line {
         messages: Conversation,
     }
-    let (lines, mut skipped) = read_jsonl::<Line>(path, skip_bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]}")?;
+    let (lines, mut skipped) = read_records::<Line>(path, skip_bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]}")?;
     let mut conversations = Vec::with_capacity(lines.len());
     for line in lines {
         match line.messages.is_empty() {
@@ -157,7 +159,7 @@ pub type LabeledPair = (LabeledTokens, LabeledTokens);
 /// JSONL lines of the form `{"prompt": ..., "chosen": ..., "rejected": ...}`; malformed lines as
 /// in [`read_conversations`].
 pub fn read_preferences(path: &Path, skip_bad: bool) -> Result<(Vec<Preference>, usize), String> {
-    read_jsonl(path, skip_bad, "{\"prompt\": \"...\", \"chosen\": \"...\", \"rejected\": \"...\"}")
+    read_records(path, skip_bad, "{\"prompt\": \"...\", \"chosen\": \"...\", \"rejected\": \"...\"}")
 }
 
 /// DPO data for a recipe, labelled like SFT data: (train pairs, val pairs, malformed lines skipped).
@@ -196,24 +198,24 @@ pub fn prepare_preferences(
     Ok((label(train)?, label(val)?, skipped))
 }
 
-/// The JSONL items of `data.files` and `data.val_files` read by `read` (validation: the
-/// val_files' items, else the last `val_fraction` of the training ones), and the malformed
-/// lines skipped.
+/// The items of `data.files` and `data.val_files` (files, folders or globs) read by `read`
+/// (validation: the val_files' items, else the last `val_fraction` of the training ones), and
+/// the malformed records skipped.
 pub fn read_train_and_val<T>(
     d: &DataSection,
     read: fn(&Path, bool) -> Result<(Vec<T>, usize), String>,
 ) -> Result<(Vec<T>, Vec<T>, usize), String> {
     let mut skipped = 0;
-    let mut read_all = |files: &[String]| -> Result<Vec<T>, String> {
+    let mut read_all = |files: &[String], key: &str| -> Result<Vec<T>, String> {
         let mut all = Vec::new();
-        for f in files {
-            let (items, bad) = read(Path::new(f), d.skip_bad_lines)?;
+        for input in crate::inputs::expand(files, key)? {
+            let (items, bad) = read(&input.path, d.skip_bad_lines)?;
             all.extend(items);
             skipped += bad;
         }
         Ok(all)
     };
-    let (train, val) = (read_all(&d.files)?, read_all(&d.val_files)?);
+    let (train, val) = (read_all(&d.files, "data.files")?, read_all(&d.val_files, "data.val_files")?);
     let (train, val) = split_off_val(train, val, d.val_fraction);
     Ok((train, val, skipped))
 }
@@ -228,23 +230,19 @@ fn split_off_val<T>(mut train: Vec<T>, val: Vec<T>, fraction: f64) -> (Vec<T>, V
     (train, val)
 }
 
-/// Items of a `.jsonl` file, one JSON object per line; `shape` describes a line in errors.
-pub(crate) fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool, shape: &str) -> Result<(Vec<T>, usize), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+/// Items of a JSONL, JSON or Parquet file (compressed or not), one record each; `shape`
+/// describes a record in errors.
+pub(crate) fn read_records<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool, shape: &str) -> Result<(Vec<T>, usize), String> {
+    let input = Input::new(path.to_path_buf());
     let (mut items, mut skipped) = (Vec::new(), 0);
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        match serde_json::from_str::<T>(line) {
+    for_each_record(&input, &Default::default(), &mut |found, at| {
+        match found.and_then(|record| serde_json::from_value::<T>(record).map_err(|e| e.to_string())) {
             Ok(item) => items.push(item),
             Err(_) if skip_bad => skipped += 1,
-            Err(e) => {
-                return Err(format!(
-                    "{}:{}: malformed line ({e}); expected {shape} (or set data.skip_bad_lines = true)",
-                    path.display(),
-                    i + 1
-                ))
-            }
+            Err(e) => return Err(format!("{at}: malformed record ({e}); expected {shape} (or set data.skip_bad_lines = true)")),
         }
-    }
+        Ok(())
+    })?;
     Ok((items, skipped))
 }
 
@@ -292,6 +290,15 @@ mod tests {
         let labeled = label_conversation(&template, &tok, &[message("user", "hi"), message("assistant", "yo")]).unwrap();
         let trained: Vec<u32> = labeled.tokens.iter().zip(&labeled.trained).filter(|(_, t)| **t).map(|(id, _)| *id).collect();
         assert_eq!(tok.decode(&trained), "yo<|eot|>");
+    }
+
+    #[test]
+    fn conversations_read_from_parquet_as_from_jsonl() {
+        // Written by pyarrow (scripts/reference/make_data_fixtures.py): a `messages` column.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data/chat.parquet");
+        let (conversations, skipped) = read_conversations(&path, false).unwrap();
+        assert_eq!((conversations.len(), skipped), (5, 0));
+        assert_eq!(conversations[2], [message("user", "What is 2 + 2?"), message("assistant", "4")]);
     }
 
     #[test]

@@ -4,13 +4,15 @@
 pub mod chat;
 pub mod corpus;
 pub mod generators;
+pub mod inputs;
 pub mod loader;
 pub mod mlm;
+mod parquet;
 pub mod seq2seq;
 pub mod shards;
 pub mod span_corruption;
 pub mod tokenizer;
 
 pub use loader::{Batch, Cursor, Loader};
-pub use shards::Shard;
+pub use shards::{Shard, Tokens};
 pub use tokenizer::TextTokenizer;

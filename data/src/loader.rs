@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::{LabeledPair, LabeledTokens};
 use crate::seq2seq::Seq2SeqExample;
-use crate::shards::Shard;
+use crate::shards::Tokens;
 use furnace_core::rng::{derive_seed, SeededRng, Stream};
 
 /// Target id of a position the loss ignores (padding, prompts).
@@ -63,8 +63,39 @@ impl Batch {
     }
 }
 
+/// One source of a weighted mixture of token streams.
+pub struct MixtureStream {
+    pub name: String,
+    pub tokens: Tokens,
+    pub weight: f64,
+    /// At most this many passes over the source per pass of the mixture; 0: no cap.
+    pub epochs: usize,
+}
+
+struct Mixture {
+    streams: Vec<MixtureStream>,
+    /// Windows of each stream, and where each stream's items start.
+    windows: Vec<usize>,
+    starts: Vec<usize>,
+}
+
+impl Mixture {
+    fn new(streams: Vec<MixtureStream>, seq_len: usize) -> Self {
+        let windows: Vec<usize> = streams.iter().map(|s| s.tokens.len().saturating_sub(1) / seq_len).collect();
+        let starts = windows.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
+        Self { streams, windows, starts }
+    }
+
+    /// The stream item `item` is a window of.
+    fn stream_of(&self, item: usize) -> usize {
+        self.starts.partition_point(|&s| s <= item) - 1
+    }
+}
+
 enum Items {
-    Windows(Shard),
+    Windows(Tokens),
+    /// Windows of several streams, drawn by weight; items index them one stream after another.
+    Mixture(Mixture),
     /// Examples and the id that pads their rows.
     Examples(Vec<LabeledTokens>, u32),
     /// Preference pairs, two rows each, and the padding id.
@@ -85,19 +116,87 @@ pub struct Loader {
     order: Vec<usize>,
     /// Examples packed several to a row (see [`Loader::with_packing`]).
     pack: bool,
+    waited: std::time::Duration,
+    /// Windows drawn from each mixture source since [`Loader::take_source_draws`].
+    source_draws: Vec<u64>,
 }
 
 impl Loader {
     /// `rank`/`world` give this process its share: windows `rank, rank+world, ...` of each epoch's order.
-    pub fn new(shard: Shard, seq_len: usize, batch: usize, seed: u64, rank: usize, world: usize, shuffle: bool) -> Result<Self, String> {
-        let tokens = shard.len();
-        let loader = Self::with_items(Items::Windows(shard), seq_len, batch, seed, rank, world, shuffle);
+    pub fn new(stream: Tokens, seq_len: usize, batch: usize, seed: u64, rank: usize, world: usize, shuffle: bool) -> Result<Self, String> {
+        let tokens = stream.len();
+        let loader = Self::with_items(Items::Windows(stream), seq_len, batch, seed, rank, world, shuffle);
         if loader.items() < batch * world {
             return Err(format!(
                 "the data holds {tokens} tokens: too few for one batch of {batch} × {seq_len} on {world} rank(s); generate more examples or lower training.seq_len"
             ));
         }
         Ok(loader)
+    }
+
+    /// Packed windows drawn from weighted streams, as Megatron's blend draws them: each epoch's
+    /// order gives source k its share `weight_k / Σ weight` of the positions at every prefix
+    /// (the source furthest below its share goes next), and takes each source's windows in an
+    /// order shuffled per pass over it (a small source is passed over again; `epochs` caps
+    /// that). The order is a pure function of (seed, epoch), so the cursor resumes it exactly.
+    pub fn mixture(
+        streams: Vec<MixtureStream>,
+        seq_len: usize,
+        batch: usize,
+        seed: u64,
+        rank: usize,
+        world: usize,
+    ) -> Result<Self, String> {
+        if let Some(s) = streams.iter().find(|s| s.tokens.len().saturating_sub(1) / seq_len == 0) {
+            return Err(format!("data source \"{}\" holds {} tokens: too few for one window of {seq_len}", s.name, s.tokens.len()));
+        }
+        let loader = Self::with_items(Items::Mixture(Mixture::new(streams, seq_len)), seq_len, batch, seed, rank, world, true);
+        if loader.order.len() < batch {
+            return Err(format!("the mixture gives each rank {} windows: too few for one batch of {batch}", loader.order.len()));
+        }
+        Ok(loader)
+    }
+
+    /// Windows drawn from each mixture source since the last call, by name (none for other data).
+    pub fn take_source_draws(&mut self) -> Vec<(String, u64)> {
+        let Items::Mixture(mixture) = &self.items else { return Vec::new() };
+        let mut draws = std::mem::take(&mut self.source_draws);
+        draws.resize(mixture.streams.len(), 0);
+        mixture.streams.iter().map(|s| s.name.clone()).zip(draws).collect()
+    }
+
+    /// A mixture's items for `epoch`, before the split across ranks (see [`Loader::mixture`]).
+    fn mixture_order(&self, epoch: u64) -> Vec<usize> {
+        let Items::Mixture(Mixture { streams, windows, starts }) = &self.items else { unreachable!("called for a mixture") };
+        let total: usize = windows.iter().sum();
+        let caps: Vec<usize> =
+            streams.iter().zip(windows.iter()).map(|(s, &n)| if s.epochs == 0 { usize::MAX } else { s.epochs * n }).collect();
+        let epoch_seed = derive_seed(self.seed, Stream::Shuffle, epoch);
+        // Each source's windows in the order of its current pass.
+        let pass_order = |k: usize, pass: usize| {
+            let mut order: Vec<usize> = (0..windows[k]).collect();
+            let mut rng = SeededRng::new(derive_seed(epoch_seed, Stream::MixturePass, ((k as u64) << 32) | pass as u64));
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i + 1));
+            }
+            order
+        };
+        let mut drawn = vec![0usize; streams.len()];
+        let mut passes: Vec<Vec<usize>> = (0..streams.len()).map(|k| pass_order(k, 0)).collect();
+        let mut order = Vec::with_capacity(total);
+        for _ in 0..total {
+            let next = (0..streams.len())
+                .filter(|&k| drawn[k] < caps[k])
+                .min_by(|&a, &b| (drawn[a] as f64 / streams[a].weight).total_cmp(&(drawn[b] as f64 / streams[b].weight)));
+            let Some(k) = next else { break };
+            let (pass, at) = (drawn[k] / windows[k], drawn[k] % windows[k]);
+            if at == 0 && pass > 0 {
+                passes[k] = pass_order(k, pass);
+            }
+            order.push(starts[k] + passes[k][at]);
+            drawn[k] += 1;
+        }
+        order
     }
 
     /// One labelled example per row: inputs are its tokens, padded with `pad` to the batch's
@@ -172,8 +271,20 @@ impl Loader {
     }
 
     fn with_items(items: Items, seq_len: usize, batch: usize, seed: u64, rank: usize, world: usize, shuffle: bool) -> Self {
-        let mut loader =
-            Self { items, seq_len, batch, seed, rank, world, shuffle, cursor: Cursor::default(), order: Vec::new(), pack: false };
+        let mut loader = Self {
+            items,
+            seq_len,
+            batch,
+            seed,
+            rank,
+            world,
+            shuffle,
+            cursor: Cursor::default(),
+            order: Vec::new(),
+            pack: false,
+            waited: Default::default(),
+            source_draws: Vec::new(),
+        };
         loader.order = loader.epoch_order(0);
         loader
     }
@@ -182,6 +293,7 @@ impl Loader {
     pub fn items(&self) -> usize {
         match &self.items {
             Items::Windows(shard) => shard.len().saturating_sub(1) / self.seq_len,
+            Items::Mixture(mixture) => mixture.windows.iter().sum(),
             Items::Examples(examples, _) => examples.len(),
             Items::Pairs(pairs, _) => pairs.len(),
             Items::Seq2Seq(examples, _) => examples.len(),
@@ -190,8 +302,11 @@ impl Loader {
 
     /// This rank's windows for `epoch`, shuffled by Fisher-Yates from (seed, epoch).
     fn epoch_order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.items()).collect();
-        if self.shuffle {
+        let mut order: Vec<usize> = match self.items {
+            Items::Mixture(_) => self.mixture_order(epoch),
+            _ => (0..self.items()).collect(),
+        };
+        if self.shuffle && !matches!(self.items, Items::Mixture(_)) {
             let mut rng = SeededRng::new(derive_seed(self.seed, Stream::Shuffle, epoch));
             for i in (1..order.len()).rev() {
                 order.swap(i, rng.below(i + 1));
@@ -223,7 +338,20 @@ impl Loader {
         self.cursor = cursor;
     }
 
+    /// The next batch; the time taken to assemble it is added to [`Loader::take_wait`].
     pub fn next_batch(&mut self) -> Batch {
+        let started = std::time::Instant::now();
+        let batch = self.assemble_next();
+        self.waited += started.elapsed();
+        batch
+    }
+
+    /// Time spent assembling batches since the last call: what the step waited for data.
+    pub fn take_wait(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.waited)
+    }
+
+    fn assemble_next(&mut self) -> Batch {
         if self.pack {
             return self.next_packed_batch();
         }
@@ -241,7 +369,7 @@ impl Loader {
         // Labelled rows are padded to the batch's longest (as transformers' padding collators
         // do), cut at seq_len: the padding is masked, so only time changes.
         let longest = match &self.items {
-            Items::Windows(_) => seq_len + 1,
+            Items::Windows(_) | Items::Mixture(_) => seq_len + 1,
             Items::Examples(examples, _) => items.iter().map(|&i| examples[i].tokens.len()).max().unwrap_or(0),
             Items::Pairs(pairs, _) => items.iter().map(|&i| pairs[i].0.tokens.len().max(pairs[i].1.tokens.len())).max().unwrap_or(0),
             Items::Seq2Seq(..) => unreachable!("encoder-decoder batches are built apart"),
@@ -267,6 +395,13 @@ impl Loader {
                     inputs.extend_from_slice(&window[..seq_len]);
                     targets.extend_from_slice(&window[1..]);
                 }
+                Items::Mixture(mixture) => {
+                    let k = mixture.stream_of(item);
+                    window.clear();
+                    mixture.streams[k].tokens.read_into((item - mixture.starts[k]) * seq_len, seq_len + 1, &mut window);
+                    inputs.extend_from_slice(&window[..seq_len]);
+                    targets.extend_from_slice(&window[1..]);
+                }
                 Items::Examples(examples, pad) => labelled_row(&mut inputs, &mut targets, &examples[item], *pad),
                 Items::Pairs(pairs, pad) => {
                     labelled_row(&mut inputs, &mut targets, &pairs[item].0, *pad);
@@ -284,7 +419,12 @@ impl Loader {
             self.set_cursor(Cursor { epoch: self.cursor.epoch + 1, position: 0 });
         }
         self.cursor.position += 1;
-        self.order[self.cursor.position - 1]
+        let item = self.order[self.cursor.position - 1];
+        if let Items::Mixture(mixture) = &self.items {
+            self.source_draws.resize(mixture.streams.len(), 0);
+            self.source_draws[mixture.stream_of(item)] += 1;
+        }
+        item
     }
 
     fn next_seq2seq_batch(&mut self) -> Batch {
@@ -368,7 +508,7 @@ mod tests {
         if !path.exists() {
             write_shard(&path, &(0..1001).collect::<Vec<u32>>(), 2000).unwrap();
         }
-        Loader::new(Shard::open(&path).unwrap(), 10, 4, 9, rank, world, true).unwrap()
+        Loader::new(Tokens::whole(crate::Shard::open(&path).unwrap()), 10, 4, 9, rank, world, true).unwrap()
     }
 
     #[test]
@@ -391,6 +531,66 @@ mod tests {
         resumed.set_cursor(first.cursor());
         assert!(resumed.cursor().epoch >= 1, "test crosses an epoch boundary");
         assert_eq!((37..60).map(|_| resumed.next_batch()).collect::<Vec<_>>(), all[37..]);
+    }
+
+    /// Three sources of distinct token ranges (so a window tells its source): 0.5 / 0.3 / 0.2,
+    /// the smallest source far smaller than its share (passed over again and again).
+    fn mixture(dir: &std::path::Path, rank: usize, world: usize, epochs: [usize; 3]) -> Loader {
+        let streams = [("web", 40_001u32, 0.5), ("books", 10_001, 0.3), ("code", 801, 0.2)]
+            .iter()
+            .enumerate()
+            .map(|(k, &(name, len, weight))| {
+                let path = dir.join(format!("{name}.bin"));
+                if !path.exists() {
+                    write_shard(&path, &vec![k as u32; len as usize], 10).unwrap();
+                }
+                MixtureStream { name: name.into(), tokens: Tokens::whole(crate::Shard::open(&path).unwrap()), weight, epochs: epochs[k] }
+            })
+            .collect();
+        Loader::mixture(streams, 10, 4, 9, rank, world).unwrap()
+    }
+
+    #[test]
+    fn a_mixture_draws_each_source_by_its_weight_and_resumes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut loader = mixture(dir.path(), 0, 1, [0; 3]);
+        let batches: Vec<Batch> = (0..2500).map(|_| loader.next_batch()).collect();
+        // 10,000 sequences: each source's share within 1% of its weight.
+        let mut counts = [0usize; 3];
+        for b in &batches {
+            for row in b.inputs.chunks(10) {
+                counts[row[0] as usize] += 1;
+                assert!(row.iter().all(|&t| t == row[0]), "a window never spans two sources");
+            }
+        }
+        for (count, weight) in counts.iter().zip([0.5, 0.3, 0.2]) {
+            assert!((*count as f64 / 10_000.0 - weight).abs() < 0.01, "{counts:?}");
+        }
+        let draws = loader.take_source_draws();
+        assert_eq!(draws.iter().map(|(_, n)| *n as usize).collect::<Vec<_>>(), counts);
+        assert_eq!(draws[2].0, "code");
+        // A resumed loader continues with the same batches, past the mixture's first epoch.
+        let mut first = mixture(dir.path(), 0, 1, [0; 3]);
+        (0..1700).for_each(|_| drop(first.next_batch()));
+        let mut resumed = mixture(dir.path(), 0, 1, [0; 3]);
+        resumed.set_cursor(first.cursor());
+        assert!(resumed.cursor().epoch >= 1, "the test crosses an epoch boundary");
+        assert_eq!((1700..2500).map(|_| resumed.next_batch()).collect::<Vec<_>>(), batches[1700..]);
+        // Two ranks: disjoint halves of the same order.
+        let (mut r0, mut r1) = (mixture(dir.path(), 0, 2, [0; 3]), mixture(dir.path(), 1, 2, [0; 3]));
+        let (b0, b1) = (r0.next_batch(), r1.next_batch());
+        assert_ne!(b0.items, b1.items);
+    }
+
+    #[test]
+    fn a_mixture_source_capped_at_one_pass_is_not_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut loader = mixture(dir.path(), 0, 1, [0, 0, 1]);
+        let epoch = loader.order.len();
+        let items: Vec<usize> = (0..epoch).map(|_| loader.next_item()).collect();
+        let code: Vec<usize> = items.iter().copied().filter(|&i| i >= 4000 + 1000).collect();
+        assert_eq!(code.len(), 80, "its 80 windows, once each");
+        assert_eq!(code.iter().collect::<std::collections::BTreeSet<_>>().len(), 80);
     }
 
     #[test]

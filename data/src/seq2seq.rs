@@ -7,7 +7,7 @@ use furnace_configs::{DataSource, Recipe};
 use furnace_core::fsutil::atomic_write;
 use serde::Deserialize;
 
-use crate::chat::{read_jsonl, read_train_and_val};
+use crate::chat::{read_records, read_train_and_val};
 use crate::corpus::{arithmetic_config, data_stamp, extra_tokens, val_seed};
 use crate::generators::arithmetic;
 use crate::tokenizer::TextTokenizer;
@@ -39,10 +39,10 @@ pub fn with_eos(tokenizer: &TextTokenizer, text: &str) -> Vec<u32> {
     ids
 }
 
-/// Pairs of a `.jsonl` file, one `{"input": ..., "target": ...}` per line; a malformed line is an
+/// Pairs of a JSONL, JSON or Parquet file, one `{"input": ..., "target": ...}` record each; a malformed record is an
 /// error naming the file and line, or with `skip_bad` skipped and counted.
 pub fn read_pairs(path: &Path, skip_bad: bool) -> Result<(Vec<TextPair>, usize), String> {
-    read_jsonl(path, skip_bad, "{\"input\": \"...\", \"target\": \"...\"}")
+    read_records(path, skip_bad, "{\"input\": \"...\", \"target\": \"...\"}")
 }
 
 /// The recipe's train and validation pairs as text, and the malformed lines skipped.

@@ -31,33 +31,39 @@ fn sentinel(i: usize) -> String {
 }
 
 /// The size of the pieces long texts are encoded in.
-const ENCODE_PIECE_BYTES: usize = 1 << 20;
+pub(crate) const ENCODE_PIECE_BYTES: usize = 1 << 20;
 
-/// `text` cut into pieces of at most about `max_bytes`, each cut just before a space between two
-/// non-spaces: the byte-level pre-tokenizer splits there too (the space starts the next word,
-/// and no merge crosses a split), so the pieces' tokens are the whole text's. A stretch of
-/// `max_bytes` without such a space is cut at a character boundary instead.
+/// Where the first piece of `text` ends: all of it when it is at most `max_bytes`, else just
+/// before the last space between two non-spaces within `max_bytes` (the byte-level
+/// pre-tokenizer splits there too: the space starts the next word, and no merge crosses a
+/// split, so the pieces' tokens are the whole text's); a stretch of `max_bytes` without such a
+/// space is cut at a character boundary instead. The cut depends only on the first
+/// `max_bytes + 4` bytes, so a stream can be cut before it is read whole.
+pub(crate) fn cut_point(text: &str, max_bytes: usize) -> usize {
+    if text.len() <= max_bytes {
+        return text.len();
+    }
+    let mut limit = max_bytes;
+    while !text.is_char_boundary(limit) {
+        limit -= 1;
+    }
+    let at_word = text[..limit].char_indices().rev().find(|&(i, c)| {
+        c == ' '
+            && i > 0
+            && text[..i].chars().next_back().is_some_and(|p| !p.is_whitespace())
+            && text[i + 1..].chars().next().is_some_and(|n| !n.is_whitespace())
+    });
+    at_word.map_or(limit.max(text.chars().next().map_or(1, char::len_utf8)), |(i, _)| i)
+}
+
+/// `text` cut into pieces at [`cut_point`]s.
 fn pieces(text: &str, max_bytes: usize) -> impl Iterator<Item = &str> {
     let mut rest = text;
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
         }
-        if rest.len() <= max_bytes {
-            return Some(std::mem::take(&mut rest));
-        }
-        let mut limit = max_bytes;
-        while !rest.is_char_boundary(limit) {
-            limit -= 1;
-        }
-        let at_word = rest[..limit].char_indices().rev().find(|&(i, c)| {
-            c == ' '
-                && i > 0
-                && rest[..i].chars().next_back().is_some_and(|p| !p.is_whitespace())
-                && rest[i + 1..].chars().next().is_some_and(|n| !n.is_whitespace())
-        });
-        let cut = at_word.map_or(limit.max(rest.chars().next().map_or(1, char::len_utf8)), |(i, _)| i);
-        let (piece, tail) = rest.split_at(cut);
+        let (piece, tail) = rest.split_at(cut_point(rest, max_bytes));
         rest = tail;
         Some(piece)
     })

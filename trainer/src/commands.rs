@@ -1,15 +1,17 @@
 //! What each subcommand does, in terms of the library crates.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use furnace_configs::{Recipe, TextDocuments};
 use furnace_core::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_data::chat::{ChatTemplate, Message};
-use furnace_data::corpus::{prepare, read_documents};
+use furnace_data::corpus::{prepare, sample_inputs, Prepared};
+use furnace_data::inputs::{expand, TextOptions};
+use furnace_data::shards::write_llmc;
 use furnace_data::tokenizer::ExtraTokens;
-use furnace_data::TextTokenizer;
+use furnace_data::{TextTokenizer, Tokens};
 use furnace_models::generate::GenerateConfig;
 use furnace_models::hf::{from_peft, hf_arch_for};
 use furnace_models::kernels::FusedOps;
@@ -88,17 +90,60 @@ pub fn data_prepare(args: RecipeArgs) -> Result<()> {
         prepared.tokenizer_path.display(),
         prepared.tokenizer.vocab_size()
     );
+    if let Some(rates) = preparation_rates(&prepared) {
+        println!("  {rates}");
+    }
     Ok(())
 }
 
-pub fn data_tokenizer(inputs: &[PathBuf], vocab_size: usize, text_field: &str, extra: ExtraTokens, out: &Path) -> Result<()> {
-    let mut docs = Vec::new();
-    for input in inputs {
-        docs.extend(read_documents(input, text_field, TextDocuments::File, false).map_err(anyhow::Error::msg)?);
+pub fn data_export_tokens(args: RecipeArgs, out: &Path) -> Result<()> {
+    let recipe = load_recipe(&args)?;
+    let prepared = prepare(&recipe, &recipe.output_dir()).map_err(anyhow::Error::msg)?;
+    for (split, manifest) in [("train", &prepared.train), ("val", &prepared.val)] {
+        let tokens = Tokens::open(manifest).map_err(anyhow::Error::msg)?;
+        let path = out.join(format!("{split}.bin"));
+        write_llmc(&path, &tokens, prepared.tokenizer.vocab_size()).map_err(anyhow::Error::msg)?;
+        println!("{split}: {} tokens in {} (llm.c format)", tokens.len(), path.display());
     }
-    let tokenizer = TextTokenizer::train(&docs, vocab_size, extra).map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+/// How fast a preparation read and tokenized, or None when it was reused.
+pub fn preparation_rates(prepared: &Prepared) -> Option<String> {
+    let seconds = prepared.seconds.max(1e-9);
+    let tokens = (prepared.train_tokens + prepared.val_tokens) as f64;
+    (!prepared.reused).then(|| {
+        format!(
+            "{:.1} MB read in {:.1} s: {:.1} MB/s, {:.2} M tokens/s{}",
+            prepared.input_bytes as f64 / 1e6,
+            prepared.seconds,
+            prepared.input_bytes as f64 / 1e6 / seconds,
+            tokens / 1e6 / seconds,
+            if prepared.skipped > 0 { format!(", {} malformed records skipped", prepared.skipped) } else { String::new() }
+        )
+    })
+}
+
+pub fn data_tokenizer(
+    inputs: &[String],
+    vocab_size: usize,
+    text_field: &str,
+    sample_mb: usize,
+    extra: ExtraTokens,
+    out: &Path,
+) -> Result<()> {
+    let inputs = expand(inputs, "--input").map_err(anyhow::Error::msg)?;
+    let options = TextOptions { field: text_field, documents: TextDocuments::File, skip_bad: false };
+    let sample = sample_inputs(&inputs, options, sample_mb).map_err(anyhow::Error::msg)?;
+    let tokenizer = TextTokenizer::train(&sample, vocab_size, extra).map_err(anyhow::Error::msg)?;
     tokenizer.save(out).map_err(anyhow::Error::msg)?;
-    println!("trained a byte-level BPE of {} tokens on {} documents: {}", tokenizer.vocab_size(), docs.len(), out.display());
+    let megabytes = sample.iter().map(String::len).sum::<usize>() as f64 / 1e6;
+    println!(
+        "trained a byte-level BPE of {} tokens on {megabytes:.1} MB of {} file(s): {}",
+        tokenizer.vocab_size(),
+        inputs.len(),
+        out.display()
+    );
     Ok(())
 }
 

@@ -8,8 +8,9 @@ use anyhow::{bail, Context, Result};
 use furnace_configs::{Recipe, TrainMode};
 use furnace_data::chat::{prepare_preferences, prepare_sft, ChatTemplate, DEFAULT_CHAT_TEMPLATE};
 use furnace_data::corpus::prepare;
+use furnace_data::loader::MixtureStream;
 use furnace_data::seq2seq::prepare_seq2seq;
-use furnace_data::{Loader, Shard, TextTokenizer};
+use furnace_data::{Loader, TextTokenizer, Tokens};
 
 pub struct Datasets {
     pub tokenizer: TextTokenizer,
@@ -117,9 +118,22 @@ pub fn load(recipe: &Recipe, out: &Path, rank: usize, world: usize) -> Result<Da
         data.tokenizer.vocab_size(),
         if data.reused { " (reused)" } else { "" }
     );
-    let train = Loader::new(Shard::open(&data.train).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, seed, rank, world, true)
-        .map_err(anyhow::Error::msg)?;
-    let val = Loader::new(Shard::open(&data.val).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, seed, 0, 1, false)
+    if let Some(rates) = crate::commands::preparation_rates(&data) {
+        println!("  {rates}");
+    }
+    let train = if data.sources.is_empty() {
+        Loader::new(Tokens::open(&data.train).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, seed, rank, world, true)
+    } else {
+        let mut streams = Vec::new();
+        for s in &data.sources {
+            let tokens = Tokens::open(&s.train).map_err(anyhow::Error::msg)?;
+            println!("  source {}: {} train tokens, weight {}", s.name, tokens.len(), s.weight);
+            streams.push(MixtureStream { name: s.name.clone(), tokens, weight: s.weight, epochs: s.epochs });
+        }
+        Loader::mixture(streams, t.seq_len, t.local_batch_size, seed, rank, world)
+    }
+    .map_err(anyhow::Error::msg)?;
+    let val = Loader::new(Tokens::open(&data.val).map_err(anyhow::Error::msg)?, t.seq_len, t.local_batch_size, seed, 0, 1, false)
         .map_err(|e| anyhow::anyhow!("validation data: {e}"))?;
     Ok(Datasets { tokenizer: data.tokenizer, train, val, chat_template: None, reference_pairs: None })
 }

@@ -60,15 +60,27 @@ enum RecipeCommand {
 enum DataCommand {
     /// Build the tokenizer and token shards a recipe trains on, under its output folder.
     Prepare(RecipeArgs),
-    /// Train a byte-level BPE tokenizer on text or JSONL files.
+    /// Write a recipe's prepared train and validation tokens as llm.c token files
+    /// (`<out>/train.bin`, `<out>/val.bin`), which llm.c and nanoGPT-style loaders read.
+    ExportTokens {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train a byte-level BPE tokenizer on data files (text, JSONL, JSON, Parquet; .gz, .zst),
+    /// folders or globs.
     Tokenizer {
         #[arg(long, required = true, num_args = 1..)]
-        input: Vec<PathBuf>,
+        input: Vec<String>,
         #[arg(long, default_value_t = 8192)]
         vocab_size: usize,
-        /// JSONL field holding the text.
+        /// JSONL, JSON and Parquet: the field (column) holding the text.
         #[arg(long, default_value = "text")]
         text_field: String,
+        /// Train on the inputs' first this-many megabytes of text.
+        #[arg(long, default_value_t = 256)]
+        sample_mb: usize,
         /// Add a `[MASK]` token, for masked-LM (BERT) training.
         #[arg(long, conflicts_with = "sentinels")]
         masked_lm: bool,
@@ -119,13 +131,14 @@ fn main() -> ExitCode {
         Command::Recipe(RecipeCommand::Check { file, overrides }) => commands::recipe_check(RecipeArgs { config: file, overrides }),
         Command::Recipe(RecipeCommand::Explain { file }) => commands::recipe_explain(file.as_deref()),
         Command::Data(DataCommand::Prepare(args)) => commands::data_prepare(args),
-        Command::Data(DataCommand::Tokenizer { input, vocab_size, text_field, masked_lm, sentinels, out }) => {
+        Command::Data(DataCommand::ExportTokens { recipe, out }) => commands::data_export_tokens(recipe, &out),
+        Command::Data(DataCommand::Tokenizer { input, vocab_size, text_field, sample_mb, masked_lm, sentinels, out }) => {
             let extra = match (masked_lm, sentinels) {
                 (true, _) => ExtraTokens::Mask,
                 (_, true) => ExtraTokens::Sentinels,
                 _ => ExtraTokens::None,
             };
-            commands::data_tokenizer(&input, vocab_size, &text_field, extra, &out)
+            commands::data_tokenizer(&input, vocab_size, &text_field, sample_mb, extra, &out)
         }
         Command::Bench(BenchCommand::Gemm { size }) => commands::bench_gemm(size),
         Command::Bench(BenchCommand::Scan { batch, seq, channels, state }) => commands::bench_scan(batch, seq, channels, state),

@@ -262,6 +262,7 @@ impl<B: TrainBackend> Trainer<B> {
             state.optimizer_step = self.cx.optimizer.step;
             state.data_cursor = self.cx.loader.cursor();
             window.tokens += reduced[0] as usize;
+            window.steps += 1;
             let last = step == self.stop_at || stopped_by_signal;
             if step % t.log_every == 0 || last {
                 let loss = self.cx.parallel.mean(loss.into_scalar().elem::<f64>());
@@ -351,6 +352,8 @@ impl<B: TrainBackend> Trainer<B> {
         let mfu = tokens_per_sec * flops_per_token / (self.peak_flops * self.cx.parallel.world.size as f64);
         let mode_metrics = self.objective.window_metrics(&self.cx);
         let cx = &mut self.cx;
+        // What a step waited for its batches (the loader reads memory-mapped shards in line).
+        let data_wait_ms = cx.loader.take_wait().as_secs_f64() * 1e3 / window.steps.max(1) as f64;
         let mut values = vec![
             ("loss", loss),
             ("lr", lr),
@@ -358,6 +361,7 @@ impl<B: TrainBackend> Trainer<B> {
             ("tokens_per_sec", tokens_per_sec),
             ("mfu", mfu),
             ("tokens", cx.state.tokens_seen as f64),
+            ("data_wait_ms", data_wait_ms),
         ];
         values.extend(cx.optimizer.take_metrics());
         values.push(("optimizer_state_mb", cx.optimizer.state_bytes() as f64 / 1e6));
@@ -365,6 +369,12 @@ impl<B: TrainBackend> Trainer<B> {
         values.extend(peak_rss_mb().map(|mb| ("peak_rss_mb", mb)));
         values.extend(cx.state.loss_scaler.as_ref().map(|s| ("loss_scale", s.scale)));
         values.extend(mode_metrics.iter().map(|(name, v)| (name.as_str(), *v)));
+        // A mixture's realised proportions over the window (this rank's draws).
+        let draws = cx.loader.take_source_draws();
+        let drawn = draws.iter().map(|(_, n)| n).sum::<u64>().max(1) as f64;
+        let fractions: Vec<(String, f64)> =
+            draws.iter().map(|(name, n)| (format!("data/source_fraction/{name}"), *n as f64 / drawn)).collect();
+        values.extend(fractions.iter().map(|(name, v)| (name.as_str(), *v)));
         cx.metrics.log(step, &values)?;
         let mut line =
             format!("loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tokens_per_sec:.0} tok/s | MFU {:.1}%", mfu * 100.0);
@@ -442,11 +452,12 @@ struct Window {
     started: Instant,
     paused: Duration,
     tokens: usize,
+    steps: usize,
 }
 
 impl Window {
     fn start() -> Self {
-        Self { started: Instant::now(), paused: Duration::ZERO, tokens: 0 }
+        Self { started: Instant::now(), paused: Duration::ZERO, tokens: 0, steps: 0 }
     }
 }
 

@@ -151,6 +151,64 @@ fn resume_is_exact_with_dropout() {
     check_resume_is_exact("adamw", 0.1, &["model.arch=llama"]);
 }
 
+/// A weighted mixture of a JSONL and a text source: the logged proportions follow the weights,
+/// and a run stopped and resumed gives the straight run's losses. Its prepared tokens, exported
+/// as llm.c files, are then trained on directly (with its tokenizer).
+#[test]
+fn a_weighted_mixture_resumes_exactly_and_exports_llmc_token_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let web: String =
+        (0..300).map(|i| format!("{{\"text\": \"Page {i}: the quick brown fox jumps over the lazy dog {i} times.\"}}\n")).collect();
+    std::fs::write(dir.path().join("web.jsonl"), web).unwrap();
+    let verse: String = (0..300).map(|i| format!("the cat sat on mat {i} and the dog ran.\n")).collect();
+    std::fs::write(dir.path().join("verse.txt"), verse).unwrap();
+    let sources = format!(
+        "[[data.sources]]\nname = \"web\"\nfiles = [\"{}\"]\nweight = 0.75\n[[data.sources]]\nname = \"verse\"\nfiles = [\"{}\"]\nweight = 0.25\n",
+        dir.path().join("web.jsonl").display(),
+        dir.path().join("verse.txt").display()
+    );
+    let body = TINY.replace("source = \"stories\"", "source = \"files\"\ntext_documents = \"line\"") + &sources;
+    let recipe = write_recipe(dir.path(), &body);
+    let recipe = recipe.to_str().unwrap();
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    let set = |p: &Path| format!("run.output_dir={}", p.display());
+    let out = furnace(&["train", "--config", recipe, "--set", &set(&straight)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("source web:") && text(&out).contains("source verse:"), "{}", text(&out));
+    let out = furnace(&["train", "--config", recipe, "--set", &set(&split), "--max-steps", "10"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = furnace(&["train", "--config", recipe, "--set", &set(&split), "--resume", split.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (a, b) = (losses(&straight), losses(&split));
+    assert_eq!(a.len(), 20);
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-6, "step {step}: straight {x} vs resumed {y}");
+    }
+    let web_share: Vec<f64> = logged(&straight, "data/source_fraction/web").iter().map(|x| x.1).collect();
+    let mean = web_share.iter().sum::<f64>() / web_share.len() as f64;
+    assert!(web_share.len() == 20 && (mean - 0.75).abs() < 0.02, "{web_share:?}");
+
+    let tokens = dir.path().join("tokens");
+    let out = furnace(&["data", "export-tokens", "--config", recipe, "--set", &set(&straight), "--out", tokens.to_str().unwrap()]);
+    assert!(out.status.success() && text(&out).contains("(llm.c format)"), "{}", text(&out));
+    let exported = |split: &str| -> usize {
+        let line = text(&out).lines().find(|l| l.starts_with(&format!("{split}: "))).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let files = format!(
+        "source = \"files\"\nfiles = [\"{}\"]\nval_files = [\"{}\"]\ntokenizer = \"{}\"",
+        tokens.join("train.bin").display(),
+        tokens.join("val.bin").display(),
+        straight.join("tokenizer.json").display()
+    );
+    let recipe = write_recipe(dir.path(), &TINY.replace("source = \"stories\"", &files));
+    let run = dir.path().join("from-tokens");
+    let out = furnace(&["train", "--config", recipe.to_str().unwrap(), "--set", &set(&run), "--max-steps", "2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let expected = format!("{} train tokens, {} val tokens", exported("train"), exported("val"));
+    assert!(text(&out).contains(&expected), "{expected}: {}", text(&out));
+}
+
 #[test]
 fn trains_on_the_users_own_text_and_jsonl_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -181,7 +239,7 @@ fn trains_on_the_users_own_text_and_jsonl_files() {
         "3",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(run.join("tokenizer.json").is_file() && run.join("data/train.bin").is_file());
+    assert!(run.join("tokenizer.json").is_file() && run.join("data/train.json").is_file() && run.join("data/train-00000.bin").is_file());
     let out = furnace(&["data", "prepare", "--config", recipe.to_str().unwrap(), "--set", &set]);
     assert!(text(&out).contains("up to date"), "{}", text(&out));
 }
@@ -263,6 +321,20 @@ fn malformed_recipes_fail_cleanly_without_touching_the_output_dir() {
         ("bad choice", format!("{out_dir}[model]\nnorm = \"batchnorm\"\n"), vec![], "rmsnorm"),
         ("bad value", format!("{out_dir}[model]\nd_model = 100\nn_heads = 3\n"), vec![], "model.n_heads"),
         ("missing data file", format!("{out_dir}[data]\nsource = \"files\"\nfiles = [\"nope.txt\"]\n"), vec![], "nope.txt"),
+        ("glob matching nothing", format!("{out_dir}[data]\nsource = \"files\"\nfiles = [\"{}/*.jsonl\"]\n", dir.path().join("none").display()), vec![], "matches no file"),
+        ("token files without a tokenizer", format!("{out_dir}[data]\nsource = \"files\"\nfiles = [\"train.bin\"]\n"), vec![], "data.tokenizer"),
+        (
+            "files beside a mixture",
+            format!("{out_dir}[data]\nsource = \"files\"\nfiles = [\"a.txt\"]\n[[data.sources]]\nname = \"a\"\nfiles = [\"a.txt\"]\nweight = 1.0\n"),
+            vec![],
+            "data.files",
+        ),
+        (
+            "mixture weight",
+            format!("{out_dir}[data]\nsource = \"files\"\n[[data.sources]]\nname = \"a\"\nfiles = [\"a.txt\"]\nweight = -1.0\n"),
+            vec![],
+            "data.sources",
+        ),
         ("bad override", out_dir.clone(), vec!["--set", "optimizer.learning_rate=1"], "keys of [optimizer]"),
         ("unknown optimizer", format!("{out_dir}[optimizer]\nname = \"sgd\"\n"), vec![], "lion"),
         ("negative lr", format!("{out_dir}[optimizer]\nlr = -0.1\n"), vec![], "optimizer.lr"),
