@@ -500,6 +500,9 @@ section! {
         chat_template: String = String::new(),
         /// Skip (and count) malformed JSONL lines instead of stopping at the first one.
         skip_bad_lines: bool = false,
+        /// For source = "files": drop (and count) each document whose exact text came before
+        /// (a 128-bit hash of every document is kept: 16 bytes each, in memory).
+        dedup: bool = false,
         /// SFT: pack several conversations into each row (TRL's padding-free packing), attention
         /// and positions reset at each one's start, instead of one conversation per padded row.
         packing: bool = false,

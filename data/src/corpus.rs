@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::generators::{arithmetic, stories, ArithmeticConfig};
-use crate::inputs::{self, Format, Input, Piece, TextOptions};
+use crate::inputs::{self, Format, Input, Piece, Reading, TextOptions};
 use crate::shards::{Manifest, Segment, Shard, ShardWriter, Tokens};
 use crate::tokenizer::{ExtraTokens, TextTokenizer};
 
@@ -34,6 +34,8 @@ pub struct Prepared {
     pub seconds: f64,
     /// Malformed records skipped (data.skip_bad_lines).
     pub skipped: usize,
+    /// Documents dropped as exact duplicates of earlier ones (data.dedup).
+    pub duplicates: usize,
 }
 
 pub fn arithmetic_config(data: &DataSection) -> ArithmeticConfig {
@@ -85,26 +87,30 @@ impl Documents {
         }
     }
 
-    /// Call `emit` with each piece, in order; returns the malformed records skipped.
+    /// Call `emit` with each piece, in order; what was skipped or dropped is counted in the
+    /// returned [`Reading`].
     fn for_each_piece(
         &self,
         d: &DataSection,
         read: &Arc<AtomicU64>,
         emit: &mut dyn FnMut(Piece) -> Result<(), String>,
-    ) -> Result<usize, String> {
+    ) -> Result<Reading, String> {
+        let mut reading = Reading::new(d.dedup);
         match self {
             Documents::Generated(docs) => {
                 for doc in docs {
                     for_each_piece_of(doc, emit)?;
                     read.fetch_add(doc.len() as u64, Ordering::Relaxed);
                 }
-                Ok(0)
             }
             Documents::Files(inputs) | Documents::Tokens(inputs) => {
                 let options = TextOptions { field: &d.text_field, documents: d.text_documents, skip_bad: d.skip_bad_lines };
-                inputs.iter().map(|input| inputs::for_each_piece(input, options, read, emit)).sum()
+                for input in inputs {
+                    inputs::for_each_piece(input, options, read, &mut reading, emit)?;
+                }
             }
         }
+        Ok(reading)
     }
 }
 
@@ -189,6 +195,7 @@ struct StreamProgress {
     shards: Vec<Segment>,
     done: bool,
     skipped: usize,
+    duplicates: usize,
 }
 
 impl Progress {
@@ -248,11 +255,11 @@ fn tokenize_stream(
     let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<Piece>>(4);
     let read = meter.read.clone();
     let writing = &mut *progress;
-    let (written, skipped) = std::thread::scope(|scope| {
-        let reader = scope.spawn(move || -> Result<usize, String> {
+    let (written, reading) = std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Result<Reading, String> {
             let (mut batch, mut batch_bytes, mut seen) = (Vec::new(), 0, 0usize);
             let stopped = || "the tokenizing threads stopped".to_string();
-            let skipped = docs.for_each_piece(d, &read, &mut |piece| {
+            let reading = docs.for_each_piece(d, &read, &mut |piece| {
                 seen += 1;
                 if seen <= skip {
                     return Ok(());
@@ -268,7 +275,7 @@ fn tokenize_stream(
             if !batch.is_empty() {
                 sender.send(batch).map_err(|_| stopped())?;
             }
-            Ok(skipped)
+            Ok(reading)
         });
         // Owns the receiver: a write error drops it, which stops the reader.
         let written = (move || -> Result<(), String> {
@@ -307,14 +314,14 @@ fn tokenize_stream(
             }
             Ok(())
         })();
-        let skipped = reader.join().unwrap_or_else(|_| Err(format!("reading the {split} documents panicked")));
-        (written, skipped)
+        let reading = reader.join().unwrap_or_else(|_| Err(format!("reading the {split} documents panicked")));
+        (written, reading)
     });
     // A write error explains a reader stopped by it, so it comes first.
     written?;
+    let reading = reading?;
     let state = progress.of(split);
-    state.skipped += skipped?;
-    state.done = true;
+    (state.skipped, state.duplicates, state.done) = (reading.skipped, reading.duplicates, true);
     progress.save(progress_path).map_err(io)
 }
 
@@ -385,6 +392,7 @@ pub fn prepare(recipe: &Recipe, out: &Path) -> Result<Prepared, String> {
                 input_bytes: 0,
                 seconds: 0.0,
                 skipped: 0,
+                duplicates: 0,
             });
         }
     }
@@ -473,6 +481,7 @@ pub fn prepare(recipe: &Recipe, out: &Path) -> Result<Prepared, String> {
         input_bytes,
         seconds: started.elapsed().as_secs_f64(),
         skipped: progress.streams.values().map(|s| s.skipped).sum(),
+        duplicates: progress.streams.values().map(|s| s.duplicates).sum(),
     })
 }
 
@@ -519,7 +528,7 @@ fn sample(streams: &[TrainStream], d: &DataSection) -> Result<Vec<String>, Strin
     let mut sample = Vec::new();
     for s in streams {
         let share = (limit * s.weight / total_weight) as usize;
-        sample.extend(sample_pieces(share, &mut |emit| s.docs.for_each_piece(d, &Default::default(), emit))?);
+        sample.extend(sample_pieces(share, &mut |emit| s.docs.for_each_piece(d, &Default::default(), emit).map(|_| ()))?);
     }
     Ok(sample)
 }
@@ -528,11 +537,12 @@ fn sample(streams: &[TrainStream], d: &DataSection) -> Result<Vec<String>, Strin
 /// trains on).
 pub fn sample_inputs(inputs: &[Input], options: TextOptions<'_>, limit_mb: usize) -> Result<Vec<String>, String> {
     sample_pieces(limit_mb.saturating_mul(1 << 20), &mut |emit| {
-        inputs.iter().map(|input| inputs::for_each_piece(input, options, &Default::default(), emit)).sum()
+        let mut reading = Reading::new(false);
+        inputs.iter().try_for_each(|input| inputs::for_each_piece(input, options, &Default::default(), &mut reading, emit))
     })
 }
 
-type PieceSource<'a> = dyn FnMut(&mut dyn FnMut(Piece) -> Result<(), String>) -> Result<usize, String> + 'a;
+type PieceSource<'a> = dyn FnMut(&mut dyn FnMut(Piece) -> Result<(), String>) -> Result<(), String> + 'a;
 
 /// The pieces `source` emits until `limit` bytes are taken; the rest is not read.
 fn sample_pieces(limit: usize, source: &mut PieceSource<'_>) -> Result<Vec<String>, String> {

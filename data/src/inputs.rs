@@ -4,6 +4,7 @@
 //! folder (every data file under it) or a glob. Nothing is read whole: records come one at a
 //! time, and long texts in pieces, so memory stays bounded whatever the corpus size.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use furnace_configs::TextDocuments;
 use serde_json::Value;
+use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
 use crate::tokenizer::{cut_point, ENCODE_PIECE_BYTES};
 
@@ -269,6 +271,31 @@ pub struct TextOptions<'a> {
     pub skip_bad: bool,
 }
 
+/// What reading documents counted: malformed records skipped, duplicate documents dropped, and
+/// (with deduplication on) the hashes of the documents read so far.
+#[derive(Debug, Default)]
+pub struct Reading {
+    pub skipped: usize,
+    pub duplicates: usize,
+    /// 128-bit hashes of the documents' text; None: no deduplication.
+    seen: Option<HashSet<u128>>,
+}
+
+impl Reading {
+    /// `dedup`: drop a document whose exact text was read before (`data.dedup`).
+    pub fn new(dedup: bool) -> Self {
+        Self { seen: dedup.then(HashSet::new), ..Default::default() }
+    }
+
+    /// Whether a document of this hash is read (the first of its text, or no deduplication).
+    fn keeps(&mut self, hash: impl FnOnce() -> u128) -> bool {
+        let Some(seen) = &mut self.seen else { return true };
+        let first = seen.insert(hash());
+        self.duplicates += !first as usize;
+        first
+    }
+}
+
 /// `text` as pieces, passed to `emit`; the first starts a document when `starts_document`.
 fn emit_pieces(text: &str, starts_document: bool, emit: &mut dyn FnMut(Piece) -> Result<(), String>) -> Result<(), String> {
     let mut rest = text;
@@ -282,16 +309,24 @@ fn emit_pieces(text: &str, starts_document: bool, emit: &mut dyn FnMut(Piece) ->
     Ok(())
 }
 
-/// The documents of `input` as pieces, in order; returns the malformed records skipped.
+/// The documents of `input` as pieces, in order; what was skipped or dropped is counted in
+/// `reading`.
 pub fn for_each_piece(
     input: &Input,
     options: TextOptions<'_>,
     read: &Arc<AtomicU64>,
+    reading: &mut Reading,
     emit: &mut dyn FnMut(Piece) -> Result<(), String>,
-) -> Result<usize, String> {
+) -> Result<(), String> {
     if input.format == Format::Tokens {
         return Err(format!("{} holds tokens, not text: list token files alone in data.files, with data.tokenizer", input.path.display()));
     }
+    let mut document = |text: &str, reading: &mut Reading, emit: &mut dyn FnMut(Piece) -> Result<(), String>| match reading
+        .keeps(|| xxh3_128(text.as_bytes()))
+    {
+        true => emit_pieces(text, true, emit),
+        false => Ok(()),
+    };
     if input.format != Format::Text {
         let mut skipped = 0;
         let field = options.field;
@@ -301,7 +336,7 @@ pub fn for_each_piece(
                 _ => Err(format!("no string field `{field}` (set data.text_field)")),
             });
             match text {
-                Ok(text) => emit_pieces(&text, true, emit),
+                Ok(text) => document(&text, reading, emit),
                 Err(_) if options.skip_bad => {
                     skipped += 1;
                     Ok(())
@@ -312,16 +347,33 @@ pub fn for_each_piece(
         if skipped > 0 {
             eprintln!("warning: {}: skipped {skipped} malformed record(s) (data.skip_bad_lines = true)", input.path.display());
         }
-        return Ok(skipped);
+        reading.skipped += skipped;
+        return Ok(());
     }
-    let mut reader = open(input, read)?;
     let name = input.path.display();
     let io = |e: std::io::Error| format!("cannot read {name}: {e}");
     let utf8 = |line: usize| format!("{name}:{line}: not UTF-8 text (a text data file must be UTF-8)");
     match options.documents {
         TextDocuments::File => {
+            // Deduplicating whole files: a first pass hashes the text before any of it is sent.
+            if reading.seen.is_some() {
+                let mut hasher = Xxh3::new();
+                let mut reader = open(input, &Default::default())?;
+                let mut chunk = vec![0u8; 1 << 20];
+                loop {
+                    match reader.read(&mut chunk).map_err(io)? {
+                        0 => break,
+                        n => hasher.update(&chunk[..n]),
+                    }
+                }
+                if !reading.keeps(|| hasher.digest128()) {
+                    read.fetch_add(input.size(), Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
             // The whole file is one document, streamed: pieces are cut once enough text is
             // buffered that the cut is the one the whole text would get.
+            let mut reader = open(input, read)?;
             let (mut text, mut pending, mut chunk) = (String::new(), Vec::new(), vec![0u8; 1 << 20]);
             let (mut started, mut emitted) = (false, false);
             let mut line = 1;
@@ -352,6 +404,7 @@ pub fn for_each_piece(
             }
         }
         TextDocuments::BlankLine | TextDocuments::Line => {
+            let mut reader = open(input, read)?;
             let (mut block, mut line) = (String::new(), Vec::new());
             for number in 1.. {
                 line.clear();
@@ -362,13 +415,13 @@ pub fn for_each_piece(
                     TextDocuments::Line => {
                         let text = text.strip_suffix('\r').unwrap_or(text);
                         if !text.trim().is_empty() {
-                            emit_pieces(text, true, emit)?;
+                            document(text, reading, emit)?;
                         }
                     }
                     _ if n == 0 || text.is_empty() => {
-                        let document = block.trim();
-                        if !document.is_empty() {
-                            emit_pieces(document, true, emit)?;
+                        let trimmed = block.trim();
+                        if !trimmed.is_empty() {
+                            document(trimmed, reading, emit)?;
                         }
                         block.clear();
                     }
@@ -385,7 +438,7 @@ pub fn for_each_piece(
             }
         }
     }
-    Ok(0)
+    Ok(())
 }
 
 fn bytecount_newlines(bytes: &[u8]) -> usize {
@@ -407,7 +460,7 @@ mod tests {
     /// The documents of `path`, each its pieces joined.
     fn documents(path: &Path, options: TextOptions<'_>) -> Result<Vec<String>, String> {
         let mut docs: Vec<String> = Vec::new();
-        for_each_piece(&Input::new(path.to_path_buf()), options, &Default::default(), &mut |piece| {
+        for_each_piece(&Input::new(path.to_path_buf()), options, &Default::default(), &mut Reading::default(), &mut |piece| {
             match (piece.starts_document, docs.last_mut()) {
                 (false, Some(last)) => last.push_str(&piece.text),
                 _ => docs.push(piece.text),
@@ -446,7 +499,7 @@ mod tests {
         let path = dir.path().join("book.txt");
         std::fs::write(&path, &text).unwrap();
         let mut streamed = Vec::new();
-        for_each_piece(&Input::new(path), text_options(TextDocuments::File), &Default::default(), &mut |piece| {
+        for_each_piece(&Input::new(path), text_options(TextDocuments::File), &Default::default(), &mut Reading::default(), &mut |piece| {
             streamed.push((piece.text, piece.starts_document));
             Ok(())
         })
@@ -459,6 +512,37 @@ mod tests {
         .unwrap();
         assert!(whole.len() >= 4);
         assert_eq!(streamed, whole);
+    }
+
+    #[test]
+    fn deduplication_drops_documents_whose_exact_text_came_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            Input::new(path)
+        };
+        let inputs = [
+            write("a.jsonl", "{\"text\": \"one\"}\n{\"text\": \"two\"}\n{\"text\": \"one\"}\n"),
+            write("b.txt", "two\nthree\none \n"),
+            write("c.txt", "a whole file\n"),
+            write("d.txt", "a whole file\n"),
+        ];
+        let read = |dedup: bool| {
+            let (mut docs, mut reading) = (Vec::new(), Reading::new(dedup));
+            for (input, documents) in
+                inputs.iter().zip([TextDocuments::File, TextDocuments::Line, TextDocuments::File, TextDocuments::File])
+            {
+                for_each_piece(input, text_options(documents), &Default::default(), &mut reading, &mut |piece| {
+                    docs.push(piece.text);
+                    Ok(())
+                })
+                .unwrap();
+            }
+            (docs, reading.duplicates)
+        };
+        assert_eq!(read(true), (vec!["one".into(), "two".into(), "three".into(), "one ".into(), "a whole file\n".into()], 3));
+        assert_eq!(read(false).0.len(), 8);
     }
 
     #[test]

@@ -342,8 +342,25 @@ impl Loader {
     pub fn next_batch(&mut self) -> Batch {
         let started = std::time::Instant::now();
         let batch = self.assemble_next();
+        self.prefetch_next();
         self.waited += started.elapsed();
         batch
+    }
+
+    /// Have the kernel read the next batch's windows while this step computes (as a PyTorch
+    /// DataLoader's workers prefetch), so a shard not yet in memory does not stall the step.
+    fn prefetch_next(&self) {
+        let (at, seq_len) = (self.cursor.position, self.seq_len);
+        for &item in self.order.iter().skip(at).take(self.batch) {
+            match &self.items {
+                Items::Windows(tokens) => tokens.will_need(item * seq_len, seq_len + 1),
+                Items::Mixture(mixture) => {
+                    let k = mixture.stream_of(item);
+                    mixture.streams[k].tokens.will_need((item - mixture.starts[k]) * seq_len, seq_len + 1);
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Time spent assembling batches since the last call: what the step waited for data.

@@ -114,12 +114,13 @@ pub fn preparation_rates(prepared: &Prepared) -> Option<String> {
     let tokens = (prepared.train_tokens + prepared.val_tokens) as f64;
     (!prepared.reused).then(|| {
         format!(
-            "{:.1} MB read in {:.1} s: {:.1} MB/s, {:.2} M tokens/s{}",
+            "{:.1} MB read in {:.1} s: {:.1} MB/s, {:.2} M tokens/s{}{}",
             prepared.input_bytes as f64 / 1e6,
             prepared.seconds,
             prepared.input_bytes as f64 / 1e6 / seconds,
             tokens / 1e6 / seconds,
-            if prepared.skipped > 0 { format!(", {} malformed records skipped", prepared.skipped) } else { String::new() }
+            if prepared.skipped > 0 { format!(", {} malformed records skipped", prepared.skipped) } else { String::new() },
+            if prepared.duplicates > 0 { format!(", {} duplicate documents dropped", prepared.duplicates) } else { String::new() }
         )
     })
 }
