@@ -99,7 +99,7 @@ impl Documents {
         match self {
             Documents::Generated(docs) => {
                 for doc in docs {
-                    for_each_piece_of(doc, emit)?;
+                    inputs::emit_pieces(doc, true, emit)?;
                     read.fetch_add(doc.len() as u64, Ordering::Relaxed);
                 }
             }
@@ -167,18 +167,6 @@ fn documents(recipe: &Recipe) -> Result<(Vec<TrainStream>, Documents), String> {
             (streams, Documents::of_files(&d.val_files, "data.val_files")?)
         }
     })
-}
-
-/// A document given whole, as pieces.
-fn for_each_piece_of(doc: &str, emit: &mut dyn FnMut(Piece) -> Result<(), String>) -> Result<(), String> {
-    let mut rest = doc;
-    let mut first = true;
-    while !rest.is_empty() {
-        let cut = crate::tokenizer::cut_point(rest, crate::tokenizer::ENCODE_PIECE_BYTES);
-        emit(Piece { text: rest[..cut].to_string(), starts_document: first })?;
-        (rest, first) = (&rest[cut..], false);
-    }
-    Ok(())
 }
 
 /// Where an interrupted preparation stopped: the shards each stream completed and how many

@@ -297,7 +297,7 @@ impl Reading {
 }
 
 /// `text` as pieces, passed to `emit`; the first starts a document when `starts_document`.
-fn emit_pieces(text: &str, starts_document: bool, emit: &mut dyn FnMut(Piece) -> Result<(), String>) -> Result<(), String> {
+pub(crate) fn emit_pieces(text: &str, starts_document: bool, emit: &mut dyn FnMut(Piece) -> Result<(), String>) -> Result<(), String> {
     let mut rest = text;
     let mut first = starts_document;
     while !rest.is_empty() {
@@ -321,7 +321,7 @@ pub fn for_each_piece(
     if input.format == Format::Tokens {
         return Err(format!("{} holds tokens, not text: list token files alone in data.files, with data.tokenizer", input.path.display()));
     }
-    let mut document = |text: &str, reading: &mut Reading, emit: &mut dyn FnMut(Piece) -> Result<(), String>| match reading
+    let document = |text: &str, reading: &mut Reading, emit: &mut dyn FnMut(Piece) -> Result<(), String>| match reading
         .keeps(|| xxh3_128(text.as_bytes()))
     {
         true => emit_pieces(text, true, emit),
