@@ -32,8 +32,10 @@ fn header(width: u32, len: u64) -> [u8; HEADER] {
     bytes
 }
 
-/// Write `tokens` as a shard at `path` (atomically).
-pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> std::io::Result<()> {
+/// Write `tokens` as a shard at `path` (atomically), for tests: preparation streams shards
+/// through [`ShardWriter`].
+#[cfg(test)]
+pub(crate) fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> std::io::Result<()> {
     let mut writer = ShardWriter::create(path, vocab_size)?;
     writer.push(tokens)?;
     writer.finish().map(|_| ())
