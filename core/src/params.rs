@@ -72,6 +72,23 @@ impl HostTensor {
 
 pub type NamedTensors = BTreeMap<String, HostTensor>;
 
+/// What a parameter is to the optimizer's weight-decay groups. A model says it of its own
+/// parameters (`LanguageModel::param_kinds`), so the optimizer never reads a parameter's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A weight matrix, or any tensor of rank 2 or more that is not an embedding table.
+    Matrix,
+    /// A 1-D gain: a norm's weight, Mamba's skip `D`.
+    Norm,
+    /// A linear layer's or a norm's bias.
+    Bias,
+    /// A table of token, position or token-type embeddings.
+    Embedding,
+}
+
+/// Each float parameter's kind, by module path.
+pub type ParamKinds = BTreeMap<String, ParamKind>;
+
 /// Sees each float parameter together with its module path (`layers.0.attention.q_proj.weight`).
 pub trait PathVisitor<B: Backend> {
     fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>);

@@ -1,7 +1,11 @@
 //! Every architecture behind one config type and one module type, so the trainer, the
 //! checkpoints and the generator handle any of them without knowing their insides.
 
+use std::collections::{BTreeMap, HashMap};
+
+use burn::module::{ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
+use furnace_core::params::{visit_with_paths, ParamKind, ParamKinds, PathVisitor};
 
 use crate::bert::{Bert, BertConfig};
 use crate::blocks::AttentionContext;
@@ -219,6 +223,81 @@ impl<B: FusedOps> LanguageModel<B> {
             Self::Bert(m) => m.layers.len(),
             Self::T5(m) => m.encoder_layers.len() + m.decoder_layers.len(),
         }
+    }
+}
+
+/// What the model says of its parameters, so that the optimizer and the trainer never parse a
+/// parameter's name: its kind (weight-decay groups) and the block it belongs to (FSDP).
+impl<B: Backend> LanguageModel<B> {
+    /// The architecture's embedding tables (token, position, token-type; T5's relative-position
+    /// buckets, an `nn.Embedding` in transformers).
+    fn embedding_tables(&self) -> Vec<ParamId> {
+        match self {
+            Self::Decoder(m) => std::iter::once(&m.embed_tokens).chain(&m.embed_positions).map(|p| p.id).collect(),
+            Self::Mamba(m) => vec![m.embed_tokens.id],
+            Self::Bert(m) => vec![m.embed_tokens.id, m.embed_positions.id, m.embed_token_types.id],
+            Self::T5(m) => vec![m.embed_tokens.id, m.encoder_relative_bias.id, m.decoder_relative_bias.id],
+        }
+    }
+
+    /// Each float parameter's kind, by path: the embedding tables, the biases (every field
+    /// named `bias` or `*_bias`: linear layers', norms', Mamba's `conv_bias`), other 1-D gains
+    /// (norm weights, Mamba's `d`) and matrices.
+    pub fn param_kinds(&self) -> ParamKinds {
+        struct Kinds(Vec<ParamId>, ParamKinds);
+        impl<B: Backend> PathVisitor<B> for Kinds {
+            fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
+                let kind = if self.0.contains(&param.id) {
+                    ParamKind::Embedding
+                } else if path.rsplit('.').next().is_some_and(|field| field.ends_with("bias")) {
+                    ParamKind::Bias
+                } else if D == 1 {
+                    ParamKind::Norm
+                } else {
+                    ParamKind::Matrix
+                };
+                self.1.insert(path.to_string(), kind);
+            }
+        }
+        let mut kinds = Kinds(self.embedding_tables(), ParamKinds::new());
+        visit_with_paths(self, &mut kinds);
+        kinds.1
+    }
+
+    /// The block (index into the chain of [`LanguageModel::blocks`]) each block parameter
+    /// belongs to, by path; the embeddings, final norm and head are in none. T5, not one chain,
+    /// has none.
+    pub fn param_blocks(&self) -> BTreeMap<String, usize> {
+        struct Ids(Vec<ParamId>);
+        impl<B: Backend> ModuleVisitor<B> for Ids {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                self.0.push(param.id);
+            }
+        }
+        fn ids<B: Backend>(block: &impl Module<B>) -> Vec<ParamId> {
+            let mut ids = Ids(Vec::new());
+            block.visit(&mut ids);
+            ids.0
+        }
+        let per_block: Vec<Vec<ParamId>> = match self {
+            Self::Decoder(m) => m.layers.iter().map(ids).collect(),
+            Self::Mamba(m) => m.layers.iter().map(ids).collect(),
+            Self::Bert(m) => m.layers.iter().map(ids).collect(),
+            Self::T5(_) => Vec::new(),
+        };
+        let block_of: HashMap<ParamId, usize> =
+            per_block.into_iter().enumerate().flat_map(|(block, ids)| ids.into_iter().map(move |id| (id, block))).collect();
+        struct Paths<'a>(&'a HashMap<ParamId, usize>, BTreeMap<String, usize>);
+        impl<B: Backend> PathVisitor<B> for Paths<'_> {
+            fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
+                if let Some(&block) = self.0.get(&param.id) {
+                    self.1.insert(path.to_string(), block);
+                }
+            }
+        }
+        let mut paths = Paths(&block_of, BTreeMap::new());
+        visit_with_paths(self, &mut paths);
+        paths.1
     }
 }
 

@@ -772,3 +772,49 @@ fn batched_decoding_equals_decoding_alone() {
     }
     check_batched_equals_alone(ModelConfig::Mamba(tiny_mamba()));
 }
+
+/// The model, not a name pattern, says what each parameter is and which block holds it. The
+/// blocks' parameters are exactly those under `layers.<i>.` (the naming the checkpoints use).
+#[test]
+fn models_say_each_parameters_kind_and_block() {
+    use furnace_core::params::ParamKind::*;
+    let device = Default::default();
+    let gpt2 = ModelConfig::Decoder(
+        tiny(PositionKind::Learned).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true),
+    )
+    .init::<B>(1, &device);
+    let kinds = gpt2.param_kinds();
+    for (path, kind) in [
+        ("layers.0.attention.q_proj.weight", Matrix),
+        ("layers.0.attention.q_proj.bias", Bias),
+        ("layers.1.ffn_norm.weight", Norm),
+        ("layers.1.ffn_norm.bias", Bias),
+        ("embed_tokens", Embedding),
+        ("embed_positions", Embedding),
+        ("norm.weight", Norm),
+    ] {
+        assert_eq!(kinds.get(path), Some(&kind), "{path}");
+    }
+    let bert = ModelConfig::Bert(crate::BertConfig::new(50, 32, 2, 4, 64, 32)).init::<B>(1, &device);
+    let kinds = bert.param_kinds();
+    assert_eq!(kinds["embed_token_types"], Embedding);
+    // A norm after the embeddings is a norm, whatever its name begins with.
+    assert_eq!(kinds["embed_norm.weight"], Norm);
+    let t5 = ModelConfig::T5(crate::t5::T5Config::new(50, 32, 8, 64, 4, 2, 2)).init::<B>(1, &device);
+    let kinds = t5.param_kinds();
+    assert_eq!(kinds["encoder_relative_bias"], Embedding);
+    assert_eq!(kinds["decoder_relative_bias"], Embedding);
+    assert!(t5.param_blocks().is_empty(), "T5 is two stacks, not one chain of blocks");
+    let mamba = ModelConfig::Mamba(tiny_mamba()).init::<B>(1, &device);
+    assert_eq!(mamba.param_kinds()["layers.0.mixer.d"], Norm);
+    assert_eq!(mamba.param_kinds()["layers.0.mixer.conv_bias"], Bias);
+
+    for model in [&gpt2, &bert, &mamba] {
+        let blocks = model.param_blocks();
+        assert!(!blocks.is_empty());
+        for path in model.param_kinds().keys() {
+            let by_name = path.strip_prefix("layers.").and_then(|rest| rest.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+            assert_eq!(blocks.get(path).copied(), by_name, "{path}");
+        }
+    }
+}

@@ -1,30 +1,8 @@
-//! Parameter groups: which parameters get weight decay, decided by path.
+//! Parameter groups: which parameters get weight decay, decided by what each one is (the
+//! model says: `ParamKind`).
 
 use furnace_configs::OptimizerSection;
-
-/// What a parameter is, for choosing its weight-decay group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParamKind {
-    Matrix,
-    Norm,
-    Bias,
-    Embedding,
-}
-
-impl ParamKind {
-    /// By path and rank: `*.bias`; other 1-D tensors are norm weights; `embed_*` are embeddings.
-    pub fn classify(path: &str, rank: usize) -> Self {
-        if path.ends_with("bias") {
-            ParamKind::Bias
-        } else if path.split('.').next().is_some_and(|p| p.starts_with("embed")) {
-            ParamKind::Embedding
-        } else if rank == 1 {
-            ParamKind::Norm
-        } else {
-            ParamKind::Matrix
-        }
-    }
-}
+use furnace_core::params::ParamKind;
 
 /// Weight decay for the decayed group; norms, biases and embeddings join it only when asked
 /// (the GPT-2/nanoGPT convention).
@@ -48,8 +26,8 @@ impl From<&OptimizerSection> for DecayGroups {
 }
 
 impl DecayGroups {
-    pub fn weight_decay_for(&self, path: &str, rank: usize) -> f64 {
-        let decayed = match ParamKind::classify(path, rank) {
+    pub fn weight_decay_for(&self, kind: ParamKind) -> f64 {
+        let decayed = match kind {
             ParamKind::Matrix => true,
             ParamKind::Norm => self.decay_norms,
             ParamKind::Bias => self.decay_biases,

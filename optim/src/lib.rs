@@ -11,7 +11,7 @@ pub mod schedule;
 pub use algorithm::Algorithm;
 pub use clip::{clip_factor, global_grad_norm};
 pub use fused::FusedUpdate;
-pub use groups::{DecayGroups, ParamKind};
+pub use groups::DecayGroups;
 pub use optimizer::Optimizer;
 pub use schedule::Schedule;
 

@@ -9,7 +9,9 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
-use furnace_core::params::{map_with_paths, visit_with_paths, widened, HostTensor, NamedTensors, PathMapper, PathVisitor};
+use furnace_core::params::{
+    map_with_paths, visit_with_paths, widened, HostTensor, NamedTensors, ParamKind, ParamKinds, PathMapper, PathVisitor,
+};
 
 use crate::algorithm::{Algorithm, Slots};
 use crate::fused::FusedUpdate;
@@ -20,6 +22,8 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 pub struct Optimizer<B: AutodiffBackend<InnerBackend: FusedUpdate>> {
     pub algorithm: Algorithm,
     pub groups: DecayGroups,
+    /// What each parameter is, by path, as the model says (its weight-decay group).
+    kinds: ParamKinds,
     /// Optimizer steps taken (bias correction and the curvature schedule use it).
     pub step: u64,
     state: HashMap<String, Slots<Inner<B>>>,
@@ -29,8 +33,10 @@ pub struct Optimizer<B: AutodiffBackend<InnerBackend: FusedUpdate>> {
 }
 
 impl<B: AutodiffBackend<InnerBackend: FusedUpdate>> Optimizer<B> {
-    pub fn new(algorithm: Algorithm, groups: DecayGroups) -> Self {
-        Self { algorithm, groups, step: 0, state: HashMap::new(), clipped: None, coordinates: 0 }
+    /// `kinds` come from the model (`LanguageModel::param_kinds`); a parameter it does not
+    /// list is decayed as a matrix.
+    pub fn new(algorithm: Algorithm, groups: DecayGroups, kinds: ParamKinds) -> Self {
+        Self { algorithm, groups, kinds, step: 0, state: HashMap::new(), clipped: None, coordinates: 0 }
     }
 
     /// One update of every parameter that has a gradient. `grad_scale` multiplies the
@@ -123,7 +129,8 @@ impl<B: AutodiffBackend<InnerBackend: FusedUpdate>> PathMapper<B> for Update<'_,
         let Some(grad) = self.grads.remove::<Inner<B>, D>(id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
-        let weight_decay = self.optimizer.groups.weight_decay_for(path, D);
+        let kind = self.optimizer.kinds.get(path).copied().unwrap_or(ParamKind::Matrix);
+        let weight_decay = self.optimizer.groups.weight_decay_for(kind);
         let dims = tensor.dims();
         let n = tensor.shape().num_elements();
         let grad = grad.reshape([n]);

@@ -7,6 +7,7 @@ use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use furnace_core::params::ParamKind;
 use serde_json::Value;
 
 use crate::*;
@@ -53,7 +54,8 @@ fn run(algorithm: Algorithm, fx: &Value) -> (Vec<f32>, Vec<f32>, Vec<f64>) {
         decay_biases: false,
         decay_embeddings: false,
     };
-    let mut optimizer = Optimizer::<B>::new(algorithm, groups);
+    let kinds = [("weight".to_string(), ParamKind::Matrix), ("norm".to_string(), ParamKind::Norm)].into();
+    let mut optimizer = Optimizer::<B>::new(algorithm, groups, kinds);
     let max_norm = fx["max_norm"].as_f64().unwrap();
     let batch = fx["sophia"]["config"]["batch"].as_f64().unwrap();
     let mut clip_fractions = Vec::new();
@@ -124,14 +126,14 @@ fn only_sophia_asks_for_curvature_every_k_steps() {
 }
 
 #[test]
-fn parameter_groups_follow_paths() {
-    assert_eq!(ParamKind::classify("layers.0.attention.q_proj.weight", 2), ParamKind::Matrix);
-    assert_eq!(ParamKind::classify("layers.0.attention.q_proj.bias", 1), ParamKind::Bias);
-    assert_eq!(ParamKind::classify("layers.3.ffn_norm.weight", 1), ParamKind::Norm);
-    assert_eq!(ParamKind::classify("embed_tokens", 2), ParamKind::Embedding);
-    assert_eq!(ParamKind::classify("embed_positions", 2), ParamKind::Embedding);
+fn decay_groups_follow_kinds() {
     let groups = DecayGroups { weight_decay: 0.1, decay_norms: false, decay_biases: true, decay_embeddings: false };
-    assert_eq!(groups.weight_decay_for("layers.0.attention.q_proj.bias", 1), 0.1);
-    assert_eq!(groups.weight_decay_for("layers.0.ffn_norm.weight", 1), 0.0);
-    assert_eq!(groups.weight_decay_for("embed_tokens", 2), 0.0);
+    assert_eq!(groups.weight_decay_for(ParamKind::Matrix), 0.1);
+    assert_eq!(groups.weight_decay_for(ParamKind::Bias), 0.1);
+    assert_eq!(groups.weight_decay_for(ParamKind::Norm), 0.0);
+    assert_eq!(groups.weight_decay_for(ParamKind::Embedding), 0.0);
+    let all = DecayGroups { weight_decay: 0.1, decay_norms: true, decay_biases: false, decay_embeddings: true };
+    assert_eq!(all.weight_decay_for(ParamKind::Norm), 0.1);
+    assert_eq!(all.weight_decay_for(ParamKind::Embedding), 0.1);
+    assert_eq!(all.weight_decay_for(ParamKind::Bias), 0.0);
 }

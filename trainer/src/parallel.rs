@@ -7,7 +7,7 @@
 //! placeholders and `gather` brings a selection back from the owners. World size 1 makes every
 //! operation here a no-op.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::marker::PhantomData;
 
@@ -31,13 +31,23 @@ pub struct Parallel {
     /// ZeRO and FSDP: each trainable parameter's full shape (what a gather allocates; under
     /// FSDP a released parameter holds a placeholder).
     shapes: HashMap<String, Vec<usize>>,
+    /// FSDP: the block each block parameter belongs to, by path, as the model says.
+    blocks: BTreeMap<String, usize>,
 }
 
 impl Parallel {
     pub fn new(collective: Box<dyn Collective>, recipe: &Recipe) -> Self {
         let world = collective.world();
         let bucket_elements = ((recipe.distributed.bucket_mb * 1e6 / 4.0) as usize).max(1);
-        Self { collective, world, strategy: recipe.distributed.strategy, bucket_elements, owners: HashMap::new(), shapes: HashMap::new() }
+        Self {
+            collective,
+            world,
+            strategy: recipe.distributed.strategy,
+            bucket_elements,
+            owners: HashMap::new(),
+            shapes: HashMap::new(),
+            blocks: BTreeMap::new(),
+        }
     }
 
     /// FSDP over more than one rank: parameters are held by their owners between uses.
@@ -113,8 +123,10 @@ impl Parallel {
     }
 
     /// ZeRO: split the trainable parameters into contiguous runs, one per rank. Returns this
-    /// rank's share of the trainable elements and the total.
-    pub fn partition<B: Backend, M: Module<B>>(&mut self, model: &M) -> (usize, usize) {
+    /// rank's share of the trainable elements and the total. `blocks` (the model's
+    /// `param_blocks`) is what FSDP gathers one block at a time.
+    pub fn partition<B: Backend, M: Module<B>>(&mut self, model: &M, blocks: BTreeMap<String, usize>) -> (usize, usize) {
+        self.blocks = blocks;
         struct Trainable(Vec<(String, Vec<usize>)>);
         impl<B: Backend> PathVisitor<B> for Trainable {
             fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<B, D>>) {
@@ -241,6 +253,12 @@ impl Parallel {
         map_with_paths(model, &mut Gather(self, selects))
     }
 
+    /// FSDP: block `index`'s parameters from their owners; `None` gathers those outside every
+    /// block (embeddings, final norm, heads), which a step holds throughout.
+    pub fn gather_block<B: Backend, M: Module<B>>(&self, model: M, index: Option<usize>) -> M {
+        self.gather(model, |path| self.blocks.get(path).copied() == index)
+    }
+
     /// FSDP: the parameters whose path `selects` holds and that another rank owns, replaced by
     /// a one-element placeholder until `gather` brings them back.
     pub fn release<B: Backend, M: Module<B>>(&self, model: M, selects: impl Fn(&str) -> bool) -> M {
@@ -261,14 +279,6 @@ impl Parallel {
         }
         map_with_paths(model, &mut Release(self, selects))
     }
-}
-
-/// The parameters of block `index` (`layers.<index>.…`), which FSDP gathers and releases one
-/// block at a time; `None` selects those outside every block (embeddings, final norm, heads),
-/// which it holds for the whole step.
-pub fn in_block(path: &str, index: Option<usize>) -> bool {
-    let block = path.strip_prefix("layers.").and_then(|rest| rest.split('.').next()).and_then(|i| i.parse::<usize>().ok());
-    block == index
 }
 
 /// Bytes of the parameters this rank holds now (under FSDP, between steps, about 1/W).

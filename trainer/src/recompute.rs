@@ -18,7 +18,7 @@ use furnace_models::t5::T5;
 use furnace_models::{LanguageModel, RouterLossWeights, Routing, Unsupported};
 
 use crate::backend::TrainBackend;
-use crate::parallel::{in_block, GradientReduction, Parallel};
+use crate::parallel::{GradientReduction, Parallel};
 
 /// What the forward pass kept of one block for backward.
 enum Kept<B: TrainBackend> {
@@ -34,7 +34,7 @@ enum Kept<B: TrainBackend> {
 /// block's parameters gathered from their owners, released when the copy is dropped.
 fn with_block<'m, B: TrainBackend>(model: &'m LanguageModel<B>, block: usize, sharded: Option<&Parallel>) -> Cow<'m, LanguageModel<B>> {
     match sharded {
-        Some(parallel) => Cow::Owned(parallel.gather(model.clone(), |path| in_block(path, Some(block)))),
+        Some(parallel) => Cow::Owned(parallel.gather_block(model.clone(), Some(block))),
         None => Cow::Borrowed(model),
     }
 }

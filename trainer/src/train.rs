@@ -24,7 +24,7 @@ use crate::memory::{collect_freed_memory, parameter_bytes, peak_rss_mb, reset_pe
 use crate::metrics::Metrics;
 use crate::model::{build_model, describe, load_base, model_config, with_base};
 use crate::objectives::{self, Objective, Setup, Stepped};
-use crate::parallel::{held_parameter_bytes, in_block, quiet_stdout, transport, Parallel};
+use crate::parallel::{held_parameter_bytes, quiet_stdout, transport, Parallel};
 use crate::precision::{compute_dtype, LossScaler};
 use crate::signals::{self, Stopped};
 
@@ -138,7 +138,7 @@ impl<B: TrainBackend> Trainer<B> {
             model: &model,
             reference_pairs,
         })?;
-        let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer));
+        let mut optimizer = Optimizer::<B>::new(Algorithm::from_recipe(&recipe), DecayGroups::from(&recipe.optimizer), model.param_kinds());
         let shards = if world.size > 1 && recipe.distributed.strategy != Strategy::Ddp { world.size } else { 1 };
         let mut state = TrainState::new(loader.cursor(), world.size, shards);
         let fp16 = recipe.runtime.precision == Precision::Fp16Mixed;
@@ -168,7 +168,7 @@ impl<B: TrainBackend> Trainer<B> {
         }
         // Ranks start from rank 0's weights; under ZeRO each keeps its own parameters' state.
         model = parallel.broadcast_model(model);
-        let (owned, trainable) = parallel.partition(&model);
+        let (owned, trainable) = parallel.partition(&model, model.param_blocks());
         optimizer.retain_state(|path| parallel.owns(path));
         model = parallel.release(model, |_| true);
         if recipe.runtime.precision == Precision::Bf16True {
@@ -312,7 +312,7 @@ impl<B: TrainBackend> Trainer<B> {
         B::seed(&self.cx.device, self.cx.rank_seed(Stream::Dropout, self.cx.state.step));
         // FSDP holds the parameters outside the blocks for the whole step (both ends use them).
         let model = match self.cx.parallel.fsdp() {
-            true => self.cx.parallel.gather(model, |path| in_block(path, None)),
+            true => self.cx.parallel.gather_block(model, None),
             false => model,
         };
         self.objective.step(&mut self.cx, model, lr)

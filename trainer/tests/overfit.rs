@@ -24,6 +24,7 @@ fn tiny_model_overfits_one_fixed_batch() {
     let mut optimizer = Optimizer::<B>::new(
         Algorithm::AdamW { beta1: 0.9, beta2: 0.99, eps: 1e-8 },
         DecayGroups { weight_decay: 0.0, decay_norms: false, decay_biases: false, decay_embeddings: false },
+        Default::default(),
     );
     let mut loss_value = f64::INFINITY;
     for _ in 0..300 {
