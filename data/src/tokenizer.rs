@@ -69,6 +69,7 @@ fn pieces(text: &str, max_bytes: usize) -> impl Iterator<Item = &str> {
     })
 }
 
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
     eos: u32,
@@ -184,6 +185,12 @@ impl TextTokenizer {
 
     pub fn decode(&self, ids: &[u32]) -> String {
         self.inner.decode(ids, true).unwrap_or_default()
+    }
+
+    /// The special tokens (end-of-text, `[MASK]`, sentinels, chat markers): tokens that stand
+    /// for no text of their own.
+    pub fn special_ids(&self) -> Vec<u32> {
+        self.inner.get_added_tokens_decoder().iter().filter(|(_, token)| token.special).map(|(&id, _)| id).collect()
     }
 
     /// The bytes one token stands for: what a byte-level BPE token encodes (a token may hold part

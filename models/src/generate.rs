@@ -6,6 +6,18 @@ use burn::prelude::*;
 use crate::causal_lm::CausalLm;
 use crate::sampling::{Sampler, SamplingConfig};
 
+/// What a grammar allows at each step of a reply (structured output): the trainer's
+/// llguidance matcher is one. A constraint that fails keeps its error and allows only the
+/// end of the reply from then on.
+pub trait TokenConstraint {
+    /// Set the logits (one row over the model's vocabulary) of every token the grammar does
+    /// not allow next to −∞.
+    fn mask(&mut self, logits: &mut [f32]);
+    /// Advance past the sampled `token`. Returns the tokens the grammar forces after it,
+    /// already advanced past: they join the reply without being sampled.
+    fn commit(&mut self, token: u32) -> Vec<u32>;
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerateConfig {
     pub max_new_tokens: usize,
@@ -14,11 +26,14 @@ pub struct GenerateConfig {
 }
 
 /// Generate after `prompt`; `on_token` sees each new token as it is produced (for streaming).
-/// Returns the new tokens (a stop token, when hit, is included).
+/// Returns the new tokens (a stop token, when hit, is included). Under a `constraint` each
+/// sampled token is one the grammar allows, and the tokens it then forces are appended and fed
+/// to the model in one forward with the sampled one.
 pub fn generate<B: Backend, M: CausalLm<B>>(
     model: &M,
     prompt: &[u32],
     config: &GenerateConfig,
+    mut constraint: Option<&mut dyn TokenConstraint>,
     device: &B::Device,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
@@ -33,15 +48,25 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
             Tensor::<B, 2, Int>::from_data(TensorData::new(input.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, input.len()]), device);
         let logits = model.forward_step(tokens, &mut state);
         let [_, seq, vocab] = logits.dims();
-        let last: Vec<f32> = logits.slice([0..1, seq - 1..seq, 0..vocab]).into_data().convert::<f32>().into_vec().expect("f32 logits");
-        let token = sampler.sample(&last, &history);
-        produced.push(token);
-        history.push(token);
-        on_token(token);
-        if config.stop_tokens.contains(&token) {
-            break;
+        let mut last: Vec<f32> = logits.slice([0..1, seq - 1..seq, 0..vocab]).into_data().convert::<f32>().into_vec().expect("f32 logits");
+        if let Some(constraint) = constraint.as_deref_mut() {
+            constraint.mask(&mut last);
         }
-        input = vec![token];
+        let token = sampler.sample(&last, &history);
+        let forced = constraint.as_deref_mut().map(|c| c.commit(token)).unwrap_or_default();
+        input.clear();
+        for token in std::iter::once(token).chain(forced) {
+            if produced.len() == config.max_new_tokens || history.len() == model.max_seq_len() {
+                break;
+            }
+            produced.push(token);
+            history.push(token);
+            input.push(token);
+            on_token(token);
+            if config.stop_tokens.contains(&token) {
+                return produced;
+            }
+        }
     }
     produced
 }

@@ -291,7 +291,7 @@ fn greedy_generation_equals_argmax_of_full_forward() {
 fn check_greedy_generation<M: CausalLm<burn::backend::Flex>>(model: &M, prompt: &[u32]) {
     let device = Default::default();
     let config = GenerateConfig { max_new_tokens: 6, stop_tokens: vec![], sampling: SamplingConfig::default() };
-    let generated = generate(model, prompt, &config, &device, |_| {});
+    let generated = generate(model, prompt, &config, None, &device, |_| {});
     let vocab = model.vocab_size();
     let mut seq: Vec<u32> = prompt.to_vec();
     for _ in 0..6 {
@@ -563,7 +563,7 @@ fn group_generation_decodes_each_row_as_alone() {
         let prompt = [4u32, 9, 2];
         // Greedy: every row is the single-sequence greedy continuation, cut at the stop token.
         let greedy = GenerateConfig { max_new_tokens: 7, stop_tokens: vec![], sampling: SamplingConfig::default() };
-        let alone = generate(&model, &prompt, &greedy, &device, |_| {});
+        let alone = generate(&model, &prompt, &greedy, None, &device, |_| {});
         let stop = GenerateConfig { stop_tokens: vec![alone[3]], ..greedy.clone() };
         let cut = alone[..=alone.iter().position(|&t| t == alone[3]).unwrap()].to_vec();
         assert_eq!(generate_group(&model, &prompt, 3, &stop, &device), vec![cut; 3]);

@@ -8,7 +8,9 @@
 - a stop string gives "stop" and is left out; logprobs are <= 0 and their tokens' bytes make the text;
 - embeddings (the client's default base64 and floats alike) have the model's width;
 - the same seed gives the same text; a bad parameter raises BadRequestError and the next request
-  still succeeds.
+  still succeeds;
+- structured output: `chat.completions.parse` with a pydantic model (the client sends its strict
+  JSON schema as response_format and parses the reply with pydantic) returns a valid instance.
 
     pip install openai
     python scripts/reference/check_openai_client.py      # FURNACE=path/to/furnace to pick a binary
@@ -20,7 +22,10 @@ import subprocess
 import sys
 import tempfile
 
+import typing
+
 import openai
+import pydantic
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FURNACE = os.environ.get("FURNACE", str(ROOT / "target" / "release" / "furnace"))
@@ -130,6 +135,17 @@ def check(client: openai.OpenAI, run: pathlib.Path) -> None:
     except openai.BadRequestError as e:
         assert e.body["param"] == "top_p", e.body
     assert client.completions.create(model="tiny", prompt=prompt, max_tokens=2).choices[0].finish_reason in ("length", "stop")
+
+    class Shirt(pydantic.BaseModel):
+        color: typing.Literal["red", "green", "blue"]
+        size: typing.Literal["S", "M", "L"]
+        quantity: int = pydantic.Field(ge=1, le=9)
+
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    for seed in range(3):
+        parsed = parse(model="tiny", messages=messages, response_format=Shirt, max_tokens=60, temperature=1.0, seed=seed)
+        shirt = parsed.choices[0].message.parsed
+        assert isinstance(shirt, Shirt) and 1 <= shirt.quantity <= 9, parsed
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ use furnace_data::inputs::{expand, TextOptions};
 use furnace_data::shards::write_llmc;
 use furnace_data::tokenizer::ExtraTokens;
 use furnace_data::{TextTokenizer, Tokens};
-use furnace_models::generate::GenerateConfig;
+use furnace_models::generate::{GenerateConfig, TokenConstraint};
 use furnace_models::hf::{from_peft, hf_arch_for};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
@@ -24,6 +24,7 @@ use crate::datasets::chat_template_source;
 use crate::evaluate::{encode_prompt, fill_mask_line, reply};
 use crate::memory::check_fits;
 use crate::model::{base_for, build_model, is_gguf, load_base, model_config};
+use crate::structured::{Grammar, Grammars};
 use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
@@ -187,13 +188,27 @@ struct GenerateJob {
     recipe: Recipe,
     tokenizer: TextTokenizer,
     weights: NamedTensors,
+    /// --json-schema, --regex or --grammar, and the flag that gave it.
+    grammar: Option<(Grammar, String)>,
 }
 
 impl BackendJob for GenerateJob {
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
-        let Self { args, recipe, tokenizer, weights } = self;
+        let Self { args, recipe, tokenizer, weights, grammar } = self;
         let model = decoding_model::<B::InnerBackend>(&recipe, &tokenizer, &weights, &args.checkpoint, &device)?;
-        let mut stop_tokens = if args.ignore_eos { Vec::new() } else { vec![tokenizer.eos()] };
+        let mut constraint = match &grammar {
+            Some(_) if matches!(model, LanguageModel::Bert(_)) => {
+                bail!("{} is a BERT, which fills masks: structured output needs a model that generates", args.checkpoint.display())
+            }
+            Some((grammar, flag)) => Some(
+                Grammars::new(&tokenizer, model.vocab_size())
+                    .and_then(|grammars| grammars.constraint(grammar))
+                    .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?,
+            ),
+            None => None,
+        };
+        // The grammar's end is end-of-text, --ignore-eos or not.
+        let mut stop_tokens = if args.ignore_eos && constraint.is_none() { Vec::new() } else { vec![tokenizer.eos()] };
         for s in &args.stop {
             match tokenizer.encode(s).as_slice() {
                 [single] => stop_tokens.push(*single),
@@ -264,7 +279,9 @@ impl BackendJob for GenerateJob {
         let mut printed = 0;
         let mut stdout = std::io::stdout();
         let stop_tokens = generation.stop_tokens.clone();
-        let reply_tokens = reply(&model, &prompt, tokenizer.pad(), &generation, &device, |token| {
+        let started = std::time::Instant::now();
+        let as_constraint = constraint.as_mut().map(|c| c as &mut dyn TokenConstraint);
+        let reply_tokens = reply(&model, &prompt, tokenizer.pad(), &generation, as_constraint, &device, |token| {
             if stop_tokens.contains(&token) {
                 return;
             }
@@ -282,6 +299,13 @@ impl BackendJob for GenerateJob {
         println!();
         // Why it stopped, on stderr so that stdout stays the text.
         match reply_tokens.last() {
+            Some(&last) if last == tokenizer.eos() && grammar.is_some() => {
+                eprintln!(
+                    "(stopped: {} is complete after {} tokens)",
+                    grammar.as_ref().map_or("", |(_, flag)| flag),
+                    reply_tokens.len() - 1
+                )
+            }
             Some(&last) if last == tokenizer.eos() && !args.ignore_eos => eprintln!(
                 "(stopped: the model wrote end-of-text after {} tokens; --ignore-eos continues to --max-new-tokens)",
                 reply_tokens.len() - 1
@@ -290,6 +314,16 @@ impl BackendJob for GenerateJob {
                 eprintln!("(stopped at a --stop token after {} tokens)", reply_tokens.len() - 1)
             }
             _ => eprintln!("(stopped at --max-new-tokens = {})", args.max_new_tokens),
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!("({} tokens in {seconds:.2} s: {:.1} tokens/s)", reply_tokens.len(), reply_tokens.len() as f64 / seconds.max(1e-9));
+        if let (Some(constraint), Some((_, flag))) = (constraint.as_mut(), &grammar) {
+            if let Some(error) = constraint.error() {
+                bail!("{flag}: the grammar failed mid-reply: {error}");
+            }
+            if !constraint.is_complete() {
+                eprintln!("warning: the reply ends at --max-new-tokens before {flag} is complete; raise --max-new-tokens");
+            }
         }
         if let (Some(path), LanguageModel::T5(_)) = (&args.logits_out, &model) {
             write_seq2seq_logits(&model, &prompt, tokenizer.pad(), &reply_tokens, path, &device)?;
@@ -349,9 +383,28 @@ pub fn export(args: ExportArgs) -> Result<()> {
 /// Generate from a Furnace checkpoint (adapters included), a Hugging Face model folder or a GGUF file.
 pub fn generate(args: GenerateArgs) -> Result<()> {
     check_sampling_flags(&args)?;
+    let grammar = grammar_flag(&args)?;
     checkpoint::set_verification(!args.no_verify);
     let (recipe, tokenizer, weights) = load_for_decoding(&args.checkpoint, args.adapter.as_deref(), args.backend.as_deref())?;
-    dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights })
+    dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights, grammar })
+}
+
+/// The grammar `--json-schema`, `--regex` or `--grammar` gives, read (not yet compiled: that
+/// needs the model's vocabulary), and the flag as the user wrote it.
+fn grammar_flag(args: &GenerateArgs) -> Result<Option<(Grammar, String)>> {
+    let read =
+        |path: &Path, flag: &str| std::fs::read_to_string(path).with_context(|| format!("{flag} {}: cannot read it", path.display()));
+    Ok(if let Some(path) = &args.json_schema {
+        let flag = format!("--json-schema {}", path.display());
+        let schema = serde_json::from_str(&read(path, "--json-schema")?).with_context(|| format!("{flag}: not valid JSON"))?;
+        Some((Grammar::JsonSchema(schema), flag))
+    } else if let Some(regex) = &args.regex {
+        Some((Grammar::Regex(regex.clone()), format!("--regex {regex:?}")))
+    } else if let Some(path) = &args.grammar {
+        Some((Grammar::Lark(read(path, "--grammar")?), format!("--grammar {}", path.display())))
+    } else {
+        None
+    })
 }
 
 /// The model `load_for_decoding`'s recipe and weights describe, on `device`.

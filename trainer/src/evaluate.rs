@@ -3,7 +3,7 @@
 use burn::prelude::*;
 use furnace_data::seq2seq::with_eos;
 use furnace_data::{Batch, Loader, TextTokenizer};
-use furnace_models::generate::{generate, GenerateConfig};
+use furnace_models::generate::{generate, GenerateConfig, TokenConstraint};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
 use furnace_models::t5::Conditioned;
@@ -68,12 +68,14 @@ pub fn encoder_input<B: Backend>(batch: &Batch, device: &B::Device) -> Tensor<B,
 }
 
 /// The model's reply to `prompt`: a decoder continues it; T5 reads it with its encoder and
-/// decodes from its start token `start`. `on_token` sees each token as it comes.
+/// decodes from its start token `start`. `on_token` sees each token as it comes; a
+/// `constraint` keeps the reply inside its grammar.
 pub fn reply<B: FusedOps>(
     model: &LanguageModel<B>,
     prompt: &[u32],
     start: u32,
     config: &GenerateConfig,
+    constraint: Option<&mut dyn TokenConstraint>,
     device: &B::Device,
     on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>, Unsupported> {
@@ -82,9 +84,9 @@ pub fn reply<B: FusedOps>(
             let ids = prompt.iter().map(|&t| t as i64).collect::<Vec<_>>();
             let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), device);
             let conditioned = Conditioned { model: t5, input, lengths: vec![prompt.len()] };
-            generate(&conditioned, &[start], config, device, on_token)
+            generate(&conditioned, &[start], config, constraint, device, on_token)
         }
-        _ => generate(&model.as_causal()?, prompt, config, device, on_token),
+        _ => generate(&model.as_causal()?, prompt, config, constraint, device, on_token),
     })
 }
 
@@ -123,7 +125,7 @@ pub fn arithmetic_exact_match<B: FusedOps>(
     let mut correct = 0;
     let mut shown = Vec::new();
     for problem in problems {
-        let out = reply(model, &problem.ids, tokenizer.pad(), &config, device, |_| {})?;
+        let out = reply(model, &problem.ids, tokenizer.pad(), &config, None, device, |_| {})?;
         let answer = tokenizer.decode(&out).trim().to_string();
         let ok = answer == problem.expected;
         correct += ok as usize;
@@ -178,6 +180,6 @@ pub fn fill_spans_line<B: FusedOps>(
     if !ids.iter().any(|id| sentinels.contains(id)) {
         anyhow::bail!("the prompt {prompt:?} has no sentinel to fill; write <extra_id_0> where a span should go");
     }
-    let out = reply(model, &ids, tokenizer.pad(), &greedy(tokenizer, max_new_tokens), device, |_| {})?;
+    let out = reply(model, &ids, tokenizer.pad(), &greedy(tokenizer, max_new_tokens), None, device, |_| {})?;
     Ok(tokenizer.decode_keeping_special(&out))
 }

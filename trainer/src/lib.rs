@@ -27,6 +27,7 @@ pub mod recompute;
 pub mod rollout;
 pub mod serve;
 pub mod signals;
+pub mod structured;
 pub mod tasks;
 pub mod tensorboard;
 pub mod train;
@@ -105,6 +106,16 @@ pub struct GenerateArgs {
     /// Run on this backend instead of the one the checkpoint trained on.
     #[arg(long, value_parser = ["flex", "cuda", "wgpu"])]
     pub backend: Option<String>,
+    /// Hold the reply to the JSON Schema in this file (structured output, as OpenAI's
+    /// `response_format` json_schema): every token sampled keeps it valid; the JSON is compact.
+    #[arg(long, conflicts_with_all = ["regex", "grammar"])]
+    pub json_schema: Option<PathBuf>,
+    /// Hold the reply to this regular expression (Rust regex syntax), matched whole.
+    #[arg(long, conflicts_with = "grammar")]
+    pub regex: Option<String>,
+    /// Hold the reply to the Lark grammar in this file (llguidance's dialect: `start: ...`).
+    #[arg(long)]
+    pub grammar: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -65,7 +65,7 @@ pub fn exact_match_and_sample<B: TrainBackend>(cx: &mut Context<B>, model: &Lang
         prompt = "Once upon a time".into();
     }
     let config = greedy(&cx.tokenizer, cx.recipe.eval.max_new_tokens);
-    let out = reply(model, &cx.encode_question(&prompt)?, cx.tokenizer.pad(), &config, &cx.device, |_| {})?;
+    let out = reply(model, &cx.encode_question(&prompt)?, cx.tokenizer.pad(), &config, None, &cx.device, |_| {})?;
     println!("sample (greedy): {prompt}{}{}", if cx.reply_apart() { " → " } else { "" }, cx.tokenizer.decode(&out));
     cx.print_checkpoint();
     Ok(())

@@ -3,33 +3,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
 
 mod common;
-use common::{furnace, furnace_bin, text, workspace, TINY_ARCH};
-
-/// A trained tiny checkpoint (2 steps of the stories corpus, context 256) in `dir/run-<arch>`.
-fn tiny_checkpoint(dir: &Path, arch: &str) -> String {
-    let recipe = dir.join("tiny.toml");
-    std::fs::write(&recipe, TINY_ARCH.replace("max_seq_len = 32", "max_seq_len = 256")).unwrap();
-    let run = dir.join(format!("run-{arch}"));
-    let out = furnace(&[
-        "train",
-        "--config",
-        &recipe.display().to_string(),
-        "--set",
-        &format!("model.arch={arch}"),
-        "--set",
-        "training.steps=2",
-        "--set",
-        &format!("run.output_dir={}", run.display()),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    run.display().to_string()
-}
+use common::{furnace, furnace_bin, text, tiny_checkpoint, workspace};
 
 /// A running server; killed when dropped.
 struct Server {
@@ -336,4 +315,82 @@ fn a_full_queue_answers_429_and_a_gone_client_frees_its_sequence() {
     assert!(idle, "the hung-up sequence still runs");
     let after = metric(&server.metrics(), "furnace_generation_tokens_total");
     assert!(after - before < 240.0, "the sequence stopped before its 240 tokens: {before} → {after}");
+}
+
+/// `response_format` and vLLM's `structured_outputs` hold replies to their grammar, for every
+/// choice of a batch and when streamed; a schema that does not compile is a 400 naming the field.
+#[test]
+fn structured_output_holds_every_choice_to_its_grammar() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), "llama");
+    let server = Server::start(&checkpoint, &["--max-num-seqs", "4"]);
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(workspace().join("tests/fixtures/structured/enums.json")).unwrap()).unwrap();
+    let request = json!({
+        "messages": [{"role": "user", "content": "A shirt?"}], "max_tokens": 200, "temperature": 1.0, "n": 3, "seed": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "shirt", "schema": schema, "strict": true}},
+    });
+    let (status, reply) = server.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{reply}");
+    for choice in reply["choices"].as_array().unwrap() {
+        assert_eq!(choice["finish_reason"], "stop", "{choice}");
+        let shirt: Value = serde_json::from_str(choice["message"]["content"].as_str().unwrap()).unwrap();
+        assert!(["red", "green", "blue"].contains(&shirt["color"].as_str().unwrap()), "{shirt}");
+        assert!(["S", "M", "L", "XL"].contains(&shirt["size"].as_str().unwrap()), "{shirt}");
+        assert_eq!(shirt["status"], "ok");
+    }
+    // Streamed, the chunks join into the same reply as the JSON answer with the same seed.
+    let array: Value =
+        serde_json::from_str(&std::fs::read_to_string(workspace().join("tests/fixtures/structured/array.json")).unwrap()).unwrap();
+    let single = json!({"prompt": "x", "max_tokens": 100, "temperature": 1.0, "seed": 9,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "numbers", "schema": array}}});
+    let (status, whole) = server.post("/v1/completions", &single);
+    assert_eq!(status, 200, "{whole}");
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
+    let numbers: Vec<u64> = serde_json::from_str(&text).unwrap();
+    assert!((1..=5).contains(&numbers.len()) && numbers.iter().all(|&n| n <= 99), "{text}");
+    let mut streamed = single.clone();
+    streamed["stream"] = json!(true);
+    let chunks = server.stream("/v1/completions", &streamed);
+    let joined: String = chunks
+        .iter()
+        .filter(|c| *c != "[DONE]")
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok()?["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(joined, text);
+    // Any JSON object: the reply opens one, and is one wherever it ends by the grammar.
+    let (status, reply) =
+        server.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 60, "seed": 1, "response_format": {"type": "json_object"}}));
+    assert_eq!(status, 200, "{reply}");
+    let object = reply["choices"][0]["text"].as_str().unwrap();
+    assert!(object.starts_with('{'), "{reply}");
+    if reply["choices"][0]["finish_reason"] == "stop" {
+        assert!(serde_json::from_str::<Value>(object).unwrap().is_object(), "{reply}");
+    }
+
+    let (status, reply) = server
+        .post("/v1/completions", &json!({"prompt": "x", "max_tokens": 20, "structured_outputs": {"choice": ["yes", "no", "maybe so"]}}));
+    assert_eq!(status, 200, "{reply}");
+    assert!(["yes", "no", "maybe so"].contains(&reply["choices"][0]["text"].as_str().unwrap()), "{reply}");
+    let (status, reply) =
+        server.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 20, "structured_outputs": {"regex": "[0-9]{4}"}}));
+    assert_eq!(status, 200, "{reply}");
+    let digits = reply["choices"][0]["text"].as_str().unwrap();
+    assert!(digits.len() == 4 && digits.bytes().all(|b| b.is_ascii_digit()), "{reply}");
+
+    for (format, field) in [
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integr"}}}}),
+            "response_format",
+        ),
+        (json!({"response_format": {"type": "yaml"}}), "response_format"),
+        (json!({"structured_outputs": {"regex": "([0-9]"}}), "structured_outputs"),
+    ] {
+        let mut body = json!({"prompt": "x", "max_tokens": 5});
+        body.as_object_mut().unwrap().extend(format.as_object().unwrap().clone());
+        let (status, reply) = server.post("/v1/completions", &body);
+        assert_eq!(status, 400, "{reply}");
+        assert_eq!(reply["error"]["param"], field, "{reply}");
+    }
+    assert_eq!(server.request("GET", "/health", None).0, 200, "the server keeps serving");
 }

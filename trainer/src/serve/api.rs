@@ -29,6 +29,7 @@ use tokio_stream::StreamExt;
 use super::engine::{Event, Job, Params, Sequence, TokenLogprob, TokenText};
 use super::metrics::Metrics;
 use crate::evaluate::encode_prompt;
+use crate::structured::{Grammar, Grammars};
 
 /// The largest request body accepted (OpenAI-sized prompts fit many times over).
 const MAX_BODY_BYTES: usize = 4 << 20;
@@ -41,6 +42,8 @@ pub struct Ready {
     pub max_seq_len: usize,
     pub kv_bytes_per_position: usize,
     pub kv_budget_bytes: usize,
+    /// The token table structured output compiles its grammars against.
+    pub grammars: Grammars,
 }
 
 pub struct Shared {
@@ -161,6 +164,8 @@ struct Request {
     params: Params,
     /// `logprobs` asked for (chat: `logprobs: true`; completions: `logprobs: k`).
     logprobs: bool,
+    /// What `response_format` (or vLLM's `structured_outputs`) holds the reply to, and the field.
+    grammar: Option<(Grammar, &'static str)>,
 }
 
 async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
@@ -171,8 +176,13 @@ async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind
     for choice in 0..request.n {
         let mut params = request.params.clone();
         params.sampling.seed = derive_seed(request.params.sampling.seed, Stream::Reply, choice as u64);
-        let seq = Sequence { prompt: request.prompt.clone(), params, choice, arrived, events: events.clone() };
-        enqueue(shared, Job::Generate(seq))?;
+        // Each choice its own matcher; a grammar that does not compile is refused before any is queued.
+        let constraint = match &request.grammar {
+            Some((grammar, field)) => Some(ready.grammars.constraint(grammar).map_err(|e| ApiError::bad(field, e))?),
+            None => None,
+        };
+        let seq = Sequence { prompt: request.prompt.clone(), params, constraint, choice, arrived, events: events.clone() };
+        enqueue(shared, Job::Generate(Box::new(seq)))?;
     }
     drop(events);
     let id = format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
@@ -456,7 +466,52 @@ fn parse(fields: &Map<String, Value>, kind: Kind, ready: &Ready) -> Result<Reque
         ignore_eos,
         logprobs: logprobs.then_some(top),
     };
-    Ok(Request { prompt, echo, n, stream, include_usage, params, logprobs })
+    let grammar = grammar(fields)?;
+    Ok(Request { prompt, echo, n, stream, include_usage, params, logprobs, grammar })
+}
+
+/// The grammar a request holds its reply to: OpenAI's `response_format` (`json_schema` with its
+/// `schema`, `json_object`, or `text`), or vLLM's `structured_outputs` (`json`, `regex`,
+/// `grammar` in Lark, or `choice`: one of a list of strings).
+fn grammar(fields: &Map<String, Value>) -> Result<Option<(Grammar, &'static str)>, ApiError> {
+    if let Some(format) = fields.get("response_format").filter(|f| !f.is_null()) {
+        let field = "response_format";
+        return match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some((Grammar::JsonSchema(json!({"type": "object"})), field))),
+            Some("json_schema") => match format.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(schema) if schema.is_object() || schema.is_boolean() => Ok(Some((Grammar::JsonSchema(schema.clone()), field))),
+                _ => Err(ApiError::bad(field, "response_format json_schema needs `json_schema: {\"name\": ..., \"schema\": {...}}`")),
+            },
+            _ => Err(ApiError::bad(field, "response_format.type is text, json_object or json_schema")),
+        };
+    }
+    let Some(outputs) = fields.get("structured_outputs").filter(|o| !o.is_null()) else { return Ok(None) };
+    let field = "structured_outputs";
+    let escaped = |choice: &str| {
+        choice.chars().map(|c| if c.is_alphanumeric() || c == ' ' { c.to_string() } else { format!("\\{c}") }).collect::<String>()
+    };
+    match (
+        outputs.get("json"),
+        outputs.get("regex").and_then(Value::as_str),
+        outputs.get("grammar").and_then(Value::as_str),
+        outputs.get("choice"),
+    ) {
+        (Some(Value::String(schema)), ..) => serde_json::from_str(schema)
+            .map(|schema| Some((Grammar::JsonSchema(schema), field)))
+            .map_err(|e| ApiError::bad(field, format!("structured_outputs.json is not JSON: {e}"))),
+        (Some(schema), ..) if schema.is_object() => Ok(Some((Grammar::JsonSchema(schema.clone()), field))),
+        (None, Some(regex), ..) => Ok(Some((Grammar::Regex(regex.to_string()), field))),
+        (None, None, Some(lark), _) => Ok(Some((Grammar::Lark(lark.to_string()), field))),
+        (None, None, None, Some(Value::Array(choices))) if !choices.is_empty() && choices.iter().all(Value::is_string) => {
+            let alternatives: Vec<String> = choices.iter().filter_map(Value::as_str).map(escaped).collect();
+            Ok(Some((Grammar::Regex(format!("({})", alternatives.join("|"))), field)))
+        }
+        _ => Err(ApiError::bad(
+            field,
+            "structured_outputs holds one of json (a schema), regex, grammar (Lark) or choice (a list of strings)",
+        )),
+    }
 }
 
 fn number(fields: &Map<String, Value>, key: &str, default: f64, valid: impl Fn(f64) -> bool, range: &str) -> Result<f64, ApiError> {

@@ -13,12 +13,14 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use furnace_data::TextTokenizer;
+use furnace_models::generate::TokenConstraint;
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::{Sampler, SamplingConfig};
 use furnace_models::{BatchedDecoding, Causal, CausalBatch, CausalLm, DecodeState};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
+use crate::structured::Structured;
 
 /// What one choice of a request asks for.
 #[derive(Debug, Clone)]
@@ -35,7 +37,7 @@ pub struct Params {
 
 /// What the HTTP side asks of the engine.
 pub enum Job {
-    Generate(Sequence),
+    Generate(Box<Sequence>),
     /// Mean-pooled last hidden states of each input, sent back on `reply`.
     Embed {
         inputs: Vec<Vec<u32>>,
@@ -47,6 +49,8 @@ pub enum Job {
 pub struct Sequence {
     pub prompt: Vec<u32>,
     pub params: Params,
+    /// Structured output's matcher for this choice.
+    pub constraint: Option<Structured>,
     pub choice: usize,
     pub arrived: Instant,
     pub events: UnboundedSender<Event>,
@@ -193,7 +197,7 @@ impl<'a, B: FusedOps> Engine<'a, B> {
     fn take(&mut self, job: Job) {
         self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
         match job {
-            Job::Generate(seq) => self.admit(seq),
+            Job::Generate(seq) => self.admit(*seq),
             Job::Embed { inputs, reply } => {
                 self.metrics.prompt_tokens.fetch_add(inputs.iter().map(Vec::len).sum::<usize>() as u64, Ordering::Relaxed);
                 let _ = reply.send(inputs.iter().map(|tokens| self.model.mean_hidden(tokens, &self.device)).collect());
@@ -283,8 +287,18 @@ impl<'a, B: FusedOps> Engine<'a, B> {
                 }
             }
         }
+        if let Some(constraint) = r.seq.constraint.as_mut() {
+            constraint.mask(&mut logits);
+        }
         let history: Vec<u32> = r.seq.prompt.iter().chain(&r.generated).copied().collect();
         let token = r.sampler.sample(&logits, &history);
+        if let Some(constraint) = r.seq.constraint.as_mut() {
+            constraint.advance(token);
+            // A failed matcher allows end-of-text alone: the reply ends at it.
+            if let Some(error) = constraint.error().filter(|_| token == self.tokenizer.eos()) {
+                eprintln!("warning: structured output failed mid-reply, which ends here: {error}");
+            }
+        }
         let now = Instant::now();
         if r.generated.is_empty() {
             self.metrics.time_to_first_token.observe(now.duration_since(r.seq.arrived).as_secs_f64());
@@ -293,7 +307,8 @@ impl<'a, B: FusedOps> Engine<'a, B> {
         }
         r.last_token_at = now;
         self.metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
-        let eos = token == self.tokenizer.eos() && !params.ignore_eos;
+        // A grammar ends at end-of-text, ignore_eos or not.
+        let eos = token == self.tokenizer.eos() && (!params.ignore_eos || r.seq.constraint.is_some());
         r.generated.push(token);
         // The end-of-text token is not part of the reply, nor is its log-probability.
         let logprob = logprobs.filter(|_| !eos).map(|(all, top)| TokenLogprob {

@@ -20,6 +20,7 @@ use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint;
 use crate::commands::{decoding_model, load_for_decoding};
 use crate::datasets::chat_template_source;
+use crate::structured::Grammars;
 use crate::ServeArgs;
 
 pub fn serve(args: ServeArgs) -> Result<()> {
@@ -103,6 +104,7 @@ impl BackendJob for ServeJob {
             kv_budget_bytes: args.kv_cache_mb << 20,
         };
         let max_seq_len = causal.max_seq_len();
+        let grammars = Grammars::new(&tokenizer, causal.vocab_size()).map_err(anyhow::Error::msg)?;
         let ready = api::Ready {
             name: name.clone(),
             tokenizer: tokenizer.clone(),
@@ -110,6 +112,7 @@ impl BackendJob for ServeJob {
             max_seq_len,
             kv_bytes_per_position,
             kv_budget_bytes: limits.kv_budget_bytes,
+            grammars,
         };
         let engine = engine::Engine::new(&causal, &tokenizer, shared.metrics.clone(), limits, device);
         let _ = shared.ready.set(ready);

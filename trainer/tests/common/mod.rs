@@ -166,3 +166,23 @@ pub fn logged_by_step(run: &Path, key: &str) -> std::collections::BTreeMap<u64, 
         })
         .collect()
 }
+
+/// A trained tiny checkpoint (2 steps of the stories corpus, context 256) in `dir/run-<arch>`.
+pub fn tiny_checkpoint(dir: &Path, arch: &str) -> String {
+    let recipe = dir.join("tiny.toml");
+    std::fs::write(&recipe, TINY_ARCH.replace("max_seq_len = 32", "max_seq_len = 256")).unwrap();
+    let run = dir.join(format!("run-{arch}"));
+    let out = furnace(&[
+        "train",
+        "--config",
+        &recipe.display().to_string(),
+        "--set",
+        &format!("model.arch={arch}"),
+        "--set",
+        "training.steps=2",
+        "--set",
+        &format!("run.output_dir={}", run.display()),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    run.display().to_string()
+}

@@ -1,0 +1,132 @@
+//! Structured output: replies held to JSON schemas, a regular expression and a Lark grammar.
+//! A model trained for two steps (no skill at all) samples 100 replies per grammar; every one
+//! must be a whole sentence of its grammar, as Python's `jsonschema`, `re` and `ast` judge it
+//! (scripts/reference/check_structured.py).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::backend::Flex;
+use serde_json::{json, Value};
+
+use furnace_models::generate::GenerateConfig;
+use furnace_models::sampling::SamplingConfig;
+use furnace_trainer::commands::{decoding_model, load_for_decoding};
+use furnace_trainer::evaluate::reply;
+use furnace_trainer::structured::{Grammar, Grammars};
+
+mod common;
+use common::{furnace, text, tiny_checkpoint, workspace};
+
+const SCHEMAS: [&str; 5] = ["nested", "array", "enums", "ranges", "optional"];
+const EXPRESSION_REGEX: &str = r"[0-9]{3}-[0-9]{2}-[A-Z][a-z]{1,6}";
+
+fn fixture(name: &str) -> PathBuf {
+    workspace().join("tests/fixtures/structured").join(name)
+}
+
+/// `count` replies sampled (temperature 1, seeds 0..count) under `grammar`; each must end
+/// with the grammar complete, before max_new_tokens.
+fn sample(checkpoint: &Path, grammar: Option<&Grammar>, count: u64) -> Vec<String> {
+    let device = Default::default();
+    let (recipe, tokenizer, weights) = load_for_decoding(checkpoint, None, None).unwrap();
+    let model = decoding_model::<Flex>(&recipe, &tokenizer, &weights, checkpoint, &device).unwrap();
+    let grammars = Grammars::new(&tokenizer, model.vocab_size()).unwrap();
+    let prompt = tokenizer.encode("Once upon a time");
+    (0..count)
+        .map(|seed| {
+            let config = GenerateConfig {
+                max_new_tokens: 200,
+                stop_tokens: vec![tokenizer.eos()],
+                sampling: SamplingConfig { temperature: 1.0, seed, ..Default::default() },
+            };
+            let Some(grammar) = grammar else {
+                return tokenizer.decode(&reply(&model, &prompt, tokenizer.pad(), &config, None, &device, |_| {}).unwrap());
+            };
+            let mut constraint = grammars.constraint(grammar).unwrap();
+            let tokens = reply(&model, &prompt, tokenizer.pad(), &config, Some(&mut constraint), &device, |_| {}).unwrap();
+            let text = tokenizer.decode(&tokens);
+            assert_eq!(constraint.error(), None, "seed {seed}: {text:?}");
+            assert!(constraint.is_complete(), "seed {seed}: cut before the grammar was complete: {text:?}");
+            assert_eq!(tokens.last(), Some(&tokenizer.eos()), "seed {seed}: the grammar's end is end-of-text");
+            text
+        })
+        .collect()
+}
+
+#[test]
+fn every_sampled_reply_is_valid_under_its_grammar() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = PathBuf::from(tiny_checkpoint(dir.path(), "llama"));
+    let mut json_groups = Vec::new();
+    for name in SCHEMAS {
+        let path = fixture(&format!("{name}.json"));
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let replies = sample(&checkpoint, Some(&Grammar::JsonSchema(schema)), 100);
+        for reply in &replies {
+            assert!(serde_json::from_str::<Value>(reply).is_ok(), "{name}: {reply:?} is not JSON");
+        }
+        json_groups.push(json!({ "schema": path, "replies": replies }));
+    }
+    let regex = sample(&checkpoint, Some(&Grammar::Regex(EXPRESSION_REGEX.into())), 100);
+    let lark = std::fs::read_to_string(fixture("expression.lark")).unwrap();
+    let expressions = sample(&checkpoint, Some(&Grammar::Lark(lark)), 100);
+    // Without a grammar the same model writes no JSON at all: the masks do the work.
+    let free = sample(&checkpoint, None, 10);
+    assert!(free.iter().all(|reply| serde_json::from_str::<Value>(reply).is_err()), "{free:?}");
+
+    let replies = dir.path().join("replies.json");
+    let groups = json!({
+        "json_schema": json_groups,
+        "regex": [{ "pattern": EXPRESSION_REGEX, "replies": regex }],
+        "expression": expressions,
+    });
+    std::fs::write(&replies, groups.to_string()).unwrap();
+    let check = Command::new("python3").arg(workspace().join("scripts/reference/check_structured.py")).arg(&replies).output().unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{report}{}", String::from_utf8_lossy(&check.stderr));
+    assert!(report.contains("700 of 700 replies valid"), "{report}");
+}
+
+#[test]
+fn generate_holds_its_reply_to_a_schema_and_names_the_flag_of_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), "llama");
+    let generate = |extra: &[&str]| {
+        let mut args = vec!["generate", "--checkpoint", &checkpoint, "--temperature", "1", "--seed", "3", "--max-new-tokens", "200"];
+        args.extend_from_slice(extra);
+        furnace(&args)
+    };
+    let schema = fixture("nested.json").display().to_string();
+    let out = generate(&["--json-schema", &schema]);
+    assert!(out.status.success(), "{}", text(&out));
+    let value: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert!(value["name"].is_string() && value["address"]["zip"].as_str().is_some_and(|z| z.len() == 5), "{value}");
+    assert!(text(&out).contains("tokens/s"), "{}", text(&out));
+
+    let out = generate(&["--regex", EXPRESSION_REGEX, "--ignore-eos"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let reply = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let parts: Vec<&str> = reply.split('-').collect();
+    assert!(parts.len() == 3 && parts[0].len() == 3 && parts[1].len() == 2, "{reply:?}");
+    assert!(text(&out).contains("is complete after"), "--ignore-eos still stops where the grammar ends: {}", text(&out));
+
+    let malformed = dir.path().join("malformed.json");
+    std::fs::write(&malformed, "{\"type\": \"object\",").unwrap();
+    let unsatisfiable = dir.path().join("unsatisfiable.json");
+    std::fs::write(&unsatisfiable, r#"{"type": "integer", "minimum": 5, "maximum": 3}"#).unwrap();
+    let unknown_type = dir.path().join("unknown.json");
+    std::fs::write(&unknown_type, r#"{"type": "integr"}"#).unwrap();
+    for (args, says) in [
+        (vec!["--json-schema", malformed.to_str().unwrap()], "not valid JSON"),
+        (vec!["--json-schema", unsatisfiable.to_str().unwrap()], "--json-schema"),
+        (vec!["--json-schema", unknown_type.to_str().unwrap()], "integr"),
+        (vec!["--regex", "([0-9]"], "--regex"),
+        (vec!["--json-schema", "/nonexistent/schema.json"], "cannot read"),
+    ] {
+        let out = generate(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let message = text(&out);
+        assert!(message.contains(says) && !message.contains("panicked"), "{args:?}: {message}");
+    }
+}
