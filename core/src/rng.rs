@@ -57,6 +57,8 @@ pub enum Stream {
     Shuffle,
     /// A mixture source's shuffle, per pass over it.
     MixturePass,
+    /// Speculative decoding's drafts (index 1) and acceptance tests (index 2).
+    Speculation,
 }
 
 impl Stream {
@@ -70,6 +72,7 @@ impl Stream {
             Stream::Curvature => 0x2545_F491_4F6C_DD1D,
             Stream::Shuffle => 0xA076_1D64_78BD_642F,
             Stream::MixturePass => 0xE703_7ED1_A0B4_28DB,
+            Stream::Speculation => 0x8EBC_6AF0_9C88_C6E3,
         }
     }
 }

@@ -15,6 +15,13 @@ pub trait CausalLm<B: Backend> {
     /// Logits for `tokens` that follow what `state` has seen; updates `state`.
     fn forward_step(&self, tokens: Tensor<B, 2, Int>, state: &mut Self::State) -> Tensor<B, 3>;
 
+    /// Forget every position of `state` after the first `len` (drafts speculative decoding
+    /// rejected). False where the state cannot go back (a recurrent state): the caller then
+    /// reads the kept tokens again from a copy it saved.
+    fn rewind(&self, _state: &mut Self::State, _len: usize) -> bool {
+        false
+    }
+
     /// Longest sequence the model can process.
     fn max_seq_len(&self) -> usize;
 

@@ -437,6 +437,15 @@ impl<B: FusedOps> CausalLm<B> for Decoder<B> {
         self.head(self.forward_hidden(tokens, Some(state)))
     }
 
+    fn rewind(&self, state: &mut KvCache<B>, len: usize) -> bool {
+        for (keys, values) in state.layers.iter_mut().flatten() {
+            let kept = len.min(keys.dims()[1]);
+            *keys = keys.clone().narrow(1, 0, kept);
+            *values = values.clone().narrow(1, 0, kept);
+        }
+        true
+    }
+
     fn max_seq_len(&self) -> usize {
         self.max_seq_len
     }

@@ -16,6 +16,7 @@ pub mod mixtral;
 pub mod model;
 pub mod nf4;
 pub mod sampling;
+pub mod speculative;
 pub mod t5;
 
 pub use batching::{BatchedDecoding, CausalBatch};

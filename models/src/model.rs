@@ -466,6 +466,13 @@ impl<B: FusedOps> CausalLm<B> for Causal<'_, B> {
         }
     }
 
+    fn rewind(&self, state: &mut DecodeState<B>, len: usize) -> bool {
+        match (self, &mut state.0) {
+            (Self::Decoder(m), StateOf::Decoder(s)) => m.rewind(s, len),
+            _ => false,
+        }
+    }
+
     fn max_seq_len(&self) -> usize {
         match self {
             Self::Decoder(m) => m.max_seq_len(),

@@ -37,6 +37,14 @@ impl Sampler {
 
     /// Pick the next token from `logits` (one row over the vocabulary), given the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let distribution = self.distribution(logits, history);
+        self.draw(&distribution)
+    }
+
+    /// What `sample` draws from: each token the filters keep with its weight (not normalised),
+    /// most likely first; the argmax alone when greedy. Never empty: non-finite logits (a
+    /// damaged model) that leave no token give the greedy choice.
+    pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Vec<(u32, f64)> {
         let mut logits = logits.to_vec();
         let c = &self.config;
         if c.repetition_penalty != 1.0 {
@@ -52,8 +60,8 @@ impl Sampler {
                 }
             }
         }
-        if c.temperature <= 0.0 {
-            return argmax(&logits);
+        if self.greedy() {
+            return vec![(argmax(&logits), 1.0)];
         }
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<(u32, f64)> =
@@ -78,17 +86,37 @@ impl Sampler {
                 .map_or(probs.len(), |i| i + 1);
             probs.truncate(keep);
         }
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        let mut target = self.rng.uniform() * total;
-        for &(token, p) in &probs {
+        probs.retain(|p| p.1 > 0.0);
+        if probs.is_empty() {
+            probs.push((argmax(&logits), 1.0));
+        }
+        probs
+    }
+
+    /// A token drawn from `distribution` (weights as `distribution` gives them); greedy takes the
+    /// first without drawing.
+    pub fn draw(&mut self, distribution: &[(u32, f64)]) -> u32 {
+        if self.greedy() {
+            return distribution[0].0;
+        }
+        let total: f64 = distribution.iter().map(|p| p.1).sum();
+        let mut target = self.uniform() * total;
+        for &(token, p) in distribution {
             target -= p;
             if target <= 0.0 {
                 return token;
             }
         }
-        // Filters keep the most likely token for valid settings; non-finite logits (a damaged
-        // model) may leave none, and then the choice is the greedy one.
-        probs.last().map_or_else(|| argmax(&logits), |p| p.0)
+        distribution[distribution.len() - 1].0
+    }
+
+    /// A uniform draw in [0, 1) from this sampler's stream.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.uniform()
+    }
+
+    pub fn greedy(&self) -> bool {
+        self.config.temperature <= 0.0
     }
 }
 

@@ -818,3 +818,85 @@ fn models_say_each_parameters_kind_and_block() {
         }
     }
 }
+
+/// Greedy speculative decoding is greedy decoding: the same tokens from every decoder
+/// architecture, drafted by prompt lookup or by a model. A target drafting for itself accepts
+/// every draft, so it runs one forward per k + 1 tokens.
+#[test]
+fn greedy_speculative_decoding_equals_greedy_decoding() {
+    use crate::speculative::{generate_speculative, Drafter};
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let greedy = GenerateConfig { max_new_tokens: 20, stop_tokens: vec![], sampling: SamplingConfig::default() };
+    let prompt = [5u32, 9, 13, 17, 5, 9, 13, 17, 5, 9];
+    let draft = ModelConfig::Decoder(DecoderConfig::new(50, 16, 1, 2, 32, 32)).init::<F>(11, &device);
+    let draft = draft.as_causal().unwrap();
+    for config in [
+        ModelConfig::Decoder(tiny(PositionKind::Rope)),
+        ModelConfig::Decoder(
+            tiny(PositionKind::Learned).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true),
+        ),
+        ModelConfig::Decoder(tiny(PositionKind::Rope).with_moe(Some(MoeConfig::new().with_n_experts(3)))),
+        ModelConfig::Mamba(tiny_mamba()),
+    ] {
+        let model = config.init::<F>(7, &device);
+        let model = model.as_causal().unwrap();
+        let plain = generate(&model, &prompt, &greedy, None, &device, |_| {});
+        for k in [1, 3] {
+            let lookup: Drafter<'_, crate::Causal<'_, F>> = Drafter::PromptLookup { max_ngram: 3 };
+            let (looked_up, _) = generate_speculative(&model, lookup, k, &prompt, &greedy, &device, |_| {});
+            assert_eq!(looked_up, plain, "prompt lookup, k = {k}");
+            let (drafted, _) = generate_speculative(&model, Drafter::Model(&draft), k, &prompt, &greedy, &device, |_| {});
+            assert_eq!(drafted, plain, "draft model, k = {k}");
+        }
+        let mut streamed = Vec::new();
+        let (itself, stats) = generate_speculative(&model, Drafter::Model(&model), 3, &prompt, &greedy, &device, |t| streamed.push(t));
+        assert_eq!((&itself, &streamed), (&plain, &plain));
+        assert_eq!((stats.accepted, stats.drafted, stats.rounds), (15, 15, 5), "{stats:?}");
+    }
+}
+
+/// Sampled speculative decoding draws from the target's distribution, not the draft's: over
+/// 20,000 seeds the first token's counts fit the target's softmax (chi-square, 7 degrees of
+/// freedom, p = 0.001), where the draft's own distribution is far from it.
+#[test]
+fn speculative_sampling_draws_from_the_target_distribution() {
+    use crate::speculative::{generate_speculative, Drafter};
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let vocab = 8;
+    let prompt = [1u32, 2, 3];
+    let target = ModelConfig::Decoder(DecoderConfig::new(vocab, 16, 1, 2, 32, 16).with_init_std(0.5)).init::<F>(1, &device);
+    let draft = ModelConfig::Decoder(DecoderConfig::new(vocab, 16, 1, 2, 32, 16).with_init_std(0.5)).init::<F>(2, &device);
+    let (target, draft) = (target.as_causal().unwrap(), draft.as_causal().unwrap());
+    let softmax = |model: &crate::Causal<F>| {
+        let ids = TensorData::new(prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, prompt.len()]);
+        let logits: Vec<f32> = model.forward(Tensor::from_data(ids, &device)).into_data().into_vec().unwrap();
+        let last = &logits[(prompt.len() - 1) * vocab..];
+        let total: f64 = last.iter().map(|&l| (l as f64).exp()).sum();
+        last.iter().map(|&l| (l as f64).exp() / total).collect::<Vec<f64>>()
+    };
+    let (p, q) = (softmax(&target), softmax(&draft));
+    let distance: f64 = p.iter().zip(&q).map(|(a, b)| (a - b).abs()).sum::<f64>() / 2.0;
+    assert!(distance > 0.1, "the draft must disagree with the target for the test to mean anything: {distance}");
+    let draws = 20_000;
+    let mut counts = vec![0usize; vocab];
+    let mut accepted = 0;
+    for seed in 0..draws {
+        let config = GenerateConfig {
+            max_new_tokens: 3,
+            stop_tokens: vec![],
+            sampling: SamplingConfig { temperature: 1.0, seed, ..Default::default() },
+        };
+        let (tokens, stats) = generate_speculative(&target, Drafter::Model(&draft), 2, &prompt, &config, &device, |_| {});
+        counts[tokens[0] as usize] += 1;
+        accepted += stats.accepted;
+    }
+    let chi_square: f64 = counts.iter().zip(&p).map(|(&c, &pi)| (c as f64 - pi * draws as f64).powi(2) / (pi * draws as f64)).sum();
+    assert!(chi_square < 24.32, "chi-square {chi_square:.1} over {counts:?} against {p:?}");
+    // Some drafts were kept and some replaced: both branches of the rule drew.
+    assert!(accepted > 0 && accepted < 2 * draws as usize, "{accepted}");
+    // The same counts against the draft's distribution are far off.
+    let against_draft: f64 = counts.iter().zip(&q).map(|(&c, &qi)| (c as f64 - qi * draws as f64).powi(2) / (qi * draws as f64)).sum();
+    assert!(against_draft > 100.0, "{against_draft}");
+}

@@ -16,7 +16,8 @@ use furnace_models::generate::{GenerateConfig, TokenConstraint};
 use furnace_models::hf::{from_peft, hf_arch_for};
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::SamplingConfig;
-use furnace_models::LanguageModel;
+use furnace_models::speculative::{generate_speculative, Drafter};
+use furnace_models::{Causal, LanguageModel};
 
 use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint::{self, TOKENIZER_FILE};
@@ -207,6 +208,20 @@ impl BackendJob for GenerateJob {
             ),
             None => None,
         };
+        let drafter = match (&args.draft_checkpoint, args.prompt_lookup) {
+            (None, false) => None,
+            _ if grammar.is_some() => {
+                bail!("speculative decoding (--draft-checkpoint, --prompt-lookup) does not combine with a grammar yet")
+            }
+            _ if model.as_causal().is_err() => {
+                bail!("speculative decoding needs a model that decodes left to right; {} is not one", args.checkpoint.display())
+            }
+            _ if args.num_speculative_tokens == 0 => bail!("--num-speculative-tokens must be at least 1"),
+            (Some(path), _) => {
+                Some(Draft::Model(load_draft::<B::InnerBackend>(path, &tokenizer, &model, args.backend.as_deref(), &device)?))
+            }
+            (None, true) => Some(Draft::PromptLookup),
+        };
         // The grammar's end is end-of-text, --ignore-eos or not.
         let mut stop_tokens = if args.ignore_eos && constraint.is_none() { Vec::new() } else { vec![tokenizer.eos()] };
         for s in &args.stop {
@@ -280,8 +295,7 @@ impl BackendJob for GenerateJob {
         let mut stdout = std::io::stdout();
         let stop_tokens = generation.stop_tokens.clone();
         let started = std::time::Instant::now();
-        let as_constraint = constraint.as_mut().map(|c| c as &mut dyn TokenConstraint);
-        let reply_tokens = reply(&model, &prompt, tokenizer.pad(), &generation, as_constraint, &device, |token| {
+        let print_token = |token: u32| {
             if stop_tokens.contains(&token) {
                 return;
             }
@@ -295,7 +309,28 @@ impl BackendJob for GenerateJob {
                 let _ = stdout.flush();
                 printed = complete.len();
             }
-        })?;
+        };
+        let (reply_tokens, speculation) = match &drafter {
+            Some(drafter) => {
+                let target = model.as_causal()?;
+                let k = args.num_speculative_tokens;
+                let (tokens, stats) = match drafter {
+                    Draft::Model(draft) => {
+                        let draft = draft.as_causal()?;
+                        generate_speculative(&target, Drafter::Model(&draft), k, &prompt, &generation, &device, print_token)
+                    }
+                    Draft::PromptLookup => {
+                        let lookup: Drafter<'_, Causal<'_, _>> = Drafter::PromptLookup { max_ngram: 3 };
+                        generate_speculative(&target, lookup, k, &prompt, &generation, &device, print_token)
+                    }
+                };
+                (tokens, Some(stats))
+            }
+            None => {
+                let as_constraint = constraint.as_mut().map(|c| c as &mut dyn TokenConstraint);
+                (reply(&model, &prompt, tokenizer.pad(), &generation, as_constraint, &device, print_token)?, None)
+            }
+        };
         println!();
         // Why it stopped, on stderr so that stdout stays the text.
         match reply_tokens.last() {
@@ -317,6 +352,16 @@ impl BackendJob for GenerateJob {
         }
         let seconds = started.elapsed().as_secs_f64();
         eprintln!("({} tokens in {seconds:.2} s: {:.1} tokens/s)", reply_tokens.len(), reply_tokens.len() as f64 / seconds.max(1e-9));
+        if let Some(s) = speculation {
+            eprintln!(
+                "(speculative: {} of {} drafted tokens accepted ({:.0}%), {} model forwards for {} tokens)",
+                s.accepted,
+                s.drafted,
+                100.0 * s.acceptance(),
+                s.rounds,
+                reply_tokens.len()
+            );
+        }
         if let (Some(constraint), Some((_, flag))) = (constraint.as_mut(), &grammar) {
             if let Some(error) = constraint.error() {
                 bail!("{flag}: the grammar failed mid-reply: {error}");
@@ -387,6 +432,36 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     checkpoint::set_verification(!args.no_verify);
     let (recipe, tokenizer, weights) = load_for_decoding(&args.checkpoint, args.adapter.as_deref(), args.backend.as_deref())?;
     dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights, grammar })
+}
+
+/// Where `furnace generate --draft-checkpoint` or `--prompt-lookup` takes its drafts from.
+enum Draft<B: FusedOps> {
+    Model(LanguageModel<B>),
+    PromptLookup,
+}
+
+/// The draft model of `--draft-checkpoint`: it must share the target's tokenizer and vocabulary.
+fn load_draft<B: FusedOps>(
+    path: &Path,
+    tokenizer: &TextTokenizer,
+    target: &LanguageModel<B>,
+    backend: Option<&str>,
+    device: &B::Device,
+) -> Result<LanguageModel<B>> {
+    let (recipe, draft_tokenizer, weights) = load_for_decoding(path, None, backend)?;
+    if draft_tokenizer.to_json() != tokenizer.to_json() {
+        bail!("--draft-checkpoint {}: its tokenizer differs from the model's; a draft must share it", path.display());
+    }
+    let draft = decoding_model::<B>(&recipe, &draft_tokenizer, &weights, path, device)?;
+    if draft.as_causal().is_err() || draft.vocab_size() != target.vocab_size() {
+        bail!(
+            "--draft-checkpoint {}: a draft is a left-to-right model with the model's vocabulary of {} (it has {})",
+            path.display(),
+            target.vocab_size(),
+            draft.vocab_size()
+        );
+    }
+    Ok(draft)
 }
 
 /// The grammar `--json-schema`, `--regex` or `--grammar` gives, read (not yet compiled: that

@@ -116,6 +116,17 @@ pub struct GenerateArgs {
     /// Hold the reply to the Lark grammar in this file (llguidance's dialect: `start: ...`).
     #[arg(long)]
     pub grammar: Option<PathBuf>,
+    /// Speculative decoding: this smaller model (same tokenizer) drafts tokens and the model
+    /// checks them in one forward; the text is the model's own (greedy: identical).
+    #[arg(long, conflicts_with = "prompt_lookup")]
+    pub draft_checkpoint: Option<PathBuf>,
+    /// Speculative decoding with drafts from the text so far: the tokens that followed the
+    /// latest earlier occurrence of its last 3, 2 or 1 tokens (transformers' prompt lookup).
+    #[arg(long)]
+    pub prompt_lookup: bool,
+    /// Tokens drafted per model forward under --draft-checkpoint or --prompt-lookup.
+    #[arg(long, default_value_t = 4)]
+    pub num_speculative_tokens: usize,
 }
 
 #[derive(Args)]

@@ -1,7 +1,8 @@
-//! Structured output: replies held to JSON schemas, a regular expression and a Lark grammar.
-//! A model trained for two steps (no skill at all) samples 100 replies per grammar; every one
-//! must be a whole sentence of its grammar, as Python's `jsonschema`, `re` and `ast` judge it
-//! (scripts/reference/check_structured.py).
+//! Decoding beyond sampling, end to end. Structured output: a model trained for two steps (no
+//! skill at all) samples 100 replies per grammar (JSON schemas, a regular expression, a Lark
+//! grammar); every one must be a whole sentence of its grammar, as Python's `jsonschema`, `re`
+//! and `ast` judge it (scripts/reference/check_structured.py). Speculative decoding: `furnace
+//! generate` with a draft checkpoint or prompt lookup prints greedy decoding's text.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -129,4 +130,60 @@ fn generate_holds_its_reply_to_a_schema_and_names_the_flag_of_a_bad_one() {
         let message = text(&out);
         assert!(message.contains(says) && !message.contains("panicked"), "{args:?}: {message}");
     }
+}
+
+#[test]
+fn speculative_generation_prints_the_models_own_greedy_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), "llama");
+    // A one-layer draft trained on the same data has the same tokenizer.
+    let draft_dir = dir.path().join("draft");
+    std::fs::create_dir(&draft_dir).unwrap();
+    let recipe = draft_dir.join("tiny.toml");
+    std::fs::copy(dir.path().join("tiny.toml"), &recipe).unwrap();
+    let draft = draft_dir.join("run");
+    let out = furnace(&[
+        "train",
+        "--config",
+        recipe.to_str().unwrap(),
+        "--set",
+        "model.n_layers=1",
+        "--set",
+        "training.steps=2",
+        "--set",
+        &format!("run.output_dir={}", draft.display()),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let generate = |extra: &[&str]| {
+        let mut args = vec!["generate", "--checkpoint", &checkpoint, "--prompt", "the cat and the cat and the", "--temperature", "0"];
+        args.extend_from_slice(&["--max-new-tokens", "40", "--ignore-eos"]);
+        args.extend_from_slice(extra);
+        let out = furnace(&args);
+        assert!(out.status.success(), "{extra:?}: {}", text(&out));
+        (String::from_utf8_lossy(&out.stdout).to_string(), text(&out))
+    };
+    let (plain, _) = generate(&[]);
+    let (looked_up, report) = generate(&["--prompt-lookup", "--num-speculative-tokens", "3"]);
+    assert_eq!(looked_up, plain);
+    assert!(report.contains("drafted tokens accepted"), "{report}");
+    let (drafted, report) = generate(&["--draft-checkpoint", draft.to_str().unwrap()]);
+    assert_eq!(drafted, plain);
+    assert!(report.contains("drafted tokens accepted"), "{report}");
+
+    // A draft with another tokenizer is refused, naming the flag.
+    let other = dir.path().join("other");
+    let out = furnace(&[
+        "train",
+        "--config",
+        recipe.to_str().unwrap(),
+        "--set",
+        "data.tokenizer_vocab_size=280",
+        "--set",
+        "training.steps=1",
+        "--set",
+        &format!("run.output_dir={}", other.display()),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = furnace(&["generate", "--checkpoint", &checkpoint, "--draft-checkpoint", other.to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out).contains("--draft-checkpoint") && text(&out).contains("tokenizer"), "{}", text(&out));
 }
