@@ -15,4 +15,4 @@ pub mod tokenizer;
 
 pub use loader::{Batch, Cursor, Loader};
 pub use shards::{Shard, Tokens};
-pub use tokenizer::TextTokenizer;
+pub use tokenizer::{Detokenizer, TextTokenizer};

@@ -205,6 +205,64 @@ impl TextTokenizer {
     }
 }
 
+/// A growing reply's text, decoded a few tokens at a time (the window vLLM and TGI decode): each
+/// new token decodes the tokens since the last complete text and keeps the difference, so a
+/// reply of n tokens costs O(n) rather than re-decoding all of it each token. Decoders that
+/// drop a leading space (SentencePiece's) drop it from both ends of the difference alike.
+#[derive(Debug, Clone, Default)]
+pub struct Detokenizer {
+    tokens: Vec<u32>,
+    /// Where the window starts: text before it is final.
+    prefix_offset: usize,
+    /// Tokens whose text is in `text`.
+    read_offset: usize,
+    text: String,
+    keep_special: bool,
+}
+
+impl Detokenizer {
+    /// `keep_special`: write special tokens out (a T5's sentinels), as `decode_keeping_special`.
+    pub fn new(keep_special: bool) -> Self {
+        Self { keep_special, ..Self::default() }
+    }
+
+    fn decode(&self, tokenizer: &TextTokenizer, ids: &[u32]) -> String {
+        if self.keep_special {
+            tokenizer.decode_keeping_special(ids)
+        } else {
+            tokenizer.decode(ids)
+        }
+    }
+
+    /// Add `token`. Returns the text so far that ends on a complete character: what decoding
+    /// every token gives, less a trailing character whose bytes have not all arrived.
+    pub fn push(&mut self, tokenizer: &TextTokenizer, token: u32) -> &str {
+        self.tokens.push(token);
+        let prefix = self.decode(tokenizer, &self.tokens[self.prefix_offset..self.read_offset]);
+        let window = self.decode(tokenizer, &self.tokens[self.prefix_offset..]);
+        if window.len() > prefix.len() && !window.ends_with('\u{FFFD}') {
+            if let Some(new) = window.get(prefix.len()..) {
+                self.text.push_str(new);
+                self.prefix_offset = self.read_offset;
+                self.read_offset = self.tokens.len();
+            }
+        }
+        &self.text
+    }
+
+    /// What `push` last returned.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The whole text, a trailing partial character included (as U+FFFD): a reply that ends.
+    pub fn finish(&self, tokenizer: &TextTokenizer) -> String {
+        let prefix = self.decode(tokenizer, &self.tokens[self.prefix_offset..self.read_offset]);
+        let window = self.decode(tokenizer, &self.tokens[self.prefix_offset..]);
+        format!("{}{}", self.text, window.get(prefix.len()..).unwrap_or(""))
+    }
+}
+
 /// The byte a byte-level BPE character stands for (GPT-2's table: printable bytes are
 /// themselves, the others the characters from U+0100 on, in byte order).
 fn byte_of_char(c: char) -> Option<u8> {
@@ -231,6 +289,26 @@ mod tests {
         assert_eq!(String::from_utf8(bytes).unwrap(), text);
         assert!(ids.iter().any(|&id| std::str::from_utf8(&tokenizer.token_bytes(id)).is_err()), "some token splits a character");
         assert_eq!(tokenizer.token_bytes(tokenizer.eos()), tokenizer.decode_special(tokenizer.eos()).into_bytes());
+    }
+
+    /// Token by token, the incremental text is the whole decode's, never a partial character.
+    #[test]
+    fn incremental_text_equals_decoding_everything() {
+        let docs: Vec<String> = crate::generators::stories(200, 1);
+        let tokenizer = TextTokenizer::train(&docs, 300, ExtraTokens::None).unwrap();
+        let text = "Once upon a time — a fox named Zoë saw 🦊 and said “hello”.";
+        let mut ids = tokenizer.encode(text);
+        ids.insert(5, tokenizer.eos());
+        let mut detokenizer = Detokenizer::new(false);
+        for end in 1..=ids.len() {
+            let incremental = detokenizer.push(&tokenizer, ids[end - 1]).to_string();
+            let whole = tokenizer.decode(&ids[..end]);
+            assert_eq!(incremental, whole.trim_end_matches('\u{FFFD}'), "after {end} tokens");
+            assert_eq!(detokenizer.finish(&tokenizer), whole, "after {end} tokens");
+        }
+        let mut special = Detokenizer::new(true);
+        let pushed: Vec<String> = ids.iter().map(|&id| special.push(&tokenizer, id).to_string()).collect();
+        assert_eq!(pushed.last().unwrap(), &tokenizer.decode_keeping_special(&ids));
     }
 
     #[test]

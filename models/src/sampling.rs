@@ -1,5 +1,6 @@
 //! Turning next-token logits into a token: greedy, temperature, top-k, top-p, min-p and a
-//! repetition penalty, on the host with a seeded RNG so a seed reproduces a sample.
+//! repetition penalty, or Mirostat 2.0, on the host with a seeded RNG so a seed reproduces a
+//! sample.
 
 use furnace_core::rng::SeededRng;
 
@@ -16,29 +17,67 @@ pub struct SamplingConfig {
     /// Divide positive logits (multiply negative ones) of tokens already seen; 1.0 is off.
     pub repetition_penalty: f64,
     pub seed: u64,
+    /// Mirostat 2.0 in place of top-k, top-p, min-p and the repetition penalty (after the
+    /// temperature, as llama.cpp chains them).
+    pub mirostat: Option<Mirostat>,
+}
+
+/// Mirostat 2.0 (Basu et al. 2021, as llama.cpp's `mirostat_v2` sampler): keep the tokens
+/// whose surprise −log2 p is at most μ, draw among them, then move μ by η times the distance
+/// of the drawn token's surprise from τ, so the text's surprise holds near τ. μ starts at 2τ.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mirostat {
+    /// The target surprise τ, in bits (llama.cpp's default 5).
+    pub tau: f64,
+    /// The learning rate η (llama.cpp's default 0.1).
+    pub eta: f64,
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0, mirostat: None }
     }
 }
 
 pub struct Sampler {
     config: SamplingConfig,
     rng: SeededRng,
+    /// Mirostat's running truncation threshold μ.
+    mu: f64,
 }
 
 impl Sampler {
     pub fn new(config: SamplingConfig) -> Self {
         let rng = SeededRng::new(config.seed);
-        Self { config, rng }
+        let mu = config.mirostat.map_or(0.0, |m| 2.0 * m.tau);
+        Self { config, rng, mu }
     }
 
     /// Pick the next token from `logits` (one row over the vocabulary), given the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        if let (Some(mirostat), false) = (self.config.mirostat, self.greedy()) {
+            return self.mirostat(logits, mirostat).0;
+        }
         let distribution = self.distribution(logits, history);
         self.draw(&distribution)
+    }
+
+    /// One Mirostat 2.0 step: the drawn token and the kept set's size.
+    pub fn mirostat(&mut self, logits: &[f32], m: Mirostat) -> (u32, usize) {
+        let mut probs = softmax_sorted(logits.iter().map(|&l| l as f64 / self.config.temperature));
+        let kept = probs.iter().position(|&(_, p)| -p.log2() > self.mu).unwrap_or(probs.len()).max(1);
+        probs.truncate(kept);
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        let probs: Vec<(u32, f64)> = probs.into_iter().map(|(t, p)| (t, p / total)).collect();
+        let token = self.draw(&probs);
+        let surprise = -probs.iter().find(|p| p.0 == token).map_or(1.0, |p| p.1).log2();
+        self.mu -= m.eta * (surprise - m.tau);
+        (token, kept)
+    }
+
+    /// Mirostat's μ now.
+    pub fn mirostat_mu(&self) -> f64 {
+        self.mu
     }
 
     /// What `sample` draws from: each token the filters keep with its weight (not normalised),
@@ -120,6 +159,22 @@ impl Sampler {
     }
 }
 
+/// softmax of `logits`, as (token, probability), most likely first (ties by token id).
+fn softmax_sorted(logits: impl Iterator<Item = f64>) -> Vec<(u32, f64)> {
+    let mut probs: Vec<(u32, f64)> = logits.enumerate().map(|(i, l)| (i as u32, l)).collect();
+    let max = probs.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let mut total = 0.0;
+    for p in &mut probs {
+        p.1 = (p.1 - max).exp();
+        total += p.1;
+    }
+    for p in &mut probs {
+        p.1 /= total;
+    }
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    probs
+}
+
 pub fn argmax(values: &[f32]) -> u32 {
     values.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
 }
@@ -157,6 +212,35 @@ mod tests {
     fn repetition_penalty_changes_the_greedy_choice() {
         let mut s = Sampler::new(SamplingConfig { repetition_penalty: 2.0, ..Default::default() });
         assert_eq!(s.sample(&[3.0, 2.0], &[0]), 1);
+    }
+
+    /// Mirostat holds the text's surprise at τ: over 3,000 draws from a fixed Zipf-like
+    /// distribution the mean surprise of the last 2,000 is within 0.1 bit of τ, μ settles, and
+    /// the kept set is exactly the tokens whose surprise is at most μ.
+    #[test]
+    fn mirostat_holds_the_surprise_at_tau() {
+        let logits: Vec<f32> = (1..=200).map(|rank| -(rank as f32).ln() * 1.1).collect();
+        for tau in [3.0, 5.0] {
+            let mirostat = Mirostat { tau, eta: 0.1 };
+            let mut s = Sampler::new(SamplingConfig { temperature: 1.0, seed: 11, mirostat: Some(mirostat), ..Default::default() });
+            assert_eq!(s.mirostat_mu(), 2.0 * tau);
+            let probs = softmax_sorted(logits.iter().map(|&l| l as f64));
+            let mut surprises = Vec::new();
+            for _ in 0..3000 {
+                let mu = s.mirostat_mu();
+                let (token, kept) = s.mirostat(&logits, mirostat);
+                let expected = probs.iter().filter(|p| -p.1.log2() <= mu).count().max(1);
+                assert_eq!(kept, expected, "μ = {mu}");
+                let rank = probs.iter().position(|p| p.0 == token).unwrap();
+                assert!(rank < kept, "the token is one of the kept");
+                let kept_total: f64 = probs[..kept].iter().map(|p| p.1).sum();
+                surprises.push(-(probs[rank].1 / kept_total).log2());
+            }
+            let late = &surprises[1000..];
+            let mean = late.iter().sum::<f64>() / late.len() as f64;
+            eprintln!("τ = {tau}: mean surprise {mean:.3} bits over draws 1000..3000, μ now {:.3}", s.mirostat_mu());
+            assert!((mean - tau).abs() < 0.1, "τ = {tau}: mean surprise {mean}");
+        }
     }
 
     #[test]

@@ -11,11 +11,11 @@ use furnace_data::corpus::{prepare, sample_inputs, Prepared};
 use furnace_data::inputs::{expand, TextOptions};
 use furnace_data::shards::write_llmc;
 use furnace_data::tokenizer::ExtraTokens;
-use furnace_data::{TextTokenizer, Tokens};
+use furnace_data::{Detokenizer, TextTokenizer, Tokens};
 use furnace_models::generate::{GenerateConfig, TokenConstraint};
 use furnace_models::hf::{from_peft, hf_arch_for};
 use furnace_models::kernels::FusedOps;
-use furnace_models::sampling::SamplingConfig;
+use furnace_models::sampling::{Mirostat, SamplingConfig};
 use furnace_models::speculative::{generate_speculative, Drafter};
 use furnace_models::{Causal, LanguageModel};
 
@@ -217,6 +217,9 @@ impl BackendJob for GenerateJob {
                 bail!("speculative decoding needs a model that decodes left to right; {} is not one", args.checkpoint.display())
             }
             _ if args.num_speculative_tokens == 0 => bail!("--num-speculative-tokens must be at least 1"),
+            _ if args.mirostat_tau.is_some() => {
+                bail!("speculative decoding draws from a fixed distribution; Mirostat's changes each token")
+            }
             (Some(path), _) => {
                 Some(Draft::Model(load_draft::<B::InnerBackend>(path, &tokenizer, &model, args.backend.as_deref(), &device)?))
             }
@@ -240,6 +243,7 @@ impl BackendJob for GenerateJob {
                 min_p: args.min_p,
                 repetition_penalty: args.repetition_penalty,
                 seed: args.seed,
+                mirostat: args.mirostat_tau.map(|tau| Mirostat { tau, eta: args.mirostat_eta }),
             },
         };
         let encoder_decoder = matches!(model, LanguageModel::T5(_));
@@ -290,7 +294,8 @@ impl BackendJob for GenerateJob {
         if !args.chat && !encoder_decoder {
             print!("{}", args.prompt);
         }
-        let mut produced: Vec<u32> = Vec::new();
+        // T5's sentinels are what a span-corruption model writes: they stay visible.
+        let mut detokenizer = Detokenizer::new(encoder_decoder);
         let mut printed = 0;
         let mut stdout = std::io::stdout();
         let stop_tokens = generation.stop_tokens.clone();
@@ -299,11 +304,8 @@ impl BackendJob for GenerateJob {
             if stop_tokens.contains(&token) {
                 return;
             }
-            produced.push(token);
-            // T5's sentinels are what a span-corruption model writes: they stay visible.
-            let text = if encoder_decoder { tokenizer.decode_keeping_special(&produced) } else { tokenizer.decode(&produced) };
-            // Hold back a trailing partial UTF-8 character until its bytes arrive.
-            let complete = text.trim_end_matches('\u{FFFD}');
+            // A trailing partial UTF-8 character waits until its bytes arrive.
+            let complete = detokenizer.push(&tokenizer, token);
             if complete.len() > printed {
                 let _ = write!(stdout, "{}", &complete[printed..]);
                 let _ = stdout.flush();
@@ -535,6 +537,13 @@ fn check_sampling_flags(args: &GenerateArgs) -> Result<()> {
             args.repetition_penalty > 0.0 && args.repetition_penalty.is_finite(),
             "a finite number > 0 (1 is off)",
         ),
+        (
+            "--mirostat-tau",
+            args.mirostat_tau.unwrap_or(5.0),
+            args.mirostat_tau.is_none_or(|t| t > 0.0 && t.is_finite()),
+            "a finite number of bits > 0",
+        ),
+        ("--mirostat-eta", args.mirostat_eta, args.mirostat_eta > 0.0 && args.mirostat_eta <= 1.0, "in (0, 1]"),
     ];
     match checks.iter().find(|(_, _, ok, _)| !ok) {
         Some((flag, value, _, range)) => bail!("{flag} {value} is out of range: it must be {range}"),

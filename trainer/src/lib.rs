@@ -81,6 +81,14 @@ pub struct GenerateArgs {
     pub repetition_penalty: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Mirostat 2.0 with this target surprise τ in bits (llama.cpp's --mirostat 2, whose
+    /// default τ is 5): after --temperature it replaces top-k, top-p, min-p and the repetition
+    /// penalty, keeping the text's surprise near τ.
+    #[arg(long)]
+    pub mirostat_tau: Option<f64>,
+    /// Mirostat's learning rate η.
+    #[arg(long, default_value_t = 0.1)]
+    pub mirostat_eta: f64,
     /// Extra stop strings, each encoded to one stop token (the end-of-text token stops too,
     /// unless --ignore-eos).
     #[arg(long)]

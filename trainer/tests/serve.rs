@@ -241,6 +241,13 @@ fn serves_completions_and_chat_as_openai_does() {
     assert_eq!(decoded, vectors[0]);
     assert_eq!(server.post("/v1/embeddings", &json!({"input": []})).0, 400);
 
+    // llama-server's Mirostat 2.0 fields: a seed reproduces the text.
+    let mirostat =
+        json!({"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "seed": 3, "mirostat": 2, "mirostat_tau": 3.0});
+    let (status, first) = server.post("/v1/completions", &mirostat);
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(server.post("/v1/completions", &mirostat).1["choices"][0]["text"], first["choices"][0]["text"]);
+
     // Bad requests: OpenAI's error object naming the field; the server keeps serving.
     let bad = [
         (json!({"model": "gpt-4", "prompt": "x"}), "model"),
@@ -249,6 +256,8 @@ fn serves_completions_and_chat_as_openai_does() {
         (json!({"prompt": "x", "temperature": "hot"}), "temperature"),
         (json!({"prompt": "word ".repeat(400)}), "prompt"),
         (json!({"messages": "hi"}), "messages"),
+        (json!({"prompt": "x", "mirostat": 1}), "mirostat"),
+        (json!({"prompt": "x", "mirostat": 2, "mirostat_tau": -1}), "mirostat_tau"),
     ];
     for (request, param) in bad {
         let path = if param == "messages" { "/v1/chat/completions" } else { "/v1/completions" };

@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use furnace_core::rng::{derive_seed, Stream};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::TextTokenizer;
-use furnace_models::sampling::SamplingConfig;
+use furnace_models::sampling::{Mirostat, SamplingConfig};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -456,7 +456,15 @@ fn parse(fields: &Map<String, Value>, kind: Kind, ready: &Ready) -> Result<Reque
     };
     let echo = if kind == Kind::Completion && boolean(fields, "echo")? { Some(prompt_text) } else { None };
     let ignore_eos = boolean(fields, "ignore_eos")?;
-    let sampling = SamplingConfig { temperature, top_k: top_k.max(0.0) as usize, top_p, min_p, repetition_penalty, seed };
+    // llama-server's fields: `mirostat` 2 with `mirostat_tau` and `mirostat_eta`.
+    let mirostat = match number(fields, "mirostat", 0.0, |m| m == 0.0 || m == 2.0, "0 (off) or 2 (Mirostat 2.0)")? {
+        0.0 => None,
+        _ => Some(Mirostat {
+            tau: number(fields, "mirostat_tau", 5.0, |t| t > 0.0 && t.is_finite(), "a finite number of bits > 0")?,
+            eta: number(fields, "mirostat_eta", 0.1, |e| e > 0.0 && e <= 1.0, "in (0, 1]")?,
+        }),
+    };
+    let sampling = SamplingConfig { temperature, top_k: top_k.max(0.0) as usize, top_p, min_p, repetition_penalty, seed, mirostat };
     let params = Params {
         max_tokens,
         sampling,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::prelude::*;
-use furnace_data::TextTokenizer;
+use furnace_data::{Detokenizer, TextTokenizer};
 use furnace_models::generate::TokenConstraint;
 use furnace_models::kernels::FusedOps;
 use furnace_models::sampling::{Sampler, SamplingConfig};
@@ -119,6 +119,8 @@ struct Running {
     seq: Sequence,
     sampler: Sampler,
     generated: Vec<u32>,
+    /// The reply's text, decoded as it grows.
+    detokenizer: Detokenizer,
     /// Bytes of the decoded reply already sent.
     sent: usize,
     last_token_at: Instant,
@@ -232,6 +234,7 @@ impl<'a, B: FusedOps> Engine<'a, B> {
             sampler: Sampler::new(p.seq.params.sampling.clone()),
             seq: p.seq,
             generated: Vec::new(),
+            detokenizer: Detokenizer::new(false),
             sent: 0,
             last_token_at: Instant::now(),
         };
@@ -316,10 +319,11 @@ impl<'a, B: FusedOps> Engine<'a, B> {
             logprob: all[token as usize],
             top: top.into_iter().map(|(t, l)| (TokenText::of(self.tokenizer, t), l)).collect(),
         });
-        let reply = if eos { &r.generated[..r.generated.len() - 1] } else { &r.generated[..] };
-        let text = self.tokenizer.decode(reply);
-        // A trailing partial UTF-8 character waits for its other bytes.
-        let complete = text.trim_end_matches('\u{FFFD}');
+        if !eos {
+            r.detokenizer.push(self.tokenizer, token);
+        }
+        // The text so far up to its last complete character: a partial one waits for its bytes.
+        let complete = r.detokenizer.text();
         let stop_at = params.stop.iter().filter_map(|s| complete[r.sent.min(complete.len())..].find(s.as_str()).map(|i| r.sent + i)).min();
         let length = r.generated.len() >= params.max_tokens || r.seq.prompt.len() + r.generated.len() >= self.model.max_seq_len();
         let finish = match (stop_at, eos, length) {
@@ -327,10 +331,13 @@ impl<'a, B: FusedOps> Engine<'a, B> {
             (_, _, true) => Some("length"),
             _ => None,
         };
+        // A reply that ends other than at a stop string sends all it has, a partial character too.
+        let whole = (finish.is_some() && stop_at.is_none()).then(|| r.detokenizer.finish(self.tokenizer));
+        let source = whole.as_deref().unwrap_or(complete);
         // Text that could begin a stop string is held back until the string is ruled out.
         let end = match (stop_at, finish) {
             (Some(at), _) => at,
-            (None, Some(_)) => text.len(),
+            (None, Some(_)) => source.len(),
             (None, None) => {
                 let hold = params.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
                 let mut end = complete.len().saturating_sub(hold).max(r.sent);
@@ -341,7 +348,6 @@ impl<'a, B: FusedOps> Engine<'a, B> {
             }
         };
         let end = end.max(r.sent);
-        let source = if finish.is_some() && stop_at.is_none() { text.as_str() } else { complete };
         let new_text = source.get(r.sent..end).unwrap_or("").to_string();
         r.sent = end;
         if !new_text.is_empty() || logprob.is_some() {
