@@ -64,15 +64,26 @@ impl Sampler {
 
     /// One Mirostat 2.0 step: the drawn token and the kept set's size.
     pub fn mirostat(&mut self, logits: &[f32], m: Mirostat) -> (u32, usize) {
+        let kept = self.mirostat_kept(logits);
+        let token = self.draw(&kept);
+        self.mirostat_update(&kept, token, m);
+        (token, kept.len())
+    }
+
+    /// The tokens Mirostat keeps at the current μ, renormalised, most likely first: those whose
+    /// surprise is at most μ (at least the most likely one).
+    pub fn mirostat_kept(&self, logits: &[f32]) -> Vec<(u32, f64)> {
         let mut probs = softmax_sorted(logits.iter().map(|&l| l as f64 / self.config.temperature));
         let kept = probs.iter().position(|&(_, p)| -p.log2() > self.mu).unwrap_or(probs.len()).max(1);
         probs.truncate(kept);
         let total: f64 = probs.iter().map(|p| p.1).sum();
-        let probs: Vec<(u32, f64)> = probs.into_iter().map(|(t, p)| (t, p / total)).collect();
-        let token = self.draw(&probs);
-        let surprise = -probs.iter().find(|p| p.0 == token).map_or(1.0, |p| p.1).log2();
+        probs.into_iter().map(|(t, p)| (t, p / total)).collect()
+    }
+
+    /// μ moves by η times the drawn token's surprise (within the kept set) minus τ.
+    pub fn mirostat_update(&mut self, kept: &[(u32, f64)], token: u32, m: Mirostat) {
+        let surprise = -kept.iter().find(|p| p.0 == token).map_or(1.0, |p| p.1).log2();
         self.mu -= m.eta * (surprise - m.tau);
-        (token, kept)
     }
 
     /// Mirostat's μ now.
@@ -240,6 +251,31 @@ mod tests {
             let mean = late.iter().sum::<f64>() / late.len() as f64;
             eprintln!("τ = {tau}: mean surprise {mean:.3} bits over draws 1000..3000, μ now {:.3}", s.mirostat_mu());
             assert!((mean - tau).abs() < 0.1, "τ = {tau}: mean surprise {mean}");
+        }
+    }
+
+    /// llama.cpp's own Mirostat 2.0 after its temperature (tests/fixtures/mirostat.json, written
+    /// by scripts/reference/make_mirostat_fixture.py through llama-cpp-python): following its
+    /// draws over 300 steps, every step keeps the tokens llama.cpp kept, so μ moves alike.
+    #[test]
+    fn mirostat_keeps_what_llama_cpp_keeps() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mirostat.json");
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let logits: Vec<Vec<f32>> = serde_json::from_value(fixture["logits"].clone()).unwrap();
+        for case in fixture["cases"].as_array().unwrap() {
+            let mirostat = Mirostat { tau: case["tau"].as_f64().unwrap(), eta: case["eta"].as_f64().unwrap() };
+            let temperature = case["temperature"].as_f64().unwrap();
+            let mut s = Sampler::new(SamplingConfig { temperature, mirostat: Some(mirostat), ..Default::default() });
+            let mut sizes = std::collections::BTreeSet::new();
+            for (step, row) in logits.iter().enumerate() {
+                let kept = s.mirostat_kept(row);
+                assert_eq!(kept.len() as u64, case["kept"][step].as_u64().unwrap(), "{case:?} step {step}");
+                let drawn = case["drawn"][step].as_u64().unwrap() as u32;
+                assert!(kept.iter().any(|p| p.0 == drawn), "step {step}: llama.cpp drew a token this set lacks");
+                s.mirostat_update(&kept, drawn, mirostat);
+                sizes.insert(kept.len());
+            }
+            assert!(sizes.len() > 5, "the kept set's size varied: {sizes:?}");
         }
     }
 

@@ -136,24 +136,19 @@ fn generate_holds_its_reply_to_a_schema_and_names_the_flag_of_a_bad_one() {
 fn speculative_generation_prints_the_models_own_greedy_text() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = tiny_checkpoint(dir.path(), "llama");
+    // tiny_checkpoint's recipe, with other settings, into `dir/<name>`.
+    let train = |name: &str, settings: &[&str]| {
+        let run = dir.path().join(name);
+        let mut args = vec!["train".to_string(), "--config".into(), dir.path().join("tiny.toml").display().to_string()];
+        for setting in settings.iter().map(|s| s.to_string()).chain([format!("run.output_dir={}", run.display())]) {
+            args.extend(["--set".to_string(), setting]);
+        }
+        let out = furnace(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{}", text(&out));
+        run
+    };
     // A one-layer draft trained on the same data has the same tokenizer.
-    let draft_dir = dir.path().join("draft");
-    std::fs::create_dir(&draft_dir).unwrap();
-    let recipe = draft_dir.join("tiny.toml");
-    std::fs::copy(dir.path().join("tiny.toml"), &recipe).unwrap();
-    let draft = draft_dir.join("run");
-    let out = furnace(&[
-        "train",
-        "--config",
-        recipe.to_str().unwrap(),
-        "--set",
-        "model.n_layers=1",
-        "--set",
-        "training.steps=2",
-        "--set",
-        &format!("run.output_dir={}", draft.display()),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    let draft = train("draft", &["model.n_layers=1", "training.steps=2"]);
     let generate = |extra: &[&str]| {
         let mut args = vec!["generate", "--checkpoint", &checkpoint, "--prompt", "the cat and the cat and the", "--temperature", "0"];
         args.extend_from_slice(&["--max-new-tokens", "40", "--ignore-eos"]);
@@ -171,19 +166,7 @@ fn speculative_generation_prints_the_models_own_greedy_text() {
     assert!(report.contains("drafted tokens accepted"), "{report}");
 
     // A draft with another tokenizer is refused, naming the flag.
-    let other = dir.path().join("other");
-    let out = furnace(&[
-        "train",
-        "--config",
-        recipe.to_str().unwrap(),
-        "--set",
-        "data.tokenizer_vocab_size=280",
-        "--set",
-        "training.steps=1",
-        "--set",
-        &format!("run.output_dir={}", other.display()),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    let other = train("other", &["data.tokenizer_vocab_size=280", "training.steps=1"]);
     let out = furnace(&["generate", "--checkpoint", &checkpoint, "--draft-checkpoint", other.to_str().unwrap()]);
     assert!(!out.status.success() && text(&out).contains("--draft-checkpoint") && text(&out).contains("tokenizer"), "{}", text(&out));
 }
