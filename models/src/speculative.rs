@@ -92,7 +92,6 @@ pub fn prompt_lookup(history: &[u32], max_ngram: usize, k: usize) -> Vec<u32> {
 
 /// `generate`'s output drawn speculatively: up to `k` drafted tokens per target forward.
 /// Returns the new tokens (a stop token, when hit, included) and how the drafts fared.
-#[allow(clippy::too_many_arguments)]
 pub fn generate_speculative<B: Backend, M: CausalLm<B>, D: CausalLm<B>>(
     target: &M,
     drafter: Drafter<'_, D>,
@@ -173,18 +172,16 @@ where
             // Accept with probability min(1, p/q); greedy accepts exactly the target's argmax.
             let accepted = if sampler.greedy() { p[0].0 == draft } else { acceptance.uniform() * q_draft < p_draft };
             if !accepted {
-                rejected = Some((i, residual(&p, q)));
+                rejected = Some(residual(&p, q));
                 break;
             }
             next.push(draft);
             context_so_far.push(draft);
         }
         stats.accepted += next.len();
+        // Greedy, a rejected draft is not the argmax, so the residual is the argmax alone.
         let last = match rejected {
-            Some((i, residual)) => {
-                let residual = if sampler.greedy() { normalised(sampler.distribution(&rows[i], &context_so_far)) } else { residual };
-                sampler.draw(&residual)
-            }
+            Some(residual) => sampler.draw(&residual),
             None => sampler.sample(&rows[drafts.len()], &context_so_far),
         };
         next.push(last);
