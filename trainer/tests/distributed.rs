@@ -58,7 +58,18 @@ fn mpirun(ranks: usize) -> Command {
     let mut command = Command::new("mpirun");
     // Root in CI containers; more ranks than the CI machine's 2 cores.
     command.args(["--allow-run-as-root", "--oversubscribe", "--mca", "btl", "tcp,self", "-np", &ranks.to_string()]);
+    command.args(session_dir());
     command
+}
+
+/// Each job its own OpenMPI session directory: the tests' jobs run at once, and in one shared
+/// /tmp/ompi.<host>.<uid> one job's set-up and another's clean-up can race ("mkdir ... File exists").
+fn session_dir() -> [String; 3] {
+    static JOBS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let job = JOBS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("furnace-ompi-{}-{job}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    ["--mca".into(), "orte_tmpdir_base".into(), dir.display().to_string()]
 }
 
 fn recipe(dir: &Path) -> PathBuf {
@@ -393,6 +404,7 @@ impl TwoNodes {
     fn mpirun(&self) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.namespaces[0], "mpirun", "--allow-run-as-root", "-np", "2"]);
+        command.args(session_dir());
         command.args(["--hostfile", self.hostfile.to_str().unwrap(), "--mca", "plm_rsh_agent", self.agent.to_str().unwrap()]);
         command.args([
             "--mca",
