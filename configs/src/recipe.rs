@@ -68,12 +68,18 @@ choice!(
         /// The user's own `.txt` or `.jsonl` files listed in `data.files`.
         Files = "files",
         /// SFT: conversations, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line,
-        /// in the `.jsonl` files listed in `data.files`. GRPO and PPO: each conversation up to
+        /// in the `.jsonl` files listed in `data.files` (with `"tools": [...]` beside the
+        /// messages, assistant `tool_calls` and `tool` turns, for tool use). GRPO and PPO: each conversation up to
         /// its last assistant turn is a prompt, that turn the answer the verifier accepts.
         Chat = "chat",
         /// SFT, GRPO and PPO: generated arithmetic questions and answers as conversations
         /// (user: "What is 37+45?", assistant: "37+45=82").
         ArithmeticChat = "arithmetic-chat",
+        /// SFT: generated tool use. The user asks an arithmetic question, the assistant calls
+        /// the `calculator` tool (`{"expression": "412*37"}`), the tool returns the result, and
+        /// the assistant answers with it ("412*37=15244"). Use data.digits = 3 and the operators
+        /// + - * so that the tool, not the model, computes.
+        ArithmeticTools = "arithmetic-tools",
         /// DPO: preference pairs, one `{"prompt": ..., "chosen": ..., "rejected": ...}` per line,
         /// in the `.jsonl` files listed in `data.files`; the prompt is sent as a user turn.
         Preferences = "preferences",
@@ -346,7 +352,8 @@ section! {
         /// a Hugging Face model folder (config.json, safetensors, tokenizer.json), or a GGUF file
         /// in llama.cpp's llama layout (Llama, Mixtral; f32/f16/q8_0/q4_0, dequantized). The
         /// architecture and the tokenizer then come from that folder, and the other [model]
-        /// keys, dropout aside, are not used.
+        /// keys are not used, but dropout and max_seq_len: a base whose positions are computed
+        /// (RoPE, ALiBi, T5, Mamba) takes a new context length, learned positions refuse one.
         init_from: String = String::new(),
     }
 }

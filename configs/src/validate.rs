@@ -750,6 +750,7 @@ fn post_training(c: &Check<'_>) -> Result<(), RecipeError> {
     let d = &recipe.data;
     let modes_of_source: &[TrainMode] = match d.source {
         DataSource::Chat | DataSource::ArithmeticChat => &[TrainMode::Sft, TrainMode::Grpo, TrainMode::Ppo],
+        DataSource::ArithmeticTools => &[TrainMode::Sft],
         DataSource::Preferences | DataSource::ArithmeticPreferences => &[TrainMode::Dpo, TrainMode::Reward],
         _ => &[TrainMode::Pretrain],
     };
@@ -758,7 +759,7 @@ fn post_training(c: &Check<'_>) -> Result<(), RecipeError> {
             "training",
             "mode",
             format!("training.mode = \"{}\" does not train on data.source = \"{}\"", recipe.training.mode, d.source),
-            "sft, grpo and ppo take source = \"chat\" or \"arithmetic-chat\" (grpo's and ppo's prompts end where a conversation's last assistant turn, the verifier's answer, begins); dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
+            "sft, grpo and ppo take source = \"chat\" or \"arithmetic-chat\" (sft also \"arithmetic-tools\"; grpo's and ppo's prompts end where a conversation's last assistant turn, the verifier's answer, begins); dpo and reward take \"preferences\" or \"arithmetic-preferences\"; pretrain the others".into(),
         );
     }
     let g = &recipe.grpo;

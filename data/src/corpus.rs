@@ -143,7 +143,11 @@ fn documents(recipe: &Recipe) -> Result<(Vec<TrainStream>, Documents), String> {
         DataSource::Stories => {
             (one(Documents::Generated(stories(d.num_examples, seed))), Documents::Generated(stories(d.num_val_examples, val_seed(seed))))
         }
-        DataSource::Chat | DataSource::ArithmeticChat | DataSource::Preferences | DataSource::ArithmeticPreferences => {
+        DataSource::Chat
+        | DataSource::ArithmeticChat
+        | DataSource::ArithmeticTools
+        | DataSource::Preferences
+        | DataSource::ArithmeticPreferences => {
             return Err(format!("data.source = \"{}\" is fine-tuning data: set training.mode to sft or dpo", d.source))
         }
         DataSource::Seq2seq | DataSource::ArithmeticWords => {

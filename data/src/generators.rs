@@ -2,7 +2,9 @@
 
 use furnace_core::rng::SeededRng;
 
-use crate::chat::{Conversation, Message, Preference};
+use serde_json::{json, Value};
+
+use crate::chat::{Conversation, FunctionCall, Message, Preference, ToolCall};
 
 /// One arithmetic problem: `a op b = answer`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +30,11 @@ impl Problem {
         format!("{}{}{}=", self.a, self.op, self.b)
     }
 
+    /// The expression alone: `37+45`.
+    pub fn expression(&self) -> String {
+        format!("{}{}{}", self.a, self.op, self.b)
+    }
+
     /// The training document: `37+45=82`.
     pub fn text(&self) -> String {
         format!("{}{}", self.prompt(), self.answer())
@@ -36,7 +43,7 @@ impl Problem {
     /// The problem as a chat question, in one of a few phrasings (`style` picks; 0 is
     /// "What is 37+45?", the one evaluation asks).
     pub fn question(&self, style: usize) -> String {
-        let expr = format!("{}{}{}", self.a, self.op, self.b);
+        let expr = self.expression();
         match style % 4 {
             0 => format!("What is {expr}?"),
             1 => format!("Compute {expr}."),
@@ -142,11 +149,90 @@ pub fn arithmetic_conversations(config: &ArithmeticConfig, count: usize, seed: u
     let mut rng = SeededRng::new(seed ^ 0xC4A7);
     arithmetic(config, count, seed, held_out)
         .into_iter()
-        .map(|p| {
-            vec![
-                Message { role: "user".into(), content: p.question(rng.below(4)) },
-                Message { role: "assistant".into(), content: p.text() },
-            ]
+        .map(|p| Conversation::new(vec![Message::new("user", p.question(rng.below(4))), Message::new("assistant", p.text())]))
+        .collect()
+}
+
+/// The one tool of the tool-use task, as OpenAI's `tools` list holds it.
+pub fn calculator_tool() -> Value {
+    json!({"type": "function", "function": {
+        "name": "calculator",
+        "description": "Evaluates an arithmetic expression of whole numbers with + - * and parentheses.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "e.g. 412*37", "pattern": "^[0-9+*() -]+$"}},
+            "required": ["expression"],
+        },
+    }})
+}
+
+/// The `calculator` tool itself: a whole-number expression of + - * and parentheses, evaluated
+/// with the usual precedence; None for anything else (or an overflow).
+pub fn calculate(expression: &str) -> Option<i64> {
+    fn sum(s: &[u8], at: &mut usize) -> Option<i64> {
+        let mut value = product(s, at)?;
+        while let Some(&op) = s.get(*at).filter(|c| matches!(c, b'+' | b'-')) {
+            *at += 1;
+            let rhs = product(s, at)?;
+            value = if op == b'+' { value.checked_add(rhs)? } else { value.checked_sub(rhs)? };
+        }
+        Some(value)
+    }
+    fn product(s: &[u8], at: &mut usize) -> Option<i64> {
+        let mut value = atom(s, at)?;
+        while s.get(*at) == Some(&b'*') {
+            *at += 1;
+            value = value.checked_mul(atom(s, at)?)?;
+        }
+        Some(value)
+    }
+    fn atom(s: &[u8], at: &mut usize) -> Option<i64> {
+        match s.get(*at)? {
+            b'(' => {
+                *at += 1;
+                let value = sum(s, at)?;
+                (s.get(*at) == Some(&b')')).then(|| *at += 1)?;
+                Some(value)
+            }
+            b'-' => {
+                *at += 1;
+                atom(s, at)?.checked_neg()
+            }
+            _ => {
+                let start = *at;
+                while s.get(*at).is_some_and(u8::is_ascii_digit) {
+                    *at += 1;
+                }
+                std::str::from_utf8(&s[start..*at]).ok()?.parse().ok()
+            }
+        }
+    }
+    let compact: Vec<u8> = expression.bytes().filter(|b| *b != b' ').collect();
+    let mut at = 0;
+    let value = sum(&compact, &mut at)?;
+    (at == compact.len()).then_some(value)
+}
+
+/// Problems as tool use: the user asks (in a random phrasing), the assistant calls the
+/// `calculator` tool with the expression, the tool answers with the result, and the assistant
+/// replies with the solved problem (`412*37=15244`), copying the result it was given.
+pub fn arithmetic_tool_conversations(config: &ArithmeticConfig, count: usize, seed: u64, held_out: bool) -> Vec<Conversation> {
+    let mut rng = SeededRng::new(seed ^ 0x7001);
+    arithmetic(config, count, seed, held_out)
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let id = format!("call_{i}");
+            let call = ToolCall {
+                id: Some(id.clone()),
+                kind: "function".into(),
+                function: FunctionCall { name: "calculator".into(), arguments: json!({"expression": p.expression()}) },
+            };
+            let assistant_call = Message { tool_calls: vec![call], ..Message::new("assistant", "") };
+            let result = Message { tool_call_id: Some(id), ..Message::new("tool", p.answer().to_string()) };
+            let messages =
+                vec![Message::new("user", p.question(rng.below(4))), assistant_call, result, Message::new("assistant", p.text())];
+            Conversation { messages, tools: vec![calculator_tool()] }
         })
         .collect()
 }
@@ -223,11 +309,41 @@ mod tests {
         let conversations = arithmetic_conversations(&config, 50, 4, true);
         let mut styles = std::collections::BTreeSet::new();
         for (p, c) in problems.iter().zip(&conversations) {
+            let c = &c.messages;
             assert_eq!((c[0].role.as_str(), c[1].role.as_str()), ("user", "assistant"));
             styles.insert((0..4).find(|&style| c[0].content == p.question(style)).expect("a known phrasing"));
             assert_eq!(c[1].content, p.text());
         }
         assert_eq!(styles.len(), 4, "every phrasing appears");
+    }
+
+    #[test]
+    fn the_calculator_evaluates_what_the_task_asks_and_refuses_the_rest() {
+        let config = ArithmeticConfig { digits: 3, operators: vec!['+', '-', '*'] };
+        for p in arithmetic(&config, 200, 9, false) {
+            assert_eq!(calculate(&p.expression()), Some(p.answer()), "{}", p.expression());
+        }
+        assert_eq!(calculate("2+3*(4-1)"), Some(11));
+        assert_eq!(calculate(" -2 * 3 "), Some(-6));
+        for bad in ["", "2+", "2**3", "(1+2", "1+2)", "x", "99999999999*99999999999"] {
+            assert_eq!(calculate(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tool_conversations_call_the_calculator_and_answer_with_its_result() {
+        let config = ArithmeticConfig { digits: 3, operators: vec!['+', '-', '*'] };
+        let problems = arithmetic(&config, 20, 5, true);
+        for (p, c) in problems.iter().zip(arithmetic_tool_conversations(&config, 20, 5, true)) {
+            let roles: Vec<&str> = c.messages.iter().map(|m| m.role.as_str()).collect();
+            assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
+            let call = &c.messages[1].tool_calls[0];
+            assert_eq!((call.function.name.as_str(), &call.function.arguments), ("calculator", &json!({"expression": p.expression()})));
+            assert_eq!(c.messages[2].content, calculate(&p.expression()).unwrap().to_string());
+            assert_eq!(c.messages[2].tool_call_id, call.id);
+            assert_eq!(c.messages[3].content, p.text());
+            assert_eq!(c.tools, [calculator_tool()]);
+        }
     }
 
     #[test]

@@ -10,7 +10,11 @@
 - the same seed gives the same text; a bad parameter raises BadRequestError and the next request
   still succeeds;
 - structured output: `chat.completions.parse` with a pydantic model (the client sends its strict
-  JSON schema as response_format and parses the reply with pydantic) returns a valid instance.
+  JSON schema as response_format and parses the reply with pydantic) returns a valid instance;
+- tool calling: a pydantic tool (`openai.pydantic_function_tool`) with tool_choice "required" comes
+  back as a tool call whose arguments the client parses into the model; the client's own stream
+  helper assembles the streamed tool-call deltas into the same call; a tool loop's turns (the
+  assistant's call, the tool's result) are accepted.
 
     pip install openai
     python scripts/reference/check_openai_client.py      # FURNACE=path/to/furnace to pick a binary
@@ -36,7 +40,7 @@ seed = 3
 [model]
 arch = "llama"
 flavor = "tiny"
-max_seq_len = 128
+max_seq_len = 256
 [data]
 source = "stories"
 num_examples = 300
@@ -146,6 +150,34 @@ def check(client: openai.OpenAI, run: pathlib.Path) -> None:
         parsed = parse(model="tiny", messages=messages, response_format=Shirt, max_tokens=60, temperature=1.0, seed=seed)
         shirt = parsed.choices[0].message.parsed
         assert isinstance(shirt, Shirt) and 1 <= shirt.quantity <= 9, parsed
+
+    class Calculator(pydantic.BaseModel):
+        expression: str = pydantic.Field(pattern=r"^[0-9+*-]{1,8}$")
+
+    tools = [openai.pydantic_function_tool(Calculator, name="calculator")]
+    question = [{"role": "user", "content": "What is 2+3?"}]
+    for seed in range(3):
+        called = parse(model="tiny", messages=question, tools=tools, tool_choice="required", parallel_tool_calls=False, max_tokens=100, temperature=1.0, seed=seed)
+        choice = called.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "calculator" and isinstance(call.function.parsed_arguments, Calculator), call
+    stream_helper = getattr(client.chat.completions, "stream", None) or client.beta.chat.completions.stream
+    with stream_helper(model="tiny", messages=question, tools=tools, tool_choice="required", parallel_tool_calls=False, max_tokens=100, temperature=1.0, seed=0) as events:
+        final = events.get_final_completion()
+    streamed_call = final.choices[0].message.tool_calls[0]
+    first = parse(model="tiny", messages=question, tools=tools, tool_choice="required", parallel_tool_calls=False, max_tokens=100, temperature=1.0, seed=0)
+    whole_call = first.choices[0].message.tool_calls[0]
+    assert (streamed_call.function.name, streamed_call.function.arguments) == (whole_call.function.name, whole_call.function.arguments), (
+        streamed_call,
+        whole_call,
+    )
+    turns = question + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": whole_call.id, "type": "function", "function": {"name": "calculator", "arguments": whole_call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": whole_call.id, "content": "5"},
+    ]
+    answer = client.chat.completions.create(model="tiny", messages=turns, tools=tools, max_tokens=8, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls"), answer
 
 
 if __name__ == "__main__":

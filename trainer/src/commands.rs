@@ -26,6 +26,7 @@ use crate::evaluate::{encode_prompt, fill_mask_line, reply};
 use crate::memory::check_fits;
 use crate::model::{base_for, build_model, is_gguf, load_base, model_config};
 use crate::structured::{Grammar, Grammars};
+use crate::tools::{scan, Scan, ToolChoice, Tools};
 use crate::train::{output_dir, TrainJob};
 use crate::{ExportArgs, GenerateArgs, RecipeArgs, TrainArgs};
 
@@ -189,13 +190,14 @@ struct GenerateJob {
     recipe: Recipe,
     tokenizer: TextTokenizer,
     weights: NamedTensors,
-    /// --json-schema, --regex or --grammar, and the flag that gave it.
+    /// --json-schema, --regex, --grammar or --tools, and the flag that gave it.
     grammar: Option<(Grammar, String)>,
+    tools: Option<Tools>,
 }
 
 impl BackendJob for GenerateJob {
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
-        let Self { args, recipe, tokenizer, weights, grammar } = self;
+        let Self { args, recipe, tokenizer, weights, grammar, tools } = self;
         let model = decoding_model::<B::InnerBackend>(&recipe, &tokenizer, &weights, &args.checkpoint, &device)?;
         let mut constraint = match &grammar {
             Some(_) if matches!(model, LanguageModel::Bert(_)) => {
@@ -255,8 +257,9 @@ impl BackendJob for GenerateJob {
         }
         let prompt = if args.chat {
             let template = ChatTemplate::new(&chat_template_source(&recipe)?, &tokenizer).map_err(anyhow::Error::msg)?;
-            let turn = [Message { role: "user".into(), content: args.prompt.clone() }];
-            tokenizer.encode(&template.render(&turn, true).map_err(anyhow::Error::msg)?)
+            let turn = [Message::new("user", args.prompt.clone())];
+            let definitions = tools.as_ref().map_or(&[][..], |t| &t.definitions[..]);
+            tokenizer.encode(&template.render(&turn, definitions, true).map_err(anyhow::Error::msg)?)
         } else {
             encode_prompt(&tokenizer, &args.prompt, encoder_decoder)
         };
@@ -372,6 +375,13 @@ impl BackendJob for GenerateJob {
                 eprintln!("warning: the reply ends at --max-new-tokens before {flag} is complete; raise --max-new-tokens");
             }
         }
+        if tools.as_ref().is_some_and(|t| t.choice != ToolChoice::None) {
+            if let Scan::Calls(calls) = scan(&tokenizer.decode(&reply_tokens)) {
+                for call in calls.iter().filter(|c| c.complete) {
+                    eprintln!("(tool call: {} {})", call.name.as_deref().unwrap_or_default(), call.arguments);
+                }
+            }
+        }
         if let (Some(path), LanguageModel::T5(_)) = (&args.logits_out, &model) {
             write_seq2seq_logits(&model, &prompt, tokenizer.pad(), &reply_tokens, path, &device)?;
         }
@@ -430,10 +440,32 @@ pub fn export(args: ExportArgs) -> Result<()> {
 /// Generate from a Furnace checkpoint (adapters included), a Hugging Face model folder or a GGUF file.
 pub fn generate(args: GenerateArgs) -> Result<()> {
     check_sampling_flags(&args)?;
-    let grammar = grammar_flag(&args)?;
+    let tools = tools_flag(&args)?;
+    let grammar = match &tools {
+        Some(t) => t.grammar().map(|g| (g, format!("--tools {}", args.tools.as_deref().unwrap_or(Path::new("")).display()))),
+        None => grammar_flag(&args)?,
+    };
     checkpoint::set_verification(!args.no_verify);
     let (recipe, tokenizer, weights) = load_for_decoding(&args.checkpoint, args.adapter.as_deref(), args.backend.as_deref())?;
-    dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights, grammar })
+    dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights, grammar, tools })
+}
+
+/// The tools `--tools` offers, checked, with `--tool-choice`.
+fn tools_flag(args: &GenerateArgs) -> Result<Option<Tools>> {
+    let Some(path) = &args.tools else { return Ok(None) };
+    let flag = format!("--tools {}", path.display());
+    let text = std::fs::read_to_string(path).with_context(|| format!("{flag}: cannot read it"))?;
+    let definitions: Vec<serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| format!("{flag}: not a JSON list of function definitions"))?;
+    let names = Tools::names(&definitions).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+    let choice = match args.tool_choice.as_str() {
+        "auto" => ToolChoice::Auto,
+        "required" => ToolChoice::Required,
+        "none" => ToolChoice::None,
+        name if names.iter().any(|n| n == name) => ToolChoice::Function(name.to_string()),
+        other => bail!("--tool-choice {other}: give auto, required, none or one of the tools: {}", names.join(", ")),
+    };
+    Ok(Some(Tools { definitions, choice, parallel: true }))
 }
 
 /// Where `furnace generate --draft-checkpoint` or `--prompt-lookup` takes its drafts from.

@@ -155,8 +155,8 @@ impl<B: TrainBackend> Context<B> {
     pub fn encode_question(&self, text: &str) -> Result<Vec<u32>> {
         Ok(match &self.chat_template {
             Some(template) => {
-                let turn = [Message { role: "user".into(), content: text.into() }];
-                self.tokenizer.encode(&template.render(&turn, true).map_err(anyhow::Error::msg)?)
+                let turn = [Message::new("user", text)];
+                self.tokenizer.encode(&template.render(&turn, &[], true).map_err(anyhow::Error::msg)?)
             }
             None => encode_prompt(&self.tokenizer, text, self.recipe.model.arch == Arch::T5),
         })

@@ -30,6 +30,7 @@ pub mod signals;
 pub mod structured;
 pub mod tasks;
 pub mod tensorboard;
+pub mod tools;
 pub mod train;
 
 #[derive(Args, Clone)]
@@ -124,6 +125,14 @@ pub struct GenerateArgs {
     /// Hold the reply to the Lark grammar in this file (llguidance's dialect: `start: ...`).
     #[arg(long)]
     pub grammar: Option<PathBuf>,
+    /// Offer the tools in this JSON file (a list of OpenAI function definitions) to a --chat
+    /// reply: the chat template lists them, and a call the model opens is held to their schemas.
+    #[arg(long, requires = "chat", conflicts_with_all = ["json_schema", "regex", "grammar"])]
+    pub tools: Option<PathBuf>,
+    /// With --tools: auto (text or calls), required (one or more calls), none (text), or the
+    /// name of the one tool to call.
+    #[arg(long, default_value = "auto", requires = "tools")]
+    pub tool_choice: String,
     /// Speculative decoding: this smaller model (same tokenizer) drafts tokens and the model
     /// checks them in one forward; the text is the model's own (greedy: identical).
     #[arg(long, conflicts_with = "prompt_lookup")]

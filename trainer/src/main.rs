@@ -148,13 +148,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => match err.downcast_ref::<furnace_trainer::signals::Stopped>() {
             Some(stopped) => {
-                eprintln!("{stopped}");
+                print_last_line(&stopped.to_string());
                 ExitCode::from(furnace_trainer::signals::STOPPED_EXIT_CODE)
             }
             None => {
-                eprintln!("error: {err:#}");
+                print_last_line(&format!("error: {err:#}"));
                 ExitCode::FAILURE
             }
         },
     }
+}
+
+/// The run's last line on stderr in one write: stderr is unbuffered, and under mpirun the
+/// pieces of several ranks' lines written piecemeal interleave mid-line.
+fn print_last_line(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }

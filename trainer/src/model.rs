@@ -397,14 +397,28 @@ fn tokenizer_file(json: &str) -> Result<PathBuf> {
 
 /// The recipe with `model.init_from` applied: its `[model]` section becomes the base's model
 /// (dropout kept from the recipe) and, unless the recipe names one, the base's tokenizer is used.
-pub fn with_base(mut recipe: Recipe, base: &Base) -> Recipe {
+/// `model.max_seq_len`, when set, gives the base a new context length where its positions are
+/// computed rather than learned (RoPE, ALiBi, T5's relative buckets, Mamba): fine-tuning at a
+/// longer length teaches the model the new positions.
+pub fn with_base(mut recipe: Recipe, base: &Base) -> Result<Recipe> {
     let mut model = base.model.clone();
     model.dropout = recipe.model.dropout;
+    if let Some(max_seq_len) = recipe.model.max_seq_len.filter(|&n| n != model.max_seq_len) {
+        let learned = model.position == Position::Learned && model.arch != Arch::Mamba;
+        if learned {
+            bail!(
+                "model.max_seq_len = {max_seq_len}, but the base {} has a learned table of {} positions, which cannot change; remove model.max_seq_len",
+                recipe.model.init_from,
+                model.max_seq_len
+            );
+        }
+        model.max_seq_len = max_seq_len;
+    }
     recipe.model = model.to_section(&recipe.model.init_from);
     if recipe.data.tokenizer.is_empty() {
         recipe.data.tokenizer = base.tokenizer.display().to_string();
     }
-    recipe
+    Ok(recipe)
 }
 
 /// Why a `[model]` section that came from `init_from` is what it is, for messages.

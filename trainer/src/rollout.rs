@@ -42,11 +42,11 @@ pub fn prompts(recipe: &Recipe, template: &ChatTemplate, tokenizer: &TextTokeniz
     conversations
         .into_iter()
         .map(|c| {
-            let (turns, expected) = match c.split_last() {
+            let (turns, expected) = match c.messages.split_last() {
                 Some((last, turns)) if last.role == "assistant" => (turns, Some(last.content.clone())),
-                _ => (&c[..], None),
+                _ => (&c.messages[..], None),
             };
-            let question = template.render(turns, true).map_err(anyhow::Error::msg)?;
+            let question = template.render(turns, &c.tools, true).map_err(anyhow::Error::msg)?;
             Ok(Prompt { ids: tokenizer.encode(&question), expected })
         })
         .collect()

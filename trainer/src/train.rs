@@ -62,7 +62,7 @@ impl<B: TrainBackend> Trainer<B> {
         } else {
             println!("loading base weights from {}", recipe.model.init_from);
             let base = load_base(Path::new(&recipe.model.init_from))?;
-            recipe = with_base(recipe, &base);
+            recipe = with_base(recipe, &base)?;
             Some(base)
         };
         let t = &recipe.training;

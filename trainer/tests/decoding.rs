@@ -1,8 +1,9 @@
 //! Decoding beyond sampling, end to end. Structured output: a model trained for two steps (no
 //! skill at all) samples 100 replies per grammar (JSON schemas, a regular expression, a Lark
 //! grammar); every one must be a whole sentence of its grammar, as Python's `jsonschema`, `re`
-//! and `ast` judge it (scripts/reference/check_structured.py). Speculative decoding: `furnace
-//! generate` with a draft checkpoint or prompt lookup prints greedy decoding's text.
+//! and `ast` judge it (scripts/reference/check_structured.py); tool calls likewise, their
+//! arguments against their tool's parameters. Speculative decoding: `furnace generate` with a
+//! draft checkpoint or prompt lookup prints greedy decoding's text.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +16,7 @@ use furnace_models::sampling::SamplingConfig;
 use furnace_trainer::commands::{decoding_model, load_for_decoding};
 use furnace_trainer::evaluate::reply;
 use furnace_trainer::structured::{Grammar, Grammars};
+use furnace_trainer::tools::{scan, Scan, ToolChoice, Tools};
 
 mod common;
 use common::{furnace, text, tiny_checkpoint, workspace};
@@ -76,17 +78,57 @@ fn every_sampled_reply_is_valid_under_its_grammar() {
     let free = sample(&checkpoint, None, 10);
     assert!(free.iter().all(|reply| serde_json::from_str::<Value>(reply).is_err()), "{free:?}");
 
-    let replies = dir.path().join("replies.json");
     let groups = json!({
         "json_schema": json_groups,
         "regex": [{ "pattern": EXPRESSION_REGEX, "replies": regex }],
         "expression": expressions,
     });
+    let report = python_checks(dir.path(), &groups);
+    assert!(report.contains("700 of 700 replies valid"), "{report}");
+}
+
+/// `check_structured.py`'s verdict on `groups`: every reply valid, and how many there were.
+fn python_checks(dir: &Path, groups: &Value) -> String {
+    let replies = dir.join("replies.json");
     std::fs::write(&replies, groups.to_string()).unwrap();
     let check = Command::new("python3").arg(workspace().join("scripts/reference/check_structured.py")).arg(&replies).output().unwrap();
-    let report = String::from_utf8_lossy(&check.stdout);
+    let report = String::from_utf8_lossy(&check.stdout).to_string();
     assert!(check.status.success(), "{report}{}", String::from_utf8_lossy(&check.stderr));
-    assert!(report.contains("700 of 700 replies valid"), "{report}");
+    report
+}
+
+/// Under `tool_choice` required (and a named function), a model with no skill calls a tool
+/// in every reply, and every call's arguments are valid under that tool's parameters.
+#[test]
+fn every_sampled_tool_call_is_valid_under_its_tools_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = PathBuf::from(tiny_checkpoint(dir.path(), "llama"));
+    let definitions: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(fixture("tools.json")).unwrap()).unwrap();
+    let mut arguments: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (choice, count) in [(ToolChoice::Required, 80), (ToolChoice::Function("get_weather".into()), 20)] {
+        let tools = Tools { definitions: definitions.clone(), choice: choice.clone(), parallel: false };
+        for reply in sample(&checkpoint, Some(&tools.grammar().unwrap()), count) {
+            let Scan::Calls(calls) = scan(&reply) else { panic!("{choice:?}: {reply:?} is not a call") };
+            assert!(calls.len() == 1 && calls[0].complete, "{choice:?}: {reply:?}");
+            let name = calls[0].name.clone().unwrap();
+            if let ToolChoice::Function(named) = &choice {
+                assert_eq!(&name, named);
+            }
+            arguments.entry(name).or_default().push(calls[0].arguments.clone());
+        }
+    }
+    assert_eq!(arguments.len(), 2, "both tools are called: {arguments:?}");
+    let groups: Vec<Value> = definitions
+        .iter()
+        .map(|tool| {
+            let name = tool["function"]["name"].as_str().unwrap();
+            let schema = dir.path().join(format!("{name}.json"));
+            std::fs::write(&schema, tool["function"]["parameters"].to_string()).unwrap();
+            json!({"schema": schema, "replies": arguments[name]})
+        })
+        .collect();
+    let report = python_checks(dir.path(), &json!({ "json_schema": groups }));
+    assert!(report.contains("100 of 100 replies valid"), "{report}");
 }
 
 #[test]
@@ -112,6 +154,13 @@ fn generate_holds_its_reply_to_a_schema_and_names_the_flag_of_a_bad_one() {
     assert!(parts.len() == 3 && parts[0].len() == 3 && parts[1].len() == 2, "{reply:?}");
     assert!(text(&out).contains("is complete after"), "--ignore-eos still stops where the grammar ends: {}", text(&out));
 
+    // --tools: the chat prompt lists them and the reply is a call, reported on stderr.
+    let tools = fixture("tools.json").display().to_string();
+    let out = generate(&["--chat", "--prompt", "Weather?", "--tools", &tools, "--tool-choice", "get_weather"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("<tool_call>{\"name\":\"get_weather\""), "{}", text(&out));
+    assert!(text(&out).contains("(tool call: get_weather {\"city\":"), "{}", text(&out));
+
     let malformed = dir.path().join("malformed.json");
     std::fs::write(&malformed, "{\"type\": \"object\",").unwrap();
     let unsatisfiable = dir.path().join("unsatisfiable.json");
@@ -124,6 +173,8 @@ fn generate_holds_its_reply_to_a_schema_and_names_the_flag_of_a_bad_one() {
         (vec!["--json-schema", unknown_type.to_str().unwrap()], "integr"),
         (vec!["--regex", "([0-9]"], "--regex"),
         (vec!["--json-schema", "/nonexistent/schema.json"], "cannot read"),
+        (vec!["--chat", "--tools", tools.as_str(), "--tool-choice", "weather"], "--tool-choice weather"),
+        (vec!["--chat", "--tools", malformed.to_str().unwrap()], "--tools"),
     ] {
         let out = generate(&args);
         assert!(!out.status.success(), "{args:?} was accepted");

@@ -154,6 +154,52 @@ fn arithmetic_chat_reports_exact_match_through_the_template() {
     assert!(!reply.contains("What is") && !reply.contains("<assistant>"), "the reply alone: {reply:?}");
 }
 
+/// The tool-use task trains through the default template (tools listed, calls in `<tool_call>`
+/// tags) on a context longer than the base's (RoPE positions are computed) and ends with the
+/// tool loop on held-out problems; a base with learned positions refuses a new context.
+#[test]
+fn arithmetic_tools_trains_on_a_longer_context_and_reports_the_tool_loop() {
+    let s = setup();
+    let tools = [
+        "--set",
+        "data.source=\"arithmetic-tools\"",
+        "--set",
+        "data.chat_template=\"\"",
+        "--set",
+        "data.num_examples=100",
+        "--set",
+        "eval.arithmetic_problems=3",
+        "--set",
+        "eval.max_new_tokens=96",
+        "--set",
+        "training.seq_len=200",
+    ];
+    let short = s.train("short", &tools);
+    assert!(!short.status.success() && text(&short).contains("seq_len"), "the base's 64 positions are too few: {}", text(&short));
+    let out = s.train("tools", &[&tools[..], &["--set", "model.max_seq_len=256"]].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    assert!(log.contains("tool use on 3 held-out problems") && log.contains("calls well-formed with the right arguments"), "{log}");
+    assert!(!log.contains("sample (greedy)"), "the tool loop's lines are the samples: {log}");
+
+    let gpt2 = s.dir.path().join("gpt2-base");
+    std::fs::write(s.dir.path().join("gpt2.toml"), BASE).unwrap();
+    let config = s.dir.path().join("gpt2.toml");
+    run_ok(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--set",
+        "model.arch=\"gpt2\"",
+        "--set",
+        &format!("run.output_dir={}", gpt2.display()),
+    ]);
+    let init = format!("model.init_from=\"{}\"", gpt2.display());
+    let refused = s.train("gpt2-long", &[&tools[..], &["--set", &init, "--set", "model.max_seq_len=256"]].concat());
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("learned table of 64 positions"), "{}", text(&refused));
+}
+
 #[test]
 fn sft_needs_chat_data_and_a_base() {
     let s = setup();

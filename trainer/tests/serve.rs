@@ -403,3 +403,141 @@ fn structured_output_holds_every_choice_to_its_grammar() {
     }
     assert_eq!(server.request("GET", "/health", None).0, 200, "the server keeps serving");
 }
+
+/// The tools of the tool-calling tests: arguments the grammar keeps short.
+fn test_tools() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(workspace().join("tests/fixtures/structured/tools.json")).unwrap()).unwrap()
+}
+
+/// A call's arguments, checked against its tool's schema as a validator would.
+fn assert_valid_call(name: &str, arguments: &str) {
+    let arguments: Value = serde_json::from_str(arguments).unwrap_or_else(|e| panic!("{name}: arguments {arguments:?} are not JSON: {e}"));
+    let object = arguments.as_object().unwrap();
+    match name {
+        "calculator" => {
+            let expression = object["expression"].as_str().unwrap();
+            assert!(object.len() == 1 && (1..=8).contains(&expression.len()), "{arguments}");
+            assert!(expression.bytes().all(|b| b.is_ascii_digit() || b"+*-".contains(&b)), "{arguments}");
+        }
+        "get_weather" => {
+            assert_eq!(object.len(), 2, "{arguments}");
+            assert!(["Paris", "Oslo"].contains(&object["city"].as_str().unwrap()), "{arguments}");
+            assert!(["c", "f"].contains(&object["unit"].as_str().unwrap()), "{arguments}");
+        }
+        other => panic!("a call to `{other}`, which is not a tool"),
+    }
+}
+
+/// `tools` and `tool_choice`: a model with no skill at all, held by the grammar, calls a tool
+/// with arguments valid under its schema (`message.tool_calls`, `finish_reason: "tool_calls"`);
+/// streamed, the tool-call deltas add up to the same call; `auto` leaves text or calls; the
+/// turns of a tool loop render; bad tools are 400s naming the field.
+#[test]
+fn tool_calls_hold_to_the_tools_schemas_and_stream_as_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), "llama");
+    let server = Server::start(&checkpoint, &["--max-num-seqs", "4"]);
+    let ask = |choice: Value, extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Weather or sums?"}], "tools": test_tools(), "tool_choice": choice,
+            "max_tokens": 120, "temperature": 1.0, "n": 4, "seed": 3, "parallel_tool_calls": false});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (status, reply) = server.post("/v1/chat/completions", &ask(json!("required"), json!({})));
+    assert_eq!(status, 200, "{reply}");
+    for choice in reply["choices"].as_array().unwrap() {
+        assert_eq!(choice["finish_reason"], "tool_calls", "{choice}");
+        assert!(choice["message"]["content"].is_null(), "{choice}");
+        let calls = choice["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "parallel_tool_calls = false: {choice}");
+        assert!(calls[0]["id"].as_str().unwrap().starts_with("call_") && calls[0]["type"] == "function", "{choice}");
+        let name = calls[0]["function"]["name"].as_str().unwrap();
+        assert_valid_call(name, calls[0]["function"]["arguments"].as_str().unwrap());
+    }
+    let (status, reply) =
+        server.post("/v1/chat/completions", &ask(json!({"type": "function", "function": {"name": "get_weather"}}), json!({"n": 2})));
+    assert_eq!(status, 200, "{reply}");
+    for choice in reply["choices"].as_array().unwrap() {
+        let call = &choice["message"]["tool_calls"][0]["function"];
+        assert_eq!(call["name"], "get_weather", "{choice}");
+        assert_valid_call("get_weather", call["arguments"].as_str().unwrap());
+    }
+
+    // Streamed with the same seed: a role first, the call's id and name once, its arguments in
+    // pieces, `finish_reason: "tool_calls"` once; together the non-streamed reply's call.
+    let single = ask(json!("required"), json!({"n": 1, "seed": 8}));
+    let (status, whole) = server.post("/v1/chat/completions", &single);
+    assert_eq!(status, 200, "{whole}");
+    let expected = &whole["choices"][0]["message"]["tool_calls"][0]["function"];
+    let mut streamed = single.clone();
+    streamed["stream"] = json!(true);
+    let chunks: Vec<Value> = server
+        .stream("/v1/chat/completions", &streamed)
+        .iter()
+        .filter(|c| *c != "[DONE]")
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let (mut name, mut arguments, mut ids, mut finishes, mut pieces) = (String::new(), String::new(), 0, Vec::new(), 0);
+    for chunk in &chunks {
+        let choice = &chunk["choices"][0];
+        if let Some(finish) = choice["finish_reason"].as_str() {
+            finishes.push(finish.to_string());
+        }
+        assert!(choice["delta"].get("content").is_none_or(|c| c.as_str().is_some_and(str::is_empty)), "{chunk}");
+        for call in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(call["index"], 0);
+            if let Some(n) = call["function"]["name"].as_str() {
+                ids += 1;
+                assert!(call["id"].as_str().unwrap().starts_with("call_"));
+                name.push_str(n);
+            }
+            arguments.push_str(call["function"]["arguments"].as_str().unwrap());
+            pieces += 1;
+        }
+    }
+    assert_eq!((ids, finishes), (1, vec!["tool_calls".to_string()]));
+    assert_eq!((name.as_str(), arguments.as_str()), (expected["name"].as_str().unwrap(), expected["arguments"].as_str().unwrap()));
+    assert!(pieces > 2, "the arguments stream as they are generated ({pieces} deltas)");
+
+    // auto: text that opens no call, or calls; either way what comes back is whole.
+    let (status, reply) = server.post("/v1/chat/completions", &ask(json!("auto"), json!({"n": 4, "seed": 5})));
+    assert_eq!(status, 200, "{reply}");
+    for choice in reply["choices"].as_array().unwrap() {
+        match choice["message"]["tool_calls"].as_array() {
+            Some(calls) => {
+                assert_valid_call(calls[0]["function"]["name"].as_str().unwrap(), calls[0]["function"]["arguments"].as_str().unwrap())
+            }
+            None => assert!(!choice["message"]["content"].as_str().unwrap().starts_with("<tool_call>"), "{choice}"),
+        }
+    }
+    // The turns of a tool loop: the assistant's call (arguments as a string) and the result.
+    let loop_turns = json!({"messages": [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": "{\"expression\":\"2+3\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"}],
+        "tools": test_tools(), "max_tokens": 5});
+    let (status, reply) = server.post("/v1/chat/completions", &loop_turns);
+    assert_eq!(status, 200, "{reply}");
+
+    for (body, field) in [
+        (json!({"tools": {"calculator": {}}}), "tools"),
+        (json!({"tools": [test_tools()[0], test_tools()[0]]}), "tools"),
+        (json!({"tools": test_tools(), "tool_choice": {"type": "function", "function": {"name": "weather"}}}), "tool_choice"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": test_tools(), "tool_choice": "sometimes"}), "tool_choice"),
+        (json!({"tools": test_tools(), "response_format": {"type": "json_object"}}), "tool_choice"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "integr"}}}]}), "tools"),
+        (
+            json!({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": "{"}}]}]}),
+            "messages[0].tool_calls[0]",
+        ),
+    ] {
+        let mut request = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5});
+        request.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+        let (status, reply) = server.post("/v1/chat/completions", &request);
+        assert_eq!(status, 400, "{body} → {reply}");
+        assert_eq!(reply["error"]["param"], field, "{body} → {reply}");
+    }
+    assert_eq!(server.request("GET", "/health", None).0, 200, "the server keeps serving");
+}

@@ -1,5 +1,6 @@
 //! OpenAI's HTTP API over the engine: `/v1/models`, `/v1/completions`, `/v1/chat/completions`
-//! (plain JSON or server-sent events), `/health` and `/metrics`. Bad requests get OpenAI's
+//! (plain JSON or server-sent events, tool calls included), `/v1/embeddings`, `/health` and
+//! `/metrics`. Bad requests get OpenAI's
 //! error object with the field at fault; the server keeps serving the others.
 
 use std::collections::BTreeMap;
@@ -28,8 +29,10 @@ use tokio_stream::StreamExt;
 
 use super::engine::{Event, Job, Params, Sequence, TokenLogprob, TokenText};
 use super::metrics::Metrics;
+use super::tool_calls::{message_tool_calls, reply_message, tools, CallStream};
 use crate::evaluate::encode_prompt;
 use crate::structured::{Grammar, Grammars};
+use crate::tools::ToolChoice;
 
 /// The largest request body accepted (OpenAI-sized prompts fit many times over).
 const MAX_BODY_BYTES: usize = 4 << 20;
@@ -81,7 +84,7 @@ impl ApiError {
         Self { status, kind, message: message.into(), param: param.map(str::to_string), retry_after: None }
     }
 
-    fn bad(param: &str, message: impl Into<String>) -> Self {
+    pub(super) fn bad(param: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message, Some(param))
     }
 }
@@ -164,8 +167,11 @@ struct Request {
     params: Params,
     /// `logprobs` asked for (chat: `logprobs: true`; completions: `logprobs: k`).
     logprobs: bool,
-    /// What `response_format` (or vLLM's `structured_outputs`) holds the reply to, and the field.
+    /// What `response_format` (or vLLM's `structured_outputs`, or `tools`) holds the reply to,
+    /// and the field.
     grammar: Option<(Grammar, &'static str)>,
+    /// The reply may call tools: its calls are read out of its text.
+    calls_tools: bool,
 }
 
 async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
@@ -289,7 +295,7 @@ fn base64_f32(values: &[f32]) -> String {
     out
 }
 
-fn next_id() -> u64 {
+pub(super) fn next_id() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(40)
@@ -321,6 +327,10 @@ fn request_fields(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Resul
 
 fn parse(fields: &Map<String, Value>, kind: Kind, ready: &Ready) -> Result<Request, ApiError> {
     let tokenizer = &ready.tokenizer;
+    let tools = match kind {
+        Kind::Chat => tools(fields)?,
+        Kind::Completion => None,
+    };
     let (prompt, prompt_text) = match kind {
         Kind::Completion => match fields.get("prompt") {
             Some(Value::String(text)) => (encode_prompt(tokenizer, text, false), text.clone()),
@@ -348,7 +358,10 @@ fn parse(fields: &Map<String, Value>, kind: Kind, ready: &Ready) -> Result<Reque
             let messages = messages(fields)?;
             let template =
                 ready.template.as_ref().map_err(|e| ApiError::bad("messages", format!("this model has no usable chat template: {e}")))?;
-            let text = template.render(&messages, true).map_err(|e| ApiError::bad("messages", format!("the chat template failed: {e}")))?;
+            let definitions = tools.as_ref().map_or(&[][..], |t| &t.definitions[..]);
+            let text = template
+                .render(&messages, definitions, true)
+                .map_err(|e| ApiError::bad("messages", format!("the chat template failed: {e}")))?;
             (tokenizer.encode(&text), text)
         }
     };
@@ -474,8 +487,18 @@ fn parse(fields: &Map<String, Value>, kind: Kind, ready: &Ready) -> Result<Reque
         ignore_eos,
         logprobs: logprobs.then_some(top),
     };
-    let grammar = grammar(fields)?;
-    Ok(Request { prompt, echo, n, stream, include_usage, params, logprobs, grammar })
+    let calls_tools = tools.as_ref().is_some_and(|t| t.choice != ToolChoice::None);
+    let grammar = match tools.as_ref().and_then(|t| t.grammar()) {
+        Some(_) if fields.get("response_format").or(fields.get("structured_outputs")).is_some_and(|f| !f.is_null()) => {
+            return Err(ApiError::bad(
+                "tool_choice",
+                "a reply that may call tools cannot also follow response_format; send tool_choice: \"none\" or drop response_format",
+            ))
+        }
+        Some(calls) => Some((calls, "tools")),
+        None => grammar(fields)?,
+    };
+    Ok(Request { prompt, echo, n, stream, include_usage, params, logprobs, grammar, calls_tools })
 }
 
 /// The grammar a request holds its reply to: OpenAI's `response_format` (`json_schema` with its
@@ -544,7 +567,8 @@ fn boolean(fields: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
     }
 }
 
-/// A chat's messages: role and text content (a string, or a list of text parts).
+/// A chat's messages: role and text content (a string, or a list of text parts), an assistant's
+/// `tool_calls`, a `tool` turn's `tool_call_id`.
 fn messages(fields: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
     let Some(Value::Array(items)) = fields.get("messages") else {
         return Err(ApiError::bad("messages", "messages is required: a list of {\"role\", \"content\"} objects"));
@@ -559,8 +583,8 @@ fn messages(fields: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
             let param = format!("messages[{i}]");
             let role =
                 m.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::bad(&param, format!("{param}.role must be a string")))?;
-            if !matches!(role, "system" | "user" | "assistant" | "developer") {
-                return Err(ApiError::bad(&param, format!("{param}.role `{role}` is not one of system, developer, user, assistant")));
+            if !matches!(role, "system" | "user" | "assistant" | "developer" | "tool") {
+                return Err(ApiError::bad(&param, format!("{param}.role `{role}` is not one of system, developer, user, assistant, tool")));
             }
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
@@ -576,7 +600,13 @@ fn messages(fields: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
                 Some(_) => return Err(ApiError::bad(&param, format!("{param}.content must be a string"))),
             };
             let role = if role == "developer" { "system" } else { role };
-            Ok(Message { role: role.to_string(), content })
+            let tool_calls = message_tool_calls(&param, m.get("tool_calls"))?;
+            if !tool_calls.is_empty() && role != "assistant" {
+                return Err(ApiError::bad(&param, format!("{param}: only an assistant turn has tool_calls")));
+            }
+            let tool_call_id = m.get("tool_call_id").and_then(Value::as_str).map(str::to_string);
+            let name = m.get("name").and_then(Value::as_str).map(str::to_string);
+            Ok(Message { role: role.to_string(), content, tool_calls, tool_call_id, name })
         })
         .collect()
 }
@@ -658,6 +688,10 @@ async fn collect(reply: Reply, request: Request, mut events: UnboundedReceiver<E
         .map(|i| {
             let lp = request.logprobs.then(|| logprobs_json(reply.kind, &logprobs[i], request.echo.as_ref().map_or(0, String::len)));
             match reply.kind {
+                Kind::Chat if request.calls_tools => {
+                    let (message, finish) = reply_message(&texts[i], finish[i]);
+                    json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+                }
                 Kind::Chat => {
                     json!({"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": lp, "finish_reason": finish[i]})
                 }
@@ -696,27 +730,51 @@ fn stream(
             }
         }
         let mut offsets = vec![request.echo.as_ref().map_or(0, String::len); request.n];
+        let mut calls: Vec<CallStream> = (0..request.n).map(|_| CallStream::default()).collect();
         let mut completion_tokens = 0;
         while let Some(event) = events.recv().await {
-            let choice = match event {
+            let chunks = match event {
                 Event::Text { choice, text, logprob } => {
                     let lp = logprob.map(|l| logprobs_json(reply.kind, &[l], offsets[choice]));
                     offsets[choice] += text.len();
                     match reply.kind {
-                        Kind::Chat => json!({"index": choice, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}),
-                        Kind::Completion => json!({"index": choice, "text": text, "logprobs": lp, "finish_reason": null}),
+                        // A reply that may call tools: its text held until it is text or calls.
+                        Kind::Chat if request.calls_tools => {
+                            let mut deltas = calls[choice].push(&text);
+                            if deltas.is_empty() && lp.is_some() {
+                                deltas.push(json!({}));
+                            }
+                            let mut lp = lp;
+                            deltas
+                                .into_iter()
+                                .map(|delta| json!({"index": choice, "delta": delta, "logprobs": lp.take(), "finish_reason": null}))
+                                .collect()
+                        }
+                        Kind::Chat => vec![json!({"index": choice, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})],
+                        Kind::Completion => vec![json!({"index": choice, "text": text, "logprobs": lp, "finish_reason": null})],
                     }
                 }
                 Event::Done { choice, finish_reason, completion_tokens: n } => {
                     completion_tokens += n;
                     match reply.kind {
-                        Kind::Chat => json!({"index": choice, "delta": {}, "logprobs": null, "finish_reason": finish_reason}),
-                        Kind::Completion => json!({"index": choice, "text": "", "logprobs": null, "finish_reason": finish_reason}),
+                        Kind::Chat if request.calls_tools => {
+                            let (deltas, finish_reason) = calls[choice].finish(finish_reason);
+                            let mut chunks: Vec<Value> = deltas
+                                .into_iter()
+                                .map(|delta| json!({"index": choice, "delta": delta, "logprobs": null, "finish_reason": null}))
+                                .collect();
+                            chunks.push(json!({"index": choice, "delta": {}, "logprobs": null, "finish_reason": finish_reason}));
+                            chunks
+                        }
+                        Kind::Chat => vec![json!({"index": choice, "delta": {}, "logprobs": null, "finish_reason": finish_reason})],
+                        Kind::Completion => vec![json!({"index": choice, "text": "", "logprobs": null, "finish_reason": finish_reason})],
                     }
                 }
             };
-            if !send(reply.envelope(true, vec![choice])) {
-                return;
+            for chunk in chunks {
+                if !send(reply.envelope(true, vec![chunk])) {
+                    return;
+                }
             }
         }
         if request.include_usage {

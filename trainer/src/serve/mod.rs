@@ -6,6 +6,7 @@
 mod api;
 mod engine;
 mod metrics;
+mod tool_calls;
 
 use std::sync::{Arc, OnceLock};
 
