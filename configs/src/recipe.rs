@@ -352,8 +352,9 @@ section! {
         /// a Hugging Face model folder (config.json, safetensors, tokenizer.json), or a GGUF file
         /// in llama.cpp's llama layout (Llama, Mixtral; f32/f16/q8_0/q4_0, dequantized). The
         /// architecture and the tokenizer then come from that folder, and the other [model]
-        /// keys are not used, but dropout and max_seq_len: a base whose positions are computed
-        /// (RoPE, ALiBi, T5, Mamba) takes a new context length, learned positions refuse one.
+        /// keys are not used, but dropout and a max_seq_len above the base's: a base whose
+        /// positions are computed (RoPE, ALiBi, T5, Mamba) takes the longer context, learned
+        /// positions refuse it.
         init_from: String = String::new(),
     }
 }

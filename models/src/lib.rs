@@ -2,6 +2,7 @@
 //! config beside it; generation and sampling are written once against `CausalLm`.
 
 pub mod batching;
+pub mod beam;
 pub mod bert;
 pub mod blocks;
 pub mod causal_lm;

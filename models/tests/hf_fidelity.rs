@@ -184,3 +184,46 @@ fn t5_logits_and_gradients_match_transformers() {
         assert_grads_match(name, &grads, &from_hf(arch, &hf_grads, config.n_layers, config.tie_embeddings).unwrap());
     }
 }
+
+/// Beam search on the decoder fixtures: the hypotheses transformers' `generate(num_beams=N)`
+/// returns (scripts/reference/make_beam_fixture.py), token for token, scores to 1e-4, under
+/// several beam counts, length penalties and early-stopping rules.
+#[test]
+fn beam_search_matches_transformers_generate() {
+    use furnace_models::beam::{beam_search, BeamConfig, EarlyStopping};
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("beam_search.json")).unwrap()).unwrap();
+    let device = Default::default();
+    let mut checked = 0;
+    for (name, cases) in cases.as_object().unwrap() {
+        let (model, _) = load(name);
+        let causal = model.as_causal().unwrap();
+        for case in cases.as_array().unwrap() {
+            let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect() };
+            let config = BeamConfig {
+                num_beams: case["num_beams"].as_u64().unwrap() as usize,
+                max_new_tokens: case["max_new_tokens"].as_u64().unwrap() as usize,
+                length_penalty: case["length_penalty"].as_f64().unwrap() as f32,
+                early_stopping: match &case["early_stopping"] {
+                    serde_json::Value::Bool(true) => EarlyStopping::WhenFull,
+                    serde_json::Value::Bool(false) => EarlyStopping::Heuristic,
+                    _ => EarlyStopping::Never,
+                },
+                stop_tokens: vec![case["eos"].as_u64().unwrap() as u32],
+            };
+            let ours = beam_search(&causal, &ids(&case["prompt"]), &config, &device);
+            let expected = case["beams"].as_array().unwrap();
+            assert_eq!(ours.len(), expected.len(), "{name} {case}");
+            for (hypothesis, beam) in ours.iter().zip(expected) {
+                assert_eq!(hypothesis.tokens, ids(&beam["tokens"]), "{name}: {case}\nours: {ours:?}");
+                let score = beam["score"].as_f64().unwrap() as f32;
+                assert!(
+                    (hypothesis.score - score).abs() <= 1e-4 * score.abs().max(1.0),
+                    "{name}: score {} vs {score}: {case}",
+                    hypothesis.score
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 4 * 3 * (4 + 4 + 3 + 2));
+}

@@ -12,6 +12,7 @@ use furnace_data::inputs::{expand, TextOptions};
 use furnace_data::shards::write_llmc;
 use furnace_data::tokenizer::ExtraTokens;
 use furnace_data::{Detokenizer, TextTokenizer, Tokens};
+use furnace_models::beam::{beam_search, BeamConfig, EarlyStopping};
 use furnace_models::generate::{GenerateConfig, TokenConstraint};
 use furnace_models::hf::{from_peft, hf_arch_for};
 use furnace_models::kernels::FusedOps;
@@ -292,6 +293,9 @@ impl BackendJob for GenerateJob {
             println!("{}", fill_mask_line(bert, &tokenizer, &args.prompt, &device)?);
             return Ok(());
         }
+        if args.num_beams > 1 {
+            return print_beams(&model, &tokenizer, &prompt, &args, &generation.stop_tokens, &device);
+        }
         // A chat reply or an encoder-decoder's output stands alone; a plain continuation
         // follows its prompt.
         if !args.chat && !encoder_decoder {
@@ -448,6 +452,45 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     checkpoint::set_verification(!args.no_verify);
     let (recipe, tokenizer, weights) = load_for_decoding(&args.checkpoint, args.adapter.as_deref(), args.backend.as_deref())?;
     dispatch(&recipe.clone(), GenerateJob { args, recipe, tokenizer, weights, grammar, tools })
+}
+
+/// Beam search's best replies (`--num-return-sequences` of them), each on its own line, the
+/// scores on stderr.
+fn print_beams<B: FusedOps>(
+    model: &LanguageModel<B>,
+    tokenizer: &TextTokenizer,
+    prompt: &[u32],
+    args: &GenerateArgs,
+    stop_tokens: &[u32],
+    device: &B::Device,
+) -> Result<()> {
+    if args.num_return_sequences == 0 || args.num_return_sequences > args.num_beams {
+        bail!("--num-return-sequences {} must be from 1 to --num-beams ({})", args.num_return_sequences, args.num_beams);
+    }
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1 for beam search");
+    }
+    let causal = model.as_causal().map_err(|e| anyhow::anyhow!("beam search: {e}"))?;
+    let config = BeamConfig {
+        num_beams: args.num_beams,
+        max_new_tokens: args.max_new_tokens,
+        length_penalty: args.length_penalty,
+        early_stopping: match args.early_stopping.as_str() {
+            "true" => EarlyStopping::WhenFull,
+            "never" => EarlyStopping::Never,
+            _ => EarlyStopping::Heuristic,
+        },
+        stop_tokens: stop_tokens.to_vec(),
+    };
+    let started = std::time::Instant::now();
+    let beams = beam_search(&causal, prompt, &config, device);
+    let lead = if args.chat { "" } else { args.prompt.as_str() };
+    for (i, beam) in beams.iter().take(args.num_return_sequences).enumerate() {
+        println!("{lead}{}", tokenizer.decode(&beam.tokens));
+        eprintln!("(beam {}: score {:.4}, {} tokens)", i + 1, beam.score, beam.tokens.len());
+    }
+    eprintln!("({} beams in {:.2} s)", args.num_beams, started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// The tools `--tools` offers, checked, with `--tool-choice`.

@@ -144,6 +144,21 @@ pub struct GenerateArgs {
     /// Tokens drafted per model forward under --draft-checkpoint or --prompt-lookup.
     #[arg(long, default_value_t = 4)]
     pub num_speculative_tokens: usize,
+    /// Beam search with this many beams (transformers' `generate(num_beams=N)`); 1 is off.
+    /// Sampling flags do not apply: beams follow summed log-probabilities.
+    #[arg(long, default_value_t = 1, conflicts_with_all = ["json_schema", "regex", "grammar", "tools", "draft_checkpoint", "prompt_lookup", "mirostat_tau"])]
+    pub num_beams: usize,
+    /// Beam search: scores are summed log-probabilities over length^penalty (above 0 favours
+    /// longer replies).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub length_penalty: f32,
+    /// Beam search: false (stop when no running beam can beat the finished ones, estimated at
+    /// its current length), true (stop once --num-beams replies are finished), or never.
+    #[arg(long, default_value = "false", value_parser = ["false", "true", "never"])]
+    pub early_stopping: String,
+    /// Beam search: print this many of the best replies (at most --num-beams).
+    #[arg(long, default_value_t = 1)]
+    pub num_return_sequences: usize,
 }
 
 #[derive(Args)]

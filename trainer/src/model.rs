@@ -397,13 +397,13 @@ fn tokenizer_file(json: &str) -> Result<PathBuf> {
 
 /// The recipe with `model.init_from` applied: its `[model]` section becomes the base's model
 /// (dropout kept from the recipe) and, unless the recipe names one, the base's tokenizer is used.
-/// `model.max_seq_len`, when set, gives the base a new context length where its positions are
-/// computed rather than learned (RoPE, ALiBi, T5's relative buckets, Mamba): fine-tuning at a
-/// longer length teaches the model the new positions.
+/// A `model.max_seq_len` above the base's extends its context where its positions are computed
+/// rather than learned (RoPE, ALiBi, T5's relative buckets, Mamba): fine-tuning at a longer
+/// length teaches the model the new positions. A smaller one is the base's own (as before).
 pub fn with_base(mut recipe: Recipe, base: &Base) -> Result<Recipe> {
     let mut model = base.model.clone();
     model.dropout = recipe.model.dropout;
-    if let Some(max_seq_len) = recipe.model.max_seq_len.filter(|&n| n != model.max_seq_len) {
+    if let Some(max_seq_len) = recipe.model.max_seq_len.filter(|&n| n > model.max_seq_len) {
         let learned = model.position == Position::Learned && model.arch != Arch::Mamba;
         if learned {
             bail!(

@@ -3,7 +3,8 @@
 //! grammar); every one must be a whole sentence of its grammar, as Python's `jsonschema`, `re`
 //! and `ast` judge it (scripts/reference/check_structured.py); tool calls likewise, their
 //! arguments against their tool's parameters. Speculative decoding: `furnace generate` with a
-//! draft checkpoint or prompt lookup prints greedy decoding's text.
+//! draft checkpoint or prompt lookup prints greedy decoding's text. Beam search (checked against
+//! transformers in models/tests/hf_fidelity.rs) through `furnace generate`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -220,4 +221,27 @@ fn speculative_generation_prints_the_models_own_greedy_text() {
     let other = train("other", &["data.tokenizer_vocab_size=280", "training.steps=1"]);
     let out = furnace(&["generate", "--checkpoint", &checkpoint, "--draft-checkpoint", other.to_str().unwrap()]);
     assert!(!out.status.success() && text(&out).contains("--draft-checkpoint") && text(&out).contains("tokenizer"), "{}", text(&out));
+}
+
+#[test]
+fn generate_prints_the_best_beams_with_their_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), "llama");
+    let beams = |extra: &[&str]| {
+        let mut args = vec!["generate", "--checkpoint", &checkpoint, "--prompt", "Once upon", "--max-new-tokens", "6", "--num-beams", "4"];
+        args.extend_from_slice(extra);
+        furnace(&args)
+    };
+    let out = beams(&["--num-return-sequences", "3", "--length-penalty", "-0.5", "--early-stopping", "never"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let replies: Vec<&str> = stdout.lines().collect();
+    assert!(replies.len() == 3 && replies.iter().all(|r| r.starts_with("Once upon")), "{stdout}");
+    let scores: Vec<f64> =
+        text(&out).lines().filter_map(|l| l.strip_prefix("(beam ")?.split("score ").nth(1)?.split(',').next()?.parse().ok()).collect();
+    assert!(scores.len() == 3 && scores.windows(2).all(|w| w[0] >= w[1]), "best first: {}", text(&out));
+    let out = beams(&["--num-return-sequences", "5"]);
+    assert!(!out.status.success() && text(&out).contains("--num-return-sequences 5"), "{}", text(&out));
+    let out = beams(&["--regex", "[0-9]+"]);
+    assert!(!out.status.success() && text(&out).contains("--num-beams"), "{}", text(&out));
 }
