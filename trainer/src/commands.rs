@@ -340,6 +340,8 @@ impl BackendJob for GenerateJob {
                 (reply(&model, &prompt, tokenizer.pad(), &generation, as_constraint, &device, print_token)?, None)
             }
         };
+        // A reply that ends inside a character shows what it has (U+FFFD), as the server sends it.
+        print!("{}", detokenizer.finish(&tokenizer).get(printed..).unwrap_or(""));
         println!();
         // Why it stopped, on stderr so that stdout stays the text.
         match reply_tokens.last() {
@@ -628,7 +630,7 @@ fn check_sampling_flags(args: &GenerateArgs) -> Result<()> {
 
 /// The model and weights with the PEFT adapters in `dir` on top: `[lora]` from its
 /// adapter_config.json (r, lora_alpha, use_rslora), the adapted layers from its tensors.
-fn with_peft_adapter(mut recipe: Recipe, mut weights: NamedTensors, dir: &Path) -> Result<(Recipe, NamedTensors)> {
+pub(crate) fn with_peft_adapter(mut recipe: Recipe, mut weights: NamedTensors, dir: &Path) -> Result<(Recipe, NamedTensors)> {
     if recipe.lora.r > 0 {
         bail!("the checkpoint already has LoRA adapters; apply --adapter to a base model (or merge first with export --merge-lora)");
     }

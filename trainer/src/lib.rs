@@ -219,6 +219,12 @@ pub struct ServeArgs {
     /// The name clients give as `model` (and /v1/models lists); the checkpoint's folder name by default.
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Serve a LoRA adapter (a Hugging Face PEFT folder, as `furnace export --format peft`
+    /// writes one) beside the base as model NAME; repeatable. Batched by adapter: each adapter
+    /// is its own copy of the base with the adapter's layers, on its own engine thread with its
+    /// own batch (--max-num-seqs and --kv-cache-mb apply to each).
+    #[arg(long = "lora", value_name = "NAME=DIR")]
+    pub lora: Vec<String>,
     /// Sequences decoded together in one batch; more wait in the queue.
     #[arg(long, default_value_t = 16)]
     pub max_num_seqs: usize,

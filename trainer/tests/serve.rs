@@ -541,3 +541,74 @@ fn tool_calls_hold_to_the_tools_schemas_and_stream_as_deltas() {
     }
     assert_eq!(server.request("GET", "/health", None).0, 200, "the server keeps serving");
 }
+
+/// `--lora NAME=DIR`: a PEFT adapter served beside the base by its name; each model's greedy
+/// text is `furnace generate`'s (with `--adapter` for the adapter), `/v1/models` lists both, and
+/// bad flags stop the server with the flag named.
+#[test]
+fn lora_adapters_are_served_by_name_beside_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_checkpoint(dir.path(), "llama");
+    let tuned = dir.path().join("tuned");
+    let trained = furnace(&[
+        "train",
+        "--config",
+        dir.path().join("tiny.toml").to_str().unwrap(),
+        "--set",
+        &format!("model.init_from=\"{base}\""),
+        "--set",
+        "lora.r=4",
+        "--set",
+        "training.steps=4",
+        "--set",
+        "optimizer.lr=0.05",
+        "--set",
+        &format!("run.output_dir={}", tuned.display()),
+    ]);
+    assert!(trained.status.success(), "{}", text(&trained));
+    let peft = dir.path().join("peft");
+    let exported = furnace(&["export", "--checkpoint", tuned.to_str().unwrap(), "--format", "peft", "--out", peft.to_str().unwrap()]);
+    assert!(exported.status.success(), "{}", text(&exported));
+    let lora = format!("tuned={}", peft.display());
+    let server = Server::start(&base, &["--lora", &lora]);
+
+    let (status, _, body) = server.request("GET", "/v1/models", None);
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_slice(&body).unwrap();
+    let listed: Vec<(&str, &Value)> =
+        models["data"].as_array().unwrap().iter().map(|m| (m["id"].as_str().unwrap(), &m["parent"])).collect();
+    assert_eq!(listed, [("tiny", &Value::Null), ("tuned", &json!("tiny"))]);
+
+    let prompt = "Once upon a time";
+    let mut logprobs = Vec::new();
+    for (model, adapter) in [("tiny", None), ("tuned", Some(peft.to_str().unwrap()))] {
+        let request = json!({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": true, "logprobs": 1});
+        let (status, reply) = server.post("/v1/completions", &request);
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["model"], model);
+        let mut args =
+            vec!["generate", "--checkpoint", &base, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8", "--ignore-eos"];
+        if let Some(adapter) = adapter {
+            args.extend(["--adapter", adapter]);
+        }
+        let generated = furnace(&args);
+        assert!(generated.status.success(), "{}", text(&generated));
+        let expected = String::from_utf8_lossy(&generated.stdout).trim_end_matches('\n').to_string();
+        assert_eq!(format!("{prompt}{}", reply["choices"][0]["text"].as_str().unwrap()), expected, "{model}");
+        logprobs.push(reply["choices"][0]["logprobs"]["token_logprobs"].clone());
+    }
+    assert_ne!(logprobs[0], logprobs[1], "the adapter changes the model");
+    let (status, reply) = server.post("/v1/completions", &json!({"model": "other", "prompt": prompt, "max_tokens": 2}));
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("`tiny`, `tuned`"), "{reply}");
+    drop(server);
+
+    for (flag, says) in [
+        ("tuned".to_string(), "NAME=DIR"),
+        (format!("tiny={}", peft.display()), "is taken"),
+        ("x=/nonexistent".to_string(), "adapter_config.json"),
+    ] {
+        let out = furnace(&["serve", "--checkpoint", &base, "--port", "0", "--served-model-name", "tiny", "--lora", &flag]);
+        assert!(!out.status.success() && text(&out).contains(says) && !text(&out).contains("panicked"), "{flag}: {}", text(&out));
+    }
+}

@@ -39,7 +39,9 @@ const MAX_BODY_BYTES: usize = 4 << 20;
 
 /// What the HTTP side knows once the model is loaded.
 pub struct Ready {
+    /// The base model's name, and the LoRA adapters served beside it (`--lora`).
     pub name: String,
+    pub adapters: Vec<String>,
     pub tokenizer: Arc<TextTokenizer>,
     pub template: Result<ChatTemplate, String>,
     pub max_seq_len: usize,
@@ -52,7 +54,8 @@ pub struct Ready {
 pub struct Shared {
     pub ready: OnceLock<Ready>,
     pub metrics: Arc<Metrics>,
-    pub queue: SyncSender<Job>,
+    /// Each served model's engine queue: the base's and every adapter's.
+    pub queues: BTreeMap<String, SyncSender<Job>>,
     pub created: u64,
 }
 
@@ -126,9 +129,11 @@ fn ready(shared: &Shared) -> Result<&Ready, ApiError> {
 
 async fn models(State(shared): State<Arc<Shared>>) -> Response {
     let result = ready(&shared).map(|r| {
-        Json(json!({"object": "list", "data": [{
-            "id": r.name, "object": "model", "created": shared.created, "owned_by": "furnace", "max_model_len": r.max_seq_len,
-        }]}))
+        let base = json!({"id": r.name, "object": "model", "created": shared.created, "owned_by": "furnace", "root": r.name, "parent": null, "max_model_len": r.max_seq_len});
+        let adapters = r.adapters.iter().map(|a| {
+            json!({"id": a, "object": "model", "created": shared.created, "owned_by": "furnace", "root": a, "parent": r.name, "max_model_len": r.max_seq_len})
+        });
+        Json(json!({"object": "list", "data": std::iter::once(base).chain(adapters).collect::<Vec<_>>()}))
     });
     counted(&shared, result.map(IntoResponse::into_response))
 }
@@ -175,7 +180,7 @@ struct Request {
 }
 
 async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
-    let (ready, fields) = request_fields(shared, body)?;
+    let (ready, fields, model) = request_fields(shared, body)?;
     let request = parse(&fields, kind, ready)?;
     let arrived = Instant::now();
     let (events, receiver) = unbounded_channel();
@@ -188,11 +193,11 @@ async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind
             None => None,
         };
         let seq = Sequence { prompt: request.prompt.clone(), params, constraint, choice, arrived, events: events.clone() };
-        enqueue(shared, Job::Generate(Box::new(seq)))?;
+        enqueue(shared, &model, Job::Generate(Box::new(seq)))?;
     }
     drop(events);
     let id = format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
-    let reply = Reply { id, created: now(), model: ready.name.clone(), kind, prompt_tokens: request.prompt.len() };
+    let reply = Reply { id, created: now(), model, kind, prompt_tokens: request.prompt.len() };
     if request.stream {
         Ok(stream(reply, request, receiver).into_response())
     } else {
@@ -200,10 +205,11 @@ async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind
     }
 }
 
-/// `job` into the engine's queue, or 429 (full) / 503 (stopped) with Retry-After.
-fn enqueue(shared: &Shared, job: Job) -> Result<(), ApiError> {
+/// `job` into the queue of `model`'s engine, or 429 (full) / 503 (stopped) with Retry-After.
+fn enqueue(shared: &Shared, model: &str, job: Job) -> Result<(), ApiError> {
+    let queue = shared.queues.get(model).ok_or_else(|| ApiError::bad("model", format!("the model `{model}` has no engine")))?;
     shared.metrics.waiting.fetch_add(1, Ordering::Relaxed);
-    let Err(e) = shared.queue.try_send(job) else { return Ok(()) };
+    let Err(e) = queue.try_send(job) else { return Ok(()) };
     shared.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
     let mut error = match e {
         TrySendError::Full(_) => {
@@ -225,7 +231,7 @@ async fn embeddings(State(shared): State<Arc<Shared>>, body: Result<Bytes, Bytes
 /// `/v1/embeddings`: each input's last hidden state averaged over its tokens, as floats or
 /// (`encoding_format: "base64"`, the `openai` client's default) little-endian f32 bytes.
 async fn embed(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let (ready, fields) = request_fields(shared, body)?;
+    let (ready, fields, model) = request_fields(shared, body)?;
     let tokens = |v: &Value| -> Option<Vec<u32>> {
         match v {
             Value::String(text) => Some(ready.tokenizer.encode(text)),
@@ -266,7 +272,7 @@ async fn embed(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Result<R
     }
     let prompt_tokens: usize = inputs.iter().map(Vec::len).sum();
     let (reply, answer) = tokio::sync::oneshot::channel();
-    enqueue(shared, Job::Embed { inputs, reply })?;
+    enqueue(shared, &model, Job::Embed { inputs, reply })?;
     let vectors =
         answer.await.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "the engine has stopped", None))?;
     let data: Vec<Value> = vectors
@@ -277,8 +283,10 @@ async fn embed(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Result<R
             json!({"object": "embedding", "index": index, "embedding": embedding})
         })
         .collect();
-    Ok(Json(json!({"object": "list", "data": data, "model": ready.name, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}))
-        .into_response())
+    Ok(Json(
+        json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}),
+    )
+    .into_response())
 }
 
 /// Standard base64 (RFC 4648, padded) of the floats' little-endian bytes.
@@ -301,9 +309,9 @@ pub(super) fn next_id() -> u64 {
     nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(40)
 }
 
-/// A request body's fields, once the model is loaded: a JSON object within the size limit whose
-/// `model`, when given, is the one served.
-fn request_fields(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Result<(&Ready, Map<String, Value>), ApiError> {
+/// A request body's fields, once the model is loaded: a JSON object within the size limit, and
+/// the model it asks for (`model`: the base or an adapter; the base when absent).
+fn request_fields(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Result<(&Ready, Map<String, Value>, String), ApiError> {
     let body = body.map_err(|e| {
         let status = e.status();
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -316,13 +324,18 @@ fn request_fields(shared: &Shared, body: Result<Bytes, BytesRejection>) -> Resul
     let ready = ready(shared)?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad("body", format!("the body is not valid JSON: {e}")))?;
     let Value::Object(fields) = value else { return Err(ApiError::bad("body", "the body must be a JSON object")) };
-    if let Some(model) = fields.get("model") {
-        let name = model.as_str().ok_or_else(|| ApiError::bad("model", "model must be a string"))?;
-        if name != ready.name {
-            return Err(ApiError::bad("model", format!("the model `{name}` does not exist; this server serves `{}`", ready.name)));
+    let model = match fields.get("model") {
+        None | Some(Value::Null) => ready.name.clone(),
+        Some(model) => {
+            let name = model.as_str().ok_or_else(|| ApiError::bad("model", "model must be a string"))?;
+            if !shared.queues.contains_key(name) {
+                let served: Vec<String> = std::iter::once(&ready.name).chain(&ready.adapters).map(|n| format!("`{n}`")).collect();
+                return Err(ApiError::bad("model", format!("the model `{name}` does not exist; this server serves {}", served.join(", "))));
+            }
+            name.to_string()
         }
-    }
-    Ok((ready, fields))
+    };
+    Ok((ready, fields, model))
 }
 
 fn parse(fields: &Map<String, Value>, kind: Kind, ready: &Ready) -> Result<Request, ApiError> {

@@ -101,6 +101,7 @@ pub enum Event {
 }
 
 /// The engine's limits.
+#[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_num_seqs: usize,
     pub prefill_chunk: usize,
@@ -140,13 +141,16 @@ pub struct Engine<'a, B: FusedOps> {
     prefilling: VecDeque<Prefilling<DecodeState<B>>>,
     running: Vec<Running>,
     batch: CausalBatch<B>,
+    /// This engine's share of the gauges (running sequences, KV bytes) as last reported: the
+    /// engines of several adapters add theirs into the same gauges.
+    reported: (usize, usize),
 }
 
 impl<'a, B: FusedOps> Engine<'a, B> {
     pub fn new(model: &'a Causal<'a, B>, tokenizer: &'a TextTokenizer, metrics: Arc<Metrics>, limits: Limits, device: B::Device) -> Self {
-        metrics.kv_cache_budget_bytes.store(limits.kv_budget_bytes, Ordering::Relaxed);
+        metrics.kv_cache_budget_bytes.fetch_add(limits.kv_budget_bytes, Ordering::Relaxed);
         let batch = model.empty_batch();
-        Self { model, tokenizer, metrics, limits, device, prefilling: VecDeque::new(), running: Vec::new(), batch }
+        Self { model, tokenizer, metrics, limits, device, prefilling: VecDeque::new(), running: Vec::new(), batch, reported: (0, 0) }
     }
 
     /// Serves `queue` until every sender is gone.
@@ -167,10 +171,20 @@ impl<'a, B: FusedOps> Engine<'a, B> {
             }
             self.prefill();
             self.decode();
-            self.metrics.running.store(self.prefilling.len() + self.running.len(), Ordering::Relaxed);
-            let longest = self.running.iter().map(|r| r.seq.prompt.len() + r.generated.len()).max().unwrap_or(0);
-            self.metrics.kv_cache_bytes.store(self.running.len() * longest * self.limits.kv_bytes_per_position, Ordering::Relaxed);
+            self.report();
         }
+    }
+
+    /// This engine's running sequences and KV bytes into the shared gauges, as a change.
+    fn report(&mut self) {
+        let running = self.prefilling.len() + self.running.len();
+        let longest = self.running.iter().map(|r| r.seq.prompt.len() + r.generated.len()).max().unwrap_or(0);
+        let kv_bytes = self.running.len() * longest * self.limits.kv_bytes_per_position;
+        let (was_running, was_kv) = std::mem::replace(&mut self.reported, (running, kv_bytes));
+        self.metrics.running.fetch_add(running, Ordering::Relaxed);
+        self.metrics.running.fetch_sub(was_running, Ordering::Relaxed);
+        self.metrics.kv_cache_bytes.fetch_add(kv_bytes, Ordering::Relaxed);
+        self.metrics.kv_cache_bytes.fetch_sub(was_kv, Ordering::Relaxed);
     }
 
     /// Whether one more sequence fits beside those admitted: by count, and by the keys and

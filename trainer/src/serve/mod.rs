@@ -2,12 +2,17 @@
 //! tokio runtime) parses, checks and answers requests; the model runs on one engine thread that
 //! batches every running sequence into one forward per step (continuous batching, see
 //! `engine`). The listener opens before the model loads: `/health` answers 503 until it is ready.
+//! LoRA adapters (`--lora NAME=DIR`) are batched by adapter: each is its own model (the base
+//! with the adapter's layers) on its own engine thread, chosen by the request's `model`.
 
 mod api;
 mod engine;
 mod metrics;
 mod tool_calls;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +24,7 @@ use furnace_models::{CausalLm, LanguageModel};
 
 use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint;
-use crate::commands::{decoding_model, load_for_decoding};
+use crate::commands::{decoding_model, load_for_decoding, with_peft_adapter};
 use crate::datasets::chat_template_source;
 use crate::structured::Grammars;
 use crate::ServeArgs;
@@ -34,11 +39,19 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .block_on(tokio::net::TcpListener::bind((args.host.as_str(), args.port)))
         .with_context(|| format!("cannot listen on {}:{} (--host, --port)", args.host, args.port))?;
     let address = listener.local_addr()?;
-    let (queue, requests) = std::sync::mpsc::sync_channel(args.max_queue);
+    let name = args.served_model_name.clone().unwrap_or_else(|| served_name(&args.checkpoint));
+    let adapters = lora_flags(&args.lora, &name)?;
+    let mut queues = BTreeMap::new();
+    let mut receivers = Vec::new();
+    for model in std::iter::once(&name).chain(adapters.iter().map(|(n, _)| n)) {
+        let (queue, requests) = std::sync::mpsc::sync_channel(args.max_queue);
+        queues.insert(model.clone(), queue);
+        receivers.push(requests);
+    }
     let shared = Arc::new(api::Shared {
         ready: OnceLock::new(),
         metrics: Arc::new(metrics::Metrics::default()),
-        queue,
+        queues,
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     });
     let app = api::router(shared.clone());
@@ -53,8 +66,41 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     })?;
     println!("listening on http://{address} (loading {})", args.checkpoint.display());
     let (recipe, tokenizer, weights) = load_for_decoding(&args.checkpoint, None, args.backend.as_deref())?;
-    let name = args.served_model_name.clone().unwrap_or_else(|| served_name(&args.checkpoint));
-    dispatch(&recipe.clone(), ServeJob { args, name, recipe, tokenizer, weights, shared, requests })
+    // Every adapter read and checked against the base before anything is served.
+    let mut receivers = receivers.into_iter();
+    let base = Served { name, recipe: recipe.clone(), weights: weights.clone(), requests: receivers.next().context("the base's queue")? };
+    let adapted = adapters
+        .into_iter()
+        .zip(receivers)
+        .map(|((name, dir), requests)| {
+            let (recipe, weights) =
+                with_peft_adapter(recipe.clone(), weights.clone(), &dir).with_context(|| format!("--lora {name}={}", dir.display()))?;
+            Ok(Served { name, recipe, weights, requests })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    dispatch(&recipe, ServeJob { args, tokenizer, base, adapted, shared })
+}
+
+/// `--lora NAME=DIR` flags: unique names, none the base's, each a PEFT folder.
+fn lora_flags(flags: &[String], base: &str) -> Result<Vec<(String, PathBuf)>> {
+    let mut adapters: Vec<(String, PathBuf)> = Vec::new();
+    for flag in flags {
+        let Some((name, dir)) = flag.split_once('=').filter(|(n, d)| !n.is_empty() && !d.is_empty()) else {
+            bail!("--lora {flag}: give NAME=DIR, the name requests use as `model` and a PEFT adapter folder");
+        };
+        if name == base || adapters.iter().any(|(n, _)| n == name) {
+            bail!("--lora {flag}: the name `{name}` is taken (by the base or another adapter); pick another");
+        }
+        let dir = PathBuf::from(dir);
+        if !dir.join("adapter_config.json").is_file() {
+            bail!(
+                "--lora {flag}: {} has no adapter_config.json; give a PEFT adapter folder (furnace export --format peft writes one)",
+                dir.display()
+            );
+        }
+        adapters.push((name.to_string(), dir));
+    }
+    Ok(adapters)
 }
 
 /// The checkpoint's folder (or file) name: a run's own name rather than `step_N`.
@@ -76,19 +122,26 @@ async fn shutdown_signal() {
     }
 }
 
-struct ServeJob {
-    args: ServeArgs,
+/// One served model: the base, or the base with an adapter's layers.
+struct Served {
     name: String,
     recipe: Recipe,
-    tokenizer: TextTokenizer,
     weights: NamedTensors,
+    requests: Receiver<engine::Job>,
+}
+
+struct ServeJob {
+    args: ServeArgs,
+    tokenizer: TextTokenizer,
+    base: Served,
+    adapted: Vec<Served>,
     shared: Arc<api::Shared>,
-    requests: std::sync::mpsc::Receiver<engine::Job>,
 }
 
 impl BackendJob for ServeJob {
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
-        let Self { args, name, recipe, tokenizer, weights, shared, requests } = self;
+        let Self { args, tokenizer, base, adapted, shared } = self;
+        let Served { name, recipe, weights, requests } = base;
         let model = decoding_model::<B::InnerBackend>(&recipe, &tokenizer, &weights, &args.checkpoint, &device)?;
         let causal = model.as_causal().map_err(|e| anyhow::anyhow!("furnace serve decodes left to right: {e}"))?;
         let kv_bytes_per_position = match &model {
@@ -108,6 +161,7 @@ impl BackendJob for ServeJob {
         let grammars = Grammars::new(&tokenizer, causal.vocab_size()).map_err(anyhow::Error::msg)?;
         let ready = api::Ready {
             name: name.clone(),
+            adapters: adapted.iter().map(|a| a.name.clone()).collect(),
             tokenizer: tokenizer.clone(),
             template,
             max_seq_len,
@@ -115,10 +169,39 @@ impl BackendJob for ServeJob {
             kv_budget_bytes: limits.kv_budget_bytes,
             grammars,
         };
-        let engine = engine::Engine::new(&causal, &tokenizer, shared.metrics.clone(), limits, device);
-        let _ = shared.ready.set(ready);
-        println!("serving {name} (max_num_seqs {}, context {max_seq_len} tokens)", args.max_num_seqs);
-        engine.run(requests);
+        // Each adapter's model is built on its own engine thread, before the server is ready.
+        let (built, adapters_ready) = std::sync::mpsc::channel::<Result<String>>();
+        let count = adapted.len();
+        std::thread::scope(|scope| {
+            for served in adapted {
+                let (tokenizer, metrics, device, checkpoint, built) =
+                    (&tokenizer, shared.metrics.clone(), device.clone(), &args.checkpoint, built.clone());
+                scope.spawn(move || {
+                    let Served { name, recipe, weights, requests } = served;
+                    let model = match decoding_model::<B::InnerBackend>(&recipe, tokenizer, &weights, checkpoint, &device) {
+                        Ok(model) => model,
+                        Err(e) => return drop(built.send(Err(e.context(format!("--lora {name}"))))),
+                    };
+                    drop(weights);
+                    let Ok(causal) = model.as_causal() else {
+                        return drop(built.send(Err(anyhow::anyhow!("--lora {name}: not a decoder"))));
+                    };
+                    let _ = built.send(Ok(name));
+                    drop(built);
+                    engine::Engine::new(&causal, tokenizer, metrics, limits, device).run(requests);
+                });
+            }
+            drop(built);
+            let adapters: Vec<String> = adapters_ready.iter().take(count).collect::<Result<_>>().unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                std::process::exit(1)
+            });
+            let engine = engine::Engine::new(&causal, &tokenizer, shared.metrics.clone(), limits, device);
+            let _ = shared.ready.set(ready);
+            let with = if adapters.is_empty() { String::new() } else { format!(" with LoRA adapters {}", adapters.join(", ")) };
+            println!("serving {name}{with} (max_num_seqs {}, context {max_seq_len} tokens)", args.max_num_seqs);
+            engine.run(requests);
+        });
         Ok(())
     }
 }
