@@ -428,15 +428,36 @@ impl<B: FusedOps> Causal<'_, B> {
     /// The mean over positions of the last hidden state (after the final norm) of `tokens`: a
     /// sentence embedding `[d_model]`, as `/v1/embeddings` serves it.
     pub fn mean_hidden(&self, tokens: &[u32], device: &B::Device) -> Vec<f32> {
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), device);
         let hidden = match self {
-            Self::Decoder(m) => m.forward_hidden(tokens, None),
-            Self::Mamba(m) => m.forward_hidden(tokens, None),
+            Self::Decoder(m) => m.forward_hidden(ids_row(tokens, device), None),
+            Self::Mamba(m) => m.forward_hidden(ids_row(tokens, device), None),
         };
-        let [_, _, width] = hidden.dims();
-        hidden.mean_dim(1).reshape([width]).into_data().convert::<f32>().into_vec().expect("f32 hidden states")
+        mean_over_positions(hidden)
     }
+}
+
+impl<B: FusedOps> LanguageModel<B> {
+    /// [`Causal::mean_hidden`] for every architecture: BERT's last block's output (before the
+    /// masked-LM head, as transformers' `BertModel` returns it), T5's encoder output (as
+    /// `T5EncoderModel`'s), a decoder's or Mamba's final normed state.
+    pub fn mean_hidden(&self, tokens: &[u32], device: &B::Device) -> Vec<f32> {
+        match self {
+            Self::Bert(m) => mean_over_positions(m.forward_hidden(ids_row(tokens, device))),
+            Self::T5(m) => mean_over_positions(m.encode(ids_row(tokens, device), &[tokens.len()])),
+            Self::Decoder(m) => Causal::Decoder(m).mean_hidden(tokens, device),
+            Self::Mamba(m) => Causal::Mamba(m).mean_hidden(tokens, device),
+        }
+    }
+}
+
+fn ids_row<B: Backend>(tokens: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    Tensor::from_data(TensorData::new(ids, [1, tokens.len()]), device)
+}
+
+fn mean_over_positions<B: Backend>(hidden: Tensor<B, 3>) -> Vec<f32> {
+    let [_, _, width] = hidden.dims();
+    hidden.mean_dim(1).reshape([width]).into_data().convert::<f32>().into_vec().expect("f32 hidden states")
 }
 
 impl<B: FusedOps> CausalLm<B> for Causal<'_, B> {

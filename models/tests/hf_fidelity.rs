@@ -17,15 +17,21 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
 }
 
-/// The fixture's model loaded through our name table, and its batch of tokens.
-fn load(name: &str) -> (LanguageModel<B>, Tensor<B, 2, Int>) {
+/// The fixture's model loaded through our name table.
+fn model_of(name: &str) -> LanguageModel<B> {
     let dir = fixture(name);
     let config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let (arch, config) = config_from_hf(&config_json).unwrap();
-    let device = Default::default();
     let hf = from_safetensors(&std::fs::read(dir.join("model.safetensors")).unwrap()).unwrap();
     let ours = from_hf(arch, &hf, config.n_layers(), config.tie_embeddings()).unwrap();
-    let model = load_named(config.init::<B>(0, &device), &ours).unwrap();
+    load_named(config.init::<B>(0, &Default::default()), &ours).unwrap()
+}
+
+/// The fixture's model and its batch of tokens.
+fn load(name: &str) -> (LanguageModel<B>, Tensor<B, 2, Int>) {
+    let dir = fixture(name);
+    let device = Default::default();
+    let model = model_of(name);
     let tokens: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
     let (batch, seq) = (tokens.len(), tokens[0].len());
     (model, Tensor::from_data(TensorData::new(tokens.concat(), [batch, seq]), &device))
@@ -226,4 +232,26 @@ fn beam_search_matches_transformers_generate() {
         }
     }
     assert_eq!(checked, 4 * 3 * (4 + 4 + 3 + 2));
+}
+
+/// Sentence embeddings of the encoders, as `/v1/embeddings` serves them: BERT's last block's
+/// output (transformers' `BertModel`) and T5's encoder output (`T5EncoderModel`) averaged over
+/// positions, to 1e-4 (scripts/reference/make_embedding_fixture.py).
+#[test]
+fn encoder_embeddings_match_transformers() {
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("embeddings.json")).unwrap()).unwrap();
+    let device = Default::default();
+    for (name, cases) in cases.as_object().unwrap() {
+        let model = model_of(name);
+        for case in cases.as_array().unwrap() {
+            let tokens: Vec<u32> = case["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+            let expected: Vec<f32> = case["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let ours = model.mean_hidden(&tokens, &device);
+            assert_eq!(ours.len(), expected.len(), "{name}");
+            let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in ours.iter().zip(&expected).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * scale, "{name} {tokens:?} dim {i}: ours {a}, transformers {b}");
+            }
+        }
+    }
 }

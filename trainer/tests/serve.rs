@@ -612,3 +612,35 @@ fn lora_adapters_are_served_by_name_beside_the_base() {
         assert!(!out.status.success() && text(&out).contains(says) && !text(&out).contains("panicked"), "{flag}: {}", text(&out));
     }
 }
+
+/// An encoder (BERT) serves `/v1/embeddings`, each vector the model's own mean-pooled last
+/// hidden state (checked against transformers' `BertModel` in models/tests/hf_fidelity.rs);
+/// the generating endpoints are a 400 naming the model.
+#[test]
+fn an_encoder_serves_embeddings_only() {
+    use burn::backend::Flex;
+    use furnace_trainer::commands::{decoding_model, load_for_decoding};
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), "bert");
+    let server = Server::start(&checkpoint, &[]);
+    let input = "Once upon a time";
+    let (status, reply) = server.post("/v1/embeddings", &json!({"model": "tiny", "input": [input, "a fox"], "encoding_format": "float"}));
+    assert_eq!(status, 200, "{reply}");
+    let served: Vec<f32> = reply["data"][0]["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let path = std::path::Path::new(&checkpoint);
+    let (recipe, tokenizer, weights) = load_for_decoding(path, None, None).unwrap();
+    let model = decoding_model::<Flex>(&recipe, &tokenizer, &weights, path, &Default::default()).unwrap();
+    let expected = model.mean_hidden(&tokenizer.encode(input), &Default::default());
+    assert_eq!(served.len(), expected.len());
+    assert!(served.iter().zip(&expected).all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0)), "{served:?} vs {expected:?}");
+    assert_ne!(reply["data"][0]["embedding"], reply["data"][1]["embedding"]);
+    for (path, body) in [
+        ("/v1/completions", json!({"prompt": input, "max_tokens": 2})),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}]})),
+    ] {
+        let (status, reply) = server.post(path, &body);
+        assert_eq!(status, 400, "{reply}");
+        assert!(reply["error"]["message"].as_str().unwrap().contains("/v1/embeddings only"), "{reply}");
+    }
+    assert_eq!(server.request("GET", "/health", None).0, 200);
+}

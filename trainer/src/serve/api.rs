@@ -42,6 +42,8 @@ pub struct Ready {
     /// The base model's name, and the LoRA adapters served beside it (`--lora`).
     pub name: String,
     pub adapters: Vec<String>,
+    /// An encoder's kind ("BERT", "T5"): it serves embeddings only.
+    pub encoder: Option<&'static str>,
     pub tokenizer: Arc<TextTokenizer>,
     pub template: Result<ChatTemplate, String>,
     pub max_seq_len: usize,
@@ -181,6 +183,9 @@ struct Request {
 
 async fn handle(shared: &Shared, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
     let (ready, fields, model) = request_fields(shared, body)?;
+    if let Some(encoder) = ready.encoder {
+        return Err(ApiError::bad("model", format!("`{model}` is an encoder ({encoder}): it serves /v1/embeddings only")));
+    }
     let request = parse(&fields, kind, ready)?;
     let arrived = Instant::now();
     let (events, receiver) = unbounded_channel();

@@ -20,6 +20,7 @@ use furnace_configs::Recipe;
 use furnace_core::params::NamedTensors;
 use furnace_data::chat::ChatTemplate;
 use furnace_data::TextTokenizer;
+use furnace_models::kernels::FusedOps;
 use furnace_models::{CausalLm, LanguageModel};
 
 use crate::backend::{dispatch, BackendJob, TrainBackend};
@@ -143,7 +144,11 @@ impl BackendJob for ServeJob {
         let Self { args, tokenizer, base, adapted, shared } = self;
         let Served { name, recipe, weights, requests } = base;
         let model = decoding_model::<B::InnerBackend>(&recipe, &tokenizer, &weights, &args.checkpoint, &device)?;
-        let causal = model.as_causal().map_err(|e| anyhow::anyhow!("furnace serve decodes left to right: {e}"))?;
+        let causal = match model.as_causal() {
+            Ok(causal) => causal,
+            Err(_) if adapted.is_empty() => return serve_encoder(&model, name, tokenizer, &shared, requests, &args, device),
+            Err(e) => bail!("--lora serves adapters of a decoder: {e}"),
+        };
         let kv_bytes_per_position = match &model {
             // Keys and values, f32, of every layer.
             LanguageModel::Decoder(m) => m.layers.iter().map(|l| 2 * 4 * l.attention.n_kv_heads * l.attention.head_dim).sum(),
@@ -162,6 +167,7 @@ impl BackendJob for ServeJob {
         let ready = api::Ready {
             name: name.clone(),
             adapters: adapted.iter().map(|a| a.name.clone()).collect(),
+            encoder: None,
             tokenizer: tokenizer.clone(),
             template,
             max_seq_len,
@@ -204,4 +210,40 @@ impl BackendJob for ServeJob {
         });
         Ok(())
     }
+}
+
+/// An encoder (BERT; T5, whose decoder needs an input to decode from) serves `/v1/embeddings`
+/// only, each request in turn on this thread; the HTTP side refuses the generating endpoints.
+fn serve_encoder<B: FusedOps>(
+    model: &LanguageModel<B>,
+    name: String,
+    tokenizer: TextTokenizer,
+    shared: &api::Shared,
+    requests: Receiver<engine::Job>,
+    args: &ServeArgs,
+    device: B::Device,
+) -> Result<()> {
+    let kind = if matches!(model, LanguageModel::Bert(_)) { "BERT" } else { "T5" };
+    let tokenizer = Arc::new(tokenizer);
+    let ready = api::Ready {
+        name: name.clone(),
+        adapters: Vec::new(),
+        encoder: Some(kind),
+        tokenizer: tokenizer.clone(),
+        template: Err(format!("{name} is an encoder ({kind})")),
+        max_seq_len: model.max_seq_len(),
+        kv_bytes_per_position: 0,
+        kv_budget_bytes: args.kv_cache_mb << 20,
+        grammars: Grammars::new(&tokenizer, model.vocab_size()).map_err(anyhow::Error::msg)?,
+    };
+    let _ = shared.ready.set(ready);
+    println!("serving {name} (an encoder, {kind}: /v1/embeddings only)");
+    for job in requests {
+        shared.metrics.waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let engine::Job::Embed { inputs, reply } = job {
+            shared.metrics.prompt_tokens.fetch_add(inputs.iter().map(Vec::len).sum::<usize>() as u64, std::sync::atomic::Ordering::Relaxed);
+            let _ = reply.send(inputs.iter().map(|tokens| model.mean_hidden(tokens, &device)).collect());
+        }
+    }
+    Ok(())
 }
