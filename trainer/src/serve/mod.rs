@@ -27,11 +27,15 @@ use crate::backend::{dispatch, BackendJob, TrainBackend};
 use crate::checkpoint;
 use crate::commands::{decoding_model, load_for_decoding, with_peft_adapter};
 use crate::datasets::chat_template_source;
+use crate::memory::{collect_freed_memory, retain_freed_memory};
 use crate::structured::Grammars;
 use crate::ServeArgs;
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     checkpoint::set_verification(!args.no_verify);
+    // Loading (file contents, host copies of the weights) gives its memory back; serving then
+    // keeps its working set mapped (see `serving_memory`).
+    retain_freed_memory(false);
     if args.max_num_seqs == 0 || args.max_queue == 0 || args.prefill_chunk == 0 {
         bail!("--max-num-seqs, --max-queue and --prefill-chunk must be at least 1");
     }
@@ -69,7 +73,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let (recipe, tokenizer, weights) = load_for_decoding(&args.checkpoint, None, args.backend.as_deref())?;
     // Every adapter read and checked against the base before anything is served.
     let mut receivers = receivers.into_iter();
-    let base = Served { name, recipe: recipe.clone(), weights: weights.clone(), requests: receivers.next().context("the base's queue")? };
+    let base_requests = receivers.next().context("the base's queue")?;
     let adapted = adapters
         .into_iter()
         .zip(receivers)
@@ -79,6 +83,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             Ok(Served { name, recipe, weights, requests })
         })
         .collect::<Result<Vec<_>>>()?;
+    // The host copy of the weights goes with the base: it is dropped once the model is built.
+    let base = Served { name, recipe: recipe.clone(), weights, requests: base_requests };
     dispatch(&recipe, ServeJob { args, tokenizer, base, adapted, shared })
 }
 
@@ -144,6 +150,7 @@ impl BackendJob for ServeJob {
         let Self { args, tokenizer, base, adapted, shared } = self;
         let Served { name, recipe, weights, requests } = base;
         let model = decoding_model::<B::InnerBackend>(&recipe, &tokenizer, &weights, &args.checkpoint, &device)?;
+        drop(weights);
         let causal = match model.as_causal() {
             Ok(causal) => causal,
             Err(_) if adapted.is_empty() => return serve_encoder(&model, name, tokenizer, &shared, requests, &args, device),
@@ -202,6 +209,7 @@ impl BackendJob for ServeJob {
                 eprintln!("error: {e:#}");
                 std::process::exit(1)
             });
+            serving_memory();
             let engine = engine::Engine::new(&causal, &tokenizer, shared.metrics.clone(), limits, device);
             let _ = shared.ready.set(ready);
             let with = if adapters.is_empty() { String::new() } else { format!(" with LoRA adapters {}", adapters.join(", ")) };
@@ -236,6 +244,7 @@ fn serve_encoder<B: FusedOps>(
         kv_budget_bytes: args.kv_cache_mb << 20,
         grammars: Grammars::new(&tokenizer, model.vocab_size()).map_err(anyhow::Error::msg)?,
     };
+    serving_memory();
     let _ = shared.ready.set(ready);
     println!("serving {name} (an encoder, {kind}: /v1/embeddings only)");
     for job in requests {
@@ -246,4 +255,11 @@ fn serve_encoder<B: FusedOps>(
         }
     }
     Ok(())
+}
+
+/// Once every model is built: what loading freed goes back to the OS, and from then on freed
+/// memory stays mapped, as in training (each step reuses the last one's buffers).
+fn serving_memory() {
+    collect_freed_memory();
+    retain_freed_memory(true);
 }
