@@ -30,6 +30,7 @@ import typing
 
 import openai
 import pydantic
+from furnace_server import furnace_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FURNACE = os.environ.get("FURNACE", str(ROOT / "target" / "release" / "furnace"))
@@ -64,23 +65,8 @@ def main() -> None:
         (tmp / "tiny.toml").write_text(RECIPE)
         run = tmp / "run"
         subprocess.run([FURNACE, "train", "--config", str(tmp / "tiny.toml"), "--set", f"run.output_dir={run}"], check=True, capture_output=True)
-        server = subprocess.Popen(
-            [FURNACE, "serve", "--checkpoint", str(run), "--port", "0", "--served-model-name", "tiny"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            address = None
-            for line in server.stdout:
-                if line.startswith("listening on "):
-                    address = line.split()[2]
-                if line.startswith("serving"):
-                    break
-            assert address, "the server printed no address"
+        with furnace_server(FURNACE, str(run), "--served-model-name", "tiny") as address:
             check(openai.OpenAI(base_url=f"{address}/v1", api_key="unused"), run)
-        finally:
-            server.terminate()
-            server.wait()
     print("openai client: ok")
 
 

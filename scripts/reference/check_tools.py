@@ -16,10 +16,10 @@ import json
 import os
 import pathlib
 import random
-import subprocess
 import sys
 
 import openai
+from furnace_server import furnace_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FURNACE = os.environ.get("FURNACE", str(ROOT / "target" / "release" / "furnace"))
@@ -117,26 +117,11 @@ def ask(client: openai.OpenAI, question: str, expression: str) -> tuple[bool, bo
 def main() -> int:
     checkpoint = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "runs" / "tools-quickstart")
     count = int(os.environ.get("QUESTIONS", "200"))
-    server = subprocess.Popen(
-        [FURNACE, "serve", "--checkpoint", checkpoint, "--port", "0", "--served-model-name", "tools", "--max-num-seqs", "16"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        address = None
-        for line in server.stdout:
-            if line.startswith("listening on "):
-                address = line.split()[2]
-            if line.startswith("serving"):
-                break
-        assert address, "the server printed no address"
+    with furnace_server(FURNACE, checkpoint, "--served-model-name", "tools", "--max-num-seqs", "16") as address:
         client = openai.OpenAI(base_url=f"{address}/v1", api_key="unused")
         questions = held_out_questions(count, digits=3, seed=2026)
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda q: ask(client, *q), questions))
-    finally:
-        server.terminate()
-        server.wait()
     calls = sum(r[0] for r in results)
     answers = sum(r[1] for r in results)
     for _, _, line in results[:5]:
