@@ -3,11 +3,12 @@
 (TPOT), inter-token latency (ITL), request and output-token throughput.
 
     python scripts/bench_serve.py --url http://127.0.0.1:8000 --concurrency 8 --requests 32 \
-        [--rate 2.0] [--min-prompt 32] [--max-prompt 512] [--output 128] [--seed 0]
+        [--rate 2.0] [--min-prompt 32] [--max-prompt 512] [--output 128] [--seed 0] [--shared-prefix 256]
 
 Requests stream (`/v1/completions`, `ignore_eos`, temperature 0) prompts of random token ids,
 lengths uniform in [min, max]; with `--rate`, arrivals are Poisson at that many per second
-(at most `--concurrency` in flight), otherwise `--concurrency` clients send back to back.
+(at most `--concurrency` in flight), otherwise `--concurrency` clients send back to back;
+`--shared-prefix N` starts every prompt with the same N tokens (a system prompt).
 Prints one JSON line of results. Standard library only.
 """
 
@@ -58,10 +59,12 @@ def main() -> None:
     p.add_argument("--output", type=int, default=128)
     p.add_argument("--vocab", type=int, default=8000, help="prompt token ids are drawn below this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared-prefix", type=int, default=0, help="every prompt starts with the same this many tokens (a system prompt)")
     a = p.parse_args()
     url = urllib.parse.urlparse(a.url)
     rng = random.Random(a.seed)
-    prompts = [[rng.randrange(1, a.vocab) for _ in range(rng.randint(a.min_prompt, a.max_prompt))] for _ in range(a.requests)]
+    prefix = [rng.randrange(1, a.vocab) for _ in range(a.shared_prefix)]
+    prompts = [prefix + [rng.randrange(1, a.vocab) for _ in range(rng.randint(a.min_prompt, a.max_prompt))] for _ in range(a.requests)]
     delays = [rng.expovariate(a.rate) if a.rate > 0 else 0.0 for _ in range(a.requests)]
     results, errors = [], []
     gate = threading.Semaphore(a.concurrency)

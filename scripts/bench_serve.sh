@@ -2,7 +2,8 @@
 # Continuous batching against one sequence at a time, on the same server binary and model: a
 # GPT-2-124M-shaped model (one training step of recipes/gpt2-124m.toml: its weights are close to
 # random, which is all a speed test needs), prompts of 32–512 tokens, 128 output tokens, at
-# concurrency 1, 8 and 32 (scripts/bench_serve.py measures TTFT, TPOT, ITL and throughput).
+# concurrency 1, 8 and 32 (scripts/bench_serve.py measures TTFT, TPOT, ITL and throughput), and
+# the time to first token of prompts sharing a 256-token system prompt (prefix caching).
 #
 #   scripts/bench_serve.sh            # FURNACE=path/to/furnace, REQUESTS=32, OUTPUT=128
 set -euo pipefail
@@ -46,6 +47,23 @@ for c in 1 8 32; do
   row "continuous batching (--max-num-seqs 32)" "$result"
   [ "$c" = 32 ] && batched32=$result
 done
+# Prefix caching: prompts that share a 256-token system prompt against prompts of the same
+# lengths that share nothing, one at a time (TTFT is the prompt's cost).
+prefix_row() { # label extra-args
+  python3 scripts/bench_serve.py --url "$batched" --concurrency 1 --requests 16 --output 16 --vocab 400 "${@:2}" >"$work/prefix.json"
+  python3 - "$1" "$(cat "$work/prefix.json")" <<'EOF'
+import json, sys
+label, r = sys.argv[1], json.loads(sys.argv[2])
+print(f"| {label} | {r['ttft']['median_ms']:.0f} | {r['ttft']['mean_ms']:.0f} |")
+EOF
+}
+echo
+echo "| prompts (16, one at a time) | TTFT median ms | TTFT mean ms |"
+echo "| --- | --- | --- |"
+prefix_row "256 shared tokens + 32–64 own" --shared-prefix 256 --min-prompt 32 --max-prompt 64 --seed 1
+prefix_row "288–320 own tokens" --min-prompt 288 --max-prompt 320 --seed 1
+echo
+
 serve 1
 single=$address
 single32=$(bench "$single" 32)

@@ -1,229 +1,270 @@
-//! Continuous batching (Orca's iteration-level scheduling): sequences at different lengths
-//! decode together, one token each per step; a sequence joins after its own prefill and leaves
-//! when it is done, between steps. Each row's logits equal those of the sequence decoded alone.
+//! Continuous batching (Orca's iteration-level scheduling): sequences at different lengths run
+//! together, and each step is one forward over all of them, whatever each reads: a chunk of its
+//! prompt (chunked prefill) or the token it sampled last. Sequences join and leave between
+//! steps. Each sequence's logits equal those of the sequence decoded alone.
 //!
-//! A transformer's batch keeps every row's keys and values left-padded to the longest row, so a
-//! step appends one column for all rows at once; padded slots are masked out of attention and
-//! each row's positions (RoPE, learned, ALiBi, sliding window) are its own. Mamba's rows are its
-//! fixed-size recurrent states, stacked.
+//! A transformer's sequences keep their keys and values in a paged cache ([`PagedKv`]): the
+//! step's tokens are one row, and attention reads each token's own sequence through its block
+//! table. Mamba's sequences keep their fixed-size recurrent states, stacked for a step.
+
+use std::collections::HashMap;
 
 use burn::prelude::*;
 
-use crate::blocks::bias_value;
 use crate::causal_lm::CausalLm;
-use crate::decoder::{Decoder, KvCache};
+use crate::decoder::{Decoder, DecoderCache};
 use crate::kernels::FusedOps;
-use crate::mamba::{Mamba, MambaState};
-use crate::model::{Causal, DecodeState, StateOf};
+use crate::mamba::{LayerState, Mamba, MambaState};
+use crate::model::Causal;
+use crate::paged::{PagedKv, SeqId, BLOCK_SIZE};
 
-/// A model that decodes many sequences, each at its own length, in one forward per step.
+/// A model that runs many sequences, each at its own length, in one forward per step.
 pub trait BatchedDecoding<B: Backend>: CausalLm<B> {
-    /// The rows' decoding states together.
-    type Batch;
+    type Batch: SequenceCache;
 
-    fn empty_batch(&self) -> Self::Batch;
+    /// An empty batch; a transformer's paged cache of `kv_blocks` blocks is allocated here,
+    /// never grown (see [`Decoder::kv_cache_blocks`]).
+    fn new_batch(&self, kv_blocks: usize) -> Self::Batch;
 
-    /// Adds a row (the last) whose state a single-sequence prefill (`forward_step`) left.
-    fn join(&self, batch: &mut Self::Batch, state: Self::State);
-
-    /// Removes row `row`; the rows after it move up by one.
-    fn leave(&self, batch: &mut Self::Batch, row: usize);
-
-    /// Next-token logits `[rows, vocab]` after each row's `tokens[row]`; every row advances by one.
-    fn step(&self, batch: &mut Self::Batch, tokens: &[u32]) -> Tensor<B, 2>;
+    /// Logits `[entries, vocab]` after the last token of each entry, where sequence `id` reads
+    /// `tokens` after those it holds. Each entry's room is reserved first.
+    fn step(&self, batch: &mut Self::Batch, entries: &[(SeqId, &[u32])]) -> Tensor<B, 2>;
 }
 
-/// A transformer's rows: every layer's keys and values `[rows, longest, kv_heads, head_dim]`,
-/// row `i` in the last `lengths[i]` positions.
-#[derive(Debug, Clone)]
-pub struct DecoderBatch<B: Backend> {
-    cache: KvCache<B>,
-    lengths: Vec<usize>,
+/// The sequences a batch holds, and their cache.
+pub trait SequenceCache {
+    /// Starts sequence `id` with `prompt`: returns how many of its tokens the prefix cache
+    /// already holds (the sequence reads the rest).
+    fn add(&mut self, id: SeqId, prompt: &[u32]) -> usize;
+
+    /// Makes room for `tokens` more tokens of sequence `id`: false, with nothing taken, when
+    /// the cache is full.
+    fn reserve(&mut self, id: SeqId, tokens: usize) -> bool;
+
+    /// Ends sequence `id` and frees its share of the cache.
+    fn remove(&mut self, id: SeqId);
+
+    /// (blocks in use, blocks) of a paged cache; (0, 0) for recurrent states.
+    fn blocks(&self) -> (usize, usize);
+
+    /// (prompt tokens looked up in the prefix cache, tokens found there).
+    fn prefix_stats(&self) -> (u64, u64);
 }
 
-impl<B: Backend> DecoderBatch<B> {
-    fn longest(&self) -> usize {
-        self.cache.len()
+impl<B: Backend> SequenceCache for PagedKv<B> {
+    fn add(&mut self, id: SeqId, prompt: &[u32]) -> usize {
+        PagedKv::add(self, id, prompt)
+    }
+
+    fn reserve(&mut self, id: SeqId, tokens: usize) -> bool {
+        PagedKv::reserve(self, id, tokens)
+    }
+
+    fn remove(&mut self, id: SeqId) {
+        PagedKv::remove(self, id)
+    }
+
+    fn blocks(&self) -> (usize, usize) {
+        (self.pool().used(), self.pool().blocks())
+    }
+
+    fn prefix_stats(&self) -> (u64, u64) {
+        PagedKv::prefix_stats(self)
     }
 }
 
-/// `t` `[rows, len, …]` with `pad` zero positions before its first.
-fn left_pad<B: Backend>(t: Tensor<B, 4>, pad: usize) -> Tensor<B, 4> {
-    if pad == 0 {
-        return t;
+impl<B: FusedOps> Decoder<B> {
+    /// Bytes of keys and values (f32) one position takes across all layers.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.layers.iter().map(|l| 2 * 4 * l.attention.n_kv_heads * l.attention.head_dim).sum()
     }
-    let [rows, _, heads, dim] = t.dims();
-    let zeros = Tensor::<B, 4>::zeros([rows, pad, heads, dim], &t.device()).cast(t.dtype());
-    Tensor::cat(vec![zeros, t], 1)
-}
 
-/// `t` without row `row` (dimension 0).
-fn without_row<B: Backend, const D: usize>(t: Tensor<B, D>, row: usize) -> Tensor<B, D> {
-    let rows = t.dims()[0];
-    let keep: Vec<i64> = (0..rows as i64).filter(|&r| r != row as i64).collect();
-    let n = keep.len();
-    t.clone().select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(keep, [n]), &t.device()))
+    /// Blocks of a paged cache of `kv_cache_bytes`, no more than `max_sequences` could ever fill.
+    pub fn kv_cache_blocks(&self, max_sequences: usize, kv_cache_bytes: usize) -> usize {
+        let most = max_sequences * self.max_seq_len.div_ceil(BLOCK_SIZE);
+        (kv_cache_bytes / (BLOCK_SIZE * self.kv_bytes_per_position())).min(most)
+    }
 }
 
 impl<B: FusedOps> BatchedDecoding<B> for Decoder<B> {
-    type Batch = DecoderBatch<B>;
+    type Batch = PagedKv<B>;
 
-    fn empty_batch(&self) -> DecoderBatch<B> {
-        DecoderBatch { cache: self.init_state(), lengths: Vec::new() }
+    fn new_batch(&self, kv_blocks: usize) -> PagedKv<B> {
+        let attention = &self.layers[0].attention;
+        PagedKv::new(self.layers.len(), kv_blocks, attention.n_kv_heads, attention.head_dim, &self.embed_tokens.device())
     }
 
-    fn join(&self, batch: &mut DecoderBatch<B>, state: KvCache<B>) {
-        let (longest, length) = (batch.longest(), state.len());
-        let width = longest.max(length);
-        for (ours, theirs) in batch.cache.layers.iter_mut().zip(state.layers) {
-            let (k, v) = theirs.expect("a prefilled state holds every layer's keys and values");
-            let (k, v) = (left_pad(k, width - length), left_pad(v, width - length));
-            *ours = Some(match ours.take() {
-                None => (k, v),
-                Some((past_k, past_v)) => {
-                    (Tensor::cat(vec![left_pad(past_k, width - longest), k], 0), Tensor::cat(vec![left_pad(past_v, width - longest), v], 0))
-                }
-            });
-        }
-        batch.lengths.push(length);
-    }
-
-    fn leave(&self, batch: &mut DecoderBatch<B>, row: usize) {
-        batch.lengths.remove(row);
-        // The padding every remaining row has goes too.
-        let longest = batch.longest();
-        let trim = longest - batch.lengths.iter().copied().max().unwrap_or(0);
-        for layer in &mut batch.cache.layers {
-            *layer = match (layer.take(), batch.lengths.is_empty()) {
-                (Some((k, v)), false) => {
-                    let (k, v) = (without_row(k, row), without_row(v, row));
-                    Some((k.narrow(1, trim, longest - trim), v.narrow(1, trim, longest - trim)))
-                }
-                _ => None,
-            };
-        }
-    }
-
-    fn step(&self, batch: &mut DecoderBatch<B>, tokens: &[u32]) -> Tensor<B, 2> {
-        let rows = tokens.len();
-        assert_eq!(rows, batch.lengths.len(), "one token per row");
+    fn step(&self, batch: &mut PagedKv<B>, entries: &[(SeqId, &[u32])]) -> Tensor<B, 2> {
         let device = self.embed_tokens.device();
-        let longest = batch.longest();
-        // Row i's key slot j holds its position j − pad_i; the new token is slot `longest`.
-        let heads = self.alibi_slopes.as_ref().map_or(1, Vec::len);
-        let mut bias = Vec::with_capacity(rows * heads * (longest + 1));
-        for &length in &batch.lengths {
-            let pad = longest - length;
-            for h in 0..heads {
-                for slot in 0..=longest {
-                    let visible = slot >= pad && (self.sliding_window == 0 || longest - slot < self.sliding_window);
-                    let slope = self.alibi_slopes.as_ref().map(|s| s[h]);
-                    bias.push(bias_value(visible, longest - slot, slope));
-                }
-            }
-        }
-        let bias = Tensor::from_data(TensorData::new(bias, [rows, heads, 1, longest + 1]), &device);
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, 1]), &device);
-        let (x, ctx) = self.embed_at(tokens, &batch.lengths, bias);
-        let hidden = self.blocks(x, &ctx, Some(&mut batch.cache)).0;
-        for length in &mut batch.lengths {
-            *length += 1;
-        }
-        self.head(hidden).reshape([rows, self.vocab_size])
+        let step = batch.plan(entries, self.sliding_window, self.alibi_slopes.clone());
+        let ids: Vec<i64> = entries.iter().flat_map(|(_, tokens)| tokens.iter().map(|&t| t as i64)).collect();
+        let positions: Vec<usize> = step.sequences.iter().flat_map(|s| s.context - s.queries..s.context).collect();
+        let total = ids.len();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, total]), &device);
+        // The step masks attention by its block tables: no bias is built.
+        let (x, ctx) = self.embed_at(tokens, &positions, Tensor::zeros([1, 1, 1, 1], &device));
+        let hidden = self.blocks(x, &ctx, Some(DecoderCache::Paged(batch, &step))).0;
+        batch.advance(entries);
+        // Only each entry's last token needs logits.
+        let lasts: Vec<i64> = step
+            .sequences
+            .iter()
+            .scan(0, |end, s| {
+                *end += s.queries;
+                Some(*end as i64 - 1)
+            })
+            .collect();
+        let rows = lasts.len();
+        let lasts = Tensor::<B, 1, Int>::from_data(TensorData::new(lasts, [rows]), &device);
+        self.head(hidden.select(1, lasts)).reshape([rows, self.vocab_size])
     }
 }
 
-/// Mamba's rows: every layer's recurrent state, stacked on dimension 0.
-#[derive(Debug, Clone)]
+/// Mamba's sequences: each one's recurrent state, by id.
+#[derive(Debug)]
 pub struct MambaBatch<B: Backend> {
-    state: MambaState<B>,
-    rows: usize,
+    states: HashMap<SeqId, MambaState<B>>,
+    layers: usize,
+}
+
+impl<B: Backend> SequenceCache for MambaBatch<B> {
+    fn add(&mut self, id: SeqId, _prompt: &[u32]) -> usize {
+        self.states.insert(id, MambaState { layers: vec![None; self.layers], len: 0 });
+        0
+    }
+
+    /// A state's size is fixed: there is always room.
+    fn reserve(&mut self, _id: SeqId, _tokens: usize) -> bool {
+        true
+    }
+
+    fn remove(&mut self, id: SeqId) {
+        self.states.remove(&id);
+    }
+
+    fn blocks(&self) -> (usize, usize) {
+        (0, 0)
+    }
+
+    fn prefix_stats(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 impl<B: FusedOps> BatchedDecoding<B> for Mamba<B> {
     type Batch = MambaBatch<B>;
 
-    fn empty_batch(&self) -> MambaBatch<B> {
-        MambaBatch { state: self.init_state(), rows: 0 }
+    fn new_batch(&self, _kv_blocks: usize) -> MambaBatch<B> {
+        MambaBatch { states: HashMap::new(), layers: self.layers.len() }
     }
 
-    fn join(&self, batch: &mut MambaBatch<B>, state: MambaState<B>) {
-        for (ours, theirs) in batch.state.layers.iter_mut().zip(state.layers) {
-            let theirs = theirs.expect("a prefilled state holds every layer's state");
-            *ours = Some(match ours.take() {
-                None => theirs,
-                Some(mut past) => {
-                    past.conv = Tensor::cat(vec![past.conv, theirs.conv], 0);
-                    past.ssm = Tensor::cat(vec![past.ssm, theirs.ssm], 0);
-                    past
-                }
-            });
+    /// Entries that read one token after a started state run stacked, in one forward; the
+    /// others (prompt chunks) one by one.
+    fn step(&self, batch: &mut MambaBatch<B>, entries: &[(SeqId, &[u32])]) -> Tensor<B, 2> {
+        let device = self.embed_tokens.device();
+        let row = |tokens: &[u32]| {
+            let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), &device)
+        };
+        let started = |id: &SeqId| batch.states[id].layers.iter().all(Option::is_some);
+        let (stacked, alone): (Vec<usize>, Vec<usize>) =
+            (0..entries.len()).partition(|&e| entries[e].1.len() == 1 && started(&entries[e].0));
+        let mut logits: Vec<Option<Tensor<B, 2>>> = vec![None; entries.len()];
+        for e in alone {
+            let (id, tokens) = entries[e];
+            let state = batch.states.get_mut(&id).expect("a sequence is added before it steps");
+            let out = self.forward_step(row(tokens), state);
+            logits[e] = Some(out.narrow(1, tokens.len() - 1, 1).reshape([1, self.vocab_size]));
         }
-        batch.rows += 1;
-    }
-
-    fn leave(&self, batch: &mut MambaBatch<B>, row: usize) {
-        batch.rows -= 1;
-        for layer in &mut batch.state.layers {
-            *layer = match (layer.take(), batch.rows) {
-                (Some(mut s), 1..) => {
-                    s.conv = without_row(s.conv, row);
-                    s.ssm = without_row(s.ssm, row);
-                    Some(s)
+        if !stacked.is_empty() {
+            let states: Vec<MambaState<B>> =
+                stacked.iter().map(|&e| batch.states.remove(&entries[e].0).expect("an added sequence")).collect();
+            let layers = (0..self.layers.len())
+                .map(|l| {
+                    let of = |pick: fn(&LayerState<B>) -> Tensor<B, 3>| {
+                        Tensor::cat(states.iter().map(|s| pick(s.layers[l].as_ref().expect("a started state"))).collect(), 0)
+                    };
+                    Some(LayerState { conv: of(|s| s.conv.clone()), ssm: of(|s| s.ssm.clone()) })
+                })
+                .collect();
+            let mut together = MambaState { layers, len: 0 };
+            let tokens: Vec<u32> = stacked.iter().map(|&e| entries[e].1[0]).collect();
+            let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+            let out = self.forward_step(Tensor::from_data(TensorData::new(ids, [tokens.len(), 1]), &device), &mut together);
+            for (k, (&e, mut state)) in stacked.iter().zip(states).enumerate() {
+                for (mine, ours) in state.layers.iter_mut().zip(&together.layers) {
+                    let ours = ours.as_ref().expect("stepped layers hold their state");
+                    *mine = Some(LayerState { conv: ours.conv.clone().narrow(0, k, 1), ssm: ours.ssm.clone().narrow(0, k, 1) });
                 }
-                _ => None,
-            };
+                state.len += 1;
+                batch.states.insert(entries[e].0, state);
+                logits[e] = Some(out.clone().narrow(0, k, 1).reshape([1, self.vocab_size]));
+            }
         }
-    }
-
-    fn step(&self, batch: &mut MambaBatch<B>, tokens: &[u32]) -> Tensor<B, 2> {
-        let rows = tokens.len();
-        assert_eq!(rows, batch.rows, "one token per row");
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, 1]), &self.embed_tokens.device());
-        self.forward_step(tokens, &mut batch.state).reshape([rows, self.vocab_size])
+        Tensor::cat(logits.into_iter().map(|l| l.expect("every entry stepped")).collect(), 0)
     }
 }
 
-/// The rows of a [`Causal`] model.
-#[derive(Debug, Clone)]
+/// The sequences of a [`Causal`] model.
+#[derive(Debug)]
 pub enum CausalBatch<B: Backend> {
-    Decoder(DecoderBatch<B>),
+    Decoder(PagedKv<B>),
     Mamba(MambaBatch<B>),
+}
+
+impl<B: Backend> CausalBatch<B> {
+    fn cache(&self) -> &dyn SequenceCache {
+        match self {
+            Self::Decoder(b) => b,
+            Self::Mamba(b) => b,
+        }
+    }
+
+    fn cache_mut(&mut self) -> &mut dyn SequenceCache {
+        match self {
+            Self::Decoder(b) => b,
+            Self::Mamba(b) => b,
+        }
+    }
+}
+
+impl<B: Backend> SequenceCache for CausalBatch<B> {
+    fn add(&mut self, id: SeqId, prompt: &[u32]) -> usize {
+        self.cache_mut().add(id, prompt)
+    }
+
+    fn reserve(&mut self, id: SeqId, tokens: usize) -> bool {
+        self.cache_mut().reserve(id, tokens)
+    }
+
+    fn remove(&mut self, id: SeqId) {
+        self.cache_mut().remove(id)
+    }
+
+    fn blocks(&self) -> (usize, usize) {
+        self.cache().blocks()
+    }
+
+    fn prefix_stats(&self) -> (u64, u64) {
+        self.cache().prefix_stats()
+    }
 }
 
 impl<B: FusedOps> BatchedDecoding<B> for Causal<'_, B> {
     type Batch = CausalBatch<B>;
 
-    fn empty_batch(&self) -> CausalBatch<B> {
+    fn new_batch(&self, kv_blocks: usize) -> CausalBatch<B> {
         match self {
-            Self::Decoder(m) => CausalBatch::Decoder(m.empty_batch()),
-            Self::Mamba(m) => CausalBatch::Mamba(m.empty_batch()),
+            Self::Decoder(m) => CausalBatch::Decoder(m.new_batch(kv_blocks)),
+            Self::Mamba(m) => CausalBatch::Mamba(m.new_batch(kv_blocks)),
         }
     }
 
-    fn join(&self, batch: &mut CausalBatch<B>, state: DecodeState<B>) {
-        match (self, batch, state.0) {
-            (Self::Decoder(m), CausalBatch::Decoder(b), StateOf::Decoder(s)) => m.join(b, s),
-            (Self::Mamba(m), CausalBatch::Mamba(b), StateOf::Mamba(s)) => m.join(b, s),
-            // Batches and states are made by the same model's `empty_batch` and `init_state`.
-            _ => unreachable!("a batch and a decoding state belong to the model that made them"),
-        }
-    }
-
-    fn leave(&self, batch: &mut CausalBatch<B>, row: usize) {
+    fn step(&self, batch: &mut CausalBatch<B>, entries: &[(SeqId, &[u32])]) -> Tensor<B, 2> {
         match (self, batch) {
-            (Self::Decoder(m), CausalBatch::Decoder(b)) => m.leave(b, row),
-            (Self::Mamba(m), CausalBatch::Mamba(b)) => m.leave(b, row),
-            _ => unreachable!("a batch belongs to the model that made it"),
-        }
-    }
-
-    fn step(&self, batch: &mut CausalBatch<B>, tokens: &[u32]) -> Tensor<B, 2> {
-        match (self, batch) {
-            (Self::Decoder(m), CausalBatch::Decoder(b)) => m.step(b, tokens),
-            (Self::Mamba(m), CausalBatch::Mamba(b)) => m.step(b, tokens),
+            (Self::Decoder(m), CausalBatch::Decoder(b)) => m.step(b, entries),
+            (Self::Mamba(m), CausalBatch::Mamba(b)) => m.step(b, entries),
+            // Batches are made by the same model's `new_batch`.
             _ => unreachable!("a batch belongs to the model that made it"),
         }
     }

@@ -16,6 +16,7 @@ use crate::init::normal_param;
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
 use crate::mixtral::{MoeConfig, Routing, SparseMoe};
+use crate::paged::{PagedKv, PagedStep};
 use furnace_core::params::f32_val;
 use furnace_core::rng::SeededRng;
 
@@ -200,7 +201,7 @@ impl<B: FusedOps> Block<B> {
         &self,
         x: Tensor<B, 3>,
         ctx: &AttentionContext<B>,
-        cache: Option<&mut LayerKv<B>>,
+        cache: Option<LayerCache<'_, B>>,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
         let h = self.attention_norm.forward(x.clone());
         let attn = self.dropout.forward(self.attention.forward(h.clone(), ctx, cache));
@@ -257,6 +258,12 @@ impl<B: Backend> LinearLayers<B> for Decoder<B> {
     }
 }
 
+/// Where every layer keeps the keys and values of a forward that decodes.
+pub(crate) enum DecoderCache<'a, B: Backend> {
+    Contiguous(&'a mut KvCache<B>),
+    Paged(&'a mut PagedKv<B>, &'a PagedStep),
+}
+
 /// Keys and values of every layer, passed to `forward_step` by the caller.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
@@ -289,7 +296,7 @@ impl<B: FusedOps> Decoder<B> {
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 2>>) {
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let (x, ctx) = self.embed(tokens, offset, packed);
-        self.blocks(x, &ctx, cache)
+        self.blocks(x, &ctx, cache.map(DecoderCache::Contiguous))
     }
 
     /// The blocks and the final norm over embedded `x`: hidden states and the MoE layers' router logits.
@@ -297,11 +304,15 @@ impl<B: FusedOps> Decoder<B> {
         &self,
         mut x: Tensor<B, 3>,
         ctx: &AttentionContext<B>,
-        mut cache: Option<&mut KvCache<B>>,
+        mut cache: Option<DecoderCache<'_, B>>,
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 2>>) {
         let mut router_logits = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = match &mut cache {
+                None => None,
+                Some(DecoderCache::Contiguous(c)) => Some(LayerCache::Contiguous(&mut c.layers[i])),
+                Some(DecoderCache::Paged(kv, step)) => Some(LayerCache::Paged(&mut kv.layers[i], step)),
+            };
             let (out, router) = layer.forward(x, ctx, layer_cache);
             x = out;
             router_logits.extend(router);

@@ -16,11 +16,12 @@ pub mod mamba;
 pub mod mixtral;
 pub mod model;
 pub mod nf4;
+pub mod paged;
 pub mod sampling;
 pub mod speculative;
 pub mod t5;
 
-pub use batching::{BatchedDecoding, CausalBatch};
+pub use batching::{BatchedDecoding, CausalBatch, SequenceCache};
 pub use bert::{Bert, BertConfig};
 pub use causal_lm::CausalLm;
 pub use decoder::{Decoder, DecoderConfig, KvCache, PositionKind};

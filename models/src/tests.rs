@@ -705,63 +705,82 @@ fn decode_alone<B: FusedOps, M: CausalLm<B>>(model: &M, prompt: &[u32], steps: u
     (all, tokens)
 }
 
-/// Continuous batching: prompts of different lengths join a running batch at different steps
-/// (after their own prefill) and leave when done, and every row's logits (1e-4) and greedy
-/// tokens equal those of its sequence decoded alone.
+/// Continuous batching: prompts of different lengths join a running batch at different steps,
+/// are read three tokens a step beside the others' decoding (chunked prefill) and leave when
+/// done, and every sequence's logits (1e-4) and greedy tokens equal those of it decoded alone.
+/// A prompt sharing another's first 17 tokens takes its first block from the prefix cache, and
+/// one sequence is preempted mid-way (removed, then added back with what it generated).
 fn check_batched_equals_alone(config: ModelConfig) {
-    use crate::batching::BatchedDecoding;
+    use crate::batching::{BatchedDecoding, SequenceCache};
     type F = burn::backend::Flex;
     let device = Default::default();
     let model = config.init::<F>(11, &device);
     let model = model.as_causal().expect("a decoding model");
+    let paged = matches!(model, crate::Causal::Decoder(_));
+    let shared: Vec<u32> = (0..17).map(|i| (i * 5 + 1) % 50).collect();
+    let sharing: Vec<u32> = shared.iter().copied().chain([3, 44]).collect();
     // (prompt, step it joins at, tokens it generates)
-    let requests: [(&[u32], usize, usize); 4] =
-        [(&[1, 2, 3, 4, 5, 6, 7], 0, 6), (&[9], 1, 3), (&[4, 8, 15], 1, 7), (&[30, 31, 2, 5, 7, 11, 13, 17, 19, 23], 4, 4)];
+    let requests: [(&[u32], usize, usize); 5] =
+        [(&[1, 2, 3, 4, 5, 6, 7], 0, 6), (&[9], 1, 3), (&shared, 1, 4), (&[4, 8, 15], 2, 7), (&sharing, 8, 4)];
+    let preempted = (0, 4);
     let alone: Vec<_> = requests.iter().map(|&(prompt, _, steps)| decode_alone::<F, _>(&model, prompt, steps)).collect();
     let close = |what: &str, a: &[f32], b: &[f32]| {
         let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         assert!(worst <= 1e-4 * a.iter().fold(1.0f32, |m, x| m.max(x.abs())), "{what}: batched logits differ by {worst}");
     };
-    let mut batch = model.empty_batch();
-    // Per row: its request and the tokens generated so far.
-    let mut rows: Vec<(usize, Vec<u32>)> = Vec::new();
+    let mut batch = model.new_batch(64);
+    // Per live sequence: its request, its tokens (prompt and generated) and how many are cached.
+    let mut live: Vec<(usize, Vec<u32>, usize)> = Vec::new();
     let mut finished = 0;
     for iteration in 0.. {
         for (r, &(prompt, joins, _)) in requests.iter().enumerate() {
             if joins == iteration {
-                let mut state = model.init_state();
-                let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-                let logits = model.forward_step(Tensor::from_data(TensorData::new(ids, [1, prompt.len()]), &device), &mut state);
-                let last: Vec<f32> = logits.narrow(1, prompt.len() - 1, 1).into_data().convert::<f32>().into_vec().unwrap();
-                close(&format!("request {r} after its prefill"), &alone[r].0[0], &last);
-                model.join(&mut batch, state);
-                rows.push((r, vec![argmax(&last) as u32]));
+                let cached = batch.add(r as u64, prompt);
+                assert_eq!(cached, if paged && r == 4 { 16 } else { 0 }, "request {r}: prompt tokens found in the prefix cache");
+                live.push((r, prompt.to_vec(), cached));
             }
         }
-        if rows.is_empty() {
+        if iteration == preempted.1 {
+            let (r, tokens, cached) = live.iter_mut().find(|(r, ..)| *r == preempted.0).expect("running");
+            batch.remove(*r as u64);
+            *cached = batch.add(*r as u64, tokens);
+        }
+        if live.is_empty() {
             break;
         }
-        let tokens: Vec<u32> = rows.iter().map(|(_, generated)| *generated.last().unwrap()).collect();
-        let logits = model.step(&mut batch, &tokens);
+        let entries: Vec<(u64, &[u32])> =
+            live.iter().map(|(r, tokens, cached)| (*r as u64, &tokens[*cached..tokens.len().min(cached + 3)])).collect();
+        for &(id, tokens) in &entries {
+            assert!(batch.reserve(id, tokens.len()), "room for request {id}");
+        }
+        let logits = model.step(&mut batch, &entries);
+        let reads: Vec<usize> = entries.iter().map(|(_, tokens)| tokens.len()).collect();
         let vocab = logits.dims()[1];
         let logits: Vec<f32> = logits.into_data().convert::<f32>().into_vec().unwrap();
-        for (i, (r, generated)) in rows.iter_mut().enumerate() {
+        for (i, (r, tokens, cached)) in live.iter_mut().enumerate() {
+            *cached += reads[i];
+            if *cached < tokens.len() {
+                continue;
+            }
+            let generated = tokens.len() - requests[*r].0.len();
             let row = &logits[i * vocab..(i + 1) * vocab];
-            close(&format!("request {r} at its step {}", generated.len()), &alone[*r].0[generated.len()], row);
-            generated.push(argmax(row) as u32);
+            close(&format!("request {r} after {generated} tokens"), &alone[*r].0[generated], row);
+            tokens.push(argmax(row) as u32);
         }
-        // Rows that have all their tokens leave, the last first so the indices hold.
-        for i in (0..rows.len()).rev() {
-            let (r, generated) = &rows[i];
-            if generated.len() == requests[*r].2 {
-                assert_eq!(generated, &alone[*r].1, "request {r}: batched greedy tokens");
-                model.leave(&mut batch, i);
-                rows.remove(i);
+        for i in (0..live.len()).rev() {
+            let (r, tokens, _) = &live[i];
+            if tokens.len() - requests[*r].0.len() == requests[*r].2 {
+                assert_eq!(&tokens[requests[*r].0.len()..], &alone[*r].1[..], "request {r}: batched greedy tokens");
+                batch.remove(*r as u64);
+                live.remove(i);
                 finished += 1;
             }
         }
     }
     assert_eq!(finished, requests.len());
+    if paged {
+        assert_eq!(batch.blocks().0, 0, "every block is back in the pool");
+    }
 }
 
 #[test]

@@ -228,9 +228,16 @@ pub struct ServeArgs {
     /// Sequences decoded together in one batch; more wait in the queue.
     #[arg(long, default_value_t = 16)]
     pub max_num_seqs: usize,
-    /// The KV cache budget in MiB: a sequence waits while the batch's keys and values would exceed it.
+    /// The paged KV cache in MiB, allocated at start (blocks of 16 positions; no more than
+    /// --max-num-seqs sequences of the model's context could fill). A sequence joins when its
+    /// next tokens fit; when the cache is full the newest sequence is preempted and recomputed
+    /// later. Prompts sharing whole blocks of a prefix share those blocks (prefix caching).
     #[arg(long, default_value_t = 1024)]
     pub kv_cache_mb: usize,
+    /// The KV cache's size in blocks of 16 positions, instead of what --kv-cache-mb gives
+    /// (vLLM's --num-gpu-blocks-override: to test preemption, or to pin the size).
+    #[arg(long)]
+    pub num_kv_blocks: Option<usize>,
     /// Requests that may wait; beyond them a request gets 429 with Retry-After.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,

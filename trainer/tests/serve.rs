@@ -644,3 +644,40 @@ fn an_encoder_serves_embeddings_only() {
     }
     assert_eq!(server.request("GET", "/health", None).0, 200);
 }
+
+/// The paged KV cache: with too few blocks for every sequence at once, the newest is
+/// preempted and recomputed, and every reply is still the one it gets alone; a prompt that
+/// shares whole blocks with an earlier one takes them from the prefix cache (seen in /metrics).
+#[test]
+fn a_full_cache_preempts_the_newest_and_shared_prefixes_are_computed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), "llama");
+    // 12 blocks of 16 positions; four sequences of ~70 positions need 20.
+    let server = Server::start(&checkpoint, &["--max-num-seqs", "4", "--num-kv-blocks", "12", "--prefill-chunk", "8"]);
+    let prompts = ["Once upon a time", "The fox and the dog", "A little girl named Lily", "One day, a big"];
+    let request = |prompt: &str| json!({"prompt": prompt, "max_tokens": 60, "temperature": 0, "ignore_eos": true});
+    let alone: Vec<Value> = prompts.iter().map(|p| server.post("/v1/completions", &request(p)).1["choices"][0]["text"].clone()).collect();
+    assert_eq!(metric(&server.metrics(), "furnace_num_preemptions_total"), 0.0, "one at a time fits");
+    let (server, request) = (&server, &request);
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts.iter().map(|p| s.spawn(move || server.post("/v1/completions", &request(p)))).collect();
+        handles.into_iter().map(|h| h.join().unwrap().1["choices"][0]["text"].clone()).collect()
+    });
+    assert_eq!(together, alone, "replies under preemption");
+    let metrics = server.metrics();
+    assert!(metric(&metrics, "furnace_num_preemptions_total") > 0.0, "{metrics}");
+    assert_eq!(metric(&metrics, "furnace_kv_cache_blocks_used"), 0.0, "every block is back");
+    assert_eq!(metric(&metrics, "furnace_kv_cache_blocks_free"), 12.0);
+
+    // A system prompt of several blocks, shared by two chats: the second reads only its own tail.
+    let system = "You are a storyteller. ".repeat(8);
+    let chat = |question: &str| json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}], "max_tokens": 4, "temperature": 0});
+    let hits = metric(&server.metrics(), "furnace_prefix_cache_hits_total");
+    let (status, first) = server.post("/v1/chat/completions", &chat("A tale?"));
+    assert_eq!(status, 200, "{first}");
+    let (_, second) = server.post("/v1/chat/completions", &chat("Another?"));
+    let shared_prompt = first["usage"]["prompt_tokens"].as_f64().unwrap().min(second["usage"]["prompt_tokens"].as_f64().unwrap());
+    let found = metric(&server.metrics(), "furnace_prefix_cache_hits_total") - hits;
+    assert!(found >= 16.0 && found <= shared_prompt, "{found} prompt tokens from the prefix cache of {shared_prompt}");
+    assert!(metric(&server.metrics(), "furnace_prefix_cache_hit_rate") > 0.0);
+}

@@ -5,10 +5,20 @@ use burn::prelude::*;
 
 use super::Linear;
 use crate::kernels::{multi_head_attention, rope, FusedOps};
+use crate::paged::{PagedLayer, PagedStep};
 use furnace_core::rng::SeededRng;
 
 /// Keys and values of one layer for the positions decoded so far: `[batch, len, kv_heads, head_dim]`.
 pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// Where a layer keeps the keys and values of a forward that decodes.
+pub enum LayerCache<'a, B: Backend> {
+    /// Grown by each forward (one sequence, or rows of equal length).
+    Contiguous(&'a mut LayerKv<B>),
+    /// A paged cache's pool, written and read through the step's block tables; the step masks
+    /// attention itself, so the context's bias is not read.
+    Paged(&'a mut PagedLayer<B>, &'a PagedStep),
+}
 
 /// Per-forward inputs every layer shares: rotary tables for the current positions and the
 /// additive mask/bias. Built once per forward by the model, not per layer.
@@ -85,17 +95,22 @@ impl<B: Backend> Attention<B> {
 impl<B: FusedOps> Attention<B> {
     /// Heads stay in the projections' `[batch, seq, heads, head_dim]` layout throughout: the
     /// fused attention reads them with strides, so nothing is transposed or repeated.
-    pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &AttentionContext<B>, cache: Option<LayerCache<'_, B>>) -> Tensor<B, 3> {
         let mut q = self.queries(x.clone());
-        let (mut k, mut v) = self.keys_values(x);
+        let (mut k, v) = self.keys_values(x);
         if let Some((cos, sin)) = &ctx.rope {
             q = rope(q, cos.clone(), sin.clone());
             k = rope(k, cos.clone(), sin.clone());
         }
-        if let Some(cache) = cache {
-            (k, v) = extend_cache(cache, k, v);
-        }
-        self.output(multi_head_attention(q, k, v, ctx.bias.clone(), self.scale))
+        let heads = match cache {
+            None => multi_head_attention(q, k, v, ctx.bias.clone(), self.scale),
+            Some(LayerCache::Contiguous(cache)) => {
+                let (k, v) = extend_cache(cache, k, v);
+                multi_head_attention(q, k, v, ctx.bias.clone(), self.scale)
+            }
+            Some(LayerCache::Paged(pool, step)) => pool.attend(q, k, v, step, self.scale),
+        };
+        self.output(heads)
     }
 
     /// `[batch, seq, heads, head_dim]` queries of `x`.

@@ -7,7 +7,8 @@ mod norm;
 
 pub(crate) use attention::bias_value;
 pub use attention::{
-    alibi_slopes, attention_bias, branched_attention_bias, extend_cache, packed_attention_bias, Attention, AttentionContext, LayerKv, Rope,
+    alibi_slopes, attention_bias, branched_attention_bias, extend_cache, packed_attention_bias, Attention, AttentionContext, LayerCache,
+    LayerKv, Rope,
 };
 pub use linear::{lm_logits, with_autocast, Linear};
 pub use mlp::{FeedForward, MlpKind};

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::math::{self, multiversion};
 use super::{flex_mamba, reference, FusedOps, ScanPrimitives};
 use crate::blocks::NormKind;
+use crate::paged::PagedStep;
 
 /// Elements per parallel task: big enough to amortise scheduling, small enough to balance.
 const TASK_ELEMS: usize = 1 << 14;
@@ -117,6 +118,105 @@ impl FusedOps for Flex {
             }
         });
         (from_vec(Shape::new([batch, queries, heads, dim]), out), from_vec(Shape::new([batch, heads, queries, keys]), probs))
+    }
+
+    fn paged_kv_write(pool: FloatTensor<Self>, rows: FloatTensor<Self>, slots: &[usize]) -> FloatTensor<Self> {
+        let in_pool = pool.layout().contiguous_offsets().filter(|_| pool.dtype() == DType::F32);
+        let (Some(written), Some((start, end))) = (contiguous_f32(&rows), in_pool) else {
+            return reference::paged_kv_write::<Self>(pool, rows, slots);
+        };
+        let mut pool = pool;
+        let row = written.shape().num_elements() / slots.len().max(1);
+        // In place when the pool is not shared (the cache hands it over for the write).
+        let dst = &mut pool.storage_mut::<f32>()[start..end];
+        for (&slot, src) in slots.iter().zip(values(&written).chunks_exact(row)) {
+            dst[slot * row..][..row].copy_from_slice(src);
+        }
+        pool
+    }
+
+    fn paged_attention(
+        q: FloatTensor<Self>,
+        key_pool: FloatTensor<Self>,
+        value_pool: FloatTensor<Self>,
+        step: &PagedStep,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let [Some(q), Some(keys), Some(vals)] = [&q, &key_pool, &value_pool].map(contiguous_f32) else {
+            return reference::paged_attention::<Self>(q, key_pool, value_pool, step, scale);
+        };
+        let [_, tokens, heads, dim] = q.shape().dims();
+        let kv_heads = keys.shape().dims::<3>()[1];
+        let group = heads / kv_heads;
+        let (q, k, v) = (values(&q), values(&keys), values(&vals));
+        let mut out = vec![0.0; tokens * heads * dim];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let firsts: Vec<usize> = step.sequences.iter().scan(0, |token, s| Some(std::mem::replace(token, *token + s.queries))).collect();
+        let (bs, kv_row, q_row) = (step.block_size, kv_heads * dim, heads * dim);
+        // One task per (sequence, key/value head): scores against each block of the sequence's
+        // table straight from the pool, softmax under the step's mask, then probs·v block by block.
+        (0..step.sequences.len() * kv_heads).into_par_iter().for_each(|task| {
+            let (s, g) = (&step.sequences[task / kv_heads], task % kv_heads);
+            let (first_token, first_position) = (firsts[task / kv_heads], s.context - s.queries);
+            let (queries, context) = (s.queries, s.context);
+            let out_ptr = &out_ptr;
+            let mut scores = vec![0.0; queries * context];
+            let mut bias = vec![0.0; context];
+            for h in g * group..(g + 1) * group {
+                let q_at = (first_token * heads + h) * dim;
+                let blocks = s
+                    .table
+                    .iter()
+                    .enumerate()
+                    .take(context.div_ceil(bs))
+                    .map(|(b, &block)| (b * bs, bs.min(context - b * bs), (block as usize * bs * kv_heads + g) * dim));
+                if queries == 1 {
+                    // A decode token: dot products and a weighted sum of rows, no matmul calls
+                    // (tens of thousands of 1×16 products per step would cost more in calls).
+                    let query = &q[q_at..q_at + dim];
+                    for (start, n, kv_at) in blocks.clone() {
+                        dot_rows(query, &k[kv_at..kv_at + (n - 1) * kv_row + dim], kv_row, &mut scores[start..start + n]);
+                    }
+                    bias.iter_mut().enumerate().for_each(|(j, b)| *b = step.bias(first_position, j, h));
+                    softmax_in_place(&mut scores, &bias, scale);
+                    // Safety: this task alone writes head h's columns of its sequence's row.
+                    let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(q_at), dim) };
+                    for (start, n, kv_at) in blocks {
+                        add_weighted_rows(&scores[start..start + n], &v[kv_at..kv_at + (n - 1) * kv_row + dim], kv_row, out);
+                    }
+                    continue;
+                }
+                for (start, n, kv_at) in blocks.clone() {
+                    // Safety: the block's rows lie inside the pool, the sequence's queries inside q.
+                    unsafe {
+                        matmul(
+                            [queries, n, dim],
+                            (scores.as_mut_ptr().add(start), context, 1),
+                            false,
+                            (q.as_ptr().add(q_at), q_row, 1),
+                            (k.as_ptr().add(kv_at), 1, kv_row),
+                        );
+                    }
+                }
+                for (i, row) in scores.chunks_mut(context).enumerate() {
+                    bias.iter_mut().enumerate().for_each(|(j, b)| *b = step.bias(first_position + i, j, h));
+                    softmax_in_place(row, &bias, scale);
+                }
+                for (start, n, kv_at) in blocks {
+                    // Safety: as above; this task alone writes head h's columns of its sequence's rows.
+                    unsafe {
+                        matmul(
+                            [queries, dim, n],
+                            (out_ptr.0.add(q_at), q_row, 1),
+                            start > 0,
+                            (scores.as_ptr().add(start), context, 1),
+                            (v.as_ptr().add(kv_at), kv_row, 1),
+                        );
+                    }
+                }
+            }
+        });
+        from_vec(Shape::new([1, tokens, heads, dim]), out)
     }
 
     fn multi_head_attention_backward(
@@ -575,6 +675,28 @@ multiversion! {
         for i in 0..half {
             out1[i] = x1[i] * cos1[i] - direction * x2[i] * s1[i];
             out2[i] = x2[i] * cos2[i] + direction * x1[i] * s2[i];
+        }
+    }
+}
+
+multiversion! {
+    /// `scores[j] = query · row j` for rows `stride` apart in `rows`.
+    fn dot_rows(query: &[f32], rows: &[f32], stride: usize, scores: &mut [f32]) {
+        let dim = query.len();
+        for (j, score) in scores.iter_mut().enumerate() {
+            *score = sum_by2(query, &rows[j * stride..j * stride + dim], |a, b| a * b);
+        }
+    }
+}
+
+multiversion! {
+    /// `out += Σ weights[j] · row j` for rows `stride` apart in `rows`.
+    fn add_weighted_rows(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let dim = out.len();
+        for (j, &w) in weights.iter().enumerate() {
+            for (o, &x) in out.iter_mut().zip(&rows[j * stride..j * stride + dim]) {
+                *o += w * x;
+            }
         }
     }
 }

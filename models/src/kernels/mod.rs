@@ -23,6 +23,7 @@ use burn::tensor::TensorPrimitive;
 
 use crate::blocks::NormKind;
 use crate::nf4::Nf4Matrix;
+use crate::paged::PagedStep;
 
 /// Ops with a fused forward and backward. Every method has the composed reference as default.
 pub trait FusedOps: Backend {
@@ -167,6 +168,26 @@ pub trait FusedOps: Backend {
     fn nf4_matmul(x: FloatTensor<Self>, weight: &Arc<Nf4Matrix>, transpose: bool) -> FloatTensor<Self> {
         reference::nf4_matmul::<Self>(x, weight, transpose)
     }
+
+    /// A paged cache's pool `[rows, kv_heads, head_dim]` with `values` `[1, tokens, kv_heads,
+    /// head_dim]` written to rows `slots` (one per token). Writes in place where the backend can.
+    fn paged_kv_write(pool: FloatTensor<Self>, values: FloatTensor<Self>, slots: &[usize]) -> FloatTensor<Self> {
+        reference::paged_kv_write::<Self>(pool, values, slots)
+    }
+
+    /// Attention of a step's queries `[1, tokens, heads, head_dim]` (its sequences' new tokens,
+    /// one sequence after another) over each one's own keys and values, read from the pools
+    /// `[rows, kv_heads, head_dim]` through its block table and masked as `step` says.
+    /// Returns `[1, tokens, heads, head_dim]`.
+    fn paged_attention(
+        q: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        step: &PagedStep,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        reference::paged_attention::<Self>(q, keys, values, step, scale)
+    }
 }
 
 impl<B: FusedOps, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> FusedOps for Autodiff<B, C> {
@@ -277,6 +298,22 @@ pub fn multi_head_attention<B: FusedOps>(
     scale: f32,
 ) -> Tensor<B, 4> {
     tensor(B::multi_head_attention(primitive(q), primitive(k), primitive(v), primitive(bias), scale))
+}
+
+/// A paged cache's pool with the step's keys or values written; see [`FusedOps::paged_kv_write`].
+pub fn paged_kv_write<B: FusedOps>(pool: Tensor<B, 3>, values: Tensor<B, 4>, slots: &[usize]) -> Tensor<B, 3> {
+    tensor(B::paged_kv_write(primitive(pool), primitive(values), slots))
+}
+
+/// Attention through a paged cache's block tables; see [`FusedOps::paged_attention`].
+pub fn paged_attention<B: FusedOps>(
+    q: Tensor<B, 4>,
+    keys: Tensor<B, 3>,
+    values: Tensor<B, 3>,
+    step: &PagedStep,
+    scale: f32,
+) -> Tensor<B, 4> {
+    tensor(B::paged_attention(primitive(q), primitive(keys), primitive(values), step, scale))
 }
 
 /// [`multi_head_attention`] whose `bias` is a learned function of the parameters (T5's relative

@@ -9,6 +9,7 @@ use burn::tensor::{Shape, TensorMetadata};
 use super::{primitive, tensor, Scan, ScanPrimitives};
 use crate::blocks::NormKind;
 use crate::nf4::Nf4Matrix;
+use crate::paged::PagedStep;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044715;
@@ -398,4 +399,48 @@ pub fn selective_scan_backward<B: Backend>(s: ScanPrimitives<B>, grad: FloatTens
 
 fn scan_tensors<B: Backend>(s: ScanPrimitives<B>) -> Scan<Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>> {
     Scan { u: tensor(s.u), dt: tensor(s.dt), a: tensor(s.a), b: tensor(s.b), c: tensor(s.c), d: tensor(s.d) }
+}
+
+pub fn paged_kv_write<B: Backend>(pool: FloatTensor<B>, values: FloatTensor<B>, slots: &[usize]) -> FloatTensor<B> {
+    let pool = tensor::<B, 3>(pool);
+    let [_, heads, dim] = pool.dims();
+    let device = pool.device();
+    let values = tensor::<B, 4>(values).reshape([slots.len(), heads, dim]);
+    let rows = slots.iter().map(|&s| s as i64).collect();
+    let rows = Tensor::<B, 2, Int>::from_data(TensorData::new(rows, [slots.len(), 1]), &device);
+    primitive(pool.scatter_nd(rows, values, burn::tensor::IndexingUpdateOp::Assign))
+}
+
+/// Every sequence's keys and values gathered from the pools one after another, and queries
+/// masked to their own sequence's: the dense attention the paged kernel must equal.
+pub fn paged_attention<B: super::FusedOps>(
+    q: FloatTensor<B>,
+    keys: FloatTensor<B>,
+    values: FloatTensor<B>,
+    step: &PagedStep,
+    scale: f32,
+) -> FloatTensor<B> {
+    let q = tensor::<B, 4>(q);
+    let device = q.device();
+    let tokens = q.dims()[1];
+    let rows: Vec<i64> = step.sequences.iter().flat_map(|s| (0..s.context).map(|p| step.slot(s, p) as i64)).collect();
+    let total = rows.len();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [total]), &device);
+    let gather = |pool: FloatTensor<B>| tensor::<B, 3>(pool).select(0, rows.clone()).unsqueeze::<4>();
+    let bias_heads = step.alibi.as_ref().map_or(1, Vec::len);
+    let mut bias = vec![f32::NEG_INFINITY; bias_heads * tokens * total];
+    let (mut token, mut key) = (0, 0);
+    for s in &step.sequences {
+        for i in 0..s.queries {
+            let position = s.context - s.queries + i;
+            for h in 0..bias_heads {
+                for j in 0..s.context {
+                    bias[(h * tokens + token + i) * total + key + j] = step.bias(position, j, h);
+                }
+            }
+        }
+        (token, key) = (token + s.queries, key + s.context);
+    }
+    let bias = Tensor::<B, 4>::from_data(TensorData::new(bias, [1, bias_heads, tokens, total]), &device);
+    B::multi_head_attention(primitive(q), primitive(gather(keys)), primitive(gather(values)), primitive(bias), scale)
 }

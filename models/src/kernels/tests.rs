@@ -352,3 +352,35 @@ fn rope_reference_backward_is_the_gradient() {
     let got = reference::rope_backward::<Flex>(inner(weights), inner(cos), inner(sin));
     assert_close(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(got)), want, 1e-6, "rope reference backward");
 }
+
+#[test]
+fn paged_attention_matches_reference() {
+    use crate::paged::{PagedStep, StepSequence};
+    let (heads, kv_heads, dim, rows) = (6, 2, 24, 12 * 16);
+    let flex = |t: Tensor<Ad, 3>| t.inner().into_primitive().tensor();
+    let (keys, vals) = (flex(random([rows, kv_heads, dim], 1.0, 30)), flex(random([rows, kv_heads, dim], 1.0, 31)));
+    // A decode step, a prompt chunk after earlier ones, and a whole first block, each through
+    // a table of scattered blocks.
+    let sequences = vec![
+        StepSequence { table: vec![5, 2, 9], context: 40, queries: 1 },
+        StepSequence { table: vec![0, 11], context: 21, queries: 5 },
+        StepSequence { table: vec![7], context: 16, queries: 16 },
+    ];
+    let tokens = 1 + 5 + 16;
+    let q = random([1, tokens, heads, dim], 1.0, 32).inner();
+    for (sliding_window, alibi) in [(0, None), (5, Some(crate::blocks::alibi_slopes(heads)))] {
+        let mut step = PagedStep { sequences: sequences.clone(), slots: Vec::new(), block_size: 16, sliding_window, alibi };
+        step.slots = step.sequences.iter().flat_map(|s| (s.context - s.queries..s.context).map(|p| step.slot(s, p))).collect();
+        let scale = (dim as f32).powf(-0.5);
+        let got = Flex::paged_attention(q.clone().into_primitive().tensor(), keys.clone(), vals.clone(), &step, scale);
+        let want = reference::paged_attention::<Flex>(q.clone().into_primitive().tensor(), keys.clone(), vals.clone(), &step, scale);
+        let as_tensor = |t| Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(t));
+        assert_close(as_tensor(got), as_tensor(want), 1e-5, &format!("paged attention, window {sliding_window}"));
+        // Writing the step's keys: in place, equal to the composed scatter.
+        let new = random([1, tokens, kv_heads, dim], 1.0, 33).inner().into_primitive().tensor();
+        let got = Flex::paged_kv_write(keys.clone(), new.clone(), &step.slots);
+        let want = reference::paged_kv_write::<Flex>(keys.clone(), new, &step.slots);
+        let as_tensor = |t| Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(t));
+        assert_close(as_tensor(got), as_tensor(want), 0.0, "paged kv write");
+    }
+}

@@ -21,6 +21,7 @@ use axum::{Json, Router};
 use furnace_core::rng::{derive_seed, Stream};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::TextTokenizer;
+use furnace_models::paged::BLOCK_SIZE;
 use furnace_models::sampling::{Mirostat, SamplingConfig};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -47,8 +48,8 @@ pub struct Ready {
     pub tokenizer: Arc<TextTokenizer>,
     pub template: Result<ChatTemplate, String>,
     pub max_seq_len: usize,
-    pub kv_bytes_per_position: usize,
-    pub kv_budget_bytes: usize,
+    /// Positions the KV cache holds, in whole blocks.
+    pub kv_capacity: usize,
     /// The token table structured output compiles its grammars against.
     pub grammars: Grammars,
 }
@@ -420,14 +421,14 @@ fn parse(fields: &Map<String, Value>, kind: Kind, ready: &Ready) -> Result<Reque
             n as usize
         }
     };
-    let kv_bytes = (prompt.len() + max_tokens) * ready.kv_bytes_per_position;
-    if kv_bytes > ready.kv_budget_bytes {
+    let positions = (prompt.len() + max_tokens).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+    if positions > ready.kv_capacity {
         return Err(ApiError::bad(
             max_tokens_key,
             format!(
-                "this request's keys and values need {} MiB, over the server's --kv-cache-mb of {}",
-                kv_bytes >> 20,
-                ready.kv_budget_bytes >> 20
+                "the prompt and {max_tokens_key} need {positions} positions of keys and values, over the {} the server's \
+                 --kv-cache-mb holds",
+                ready.kv_capacity
             ),
         ));
     }

@@ -1,9 +1,11 @@
-//! The engine: one thread that owns the model and runs continuous batching. Each iteration
-//! admits waiting sequences while the batch has room (`--max-num-seqs`, `--kv-cache-mb`),
-//! prefills at most `--prefill-chunk` prompt tokens (a long prompt takes several iterations, so
-//! the running sequences keep getting their next token), then decodes one token for every
-//! running sequence in one batched forward. A sequence leaves at its stop token or string, its
-//! `max_tokens`, the model's context, or when its client goes away.
+//! The engine: one thread that owns the model and runs continuous batching. Each step is one
+//! forward in which every running sequence reads its next token, and sequences still reading
+//! their prompts read up to `--prefill-chunk` prompt tokens in all (chunked prefill: a long
+//! prompt takes several steps, and the others keep getting their tokens meanwhile). Keys and
+//! values live in a paged cache of `--kv-cache-mb`: a new sequence joins when the cache has
+//! room (taking any cached blocks of its prompt's prefix), and when it runs out the newest
+//! sequence is preempted and recomputed later. A sequence leaves at its stop token or string,
+//! its `max_tokens`, the model's context, or when its client goes away.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -11,12 +13,12 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::prelude::*;
 use furnace_data::{Detokenizer, TextTokenizer};
 use furnace_models::generate::TokenConstraint;
 use furnace_models::kernels::FusedOps;
+use furnace_models::paged::SeqId;
 use furnace_models::sampling::{Sampler, SamplingConfig};
-use furnace_models::{BatchedDecoding, Causal, CausalBatch, CausalLm, DecodeState};
+use furnace_models::{BatchedDecoding, Causal, CausalBatch, CausalLm, SequenceCache};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
@@ -104,22 +106,21 @@ pub enum Event {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_num_seqs: usize,
+    /// Prompt tokens one step reads at most (beside one token of each decoding sequence).
     pub prefill_chunk: usize,
-    /// Bytes of keys and values one position of one sequence takes (0 for Mamba).
-    pub kv_bytes_per_position: usize,
-    pub kv_budget_bytes: usize,
+    /// Blocks of the paged KV cache (none for Mamba).
+    pub kv_blocks: usize,
 }
 
-struct Prefilling<S> {
-    seq: Sequence,
-    state: S,
-    read: usize,
-}
-
-struct Running {
+/// A sequence the engine has taken: waiting for room, or in the batch.
+struct Active {
+    id: SeqId,
     seq: Sequence,
     sampler: Sampler,
-    generated: Vec<u32>,
+    /// The prompt, then the tokens generated.
+    tokens: Vec<u32>,
+    /// How many of `tokens` the batch's cache holds.
+    cached: usize,
     /// The reply's text, decoded as it grows.
     detokenizer: Detokenizer,
     /// Bytes of the decoded reply already sent.
@@ -127,9 +128,25 @@ struct Running {
     last_token_at: Instant,
 }
 
+impl Active {
+    fn generated(&self) -> &[u32] {
+        &self.tokens[self.seq.prompt.len()..]
+    }
+}
+
 enum Outcome {
     Continue,
     Finished,
+}
+
+/// Shares of the shared gauges and counters this engine last reported: the engines of several
+/// adapters add theirs into the same metrics.
+#[derive(Default, Clone, Copy)]
+struct Reported {
+    running: usize,
+    waiting: usize,
+    blocks: (usize, usize),
+    prefix: (u64, u64),
 }
 
 pub struct Engine<'a, B: FusedOps> {
@@ -138,82 +155,94 @@ pub struct Engine<'a, B: FusedOps> {
     metrics: Arc<Metrics>,
     limits: Limits,
     device: B::Device,
-    prefilling: VecDeque<Prefilling<DecodeState<B>>>,
-    running: Vec<Running>,
+    /// Taken but not in the batch: new, or preempted (first in line again).
+    waiting: VecDeque<Active>,
+    /// In the batch, oldest first.
+    running: Vec<Active>,
     batch: CausalBatch<B>,
-    /// This engine's share of the gauges (running sequences, KV bytes) as last reported: the
-    /// engines of several adapters add theirs into the same gauges.
-    reported: (usize, usize),
+    next_id: SeqId,
+    reported: Reported,
 }
 
 impl<'a, B: FusedOps> Engine<'a, B> {
     pub fn new(model: &'a Causal<'a, B>, tokenizer: &'a TextTokenizer, metrics: Arc<Metrics>, limits: Limits, device: B::Device) -> Self {
-        metrics.kv_cache_budget_bytes.fetch_add(limits.kv_budget_bytes, Ordering::Relaxed);
-        let batch = model.empty_batch();
-        Self { model, tokenizer, metrics, limits, device, prefilling: VecDeque::new(), running: Vec::new(), batch, reported: (0, 0) }
+        let batch = model.new_batch(limits.kv_blocks);
+        Self {
+            model,
+            tokenizer,
+            metrics,
+            limits,
+            device,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            batch,
+            next_id: 0,
+            reported: Reported::default(),
+        }
     }
 
     /// Serves `queue` until every sender is gone.
     pub fn run(mut self, queue: Receiver<Job>) {
         loop {
-            if self.prefilling.is_empty() && self.running.is_empty() {
+            if self.waiting.is_empty() && self.running.is_empty() {
                 match queue.recv() {
                     Ok(job) => self.take(job),
                     Err(_) => return,
                 }
             }
-            while self.has_room() {
+            while self.waiting.len() + self.running.len() < self.limits.max_num_seqs {
                 match queue.try_recv() {
                     Ok(job) => self.take(job),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
-            self.prefill();
-            self.decode();
+            self.step();
             self.report();
         }
     }
 
-    /// This engine's running sequences and KV bytes into the shared gauges, as a change.
+    /// This engine's sequences, cache blocks and prefix-cache lookups into the shared metrics, as changes.
     fn report(&mut self) {
-        let running = self.prefilling.len() + self.running.len();
-        let longest = self.running.iter().map(|r| r.seq.prompt.len() + r.generated.len()).max().unwrap_or(0);
-        let kv_bytes = self.running.len() * longest * self.limits.kv_bytes_per_position;
-        let (was_running, was_kv) = std::mem::replace(&mut self.reported, (running, kv_bytes));
-        self.metrics.running.fetch_add(running, Ordering::Relaxed);
-        self.metrics.running.fetch_sub(was_running, Ordering::Relaxed);
-        self.metrics.kv_cache_bytes.fetch_add(kv_bytes, Ordering::Relaxed);
-        self.metrics.kv_cache_bytes.fetch_sub(was_kv, Ordering::Relaxed);
+        let now = Reported {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            blocks: self.batch.blocks(),
+            prefix: self.batch.prefix_stats(),
+        };
+        let was = std::mem::replace(&mut self.reported, now);
+        let m = &self.metrics;
+        for (gauge, now, was) in [
+            (&m.running, now.running, was.running),
+            (&m.waiting, now.waiting, was.waiting),
+            (&m.kv_blocks_used, now.blocks.0, was.blocks.0),
+            (&m.kv_blocks, now.blocks.1, was.blocks.1),
+        ] {
+            gauge.fetch_add(now, Ordering::Relaxed);
+            gauge.fetch_sub(was, Ordering::Relaxed);
+        }
+        m.prefix_cache_queries.fetch_add(now.prefix.0 - was.prefix.0, Ordering::Relaxed);
+        m.prefix_cache_hits.fetch_add(now.prefix.1 - was.prefix.1, Ordering::Relaxed);
     }
 
-    /// Whether one more sequence fits beside those admitted: by count, and by the keys and
-    /// values all of them would hold at their longest (the batch pads rows to its longest).
-    fn has_room(&self) -> bool {
-        let admitted = self.prefilling.len() + self.running.len();
-        if admitted >= self.limits.max_num_seqs {
-            return false;
-        }
-        if admitted == 0 || self.limits.kv_bytes_per_position == 0 {
-            return true;
-        }
-        let longest = self
-            .running
-            .iter()
-            .map(|r| &r.seq)
-            .chain(self.prefilling.iter().map(|p| &p.seq))
-            .map(|s| s.prompt.len() + s.params.max_tokens)
-            .max()
-            .unwrap_or(0);
-        // The next one is unknown until received: assume it is no longer than the longest.
-        (admitted + 1) * longest * self.limits.kv_bytes_per_position <= self.limits.kv_budget_bytes
-    }
-
-    /// A sequence joins the prefill queue; embeddings are computed at once (one forward each).
+    /// A sequence joins the line; embeddings are computed at once (one forward each).
     fn take(&mut self, job: Job) {
         self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
         match job {
-            Job::Generate(seq) => self.admit(*seq),
+            Job::Generate(seq) => {
+                self.metrics.prompt_tokens.fetch_add(seq.prompt.len() as u64, Ordering::Relaxed);
+                self.next_id += 1;
+                self.waiting.push_back(Active {
+                    id: self.next_id,
+                    sampler: Sampler::new(seq.params.sampling.clone()),
+                    tokens: seq.prompt.clone(),
+                    seq: *seq,
+                    cached: 0,
+                    detokenizer: Detokenizer::new(false),
+                    sent: 0,
+                    last_token_at: Instant::now(),
+                });
+            }
             Job::Embed { inputs, reply } => {
                 self.metrics.prompt_tokens.fetch_add(inputs.iter().map(Vec::len).sum::<usize>() as u64, Ordering::Relaxed);
                 let _ = reply.send(inputs.iter().map(|tokens| self.model.mean_hidden(tokens, &self.device)).collect());
@@ -221,81 +250,112 @@ impl<'a, B: FusedOps> Engine<'a, B> {
         }
     }
 
-    fn admit(&mut self, seq: Sequence) {
-        self.metrics.prompt_tokens.fetch_add(seq.prompt.len() as u64, Ordering::Relaxed);
-        self.prefilling.push_back(Prefilling { state: self.model.init_state(), seq, read: 0 });
+    /// Out of the batch, its blocks freed, first in line to come back: it reads its prompt and
+    /// what it generated again (vLLM's recompute preemption).
+    fn preempt(&mut self, index: usize) {
+        let mut active = self.running.remove(index);
+        self.batch.remove(active.id);
+        active.cached = 0;
+        self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.waiting.push_front(active);
     }
 
-    /// Up to `prefill_chunk` prompt tokens of the oldest prefilling sequence; a finished prefill
-    /// samples the first token and joins the batch.
-    fn prefill(&mut self) {
-        let Some(mut p) = self.prefilling.pop_front() else { return };
-        if p.seq.events.is_closed() {
-            return;
-        }
-        let end = (p.read + self.limits.prefill_chunk.max(1)).min(p.seq.prompt.len());
-        let chunk: Vec<i64> = p.seq.prompt[p.read..end].iter().map(|&t| t as i64).collect();
-        let len = chunk.len();
-        let logits = self.model.forward_step(Tensor::from_data(TensorData::new(chunk, [1, len]), &self.device), &mut p.state);
-        p.read = end;
-        if p.read < p.seq.prompt.len() {
-            self.prefilling.push_front(p);
-            return;
-        }
-        let vocab = logits.dims()[2];
-        let last: Vec<f32> = logits.narrow(1, len - 1, 1).reshape([vocab]).into_data().convert::<f32>().into_vec().expect("f32 logits");
-        let mut running = Running {
-            sampler: Sampler::new(p.seq.params.sampling.clone()),
-            seq: p.seq,
-            generated: Vec::new(),
-            detokenizer: Detokenizer::new(false),
-            sent: 0,
-            last_token_at: Instant::now(),
-        };
-        if let Outcome::Continue = self.accept(&mut running, last) {
-            self.model.join(&mut self.batch, p.state);
-            self.running.push(running);
-        }
-    }
-
-    /// One token for every running sequence, in one batched forward.
-    fn decode(&mut self) {
-        // Sequences whose clients went away leave first (their rows are freed).
+    /// Plans one step (vLLM's scheduler): every running sequence reads its next token or a
+    /// chunk of its prompt, within `prefill_chunk` prompt tokens in all; where the cache has no
+    /// room the newest running sequence is preempted. Waiting sequences then join while
+    /// tokens and blocks remain. Returns each running sequence's tokens to read (0: none).
+    fn schedule(&mut self) -> Vec<usize> {
+        // Sequences whose clients went away leave first (their blocks are freed).
         for i in (0..self.running.len()).rev() {
             if self.running[i].seq.events.is_closed() {
-                self.model.leave(&mut self.batch, i);
-                self.running.remove(i);
+                self.batch.remove(self.running.remove(i).id);
             }
         }
-        if self.running.is_empty() {
+        self.waiting.retain(|a| !a.seq.events.is_closed());
+        let mut budget = self.limits.prefill_chunk.max(1);
+        let mut reads = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            let a = &self.running[i];
+            let left = a.tokens.len() - a.cached;
+            // A decoding sequence reads its last token; a prefilling one what the budget allows.
+            let n = if left == 1 { 1 } else { left.min(budget) };
+            if n == 0 {
+                reads.push(0);
+                i += 1;
+                continue;
+            }
+            if self.batch.reserve(a.id, n) {
+                if left > 1 {
+                    budget -= n;
+                }
+                reads.push(n);
+                i += 1;
+            } else {
+                // The newest goes; when that is this one, it waits.
+                self.preempt(self.running.len() - 1);
+            }
+        }
+        while budget > 0 && self.running.len() < self.limits.max_num_seqs {
+            let Some(mut a) = self.waiting.pop_front() else { break };
+            a.cached = self.batch.add(a.id, &a.tokens);
+            let left = a.tokens.len() - a.cached;
+            let n = if left == 1 { 1 } else { left.min(budget) };
+            if !self.batch.reserve(a.id, n) {
+                self.batch.remove(a.id);
+                self.waiting.push_front(a);
+                break;
+            }
+            if left > 1 {
+                budget -= n;
+            }
+            reads.push(n);
+            self.running.push(a);
+        }
+        reads
+    }
+
+    /// One forward over every scheduled sequence's tokens; those that read their last token
+    /// sample the next one.
+    fn step(&mut self) {
+        let reads = self.schedule();
+        let entries: Vec<(SeqId, &[u32])> =
+            self.running.iter().zip(&reads).filter(|(_, &n)| n > 0).map(|(a, &n)| (a.id, &a.tokens[a.cached..a.cached + n])).collect();
+        if entries.is_empty() {
             return;
         }
-        let tokens: Vec<u32> = self.running.iter().map(|r| *r.generated.last().expect("a running sequence has its first token")).collect();
-        let logits = self.model.step(&mut self.batch, &tokens);
+        let logits = self.model.step(&mut self.batch, &entries);
         let vocab = logits.dims()[1];
         let logits: Vec<f32> = logits.into_data().convert::<f32>().into_vec().expect("f32 logits");
         let mut running = std::mem::take(&mut self.running);
+        let mut row = 0;
         let mut finished = Vec::new();
-        for (i, r) in running.iter_mut().enumerate() {
-            if let Outcome::Finished = self.accept(r, logits[i * vocab..(i + 1) * vocab].to_vec()) {
-                finished.push(i);
+        for (i, (a, &n)) in running.iter_mut().zip(&reads).enumerate() {
+            if n == 0 {
+                continue;
             }
+            a.cached += n;
+            if a.cached == a.tokens.len() {
+                if let Outcome::Finished = self.accept(a, logits[row * vocab..(row + 1) * vocab].to_vec()) {
+                    finished.push(i);
+                }
+            }
+            row += 1;
         }
         for &i in finished.iter().rev() {
-            self.model.leave(&mut self.batch, i);
-            running.remove(i);
+            self.batch.remove(running.remove(i).id);
         }
         self.running = running;
     }
 
     /// Samples a sequence's next token from `logits`, sends what text it completes, and says
     /// whether the sequence goes on.
-    fn accept(&self, r: &mut Running, mut logits: Vec<f32>) -> Outcome {
+    fn accept(&self, r: &mut Active, mut logits: Vec<f32>) -> Outcome {
         let params = &r.seq.params;
         let logprobs = params.logprobs.map(|top| log_softmax(&logits, top));
         if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
             let mut counts = std::collections::HashMap::<u32, f32>::new();
-            for &t in &r.generated {
+            for &t in r.generated() {
                 *counts.entry(t).or_default() += 1.0;
             }
             for (&t, &n) in &counts {
@@ -307,8 +367,7 @@ impl<'a, B: FusedOps> Engine<'a, B> {
         if let Some(constraint) = r.seq.constraint.as_mut() {
             constraint.mask(&mut logits);
         }
-        let history: Vec<u32> = r.seq.prompt.iter().chain(&r.generated).copied().collect();
-        let token = r.sampler.sample(&logits, &history);
+        let token = r.sampler.sample(&logits, &r.tokens);
         if let Some(constraint) = r.seq.constraint.as_mut() {
             constraint.advance(token);
             // A failed matcher allows end-of-text alone: the reply ends at it.
@@ -317,7 +376,7 @@ impl<'a, B: FusedOps> Engine<'a, B> {
             }
         }
         let now = Instant::now();
-        if r.generated.is_empty() {
+        if r.generated().is_empty() {
             self.metrics.time_to_first_token.observe(now.duration_since(r.seq.arrived).as_secs_f64());
         } else {
             self.metrics.inter_token_latency.observe(now.duration_since(r.last_token_at).as_secs_f64());
@@ -326,7 +385,7 @@ impl<'a, B: FusedOps> Engine<'a, B> {
         self.metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
         // A grammar ends at end-of-text, ignore_eos or not.
         let eos = token == self.tokenizer.eos() && (!params.ignore_eos || r.seq.constraint.is_some());
-        r.generated.push(token);
+        r.tokens.push(token);
         // The end-of-text token is not part of the reply, nor is its log-probability.
         let logprob = logprobs.filter(|_| !eos).map(|(all, top)| TokenLogprob {
             token: TokenText::of(self.tokenizer, token),
@@ -339,7 +398,7 @@ impl<'a, B: FusedOps> Engine<'a, B> {
         // The text so far up to its last complete character: a partial one waits for its bytes.
         let complete = r.detokenizer.text();
         let stop_at = params.stop.iter().filter_map(|s| complete[r.sent.min(complete.len())..].find(s.as_str()).map(|i| r.sent + i)).min();
-        let length = r.generated.len() >= params.max_tokens || r.seq.prompt.len() + r.generated.len() >= self.model.max_seq_len();
+        let length = r.generated().len() >= params.max_tokens || r.tokens.len() >= self.model.max_seq_len();
         let finish = match (stop_at, eos, length) {
             (Some(_), _, _) | (_, true, _) => Some("stop"),
             (_, _, true) => Some("length"),
@@ -369,7 +428,7 @@ impl<'a, B: FusedOps> Engine<'a, B> {
         }
         match finish {
             Some(finish_reason) => {
-                let completion_tokens = r.generated.len();
+                let completion_tokens = r.generated().len();
                 let _ = r.seq.events.send(Event::Done { choice: r.seq.choice, finish_reason, completion_tokens });
                 Outcome::Finished
             }

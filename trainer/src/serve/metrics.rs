@@ -1,6 +1,6 @@
 //! The server's Prometheus metrics (`GET /metrics`, text format 0.0.4), named as vLLM names
 //! its own where one exists: requests by status, tokens, time to first token and inter-token
-//! latency, queue depth, running sequences and the KV cache's use.
+//! latency, queue depth, running sequences, the KV cache's blocks, prefix-cache hits and preemptions.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -52,8 +52,12 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
-    pub kv_cache_bytes: AtomicUsize,
-    pub kv_cache_budget_bytes: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks: AtomicUsize,
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    pub prefix_cache_queries: AtomicU64,
+    pub prefix_cache_hits: AtomicU64,
+    pub preemptions: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -66,8 +70,11 @@ impl Default for Metrics {
             inter_token_latency: Histogram::new(LATENCY_BOUNDS),
             waiting: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
-            kv_cache_bytes: AtomicUsize::new(0),
-            kv_cache_budget_bytes: AtomicUsize::new(0),
+            kv_blocks_used: AtomicUsize::new(0),
+            kv_blocks: AtomicUsize::new(0),
+            prefix_cache_queries: AtomicU64::new(0),
+            prefix_cache_hits: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
         }
     }
 }
@@ -86,23 +93,29 @@ impl Metrics {
         let counters = [
             ("furnace_prompt_tokens_total", "Prompt tokens read.", self.prompt_tokens.load(Ordering::Relaxed)),
             ("furnace_generation_tokens_total", "Tokens generated.", self.generation_tokens.load(Ordering::Relaxed)),
+            (
+                "furnace_prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+                self.prefix_cache_queries.load(Ordering::Relaxed),
+            ),
+            ("furnace_prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", self.prefix_cache_hits.load(Ordering::Relaxed)),
+            ("furnace_num_preemptions_total", "Sequences preempted for want of KV-cache blocks.", self.preemptions.load(Ordering::Relaxed)),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
-        let budget = self.kv_cache_budget_bytes.load(Ordering::Relaxed).max(1) as f64;
+        let (used, blocks) = (self.kv_blocks_used.load(Ordering::Relaxed) as f64, self.kv_blocks.load(Ordering::Relaxed) as f64);
+        let (queries, hits) = (self.prefix_cache_queries.load(Ordering::Relaxed), self.prefix_cache_hits.load(Ordering::Relaxed));
         let gauges = [
-            ("furnace_num_requests_waiting", "Requests queued, not yet decoding.", self.waiting.load(Ordering::Relaxed) as f64),
-            ("furnace_num_requests_running", "Sequences in the running batch or its prefill.", self.running.load(Ordering::Relaxed) as f64),
+            ("furnace_num_requests_waiting", "Requests queued, not yet in the batch.", self.waiting.load(Ordering::Relaxed) as f64),
+            ("furnace_num_requests_running", "Sequences in the running batch.", self.running.load(Ordering::Relaxed) as f64),
+            ("furnace_kv_cache_blocks_used", "KV-cache blocks the running sequences hold.", used),
+            ("furnace_kv_cache_blocks_free", "KV-cache blocks free or holding only cached prefixes.", blocks - used),
+            ("furnace_kv_cache_usage_perc", "KV-cache blocks in use as a fraction of the pool.", used / blocks.max(1.0)),
             (
-                "furnace_kv_cache_bytes",
-                "Bytes of keys and values the running batch holds.",
-                self.kv_cache_bytes.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "furnace_kv_cache_usage_perc",
-                "The running batch's KV cache as a fraction of --kv-cache-mb.",
-                self.kv_cache_bytes.load(Ordering::Relaxed) as f64 / budget,
+                "furnace_prefix_cache_hit_rate",
+                "Prompt tokens found in the prefix cache as a fraction of those looked up.",
+                hits as f64 / queries.max(1) as f64,
             ),
         ];
         for (name, help, value) in gauges {

@@ -21,6 +21,7 @@ use furnace_core::params::NamedTensors;
 use furnace_data::chat::ChatTemplate;
 use furnace_data::TextTokenizer;
 use furnace_models::kernels::FusedOps;
+use furnace_models::paged::BLOCK_SIZE;
 use furnace_models::{CausalLm, LanguageModel};
 
 use crate::backend::{dispatch, BackendJob, TrainBackend};
@@ -153,22 +154,24 @@ impl BackendJob for ServeJob {
         drop(weights);
         let causal = match model.as_causal() {
             Ok(causal) => causal,
-            Err(_) if adapted.is_empty() => return serve_encoder(&model, name, tokenizer, &shared, requests, &args, device),
+            Err(_) if adapted.is_empty() => return serve_encoder(&model, name, tokenizer, &shared, requests, device),
             Err(e) => bail!("--lora serves adapters of a decoder: {e}"),
         };
-        let kv_bytes_per_position = match &model {
-            // Keys and values, f32, of every layer.
-            LanguageModel::Decoder(m) => m.layers.iter().map(|l| 2 * 4 * l.attention.n_kv_heads * l.attention.head_dim).sum(),
-            _ => 0,
+        // Positions of keys and values the cache holds (a sequence needs whole blocks); Mamba's
+        // states are fixed-size.
+        let (kv_blocks, kv_capacity) = match &model {
+            LanguageModel::Decoder(m) => {
+                let blocks = args.num_kv_blocks.unwrap_or_else(|| m.kv_cache_blocks(args.max_num_seqs, args.kv_cache_mb << 20));
+                (blocks, blocks * BLOCK_SIZE)
+            }
+            _ => (1, usize::MAX),
         };
+        if kv_blocks == 0 {
+            bail!("--kv-cache-mb {} holds no block of {BLOCK_SIZE} positions of keys and values: raise it", args.kv_cache_mb);
+        }
+        let limits = engine::Limits { max_num_seqs: args.max_num_seqs, prefill_chunk: args.prefill_chunk, kv_blocks };
         let tokenizer = Arc::new(tokenizer);
         let template = chat_template_source(&recipe).map_err(|e| e.to_string()).and_then(|source| ChatTemplate::new(&source, &tokenizer));
-        let limits = engine::Limits {
-            max_num_seqs: args.max_num_seqs,
-            prefill_chunk: args.prefill_chunk,
-            kv_bytes_per_position,
-            kv_budget_bytes: args.kv_cache_mb << 20,
-        };
         let max_seq_len = causal.max_seq_len();
         let grammars = Grammars::new(&tokenizer, causal.vocab_size()).map_err(anyhow::Error::msg)?;
         let ready = api::Ready {
@@ -178,8 +181,7 @@ impl BackendJob for ServeJob {
             tokenizer: tokenizer.clone(),
             template,
             max_seq_len,
-            kv_bytes_per_position,
-            kv_budget_bytes: limits.kv_budget_bytes,
+            kv_capacity,
             grammars,
         };
         // Each adapter's model is built on its own engine thread, before the server is ready.
@@ -228,7 +230,6 @@ fn serve_encoder<B: FusedOps>(
     tokenizer: TextTokenizer,
     shared: &api::Shared,
     requests: Receiver<engine::Job>,
-    args: &ServeArgs,
     device: B::Device,
 ) -> Result<()> {
     let kind = if matches!(model, LanguageModel::Bert(_)) { "BERT" } else { "T5" };
@@ -240,8 +241,7 @@ fn serve_encoder<B: FusedOps>(
         tokenizer: tokenizer.clone(),
         template: Err(format!("{name} is an encoder ({kind})")),
         max_seq_len: model.max_seq_len(),
-        kv_bytes_per_position: 0,
-        kv_budget_bytes: args.kv_cache_mb << 20,
+        kv_capacity: usize::MAX,
         grammars: Grammars::new(&tokenizer, model.vocab_size()).map_err(anyhow::Error::msg)?,
     };
     serving_memory();
