@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 furnace="${FURNACE:-${CARGO_TARGET_DIR:-/var/tmp/furnace-target}/release/furnace}"
-llama_server="${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary (see this script's header)}"
+llama_server="${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary (see the header of this script)}"
 requests="${REQUESTS:-32}"
 output="${OUTPUT:-128}"
 threads="$(nproc)"

@@ -98,23 +98,35 @@ impl FusedOps for Flex {
         let mut out = vec![0.0; batch * queries * heads * dim];
         let mut probs = vec![0.0; batch * heads * queries * keys];
         let out_ptr = SharedMut(out.as_mut_ptr());
-        // One task per (batch, head): scores = q·kᵀ straight from the strided inputs, softmax in
-        // place, then probs·v written into this head's columns of the output.
+        // One task per (batch, head), in blocks of query rows: scores = q·kᵀ straight from the
+        // strided inputs over the keys some row of the block sees (a causal mask's block sees
+        // the keys up to its last row: half the work at long context), softmax in place, then
+        // probs·v written into this head's columns of the output. Probabilities outside stay 0.
         probs.par_chunks_mut(queries * keys).enumerate().for_each(|(task, probs)| {
             let (b, h) = (task / heads, task % heads);
             let out_ptr = &out_ptr;
-            // Safety: every strided element lies inside its buffer (shapes checked by
-            // AttentionDims::new), and each task writes only head h's columns of `out`.
-            unsafe {
-                let (q, k) = (q.as_ptr().add(dims.q_offset(b, h)), k.as_ptr().add(dims.kv_offset(b, h)));
-                matmul([queries, keys, dim], (probs.as_mut_ptr(), keys, 1), false, (q, dims.q_row(), 1), (k, 1, dims.kv_row()));
-            }
-            for (i, row) in probs.chunks_mut(keys).enumerate() {
-                softmax_in_place(row, &bias[dims.bias_offset(b, h, i)..][..keys], scale);
-            }
-            unsafe {
-                let (out, v) = (out_ptr.0.add(dims.q_offset(b, h)), v.as_ptr().add(dims.kv_offset(b, h)));
-                matmul([queries, dim, keys], (out, dims.q_row(), 1), false, (probs.as_ptr(), keys, 1), (v, dims.kv_row(), 1));
+            let (q_at, kv_at) = (dims.q_offset(b, h), dims.kv_offset(b, h));
+            for first in (0..queries).step_by(ROW_BLOCK) {
+                let rows = ROW_BLOCK.min(queries - first);
+                let bias_row = |i: usize| &bias[dims.bias_offset(b, h, i)..][..keys];
+                let (lo, hi) = span((first..first + rows).map(|i| bias_row(i)), |x| x > f32::NEG_INFINITY);
+                if lo >= hi {
+                    continue;
+                }
+                let block = &mut probs[first * keys..(first + rows) * keys];
+                // Safety: every strided element lies inside its buffer (shapes checked by
+                // AttentionDims::new), and each task writes only head h's columns of `out`.
+                unsafe {
+                    let (q, k) = (q.as_ptr().add(q_at + first * dims.q_row()), k.as_ptr().add(kv_at + lo * dims.kv_row()));
+                    matmul([rows, hi - lo, dim], (block.as_mut_ptr().add(lo), keys, 1), false, (q, dims.q_row(), 1), (k, 1, dims.kv_row()));
+                }
+                for (i, row) in block.chunks_mut(keys).enumerate() {
+                    softmax_in_place(&mut row[lo..hi], &bias_row(first + i)[lo..hi], scale);
+                }
+                unsafe {
+                    let (out, v) = (out_ptr.0.add(q_at + first * dims.q_row()), v.as_ptr().add(kv_at + lo * dims.kv_row()));
+                    matmul([rows, dim, hi - lo], (out, dims.q_row(), 1), false, (block.as_ptr().add(lo), keys, 1), (v, dims.kv_row(), 1));
+                }
             }
         });
         (from_vec(Shape::new([batch, queries, heads, dim]), out), from_vec(Shape::new([batch, heads, queries, keys]), probs))
@@ -240,40 +252,57 @@ impl FusedOps for Flex {
         let mut grad_v = vec![0.0; v.len()];
         let outs = [SharedMut(grad_q.as_mut_ptr()), SharedMut(grad_k.as_mut_ptr()), SharedMut(grad_v.as_mut_ptr())];
         // One task per (batch, key/value head): the query heads sharing it add their key and
-        // value gradients one after another, in a fixed order, without racing.
+        // value gradients one after another, in a fixed order, without racing. Blocks of query
+        // rows read only the keys they gave probability to (a zero probability adds nothing).
         (0..batch * kv_heads).into_par_iter().for_each(|task| {
             let (b, kv_head) = (task / kv_heads, task % kv_heads);
             let [grad_q, grad_k, grad_v] = &outs;
-            let mut grad_scores = vec![0.0; queries * keys];
+            let mut grad_scores = vec![0.0; ROW_BLOCK * keys];
             for h in kv_head * group..(kv_head + 1) * group {
                 let probs = &probs[(b * heads + h) * queries * keys..][..queries * keys];
                 let (q_at, kv_at) = (dims.q_offset(b, h), dims.kv_offset(b, h));
-                let accumulate = h > kv_head * group;
-                // Safety: every strided element lies inside its buffer; head h's columns of
-                // grad_q and this key/value head's columns of grad_k and grad_v are this task's.
-                unsafe {
-                    let (q, k, v, dout) = (q.as_ptr().add(q_at), k.as_ptr().add(kv_at), v.as_ptr().add(kv_at), grad.as_ptr().add(q_at));
-                    let scores = grad_scores.as_mut_ptr();
-                    // d probs = d out · vᵀ; d scores = scale · p ∘ (d probs − rowdot(d probs, p)).
-                    matmul([queries, keys, dim], (scores, keys, 1), false, (dout, dims.q_row(), 1), (v, 1, dims.kv_row()));
-                    softmax_backward_in_place(probs, &mut grad_scores, scale, keys);
-                    let scores = grad_scores.as_ptr();
-                    // d q = d scores · k; d k += d scoresᵀ · q; d v += pᵀ · d out.
-                    matmul([queries, dim, keys], (grad_q.0.add(q_at), dims.q_row(), 1), false, (scores, keys, 1), (k, dims.kv_row(), 1));
-                    matmul(
-                        [keys, dim, queries],
-                        (grad_k.0.add(kv_at), dims.kv_row(), 1),
-                        accumulate,
-                        (scores, 1, keys),
-                        (q, dims.q_row(), 1),
-                    );
-                    matmul(
-                        [keys, dim, queries],
-                        (grad_v.0.add(kv_at), dims.kv_row(), 1),
-                        accumulate,
-                        (probs.as_ptr(), 1, keys),
-                        (dout, dims.q_row(), 1),
-                    );
+                for first in (0..queries).step_by(ROW_BLOCK) {
+                    let rows = ROW_BLOCK.min(queries - first);
+                    let p = &probs[first * keys..(first + rows) * keys];
+                    let (lo, hi) = span(p.chunks(keys), |x| x != 0.0);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let (q_at, kv_at) = (q_at + first * dims.q_row(), kv_at + lo * dims.kv_row());
+                    // Safety: every strided element lies inside its buffer; head h's columns of
+                    // grad_q and this key/value head's columns of grad_k and grad_v are this task's.
+                    unsafe {
+                        let (q, k, v, dout) = (q.as_ptr().add(q_at), k.as_ptr().add(kv_at), v.as_ptr().add(kv_at), grad.as_ptr().add(q_at));
+                        let scores = grad_scores.as_mut_ptr().add(lo);
+                        // d probs = d out · vᵀ; d scores = scale · p ∘ (d probs − rowdot(d probs, p)).
+                        matmul([rows, hi - lo, dim], (scores, keys, 1), false, (dout, dims.q_row(), 1), (v, 1, dims.kv_row()));
+                        for (p, g) in p.chunks(keys).zip(grad_scores.chunks_mut(keys)) {
+                            softmax_backward_in_place(&p[lo..hi], &mut g[lo..hi], scale, hi - lo);
+                        }
+                        let scores = grad_scores.as_ptr().add(lo);
+                        // d q = d scores · k; d k += d scoresᵀ · q; d v += pᵀ · d out.
+                        matmul(
+                            [rows, dim, hi - lo],
+                            (grad_q.0.add(q_at), dims.q_row(), 1),
+                            false,
+                            (scores, keys, 1),
+                            (k, dims.kv_row(), 1),
+                        );
+                        matmul(
+                            [hi - lo, dim, rows],
+                            (grad_k.0.add(kv_at), dims.kv_row(), 1),
+                            true,
+                            (scores, 1, keys),
+                            (q, dims.q_row(), 1),
+                        );
+                        matmul(
+                            [hi - lo, dim, rows],
+                            (grad_v.0.add(kv_at), dims.kv_row(), 1),
+                            true,
+                            (p.as_ptr().add(lo), 1, keys),
+                            (dout, dims.q_row(), 1),
+                        );
+                    }
                 }
             }
         });
@@ -495,6 +524,18 @@ impl AttentionDims {
         let pick = |i: usize, axis: usize| if self.bias_dims[axis] == 1 { 0 } else { i };
         ((pick(b, 0) * self.bias_dims[1] + pick(h, 1)) * self.queries + query) * self.keys
     }
+}
+
+/// Query rows attention handles together: the keys a block reads are those any of its rows sees.
+const ROW_BLOCK: usize = 64;
+
+/// The smallest range of columns holding every element of `rows` that passes `keep` (empty: lo ≥ hi).
+fn span<'a>(rows: impl Iterator<Item = &'a [f32]>, keep: impl Fn(f32) -> bool) -> (usize, usize) {
+    rows.fold((usize::MAX, 0), |(lo, hi), row| {
+        let first = row.iter().position(|&x| keep(x)).unwrap_or(usize::MAX);
+        let last = row.iter().rposition(|&x| keep(x)).map_or(0, |j| j + 1);
+        (lo.min(first), hi.max(last))
+    })
 }
 
 /// A raw output pointer that parallel tasks share, each writing only its own elements.

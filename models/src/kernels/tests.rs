@@ -65,14 +65,15 @@ fn swiglu_matches_reference() {
     assert_close(up.grad(&grads_got).unwrap(), up.grad(&grads_want).unwrap(), 2e-6, "swiglu grad up");
 }
 
-/// Causal mask (−∞ above the diagonal) plus a per-head slope, as ALiBi builds it.
-fn causal_bias(heads: usize, queries: usize, keys: usize) -> Tensor<Ad, 4> {
+/// Causal mask (−∞ above the diagonal, and `window` or more positions back unless 0) plus a
+/// per-head slope, as ALiBi builds it.
+fn causal_bias(heads: usize, queries: usize, keys: usize, window: usize) -> Tensor<Ad, 4> {
     let offset = keys - queries;
     let mut data = Vec::new();
     for h in 0..heads {
         for q in 0..queries {
             for k in 0..keys {
-                let allowed = k <= q + offset;
+                let allowed = k <= q + offset && (window == 0 || q + offset - k < window);
                 data.push(if allowed { -0.1 * (h as f32 + 1.0) * (q + offset - k) as f32 } else { f32::NEG_INFINITY });
             }
         }
@@ -82,15 +83,17 @@ fn causal_bias(heads: usize, queries: usize, keys: usize) -> Tensor<Ad, 4> {
 
 #[test]
 fn attention_matches_reference() {
-    // (batch, queries, keys, heads, kv_heads, per-head bias): training with a shared causal mask,
-    // grouped key/value heads with a per-head (ALiBi-like) bias, and one decode step on a cache.
-    for (batch, queries, keys, heads, kv_heads, bias_heads) in [(2, 67, 67, 4, 4, 1), (2, 37, 37, 6, 2, 6), (3, 1, 40, 4, 1, 1)] {
+    // (batch, queries, keys, heads, kv_heads, per-head bias, window): training with a shared
+    // causal mask, grouped key/value heads with a per-head (ALiBi-like) bias, one decode step on
+    // a cache, and a sliding window over several blocks of query rows (each reads a band of keys).
+    let cases = [(2, 67, 67, 4, 4, 1, 0), (2, 37, 37, 6, 2, 6, 0), (3, 1, 40, 4, 1, 1, 0), (1, 150, 150, 4, 2, 1, 40)];
+    for (batch, queries, keys, heads, kv_heads, bias_heads, window) in cases {
         let dim = 24;
         let q = random([batch, queries, heads, dim], 1.0, 6).require_grad();
         let k = random([batch, keys, kv_heads, dim], 1.0, 7).require_grad();
         let v = random([batch, keys, kv_heads, dim], 1.0, 8).require_grad();
         let weights = random([batch, queries, heads, dim], 1.0, 9);
-        let bias = causal_bias(bias_heads, queries, keys);
+        let bias = causal_bias(bias_heads, queries, keys, window);
         let scale = (dim as f32).powf(-0.5);
         let prim = |t: &Tensor<Ad, 4>| t.clone().into_primitive().tensor();
         let want = fused::<4>(reference::attention_forward::<Ad>(prim(&q), prim(&k), prim(&v), prim(&bias), scale).0);
