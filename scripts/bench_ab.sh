@@ -11,7 +11,7 @@ BINS=("$1" "$2")
 STEPS="${STEPS:-8}"
 REPS="${REPS:-3}"
 THREADS="${THREADS:-2}"
-ONLY="${ONLY:-abcd}"
+ONLY="${ONLY:-abcdefg}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
