@@ -39,9 +39,9 @@ pub fn explain() -> String {
     for (name, choices) in [
         ("model.arch", Arch::CHOICES),
         ("model.flavor", Flavor::CHOICES),
-        ("model.norm", Norm::CHOICES),
-        ("model.position", Position::CHOICES),
-        ("model.mlp", Mlp::CHOICES),
+        ("model.norm", NormKind::CHOICES),
+        ("model.position", PositionKind::CHOICES),
+        ("model.mlp", MlpKind::CHOICES),
         ("data.source", DataSource::CHOICES),
         ("data.text_documents", TextDocuments::CHOICES),
         ("training.mode", TrainMode::CHOICES),

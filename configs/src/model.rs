@@ -15,11 +15,11 @@ pub struct ResolvedModel {
     pub n_kv_heads: usize,
     pub d_ff: usize,
     pub max_seq_len: usize,
-    pub norm: Norm,
+    pub norm: NormKind,
     pub norm_eps: f64,
-    pub position: Position,
+    pub position: PositionKind,
     pub rope_theta: f64,
-    pub mlp: Mlp,
+    pub mlp: MlpKind,
     pub bias: bool,
     pub tie_embeddings: bool,
     pub sliding_window: usize,
@@ -65,11 +65,11 @@ impl ModelSection {
         let t5 = self.arch == Arch::T5;
         let d_model = self.d_model.unwrap_or(p.d_model);
         let mlp = self.mlp.unwrap_or(if llama {
-            Mlp::SwiGlu
+            MlpKind::SwiGlu
         } else if t5 {
-            Mlp::Relu
+            MlpKind::Relu
         } else {
-            Mlp::Gelu
+            MlpKind::Gelu
         });
         let n_heads = self.n_heads.unwrap_or(p.n_heads);
         let n_layers = self.n_layers.unwrap_or(p.n_layers);
@@ -85,11 +85,11 @@ impl ModelSection {
             n_heads,
             n_kv_heads: self.n_kv_heads.unwrap_or(n_heads),
             d_ff: self.d_ff.unwrap_or(match mlp {
-                Mlp::Gelu | Mlp::Relu => 4 * d_model,
-                Mlp::SwiGlu | Mlp::GatedGelu => (8 * d_model / 3).div_ceil(32) * 32,
+                MlpKind::Gelu | MlpKind::GeluExact | MlpKind::Relu => 4 * d_model,
+                MlpKind::SwiGlu | MlpKind::GatedGelu => (8 * d_model / 3).div_ceil(32) * 32,
             }),
             max_seq_len: self.max_seq_len.unwrap_or(p.max_seq_len),
-            norm: self.norm.unwrap_or(if matches!(self.arch, Arch::Gpt2 | Arch::Bert) { Norm::LayerNorm } else { Norm::RmsNorm }),
+            norm: self.norm.unwrap_or(if matches!(self.arch, Arch::Gpt2 | Arch::Bert) { NormKind::LayerNorm } else { NormKind::RmsNorm }),
             norm_eps: self.norm_eps.unwrap_or(if llama || t5 {
                 1e-6
             } else if bert {
@@ -98,11 +98,11 @@ impl ModelSection {
                 1e-5
             }),
             position: self.position.unwrap_or(if llama {
-                Position::Rope
+                PositionKind::Rope
             } else if t5 {
-                Position::Relative
+                PositionKind::Relative
             } else {
-                Position::Learned
+                PositionKind::Learned
             }),
             rope_theta: self.rope_theta,
             mlp,

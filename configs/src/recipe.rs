@@ -5,30 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::section;
 
-macro_rules! choice {
-    ($(#[doc = $doc:literal])* $name:ident { $($(#[doc = $vdoc:literal])* $variant:ident = $text:literal),* $(,)? }) => {
-        $(#[doc = $doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-        pub enum $name {
-            $($(#[doc = $vdoc])* #[serde(rename = $text)] $variant,)*
-        }
-
-        impl $name {
-            pub const CHOICES: &'static [&'static str] = &[$($text),*];
-            pub const ALL: &'static [Self] = &[$(Self::$variant),*];
-
-            pub fn as_str(&self) -> &'static str {
-                match self { $(Self::$variant => $text,)* }
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
+pub use furnace_core::blocks::{MlpKind, NormKind, PositionKind};
+use furnace_core::choice;
 
 choice!(
     /// Model family.
@@ -46,16 +24,6 @@ choice!(
         /// GPT-2 small: 12 layers, d_model 768, 12 heads, vocab 50257, context 1024.
         Gpt2_124m = "gpt2-124m",
     }
-);
-choice!(Norm { RmsNorm = "rmsnorm", LayerNorm = "layernorm" });
-choice!(
-    /// Position encoding; relative is T5's bucketed bias (its only one).
-    Position { Rope = "rope", Alibi = "alibi", Learned = "learned", Relative = "relative" }
-);
-choice!(
-    /// Feed-forward; relu (T5) and gated-gelu (T5 v1.1, Flan-T5) are T5's, with transformers'
-    /// feed_forward_proj names.
-    Mlp { SwiGlu = "swiglu", Gelu = "gelu", Relu = "relu", GatedGelu = "gated-gelu" }
 );
 choice!(
     /// Where training tokens come from.
@@ -306,15 +274,16 @@ section! {
         /// Longest sequence the model accepts (size of the learned position table, RoPE table).
         max_seq_len: Option<usize> = None,
         /// Normalisation: rmsnorm or layernorm. Unset: the arch's.
-        norm: Option<Norm> = None,
+        norm: Option<NormKind> = None,
         /// Epsilon inside the norms.
         norm_eps: Option<f64> = None,
         /// Position encoding: rope, alibi, learned or relative (t5). Unset: the arch's.
-        position: Option<Position> = None,
+        position: Option<PositionKind> = None,
         /// RoPE base frequency.
         rope_theta: f64 = 10000.0,
-        /// Feed-forward: swiglu, gelu, or for t5 relu (its default) or gated-gelu. Unset: the arch's.
-        mlp: Option<Mlp> = None,
+        /// Feed-forward: swiglu, gelu (the tanh approximation, GPT-2's), gelu-exact (erf), or for t5
+        /// relu (its default) or gated-gelu. Unset: the arch's (bert: its own exact GELU, named gelu).
+        mlp: Option<MlpKind> = None,
         /// Biases in linear layers and norms. Unset: the arch's (gpt2 yes, llama no).
         bias: Option<bool> = None,
         /// Share the input embedding with the output head. Unset: the arch's (gpt2 yes, llama no).

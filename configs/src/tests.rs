@@ -63,7 +63,7 @@ fn recipe_round_trips_through_toml() {
 #[test]
 fn arch_defaults_resolve() {
     let llama = ModelSection::default().resolve(Some(300));
-    assert_eq!((llama.norm, llama.position, llama.mlp, llama.bias), (Norm::RmsNorm, Position::Rope, Mlp::SwiGlu, false));
+    assert_eq!((llama.norm, llama.position, llama.mlp, llama.bias), (NormKind::RmsNorm, PositionKind::Rope, MlpKind::SwiGlu, false));
     assert_eq!(llama.vocab_size, 300);
     let gpt2 = ModelSection { arch: Arch::Gpt2, flavor: Flavor::Gpt2_124m, ..Default::default() }.resolve(Some(300));
     assert_eq!((gpt2.d_model, gpt2.n_layers, gpt2.vocab_size, gpt2.d_ff), (768, 12, 50257, 3072));
@@ -132,7 +132,7 @@ fn distributed_and_mixture_of_experts_keys_are_checked() {
     }
     assert!(explain().contains("[distributed]") && explain().contains("distributed.strategy: ddp | zero1 | zero2 | fsdp"));
     let mixtral = "[model]\narch = \"mixtral\"\n";
-    assert_eq!(parse(mixtral).unwrap().model.resolve(None).mlp, Mlp::SwiGlu, "a Mixtral is a Llama in all but its MLPs");
+    assert_eq!(parse(mixtral).unwrap().model.resolve(None).mlp, MlpKind::SwiGlu, "a Mixtral is a Llama in all but its MLPs");
     assert_eq!(parse(&format!("{mixtral}experts_per_token = 9\n")).unwrap_err().key, "model.experts_per_token");
     assert_eq!(parse(&format!("{mixtral}mlp = \"gelu\"\n")).unwrap_err().key, "model.mlp");
     assert_eq!(parse(&format!("{mixtral}capacity_factor = -1.0\n")).unwrap_err().key, "model.capacity_factor");
@@ -145,7 +145,7 @@ fn bert_resolves_to_its_fixed_layout_and_pretrains_only() {
     let m = parse(bert).unwrap().model.resolve(None);
     assert_eq!(
         (m.norm, m.position, m.mlp, m.bias, m.tie_embeddings, m.norm_eps),
-        (Norm::LayerNorm, Position::Learned, Mlp::Gelu, true, true, 1e-12)
+        (NormKind::LayerNorm, PositionKind::Learned, MlpKind::Gelu, true, true, 1e-12)
     );
     assert_eq!(parse(&format!("{bert}position = \"rope\"\n")).unwrap_err().key, "model.position");
     assert_eq!(parse(&format!("{bert}n_heads = 4\nn_kv_heads = 1\n")).unwrap_err().key, "model.n_kv_heads");
@@ -162,7 +162,7 @@ fn t5_resolves_to_its_layout_and_keeps_its_keys_to_itself() {
     let m = parse(t5).unwrap().model.resolve(None);
     assert_eq!(
         (m.norm, m.position, m.mlp, m.bias, m.tie_embeddings, m.norm_eps, m.n_decoder_layers, m.head_dim),
-        (Norm::RmsNorm, Position::Relative, Mlp::Relu, false, true, 1e-6, 2, 16)
+        (NormKind::RmsNorm, PositionKind::Relative, MlpKind::Relu, false, true, 1e-6, 2, 16)
     );
     assert_eq!((m.d_ff, m.relative_attention_num_buckets, m.relative_attention_max_distance), (256, 32, 128));
     let v11 = parse(&format!("{t5}mlp = \"gated-gelu\"\nn_heads = 6\nhead_dim = 12\nn_decoder_layers = 3\n")).unwrap();

@@ -141,7 +141,7 @@ fn model(c: &Check<'_>) -> Result<(), RecipeError> {
             "pick n_kv_heads dividing n_heads (1 = MQA, n_heads = MHA)".into(),
         );
     }
-    if m.position == Position::Rope && (m.d_model / m.n_heads) % 2 != 0 {
+    if m.position == PositionKind::Rope && (m.d_model / m.n_heads) % 2 != 0 {
         return c.fail(
             "model",
             "n_heads",
@@ -166,7 +166,7 @@ fn model(c: &Check<'_>) -> Result<(), RecipeError> {
                 "Mixtral routes each token to 2 of 8 experts: n_experts = 8, experts_per_token = 2".into(),
             );
         }
-        if m.mlp != Mlp::SwiGlu {
+        if m.mlp != MlpKind::SwiGlu {
             return c.fail("model", "mlp", "Mixtral's experts are SwiGLU MLPs".into(), "remove model.mlp or set it to \"swiglu\"".into());
         }
         if m.capacity_factor < 0.0 || m.router_aux_loss_coef < 0.0 || m.router_z_loss_coef < 0.0 {
@@ -180,8 +180,8 @@ fn model(c: &Check<'_>) -> Result<(), RecipeError> {
     }
     if m.arch != Arch::T5 {
         let t5_only = [
-            ("position", m.position == Position::Relative),
-            ("mlp", matches!(m.mlp, Mlp::Relu | Mlp::GatedGelu)),
+            ("position", m.position == PositionKind::Relative),
+            ("mlp", matches!(m.mlp, MlpKind::Relu | MlpKind::GatedGelu)),
             ("n_decoder_layers", recipe.model.n_decoder_layers.is_some()),
             ("head_dim", recipe.model.head_dim.is_some()),
         ];
@@ -207,9 +207,9 @@ fn model(c: &Check<'_>) -> Result<(), RecipeError> {
     }
     if m.arch == Arch::T5 {
         let layout = [
-            ("position", m.position == Position::Relative, "relative"),
-            ("norm", m.norm == Norm::RmsNorm, "rmsnorm"),
-            ("mlp", matches!(m.mlp, Mlp::Relu | Mlp::GatedGelu), "relu or gated-gelu"),
+            ("position", m.position == PositionKind::Relative, "relative"),
+            ("norm", m.norm == NormKind::RmsNorm, "rmsnorm"),
+            ("mlp", matches!(m.mlp, MlpKind::Relu | MlpKind::GatedGelu), "relu or gated-gelu"),
             ("bias", !m.bias, "false"),
             ("n_kv_heads", m.n_kv_heads == m.n_heads, "n_heads"),
             ("sliding_window", m.sliding_window == 0, "0"),
@@ -253,9 +253,9 @@ fn model(c: &Check<'_>) -> Result<(), RecipeError> {
     }
     if m.arch == Arch::Bert {
         let layout = [
-            ("position", m.position == Position::Learned, "learned"),
-            ("norm", m.norm == Norm::LayerNorm, "layernorm"),
-            ("mlp", m.mlp == Mlp::Gelu, "gelu"),
+            ("position", m.position == PositionKind::Learned, "learned"),
+            ("norm", m.norm == NormKind::LayerNorm, "layernorm"),
+            ("mlp", m.mlp == MlpKind::Gelu, "gelu"),
             ("bias", m.bias, "true"),
             ("tie_embeddings", m.tie_embeddings, "true"),
             ("n_kv_heads", m.n_kv_heads == m.n_heads, "n_heads"),

@@ -20,12 +20,7 @@ use crate::paged::{PagedKv, PagedStep};
 use furnace_core::params::f32_val;
 use furnace_core::rng::SeededRng;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum PositionKind {
-    Rope,
-    Alibi,
-    Learned,
-}
+pub use furnace_core::blocks::PositionKind;
 
 #[derive(Config, Debug)]
 pub struct DecoderConfig {

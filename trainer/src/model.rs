@@ -5,13 +5,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use furnace_configs::{Arch, BaseQuant, LoraSection, Mlp, ModelSection, Norm, Position, Recipe, ResolvedModel, TrainMode};
+use furnace_configs::{Arch, BaseQuant, LoraSection, ModelSection, PositionKind, Recipe, ResolvedModel, TrainMode};
 use furnace_core::params::{from_safetensors, named_tensors, NamedTensors};
-use furnace_models::blocks::{MlpKind, NormKind};
 use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for, HfArch};
 use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
 use furnace_models::t5::T5Config;
-use furnace_models::{BertConfig, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
+use furnace_models::{BertConfig, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig};
 
 use furnace_data::TextTokenizer;
 
@@ -44,7 +43,7 @@ pub fn model_config(m: &ResolvedModel) -> ModelConfig {
                 .with_relative_attention_num_buckets(m.relative_attention_num_buckets)
                 .with_relative_attention_max_distance(m.relative_attention_max_distance)
                 .with_norm_eps(m.norm_eps)
-                .with_mlp(if m.mlp == Mlp::GatedGelu { MlpKind::GatedGelu } else { MlpKind::Relu })
+                .with_mlp(m.mlp)
                 .with_tie_embeddings(m.tie_embeddings)
                 .with_dropout(m.dropout),
         );
@@ -52,23 +51,11 @@ pub fn model_config(m: &ResolvedModel) -> ModelConfig {
     ModelConfig::Decoder(
         DecoderConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
             .with_n_kv_heads(Some(m.n_kv_heads))
-            .with_norm(match m.norm {
-                Norm::RmsNorm => NormKind::RmsNorm,
-                Norm::LayerNorm => NormKind::LayerNorm,
-            })
+            .with_norm(m.norm)
             .with_norm_eps(m.norm_eps)
-            .with_position(match m.position {
-                Position::Rope => PositionKind::Rope,
-                Position::Alibi => PositionKind::Alibi,
-                Position::Learned => PositionKind::Learned,
-                Position::Relative => unreachable!("the recipe check keeps relative positions to t5"),
-            })
+            .with_position(m.position)
             .with_rope_theta(m.rope_theta)
-            .with_mlp(match m.mlp {
-                Mlp::SwiGlu => MlpKind::SwiGlu,
-                Mlp::Gelu => MlpKind::Gelu,
-                Mlp::Relu | Mlp::GatedGelu => unreachable!("the recipe check keeps relu and gated-gelu to t5"),
-            })
+            .with_mlp(m.mlp)
             .with_bias(m.bias)
             .with_tie_embeddings(m.tie_embeddings)
             .with_sliding_window(m.sliding_window)
@@ -127,7 +114,7 @@ fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
                 relative_attention_num_buckets: c.relative_attention_num_buckets,
                 relative_attention_max_distance: c.relative_attention_max_distance,
                 norm_eps: Some(c.norm_eps),
-                mlp: Some(if c.mlp == MlpKind::GatedGelu { Mlp::GatedGelu } else { Mlp::Relu }),
+                mlp: Some(c.mlp),
                 tie_embeddings: Some(c.tie_embeddings),
                 ..Default::default()
             };
@@ -144,22 +131,11 @@ fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
         n_kv_heads: c.kv_heads(),
         d_ff: c.d_ff,
         max_seq_len: c.max_seq_len,
-        norm: match c.norm {
-            NormKind::RmsNorm => Norm::RmsNorm,
-            NormKind::LayerNorm => Norm::LayerNorm,
-        },
+        norm: c.norm,
         norm_eps: c.norm_eps,
-        position: match c.position {
-            PositionKind::Rope => Position::Rope,
-            PositionKind::Alibi => Position::Alibi,
-            PositionKind::Learned => Position::Learned,
-        },
+        position: c.position,
         rope_theta: c.rope_theta,
-        mlp: match c.mlp {
-            MlpKind::SwiGlu => Mlp::SwiGlu,
-            // A recipe's decoder has SwiGLU or the tanh GELU; the other kinds are BERT's and T5's.
-            MlpKind::Gelu | MlpKind::GeluExact | MlpKind::Relu | MlpKind::GatedGelu => Mlp::Gelu,
-        },
+        mlp: c.mlp,
         bias: c.bias,
         tie_embeddings: c.tie_embeddings,
         sliding_window: c.sliding_window,
@@ -404,7 +380,7 @@ pub fn with_base(mut recipe: Recipe, base: &Base) -> Result<Recipe> {
     let mut model = base.model.clone();
     model.dropout = recipe.model.dropout;
     if let Some(max_seq_len) = recipe.model.max_seq_len.filter(|&n| n > model.max_seq_len) {
-        let learned = model.position == Position::Learned && model.arch != Arch::Mamba;
+        let learned = model.position == PositionKind::Learned && model.arch != Arch::Mamba;
         if learned {
             bail!(
                 "model.max_seq_len = {max_seq_len}, but the base {} has a learned table of {} positions, which cannot change; remove model.max_seq_len",

@@ -5,19 +5,7 @@ use super::Linear;
 use crate::kernels::{gelu_tanh, swiglu, FusedOps};
 use furnace_core::rng::SeededRng;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum MlpKind {
-    /// down(silu(gate(x)) · up(x)) — Llama.
-    SwiGlu,
-    /// down(gelu_tanh(up(x))) — GPT-2's `gelu_new`.
-    Gelu,
-    /// down(gelu(up(x))) with the exact, erf-based GELU — BERT's `gelu`.
-    GeluExact,
-    /// down(relu(up(x))) — T5's `relu`.
-    Relu,
-    /// down(gelu_tanh(gate(x)) · up(x)) — T5 v1.1's `gated-gelu`.
-    GatedGelu,
-}
+pub use furnace_core::blocks::MlpKind;
 
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {

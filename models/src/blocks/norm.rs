@@ -5,11 +5,7 @@ use crate::init::constant_param;
 use crate::kernels::{norm, FusedOps};
 use furnace_core::params::f32_val;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum NormKind {
-    RmsNorm,
-    LayerNorm,
-}
+pub use furnace_core::blocks::NormKind;
 
 /// RMSNorm (Llama) or LayerNorm (GPT-2) over the last dimension.
 #[derive(Module, Debug)]
