@@ -21,6 +21,7 @@ llama_server="${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary (see the
 requests="${REQUESTS:-32}"
 output="${OUTPUT:-128}"
 threads="$(nproc)"
+source scripts/lib/serve_bench.sh
 work=$(mktemp -d)
 servers=()
 trap 'kill "${servers[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -31,21 +32,7 @@ trap 'kill "${servers[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-bench() { # url concurrency
-  python3 scripts/bench_serve.py --url "$1" --concurrency "$2" --requests "$(( $2 == 1 ? 8 : requests ))" --output "$output" --vocab 400
-}
-
-row() { # label result-json
-  python3 - "$1" "$2" <<'EOF'
-import json, sys
-label, r = sys.argv[1], json.loads(sys.argv[2])
-print(f"| {label} | {r['concurrency']} | {r['request_throughput']:.2f} | {r['output_token_throughput']:.1f} | "
-      f"{r['ttft']['median_ms']:.0f} | {r['tpot']['median_ms']:.0f} | {r['itl']['p99_ms']:.0f} | {r['errors']} |")
-EOF
-}
-
-echo "| server | concurrency | requests/s | output tokens/s | TTFT median ms | TPOT median ms | ITL p99 ms | errors |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+table_header
 
 "$furnace" serve --checkpoint "$work/llama" --port 0 --max-num-seqs 32 --max-queue 1024 --kv-cache-mb 4096 >"$work/furnace.log" 2>&1 &
 servers+=($!)

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 furnace="${FURNACE:-${CARGO_TARGET_DIR:-/var/tmp/furnace-target}/release/furnace}"
 requests="${REQUESTS:-32}"
 output="${OUTPUT:-128}"
+source scripts/lib/serve_bench.sh
 work=$(mktemp -d)
 servers=()
 trap 'kill "${servers[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -25,23 +26,9 @@ serve() { # max_num_seqs; sets $address
   address=$(sed -n 's/^listening on \(http:\/\/[^ ]*\).*/\1/p' "$work/serve-$1.log")
 }
 
-# Prompt ids stay below the stories tokenizer's vocabulary (under 500 tokens).
-bench() { # url concurrency
-  python3 scripts/bench_serve.py --url "$1" --concurrency "$2" --requests "$(( $2 == 1 ? 8 : requests ))" --output "$output" --vocab 400
-}
-
 serve 32
 batched=$address
-echo "| server | concurrency | requests/s | output tokens/s | TTFT median ms | TPOT median ms | ITL p99 ms |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
-row() { # label result-json
-  python3 - "$1" "$2" <<'EOF'
-import json, sys
-label, r = sys.argv[1], json.loads(sys.argv[2])
-print(f"| {label} | {r['concurrency']} | {r['request_throughput']:.2f} | {r['output_token_throughput']:.1f} | "
-      f"{r['ttft']['median_ms']:.0f} | {r['tpot']['median_ms']:.0f} | {r['itl']['p99_ms']:.0f} |")
-EOF
-}
+table_header
 for c in 1 8 32; do
   result=$(bench "$batched" "$c")
   row "continuous batching (--max-num-seqs 32)" "$result"
