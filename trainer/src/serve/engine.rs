@@ -274,6 +274,7 @@ impl<'a, B: FusedOps> Engine<'a, B> {
         self.waiting.retain(|a| !a.seq.events.is_closed());
         let mut budget = self.limits.prefill_chunk.max(1);
         let mut reads = Vec::new();
+        let mut preempted = false;
         let mut i = 0;
         while i < self.running.len() {
             let a = &self.running[i];
@@ -294,9 +295,12 @@ impl<'a, B: FusedOps> Engine<'a, B> {
             } else {
                 // The newest goes; when that is this one, it waits.
                 self.preempt(self.running.len() - 1);
+                preempted = true;
             }
         }
-        while budget > 0 && self.running.len() < self.limits.max_num_seqs {
+        // After a preemption the cache is full: nobody joins this step (the preempted would
+        // come straight back).
+        while !preempted && budget > 0 && self.running.len() < self.limits.max_num_seqs {
             let Some(mut a) = self.waiting.pop_front() else { break };
             a.cached = self.batch.add(a.id, &a.tokens);
             let left = a.tokens.len() - a.cached;
