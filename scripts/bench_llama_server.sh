@@ -16,15 +16,9 @@
 #   LLAMA_SERVER=path/to/llama-server scripts/bench_llama_server.sh   # FURNACE=path/to/furnace
 set -euo pipefail
 cd "$(dirname "$0")/.."
-furnace="${FURNACE:-${CARGO_TARGET_DIR:-/var/tmp/furnace-target}/release/furnace}"
 llama_server="${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary (see the header of this script)}"
-requests="${REQUESTS:-32}"
-output="${OUTPUT:-128}"
 threads="$(nproc)"
 source scripts/lib/serve_bench.sh
-work=$(mktemp -d)
-servers=()
-trap 'kill "${servers[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 "$furnace" train --config recipes/gpt2-124m.toml --set model.arch=llama --set training.steps=1 --set training.eval_every=0 \
   --set logging.progress=false --set run.output_dir="$work/llama" >"$work/train.log" 2>&1

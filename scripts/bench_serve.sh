@@ -8,13 +8,7 @@
 #   scripts/bench_serve.sh            # FURNACE=path/to/furnace, REQUESTS=32, OUTPUT=128
 set -euo pipefail
 cd "$(dirname "$0")/.."
-furnace="${FURNACE:-${CARGO_TARGET_DIR:-/var/tmp/furnace-target}/release/furnace}"
-requests="${REQUESTS:-32}"
-output="${OUTPUT:-128}"
 source scripts/lib/serve_bench.sh
-work=$(mktemp -d)
-servers=()
-trap 'kill "${servers[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 "$furnace" train --config recipes/gpt2-124m.toml --set training.steps=1 --set training.eval_every=0 \
   --set logging.progress=false --set run.output_dir="$work/gpt2" >"$work/train.log" 2>&1

@@ -1,5 +1,13 @@
-# Sourced by bench_serve.sh and bench_llama_server.sh (which set $requests and $output): one
-# load-generator run and its row of the table.
+# Sourced by bench_serve.sh and bench_llama_server.sh: the furnace binary, the load's size
+# (REQUESTS at concurrency above 1, OUTPUT tokens each), a scratch folder $work and the servers
+# started into $servers, both cleaned up on exit; one load-generator run and its row of the table.
+
+furnace="${FURNACE:-${CARGO_TARGET_DIR:-/var/tmp/furnace-target}/release/furnace}"
+requests="${REQUESTS:-32}"
+output="${OUTPUT:-128}"
+work=$(mktemp -d)
+servers=()
+trap 'kill "${servers[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 # bench URL CONCURRENCY: scripts/bench_serve.py's result (JSON) for prompts of 32–512 token ids
 # under 400 (inside the stories tokenizer's vocabulary); 8 requests at concurrency 1.
