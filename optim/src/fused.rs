@@ -1,8 +1,9 @@
-//! The update of one parameter as a single in-place pass (a backend extension, like the
+//! The update of one parameter as a single pass (a backend extension, like the
 //! model's fused kernels). Written with tensor ops, AdamW is a dozen separate ops per
 //! parameter, each reading and writing a full-size buffer; at 124M parameters those buffers
 //! are half a gigabyte each. On the flex backend the parameter and its state slots are
-//! updated where they lie, split in fixed-size pieces over the rayon pool.
+//! updated where they lie, split in fixed-size pieces over the rayon pool; the GPU backends run
+//! one CubeCL kernel per parameter (`fused_cube.rs`).
 
 use burn::backend::Flex;
 use burn::prelude::*;
@@ -49,12 +50,6 @@ pub fn composed_update<B: Backend>(
     let grad = if grad_scale != 1.0 { grad * grad_scale } else { grad };
     algorithm.update(step, lr, weight_decay, value, grad, slots, clipped)
 }
-
-#[cfg(feature = "cuda")]
-impl FusedUpdate for burn::backend::Cuda {}
-
-#[cfg(feature = "wgpu")]
-impl FusedUpdate for burn::backend::Wgpu {}
 
 impl FusedUpdate for Flex {
     fn update(

@@ -4,6 +4,8 @@
 pub mod algorithm;
 pub mod clip;
 pub mod fused;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod fused_cube;
 pub mod groups;
 pub mod optimizer;
 pub mod schedule;

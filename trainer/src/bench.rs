@@ -125,3 +125,53 @@ pub fn all_reduce_seconds(recipe: &furnace_configs::Recipe, iters: usize) -> any
     }
     Ok(AllReduceTimes { elements, training, raw })
 }
+
+/// What attention leaves on a wgpu device after its forward under autodiff (its output and what
+/// it keeps for the backward: the probabilities, or with the flash kernel a log-sum-exp per
+/// row), and the best seconds of a forward and backward over `repeats`, for a causal mask over
+/// `[batch, seq, heads, dim]` inputs. `FURNACE_KERNELS=reference` measures the composed path.
+#[cfg(feature = "wgpu")]
+pub struct AttentionMeasure {
+    pub kept_bytes: u64,
+    pub output_bytes: u64,
+    pub seconds: f64,
+}
+
+#[cfg(feature = "wgpu")]
+pub fn attention_on_wgpu(batch: usize, seq: usize, heads: usize, dim: usize, repeats: usize) -> AttentionMeasure {
+    use burn::backend::wgpu::{WgpuDevice, WgpuRuntime};
+    use burn::backend::{Autodiff, Wgpu};
+    use burn::tensor::Distribution;
+    use cubecl::Runtime;
+    type Ad = Autodiff<Wgpu>;
+
+    let device = WgpuDevice::default();
+    let client = WgpuRuntime::client(&device);
+    let in_use = || {
+        Ad::sync(&device).expect("the wgpu device stopped");
+        client.memory_usage().expect("the wgpu device stopped").bytes_in_use
+    };
+    let input = || Tensor::<Ad, 4>::random([batch, seq, heads, dim], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let (q, k, v) = (input(), input(), input());
+    let bias = furnace_models::blocks::attention_bias::<Ad>(seq, 0, 0, None, &device);
+    let scale = 1.0 / (dim as f32).sqrt();
+    let step = || {
+        let out = furnace_models::kernels::multi_head_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale);
+        let _ = out.sum().backward();
+    };
+    // The first pass compiles the kernels.
+    step();
+    let before = in_use();
+    let out = furnace_models::kernels::multi_head_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale);
+    let after = in_use();
+    drop(out);
+    let mut seconds = f64::INFINITY;
+    for _ in 0..repeats {
+        let start = Instant::now();
+        step();
+        Ad::sync(&device).expect("the wgpu device stopped");
+        seconds = seconds.min(start.elapsed().as_secs_f64());
+    }
+    let output_bytes = (batch * seq * heads * dim * 4) as u64;
+    AttentionMeasure { kept_bytes: after.saturating_sub(before).saturating_sub(output_bytes), output_bytes, seconds }
+}

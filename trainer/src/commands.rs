@@ -168,6 +168,29 @@ pub fn bench_scan(batch: usize, seq: usize, channels: usize, state: usize) -> Re
     Ok(())
 }
 
+pub fn bench_attention(batch: usize, seq: usize, heads: usize, dim: usize) -> Result<()> {
+    #[cfg(feature = "wgpu")]
+    {
+        let kernels = if std::env::var("FURNACE_KERNELS").as_deref() == Ok("reference") { "reference ops" } else { "fused kernels" };
+        let measured = crate::bench::attention_on_wgpu(batch, seq, heads, dim, 3);
+        let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+        println!("causal attention on wgpu, [batch {batch}, seq {seq}, heads {heads}, head_dim {dim}], {kernels}:");
+        println!(
+            "  kept for the backward   {:>10.2} MiB ({} bytes, beside the output's {:.2} MiB)",
+            mib(measured.kept_bytes),
+            measured.kept_bytes,
+            mib(measured.output_bytes)
+        );
+        println!("  forward + backward      {:>10.1} ms (best of 3)", measured.seconds * 1e3);
+        Ok(())
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        let _ = (batch, seq, heads, dim);
+        bail!("furnace bench attention runs on wgpu; build with `cargo build --release -p furnace-trainer --features wgpu`")
+    }
+}
+
 pub fn bench_all_reduce(args: RecipeArgs, iters: usize) -> Result<()> {
     let recipe = load_recipe(&args)?;
     let times = crate::bench::all_reduce_seconds(&recipe, iters.max(1))?;

@@ -110,6 +110,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         state: usize,
     },
+    /// Causal attention on the wgpu device, forward and backward: what the forward keeps for the
+    /// backward and the time (FURNACE_KERNELS=reference for the composed path).
+    Attention {
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 64)]
+        dim: usize,
+    },
     /// Under mpirun: the recipe model's gradient all-reduce as training does it, against one raw
     /// MPI all-reduce of the same bytes.
     Allreduce {
@@ -142,6 +154,7 @@ fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Gemm { size }) => commands::bench_gemm(size),
         Command::Bench(BenchCommand::Scan { batch, seq, channels, state }) => commands::bench_scan(batch, seq, channels, state),
+        Command::Bench(BenchCommand::Attention { batch, seq, heads, dim }) => commands::bench_attention(batch, seq, heads, dim),
         Command::Bench(BenchCommand::Allreduce { recipe, iters }) => commands::bench_all_reduce(recipe, iters),
     };
     match result {

@@ -426,3 +426,189 @@ fn check_batching<G: FusedOps>(arch: &str) {
         }
     }
 }
+
+/// What causal attention keeps on the device for its backward, as `furnace bench attention`
+/// measures it: the reference composition keeps the probabilities (`heads·T²` floats), the
+/// flash kernel (which attention takes from 16 MiB of probabilities) a log-sum-exp per row.
+#[test]
+fn flash_attention_keeps_a_row_statistic_instead_of_the_probabilities() {
+    if gpu() != Some("wgpu") {
+        return;
+    }
+    let kept = |kernels: &str| -> u64 {
+        let out = std::process::Command::new(common::furnace_bin())
+            .args(["bench", "attention", "--seq", "2048", "--heads", "1", "--dim", "16"])
+            .env("FURNACE_KERNELS", kernels)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let report = text(&out);
+        let bytes = report.split("MiB (").nth(1).and_then(|rest| rest.split(' ').next()).and_then(|n| n.parse().ok());
+        bytes.unwrap_or_else(|| panic!("no kept bytes in: {report}"))
+    };
+    let (reference, fused) = (kept("reference"), kept("fused"));
+    assert!(reference >= 2048 * 2048 * 4, "the reference keeps the probabilities: {reference} bytes");
+    assert!(fused <= 4 * 2048 * 4, "the flash kernel keeps a statistic per row: {fused} bytes (reference {reference})");
+}
+
+/// Every CubeCL kernel of the GPU backends against the reference composition of Burn ops on
+/// the same device: values (1e-5 of the largest magnitude) and gradients (1e-4). Attention (at a
+/// length where it takes the flash kernel) runs over many query blocks and key tiles, with
+/// grouped heads, a causal mask, a sliding window with ALiBi (a bias per head), and a padding
+/// mask broadcast over the query rows. The
+/// optimizer's fused AdamW and Lion updates equal the composed update over three steps.
+#[test]
+fn every_fused_kernel_on_the_gpu_equals_its_reference() {
+    let Some(gpu) = gpu() else { return };
+    on_gpu!(gpu, check_kernels());
+}
+
+fn check_kernels<G: FusedOps + furnace_optim::FusedUpdate>() {
+    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::{TensorMetadata, TensorPrimitive};
+    use furnace_models::blocks::NormKind;
+    use furnace_models::kernels::{reference, AttentionSaved};
+
+    let device = G::Device::default();
+    let mut seed = 0x2545_f491_u64;
+    let mut random = |shape: &[usize]| -> FloatTensor<G> {
+        let values: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        let flat = Tensor::<G, 1>::from_data(TensorData::new(values, [shape.iter().product::<usize>()]), &device);
+        G::float_reshape(flat.into_primitive().tensor(), shape.into())
+    };
+    fn host<G: FusedOps>(x: FloatTensor<G>) -> HostTensor {
+        HostTensor::from_tensor(Tensor::<G, 1>::from_primitive(TensorPrimitive::Float(x)).flatten::<1>(0, 0))
+    }
+    let same = |what: &str, want: FloatTensor<G>, got: FloatTensor<G>, relative: f32| {
+        assert_close_tensor(what, &host::<G>(want), &host::<G>(got), relative, 0.0);
+    };
+
+    let (x, grad) = (random(&[3, 5, 40]), random(&[3, 5, 40]));
+    same("gelu_tanh", reference::gelu_tanh::<G>(x.clone()), G::gelu_tanh(x.clone()), 1e-5);
+    same(
+        "gelu_tanh backward",
+        reference::gelu_tanh_backward::<G>(x.clone(), grad.clone()),
+        G::gelu_tanh_backward(x.clone(), grad.clone()),
+        1e-5,
+    );
+    let up = random(&[3, 5, 40]);
+    same("swiglu", reference::swiglu::<G>(x.clone(), up.clone()), G::swiglu(x.clone(), up.clone()), 1e-5);
+    let (want_gate, want_up) = reference::swiglu_backward::<G>(x.clone(), up.clone(), grad.clone());
+    let (got_gate, got_up) = G::swiglu_backward(x.clone(), up.clone(), grad.clone());
+    same("swiglu backward (gate)", want_gate, got_gate, 1e-5);
+    same("swiglu backward (up)", want_up, got_up, 1e-5);
+
+    // RoPE over [batch 2, seq 6, heads 3, head_dim 8], angles shared by the batch.
+    let (q, cos, sin, grad_q) = (random(&[2, 6, 3, 8]), random(&[1, 6, 1, 8]), random(&[1, 6, 1, 8]), random(&[2, 6, 3, 8]));
+    same("rope", reference::rope::<G>(q.clone(), cos.clone(), sin.clone()), G::rope(q.clone(), cos.clone(), sin.clone()), 1e-5);
+    same(
+        "rope backward",
+        reference::rope_backward::<G>(grad_q.clone(), cos.clone(), sin.clone()),
+        G::rope_backward(grad_q, cos, sin),
+        1e-5,
+    );
+
+    // Norms over rows of 300 (more than one pass of a row's units).
+    let (x, grad, weight, bias) = (random(&[4, 3, 300]), random(&[4, 3, 300]), random(&[300]), random(&[300]));
+    for kind in [NormKind::RmsNorm, NormKind::LayerNorm] {
+        for with_bias in [false, true] {
+            let b = with_bias.then(|| bias.clone());
+            same(
+                &format!("{kind} (bias {with_bias})"),
+                reference::norm::<G>(x.clone(), weight.clone(), b.clone(), kind, 1e-5),
+                G::norm(x.clone(), weight.clone(), b, kind, 1e-5),
+                1e-5,
+            );
+            let want = reference::norm_backward::<G>(x.clone(), weight.clone(), grad.clone(), kind, 1e-5, with_bias);
+            let got = G::norm_backward(x.clone(), weight.clone(), grad.clone(), kind, 1e-5, with_bias);
+            same(&format!("{kind} backward: x"), want.0, got.0, 1e-4);
+            same(&format!("{kind} backward: weight"), want.1, got.1, 1e-4);
+            assert_eq!(want.2.is_some(), got.2.is_some(), "{kind}: a bias gradient exactly when asked");
+            if let (Some(want), Some(got)) = (want.2, got.2) {
+                same(&format!("{kind} backward: bias"), want, got, 1e-4);
+            }
+        }
+    }
+
+    // Cross-entropy over a vocabulary of 1000 (several strides of a row's units), a row ignored.
+    let logits = G::float_mul_scalar(random(&[5, 1000]), 8.0.into());
+    let targets = Tensor::<G, 1, Int>::from_data(TensorData::new(vec![3i64, 999, -1, 0, 512], [5]), &device).into_primitive();
+    same(
+        "cross_entropy",
+        reference::cross_entropy::<G>(logits.clone(), targets.clone()),
+        G::cross_entropy(logits.clone(), targets.clone()),
+        1e-5,
+    );
+    let (want_loss, want_grad) = reference::cross_entropy_with_grad::<G>(logits.clone(), targets.clone());
+    let (got_loss, got_grad) = G::cross_entropy_with_grad(logits, targets);
+    same("cross_entropy with grad: loss", want_loss, got_loss, 1e-5);
+    same("cross_entropy with grad: gradient", want_grad, got_grad, 1e-5);
+
+    // Attention over 1030 and 1100 positions (17 and 18 blocks of 64, the last partial), over
+    // the flash kernel's threshold: 4 heads on 2 key/value heads of 16 dimensions (the unrolled
+    // path) under three masks, and 2 heads on 1 of 64 dimensions (the looped path), causal.
+    let slopes = [0.5f32, 0.25, 0.125, 0.0625];
+    let scale = 0.25;
+    for (batch, len, heads, kv_heads, dim) in [(2, 1030, 4, 2, 16), (2, 1100, 2, 1, 64)] {
+        let q = random(&[batch, len, heads, dim]);
+        let (k, v) = (random(&[batch, len, kv_heads, dim]), random(&[batch, len, kv_heads, dim]));
+        let grad = random(&[batch, len, heads, dim]);
+        let padding: Vec<f32> = (0..batch * len).map(|i| if i % len < len - 50 * (i / len) { 0.0 } else { f32::NEG_INFINITY }).collect();
+        let mut biases: Vec<(&str, FloatTensor<G>)> =
+            vec![("causal", furnace_models::blocks::attention_bias::<G>(len, 0, 0, None, &device).into_primitive().tensor())];
+        if heads == slopes.len() {
+            let window = furnace_models::blocks::attention_bias::<G>(len, 0, 200, Some(&slopes), &device);
+            let padding = Tensor::<G, 1>::from_data(TensorData::new(padding, [batch * len]), &device).reshape([batch, 1, 1, len]);
+            biases.extend([("window + alibi", window.into_primitive().tensor()), ("padding", padding.into_primitive().tensor())]);
+        }
+        let short = |x: &FloatTensor<G>| {
+            Tensor::<G, 4>::from_primitive(TensorPrimitive::Float(x.clone())).narrow(1, 0, 8).into_primitive().tensor()
+        };
+        let short_bias = furnace_models::blocks::attention_bias::<G>(8, 0, 0, None, &device).into_primitive().tensor();
+        let (_, kept) = G::multi_head_attention_forward(short(&q), short(&k), short(&v), short_bias, scale);
+        assert_eq!(kept.shape().num_dims(), 4, "short attention takes the composition, which keeps the probabilities");
+        for (what, bias) in biases {
+            let what = format!("attention, head_dim {dim}, {what}");
+            let (want_out, probs) = reference::attention_forward::<G>(q.clone(), k.clone(), v.clone(), bias.clone(), scale);
+            let (got_out, kept) = G::multi_head_attention_forward(q.clone(), k.clone(), v.clone(), bias.clone(), scale);
+            assert_eq!(kept.shape().num_dims(), 3, "{what}: at this size a log-sum-exp per row is kept");
+            same(&what, want_out.clone(), got_out.clone(), 1e-5);
+            let want = reference::attention_backward::<G>(q.clone(), k.clone(), v.clone(), probs, grad.clone(), scale);
+            let saved = AttentionSaved { q: q.clone(), k: k.clone(), v: v.clone(), bias, out: got_out, kept };
+            let got = G::multi_head_attention_backward(saved, grad.clone(), scale);
+            same(&format!("{what}, backward: q"), want.0, got.0, 1e-4);
+            same(&format!("{what}, backward: k"), want.1, got.1, 1e-4);
+            same(&format!("{what}, backward: v"), want.2, got.2, 1e-4);
+        }
+    }
+
+    use furnace_optim::algorithm::Slots;
+    use furnace_optim::fused::composed_update;
+    use furnace_optim::Algorithm;
+    let to_tensor = |x: FloatTensor<G>| Tensor::<G, 1>::from_primitive(TensorPrimitive::Float(x));
+    for algorithm in [Algorithm::AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8 }, Algorithm::Lion { beta1: 0.9, beta2: 0.99 }] {
+        let start = to_tensor(random(&[1000]));
+        let (mut want, mut got) = (start.clone(), start);
+        let (mut want_slots, mut got_slots) = (Slots::<G>::new(), Slots::<G>::new());
+        for step in 1..=3 {
+            let grad = to_tensor(random(&[1000]));
+            want = composed_update(&algorithm, step, 1e-2, 0.1, 0.5, want, grad.clone(), &mut want_slots, &mut None);
+            got = G::update(&algorithm, step, 1e-2, 0.1, 0.5, got, grad, &mut got_slots, &mut None);
+        }
+        same(&format!("{algorithm:?}: parameters"), want.into_primitive().tensor(), got.into_primitive().tensor(), 1e-5);
+        assert_eq!(want_slots.keys().collect::<Vec<_>>(), got_slots.keys().collect::<Vec<_>>(), "{algorithm:?}: state slots");
+        for (name, slot) in want_slots {
+            same(
+                &format!("{algorithm:?}: {name}"),
+                slot.into_primitive().tensor(),
+                got_slots.remove(&name).unwrap().into_primitive().tensor(),
+                1e-5,
+            );
+        }
+    }
+}

@@ -10,7 +10,7 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 
-use super::{FusedOps, Scan, ScanPrimitives};
+use super::{AttentionSaved, FusedOps, Scan, ScanPrimitives};
 use crate::blocks::NormKind;
 use crate::nf4::Nf4Matrix;
 
@@ -101,13 +101,11 @@ pub fn multi_head_attention<B: FusedOps, C: CheckpointStrategy>(
     }
 
     impl<B: FusedOps> Backward<B, 3> for Attention {
-        /// q, k, v and the attention probabilities.
-        type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+        type State = AttentionSaved<B>;
 
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let (q, k, v, probs) = ops.state;
             let grad = grads.consume::<B>(&ops.node);
-            let (grad_q, grad_k, grad_v) = B::multi_head_attention_backward(q, k, v, probs, grad, self.scale);
+            let (grad_q, grad_k, grad_v) = B::multi_head_attention_backward(ops.state, grad, self.scale);
             for (node, grad) in ops.parents.into_iter().zip([grad_q, grad_k, grad_v]) {
                 if let Some(node) = node {
                     grads.register::<B>(node.id, grad);
@@ -119,9 +117,15 @@ pub fn multi_head_attention<B: FusedOps, C: CheckpointStrategy>(
     let prep = (Attention { scale }).prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful();
     match prep {
         OpsKind::Tracked(prep) => {
-            let (out, probs) =
-                B::multi_head_attention_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), bias.primitive, scale);
-            prep.finish((q.primitive, k.primitive, v.primitive, probs), out)
+            let (out, kept) = B::multi_head_attention_forward(
+                q.primitive.clone(),
+                k.primitive.clone(),
+                v.primitive.clone(),
+                bias.primitive.clone(),
+                scale,
+            );
+            let saved = AttentionSaved { q: q.primitive, k: k.primitive, v: v.primitive, bias: bias.primitive, out: out.clone(), kept };
+            prep.finish(saved, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(B::multi_head_attention(q.primitive, k.primitive, v.primitive, bias.primitive, scale)),
     }

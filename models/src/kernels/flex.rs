@@ -9,7 +9,7 @@ use burn_flex::{FlexTensor, Layout};
 use rayon::prelude::*;
 
 use super::math::{self, multiversion};
-use super::{flex_mamba, reference, FusedOps, ScanPrimitives};
+use super::{flex_mamba, reference, AttentionSaved, FusedOps, ScanPrimitives};
 use crate::blocks::NormKind;
 use crate::paged::PagedStep;
 
@@ -232,13 +232,11 @@ impl FusedOps for Flex {
     }
 
     fn multi_head_attention_backward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        probs: FloatTensor<Self>,
+        saved: AttentionSaved<Self>,
         grad: FloatTensor<Self>,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let AttentionSaved { q, k, v, kept: probs, .. } = saved;
         let inputs = [&q, &k, &v, &probs, &grad].map(contiguous_f32);
         let [Some(q), Some(k), Some(v), Some(probs), Some(grad)] = inputs else {
             return reference::attention_backward::<Self>(q, k, v, probs, grad, scale);

@@ -9,6 +9,8 @@
 //! thread timing, and partial sums are combined in a fixed order.
 
 mod autodiff;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube;
 mod flex;
 mod flex_mamba;
 mod math;
@@ -74,7 +76,9 @@ pub trait FusedOps: Backend {
         Self::multi_head_attention_forward(q, k, v, bias, scale).0
     }
 
-    /// [`Self::multi_head_attention`] and the probabilities `[batch, heads, queries, keys]` its backward needs.
+    /// [`Self::multi_head_attention`] and what its backward needs besides the inputs and the
+    /// output: the probabilities `[batch, heads, queries, keys]` (reference, flex) or each query
+    /// row's log-sum-exp `[batch, heads, queries]` (the flash kernel of the GPU backends).
     fn multi_head_attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -87,14 +91,11 @@ pub trait FusedOps: Backend {
 
     /// Gradients of [`Self::multi_head_attention`] with respect to `q`, `k` and `v`.
     fn multi_head_attention_backward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        probs: FloatTensor<Self>,
+        saved: AttentionSaved<Self>,
         grad: FloatTensor<Self>,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        reference::attention_backward::<Self>(q, k, v, probs, grad, scale)
+        reference::attention_backward::<Self>(saved.q, saved.k, saved.v, saved.kept, grad, scale)
     }
 
     /// RMSNorm or LayerNorm over the last dimension, with a learned weight (and bias).
@@ -257,14 +258,20 @@ pub struct Scan<T3, T2, T1> {
     pub d: T1,
 }
 
+/// What attention's backward reads: the forward's inputs and output, and what
+/// [`FusedOps::multi_head_attention_forward`] kept for it.
+#[derive(Debug, Clone)]
+pub struct AttentionSaved<B: Backend> {
+    pub q: FloatTensor<B>,
+    pub k: FloatTensor<B>,
+    pub v: FloatTensor<B>,
+    pub bias: FloatTensor<B>,
+    pub out: FloatTensor<B>,
+    pub kept: FloatTensor<B>,
+}
+
 /// The scan's inputs as backend primitives.
 pub type ScanPrimitives<B> = Scan<FloatTensor<B>, FloatTensor<B>, FloatTensor<B>>;
-
-#[cfg(feature = "cuda")]
-impl FusedOps for burn::backend::Cuda {}
-
-#[cfg(feature = "wgpu")]
-impl FusedOps for burn::backend::Wgpu {}
 
 fn primitive<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
     x.into_primitive().tensor()

@@ -1,0 +1,166 @@
+//! The fused ops as CubeCL kernels, for Burn's CubeCL backends (wgpu, CUDA): one `#[cube]`
+//! source that CubeCL compiles for each runtime, launched on the backend's own tensors.
+//!
+//! Every kernel computes in f32 whatever the tensors store (f32, or f16 under fp16-mixed), and
+//! each is tested against the composition in [`super::reference`] on the same device
+//! (`trainer/tests/gpu_parity.rs`, on lavapipe in CI). `FURNACE_KERNELS=reference` turns them
+//! off for the process, so that `scripts/bench_gpu.sh` can measure what they save. Mamba's scan,
+//! its convolution and the paged cache take the reference path on these backends.
+
+mod attention;
+mod cross_entropy;
+mod elementwise;
+mod norm;
+
+use std::sync::OnceLock;
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::TensorMetadata;
+use burn_cubecl::cubecl::server::ComputeServer;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+use super::{reference, AttentionSaved, FusedOps};
+use crate::blocks::NormKind;
+
+/// Whether the fused kernels run (the default) or the reference compositions
+/// (`FURNACE_KERNELS=reference`), read once per process.
+fn fused() -> bool {
+    static FUSED: OnceLock<bool> = OnceLock::new();
+    *FUSED.get_or_init(|| std::env::var("FURNACE_KERNELS").map_or(true, |v| v != "reference"))
+}
+
+/// A new contiguous tensor of `shape` on `like`'s device, in `like`'s dtype.
+fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: burn::tensor::Shape) -> CubeTensor<R> {
+    empty_device_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
+}
+
+impl<R, F, I, BT> FusedOps for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    R::Server: ComputeServer,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !fused() {
+            return reference::gelu_tanh::<Self>(x);
+        }
+        elementwise::gelu_tanh(into_contiguous(x), None)
+    }
+
+    fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !fused() {
+            return reference::gelu_tanh_backward::<Self>(x, grad);
+        }
+        elementwise::gelu_tanh(into_contiguous(x), Some(into_contiguous(grad)))
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !fused() {
+            return reference::swiglu::<Self>(gate, up);
+        }
+        elementwise::swiglu(into_contiguous(gate), into_contiguous(up))
+    }
+
+    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !fused() {
+            return reference::swiglu_backward::<Self>(gate, up, grad);
+        }
+        elementwise::swiglu_backward(into_contiguous(gate), into_contiguous(up), into_contiguous(grad))
+    }
+
+    fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !fused() {
+            return reference::rope::<Self>(x, cos, sin);
+        }
+        if cos.dtype != x.dtype {
+            return reference::rope::<Self>(x, cos, sin);
+        }
+        elementwise::rope(into_contiguous(x), cos, sin, false)
+    }
+
+    fn rope_backward(grad: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !fused() {
+            return reference::rope_backward::<Self>(grad, cos, sin);
+        }
+        if cos.dtype != grad.dtype {
+            return reference::rope_backward::<Self>(grad, cos, sin);
+        }
+        elementwise::rope(into_contiguous(grad), cos, sin, true)
+    }
+
+    fn multi_head_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let one_dtype = [&k, &v, &bias].iter().all(|t| t.dtype == q.dtype);
+        match attention::blocks(&q) {
+            Some(blocks) if fused() && one_dtype && attention::worth_it(&q, &k) => attention::forward(q, k, v, bias, scale, blocks),
+            _ => reference::attention_forward::<Self>(q, k, v, bias, scale),
+        }
+    }
+
+    fn multi_head_attention_backward(
+        saved: AttentionSaved<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        // What the forward kept says which forward ran: a log-sum-exp per row (rank 3) or the
+        // probabilities (rank 4).
+        let AttentionSaved { q, k, v, bias, out, kept } = saved;
+        match attention::blocks(&q) {
+            Some(blocks) if kept.rank() == 3 => {
+                attention::backward(attention::Saved { q, k, v, bias, out, lse: kept }, grad, scale, blocks)
+            }
+            _ => reference::attention_backward::<Self>(q, k, v, kept, grad, scale),
+        }
+    }
+
+    fn norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        kind: NormKind,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        if !fused() {
+            return reference::norm::<Self>(x, weight, bias, kind, eps);
+        }
+        norm::forward(into_contiguous(x), into_contiguous(weight), bias.map(into_contiguous), kind, eps)
+    }
+
+    fn norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        kind: NormKind,
+        eps: f32,
+        with_bias: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        if !fused() {
+            return reference::norm_backward::<Self>(x, weight, grad, kind, eps, with_bias);
+        }
+        norm::backward(into_contiguous(x), into_contiguous(weight), into_contiguous(grad), kind, eps, with_bias)
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        if !fused() {
+            return reference::cross_entropy::<Self>(logits, targets);
+        }
+        cross_entropy::loss(into_contiguous(logits), into_contiguous(targets))
+    }
+
+    fn cross_entropy_with_grad(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !fused() {
+            return reference::cross_entropy_with_grad::<Self>(logits, targets);
+        }
+        cross_entropy::loss_and_grad(into_contiguous(logits), into_contiguous(targets))
+    }
+}
