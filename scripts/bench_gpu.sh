@@ -30,10 +30,11 @@ PY
 
 # name recipe overrides…: the quickstart as it is; GPT-2 124M's blocks (d_model 768, 12 heads)
 # with 2 layers and a 16384-token vocabulary (50257 × 768 floats exceed lavapipe's 128 MiB
-# buffers), batch 2 × 256.
+# buffers), batch 2 × 256; a Mamba (4 layers, d_model 256) on the quickstart's data.
 RUNS=(
   "quickstart recipes/quickstart.toml"
   "124M-shaped-L2-T256-B2-V16384 recipes/gpt2-124m.toml --set model.n_layers=2 --set model.vocab_size=16384 --set training.seq_len=256 --set training.local_batch_size=2 --set data.num_examples=3000 --set data.tokenizer_vocab_size=2048"
+  "mamba-L4-d256-T64-B32 recipes/quickstart.toml --set model.arch=mamba --set model.d_model=256"
 )
 
 train_on_wgpu() {

@@ -456,7 +456,8 @@ fn flash_attention_keeps_a_row_statistic_instead_of_the_probabilities() {
 /// length where it takes the flash kernel) runs over many query blocks and key tiles, with
 /// grouped heads, a causal mask, a sliding window with ALiBi (a bias per head), and a padding
 /// mask broadcast over the query rows. The
-/// optimizer's fused AdamW and Lion updates equal the composed update over three steps.
+/// optimizer's fused AdamW and Lion updates equal the composed update over three steps, and
+/// Mamba's selective scan its chunked composition.
 #[test]
 fn every_fused_kernel_on_the_gpu_equals_its_reference() {
     let Some(gpu) = gpu() else { return };
@@ -467,7 +468,7 @@ fn check_kernels<G: FusedOps + furnace_optim::FusedUpdate>() {
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{TensorMetadata, TensorPrimitive};
     use furnace_models::blocks::NormKind;
-    use furnace_models::kernels::{reference, AttentionSaved};
+    use furnace_models::kernels::{reference, AttentionSaved, Scan};
 
     let device = G::Device::default();
     let mut seed = 0x2545_f491_u64;
@@ -585,6 +586,31 @@ fn check_kernels<G: FusedOps + furnace_optim::FusedUpdate>() {
             same(&format!("{what}, backward: k"), want.1, got.1, 1e-4);
             same(&format!("{what}, backward: v"), want.2, got.2, 1e-4);
         }
+    }
+
+    // Mamba's selective scan over 70 channels (two cubes of 64), 37 steps, a state of 16.
+    let (batch, seq, channels, state) = (2, 37, 70, 16);
+    let inputs = Scan {
+        u: random(&[batch, seq, channels]),
+        dt: random(&[batch, seq, channels]),
+        a: G::float_mul_scalar(G::float_abs(random(&[channels, state])), (-2.0).into()),
+        b: random(&[batch, seq, state]),
+        c: random(&[batch, seq, state]),
+        d: random(&[channels]),
+    };
+    let grad = random(&[batch, seq, channels]);
+    same("selective scan", reference::selective_scan::<G>(inputs.clone()), G::selective_scan(inputs.clone()), 1e-5);
+    let want = reference::selective_scan_backward::<G>(inputs.clone(), grad.clone());
+    let got = G::selective_scan_backward(inputs, grad);
+    for (name, want, got) in [
+        ("u", want.u, got.u),
+        ("dt", want.dt, got.dt),
+        ("a", want.a, got.a),
+        ("b", want.b, got.b),
+        ("c", want.c, got.c),
+        ("d", want.d, got.d),
+    ] {
+        same(&format!("selective scan backward: {name}"), want, got, 1e-4);
     }
 
     use furnace_optim::algorithm::Slots;

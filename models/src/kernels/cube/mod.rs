@@ -4,17 +4,18 @@
 //! Every kernel computes in f32 whatever the tensors store (f32, or f16 under fp16-mixed), and
 //! each is tested against the composition in [`super::reference`] on the same device
 //! (`trainer/tests/gpu_parity.rs`, on lavapipe in CI). `FURNACE_KERNELS=reference` turns them
-//! off for the process, so that `scripts/bench_gpu.sh` can measure what they save. Mamba's scan,
-//! its convolution and the paged cache take the reference path on these backends.
+//! off for the process, so that `scripts/bench_gpu.sh` can measure what they save. Mamba's
+//! convolution and the paged cache take the reference path on these backends.
 
 mod attention;
 mod cross_entropy;
 mod elementwise;
 mod norm;
+mod scan;
 
 use std::sync::OnceLock;
 
-use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::TensorMetadata;
 use burn_cubecl::cubecl::server::ComputeServer;
 use burn_cubecl::kernel::into_contiguous;
@@ -22,7 +23,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use super::{reference, AttentionSaved, FusedOps};
+use super::{reference, AttentionSaved, FusedOps, Scan, ScanPrimitives};
 use crate::blocks::NormKind;
 
 /// Whether the fused kernels run (the default) or the reference compositions
@@ -163,4 +164,59 @@ where
         }
         cross_entropy::loss_and_grad(into_contiguous(logits), into_contiguous(targets))
     }
+
+    fn selective_scan(inputs: ScanPrimitives<Self>) -> FloatTensor<Self> {
+        match scan_inputs::<R, F, I, BT>(inputs) {
+            Ok(inputs) => scan::forward(inputs),
+            Err(inputs) => reference::selective_scan::<Self>(inputs),
+        }
+    }
+
+    fn selective_scan_backward(inputs: ScanPrimitives<Self>, grad: FloatTensor<Self>) -> ScanPrimitives<Self> {
+        let inputs = match scan_inputs::<R, F, I, BT>(inputs) {
+            Ok(inputs) => inputs,
+            Err(inputs) => return reference::selective_scan_backward::<Self>(inputs, grad),
+        };
+        let [batch, seq, channels] = inputs.u.shape().dims();
+        let state = inputs.a.shape()[1];
+        let g = scan::backward(inputs, into_contiguous(grad));
+        // What the kernel leaves per unit, summed over the batch (A, D) or the channels (B, C).
+        let summed = |x, dim, shape: Vec<usize>| Self::float_reshape(Self::float_sum_dim(x, dim), shape.into());
+        Scan {
+            u: g.u,
+            dt: g.dt,
+            a: summed(g.a, 0, vec![channels, state]),
+            b: summed(g.b, 2, vec![batch, seq, state]),
+            c: summed(g.c, 2, vec![batch, seq, state]),
+            d: summed(g.d, 0, vec![channels]),
+        }
+    }
+}
+
+/// The scan's inputs for the kernels, contiguous; or back as they came where the reference
+/// runs (kernels off, mixed dtypes, a state over 64, more steps than a unit may walk).
+#[allow(clippy::result_large_err)]
+fn scan_inputs<R, F, I, BT>(
+    s: ScanPrimitives<CubeBackend<R, F, I, BT>>,
+) -> Result<scan::Inputs<R>, ScanPrimitives<CubeBackend<R, F, I, BT>>>
+where
+    R: CubeRuntime,
+    R::Server: ComputeServer,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let one_dtype = [&s.dt, &s.a, &s.b, &s.c, &s.d].iter().all(|t| t.dtype == s.u.dtype);
+    if !fused() || !one_dtype || s.a.shape()[1] > 64 || s.u.shape()[1] > scan::MAX_STEPS {
+        return Err(s);
+    }
+    let Scan { u, dt, a, b, c, d } = s;
+    Ok(scan::Inputs {
+        u: into_contiguous(u),
+        dt: into_contiguous(dt),
+        a: into_contiguous(a),
+        b: into_contiguous(b),
+        c: into_contiguous(c),
+        d: into_contiguous(d),
+    })
 }
