@@ -10,28 +10,9 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 
 use super::empty_like;
-use super::norm::cube_sum;
+use super::norm::cube_reduce;
 
 const UNITS: usize = 256;
-
-/// The largest of every unit's `value`, returned to every unit of the cube.
-#[cube]
-fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
-    let unit = UNIT_POS_X as usize;
-    shared[unit] = value;
-    sync_cube();
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if unit < stride {
-            shared[unit] = max(shared[unit], shared[unit + stride]);
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = shared[0];
-    sync_cube();
-    total
-}
 
 #[cube(launch)]
 fn cross_entropy_kernel<F: Float, I: Int>(
@@ -63,8 +44,8 @@ fn cross_entropy_kernel<F: Float, I: Int>(
         }
         c += units;
     }
-    let row_max = cube_max(&mut shared, m);
-    let total = cube_sum(&mut shared, sum * (m - row_max).exp());
+    let row_max = cube_reduce(&mut shared, m, true);
+    let total = cube_reduce(&mut shared, sum * (m - row_max).exp(), false);
     let lse = row_max + total.ln();
     let ignored = target < 0;
     if unit == 0 {

@@ -19,16 +19,21 @@ const COLUMN_UNITS: u32 = 128;
 /// Rows one unit sums for the weight and bias gradients (the partial sums are then added).
 const ROW_CHUNK: usize = 256;
 
-/// The sum of every unit's `value`, returned to every unit of the cube.
+/// Every unit's `value` combined over the cube, the sum (or with `maximum` the largest),
+/// returned to every unit. `shared` holds a float per unit; the cube's size is a power of two.
 #[cube]
-pub(super) fn cube_sum(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
+pub(super) fn cube_reduce(shared: &mut SharedMemory<f32>, value: f32, #[comptime] maximum: bool) -> f32 {
     let unit = UNIT_POS_X as usize;
     shared[unit] = value;
     sync_cube();
     let mut stride = CUBE_DIM_X as usize / 2;
     while stride > 0 {
         if unit < stride {
-            shared[unit] += shared[unit + stride];
+            if maximum {
+                shared[unit] = max(shared[unit], shared[unit + stride]);
+            } else {
+                shared[unit] += shared[unit + stride];
+            }
         }
         sync_cube();
         stride /= 2;
@@ -36,6 +41,39 @@ pub(super) fn cube_sum(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
     let total = shared[0];
     sync_cube();
     total
+}
+
+/// A row's mean (0 unless `centred`) and 1/σ, from the cube's units striding over its `cols`
+/// values from `start`.
+#[cube]
+fn row_stats<F: Float>(
+    x: &Tensor<F>,
+    start: usize,
+    cols: usize,
+    shared: &mut SharedMemory<f32>,
+    eps: f32,
+    #[comptime] centred: bool,
+) -> (f32, f32) {
+    let (unit, units) = (UNIT_POS_X as usize, CUBE_DIM_X as usize);
+    let n = f32::cast_from(cols as u32);
+    let mut mean = 0.0f32;
+    if centred {
+        let mut sum = 0.0f32;
+        let mut c = unit;
+        while c < cols {
+            sum += f32::cast_from(x[start + c]);
+            c += units;
+        }
+        mean = cube_reduce(shared, sum, false) / n;
+    }
+    let mut squares = 0.0f32;
+    let mut c = unit;
+    while c < cols {
+        let centred_x = f32::cast_from(x[start + c]) - mean;
+        squares += centred_x * centred_x;
+        c += units;
+    }
+    (mean, (cube_reduce(shared, squares, false) / n + eps).inverse_sqrt())
 }
 
 /// Each row normalised (centred first for LayerNorm), scaled and shifted.
@@ -55,24 +93,7 @@ fn norm_forward_kernel<F: Float>(
     let start = CUBE_POS_X as usize * cols;
     let unit = UNIT_POS_X as usize;
     let units = CUBE_DIM_X as usize;
-    let mut mean = 0.0f32;
-    if centred {
-        let mut sum = 0.0f32;
-        let mut c = unit;
-        while c < cols {
-            sum += f32::cast_from(x[start + c]);
-            c += units;
-        }
-        mean = cube_sum(&mut shared, sum) / f32::cast_from(cols as u32);
-    }
-    let mut squares = 0.0f32;
-    let mut c = unit;
-    while c < cols {
-        let centred_x = f32::cast_from(x[start + c]) - mean;
-        squares += centred_x * centred_x;
-        c += units;
-    }
-    let rstd = (cube_sum(&mut shared, squares) / f32::cast_from(cols as u32) + eps).inverse_sqrt();
+    let (mean, rstd) = row_stats(x, start, cols, &mut shared, eps, centred);
     let mut c = unit;
     while c < cols {
         let mut y = (f32::cast_from(x[start + c]) - mean) * rstd * f32::cast_from(weight[c]);
@@ -104,24 +125,7 @@ fn norm_backward_rows_kernel<F: Float>(
     let unit = UNIT_POS_X as usize;
     let units = CUBE_DIM_X as usize;
     let n = f32::cast_from(cols as u32);
-    let mut mean = 0.0f32;
-    if centred {
-        let mut sum = 0.0f32;
-        let mut c = unit;
-        while c < cols {
-            sum += f32::cast_from(x[start + c]);
-            c += units;
-        }
-        mean = cube_sum(&mut shared, sum) / n;
-    }
-    let mut squares = 0.0f32;
-    let mut c = unit;
-    while c < cols {
-        let centred_x = f32::cast_from(x[start + c]) - mean;
-        squares += centred_x * centred_x;
-        c += units;
-    }
-    let rstd = (cube_sum(&mut shared, squares) / n + eps).inverse_sqrt();
+    let (mean, rstd) = row_stats(x, start, cols, &mut shared, eps, centred);
     // mean(g·x̂) and mean(g), g = grad·weight.
     let mut projection = 0.0f32;
     let mut grad_sum = 0.0f32;
@@ -132,10 +136,10 @@ fn norm_backward_rows_kernel<F: Float>(
         grad_sum += g;
         c += units;
     }
-    let projection = cube_sum(&mut shared, projection) / n;
+    let projection = cube_reduce(&mut shared, projection, false) / n;
     let mut grad_mean = 0.0f32;
     if centred {
-        grad_mean = cube_sum(&mut shared, grad_sum) / n;
+        grad_mean = cube_reduce(&mut shared, grad_sum, false) / n;
     }
     let mut c = unit;
     while c < cols {
