@@ -1,7 +1,8 @@
 //! AdamW and Lion as one CubeCL kernel over a flat parameter, for Burn's CubeCL backends (wgpu,
 //! CUDA): each element's parameter and state slots are read once and written once, where the
 //! composition of tensor ops launches a dozen kernels, each over the whole buffer. Sophia (whose
-//! clip count is a reduction) and mixed dtypes take the composed update.
+//! clip count is a reduction), mixed dtypes and `FURNACE_KERNELS=reference` take the composed
+//! update.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorPrimitive;
@@ -17,6 +18,13 @@ use crate::algorithm::{Algorithm, Slots};
 use crate::fused::{composed_update, FusedUpdate};
 
 const UNITS: u32 = 256;
+
+/// Whether the kernels run (the default) or the composed update (`FURNACE_KERNELS=reference`,
+/// as for the model's fused ops), read once per process.
+fn fused() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| std::env::var("FURNACE_KERNELS").map_or(true, |v| v != "reference"))
+}
 
 /// A flat parameter (or gradient, or state slot) as the optimizer holds it.
 type Flat<B> = burn::tensor::Tensor<B, 1>;
@@ -114,7 +122,7 @@ where
         slots: &mut Slots<Self>,
         clipped: &mut Option<Flat<Self>>,
     ) -> Flat<Self> {
-        let one_dtype = grad.dtype() == value.dtype() && slots.values().all(|s| s.dtype() == value.dtype());
+        let one_dtype = fused() && grad.dtype() == value.dtype() && slots.values().all(|s| s.dtype() == value.dtype());
         let (beta1, beta2, adam_eps) = match *algorithm {
             Algorithm::AdamW { beta1, beta2, eps } if one_dtype => (beta1, beta2, Some(eps)),
             Algorithm::Lion { beta1, beta2 } if one_dtype => (beta1, beta2, None),
