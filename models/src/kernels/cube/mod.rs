@@ -75,20 +75,14 @@ where
     }
 
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-        if !fused() {
-            return reference::rope::<Self>(x, cos, sin);
-        }
-        if cos.dtype != x.dtype {
+        if !fused() || cos.dtype != x.dtype || sin.dtype != x.dtype {
             return reference::rope::<Self>(x, cos, sin);
         }
         elementwise::rope(into_contiguous(x), cos, sin, false)
     }
 
     fn rope_backward(grad: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-        if !fused() {
-            return reference::rope_backward::<Self>(grad, cos, sin);
-        }
-        if cos.dtype != grad.dtype {
+        if !fused() || cos.dtype != grad.dtype || sin.dtype != grad.dtype {
             return reference::rope_backward::<Self>(grad, cos, sin);
         }
         elementwise::rope(into_contiguous(grad), cos, sin, true)
