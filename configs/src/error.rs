@@ -98,7 +98,7 @@ fn section_keys(section: &str) -> Option<Vec<&'static str>> {
     }
     Some(match section {
         "run" => keys::<RunSection>(),
-        "model" => keys::<ModelSection>(),
+        "model" => ModelSection::keys(),
         "data" => keys::<DataSection>(),
         "training" => keys::<TrainingSection>(),
         "optimizer" => keys::<OptimizerSection>(),

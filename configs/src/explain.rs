@@ -1,4 +1,4 @@
-use crate::schema::Section;
+use crate::schema::{OptionDoc, Section};
 use crate::*;
 
 fn section_text<S: Section>(out: &mut String) {
@@ -7,12 +7,38 @@ fn section_text<S: Section>(out: &mut String) {
     for line in S::DOC.lines() {
         out.push_str(&format!("# {}\n", line.trim()));
     }
-    for opt in S::options() {
+    options_text(&S::options(), &defaults, out);
+    out.push('\n');
+}
+
+fn options_text(options: &[OptionDoc], defaults: &toml::Table, out: &mut String) {
+    for opt in options {
         for line in opt.doc.lines() {
             out.push_str(&format!("  # {}\n", line.trim()));
         }
         let default = defaults.get(opt.key).map(|v| v.to_string()).unwrap_or_else(|| "(unset)".into());
         out.push_str(&format!("  {} = {}    # type: {}\n", opt.key, default, opt.ty.replace(' ', "")));
+    }
+}
+
+/// `[model]`: its own keys, then each configuration's (defaults at the tiny flavor).
+fn model_text(out: &mut String) {
+    use furnace_core::arch::{BertConfig, DecoderConfig, MambaConfig, MoeConfig, T5Config};
+    out.push_str("[model]\n# The model: arch picks the architecture, whose own keys follow; flavor picks a size preset that\n");
+    out.push_str("# the keys given override; unset keys take the arch's layout.\n");
+    let section = toml::Table::try_from(ModelSection::default()).expect("defaults serialize");
+    options_text(&ModelSection::options(), &section, out);
+    for (label, arch, options) in [
+        ("llama, gpt2 or mixtral (defaults: llama's)", Arch::Llama, DecoderConfig::options()),
+        ("mixtral, besides", Arch::Mixtral, MoeConfig::options()),
+        ("mamba", Arch::Mamba, MambaConfig::options()),
+        ("bert", Arch::Bert, BertConfig::options()),
+        ("t5", Arch::T5, T5Config::options()),
+    ] {
+        let config = ModelConfig::from_keys(arch, Flavor::Tiny, &Default::default()).expect("the defaults make a model");
+        let defaults = toml::Table::try_from(config.keys()).expect("defaults serialize");
+        out.push_str(&format!("  # --- arch = {label}:\n"));
+        options_text(&options, &defaults, out);
     }
     out.push('\n');
 }
@@ -21,7 +47,7 @@ fn section_text<S: Section>(out: &mut String) {
 pub fn explain() -> String {
     let mut out = String::from("# Furnace recipe: every option, its default and meaning.\n\n");
     section_text::<RunSection>(&mut out);
-    section_text::<ModelSection>(&mut out);
+    model_text(&mut out);
     section_text::<DataSection>(&mut out);
     section_text::<TrainingSection>(&mut out);
     section_text::<OptimizerSection>(&mut out);

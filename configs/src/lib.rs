@@ -1,10 +1,9 @@
 //! The Furnace recipe: a TOML file of sections (see `recipe.rs`), read with unknown keys
 //! rejected, overridden from the command line with `--set section.key=value`, validated before
-//! any work starts, and resolved into concrete values (`ResolvedModel`) for the other crates.
+//! any work starts, and its `[model]` section read into the architecture's configuration (`furnace_core::arch`).
 
 pub mod capabilities;
 pub mod recipe;
-pub mod schema;
 
 mod error;
 mod explain;
@@ -15,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::RecipeError;
 pub use explain::explain;
-pub use model::ResolvedModel;
+pub use furnace_core::schema;
 pub use recipe::*;
 
 impl Recipe {
@@ -55,6 +54,16 @@ impl Recipe {
     /// so only values are checked, not that files exist.
     pub fn from_stored(text: &str, file: &str) -> Result<Recipe, RecipeError> {
         let recipe: Recipe = toml::from_str(text).map_err(|e| RecipeError::from_toml(file, text, &e))?;
+        validate::validate(&recipe, file, text, false)?;
+        Ok(recipe)
+    }
+
+    /// Parse the recipe a checkpoint stored, written by this or an earlier Furnace: as
+    /// `from_stored`, with the `[model]` keys its architecture lacks dropped (see
+    /// `ModelSection::stored`).
+    pub fn from_checkpoint(text: &str, file: &str) -> Result<Recipe, RecipeError> {
+        let recipe: Recipe = toml::from_str(text).map_err(|e| RecipeError::from_toml(file, text, &e))?;
+        let recipe = Recipe { model: recipe.model.stored(), ..recipe };
         validate::validate(&recipe, file, text, false)?;
         Ok(recipe)
     }
@@ -106,7 +115,7 @@ impl Recipe {
     /// The vocabulary before a tokenizer exists: model.vocab_size, else the size the tokenizer
     /// will be trained to.
     pub fn planned_vocab_size(&self) -> usize {
-        self.model.vocab_size.unwrap_or(self.data.tokenizer_vocab_size)
+        self.model.vocab_size().unwrap_or(self.data.tokenizer_vocab_size)
     }
 
     pub fn tokens_per_step(&self) -> usize {

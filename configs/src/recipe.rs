@@ -3,28 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::section;
+use furnace_core::section;
 
+pub use crate::model::ModelSection;
+pub use furnace_core::arch::{Arch, Flavor, ModelConfig};
 pub use furnace_core::blocks::{MlpKind, NormKind, PositionKind};
 use furnace_core::choice;
 
-choice!(
-    /// Model family.
-    Arch { Llama = "llama", Gpt2 = "gpt2", Mamba = "mamba", Mixtral = "mixtral", Bert = "bert", T5 = "t5" }
-);
-choice!(
-    /// Named size presets; explicit `[model]` dimensions override them.
-    Flavor {
-        /// 2 layers, d_model 64: unit tests and smoke runs.
-        Tiny = "tiny",
-        /// 4 layers, d_model 128: the quickstart model.
-        Quickstart = "quickstart",
-        /// 4 layers, d_model 256, 4 heads: the benchmark shape (a).
-        Small = "small",
-        /// GPT-2 small: 12 layers, d_model 768, 12 heads, vocab 50257, context 1024.
-        Gpt2_124m = "gpt2-124m",
-    }
-);
 choice!(
     /// Where training tokens come from.
     DataSource {
@@ -234,97 +219,6 @@ section! {
         output_dir: String = String::new(),
         /// Seed for parameter init, data order and sampling. Same seed, same run.
         seed: u64 = 1337,
-    }
-}
-
-section! {
-    /// The model. `flavor` picks a preset; any dimension given here overrides the preset.
-    ModelSection = "model" {
-        /// Model family: llama (RMSNorm, RoPE, SwiGLU, no bias), gpt2 (LayerNorm, learned positions,
-        /// GELU, bias), mamba (selective state-space blocks; the attention and MLP keys do not apply)
-        /// mixtral (llama with each MLP a sparse mixture of SwiGLU experts), bert (an encoder:
-        /// learned positions, post-norm LayerNorm blocks, bidirectional attention, GELU, trained
-        /// with the masked-LM objective; the tokenizer then needs a `[MASK]` token) or t5 (an
-        /// encoder-decoder: relative position bias, pre-norm RMS blocks without biases,
-        /// cross-attention, relu or gated-gelu MLPs, as transformers' T5ForConditionalGeneration).
-        arch: Arch = Arch::Llama,
-        /// Size preset: tiny, quickstart, small, gpt2-124m.
-        flavor: Flavor = Flavor::Tiny,
-        /// Vocabulary size. Unset: taken from the tokenizer.
-        vocab_size: Option<usize> = None,
-        /// Hidden size.
-        d_model: Option<usize> = None,
-        /// Number of transformer blocks (t5: of the encoder).
-        n_layers: Option<usize> = None,
-        /// T5: number of decoder blocks. Unset: n_layers.
-        n_decoder_layers: Option<usize> = None,
-        /// T5: dimensions per attention head (transformers' d_kv). Unset: d_model / n_heads.
-        head_dim: Option<usize> = None,
-        /// T5: buckets of the relative position bias.
-        relative_attention_num_buckets: usize = 32,
-        /// T5: distance at which the relative position buckets stop growing.
-        relative_attention_max_distance: usize = 128,
-        /// Number of attention (query) heads.
-        n_heads: Option<usize> = None,
-        /// Number of key/value heads: equal to n_heads is MHA, 1 is MQA, between is GQA. Unset: n_heads.
-        n_kv_heads: Option<usize> = None,
-        /// Feed-forward hidden size. Unset: 4·d_model for gelu and relu, 8/3·d_model rounded up
-        /// to 32 for swiglu and gated-gelu.
-        d_ff: Option<usize> = None,
-        /// Longest sequence the model accepts (size of the learned position table, RoPE table).
-        max_seq_len: Option<usize> = None,
-        /// Normalisation: rmsnorm or layernorm. Unset: the arch's.
-        norm: Option<NormKind> = None,
-        /// Epsilon inside the norms.
-        norm_eps: Option<f64> = None,
-        /// Position encoding: rope, alibi, learned or relative (t5). Unset: the arch's.
-        position: Option<PositionKind> = None,
-        /// RoPE base frequency.
-        rope_theta: f64 = 10000.0,
-        /// Feed-forward: swiglu, gelu (the tanh approximation, GPT-2's), gelu-exact (erf), or for t5
-        /// relu (its default) or gated-gelu. Unset: the arch's (bert: its own exact GELU, named gelu).
-        mlp: Option<MlpKind> = None,
-        /// Biases in linear layers and norms. Unset: the arch's (gpt2 yes, llama no).
-        bias: Option<bool> = None,
-        /// Share the input embedding with the output head. Unset: the arch's (gpt2 yes, llama no).
-        tie_embeddings: Option<bool> = None,
-        /// Attend only to the last N positions (Mistral-style). 0: full causal attention.
-        sliding_window: usize = 0,
-        /// Attention and MLP in parallel from one norm (GPT-J / PaLM style).
-        parallel_block: bool = false,
-        /// Mamba: size N of each channel's state.
-        d_state: usize = 16,
-        /// Mamba: width of the causal convolution.
-        d_conv: usize = 4,
-        /// Mamba: inner channels per model dimension (d_inner = expand·d_model).
-        expand: usize = 2,
-        /// Mamba: rank of the step-size (Δ) projection. Unset: ⌈d_model/16⌉.
-        dt_rank: Option<usize> = None,
-        /// Mixtral: experts per layer (transformers' num_local_experts).
-        n_experts: usize = 8,
-        /// Mixtral: experts each token is routed to, top-k of the router's softmax
-        /// (num_experts_per_tok).
-        experts_per_token: usize = 2,
-        /// Mixtral: tokens one expert takes per batch, as a multiple of the even share
-        /// tokens·k/n_experts; the tokens past it skip that expert (Switch Transformer's token
-        /// dropping). 0: no limit (dropless, as Mixtral).
-        capacity_factor: f64 = 0.0,
-        /// Mixtral: weight of the load-balancing loss n_experts·Σ f_e·P_e (Switch Transformer;
-        /// transformers' router_aux_loss_coef) added to the training loss.
-        router_aux_loss_coef: f64 = 0.01,
-        /// Mixtral: weight of the router z-loss, the mean squared logsumexp of router logits
-        /// (ST-MoE), which keeps router logits small.
-        router_z_loss_coef: f64 = 0.001,
-        /// Dropout probability on attention output and MLP output (0 for exact resume).
-        dropout: f64 = 0.0,
-        /// Start from these weights instead of a random init: a Furnace run or checkpoint folder,
-        /// a Hugging Face model folder (config.json, safetensors, tokenizer.json), or a GGUF file
-        /// in llama.cpp's llama layout (Llama, Mixtral; f32/f16/q8_0/q4_0, dequantized). The
-        /// architecture and the tokenizer then come from that folder, and the other [model]
-        /// keys are not used, but dropout and a max_seq_len above the base's: a base whose
-        /// positions are computed (RoPE, ALiBi, T5, Mamba) takes the longer context, learned
-        /// positions refuse it.
-        init_from: String = String::new(),
     }
 }
 

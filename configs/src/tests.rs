@@ -62,10 +62,12 @@ fn recipe_round_trips_through_toml() {
 
 #[test]
 fn arch_defaults_resolve() {
-    let llama = ModelSection::default().resolve(Some(300));
+    let llama = ModelSection::default().model(Some(300));
+    let llama = llama.as_decoder().unwrap();
     assert_eq!((llama.norm, llama.position, llama.mlp, llama.bias), (NormKind::RmsNorm, PositionKind::Rope, MlpKind::SwiGlu, false));
     assert_eq!(llama.vocab_size, 300);
-    let gpt2 = ModelSection { arch: Arch::Gpt2, flavor: Flavor::Gpt2_124m, ..Default::default() }.resolve(Some(300));
+    let gpt2 = ModelSection::new(Arch::Gpt2, Flavor::Gpt2_124m, Default::default(), String::new()).model(Some(300));
+    let gpt2 = gpt2.as_decoder().unwrap();
     assert_eq!((gpt2.d_model, gpt2.n_layers, gpt2.vocab_size, gpt2.d_ff), (768, 12, 50257, 3072));
     assert!(gpt2.tie_embeddings && gpt2.bias);
 }
@@ -132,7 +134,11 @@ fn distributed_and_mixture_of_experts_keys_are_checked() {
     }
     assert!(explain().contains("[distributed]") && explain().contains("distributed.strategy: ddp | zero1 | zero2 | fsdp"));
     let mixtral = "[model]\narch = \"mixtral\"\n";
-    assert_eq!(parse(mixtral).unwrap().model.resolve(None).mlp, MlpKind::SwiGlu, "a Mixtral is a Llama in all but its MLPs");
+    assert_eq!(
+        parse(mixtral).unwrap().model.config().as_decoder().unwrap().mlp,
+        MlpKind::SwiGlu,
+        "a Mixtral is a Llama in all but its MLPs"
+    );
     assert_eq!(parse(&format!("{mixtral}experts_per_token = 9\n")).unwrap_err().key, "model.experts_per_token");
     assert_eq!(parse(&format!("{mixtral}mlp = \"gelu\"\n")).unwrap_err().key, "model.mlp");
     assert_eq!(parse(&format!("{mixtral}capacity_factor = -1.0\n")).unwrap_err().key, "model.capacity_factor");
@@ -142,11 +148,8 @@ fn distributed_and_mixture_of_experts_keys_are_checked() {
 fn bert_resolves_to_its_fixed_layout_and_pretrains_only() {
     let parse = |text: &str| Recipe::from_stored(text, "r.toml");
     let bert = "[model]\narch = \"bert\"\n";
-    let m = parse(bert).unwrap().model.resolve(None);
-    assert_eq!(
-        (m.norm, m.position, m.mlp, m.bias, m.tie_embeddings, m.norm_eps),
-        (NormKind::LayerNorm, PositionKind::Learned, MlpKind::Gelu, true, true, 1e-12)
-    );
+    let ModelConfig::Bert(m) = parse(bert).unwrap().model.model(None) else { unreachable!("a BERT") };
+    assert_eq!((m.norm_eps, m.d_ff), (1e-12, 256), "BERT's fixed layout has no keys to set: its own epsilon, a 4·d_model MLP");
     assert_eq!(parse(&format!("{bert}position = \"rope\"\n")).unwrap_err().key, "model.position");
     assert_eq!(parse(&format!("{bert}n_heads = 4\nn_kv_heads = 1\n")).unwrap_err().key, "model.n_kv_heads");
     assert_eq!(parse(&format!("{bert}[training]\nmlm_probability = 1.5\n")).unwrap_err().key, "training.mlm_probability");
@@ -159,14 +162,12 @@ fn bert_resolves_to_its_fixed_layout_and_pretrains_only() {
 fn t5_resolves_to_its_layout_and_keeps_its_keys_to_itself() {
     let parse = |text: &str| Recipe::from_stored(text, "r.toml");
     let t5 = "[model]\narch = \"t5\"\n";
-    let m = parse(t5).unwrap().model.resolve(None);
-    assert_eq!(
-        (m.norm, m.position, m.mlp, m.bias, m.tie_embeddings, m.norm_eps, m.n_decoder_layers, m.head_dim),
-        (NormKind::RmsNorm, PositionKind::Relative, MlpKind::Relu, false, true, 1e-6, 2, 16)
-    );
+    let ModelConfig::T5(m) = parse(t5).unwrap().model.model(None) else { unreachable!("a T5") };
+    assert_eq!((m.mlp, m.tie_embeddings, m.norm_eps, m.n_decoder_layers, m.head_dim), (MlpKind::Relu, true, 1e-6, 2, 16));
     assert_eq!((m.d_ff, m.relative_attention_num_buckets, m.relative_attention_max_distance), (256, 32, 128));
     let v11 = parse(&format!("{t5}mlp = \"gated-gelu\"\nn_heads = 6\nhead_dim = 12\nn_decoder_layers = 3\n")).unwrap();
-    assert_eq!(v11.model.resolve(None).d_ff, 192, "gated MLPs default to 8/3·d_model as SwiGLU");
+    let ModelConfig::T5(m) = v11.model.model(None) else { unreachable!("a T5") };
+    assert_eq!(m.d_ff, 192, "gated MLPs default to 8/3·d_model as SwiGLU");
     assert_eq!(parse(&format!("{t5}bias = true\n")).unwrap_err().key, "model.bias");
     assert_eq!(parse(&format!("{t5}mlp = \"swiglu\"\n")).unwrap_err().key, "model.mlp");
     assert_eq!(parse("[model]\narch = \"llama\"\nmlp = \"relu\"\n").unwrap_err().key, "model.mlp");
@@ -178,9 +179,10 @@ fn t5_resolves_to_its_layout_and_keeps_its_keys_to_itself() {
     let pairs = parse(&format!("{t5}[data]\nsource = \"arithmetic-words\"\n")).unwrap();
     let text = parse(&format!("{t5}[data]\nsource = \"stories\"\n")).unwrap();
     assert!(pairs.trains_on_pairs() && !text.trains_on_pairs());
-    let to_section = |recipe: &Recipe| recipe.model.resolve(Some(500)).to_section("x");
-    assert_eq!(to_section(&v11).resolve(None).head_dim, 12, "a stored T5 keeps its head_dim");
-    assert_eq!(to_section(&parse("").unwrap()).head_dim, None, "other archs store no T5 keys");
+    let to_section = |recipe: &Recipe| ModelSection::of(&recipe.model.model(Some(500)), "x");
+    let ModelConfig::T5(m) = to_section(&v11).model(None) else { unreachable!("a T5") };
+    assert_eq!(m.head_dim, 12, "a stored T5 keeps its head_dim");
+    assert!(!to_section(&parse("").unwrap()).gives("head_dim"), "other archs store no T5 keys");
 }
 
 #[test]
@@ -317,4 +319,16 @@ fn every_bad_value_names_its_own_key() {
 fn a_duplicated_key_in_the_file_is_named() {
     let err = parse("[training]\nsteps = 10\nsteps = 20\n").unwrap_err();
     assert_eq!(err.key, "training.steps", "{err}");
+}
+
+#[test]
+fn a_recipe_stored_before_each_architecture_had_its_own_keys_still_loads() {
+    // What Furnace stored then: every architecture's keys, whatever the arch.
+    let old = "[model]\narch = \"mamba\"\nflavor = \"tiny\"\nd_model = 96\nrope_theta = 10000.0\nsliding_window = 0\nn_experts = 8\nd_state = 8\ndropout = 0.0\ninit_from = \"\"\n";
+    let stored = Recipe::from_checkpoint(old, "r.toml").unwrap();
+    let ModelConfig::Mamba(m) = stored.model.model(None) else { unreachable!("a Mamba") };
+    assert_eq!((m.d_model, m.d_state), (96, 8));
+    let err = Recipe::from_stored(old, "r.toml").unwrap_err();
+    assert_eq!(err.key, "model.dropout", "a recipe the user writes keeps to the architecture's keys");
+    assert!(err.message.contains("it is a key of llama, gpt2, mixtral, bert, t5"), "{err}");
 }

@@ -13,7 +13,7 @@ pub(crate) fn validate(recipe: &Recipe, file: &str, text: &str, check_files: boo
         file,
         text,
         check_files,
-        m: recipe.model.resolve(None),
+        m: recipe.model.config(),
         checkpointing: recipe.activation_checkpoint.mode != CheckpointMode::None,
     };
     for section in [
@@ -44,7 +44,7 @@ struct Check<'a> {
     text: &'a str,
     /// Whether named files must exist (not for a recipe stored in a checkpoint).
     check_files: bool,
-    m: ResolvedModel,
+    m: &'a ModelConfig,
     checkpointing: bool,
 }
 
@@ -57,16 +57,6 @@ impl Check<'_> {
             message,
             fix,
         })
-    }
-
-    /// An architecture with a fixed layout: the first (key, fits, value it takes) that does not fit.
-    fn fixed_layout(&self, layout: &[(&str, bool, &str)], what: &str) -> Result<(), RecipeError> {
-        match layout.iter().find(|(_, fits, _)| !fits) {
-            Some((key, _, value)) => {
-                self.fail("model", key, format!("{what}; model.{key} does not fit it"), format!("remove model.{key} or set it to {value}"))
-            }
-            None => Ok(()),
-        }
     }
 }
 
@@ -88,16 +78,8 @@ fn finite(c: &Check<'_>) -> Result<(), RecipeError> {
 /// would reach an allocation abort instead of this message. The memory estimate of the whole
 /// model is checked against the machine by the trainer (it needs the model's parameter count).
 fn bounded(c: &Check<'_>) -> Result<(), RecipeError> {
-    let (recipe, m) = (c.recipe, &c.m);
-    let vocab = recipe.model.vocab_size.unwrap_or(0);
+    let recipe = c.recipe;
     for (section, key, value, limit) in [
-        ("model", "d_model", m.d_model, 1 << 16),
-        ("model", "n_layers", m.n_layers, 1 << 10),
-        ("model", "n_heads", m.n_heads, 1 << 10),
-        ("model", "d_ff", m.d_ff, 1 << 18),
-        ("model", "max_seq_len", m.max_seq_len, 1 << 20),
-        ("model", "n_experts", m.n_experts, 1 << 10),
-        ("model", "vocab_size", vocab, 1 << 22),
         ("data", "tokenizer_vocab_size", recipe.data.tokenizer_vocab_size, 1 << 22),
         ("runtime", "threads", recipe.runtime.threads, 1 << 10),
         ("lora", "r", recipe.lora.r, 1 << 14),
@@ -114,179 +96,54 @@ fn bounded(c: &Check<'_>) -> Result<(), RecipeError> {
     Ok(())
 }
 
-/// The model's dimensions, each architecture's own keys and fixed layouts, dropout and epsilons.
+/// The model's keys (each architecture's checks, `ModelConfig::check`) and what its data needs.
 fn model(c: &Check<'_>) -> Result<(), RecipeError> {
     let recipe = c.recipe;
-    let m = &c.m;
-    for (key, value) in
-        [("d_model", m.d_model), ("n_layers", m.n_layers), ("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff)]
-    {
-        if value == 0 {
-            return c.fail("model", key, format!("{key} = 0: model dimensions must be positive"), format!("set model.{key} above 0"));
-        }
+    let arch = recipe.model.arch;
+    if let Some(problem) = recipe.model.problem() {
+        return c.fail("model", &problem.key, problem.message.clone(), problem.fix.clone());
     }
-    if m.d_model % m.n_heads != 0 && !(m.arch == Arch::T5 && recipe.model.head_dim.is_some()) {
+    if let Err(problem) = c.m.check() {
+        return c.fail("model", &problem.key, problem.message, problem.fix);
+    }
+    if arch != Arch::T5 && matches!(recipe.data.source, DataSource::Seq2seq | DataSource::ArithmeticWords) {
         return c.fail(
-            "model",
-            "n_heads",
-            format!("d_model = {} is not divisible by n_heads = {}", m.d_model, m.n_heads),
-            "pick n_heads dividing d_model".into(),
+            "data",
+            "source",
+            format!("data.source = \"{}\" holds (input, target) pairs for an encoder-decoder; this model is {}", recipe.data.source, arch),
+            "set model.arch = \"t5\", or pick a text source (arithmetic, stories, files)".into(),
         );
     }
-    if m.n_heads % m.n_kv_heads != 0 {
-        return c.fail(
-            "model",
-            "n_kv_heads",
-            format!("n_heads = {} is not a multiple of n_kv_heads = {}", m.n_heads, m.n_kv_heads),
-            "pick n_kv_heads dividing n_heads (1 = MQA, n_heads = MHA)".into(),
-        );
-    }
-    if m.position == PositionKind::Rope && (m.d_model / m.n_heads) % 2 != 0 {
-        return c.fail(
-            "model",
-            "n_heads",
-            format!("RoPE needs an even head dimension, got {}", m.d_model / m.n_heads),
-            "change d_model or n_heads".into(),
-        );
-    }
-    if m.arch == Arch::Mamba && (m.d_state == 0 || m.d_conv < 2 || m.expand == 0 || m.dt_rank == 0) {
-        return c.fail(
-            "model",
-            "d_state",
-            "Mamba needs d_state, expand and dt_rank above 0 and d_conv of at least 2".into(),
-            "use the defaults: d_state = 16, d_conv = 4, expand = 2".into(),
-        );
-    }
-    if m.arch == Arch::Mixtral {
-        if m.n_experts == 0 || m.experts_per_token == 0 || m.experts_per_token > m.n_experts {
-            return c.fail(
-                "model",
-                "experts_per_token",
-                format!("experts_per_token = {} must be between 1 and n_experts = {}", m.experts_per_token, m.n_experts),
-                "Mixtral routes each token to 2 of 8 experts: n_experts = 8, experts_per_token = 2".into(),
-            );
-        }
-        if m.mlp != MlpKind::SwiGlu {
-            return c.fail("model", "mlp", "Mixtral's experts are SwiGLU MLPs".into(), "remove model.mlp or set it to \"swiglu\"".into());
-        }
-        if m.capacity_factor < 0.0 || m.router_aux_loss_coef < 0.0 || m.router_z_loss_coef < 0.0 {
-            return c.fail(
-                "model",
-                "capacity_factor",
-                "capacity_factor, router_aux_loss_coef and router_z_loss_coef must not be negative".into(),
-                "use 0 for dropless routing or no auxiliary loss".into(),
-            );
-        }
-    }
-    if m.arch != Arch::T5 {
-        let t5_only = [
-            ("position", m.position == PositionKind::Relative),
-            ("mlp", matches!(m.mlp, MlpKind::Relu | MlpKind::GatedGelu)),
-            ("n_decoder_layers", recipe.model.n_decoder_layers.is_some()),
-            ("head_dim", recipe.model.head_dim.is_some()),
-        ];
-        if let Some((key, _)) = t5_only.iter().find(|(_, set)| *set) {
-            return c.fail(
-                "model",
-                key,
-                format!("model.{key} as given is T5's; this model is {}", m.arch),
-                format!("remove model.{key}, or set model.arch = \"t5\""),
-            );
-        }
-        if matches!(recipe.data.source, DataSource::Seq2seq | DataSource::ArithmeticWords) {
-            return c.fail(
-                "data",
-                "source",
-                format!(
-                    "data.source = \"{}\" holds (input, target) pairs for an encoder-decoder; this model is {}",
-                    recipe.data.source, m.arch
-                ),
-                "set model.arch = \"t5\", or pick a text source (arithmetic, stories, files)".into(),
-            );
-        }
-    }
-    if m.arch == Arch::T5 {
-        let layout = [
-            ("position", m.position == PositionKind::Relative, "relative"),
-            ("norm", m.norm == NormKind::RmsNorm, "rmsnorm"),
-            ("mlp", matches!(m.mlp, MlpKind::Relu | MlpKind::GatedGelu), "relu or gated-gelu"),
-            ("bias", !m.bias, "false"),
-            ("n_kv_heads", m.n_kv_heads == m.n_heads, "n_heads"),
-            ("sliding_window", m.sliding_window == 0, "0"),
-            ("parallel_block", !m.parallel_block, "false"),
-        ];
-        c.fixed_layout(
-            &layout,
-            "T5's layout is fixed (relative position bias, pre-norm RMS blocks without biases, relu or gated-gelu MLPs, full attention)",
-        )?;
-        if m.n_decoder_layers == 0 || m.head_dim == 0 || m.relative_attention_num_buckets < 2 || m.relative_attention_max_distance == 0 {
-            return c.fail(
-                "model",
-                "n_decoder_layers",
-                "T5 needs n_decoder_layers, head_dim and relative_attention_max_distance above 0 and at least 2 relative_attention_num_buckets".into(),
-                "use T5's: n_decoder_layers = n_layers, relative_attention_num_buckets = 32, relative_attention_max_distance = 128".into(),
-            );
-        }
-        if !recipe.trains_on_pairs() {
-            let t = &recipe.training;
-            if !(t.mlm_probability > 0.0 && t.mlm_probability < 1.0 && t.mean_noise_span_length >= 1.0) {
-                return c.fail(
-                    "training",
-                    "mean_noise_span_length",
-                    format!(
-                        "span corruption needs mlm_probability (the noise density) in (0, 1) and mean_noise_span_length ≥ 1; got {} and {}",
-                        t.mlm_probability, t.mean_noise_span_length
-                    ),
-                    "use T5's: mlm_probability = 0.15, mean_noise_span_length = 3.0".into(),
-                );
-            }
-            let spans = ((t.seq_len as f64 * t.mlm_probability).round() / t.mean_noise_span_length).round();
-            if spans > SENTINELS as f64 {
-                return c.fail(
-                    "training",
-                    "seq_len",
-                    format!("span corruption of {} tokens makes {spans} spans, more than T5's {SENTINELS} sentinels", t.seq_len),
-                    "lower training.seq_len or raise training.mean_noise_span_length".into(),
-                );
-            }
-        }
-    }
-    if m.arch == Arch::Bert {
-        let layout = [
-            ("position", m.position == PositionKind::Learned, "learned"),
-            ("norm", m.norm == NormKind::LayerNorm, "layernorm"),
-            ("mlp", m.mlp == MlpKind::Gelu, "gelu"),
-            ("bias", m.bias, "true"),
-            ("tie_embeddings", m.tie_embeddings, "true"),
-            ("n_kv_heads", m.n_kv_heads == m.n_heads, "n_heads"),
-            ("sliding_window", m.sliding_window == 0, "0"),
-            ("parallel_block", !m.parallel_block, "false"),
-        ];
-        c.fixed_layout(
-            &layout,
-            "BERT's layout is fixed (learned positions, post-norm LayerNorm, GELU, biases, tied MLM head, full attention)",
-        )?;
-        if !(recipe.training.mlm_probability > 0.0 && recipe.training.mlm_probability < 1.0) {
+    if arch == Arch::T5 && !recipe.trains_on_pairs() {
+        let t = &recipe.training;
+        if !(t.mlm_probability > 0.0 && t.mlm_probability < 1.0 && t.mean_noise_span_length >= 1.0) {
             return c.fail(
                 "training",
-                "mlm_probability",
-                format!("mlm_probability = {} is outside (0, 1)", recipe.training.mlm_probability),
-                "use BERT's 0.15".into(),
+                "mean_noise_span_length",
+                format!(
+                    "span corruption needs mlm_probability (the noise density) in (0, 1) and mean_noise_span_length ≥ 1; got {} and {}",
+                    t.mlm_probability, t.mean_noise_span_length
+                ),
+                "use T5's: mlm_probability = 0.15, mean_noise_span_length = 3.0".into(),
+            );
+        }
+        let spans = ((t.seq_len as f64 * t.mlm_probability).round() / t.mean_noise_span_length).round();
+        if spans > SENTINELS as f64 {
+            return c.fail(
+                "training",
+                "seq_len",
+                format!("span corruption of {} tokens makes {spans} spans, more than T5's {SENTINELS} sentinels", t.seq_len),
+                "lower training.seq_len or raise training.mean_noise_span_length".into(),
             );
         }
     }
-    if !(0.0..1.0).contains(&m.dropout) {
+    if arch == Arch::Bert && !(recipe.training.mlm_probability > 0.0 && recipe.training.mlm_probability < 1.0) {
         return c.fail(
-            "model",
-            "dropout",
-            format!("dropout = {} is outside [0, 1)", m.dropout),
-            "use a probability such as 0.0 or 0.1".into(),
+            "training",
+            "mlm_probability",
+            format!("mlm_probability = {} is outside (0, 1)", recipe.training.mlm_probability),
+            "use BERT's 0.15".into(),
         );
-    }
-    for (key, value, example) in [("norm_eps", m.norm_eps, "1e-5"), ("rope_theta", m.rope_theta, "10000.0")] {
-        if !(value > 0.0) {
-            return c.fail("model", key, format!("{key} = {value} must be positive"), format!("use e.g. model.{key} = {example}"));
-        }
     }
     Ok(())
 }
@@ -295,7 +152,7 @@ fn model(c: &Check<'_>) -> Result<(), RecipeError> {
 fn supported(c: &Check<'_>) -> Result<(), RecipeError> {
     let recipe = c.recipe;
     let m = &c.m;
-    let caps = capabilities(m.arch);
+    let caps = capabilities(m.arch());
     let checkpointing = c.checkpointing;
     let mode = recipe.training.mode;
     let asked: [(bool, &str, &str, String, &dyn Fn(&Capabilities) -> bool); 7] = [
@@ -313,7 +170,7 @@ fn supported(c: &Check<'_>) -> Result<(), RecipeError> {
             return c.fail(
                 section,
                 key,
-                format!("model.arch = \"{}\" ({}) does not support {feature}", m.arch, caps.what),
+                format!("model.arch = \"{}\" ({}) does not support {feature}", m.arch(), caps.what),
                 format!("{feature} is available for {}; change model.arch or {section}.{key}", archs.join(", ")),
             );
         }
@@ -339,7 +196,7 @@ fn activation_checkpoint(c: &Check<'_>) -> Result<(), RecipeError> {
             "give a count such as \"2\" (recompute every second block)".into(),
         );
     }
-    if checkpointing && m.dropout > 0.0 {
+    if checkpointing && m.dropout() > 0.0 {
         return c.fail(
             "activation_checkpoint",
             "mode",
@@ -353,7 +210,8 @@ fn activation_checkpoint(c: &Check<'_>) -> Result<(), RecipeError> {
             "mode",
             format!(
                 "activation checkpointing covers pretrain and sft (every architecture); this is {} in {}",
-                m.arch, recipe.training.mode
+                m.arch(),
+                recipe.training.mode
             ),
             "set activation_checkpoint.mode = \"none\"".into(),
         );
@@ -420,7 +278,7 @@ fn distributed(c: &Check<'_>) -> Result<(), RecipeError> {
     let fsdp = recipe.distributed.strategy == Strategy::Fsdp;
     if fsdp
         && (!matches!(recipe.training.mode, TrainMode::Pretrain | TrainMode::Sft)
-            || m.dropout > 0.0
+            || m.dropout() > 0.0
             || recipe.lora.r > 0
             || recipe.optimizer.name == OptimizerName::Sophia)
     {
@@ -429,7 +287,7 @@ fn distributed(c: &Check<'_>) -> Result<(), RecipeError> {
             "strategy",
             format!(
                 "fsdp recomputes every block in backward: decoder-only transformers (llama, gpt2, mixtral) and mamba, in pretrain and sft, without dropout, LoRA or Sophia (its curvature pass needs the whole model); this is {} in {}",
-                m.arch, recipe.training.mode
+                m.arch(), recipe.training.mode
             ),
             "use distributed.strategy = \"zero2\" (its memory saving short of the parameters) or remove what fsdp does not cover".into(),
         );
@@ -456,11 +314,11 @@ fn training(c: &Check<'_>) -> Result<(), RecipeError> {
         }
     }
     // With init_from the model comes from the base; the trainer checks seq_len against it.
-    if t.seq_len > m.max_seq_len && recipe.model.init_from.is_empty() {
+    if t.seq_len > m.max_seq_len() && recipe.model.init_from.is_empty() {
         return c.fail(
             "training",
             "seq_len",
-            format!("seq_len = {} exceeds the model's max_seq_len = {}", t.seq_len, m.max_seq_len),
+            format!("seq_len = {} exceeds the model's max_seq_len = {}", t.seq_len, m.max_seq_len()),
             "lower training.seq_len or raise model.max_seq_len".into(),
         );
     }
@@ -736,7 +594,8 @@ fn data(c: &Check<'_>) -> Result<(), RecipeError> {
             "packing",
             format!(
                 "packing packs SFT conversations for a transformer; this is training.mode = \"{}\" on {}",
-                recipe.training.mode, m.arch
+                recipe.training.mode,
+                m.arch()
             ),
             "set data.packing = false".into(),
         );
@@ -827,7 +686,7 @@ fn init_from(c: &Check<'_>) -> Result<(), RecipeError> {
             "point to a Furnace run or checkpoint folder, a Hugging Face model folder or a GGUF file".into(),
         );
     }
-    if let Some(v) = recipe.model.vocab_size {
+    if let Some(v) = recipe.model.vocab_size() {
         if d.tokenizer.is_empty() && v < d.tokenizer_vocab_size {
             return c.fail(
                 "model",

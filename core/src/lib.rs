@@ -3,7 +3,12 @@
 //! Hugging Face tables all key on these paths), the seeded RNG with the one rule that derives
 //! every stream's seed, and crash-safe file writes.
 
+pub mod arch;
 pub mod blocks;
 pub mod fsutil;
 pub mod params;
 pub mod rng;
+pub mod schema;
+
+#[doc(hidden)]
+pub use paste;

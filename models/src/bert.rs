@@ -15,48 +15,15 @@ use crate::blocks::*;
 use crate::init::{constant_param, normal_param};
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
+use crate::model::Init;
+pub use furnace_core::arch::BertConfig;
 use furnace_core::params::f32_val;
 use furnace_core::rng::SeededRng;
 
-#[derive(Config, Debug)]
-pub struct BertConfig {
-    pub vocab_size: usize,
-    pub d_model: usize,
-    pub n_layers: usize,
-    pub n_heads: usize,
-    pub d_ff: usize,
-    pub max_seq_len: usize,
-    /// Segments (sentence A/B); every token here is type 0, the table is kept for Hugging Face.
-    #[config(default = 2)]
-    pub type_vocab_size: usize,
-    #[config(default = 1e-12)]
-    pub norm_eps: f64,
-    #[config(default = 0.0)]
-    pub dropout: f64,
-    #[config(default = 0.02)]
-    pub init_std: f64,
-}
+impl Init for BertConfig {
+    type Model<B: Backend> = Bert<B>;
 
-impl BertConfig {
-    /// Parameter count, embeddings included.
-    pub fn num_params(&self) -> usize {
-        let (d, f) = (self.d_model, self.d_ff);
-        let norm = 2 * d;
-        let block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * norm;
-        let embeddings = (self.vocab_size + self.max_seq_len + self.type_vocab_size) * d + norm;
-        let head = d * d + d + norm + self.vocab_size;
-        embeddings + self.n_layers * block + head
-    }
-
-    /// Training FLOPs per token at context `seq_len`: 6N for the parameters a token runs
-    /// through (the tied output matmul included) plus attention's 12·L·d·T, as for decoders.
-    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
-        let tables = (self.max_seq_len + self.type_vocab_size) * self.d_model;
-        let n = (self.num_params() - tables) as f64;
-        6.0 * n + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
-    }
-
-    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Bert<B> {
+    fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Bert<B> {
         let mut rng = SeededRng::new(seed);
         let (d, std) = (self.d_model, self.init_std);
         let layer_norm = || Norm::new(NormKind::LayerNorm, d, self.norm_eps, true, device);

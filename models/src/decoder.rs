@@ -15,114 +15,19 @@ use crate::causal_lm::CausalLm;
 use crate::init::normal_param;
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
-use crate::mixtral::{MoeConfig, Routing, SparseMoe};
+use crate::mixtral::{sparse_moe, Routing, SparseMoe};
+use crate::model::Init;
 use crate::paged::{PagedKv, PagedStep};
 use furnace_core::params::f32_val;
 use furnace_core::rng::SeededRng;
 
+pub use furnace_core::arch::DecoderConfig;
 pub use furnace_core::blocks::PositionKind;
 
-#[derive(Config, Debug)]
-pub struct DecoderConfig {
-    pub vocab_size: usize,
-    pub d_model: usize,
-    pub n_layers: usize,
-    pub n_heads: usize,
-    pub d_ff: usize,
-    pub max_seq_len: usize,
-    /// Key/value heads; None means n_heads (MHA).
-    #[config(default = "None")]
-    pub n_kv_heads: Option<usize>,
-    #[config(default = "NormKind::RmsNorm")]
-    pub norm: NormKind,
-    #[config(default = 1e-6)]
-    pub norm_eps: f64,
-    #[config(default = "PositionKind::Rope")]
-    pub position: PositionKind,
-    #[config(default = 10000.0)]
-    pub rope_theta: f64,
-    #[config(default = "MlpKind::SwiGlu")]
-    pub mlp: MlpKind,
-    #[config(default = false)]
-    pub bias: bool,
-    #[config(default = false)]
-    pub tie_embeddings: bool,
-    /// Attend to at most this many past positions; 0 is unlimited.
-    #[config(default = 0)]
-    pub sliding_window: usize,
-    #[config(default = false)]
-    pub parallel_block: bool,
-    #[config(default = 0.0)]
-    pub dropout: f64,
-    #[config(default = 0.02)]
-    pub init_std: f64,
-    /// A scalar head on the final hidden state, as Hugging Face's `score` layer of a
-    /// sequence-classification model: what a reward model outputs.
-    #[config(default = false)]
-    pub score_head: bool,
-    /// Mixtral: every MLP a sparse mixture of SwiGLU experts.
-    #[config(default = "None")]
-    pub moe: Option<MoeConfig>,
-}
+impl Init for DecoderConfig {
+    type Model<B: Backend> = Decoder<B>;
 
-impl DecoderConfig {
-    pub fn kv_heads(&self) -> usize {
-        self.n_kv_heads.unwrap_or(self.n_heads)
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
-    }
-
-    /// Parameter count, embeddings included.
-    pub fn num_params(&self) -> usize {
-        self.params(false)
-    }
-
-    /// All parameters, or (`active_only`) those one token runs through: a mixture of experts
-    /// counts its k routed experts.
-    fn params(&self, active_only: bool) -> usize {
-        let kv = self.kv_heads() * self.head_dim();
-        let b = self.bias as usize;
-        let attn = self.d_model * (self.d_model + 2 * kv) + self.d_model * self.d_model + b * (2 * self.d_model + 2 * kv);
-        let mats = if self.mlp == MlpKind::SwiGlu { 3 } else { 2 };
-        let mlp = match &self.moe {
-            Some(moe) if active_only => moe.active_params(self.d_model, self.d_ff),
-            Some(moe) => moe.num_params(self.d_model, self.d_ff),
-            None => mats * self.d_model * self.d_ff + b * (self.d_ff * (mats - 1) + self.d_model),
-        };
-        let norm = self.d_model * (1 + (self.bias && self.norm == NormKind::LayerNorm) as usize);
-        let norms_per_block = if self.parallel_block { 1 } else { 2 };
-        let block = attn + mlp + norms_per_block * norm;
-        let positions = if self.position == PositionKind::Learned { self.max_seq_len * self.d_model } else { 0 };
-        let head = if self.tie_embeddings { 0 } else { self.vocab_size * self.d_model };
-        let score = if self.score_head { self.d_model } else { 0 };
-        self.vocab_size * self.d_model + positions + self.n_layers * block + norm + head + score
-    }
-
-    /// Training FLOPs per token at context `seq_len` (PaLM appendix B: 6N + 12·L·d·T,
-    /// with N the non-embedding parameters a token runs through, plus the head).
-    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
-        let embed =
-            self.vocab_size * self.d_model + if self.position == PositionKind::Learned { self.max_seq_len * self.d_model } else { 0 };
-        let head_matmul = if self.tie_embeddings { self.vocab_size * self.d_model } else { 0 };
-        let n = (self.params(true) - embed + head_matmul) as f64;
-        6.0 * n + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
-    }
-
-    /// Bytes of f32 activations backward keeps for one micro-batch of `batch × seq` tokens: per
-    /// layer s·b·d·(34 + 5·a·s/d) half-precision bytes (Korthikanti et al., 2022), doubled for
-    /// f32, plus the logits and their gradient. When every `recompute_every`-th block but the
-    /// last is recomputed, those keep only their input; recomputing one needs no more than the
-    /// kept blocks' activations (the last block's among them) have freed.
-    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> f64 {
-        let per_layer = transformer_layer_bytes(batch, seq, seq, self.d_model, self.n_heads);
-        let input = 4.0 * (batch * seq * self.d_model) as f64;
-        let logits = 2.0 * 4.0 * (seq * batch * self.vocab_size) as f64;
-        chain_activation_bytes(self.n_layers, per_layer, input, recompute_every, true) + logits
-    }
-
-    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Decoder<B> {
+    fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Decoder<B> {
         let mut rng = SeededRng::new(seed);
         let std = self.init_std;
         // GPT-2: residual projections scaled by 1/sqrt(2·n_layers).
@@ -136,7 +41,7 @@ impl DecoderConfig {
                 attention: Attention::new(self.d_model, self.n_heads, self.kv_heads(), self.bias, std, out_std, &mut rng, device),
                 ffn_norm: (!self.parallel_block).then(|| Norm::new(self.norm, self.d_model, self.norm_eps, self.bias, device)),
                 feed_forward: match &self.moe {
-                    Some(moe) => MlpLayer::Sparse(moe.init(self.d_model, self.d_ff, std, out_std, &mut rng, device)),
+                    Some(moe) => MlpLayer::Sparse(sparse_moe(moe, self.d_model, self.d_ff, std, out_std, &mut rng, device)),
                     None => MlpLayer::Dense(FeedForward::new(self.mlp, self.d_model, self.d_ff, self.bias, std, out_std, &mut rng, device)),
                 },
                 dropout: DropoutConfig::new(self.dropout).init(),

@@ -1,5 +1,7 @@
-//! Furnace models. Shared blocks live in `blocks`; each architecture is one file with its
-//! config beside it; generation and sampling are written once against `CausalLm`.
+//! Furnace models. Shared blocks live in `blocks`; each architecture is one file, built
+//! (`Init`) from its configuration in `furnace_core::arch`, which the recipe, the checkpoints
+//! and the Hugging Face tables share; generation and sampling are written once against
+//! `CausalLm`.
 
 pub mod batching;
 pub mod beam;
@@ -25,9 +27,10 @@ pub use batching::{BatchedDecoding, CausalBatch, SequenceCache};
 pub use bert::{Bert, BertConfig};
 pub use causal_lm::CausalLm;
 pub use decoder::{Decoder, DecoderConfig, KvCache, PositionKind};
+pub use furnace_core::arch::{Arch, T5Config};
 pub use mamba::{Mamba, MambaConfig, MambaState};
 pub use mixtral::{MoeConfig, RouterLossWeights, Routing};
-pub use model::{BlockContext, Blocks, Causal, DecodeState, LanguageModel, ModelConfig, Unsupported};
+pub use model::{BlockContext, Blocks, Causal, DecodeState, Init, LanguageModel, ModelConfig, Unsupported};
 
 #[cfg(test)]
 mod tests;

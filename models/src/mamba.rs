@@ -12,91 +12,21 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::module::embedding;
 
-use crate::blocks::{chain_activation_bytes, lm_logits, Linear, Norm, NormKind};
+use crate::blocks::{lm_logits, Linear, Norm, NormKind};
 use crate::causal_lm::CausalLm;
 use crate::init::{constant_param, normal_param, uniform_param};
 use crate::kernels::reference::{causal_conv, selective_scan_with_state};
 use crate::kernels::{causal_conv_silu, selective_scan, swiglu, FusedOps, Scan};
 use crate::lora::LinearLayers;
+use crate::model::Init;
+pub use furnace_core::arch::MambaConfig;
 use furnace_core::params::f32_val;
 use furnace_core::rng::SeededRng;
 
-#[derive(Config, Debug)]
-pub struct MambaConfig {
-    pub vocab_size: usize,
-    pub d_model: usize,
-    pub n_layers: usize,
-    /// Longest sequence trained on or generated (the model itself has no position limit).
-    pub max_seq_len: usize,
-    /// Size N of each channel's state.
-    #[config(default = 16)]
-    pub d_state: usize,
-    /// Width of the causal convolution.
-    #[config(default = 4)]
-    pub d_conv: usize,
-    /// Inner channels per model dimension.
-    #[config(default = 2)]
-    pub expand: usize,
-    /// Rank of the Δ projection; None means ⌈d_model / 16⌉ (the paper's "auto").
-    #[config(default = "None")]
-    pub dt_rank: Option<usize>,
-    #[config(default = 1e-5)]
-    pub norm_eps: f64,
-    #[config(default = true)]
-    pub tie_embeddings: bool,
-    /// Δ at initialisation is log-uniform in [dt_min, dt_max], at least dt_floor.
-    #[config(default = 0.001)]
-    pub dt_min: f64,
-    #[config(default = 0.1)]
-    pub dt_max: f64,
-    #[config(default = 1e-4)]
-    pub dt_floor: f64,
-    #[config(default = 0.02)]
-    pub init_std: f64,
-}
+impl Init for MambaConfig {
+    type Model<B: Backend> = Mamba<B>;
 
-impl MambaConfig {
-    pub fn d_inner(&self) -> usize {
-        self.expand * self.d_model
-    }
-
-    pub fn dt_rank(&self) -> usize {
-        self.dt_rank.unwrap_or(self.d_model.div_ceil(16))
-    }
-
-    /// Parameter count, embeddings included.
-    pub fn num_params(&self) -> usize {
-        let (d, n, r) = (self.d_inner(), self.d_state, self.dt_rank());
-        let mixer = self.d_model * 2 * d + d * (self.d_conv + 1) + d * (r + 2 * n) + (r + 1) * d + d * n + d + d * self.d_model;
-        let head = if self.tie_embeddings { 0 } else { self.vocab_size * self.d_model };
-        self.vocab_size * self.d_model + self.n_layers * (mixer + self.d_model) + self.d_model + head
-    }
-
-    /// Training FLOPs per token: 6 per weight of the matmuls (head included, embedding not),
-    /// plus the scan and convolution, about 3 × (9·N + 2·d_conv) per inner channel and layer.
-    pub fn train_flops_per_token(&self) -> f64 {
-        let embed = self.vocab_size * self.d_model;
-        let head = if self.tie_embeddings { embed } else { 0 };
-        let weights = (self.num_params() - embed + head) as f64;
-        let scan = 3.0 * (9 * self.d_state + 2 * self.d_conv) as f64 * (self.d_inner() * self.n_layers) as f64;
-        6.0 * weights + scan
-    }
-
-    /// f32 bytes of activations one micro-batch keeps for backward: per layer and token the
-    /// block's input and its norm's output (2·d_model), x and z (2·d_inner), the convolution's
-    /// output before and after SiLU, Δ before and after softplus, the scan's output, SiLU(z) and
-    /// the gated product (7·d_inner), and x_proj's dt_rank + 2·N (the fused scan keeps its
-    /// inputs and recomputes its states); plus the logits and their gradient. Checkpointing as
-    /// for transformers.
-    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> f64 {
-        let tokens = (batch * seq) as f64;
-        let per_layer = 4.0 * tokens * (2 * self.d_model + 9 * self.d_inner() + self.dt_rank() + 2 * self.d_state) as f64;
-        let input = 4.0 * tokens * self.d_model as f64;
-        let logits = 2.0 * 4.0 * tokens * self.vocab_size as f64;
-        chain_activation_bytes(self.n_layers, per_layer, input, recompute_every, true) + logits
-    }
-
-    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Mamba<B> {
+    fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Mamba<B> {
         let mut rng = SeededRng::new(seed);
         let std = self.init_std;
         let out_std = std / (2.0 * self.n_layers as f64).sqrt();
@@ -104,7 +34,7 @@ impl MambaConfig {
         let layers = (0..self.n_layers)
             .map(|_| MambaBlock {
                 norm: Norm::new(NormKind::RmsNorm, self.d_model, self.norm_eps, false, device),
-                mixer: self.init_mixer(std, out_std, &mut rng, device),
+                mixer: mixer(self, std, out_std, &mut rng, device),
             })
             .collect();
         Mamba {
@@ -116,37 +46,38 @@ impl MambaConfig {
             vocab_size: self.vocab_size,
         }
     }
+}
 
-    fn init_mixer<B: Backend>(&self, std: f64, out_std: f64, rng: &mut SeededRng, device: &B::Device) -> MambaMixer<B> {
-        let (d, n, r) = (self.d_inner(), self.d_state, self.dt_rank());
-        let conv_bound = 1.0 / (self.d_conv as f64).sqrt();
-        // Δ = softplus(bias) starts log-uniform in [dt_min, dt_max]: the bias is softplus⁻¹ of it.
-        let (log_min, log_max) = (self.dt_min.ln(), self.dt_max.ln());
-        let dt_bias: Vec<f32> = (0..d)
-            .map(|_| {
-                let dt = (log_min + rng.uniform() * (log_max - log_min)).exp().max(self.dt_floor);
-                (dt + (-(-dt).exp_m1()).ln()) as f32
-            })
-            .collect();
-        // A = −(1, 2, …, N) in every channel (S4D-real).
-        let a_log: Vec<f32> = (0..d).flat_map(|_| (1..=n).map(|i| (i as f32).ln())).collect();
-        MambaMixer {
-            in_proj: Linear::new(self.d_model, 2 * d, false, std, rng, device),
-            conv_weight: uniform_param([d, 1, self.d_conv], conv_bound, rng, device),
-            conv_bias: uniform_param([d], conv_bound, rng, device),
-            x_proj: Linear::new(d, r + 2 * n, false, std, rng, device),
-            dt_proj: Linear {
-                weight: Some(uniform_param([r, d], (r as f64).powf(-0.5), rng, device)),
-                nf4: None,
-                bias: Some(Param::from_tensor(Tensor::from_data(TensorData::new(dt_bias, [d]), device))),
-                lora: None,
-            },
-            a_log: Param::from_tensor(Tensor::from_data(TensorData::new(a_log, [d, n]), device)),
-            d: constant_param([d], 1.0, device),
-            out_proj: Linear::new(d, self.d_model, false, out_std, rng, device),
-            d_state: n,
-            dt_rank: r,
-        }
+/// One block's mixer, initialised as the paper (and transformers) initialise it.
+fn mixer<B: Backend>(c: &MambaConfig, std: f64, out_std: f64, rng: &mut SeededRng, device: &B::Device) -> MambaMixer<B> {
+    let (d, n, r) = (c.d_inner(), c.d_state, c.dt_rank);
+    let conv_bound = 1.0 / (c.d_conv as f64).sqrt();
+    // Δ = softplus(bias) starts log-uniform in [dt_min, dt_max]: the bias is softplus⁻¹ of it.
+    let (log_min, log_max) = (c.dt_min.ln(), c.dt_max.ln());
+    let dt_bias: Vec<f32> = (0..d)
+        .map(|_| {
+            let dt = (log_min + rng.uniform() * (log_max - log_min)).exp().max(c.dt_floor);
+            (dt + (-(-dt).exp_m1()).ln()) as f32
+        })
+        .collect();
+    // A = −(1, 2, …, N) in every channel (S4D-real).
+    let a_log: Vec<f32> = (0..d).flat_map(|_| (1..=n).map(|i| (i as f32).ln())).collect();
+    MambaMixer {
+        in_proj: Linear::new(c.d_model, 2 * d, false, std, rng, device),
+        conv_weight: uniform_param([d, 1, c.d_conv], conv_bound, rng, device),
+        conv_bias: uniform_param([d], conv_bound, rng, device),
+        x_proj: Linear::new(d, r + 2 * n, false, std, rng, device),
+        dt_proj: Linear {
+            weight: Some(uniform_param([r, d], (r as f64).powf(-0.5), rng, device)),
+            nf4: None,
+            bias: Some(Param::from_tensor(Tensor::from_data(TensorData::new(dt_bias, [d]), device))),
+            lora: None,
+        },
+        a_log: Param::from_tensor(Tensor::from_data(TensorData::new(a_log, [d, n]), device)),
+        d: constant_param([d], 1.0, device),
+        out_proj: Linear::new(d, c.d_model, false, out_std, rng, device),
+        d_state: n,
+        dt_rank: r,
     }
 }
 

@@ -14,50 +14,26 @@ use burn::tensor::IndexingUpdateOp;
 
 use crate::blocks::{FeedForward, Linear, MlpKind};
 use crate::kernels::FusedOps;
+pub use furnace_core::arch::MoeConfig;
 use furnace_core::rng::SeededRng;
 
-#[derive(Config, Debug)]
-pub struct MoeConfig {
-    /// Experts per layer.
-    #[config(default = 8)]
-    pub n_experts: usize,
-    /// Experts per token.
-    #[config(default = 2)]
-    pub top_k: usize,
-    /// Tokens one expert takes per batch, as a multiple of the even share tokens·k/E; 0 takes
-    /// every token routed to it (dropless).
-    #[config(default = 0.0)]
-    pub capacity_factor: f64,
-}
-
-impl MoeConfig {
-    /// Parameters of one MoE layer: the router and E SwiGLU experts.
-    pub fn num_params(&self, d_model: usize, d_ff: usize) -> usize {
-        d_model * self.n_experts + self.n_experts * 3 * d_model * d_ff
-    }
-
-    /// Parameters one token runs through: the router and k experts.
-    pub fn active_params(&self, d_model: usize, d_ff: usize) -> usize {
-        d_model * self.n_experts + self.top_k * 3 * d_model * d_ff
-    }
-
-    pub fn init<B: Backend>(
-        &self,
-        d_model: usize,
-        d_ff: usize,
-        std: f64,
-        out_std: f64,
-        rng: &mut SeededRng,
-        device: &B::Device,
-    ) -> SparseMoe<B> {
-        SparseMoe {
-            router: Linear::new(d_model, self.n_experts, false, std, rng, device),
-            experts: (0..self.n_experts)
-                .map(|_| FeedForward::new(MlpKind::SwiGlu, d_model, d_ff, false, std, out_std, rng, device))
-                .collect(),
-            top_k: self.top_k,
-            capacity_factor: self.capacity_factor,
-        }
+/// One layer's router and experts, initialised from `rng`.
+pub fn sparse_moe<B: Backend>(
+    config: &MoeConfig,
+    d_model: usize,
+    d_ff: usize,
+    std: f64,
+    out_std: f64,
+    rng: &mut SeededRng,
+    device: &B::Device,
+) -> SparseMoe<B> {
+    SparseMoe {
+        router: Linear::new(d_model, config.n_experts, false, std, rng, device),
+        experts: (0..config.n_experts)
+            .map(|_| FeedForward::new(MlpKind::SwiGlu, d_model, d_ff, false, std, out_std, rng, device))
+            .collect(),
+        top_k: config.experts_per_token,
+        capacity_factor: config.capacity_factor,
     }
 }
 

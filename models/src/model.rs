@@ -7,122 +7,33 @@ use burn::module::{ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use furnace_core::params::{visit_with_paths, ParamKind, ParamKinds, PathVisitor};
 
-use crate::bert::{Bert, BertConfig};
+use crate::bert::Bert;
 use crate::blocks::AttentionContext;
 use crate::blocks::Linear;
 use crate::causal_lm::CausalLm;
-use crate::decoder::{Decoder, DecoderConfig, KvCache};
+use crate::decoder::{Decoder, KvCache};
 use crate::kernels::FusedOps;
 use crate::lora::LinearLayers;
-use crate::mamba::{Mamba, MambaConfig, MambaState};
+use crate::mamba::{Mamba, MambaState};
 use crate::mixtral::Routing;
-use crate::t5::{T5Config, T5};
+use crate::t5::T5;
+pub use furnace_core::arch::ModelConfig;
 
-#[derive(Debug, Clone)]
-pub enum ModelConfig {
-    /// Llama- and GPT-2-style transformers.
-    Decoder(DecoderConfig),
-    Mamba(MambaConfig),
-    /// BERT-style encoders, trained on masked tokens.
-    Bert(BertConfig),
-    /// T5-style encoder-decoders, trained on (input, target) pairs.
-    T5(T5Config),
+/// A model built from its configuration, its parameters drawn from `seed`.
+pub trait Init {
+    type Model<B: Backend>;
+    fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Self::Model<B>;
 }
 
-impl ModelConfig {
-    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> LanguageModel<B> {
+impl Init for ModelConfig {
+    type Model<B: Backend> = LanguageModel<B>;
+
+    fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> LanguageModel<B> {
         match self {
-            Self::Decoder(c) => LanguageModel::Decoder(c.init(seed, device)),
+            Self::Llama(c) | Self::Gpt2(c) | Self::Mixtral(c) => LanguageModel::Decoder(c.init(seed, device)),
             Self::Mamba(c) => LanguageModel::Mamba(c.init(seed, device)),
             Self::Bert(c) => LanguageModel::Bert(c.init(seed, device)),
             Self::T5(c) => LanguageModel::T5(c.init(seed, device)),
-        }
-    }
-
-    /// Parameter count, embeddings included.
-    pub fn num_params(&self) -> usize {
-        match self {
-            Self::Decoder(c) => c.num_params(),
-            Self::Mamba(c) => c.num_params(),
-            Self::Bert(c) => c.num_params(),
-            Self::T5(c) => c.num_params(),
-        }
-    }
-
-    /// Training FLOPs per token at context `seq_len`, for MFU.
-    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
-        match self {
-            Self::Decoder(c) => c.train_flops_per_token(seq_len),
-            Self::Mamba(c) => c.train_flops_per_token(),
-            Self::Bert(c) => c.train_flops_per_token(seq_len),
-            Self::T5(c) => c.train_flops_per_token(seq_len),
-        }
-    }
-
-    /// The dimensions that matter for this architecture, for the start-up banner.
-    pub fn summary(&self) -> String {
-        match self {
-            Self::Decoder(c) => {
-                let experts = c.moe.as_ref().map(|m| format!(", {} experts (top {})", m.n_experts, m.top_k)).unwrap_or_default();
-                format!("{} layers, d_model {}, {} heads ({} kv){experts}", c.n_layers, c.d_model, c.n_heads, c.kv_heads())
-            }
-            Self::Mamba(c) => format!("{} layers, d_model {}, d_inner {}, d_state {}", c.n_layers, c.d_model, c.d_inner(), c.d_state),
-            Self::Bert(c) => format!("{} layers, d_model {}, {} heads, d_ff {}", c.n_layers, c.d_model, c.n_heads, c.d_ff),
-            Self::T5(c) => format!(
-                "{} encoder + {} decoder layers, d_model {}, {} heads × {}, d_ff {} ({})",
-                c.n_layers,
-                c.n_decoder_layers,
-                c.d_model,
-                c.n_heads,
-                c.d_kv,
-                c.d_ff,
-                if c.mlp == crate::blocks::MlpKind::GatedGelu { "gated-gelu" } else { "relu" }
-            ),
-        }
-    }
-
-    /// Estimated bytes of activations one micro-batch keeps for backward.
-    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> Option<f64> {
-        match self {
-            Self::Decoder(c) => Some(c.activation_bytes(batch, seq, recompute_every)),
-            // An encoder block keeps what a decoder block of its dimensions keeps.
-            Self::Bert(c) => {
-                Some(DecoderConfig::new(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.d_ff, c.max_seq_len).activation_bytes(
-                    batch,
-                    seq,
-                    recompute_every,
-                ))
-            }
-            Self::Mamba(c) => Some(c.activation_bytes(batch, seq, recompute_every)),
-            Self::T5(c) => Some(c.activation_bytes(batch, seq, recompute_every)),
-        }
-    }
-
-    pub fn n_layers(&self) -> usize {
-        match self {
-            Self::Decoder(c) => c.n_layers,
-            Self::Mamba(c) => c.n_layers,
-            Self::Bert(c) => c.n_layers,
-            Self::T5(c) => c.n_layers,
-        }
-    }
-
-    pub fn max_seq_len(&self) -> usize {
-        match self {
-            Self::Decoder(c) => c.max_seq_len,
-            Self::Mamba(c) => c.max_seq_len,
-            Self::Bert(c) => c.max_seq_len,
-            // Relative positions have no table to run out of.
-            Self::T5(_) => usize::MAX,
-        }
-    }
-
-    pub fn tie_embeddings(&self) -> bool {
-        match self {
-            Self::Decoder(c) => c.tie_embeddings,
-            Self::Mamba(c) => c.tie_embeddings,
-            Self::Bert(_) => true,
-            Self::T5(c) => c.tie_embeddings,
         }
     }
 }

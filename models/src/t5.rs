@@ -20,87 +20,22 @@ use crate::causal_lm::CausalLm;
 use crate::init::normal_param;
 use crate::kernels::{multi_head_attention, multi_head_attention_learned_bias, FusedOps};
 use crate::lora::LinearLayers;
+use crate::model::Init;
+pub use furnace_core::arch::T5Config;
 use furnace_core::params::f32_val;
 use furnace_core::rng::SeededRng;
 
-#[derive(Config, Debug)]
-pub struct T5Config {
-    pub vocab_size: usize,
-    pub d_model: usize,
-    /// Dimensions per attention head (need not be d_model / n_heads).
-    pub d_kv: usize,
-    pub d_ff: usize,
-    pub n_heads: usize,
-    pub n_layers: usize,
-    pub n_decoder_layers: usize,
-    #[config(default = 32)]
-    pub relative_attention_num_buckets: usize,
-    #[config(default = 128)]
-    pub relative_attention_max_distance: usize,
-    #[config(default = 1e-6)]
-    pub norm_eps: f64,
-    /// `MlpKind::Relu` (T5) or `MlpKind::GatedGelu` (T5 v1.1).
-    #[config(default = "MlpKind::Relu")]
-    pub mlp: MlpKind,
-    /// The head is the token embedding, fed hidden states × d_model^-0.5 (T5); otherwise its
-    /// own matrix on unscaled states (T5 v1.1).
-    #[config(default = true)]
-    pub tie_embeddings: bool,
-    #[config(default = 0.0)]
-    pub dropout: f64,
-}
+impl Init for T5Config {
+    type Model<B: Backend> = T5<B>;
 
-impl T5Config {
-    pub fn num_params(&self) -> usize {
-        let (d, inner, f) = (self.d_model, self.n_heads * self.d_kv, self.d_ff);
-        let attention = 4 * d * inner;
-        let mlp = f * d * if self.mlp == MlpKind::GatedGelu { 3 } else { 2 };
-        let bias_tables = 2 * self.relative_attention_num_buckets * self.n_heads;
-        let encoder = self.n_layers * (attention + mlp + 2 * d) + d;
-        let decoder = self.n_decoder_layers * (2 * attention + mlp + 3 * d) + d;
-        let head = if self.tie_embeddings { 0 } else { self.vocab_size * d };
-        self.vocab_size * d + bias_tables + encoder + decoder + head
-    }
-
-    /// Training FLOPs per token, for MFU, counting an encoder token and a decoder token as
-    /// one pair's average (a pair's input and target are about as long): 6 per multiply-add
-    /// of the stack a token goes through (the decoder's with the head), plus attention scores
-    /// over `seq_len` keys (cross-attention's included).
-    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
-        let (d, inner, f) = (self.d_model as f64, (self.n_heads * self.d_kv) as f64, self.d_ff as f64);
-        let mlp = f * d * if self.mlp == MlpKind::GatedGelu { 3.0 } else { 2.0 };
-        let encoder = self.n_layers as f64 * (4.0 * d * inner + mlp + 2.0 * seq_len as f64 * inner);
-        let decoder = self.n_decoder_layers as f64 * (8.0 * d * inner + mlp + 4.0 * seq_len as f64 * inner);
-        6.0 * (encoder + decoder + self.vocab_size as f64 * d) / 2.0
-    }
-
-    /// f32 bytes of activations one micro-batch keeps for backward, input and target taken
-    /// `seq` long (the batch pads both to at most that): each encoder block as a transformer
-    /// block, each decoder block as one plus its cross-attention (11·s·b·d + 5·a·s²·b
-    /// half-precision bytes, doubled), the encoder's output and the logits. Under checkpointing
-    /// as `recomputed_seq2seq_gradients` runs it: every encoder block and every N-th decoder
-    /// block but the last keep only their input.
-    pub fn activation_bytes(&self, batch: usize, seq: usize, recompute_every: Option<usize>) -> f64 {
-        let (s, b, d, a) = (seq as f64, batch as f64, self.d_model as f64, self.n_heads as f64);
-        let block = transformer_layer_bytes(batch, seq, seq, self.d_model, self.n_heads);
-        let cross = 2.0 * s * b * (11.0 * d + 5.0 * a * s);
-        let input = 4.0 * s * b * d;
-        let logits = 2.0 * 4.0 * s * b * self.vocab_size as f64;
-        let encoder = chain_activation_bytes(self.n_layers, block, input, recompute_every.map(|_| 1), false);
-        let decoder = chain_activation_bytes(self.n_decoder_layers, block + cross, input, recompute_every, true);
-        encoder + decoder + input + logits
-    }
-
-    /// Initialised as transformers initialises T5 (factor 1): the embedding N(0, 1), queries
-    /// N(0, (d_model·d_kv)^-1/2), keys and values N(0, d_model^-1/2), attention outputs
-    /// N(0, (heads·d_kv)^-1/2), MLP inputs N(0, d_model^-1/2), outputs N(0, d_ff^-1/2).
-    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> T5<B> {
+    fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> T5<B> {
         let mut rng = SeededRng::new(seed);
-        let (d, inner) = (self.d_model as f64, (self.n_heads * self.d_kv) as f64);
-        let attention_std = [(d * self.d_kv as f64).powf(-0.5), d.powf(-0.5), inner.powf(-0.5)];
+        let (d, inner) = (self.d_model as f64, (self.n_heads * self.head_dim) as f64);
+        let attention_std = [(d * self.head_dim as f64).powf(-0.5), d.powf(-0.5), inner.powf(-0.5)];
         let norm = || Norm::new(NormKind::RmsNorm, self.d_model, self.norm_eps, false, device);
         let attention = |rng: &mut SeededRng| {
-            let mut a = Attention::with_head_dim(self.d_model, self.n_heads, self.n_heads, self.d_kv, false, attention_std, rng, device);
+            let mut a =
+                Attention::with_head_dim(self.d_model, self.n_heads, self.n_heads, self.head_dim, false, attention_std, rng, device);
             a.scale = 1.0;
             a
         };

@@ -9,7 +9,7 @@ use crate::generate::{generate, GenerateConfig};
 use crate::kernels::FusedOps;
 use crate::mixtral::SparseMoe;
 use crate::sampling::{argmax, SamplingConfig};
-use crate::{CausalLm, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
+use crate::{CausalLm, DecoderConfig, Init, LanguageModel, MambaConfig, ModelConfig, MoeConfig, PositionKind};
 use furnace_core::rng::SeededRng;
 
 // f32 central differences: step 1e-2 keeps rounding noise ~1e-4 while the O(h²) truncation
@@ -116,7 +116,15 @@ fn parameter_gradient_matches_finite_differences() {
 
 fn moe(n_experts: usize, top_k: usize, seed: u64) -> SparseMoe<AB> {
     let mut rng = SeededRng::new(seed);
-    MoeConfig::new().with_n_experts(n_experts).with_top_k(top_k).init(8, 12, 0.3, 0.3, &mut rng, &Default::default())
+    crate::mixtral::sparse_moe(
+        &MoeConfig::new().with_n_experts(n_experts).with_experts_per_token(top_k),
+        8,
+        12,
+        0.3,
+        0.3,
+        &mut rng,
+        &Default::default(),
+    )
 }
 
 #[test]
@@ -172,7 +180,7 @@ fn expert_capacity_drops_the_tokens_past_it() {
 }
 
 fn tiny(position: PositionKind) -> DecoderConfig {
-    DecoderConfig::new(50, 32, 2, 4, 48, 32).with_n_kv_heads(Some(2)).with_position(position)
+    DecoderConfig::new(50, 32, 2, 4, 48, 32).with_n_kv_heads(2).with_position(position)
 }
 
 fn tiny_mamba() -> MambaConfig {
@@ -209,27 +217,27 @@ fn check_cache_equals_recompute(config: ModelConfig) {
 
 #[test]
 fn cached_decoding_equals_recompute_llama_gqa_rope() {
-    check_cache_equals_recompute(ModelConfig::Decoder(tiny(PositionKind::Rope)));
+    check_cache_equals_recompute(ModelConfig::Llama(tiny(PositionKind::Rope)));
 }
 
 #[test]
 fn cached_decoding_equals_recompute_gpt2_learned_positions() {
-    check_cache_equals_recompute(ModelConfig::Decoder(
+    check_cache_equals_recompute(ModelConfig::Llama(
         tiny(PositionKind::Learned).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true),
     ));
 }
 
 #[test]
 fn cached_decoding_equals_recompute_alibi_sliding_window_parallel() {
-    check_cache_equals_recompute(ModelConfig::Decoder(tiny(PositionKind::Alibi).with_sliding_window(4).with_parallel_block(true)));
+    check_cache_equals_recompute(ModelConfig::Llama(tiny(PositionKind::Alibi).with_sliding_window(4).with_parallel_block(true)));
 }
 
 /// Mamba's recurrent decoding (conv and scan state per layer) against its full-sequence pass,
 /// which on flex runs the fused scan kernel while the steps run the chunked tensor-op scan.
 #[test]
 fn cached_decoding_equals_recompute_mixtral() {
-    let experts = MoeConfig::new().with_n_experts(4).with_top_k(2);
-    check_cache_equals_recompute(ModelConfig::Decoder(tiny(PositionKind::Rope).with_moe(Some(experts))));
+    let experts = MoeConfig::new().with_n_experts(4).with_experts_per_token(2);
+    check_cache_equals_recompute(ModelConfig::Mixtral(tiny(PositionKind::Rope).with_moe(Some(experts))));
 }
 
 /// T5: the encoder runs once; decoding one token at a time with the self-attention cache and
@@ -278,7 +286,7 @@ fn recurrent_decoding_equals_recompute_mamba() {
 
 #[test]
 fn greedy_generation_equals_argmax_of_full_forward() {
-    for config in [ModelConfig::Decoder(tiny(PositionKind::Rope)), ModelConfig::Mamba(tiny_mamba())] {
+    for config in [ModelConfig::Llama(tiny(PositionKind::Rope)), ModelConfig::Mamba(tiny_mamba())] {
         check_greedy_generation(
             &config.init::<burn::backend::Flex>(3, &Default::default()).as_causal().expect("a decoding model"),
             &[1, 2, 3],
@@ -315,7 +323,7 @@ fn param_count_matches_the_module() {
         let model = config.init::<F>(1, &Default::default());
         assert_eq!(model.num_params(), config.num_params());
     }
-    for config in [tiny_mamba(), tiny_mamba().with_tie_embeddings(false).with_dt_rank(Some(5)).with_expand(3)] {
+    for config in [tiny_mamba(), tiny_mamba().with_tie_embeddings(false).with_dt_rank(5).with_expand(3)] {
         let model = config.init::<F>(1, &Default::default());
         assert_eq!(model.num_params(), config.num_params());
     }
@@ -381,7 +389,7 @@ mod lora {
 
     #[test]
     fn adapters_start_as_the_base_model() {
-        let base = DecoderConfig::new(50, 32, 2, 4, 64, 16).with_n_kv_heads(Some(2)).init::<B>(3, &Default::default());
+        let base = DecoderConfig::new(50, 32, 2, 4, 64, 16).with_n_kv_heads(2).init::<B>(3, &Default::default());
         let before = logits(&base);
         for init in [LoraInit::Kaiming, LoraInit::Gaussian] {
             let (adapted, count) = attach_lora(base.clone(), &config(&["all-linear"]).with_init(init), 1, &Default::default()).unwrap();
@@ -405,7 +413,7 @@ mod lora {
 
     #[test]
     fn merged_weights_give_the_adapted_logits() {
-        let decoder = DecoderConfig::new(50, 32, 2, 4, 64, 16).with_n_kv_heads(Some(2));
+        let decoder = DecoderConfig::new(50, 32, 2, 4, 64, 16).with_n_kv_heads(2);
         let lora = config(&["all-linear", "lm_head"]).with_use_rslora(true);
         let (adapted, _) = attach_lora(decoder.init::<B>(3, &Default::default()), &lora, 1, &Default::default()).unwrap();
         let adapted = train_b(adapted, 9);
@@ -440,7 +448,7 @@ mod lora {
     #[test]
     fn peft_layout_holds_the_same_updates() {
         for (arch, decoder) in [
-            (HfArch::Llama, DecoderConfig::new(50, 32, 2, 4, 64, 16).with_n_kv_heads(Some(2))),
+            (HfArch::Llama, DecoderConfig::new(50, 32, 2, 4, 64, 16).with_n_kv_heads(2)),
             (HfArch::Gpt2, DecoderConfig::new(50, 32, 2, 4, 64, 16).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true)),
         ] {
             let lora = config(&["q_proj", "v_proj", "o_proj", "up_proj"]);
@@ -506,7 +514,7 @@ mod qlora {
 
     #[test]
     fn nf4_layers_compute_their_dequantized_weights_and_pass_gradients_to_adapters() {
-        let decoder = DecoderConfig::new(50, 64, 2, 4, 128, 16).with_n_kv_heads(Some(2));
+        let decoder = DecoderConfig::new(50, 64, 2, 4, 128, 16).with_n_kv_heads(2);
         let lora = LoraConfig::new(4, 8.0, vec!["all-linear".into()]);
         let tokens = || {
             Tensor::<AB, 2, Int>::from_data(
@@ -557,7 +565,7 @@ fn group_generation_decodes_each_row_as_alone() {
     use crate::generate::generate_group;
     type F = burn::backend::Flex;
     let device = Default::default();
-    for config in [ModelConfig::Decoder(tiny(PositionKind::Rope)), ModelConfig::Mamba(tiny_mamba())] {
+    for config in [ModelConfig::Llama(tiny(PositionKind::Rope)), ModelConfig::Mamba(tiny_mamba())] {
         let model = config.init::<F>(5, &device);
         let model = model.as_causal().expect("a decoding model");
         let prompt = [4u32, 9, 2];
@@ -787,7 +795,7 @@ fn check_batched_equals_alone(config: ModelConfig) {
 fn batched_decoding_equals_decoding_alone() {
     let sliding = tiny(PositionKind::Alibi).with_sliding_window(4);
     for config in [tiny(PositionKind::Rope), tiny(PositionKind::Learned), sliding] {
-        check_batched_equals_alone(ModelConfig::Decoder(config));
+        check_batched_equals_alone(ModelConfig::Llama(config));
     }
     check_batched_equals_alone(ModelConfig::Mamba(tiny_mamba()));
 }
@@ -798,7 +806,7 @@ fn batched_decoding_equals_decoding_alone() {
 fn models_say_each_parameters_kind_and_block() {
     use furnace_core::params::ParamKind::*;
     let device = Default::default();
-    let gpt2 = ModelConfig::Decoder(
+    let gpt2 = ModelConfig::Llama(
         tiny(PositionKind::Learned).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true),
     )
     .init::<B>(1, &device);
@@ -848,14 +856,14 @@ fn greedy_speculative_decoding_equals_greedy_decoding() {
     let device = Default::default();
     let greedy = GenerateConfig { max_new_tokens: 20, stop_tokens: vec![], sampling: SamplingConfig::default() };
     let prompt = [5u32, 9, 13, 17, 5, 9, 13, 17, 5, 9];
-    let draft = ModelConfig::Decoder(DecoderConfig::new(50, 16, 1, 2, 32, 32)).init::<F>(11, &device);
+    let draft = ModelConfig::Llama(DecoderConfig::new(50, 16, 1, 2, 32, 32)).init::<F>(11, &device);
     let draft = draft.as_causal().unwrap();
     for config in [
-        ModelConfig::Decoder(tiny(PositionKind::Rope)),
-        ModelConfig::Decoder(
+        ModelConfig::Llama(tiny(PositionKind::Rope)),
+        ModelConfig::Llama(
             tiny(PositionKind::Learned).with_norm(NormKind::LayerNorm).with_mlp(MlpKind::Gelu).with_bias(true).with_tie_embeddings(true),
         ),
-        ModelConfig::Decoder(tiny(PositionKind::Rope).with_moe(Some(MoeConfig::new().with_n_experts(3)))),
+        ModelConfig::Mixtral(tiny(PositionKind::Rope).with_moe(Some(MoeConfig::new().with_n_experts(3)))),
         ModelConfig::Mamba(tiny_mamba()),
     ] {
         let model = config.init::<F>(7, &device);
@@ -885,8 +893,8 @@ fn speculative_sampling_draws_from_the_target_distribution() {
     let device = Default::default();
     let vocab = 8;
     let prompt = [1u32, 2, 3];
-    let target = ModelConfig::Decoder(DecoderConfig::new(vocab, 16, 1, 2, 32, 16).with_init_std(0.5)).init::<F>(1, &device);
-    let draft = ModelConfig::Decoder(DecoderConfig::new(vocab, 16, 1, 2, 32, 16).with_init_std(0.5)).init::<F>(2, &device);
+    let target = ModelConfig::Llama(DecoderConfig::new(vocab, 16, 1, 2, 32, 16).with_init_std(0.5)).init::<F>(1, &device);
+    let draft = ModelConfig::Llama(DecoderConfig::new(vocab, 16, 1, 2, 32, 16).with_init_std(0.5)).init::<F>(2, &device);
     let (target, draft) = (target.as_causal().unwrap(), draft.as_causal().unwrap());
     let softmax = |model: &crate::Causal<F>| {
         let ids = TensorData::new(prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, prompt.len()]);

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use furnace_core::params::{from_safetensors, load_named, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
 use furnace_models::hf::{config_from_hf, from_hf};
 use furnace_models::kernels::cross_entropy;
-use furnace_models::{LanguageModel, ModelConfig};
+use furnace_models::{Init, LanguageModel, ModelConfig};
 
 type B = burn::backend::Flex;
 

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use furnace_configs::{Backend, Recipe};
+use furnace_configs::{Backend, ModelConfig, Recipe};
 use furnace_models::kernels::FusedOps;
 use furnace_optim::FusedUpdate;
 
@@ -50,21 +50,38 @@ pub fn dispatch(recipe: &Recipe, job: impl BackendJob) -> Result<()> {
 /// The largest tensors a run allocates (parameters and their gradients and optimizer moments,
 /// one micro-batch's logits and attention scores), named by the recipe keys that size them.
 fn largest_tensors(recipe: &Recipe) -> Vec<(String, u64)> {
-    let m = recipe.model.resolve(Some(recipe.planned_vocab_size()));
+    let model = recipe.model.model(Some(recipe.planned_vocab_size()));
     let t = &recipe.training;
-    let (v, d, f, b, s) = (m.vocab_size as u64, m.d_model as u64, m.d_ff as u64, t.local_batch_size as u64, t.seq_len as u64);
-    vec![
+    let (v, d, b, s) = (model.vocab_size() as u64, model.d_model() as u64, t.local_batch_size as u64, t.seq_len as u64);
+    let mut tensors = vec![
         (format!("the embedding, model.vocab_size × model.d_model = {v} × {d} floats"), 4 * v * d),
-        (format!("an MLP matrix, model.d_ff × model.d_model = {f} × {d} floats"), 4 * f * d),
         (
             format!("one micro-batch's logits, training.local_batch_size × training.seq_len × model.vocab_size = {b} × {s} × {v} floats"),
             4 * b * s * v,
         ),
-        (
-            format!("one micro-batch's attention scores, training.local_batch_size × model.n_heads × training.seq_len² = {b} × {} × {s}² floats", m.n_heads),
-            4 * b * m.n_heads as u64 * s * s,
-        ),
-    ]
+    ];
+    let transformer = match &model {
+        ModelConfig::Llama(c) | ModelConfig::Gpt2(c) | ModelConfig::Mixtral(c) => Some((c.d_ff, c.n_heads)),
+        ModelConfig::Bert(c) => Some((c.d_ff, c.n_heads)),
+        ModelConfig::T5(c) => Some((c.d_ff, c.n_heads)),
+        ModelConfig::Mamba(c) => {
+            let inner = 2 * c.d_inner() as u64;
+            tensors.push((
+                format!("the input projection, model.d_model × 2·model.expand·model.d_model = {d} × {inner} floats"),
+                4 * d * inner,
+            ));
+            None
+        }
+    };
+    if let Some((f, heads)) = transformer {
+        let (f, h) = (f as u64, heads as u64);
+        tensors.push((format!("an MLP matrix, model.d_ff × model.d_model = {f} × {d} floats"), 4 * f * d));
+        tensors.push((
+            format!("one micro-batch's attention scores, training.local_batch_size × model.n_heads × training.seq_len² = {b} × {h} × {s}² floats"),
+            4 * b * h * s * s,
+        ));
+    }
+    tensors
 }
 
 /// Refuse at start a run with a tensor larger than the device's largest buffer (wgpu's
@@ -174,9 +191,7 @@ mod tests {
 
     #[test]
     fn a_tensor_beyond_the_device_buffer_is_refused_naming_its_keys() {
-        let mut recipe = Recipe::default();
-        recipe.model.flavor = furnace_configs::Flavor::Gpt2_124m;
-        recipe.model.n_layers = Some(2);
+        let recipe = Recipe::from_toml("[model]\nflavor = \"gpt2-124m\"\nn_layers = 2\n", "test.toml", &[]).unwrap();
         let err = check_device_buffers(&recipe, 128 << 20).unwrap_err().to_string();
         assert!(err.contains("model.vocab_size × model.d_model = 50257 × 768") && err.contains("154.4 MB"), "{err}");
         check_device_buffers(&recipe, 1 << 30).unwrap();

@@ -105,7 +105,7 @@ pub fn all_reduce_seconds(recipe: &furnace_configs::Recipe, iters: usize) -> any
         furnace_distributed::connect(crate::parallel::transport(recipe)).map_err(anyhow::Error::msg)?,
         recipe,
     );
-    let vocab = recipe.model.resolve(None).vocab_size;
+    let vocab = recipe.model.model(None).vocab_size();
     let model = crate::model::build_model::<Ad>(recipe, vocab, None, &device)?.model;
     let (_, elements) = furnace_core::params::trainable_params(&model);
     let tokens = Tensor::<Ad, 2, Int>::zeros([1, 8], &device);

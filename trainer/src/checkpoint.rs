@@ -351,7 +351,7 @@ pub fn read_model(path: &Path) -> Result<StoredModel> {
     let dir = resolve(path)?;
     let recipe_path = dir.join(RECIPE_FILE);
     let text = String::from_utf8(read(&dir, RECIPE_FILE)?).with_context(|| format!("{} is not UTF-8 text", recipe_path.display()))?;
-    let recipe = Recipe::from_stored(&text, &recipe_path.display().to_string())?;
+    let recipe = Recipe::from_checkpoint(&text, &recipe_path.display().to_string())?;
     Ok(StoredModel { weights: tensors(&dir, MODEL_FILE)?, recipe, dir })
 }
 

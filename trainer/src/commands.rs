@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use furnace_configs::{Recipe, TextDocuments};
+use furnace_configs::{ModelSection, Recipe, TextDocuments};
 use furnace_core::params::{from_safetensors, load_named, to_safetensors, HostTensor, NamedTensors, StoreDtype};
 use furnace_data::chat::{ChatTemplate, Message};
 use furnace_data::corpus::{prepare, sample_inputs, Prepared};
@@ -25,7 +25,7 @@ use crate::checkpoint::{self, TOKENIZER_FILE};
 use crate::datasets::chat_template_source;
 use crate::evaluate::{encode_prompt, fill_mask_line, reply};
 use crate::memory::check_fits;
-use crate::model::{base_for, build_model, is_gguf, load_base, model_config};
+use crate::model::{base_for, build_model, is_gguf, load_base};
 use crate::structured::{Grammar, Grammars};
 use crate::tools::{scan, Scan, ToolChoice, Tools};
 use crate::train::{output_dir, TrainJob};
@@ -53,7 +53,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
 
 pub fn recipe_check(args: RecipeArgs) -> Result<()> {
     let (recipe, estimate) = load_recipe_estimated(&args)?;
-    let model = model_config(&recipe.model.resolve(Some(recipe.planned_vocab_size())));
+    let model = recipe.model.model(Some(recipe.planned_vocab_size()));
     let memory = match estimate {
         Some(gb) if gb < 1.0 => format!(", ~{:.0} MB of memory", gb * 1e3),
         Some(gb) => format!(", ~{gb:.1} GB of memory"),
@@ -607,7 +607,7 @@ pub fn load_for_decoding(
 ) -> Result<(Recipe, TextTokenizer, NamedTensors)> {
     let (recipe, tokenizer, weights) = if checkpoint.join("config.json").is_file() || is_gguf(checkpoint) {
         let base = load_base(checkpoint)?;
-        let recipe = Recipe { model: base.model.to_section(&checkpoint.display().to_string()), ..Default::default() };
+        let recipe = Recipe { model: ModelSection::of(&base.model, &checkpoint.display().to_string()), ..Default::default() };
         (recipe, TextTokenizer::load(&base.tokenizer).map_err(anyhow::Error::msg)?, base.weights)
     } else {
         let stored = checkpoint::read_model(checkpoint)?;
@@ -669,7 +669,7 @@ pub(crate) fn with_peft_adapter(mut recipe: Recipe, mut weights: NamedTensors, d
     let tensors_path = dir.join("adapter_model.safetensors");
     let peft = from_safetensors(&std::fs::read(&tensors_path).with_context(|| format!("cannot read {}", tensors_path.display()))?)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tensors_path.display()))?;
-    let model = model_config(&recipe.model.resolve(weights.get("embed_tokens").map(|t| t.shape[0])));
+    let model = recipe.model.model(weights.get("embed_tokens").map(|t| t.shape[0]));
     let arch = hf_arch_for(&model).map_err(anyhow::Error::msg)?;
     let adapters = from_peft(arch, &peft, model.n_layers(), r).map_err(|e| anyhow::anyhow!("{}: {e}", tensors_path.display()))?;
     // Adapt exactly the layers the file has adapters for, by their names (`q_proj`, ...).

@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::checkpoint::{self, TOKENIZER_FILE};
 use crate::gguf::{encode, GgmlType, Gguf, GgufTensor, Value};
 use crate::gguf_layout::{gguf_architecture, gguf_metadata, to_gguf_tensors};
-use crate::model::{base_for, lora_config, model_config};
+use crate::model::{base_for, lora_config};
 
 /// What an export reads from a checkpoint: the model's weights under Hugging Face names.
 struct Source {
@@ -34,7 +34,7 @@ struct Source {
 fn read_checkpoint(checkpoint: &Path) -> Result<(std::path::PathBuf, Recipe, TextTokenizer, furnace_models::ModelConfig, NamedTensors)> {
     let checkpoint::StoredModel { dir, recipe, mut weights } = checkpoint::read_model(checkpoint)?;
     let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER_FILE)).map_err(anyhow::Error::msg)?;
-    let config = model_config(&recipe.model.resolve(Some(tokenizer.vocab_size())));
+    let config = recipe.model.model(Some(tokenizer.vocab_size()));
     // QLoRA checkpoints leave out the NF4 base layers: what trained was their dequantization.
     for (name, tensor) in base_for(&recipe)?.unwrap_or_default() {
         if !weights.contains_key(&name) {
@@ -281,7 +281,7 @@ fn file_type(ty: GgmlType) -> u32 {
 pub fn export_gguf(checkpoint: &Path, out: &Path, force: bool, quant: GgmlType, merge_adapters: bool) -> Result<()> {
     let Source { dir, recipe, tokenizer, config, arch, hf } = read_source(checkpoint, merge_adapters)?;
     check_target(out, &dir, force)?;
-    let (furnace_models::ModelConfig::Decoder(c), Some(architecture)) = (&config, gguf_architecture(arch)) else {
+    let (Some(c), Some(architecture)) = (config.as_decoder(), gguf_architecture(arch)) else {
         anyhow::bail!("GGUF export of {} is not available yet: Llama, Mixtral and GPT-2 are written so far", dir.display());
     };
     let mut g = Gguf::default();

@@ -146,7 +146,7 @@ pub fn gguf_metadata(arch: HfArch, c: &DecoderConfig) -> Vec<(&'static str, Valu
     ];
     if let Some(moe) = &c.moe {
         meta.push(("llama.expert_count", Value::U32(moe.n_experts as u32)));
-        meta.push(("llama.expert_used_count", Value::U32(moe.top_k as u32)));
+        meta.push(("llama.expert_used_count", Value::U32(moe.experts_per_token as u32)));
     }
     meta
 }
@@ -250,7 +250,7 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
         .with_bias(true)
         .with_tie_embeddings(!hf.contains_key("lm_head.weight"));
         let tokenizer_json = tokenizer_json(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        return Ok(GgufModel { arch: HfArch::Gpt2, config: ModelConfig::Decoder(config), hf, tokenizer_json });
+        return Ok(GgufModel { arch: HfArch::Gpt2, config: ModelConfig::Gpt2(config), hf, tokenizer_json });
     }
     let (n_heads, n_kv_heads) = (number("llama.attention.head_count")? as usize, number("llama.attention.head_count_kv")? as usize);
     for (name, tensor) in hf.iter_mut() {
@@ -261,7 +261,7 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
         }
     }
     let embedding = hf.get("model.embed_tokens.weight").with_context(|| format!("{}: no token_embd.weight", path.display()))?;
-    let mut config = DecoderConfig::new(
+    let config = DecoderConfig::new(
         embedding.shape[0],
         number("llama.embedding_length")? as usize,
         number("llama.block_count")? as usize,
@@ -269,18 +269,18 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
         number("llama.feed_forward_length")? as usize,
         number("llama.context_length")? as usize,
     )
-    .with_n_kv_heads(Some(n_kv_heads))
+    .with_n_kv_heads(n_kv_heads)
     .with_norm_eps(number("llama.attention.layer_norm_rms_epsilon")?)
     .with_rope_theta(number("llama.rope.freq_base").unwrap_or(10000.0))
     .with_tie_embeddings(!hf.contains_key("lm_head.weight"));
-    let mut arch = HfArch::Llama;
     if let Ok(n_experts) = number("llama.expert_count") {
-        let moe = MoeConfig::new().with_n_experts(n_experts as usize).with_top_k(number("llama.expert_used_count")? as usize);
-        arch = HfArch::Mixtral { n_experts: moe.n_experts };
-        config = config.with_moe(Some(moe));
+        let moe = MoeConfig::new().with_n_experts(n_experts as usize).with_experts_per_token(number("llama.expert_used_count")? as usize);
+        let tokenizer_json = tokenizer_json(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let arch = HfArch::Mixtral { n_experts: moe.n_experts };
+        return Ok(GgufModel { arch, config: ModelConfig::Mixtral(config.with_moe(Some(moe))), hf, tokenizer_json });
     }
     let tokenizer_json = tokenizer_json(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(GgufModel { arch, config: ModelConfig::Decoder(config), hf, tokenizer_json })
+    Ok(GgufModel { arch: HfArch::Llama, config: ModelConfig::Llama(config), hf, tokenizer_json })
 }
 
 /// The file's tokenizer: the whole tokenizer.json when it carries one, else one rebuilt from
@@ -342,7 +342,7 @@ mod tests {
             HfArch::T5 { n_decoder_layers: 2, gated: true },
         ];
         for arch in archs {
-            let declared = furnace_configs::capabilities::capabilities(crate::model::arch_of(arch)).gguf_export;
+            let declared = furnace_configs::capabilities::capabilities(arch.arch()).gguf_export;
             assert_eq!(gguf_architecture(arch).is_some(), declared, "{arch:?}");
         }
     }

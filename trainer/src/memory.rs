@@ -2,10 +2,8 @@
 //! reports it, and the check that a recipe's estimate fits the machine before any work starts.
 
 use anyhow::{bail, Result};
-use furnace_configs::{Precision, Recipe};
+use furnace_configs::{ModelConfig, Precision, Recipe};
 use furnace_optim::Algorithm;
-
-use crate::model::model_config;
 
 /// `mi_option_purge_delay` in mimalloc 2's option enum (libmimalloc-sys is pinned to match).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -69,34 +67,41 @@ pub fn check_fits(recipe: &Recipe) -> Result<Option<f64>> {
         gb if gb > 0.0 => (gb, "runtime.max_memory_gb"),
         _ => (machine_memory_gb().unwrap_or(f64::INFINITY), "this machine's memory"),
     };
-    let m = recipe.model.resolve(Some(recipe.planned_vocab_size()));
-    let model = model_config(&m);
+    let model = recipe.model.model(Some(recipe.planned_vocab_size()));
     let params = model.num_params() as f64;
+    let d_model = model.d_model();
+    // The widest layer: the MLP's (Mamba: its input projection to x and the gate).
+    let (width_key, widest) = match &model {
+        ModelConfig::Llama(c) | ModelConfig::Gpt2(c) | ModelConfig::Mixtral(c) => ("model.d_ff", c.d_ff),
+        ModelConfig::Bert(c) => ("model.d_ff", c.d_ff),
+        ModelConfig::T5(c) => ("model.d_ff", c.d_ff),
+        ModelConfig::Mamba(c) => ("2 × model.expand × model.d_model", 2 * c.d_inner()),
+    };
     // LoRA trains adapters of r·(in + out) on each targeted matrix (at most the attention's four
     // and the MLP's three per layer), held beside the frozen weights.
     let (adapters, trainable) = match recipe.lora.r {
         0 => (0.0, params),
         r => {
-            let adapters = (r * (m.d_model + m.d_ff.max(m.d_model)) * 7 * m.n_layers) as f64;
+            let adapters = (r * (d_model + widest.max(d_model)) * 7 * model.n_layers()) as f64;
             (adapters, adapters)
         }
     };
     let width = parameter_bytes(recipe.runtime.precision);
     let t = &recipe.training;
-    let activations = model.activation_bytes(t.local_batch_size, t.seq_len, recipe.activation_checkpoint.recompute_every()).unwrap_or(0.0);
+    let activations = model.activation_bytes(t.local_batch_size, t.seq_len, recipe.activation_checkpoint.recompute_every());
     let slots = Algorithm::from_recipe(recipe).state_slots() as f64;
     let gb = |bytes: f64| bytes / 1e9;
     let (weights, gradients, state) = (gb(width * (params + adapters)), gb(width * trainable), gb(4.0 * slots * trainable));
     let total = weights + gradients + state + gb(activations);
     if total > limit {
         bail!(
-            "recipe {}: the memory estimate is {total:.1} GB ({:.0}M parameters from model.d_model = {}, model.n_layers = {}, model.d_ff = {}, vocabulary {}: weights {weights:.1} GB, gradients {gradients:.1} GB, optimizer state {state:.1} GB; activations of training.local_batch_size = {} × training.seq_len = {}: {:.1} GB), more than {source} ({limit:.1} GB)\n  fix: lower those keys{}, or raise runtime.max_memory_gb if the estimate is wrong for this run",
+            "recipe {}: the memory estimate is {total:.1} GB ({:.0}M parameters from model.d_model = {}, model.n_layers = {}, {width_key} = {}, vocabulary {}: weights {weights:.1} GB, gradients {gradients:.1} GB, optimizer state {state:.1} GB; activations of training.local_batch_size = {} × training.seq_len = {}: {:.1} GB), more than {source} ({limit:.1} GB)\n  fix: lower those keys{}, or raise runtime.max_memory_gb if the estimate is wrong for this run",
             recipe.run.name,
             params / 1e6,
-            m.d_model,
-            m.n_layers,
-            m.d_ff,
-            m.vocab_size,
+            d_model,
+            model.n_layers(),
+            widest,
+            model.vocab_size(),
             t.local_batch_size,
             t.seq_len,
             gb(activations),

@@ -5,148 +5,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use furnace_configs::{Arch, BaseQuant, LoraSection, ModelSection, PositionKind, Recipe, ResolvedModel, TrainMode};
+use furnace_configs::{BaseQuant, LoraSection, ModelSection, Recipe, TrainMode};
 use furnace_core::params::{from_safetensors, named_tensors, NamedTensors};
-use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for, HfArch};
+use furnace_models::hf::{config_from_hf, from_hf, from_peft, hf_arch_for};
 use furnace_models::lora::{attach_lora, has_lora, merge_lora, quantize_base, LoraConfig, LoraInit};
-use furnace_models::t5::T5Config;
-use furnace_models::{BertConfig, DecoderConfig, LanguageModel, MambaConfig, ModelConfig, MoeConfig};
+use furnace_models::{Init, LanguageModel, ModelConfig};
 
 use furnace_data::TextTokenizer;
 
 use crate::checkpoint::{self, TOKENIZER_FILE};
 use crate::gguf_layout::read_gguf;
-
-/// The model a resolved `[model]` section describes.
-pub fn model_config(m: &ResolvedModel) -> ModelConfig {
-    if m.arch == Arch::Mamba {
-        return ModelConfig::Mamba(
-            MambaConfig::new(m.vocab_size, m.d_model, m.n_layers, m.max_seq_len)
-                .with_d_state(m.d_state)
-                .with_d_conv(m.d_conv)
-                .with_expand(m.expand)
-                .with_dt_rank(Some(m.dt_rank))
-                .with_norm_eps(m.norm_eps)
-                .with_tie_embeddings(m.tie_embeddings),
-        );
-    }
-    if m.arch == Arch::Bert {
-        return ModelConfig::Bert(
-            BertConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
-                .with_norm_eps(m.norm_eps)
-                .with_dropout(m.dropout),
-        );
-    }
-    if m.arch == Arch::T5 {
-        return ModelConfig::T5(
-            T5Config::new(m.vocab_size, m.d_model, m.head_dim, m.d_ff, m.n_heads, m.n_layers, m.n_decoder_layers)
-                .with_relative_attention_num_buckets(m.relative_attention_num_buckets)
-                .with_relative_attention_max_distance(m.relative_attention_max_distance)
-                .with_norm_eps(m.norm_eps)
-                .with_mlp(m.mlp)
-                .with_tie_embeddings(m.tie_embeddings)
-                .with_dropout(m.dropout),
-        );
-    }
-    ModelConfig::Decoder(
-        DecoderConfig::new(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len)
-            .with_n_kv_heads(Some(m.n_kv_heads))
-            .with_norm(m.norm)
-            .with_norm_eps(m.norm_eps)
-            .with_position(m.position)
-            .with_rope_theta(m.rope_theta)
-            .with_mlp(m.mlp)
-            .with_bias(m.bias)
-            .with_tie_embeddings(m.tie_embeddings)
-            .with_sliding_window(m.sliding_window)
-            .with_parallel_block(m.parallel_block)
-            .with_dropout(m.dropout)
-            .with_moe((m.arch == Arch::Mixtral).then(|| {
-                MoeConfig::new().with_n_experts(m.n_experts).with_top_k(m.experts_per_token).with_capacity_factor(m.capacity_factor)
-            })),
-    )
-}
-
-/// The resolved model of a model config (the inverse of `model_config`). A Mamba leaves the
-/// transformer keys at the section's defaults; a BERT has its fixed layout.
-fn resolved_model(arch: Arch, config: &ModelConfig) -> ResolvedModel {
-    let c = match config {
-        ModelConfig::Decoder(c) => c,
-        ModelConfig::Mamba(c) => {
-            let section = ModelSection { arch, d_model: Some(c.d_model), ..Default::default() };
-            return ResolvedModel {
-                vocab_size: c.vocab_size,
-                n_layers: c.n_layers,
-                max_seq_len: c.max_seq_len,
-                norm_eps: c.norm_eps,
-                tie_embeddings: c.tie_embeddings,
-                d_state: c.d_state,
-                d_conv: c.d_conv,
-                expand: c.expand,
-                dt_rank: c.dt_rank(),
-                ..section.resolve(None)
-            };
-        }
-        ModelConfig::Bert(c) => {
-            let section = ModelSection {
-                arch,
-                d_model: Some(c.d_model),
-                n_heads: Some(c.n_heads),
-                n_layers: Some(c.n_layers),
-                d_ff: Some(c.d_ff),
-                max_seq_len: Some(c.max_seq_len),
-                norm_eps: Some(c.norm_eps),
-                vocab_size: Some(c.vocab_size),
-                ..Default::default()
-            };
-            return ResolvedModel { dropout: c.dropout, ..section.resolve(None) };
-        }
-        ModelConfig::T5(c) => {
-            let section = ModelSection {
-                arch,
-                vocab_size: Some(c.vocab_size),
-                d_model: Some(c.d_model),
-                n_heads: Some(c.n_heads),
-                head_dim: Some(c.d_kv),
-                n_layers: Some(c.n_layers),
-                n_decoder_layers: Some(c.n_decoder_layers),
-                d_ff: Some(c.d_ff),
-                relative_attention_num_buckets: c.relative_attention_num_buckets,
-                relative_attention_max_distance: c.relative_attention_max_distance,
-                norm_eps: Some(c.norm_eps),
-                mlp: Some(c.mlp),
-                tie_embeddings: Some(c.tie_embeddings),
-                ..Default::default()
-            };
-            return ResolvedModel { dropout: c.dropout, ..section.resolve(None) };
-        }
-    };
-    let defaults = ModelSection::default().resolve(None);
-    ResolvedModel {
-        arch,
-        vocab_size: c.vocab_size,
-        d_model: c.d_model,
-        n_layers: c.n_layers,
-        n_heads: c.n_heads,
-        n_kv_heads: c.kv_heads(),
-        d_ff: c.d_ff,
-        max_seq_len: c.max_seq_len,
-        norm: c.norm,
-        norm_eps: c.norm_eps,
-        position: c.position,
-        rope_theta: c.rope_theta,
-        mlp: c.mlp,
-        bias: c.bias,
-        tie_embeddings: c.tie_embeddings,
-        sliding_window: c.sliding_window,
-        parallel_block: c.parallel_block,
-        dropout: c.dropout,
-        n_experts: c.moe.as_ref().map_or(defaults.n_experts, |m| m.n_experts),
-        experts_per_token: c.moe.as_ref().map_or(defaults.experts_per_token, |m| m.top_k),
-        capacity_factor: c.moe.as_ref().map_or(defaults.capacity_factor, |m| m.capacity_factor),
-        ..defaults
-    }
-}
 
 /// The adapters a `[lora]` section asks for; None when r = 0.
 pub fn lora_config(l: &LoraSection) -> Option<LoraConfig> {
@@ -167,12 +35,11 @@ pub fn lora_config(l: &LoraSection) -> Option<LoraConfig> {
 pub fn build_model<B: Backend>(recipe: &Recipe, vocab: usize, base: Option<&NamedTensors>, device: &B::Device) -> Result<Built<B>> {
     // A reward model's score head, or PPO's value head on the policy.
     let reward = matches!(recipe.training.mode, TrainMode::Reward | TrainMode::Ppo);
-    let config = match model_config(&recipe.model.resolve(Some(vocab))) {
-        ModelConfig::Decoder(c) => ModelConfig::Decoder(c.with_score_head(reward)),
+    let config = match recipe.model.model(Some(vocab)) {
         ModelConfig::Mamba(_) if reward => {
             bail!("training.mode = \"{}\" needs a transformer with a scalar head; this model is a Mamba", recipe.training.mode)
         }
-        mamba => mamba,
+        config => config.with_score_head(reward),
     };
     let mut model = config.init::<B>(recipe.run.seed, device);
     if let Some(weights) = base {
@@ -237,13 +104,13 @@ pub fn load_companion(key: &str, path: &Path, tokenizer: &TextTokenizer, fix: &s
 pub fn load_reward_model<B: Backend>(path: &Path, tokenizer: &TextTokenizer, device: &B::Device) -> Result<LanguageModel<B>> {
     let base = load_companion("training.reward_model", path, tokenizer, "train the reward model from the policy's base")?;
     let key = format!("training.reward_model = {}", path.display());
-    let ModelConfig::Decoder(config) = model_config(&base.model) else {
-        bail!("{key}: reward models are transformers; this one is {}", base.model.arch);
-    };
+    if base.model.as_decoder().is_none() {
+        bail!("{key}: reward models are transformers; this one is {}", base.model.arch());
+    }
     if !base.weights.contains_key("score.weight") {
         bail!("{key} has no score head: it is not a reward model; train one with training.mode = \"reward\"");
     }
-    let model = ModelConfig::Decoder(config.with_score_head(true)).init::<B>(0, device);
+    let model = base.model.clone().with_score_head(true).init::<B>(0, device);
     furnace_core::params::load_named(model, &base.weights).map_err(|e| anyhow::anyhow!("{key}: {e}"))
 }
 
@@ -269,22 +136,11 @@ pub fn base_for(recipe: &Recipe) -> Result<Option<NamedTensors>> {
 
 /// Pretrained weights to start from, with the model they fit and their tokenizer.
 pub struct Base {
-    pub model: ResolvedModel,
+    /// Its vocabulary is the weights'.
+    pub model: ModelConfig,
     /// Under our parameter names, adapters already merged.
     pub weights: NamedTensors,
     pub tokenizer: PathBuf,
-}
-
-/// The recipe's architecture of a Hugging Face one.
-pub fn arch_of(hf_arch: HfArch) -> Arch {
-    match hf_arch {
-        HfArch::Llama => Arch::Llama,
-        HfArch::Gpt2 => Arch::Gpt2,
-        HfArch::Mamba => Arch::Mamba,
-        HfArch::Mixtral { .. } => Arch::Mixtral,
-        HfArch::Bert => Arch::Bert,
-        HfArch::T5 { .. } => Arch::T5,
-    }
 }
 
 /// Read `model.init_from`: a Furnace run or checkpoint folder, a Hugging Face model folder, or
@@ -294,12 +150,7 @@ pub fn load_base(path: &Path) -> Result<Base> {
         let gguf = read_gguf(path)?;
         let (n_layers, tied) = (gguf.config.n_layers(), gguf.config.tie_embeddings());
         let weights = from_hf(gguf.arch, &gguf.hf, n_layers, tied).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let arch = match gguf.arch {
-            HfArch::Mixtral { .. } => Arch::Mixtral,
-            HfArch::Gpt2 => Arch::Gpt2,
-            _ => Arch::Llama,
-        };
-        return Ok(Base { model: resolved_model(arch, &gguf.config), weights, tokenizer: tokenizer_file(&gguf.tokenizer_json)? });
+        return Ok(Base { model: gguf.config, weights, tokenizer: tokenizer_file(&gguf.tokenizer_json)? });
     }
     let tokenizer = path.join(TOKENIZER_FILE);
     if path.join("config.json").is_file() {
@@ -309,11 +160,10 @@ pub fn load_base(path: &Path) -> Result<Base> {
         let hf = read_hf_weights(path)?;
         let weights =
             from_hf(hf_arch, &hf, config.n_layers(), config.tie_embeddings()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let arch = arch_of(hf_arch);
         if !tokenizer.is_file() {
             bail!("{} has no tokenizer.json; Furnace reads Hugging Face fast tokenizers only", path.display());
         }
-        return Ok(Base { model: resolved_model(arch, &config), weights, tokenizer });
+        return Ok(Base { model: config, weights, tokenizer });
     }
     let checkpoint::StoredModel { dir, recipe, weights } = checkpoint::read_model(path)?;
     let weights = match lora_config(&recipe.lora) {
@@ -321,7 +171,7 @@ pub fn load_base(path: &Path) -> Result<Base> {
         _ => weights,
     };
     let vocab = weights.get("embed_tokens").map(|t| t.shape[0]);
-    Ok(Base { model: recipe.model.resolve(vocab), weights, tokenizer: dir.join(TOKENIZER_FILE) })
+    Ok(Base { model: recipe.model.model(vocab), weights, tokenizer: dir.join(TOKENIZER_FILE) })
 }
 
 /// A Hugging Face folder's weights: `model.safetensors`, or the shards its index lists.
@@ -377,20 +227,19 @@ fn tokenizer_file(json: &str) -> Result<PathBuf> {
 /// rather than learned (RoPE, ALiBi, T5's relative buckets, Mamba): fine-tuning at a longer
 /// length teaches the model the new positions. A smaller one is the base's own (as before).
 pub fn with_base(mut recipe: Recipe, base: &Base) -> Result<Recipe> {
-    let mut model = base.model.clone();
-    model.dropout = recipe.model.dropout;
-    if let Some(max_seq_len) = recipe.model.max_seq_len.filter(|&n| n > model.max_seq_len) {
-        let learned = model.position == PositionKind::Learned && model.arch != Arch::Mamba;
-        if learned {
+    let mut model = base.model.clone().with_dropout(recipe.model.config().dropout());
+    let max_seq_len = recipe.model.config().max_seq_len();
+    if recipe.model.gives("max_seq_len") && max_seq_len > model.max_seq_len() {
+        if model.learned_positions() {
             bail!(
                 "model.max_seq_len = {max_seq_len}, but the base {} has a learned table of {} positions, which cannot change; remove model.max_seq_len",
                 recipe.model.init_from,
-                model.max_seq_len
+                model.max_seq_len()
             );
         }
-        model.max_seq_len = max_seq_len;
+        model = model.with_max_seq_len(max_seq_len);
     }
-    recipe.model = model.to_section(&recipe.model.init_from);
+    recipe.model = ModelSection::of(&model, &recipe.model.init_from);
     if recipe.data.tokenizer.is_empty() {
         recipe.data.tokenizer = base.tokenizer.display().to_string();
     }

@@ -2,13 +2,13 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, softmax};
-use furnace_configs::{Arch, DpoLoss, DpoSection, GrpoLoss, GrpoSection, ModelSection, PpoSection, Recipe, SENTINELS};
+use furnace_configs::{Arch, DpoLoss, DpoSection, GrpoLoss, GrpoSection, PpoSection, Recipe, SENTINELS};
 use furnace_core::rng::SeededRng;
 use furnace_data::mlm::Masking;
 use furnace_data::span_corruption::SpanCorruption;
 use furnace_data::{Batch, TextTokenizer};
 use furnace_models::kernels::{cross_entropy, FusedOps};
-use furnace_models::{RouterLossWeights, Routing};
+use furnace_models::{MoeConfig, RouterLossWeights, Routing};
 
 use crate::metrics::Sums;
 
@@ -81,8 +81,8 @@ impl Denoising {
 /// layer's share of them needs (see [`RouterLossWeights`]: activation checkpointing
 /// back-propagates a layer's share when it recomputes the layer); their values and the
 /// experts' load go into `stats`.
-pub fn router_losses<B: Backend>(routing: &Routing<B>, model: &ModelSection, stats: &mut Sums) -> (Tensor<B, 1>, RouterLossWeights) {
-    let weights = routing.loss_weights(model.router_aux_loss_coef, model.router_z_loss_coef);
+pub fn router_losses<B: Backend>(routing: &Routing<B>, experts: &MoeConfig, stats: &mut Sums) -> (Tensor<B, 1>, RouterLossWeights) {
+    let weights = routing.loss_weights(experts.router_aux_loss_coef, experts.router_z_loss_coef);
     let over_layers = |share: &dyn Fn(Tensor<B, 2>) -> Tensor<B, 1>| {
         routing.logits.iter().map(|l| share(l.clone())).reduce(|a, b| a + b).expect("one MoE layer")
     };

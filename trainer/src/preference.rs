@@ -398,7 +398,7 @@ mod tests {
     /// A two-layer transformer with a score head over a vocabulary of 16.
     fn tiny_reward_model<B: FusedOps>(seed: u64) -> LanguageModel<B> {
         let config = furnace_models::DecoderConfig::new(16, 32, 2, 4, 48, 16).with_score_head(true);
-        LanguageModel::Decoder(config.init(seed, &Default::default()))
+        LanguageModel::Decoder(furnace_models::Init::init(&config, seed, &Default::default()))
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::context::Context;
 use crate::datasets::{self, Datasets};
 use crate::memory::{collect_freed_memory, parameter_bytes, peak_rss_mb, reset_peak_rss, retain_freed_memory};
 use crate::metrics::Metrics;
-use crate::model::{build_model, describe, load_base, model_config, with_base};
+use crate::model::{build_model, describe, load_base, with_base};
 use crate::objectives::{self, Objective, Setup, Stepped};
 use crate::parallel::{held_parameter_bytes, quiet_stdout, transport, Parallel};
 use crate::precision::{compute_dtype, LossScaler};
@@ -98,23 +98,22 @@ impl<B: TrainBackend> Trainer<B> {
         if world.local_rank == 0 {
             parallel.barrier();
         }
-        let resolved = recipe.model.resolve(Some(tokenizer.vocab_size()));
-        if resolved.vocab_size < tokenizer.vocab_size() {
+        let model_config = recipe.model.model(Some(tokenizer.vocab_size()));
+        if model_config.vocab_size() < tokenizer.vocab_size() {
             bail!(
                 "recipe key model.vocab_size = {} is smaller than the tokenizer's vocabulary ({}); raise it or leave it unset",
-                resolved.vocab_size,
+                model_config.vocab_size(),
                 tokenizer.vocab_size()
             );
         }
-        if t.seq_len > resolved.max_seq_len {
+        if t.seq_len > model_config.max_seq_len() {
             bail!(
                 "recipe key training.seq_len = {} exceeds the model's max_seq_len = {} ({}); lower training.seq_len",
                 t.seq_len,
-                resolved.max_seq_len,
+                model_config.max_seq_len(),
                 describe(&recipe.model)
             );
         }
-        let model_config = model_config(&resolved);
         let compute_dtype = compute_dtype::<B::InnerBackend>(&recipe, &device)?;
         let built = build_model::<B>(&recipe, tokenizer.vocab_size(), base.as_ref().map(|b| &b.weights), &device)?;
         drop(base);
@@ -149,8 +148,8 @@ impl<B: TrainBackend> Trainer<B> {
             }
             let dir = checkpointer.newest_verified()?;
             let loaded = checkpoint::load(&dir)?;
-            let saved = Recipe::from_stored(&loaded.recipe, &dir.join(checkpoint::RECIPE_FILE).display().to_string())?;
-            if saved.model.resolve(Some(tokenizer.vocab_size())) != resolved {
+            let saved = Recipe::from_checkpoint(&loaded.recipe, &dir.join(checkpoint::RECIPE_FILE).display().to_string())?;
+            if saved.model.model(Some(tokenizer.vocab_size())) != model_config {
                 bail!(
                     "the recipe's [model] section differs from the one this checkpoint was trained with ({}); resume with the same model",
                     dir.join(checkpoint::RECIPE_FILE).display()
@@ -403,11 +402,8 @@ impl<B: TrainBackend> Trainer<B> {
         };
         let state_elements = if parallel.strategy == Strategy::Ddp { trainable } else { owned };
         let mb = |bytes: f64| bytes / 1e6;
-        let activations = self
-            .cx
-            .model_config
-            .activation_bytes(t.local_batch_size, t.seq_len, recompute_every)
-            .map_or("not estimated for this architecture".into(), |b| format!("~{:.0} MB per micro-batch", mb(b)));
+        let activations = self.cx.model_config.activation_bytes(t.local_batch_size, t.seq_len, recompute_every);
+        let activations = format!("~{:.0} MB per micro-batch", mb(activations));
         // bf16-true stores parameters and gradients in two bytes; everything else is f32.
         let width = parameter_bytes(recipe.runtime.precision);
         let stored = if width == 2.0 { "parameters and gradients bf16, the rest f32" } else { "f32" };

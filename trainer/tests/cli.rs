@@ -8,7 +8,7 @@ use furnace_core::params::from_safetensors;
 use furnace_models::hf::{config_from_hf, from_hf};
 
 mod common;
-use common::{furnace, text, workspace, write_recipe, TinyRun, TINY};
+use common::{furnace, text, tiny_for, workspace, write_recipe, TinyRun, TINY};
 
 fn losses(run: &Path) -> Vec<(u64, f64)> {
     logged(run, "loss")
@@ -29,16 +29,19 @@ fn logged(run: &Path, key: &str) -> Vec<(u64, f64)> {
 /// 20 steps straight equal 10 steps, stop, `--resume`, 10 more: same loss at every step.
 fn check_resume_is_exact(optimizer: &str, dropout: f64, model: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let recipe = write_recipe(dir.path(), TINY);
+    let arch_key = model.iter().find_map(|key| key.strip_prefix("model.arch=")).unwrap_or("llama");
+    let recipe = write_recipe(dir.path(), &tiny_for(arch_key));
     let recipe = recipe.to_str().unwrap();
     let straight = dir.path().join("straight");
     let split = dir.path().join("split");
     let set = |p: &Path| format!("run.output_dir={}", p.display());
     let name = format!("optimizer.name={optimizer}");
-    let dropout = format!("model.dropout={dropout}");
+    // Mamba has no dropout to set.
+    let dropout = if dropout > 0.0 { vec!["--set".to_string(), format!("model.dropout={dropout}")] } else { vec![] };
+    let dropout: Vec<&str> = dropout.iter().map(String::as_str).collect();
     let arch = model.join(" ");
     let model: Vec<&str> = model.iter().flat_map(|key| ["--set", key]).collect();
-    let furnace = |args: &[&str]| furnace(&[args, &["--set", dropout.as_str()], &model].concat());
+    let furnace = |args: &[&str]| furnace(&[args, &dropout, &model].concat());
     let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&straight)]);
     assert!(out.status.success(), "{}", text(&out));
     let out = furnace(&["train", "--config", recipe, "--set", &name, "--set", &set(&split), "--max-steps", "10"]);
@@ -68,13 +71,13 @@ fn resume_is_exact_mamba() {
 /// BERT with dropout: the masks of the masked-LM objective and of dropout are both replayed.
 #[test]
 fn resume_is_exact_bert() {
-    check_resume_is_exact("adamw", 0.1, &["model.arch=bert", "model.n_kv_heads=4"]);
+    check_resume_is_exact("adamw", 0.1, &["model.arch=bert"]);
 }
 
 /// T5 on text with dropout: span corruption's spans and dropout's masks are both replayed.
 #[test]
 fn resume_is_exact_t5() {
-    check_resume_is_exact("adamw", 0.1, &["model.arch=t5", "model.n_kv_heads=4"]);
+    check_resume_is_exact("adamw", 0.1, &["model.arch=t5"]);
 }
 
 #[test]
@@ -90,15 +93,13 @@ fn resume_is_exact_mixtral() {
 #[test]
 fn activation_checkpointing_changes_no_numbers() {
     let dir = tempfile::tempdir().unwrap();
-    let recipe = write_recipe(dir.path(), TINY);
-    let recipe = recipe.to_str().unwrap();
     // The router losses weigh enough that leaving either out of backward shows in the losses.
     let routers = ["--set", "model.router_aux_loss_coef=1.0", "--set", "model.router_z_loss_coef=0.1"];
-    // BERT's layout is fixed (its own kv heads, biases, LayerNorm): only its size follows TINY.
-    let bert = ["--set", "model.n_kv_heads=4"];
     // T5 on span corruption, three blocks in each stack.
-    let t5 = ["--set", "model.n_kv_heads=4", "--set", "model.n_decoder_layers=3"];
-    for (arch, extra) in [("llama", &[][..]), ("mixtral", &routers[..]), ("bert", &bert[..]), ("mamba", &[]), ("t5", &t5[..])] {
+    let t5 = ["--set", "model.n_decoder_layers=3"];
+    for (arch, extra) in [("llama", &[][..]), ("mixtral", &routers[..]), ("bert", &[]), ("mamba", &[]), ("t5", &t5[..])] {
+        let recipe = write_recipe(dir.path(), &tiny_for(arch));
+        let recipe = recipe.to_str().unwrap();
         let modes = ["none", "full", "selective"];
         let runs: Vec<PathBuf> = modes.iter().map(|m| dir.path().join(format!("{arch}-{m}"))).collect();
         for (mode, run) in modes.iter().zip(&runs) {
@@ -461,7 +462,7 @@ fn export_writes_a_hugging_face_folder_that_round_trips() {
         }
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
         let (arch, config) = config_from_hf(&config).unwrap();
-        let furnace_models::ModelConfig::Decoder(config) = config else { panic!("a Llama export") };
+        let furnace_models::ModelConfig::Llama(config) = config else { panic!("a Llama export") };
         (files.len(), from_hf(arch, &tensors, config.n_layers, config.tie_embeddings).unwrap(), config)
     };
     let hf = dir.path().join("hf");
@@ -512,7 +513,7 @@ fn export_writes_a_hugging_face_folder_that_round_trips() {
 
 #[test]
 fn mamba_trains_generates_and_exports_to_hugging_face() {
-    let tiny = TinyRun::new();
+    let tiny = TinyRun::for_arch("mamba");
     let out = tiny.train(&["--max-steps", "2", "--set", "model.arch=mamba", "--set", "model.d_state=8"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("model: mamba 2 layers, d_model 64, d_inner 128, d_state 8"), "{}", text(&out));
@@ -567,9 +568,8 @@ fn check_hf_export_round_trips(tiny: &TinyRun, (model_type, class): (&str, &str)
 
 #[test]
 fn bert_trains_fills_masks_and_exports_to_hugging_face() {
-    let tiny = TinyRun::new();
-    let out =
-        tiny.train(&["--max-steps", "2", "--set", "model.arch=bert", "--set", "model.n_kv_heads=4", "--set", "training.eval_every=2"]);
+    let tiny = TinyRun::for_arch("bert");
+    let out = tiny.train(&["--max-steps", "2", "--set", "model.arch=bert", "--set", "training.eval_every=2"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("model: bert 2 layers, d_model 64, 4 heads, d_ff 256"), "{}", text(&out));
     assert!(text(&out).contains("masked-token accuracy"), "{}", text(&out));
@@ -591,7 +591,7 @@ fn bert_trains_fills_masks_and_exports_to_hugging_face() {
 
     let gguf = furnace(&["export", "--checkpoint", run, "--format", "gguf", "--out", tiny.dir.path().join("m.gguf").to_str().unwrap()]);
     assert!(!gguf.status.success() && text(&gguf).contains("Llama, Mixtral and GPT-2 are written so far"), "{}", text(&gguf));
-    let sft = tiny.train(&["--set", "model.arch=bert", "--set", "model.n_kv_heads=4", "--set", "training.mode=sft"]);
+    let sft = tiny.train(&["--set", "model.arch=bert", "--set", "training.mode=sft"]);
     assert!(!sft.status.success() && text(&sft).contains("training.mode"), "{}", text(&sft));
 
     let tokenizer = plain_tokenizer(&tiny);
@@ -601,8 +601,6 @@ fn bert_trains_fills_masks_and_exports_to_hugging_face() {
         tiny.recipe.to_str().unwrap(),
         "--set",
         "model.arch=bert",
-        "--set",
-        "model.n_kv_heads=4",
         "--set",
         &tokenizer,
         "--set",
@@ -641,11 +639,12 @@ fn mixtral_trains_logs_its_routing_and_exports_to_hugging_face() {
 #[test]
 fn gguf_files_load_back_for_generation_and_fine_tuning() {
     for arch in ["llama", "mixtral", "gpt2"] {
-        let tiny = TinyRun::new();
+        let tiny = TinyRun::for_arch(arch);
         let arch_key = format!("model.arch={arch}");
         // GPT-2 is multi-head attention: as many key/value heads as heads.
         let kv_heads = if arch == "gpt2" { "model.n_kv_heads=4" } else { "model.n_kv_heads=2" };
-        let out = tiny.train(&["--max-steps", "3", "--set", &arch_key, "--set", "model.n_experts=4", "--set", kv_heads]);
+        let experts: &[&str] = if arch == "mixtral" { &["--set", "model.n_experts=4"] } else { &[] };
+        let out = tiny.train(&[&["--max-steps", "3", "--set", &arch_key, "--set", kv_heads][..], experts].concat());
         assert!(out.status.success(), "{}", text(&out));
         let run = tiny.run.to_str().unwrap();
         let gguf = |quant: &str| {
@@ -718,8 +717,8 @@ fn a_rank_environment_without_a_matching_mpi_launch_is_refused() {
 /// Hugging Face export round-trips exactly; what it cannot do is refused with the key to change.
 #[test]
 fn t5_trains_on_pairs_and_spans_generates_and_exports() {
-    let tiny = TinyRun::new();
-    let t5 = ["--set", "model.arch=t5", "--set", "model.n_kv_heads=4"];
+    let tiny = TinyRun::for_arch("t5");
+    let t5 = ["--set", "model.arch=t5"];
     let pairs = ["--set", "data.source=arithmetic-words", "--set", "eval.arithmetic_problems=5", "--set", "training.eval_every=2"];
     let out = tiny.train(&[&t5[..], &pairs, &["--set", "training.steps=2"]].concat());
     assert!(out.status.success(), "{}", text(&out));
@@ -753,7 +752,7 @@ fn t5_trains_on_pairs_and_spans_generates_and_exports() {
     let bad_run = format!("run.output_dir={}", tiny.dir.path().join("bad").display());
     let out = tiny.train(&[&t5[..], &["--set", "data.source=seq2seq", "--set", &files, "--set", &bad_run]].concat());
     assert!(!out.status.success() && text(&out).contains("pairs.jsonl:2"), "{}", text(&out));
-    let llama = tiny.train(&["--set", "data.source=arithmetic-words", "--set", &bad_run]);
+    let llama = tiny.train(&["--set", "model.arch=llama", "--set", "data.source=arithmetic-words", "--set", &bad_run]);
     assert!(!llama.status.success() && text(&llama).contains("data.source"), "{}", text(&llama));
 }
 
@@ -814,7 +813,12 @@ fn bf16_true_halves_parameter_memory_and_trains() {
         let dir = tiny.dir.path().join(name);
         let set = format!("run.output_dir={}", dir.display());
         let precision = format!("runtime.precision={precision}");
-        let args = ["train", "--config", tiny.recipe.to_str().unwrap(), "--set", &set, "--set", &precision, "--set", "optimizer.lr=3e-3"];
+        // Another architecture's runs read its own TINY recipe.
+        let recipe = match extra.iter().find_map(|s| s.strip_prefix("model.arch=")) {
+            Some(arch) => write_recipe(&tiny.dir.path().join(format!("{name}-recipe")), &tiny_for(arch)),
+            None => tiny.recipe.clone(),
+        };
+        let args = ["train", "--config", recipe.to_str().unwrap(), "--set", &set, "--set", &precision, "--set", "optimizer.lr=3e-3"];
         let out = furnace(&[&args[..], extra].concat());
         assert!(out.status.success(), "{name}: {}", text(&out));
         (dir, text(&out))
@@ -832,8 +836,8 @@ fn bf16_true_halves_parameter_memory_and_trains() {
     // BERT (masked LM) and T5 (span corruption) read their weights through the same widening
     // reads: parameters halve and training proceeds.
     for arch in ["bert", "t5"] {
-        let layout = [&format!("model.arch={arch}"), "model.n_kv_heads=4"];
-        let layout = ["--set", layout[0], "--set", layout[1]];
+        let layout = format!("model.arch={arch}");
+        let layout = ["--set", layout.as_str()];
         let (fp32, _) = run(&format!("{arch}-fp32"), "fp32", &layout);
         let (bf16, _) = run(&format!("{arch}-bf16-true"), "bf16-true", &layout);
         assert!((parameter_mb(&bf16) - parameter_mb(&fp32) / 2.0).abs() < 1e-6, "{arch}");

@@ -93,7 +93,7 @@ fn every_link_resolves() {
 fn recipe_reference_is_current() {
     let path = root().join("docs/recipe-reference.md");
     let expected = format!(
-        "# Recipe reference\n\nEvery section and option of a recipe, its default, type and meaning, as `furnace recipe explain` prints it\n(generated from the schema in `configs/src/recipe.rs`; do not edit by hand).\n\n```toml\n{}```\n",
+        "# Recipe reference\n\nEvery section and option of a recipe, its default, type and meaning, as `furnace recipe explain` prints it\n(generated from the schema in `configs/src/recipe.rs` and, for `[model]`, each architecture's file in `core/src/arch/`;\ndo not edit by hand).\n\n```toml\n{}```\n",
         furnace_configs::explain()
     );
     if std::env::var("FURNACE_BLESS").is_ok_and(|v| v == "1") {

@@ -21,8 +21,7 @@ use furnace_configs::capabilities::CAPABILITIES;
 use furnace_configs::Recipe;
 use furnace_core::params::{from_safetensors, load_named, named_tensors, visit_with_paths, HostTensor, NamedTensors, PathVisitor};
 use furnace_models::kernels::FusedOps;
-use furnace_models::{CausalLm, LanguageModel, ModelConfig};
-use furnace_trainer::model::model_config;
+use furnace_models::{CausalLm, Init, LanguageModel, ModelConfig};
 
 mod common;
 use common::{arch_settings, furnace, logged_by_step, text, TINY_ARCH};
@@ -257,7 +256,7 @@ fn every_architectures_logits_and_gradients_on_the_gpu_equal_flex() {
         let arch = caps.arch.to_string();
         let sets: Vec<String> = gqa_arch_settings(&arch);
         let recipe = Recipe::from_toml(TINY_ARCH, "tiny.toml", &sets).unwrap();
-        let config = model_config(&recipe.model.resolve(Some(300)));
+        let config = recipe.model.model(Some(300));
         let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
         let (flex_logits, flex_grads) = logits_and_gradients::<Autodiff<Flex>>(&config, &weights, &Default::default());
         let (gpu_logits, gpu_grads) = on_gpu!(gpu, logits_and_gradients_on(&config, &weights));
@@ -336,7 +335,7 @@ fn cached_and_recurrent_decoding_on_the_gpu_equal_the_full_forward() {
 
 fn check_decoding<G: FusedOps>(arch: &str) {
     let recipe = Recipe::from_toml(TINY_ARCH, "tiny.toml", &gqa_arch_settings(arch)).unwrap();
-    let config = model_config(&recipe.model.resolve(Some(300)));
+    let config = recipe.model.model(Some(300));
     let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
     let ids: Vec<i64> = (0..12).map(|i| ((i * 53 + 5) % 290) as i64).collect();
     let device = G::Device::default();
@@ -382,7 +381,7 @@ fn continuous_batching_on_the_gpu_equals_the_full_forward() {
 fn check_batching<G: FusedOps>(arch: &str) {
     use furnace_models::{BatchedDecoding, SequenceCache};
     let recipe = Recipe::from_toml(TINY_ARCH, "tiny.toml", &gqa_arch_settings(arch)).unwrap();
-    let config = model_config(&recipe.model.resolve(Some(300)));
+    let config = recipe.model.model(Some(300));
     let weights = named_tensors(&config.init::<Flex>(7, &Default::default()));
     let device = G::Device::default();
     let model = load_named(config.init::<G>(7, &device), &weights).unwrap();

@@ -5,7 +5,7 @@ use burn::backend::Autodiff;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use furnace_core::rng::SeededRng;
-use furnace_models::{CausalLm, DecoderConfig};
+use furnace_models::{CausalLm, DecoderConfig, Init};
 use furnace_optim::{Algorithm, DecayGroups, Optimizer};
 use furnace_trainer::objective::lm_loss_sum;
 
@@ -20,7 +20,7 @@ fn tiny_model_overfits_one_fixed_batch() {
     let rows: Vec<&[i64]> = tokens.chunks(seq + 1).collect();
     let inputs: Vec<i64> = rows.iter().flat_map(|r| r[..seq].to_vec()).collect();
     let targets: Vec<i64> = rows.iter().flat_map(|r| r[1..].to_vec()).collect();
-    let mut model = DecoderConfig::new(vocab, 64, 2, 4, 128, 32).with_n_kv_heads(Some(2)).init::<B>(1, &device);
+    let mut model = DecoderConfig::new(vocab, 64, 2, 4, 128, 32).with_n_kv_heads(2).init::<B>(1, &device);
     let mut optimizer = Optimizer::<B>::new(
         Algorithm::AdamW { beta1: 0.9, beta2: 0.99, eps: 1e-8 },
         DecayGroups { weight_decay: 0.0, decay_norms: false, decay_biases: false, decay_embeddings: false },

@@ -57,7 +57,7 @@ pub(super) fn read(json: &Value) -> Result<(HfArch, ModelConfig), String> {
     .with_mlp(MlpKind::Gelu)
     .with_bias(true)
     .with_tie_embeddings(flag(json, "tie_word_embeddings", true));
-    Ok((HfArch::Gpt2, ModelConfig::Decoder(config)))
+    Ok((HfArch::Gpt2, ModelConfig::Gpt2(config)))
 }
 
 /// `GPT2LMHeadModel`'s `config.json`.

@@ -67,17 +67,18 @@ pub(super) fn read(json: &Value, model_type: &str) -> Result<(HfArch, ModelConfi
         field(json, "intermediate_size")?,
         field(json, "max_position_embeddings")?,
     )
-    .with_n_kv_heads(Some(json.get("num_key_value_heads").and_then(Value::as_u64).map_or(n_heads, |v| v as usize)))
+    .with_n_kv_heads(json.get("num_key_value_heads").and_then(Value::as_u64).map_or(n_heads, |v| v as usize))
     .with_norm_eps(float(json, "rms_norm_eps", 1e-6))
     .with_rope_theta(rope_theta)
     .with_bias(bias)
     .with_sliding_window(json.get("sliding_window").and_then(Value::as_u64).unwrap_or(0) as usize)
     .with_tie_embeddings(flag(json, "tie_word_embeddings", false));
     if model_type != "mixtral" {
-        return Ok((HfArch::Llama, ModelConfig::Decoder(config)));
+        return Ok((HfArch::Llama, ModelConfig::Llama(config)));
     }
-    let moe = MoeConfig::new().with_n_experts(field(json, "num_local_experts")?).with_top_k(field(json, "num_experts_per_tok")?);
-    Ok((HfArch::Mixtral { n_experts: moe.n_experts }, ModelConfig::Decoder(config.with_moe(Some(moe)))))
+    let moe =
+        MoeConfig::new().with_n_experts(field(json, "num_local_experts")?).with_experts_per_token(field(json, "num_experts_per_tok")?);
+    Ok((HfArch::Mixtral { n_experts: moe.n_experts }, ModelConfig::Mixtral(config.with_moe(Some(moe)))))
 }
 
 /// `LlamaForCausalLM`'s `config.json`.
@@ -119,7 +120,7 @@ pub(super) fn write_mixtral(c: &DecoderConfig, n_experts: usize, bos: u32, eos: 
         "num_key_value_heads": c.kv_heads(),
         "head_dim": c.head_dim(),
         "num_local_experts": n_experts,
-        "num_experts_per_tok": moe.top_k,
+        "num_experts_per_tok": moe.experts_per_token,
         "max_position_embeddings": c.max_seq_len,
         "rms_norm_eps": c.norm_eps,
         "rope_theta": c.rope_theta,

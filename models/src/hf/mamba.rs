@@ -33,8 +33,8 @@ pub(super) fn read(json: &Value) -> Result<(HfArch, ModelConfig), String> {
         return Err("Mamba intermediate_size other than expand × hidden_size is not supported".into());
     }
     let dt_rank = match json.get("time_step_rank") {
-        Some(Value::String(s)) if s == "auto" => None,
-        _ => Some(field(json, "time_step_rank")?),
+        Some(Value::String(s)) if s == "auto" => d_model.div_ceil(16),
+        _ => field(json, "time_step_rank")?,
     };
     let config = MambaConfig::new(field(json, "vocab_size")?, d_model, field(json, "num_hidden_layers")?, 2048)
         .with_d_state(field(json, "state_size")?)
@@ -58,7 +58,7 @@ pub(super) fn write(c: &MambaConfig, bos: u32, eos: u32, dtype: &str) -> Value {
         "expand": c.expand,
         "intermediate_size": c.d_inner(),
         "conv_kernel": c.d_conv,
-        "time_step_rank": c.dt_rank(),
+        "time_step_rank": c.dt_rank,
         "use_bias": false,
         "use_conv_bias": true,
         "hidden_act": "silu",

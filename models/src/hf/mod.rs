@@ -7,6 +7,7 @@ use serde_json::Value;
 use crate::blocks::{MlpKind, NormKind};
 use crate::decoder::{DecoderConfig, PositionKind};
 use crate::model::ModelConfig;
+use furnace_core::arch::Arch;
 use furnace_core::params::{HostTensor, NamedTensors};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,20 @@ pub enum HfArch {
     /// `T5ForConditionalGeneration` with this many decoder blocks, its MLPs gated-GELU (T5
     /// v1.1) or ReLU.
     T5 { n_decoder_layers: usize, gated: bool },
+}
+
+impl HfArch {
+    /// The architecture this transformers class holds.
+    pub fn arch(self) -> Arch {
+        match self {
+            HfArch::Llama => Arch::Llama,
+            HfArch::Gpt2 => Arch::Gpt2,
+            HfArch::Mamba => Arch::Mamba,
+            HfArch::Mixtral { .. } => Arch::Mixtral,
+            HfArch::Bert => Arch::Bert,
+            HfArch::T5 { .. } => Arch::T5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +251,7 @@ pub fn config_from_hf(json: &Value) -> Result<(HfArch, ModelConfig), String> {
 /// The transformers class that can hold `config` exactly, or why none can.
 pub fn hf_arch_for(config: &ModelConfig) -> Result<HfArch, String> {
     match config {
-        ModelConfig::Decoder(c) => decoder_hf_arch(c),
+        ModelConfig::Llama(c) | ModelConfig::Gpt2(c) | ModelConfig::Mixtral(c) => decoder_hf_arch(c),
         ModelConfig::Mamba(_) => Ok(HfArch::Mamba),
         ModelConfig::Bert(_) => Ok(HfArch::Bert),
         ModelConfig::T5(c) => Ok(HfArch::T5 { n_decoder_layers: c.n_decoder_layers, gated: c.mlp == MlpKind::GatedGelu }),
@@ -273,7 +288,7 @@ pub fn config_to_hf(config: &ModelConfig, bos: u32, eos: u32, pad: u32, dtype: &
         ModelConfig::Mamba(c) => mamba::write(c, bos, eos, dtype),
         ModelConfig::Bert(c) => bert::write(c, eos, dtype),
         ModelConfig::T5(c) => t5::write(c, eos, pad, dtype),
-        ModelConfig::Decoder(c) => match decoder_hf_arch(c)? {
+        ModelConfig::Llama(c) | ModelConfig::Gpt2(c) | ModelConfig::Mixtral(c) => match decoder_hf_arch(c)? {
             HfArch::Llama => llama::write(c, bos, eos, dtype),
             HfArch::Gpt2 => gpt2::write(c, bos, eos, dtype),
             HfArch::Mixtral { n_experts } => llama::write_mixtral(c, n_experts, bos, eos, dtype),
@@ -317,7 +332,7 @@ mod tests {
 
     #[test]
     fn config_round_trips_through_config_json() {
-        let llama = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_n_kv_heads(Some(2)).with_rope_theta(5e5);
+        let llama = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_n_kv_heads(2).with_rope_theta(5e5);
         let gpt2 = DecoderConfig::new(101, 48, 2, 4, 192, 64)
             .with_norm(NormKind::LayerNorm)
             .with_norm_eps(1e-5)
@@ -325,17 +340,17 @@ mod tests {
             .with_mlp(MlpKind::Gelu)
             .with_bias(true)
             .with_tie_embeddings(true);
-        let mamba = MambaConfig::new(89, 32, 2, 2048).with_d_state(8).with_dt_rank(Some(3)).with_expand(3);
+        let mamba = MambaConfig::new(89, 32, 2, 2048).with_d_state(8).with_dt_rank(3).with_expand(3);
         let bert = BertConfig::new(79, 32, 2, 4, 64, 48).with_type_vocab_size(2).with_norm_eps(1e-12);
-        for config in [ModelConfig::Decoder(llama), ModelConfig::Decoder(gpt2), ModelConfig::Mamba(mamba), ModelConfig::Bert(bert)] {
+        for config in [ModelConfig::Llama(llama), ModelConfig::Gpt2(gpt2), ModelConfig::Mamba(mamba), ModelConfig::Bert(bert)] {
             let json = config_to_hf(&config, 1, 2, 2, "float32").unwrap();
             let (_, back) = config_from_hf(&json).unwrap();
             assert_eq!(format!("{back:?}"), format!("{config:?}"));
         }
         let alibi = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_position(PositionKind::Alibi);
-        assert!(config_to_hf(&ModelConfig::Decoder(alibi), 1, 2, 2, "float32").unwrap_err().contains("mixes"));
+        assert!(config_to_hf(&ModelConfig::Llama(alibi), 1, 2, 2, "float32").unwrap_err().contains("mixes"));
         let window = DecoderConfig::new(97, 64, 2, 8, 160, 64).with_sliding_window(8);
-        assert!(config_to_hf(&ModelConfig::Decoder(window), 1, 2, 2, "float32").unwrap_err().contains("sliding"));
+        assert!(config_to_hf(&ModelConfig::Llama(window), 1, 2, 2, "float32").unwrap_err().contains("sliding"));
     }
 
     #[test]

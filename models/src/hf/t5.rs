@@ -83,7 +83,7 @@ pub(super) fn write(c: &T5Config, eos: u32, pad: u32, dtype: &str) -> Value {
         "model_type": "t5",
         "vocab_size": c.vocab_size,
         "d_model": c.d_model,
-        "d_kv": c.d_kv,
+        "d_kv": c.head_dim,
         "d_ff": c.d_ff,
         "num_heads": c.n_heads,
         "num_layers": c.n_layers,

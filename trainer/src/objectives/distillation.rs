@@ -13,14 +13,14 @@ use furnace_configs::Arch;
 use furnace_data::loader::IGNORE;
 use furnace_data::{Batch, TextTokenizer};
 use furnace_models::kernels::FusedOps;
-use furnace_models::LanguageModel;
+use furnace_models::{Init, LanguageModel};
 
 use super::language::{log_validation, report_next_token};
 use super::{Accumulated, Gradients, Objective, Setup};
 use crate::backend::TrainBackend;
 use crate::context::Context;
 use crate::metrics::Sums;
-use crate::model::{load_companion, model_config};
+use crate::model::load_companion;
 use crate::objective::lm_loss_sum;
 
 pub struct Distillation<B: TrainBackend> {
@@ -35,7 +35,7 @@ impl<B: TrainBackend> Distillation<B> {
     pub fn new(setup: &Setup<'_, B>) -> Result<Self> {
         let t = &setup.recipe.training;
         let (teacher, theirs) = load_teacher(Path::new(&t.teacher), setup.tokenizer, setup.recipe.data.packing, setup.device)?;
-        let ours = setup.recipe.model.resolve(Some(setup.tokenizer.vocab_size())).vocab_size;
+        let ours = setup.recipe.model.model(Some(setup.tokenizer.vocab_size())).vocab_size();
         if ours != theirs {
             bail!(
                 "training.teacher = {}: its vocabulary has {theirs} rows and the student's {ours}; set model.vocab_size = {theirs}",
@@ -52,16 +52,16 @@ impl<B: TrainBackend> Distillation<B> {
 fn load_teacher<B: Backend>(path: &Path, tokenizer: &TextTokenizer, packed: bool, device: &B::Device) -> Result<(LanguageModel<B>, usize)> {
     let base = load_companion("training.teacher", path, tokenizer, "distil on the teacher's tokenizer (data.tokenizer)")?;
     let key = format!("training.teacher = {}", path.display());
-    let arch = base.model.arch;
+    let arch = base.model.arch();
     if !matches!(arch, Arch::Llama | Arch::Gpt2 | Arch::Mixtral | Arch::Mamba) {
         bail!("{key}: a teacher predicts the next token (llama, gpt2, mixtral or mamba); this one is {arch}");
     }
     if packed && arch == Arch::Mamba {
         bail!("{key}: packed rows (data.packing) keep their conversations apart by attention masks, which a mamba teacher has not; set data.packing = false");
     }
-    let model = model_config(&base.model).init::<B>(0, device);
+    let model = base.model.init::<B>(0, device);
     let model = furnace_core::params::load_named(model, &base.weights).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-    Ok((model, base.model.vocab_size))
+    Ok((model, base.model.vocab_size()))
 }
 
 /// `T²·Σ KL(softmax(teacher/T) ‖ softmax(student/T))` over the positions with a target (the

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use furnace_core::rng::Stream;
 use furnace_data::Batch;
 use furnace_models::blocks::with_autocast;
-use furnace_models::LanguageModel;
+use furnace_models::{LanguageModel, MoeConfig};
 
 use super::{Accumulated, Gradients, Objective, Setup};
 use crate::backend::TrainBackend;
@@ -25,6 +25,8 @@ use crate::tasks::exact_match_and_sample;
 pub struct LanguageModelling {
     /// BERT's masked LM, T5's span corruption: how each text batch is noised.
     denoising: Option<Denoising>,
+    /// Mixture of experts: the router losses' weights (a model without experts routes nothing).
+    experts: MoeConfig,
     /// Mixture of experts: router metrics summed since the last log line.
     router_window: Sums,
 }
@@ -32,7 +34,8 @@ pub struct LanguageModelling {
 impl LanguageModelling {
     pub fn new<B: TrainBackend>(setup: &Setup<'_, B>) -> Result<Self> {
         let denoising = Denoising::for_recipe(setup.recipe, setup.tokenizer, !setup.recipe.trains_on_pairs())?;
-        Ok(Self { denoising, router_window: Sums::default() })
+        let experts = setup.recipe.model.config().as_decoder().and_then(|c| c.moe.clone()).unwrap_or_default();
+        Ok(Self { denoising, experts, router_window: Sums::default() })
     }
 }
 
@@ -92,7 +95,7 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
                     (loss / scale, grads)
                 }
                 Some(every) => {
-                    let (model_section, router_window) = (&cx.recipe.model, &mut self.router_window);
+                    let (experts, router_window) = (&self.experts, &mut self.router_window);
                     let reduction = match sharded {
                         Some(parallel) => Some(parallel.start_reduction(None)),
                         None if overlap && micro + 1 == n_batches => {
@@ -110,7 +113,7 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
                         reduction,
                         |logits| lm_loss_sum(logits, targets()) * (scale / counted),
                         |routing| {
-                            let (losses, weights) = router_losses(routing, model_section, router_window);
+                            let (losses, weights) = router_losses(routing, experts, router_window);
                             let share = scale / t.grad_accum_steps as f64;
                             (losses * share, weights.scaled(share))
                         },
@@ -123,7 +126,7 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
                     let loss = lm_loss_sum(logits, targets()) / counted;
                     backward(match routing {
                         Some(routing) => {
-                            let (router, _) = router_losses(&routing, &cx.recipe.model, &mut self.router_window);
+                            let (router, _) = router_losses(&routing, &self.experts, &mut self.router_window);
                             loss + router / t.grad_accum_steps as f64
                         }
                         None => loss,

@@ -72,6 +72,16 @@ peak_tflops = 1.0
 max_new_tokens = 8
 "#;
 
+/// TINY for `arch`: its `[model]` names the arch and keeps only keys the arch has (grouped-query
+/// attention is the decoders').
+pub fn tiny_for(arch: &str) -> String {
+    let tiny = TINY.replace("[model]\n", &format!("[model]\narch = \"{arch}\"\n"));
+    match arch {
+        "llama" | "gpt2" | "mixtral" => tiny,
+        _ => tiny.replace("n_kv_heads = 2\n", ""),
+    }
+}
+
 /// A temporary folder holding the TINY recipe and a run folder for it.
 pub struct TinyRun {
     pub dir: tempfile::TempDir,
@@ -81,8 +91,13 @@ pub struct TinyRun {
 
 impl TinyRun {
     pub fn new() -> Self {
+        Self::for_arch("llama")
+    }
+
+    /// The TINY recipe of `arch` (see `tiny_for`).
+    pub fn for_arch(arch: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let recipe = write_recipe(dir.path(), TINY);
+        let recipe = write_recipe(dir.path(), &tiny_for(arch));
         let run = dir.path().join("run");
         Self { dir, recipe, run }
     }
@@ -111,6 +126,7 @@ impl TinyRun {
 }
 
 pub fn write_recipe(dir: &Path, body: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("recipe.toml");
     std::fs::write(&path, body).unwrap();
     path
@@ -143,13 +159,11 @@ peak_tflops = 1.0
 max_new_tokens = 2
 "#;
 
-/// Each architecture's own settings over TINY_ARCH (BERT's and T5's layouts are fixed).
+/// Each architecture's own settings over TINY_ARCH.
 pub fn arch_settings(arch: &str) -> Vec<String> {
     let mut settings = vec![format!("model.arch={arch}")];
-    match arch {
-        "bert" => settings.push("model.n_kv_heads=4".into()),
-        "t5" => settings.extend(["model.n_kv_heads=4".into(), "model.n_decoder_layers=2".into()]),
-        _ => {}
+    if arch == "t5" {
+        settings.push("model.n_decoder_layers=2".into());
     }
     settings
 }
