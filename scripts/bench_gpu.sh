@@ -8,16 +8,25 @@
 #
 #   cargo build --release -p furnace-trainer --features wgpu
 #   scripts/bench_gpu.sh                     # BIN=path/to/furnace, STEPS=8, REPS=2
+#   ONLY=qlora scripts/bench_gpu.sh          # the rows whose name holds ONLY
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-${CARGO_TARGET_DIR:-target}/release/furnace}"
 STEPS="${STEPS:-8}"
 REPS="${REPS:-2}"
+ONLY="${ONLY:-}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 [[ -x "$BIN" ]] || { echo "bench_gpu: $BIN is missing: cargo build --release -p furnace-trainer --features wgpu" >&2; exit 2; }
 
 source scripts/lib/train_shapes.sh
+
+# QLoRA's base: the 124M-shaped model below after one step on flex (only its weights matter).
+SHAPE_124M="--set model.n_layers=2 --set model.vocab_size=16384 --set training.seq_len=256 --set training.local_batch_size=2 --set data.num_examples=3000 --set data.tokenizer_vocab_size=2048"
+# shellcheck disable=SC2086
+"$BIN" train --config recipes/gpt2-124m.toml --max-steps 1 $SHAPE_124M --set run.output_dir="$WORK/base" \
+  --set training.save_every=1 --set training.eval_every=0 --set logging.progress=false >"$WORK/base.log" 2>&1 \
+  || { cat "$WORK/base.log"; exit 1; }
 
 # Steps after the first three (which compile the kernels), median tokens/s.
 median_tokens_per_sec() {
@@ -30,11 +39,13 @@ PY
 
 # name recipe overrides…: the quickstart as it is; GPT-2 124M's blocks (d_model 768, 12 heads)
 # with 2 layers and a 16384-token vocabulary (50257 × 768 floats exceed lavapipe's 128 MiB
-# buffers), batch 2 × 256; a Mamba (4 layers, d_model 256) on the quickstart's data.
+# buffers), batch 2 × 256; a Mamba (4 layers, d_model 256) on the quickstart's data; QLoRA
+# (NF4 base, r = 16 on every linear layer) over the 124M-shaped base, batch 8 × 64.
 RUNS=(
   "quickstart recipes/quickstart.toml"
-  "124M-shaped-L2-T256-B2-V16384 recipes/gpt2-124m.toml --set model.n_layers=2 --set model.vocab_size=16384 --set training.seq_len=256 --set training.local_batch_size=2 --set data.num_examples=3000 --set data.tokenizer_vocab_size=2048"
+  "124M-shaped-L2-T256-B2-V16384 recipes/gpt2-124m.toml $SHAPE_124M"
   "mamba-L4-d256-T64-B32 recipes/quickstart.toml --set model.arch=mamba --set model.d_model=256"
+  "qlora-124M-shaped-L2-T64-B8 recipes/qlora.toml --set model.init_from=$WORK/base --set training.local_batch_size=8"
 )
 
 train_on_wgpu() {
@@ -50,6 +61,7 @@ echo "bench_gpu: $("$BIN" --version 2>/dev/null || echo furnace) on $(vulkaninfo
 printf "%-34s %14s %14s %8s\n" "training (wgpu)" "reference tok/s" "fused tok/s" "fused/ref"
 for entry in "${RUNS[@]}"; do
   read -r name recipe overrides <<<"$entry"
+  [[ "$name" == *"$ONLY"* ]] || continue
   runs=("" "")
   for rep in $(seq "$REPS"); do
     for i in 0 1; do

@@ -127,8 +127,8 @@ impl<B: TrainBackend> Trainer<B> {
                 nf4 as f64 / bf16 as f64
             );
         }
-        // The objective is set up from the starting model (the reference of DPO, GRPO and
-        // PPO), before a resumed run loads its later weights.
+        // The objective is set up from the starting model (the frozen reference of the
+        // preference and rollout objectives), before a resumed run loads its later weights.
         let objective = objectives::build(Setup {
             recipe: &recipe,
             tokenizer: &tokenizer,

@@ -503,6 +503,14 @@ fn check_kernels<G: FusedOps + furnace_optim::FusedUpdate>() {
     same("swiglu backward (gate)", want_gate, got_gate, 1e-5);
     same("swiglu backward (up)", want_up, got_up, 1e-5);
 
+    // QLoRA's NF4 weight [192, 96] (288 blocks of 64, more than one absmax block of 256),
+    // times inputs on both sides: x·W forward, dy·Wᵀ in backward.
+    let values: Vec<f32> = host::<G>(random(&[192 * 96])).data.iter().map(|v| v * 3.0).collect();
+    let nf4 = std::sync::Arc::new(furnace_models::nf4::Nf4Matrix::quantize(&values, [192, 96]));
+    let (x, dy) = (random(&[7, 192]), random(&[7, 96]));
+    same("nf4_matmul", reference::nf4_matmul::<G>(x.clone(), &nf4, false), G::nf4_matmul(x, &nf4, false), 1e-5);
+    same("nf4_matmul transposed", reference::nf4_matmul::<G>(dy.clone(), &nf4, true), G::nf4_matmul(dy, &nf4, true), 1e-5);
+
     // RoPE over [batch 2, seq 6, heads 3, head_dim 8], angles shared by the batch.
     let (q, cos, sin, grad_q) = (random(&[2, 6, 3, 8]), random(&[1, 6, 1, 8]), random(&[1, 6, 1, 8]), random(&[2, 6, 3, 8]));
     same("rope", reference::rope::<G>(q.clone(), cos.clone(), sin.clone()), G::rope(q.clone(), cos.clone(), sin.clone()), 1e-5);

@@ -5,18 +5,20 @@
 //! each is tested against the composition in [`super::reference`] on the same device
 //! (`trainer/tests/gpu_parity.rs`, on lavapipe in CI). `FURNACE_KERNELS=reference` turns them
 //! off for the process, so that `scripts/bench_gpu.sh` can measure what they save. Mamba's
-//! convolution and the paged cache take the reference path on these backends.
+//! convolution and the paged cache take the reference path on these backends; QLoRA's NF4
+//! weights are dequantized on the device (`nf4.rs`).
 
 mod attention;
 mod cross_entropy;
 mod elementwise;
+mod nf4;
 mod norm;
 mod scan;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
-use burn::tensor::TensorMetadata;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor, IntTensorOps};
+use burn::tensor::{DType, TensorData, TensorMetadata};
 use burn_cubecl::cubecl::server::ComputeServer;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
@@ -25,6 +27,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 
 use super::{reference, AttentionSaved, FusedOps, Scan, ScanPrimitives};
 use crate::blocks::NormKind;
+use crate::nf4::Nf4Matrix;
 
 /// Whether the fused kernels run (the default) or the reference compositions
 /// (`FURNACE_KERNELS=reference`), read once per process.
@@ -184,6 +187,19 @@ where
             c: summed(g.c, 2, vec![batch, seq, state]),
             d: summed(g.d, 0, vec![channels]),
         }
+    }
+
+    fn nf4_matmul(x: FloatTensor<Self>, weight: &Arc<Nf4Matrix>, transpose: bool) -> FloatTensor<Self> {
+        if !fused() {
+            return reference::nf4_matmul::<Self>(x, weight, transpose);
+        }
+        let device = x.device.clone();
+        let upload = |data: TensorData| match data.dtype {
+            DType::U32 => Self::int_from_data(data, &device),
+            _ => Self::float_from_data(data, &device),
+        };
+        let dense = nf4::dequantize(weight, &x, upload);
+        Self::float_matmul(x, if transpose { Self::float_transpose(dense) } else { dense })
     }
 }
 
