@@ -108,7 +108,7 @@ impl Recipe {
     /// An encoder-decoder trained on (input, target) pairs (seq2seq files or generated
     /// arithmetic); on other data (text) it trains by span corruption.
     pub fn trains_on_pairs(&self) -> bool {
-        self.model.arch == Arch::T5
+        self.model.arch() == Arch::T5
             && matches!(self.data.source, DataSource::Seq2seq | DataSource::Arithmetic | DataSource::ArithmeticWords)
     }
 

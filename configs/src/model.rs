@@ -11,8 +11,8 @@ use furnace_core::schema::OptionDoc;
 /// The model a recipe describes: the keys it gave, and the configuration they make.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSection {
-    pub arch: Arch,
-    pub flavor: Flavor,
+    arch: Arch,
+    flavor: Flavor,
     /// Start from these weights instead of a random init (see `options`).
     pub init_from: String,
     /// The architecture's keys as the recipe gave them (what the recipe writes back).
@@ -51,6 +51,10 @@ impl ModelSection {
             given.remove("vocab_size");
         }
         Self::new(config.arch(), Flavor::Tiny, given, init_from.to_string())
+    }
+
+    pub fn arch(&self) -> Arch {
+        self.arch
     }
 
     /// The model's configuration; its vocabulary is 0 while it follows the tokenizer.

@@ -47,7 +47,7 @@ fn overrides_apply_and_are_validated() {
     assert!(r.message.contains("lr_typo") && r.fix.contains("steps"), "{r}");
     let r = Recipe::from_toml("", "t.toml", &["optimizer.lr=1e-2".into(), "model.arch=gpt2".into()]).unwrap();
     assert_eq!(r.optimizer.lr, 1e-2);
-    assert_eq!(r.model.arch, Arch::Gpt2);
+    assert_eq!(r.model.arch(), Arch::Gpt2);
     let r = Recipe::from_toml("", "t.toml", &["training.steps=abc".into()]).unwrap_err();
     assert_eq!(r.key, "training.steps");
     let r = Recipe::from_toml("", "t.toml", &["optimizer.lr=0".into()]).unwrap_err();

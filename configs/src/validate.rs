@@ -99,7 +99,7 @@ fn bounded(c: &Check<'_>) -> Result<(), RecipeError> {
 /// The model's keys (each architecture's checks, `ModelConfig::check`) and what its data needs.
 fn model(c: &Check<'_>) -> Result<(), RecipeError> {
     let recipe = c.recipe;
-    let arch = recipe.model.arch;
+    let arch = recipe.model.arch();
     if let Some(problem) = recipe.model.problem() {
         return c.fail("model", &problem.key, problem.message.clone(), problem.fix.clone());
     }

@@ -567,7 +567,7 @@ fn inputs_stamp<'a>(docs: impl Iterator<Item = &'a Documents>) -> String {
 
 /// The special tokens the recipe's model needs from a tokenizer trained for it.
 pub fn extra_tokens(recipe: &Recipe) -> ExtraTokens {
-    match recipe.model.arch {
+    match recipe.model.arch() {
         Arch::Bert => ExtraTokens::Mask,
         Arch::T5 => ExtraTokens::Sentinels,
         _ => ExtraTokens::None,

@@ -62,7 +62,7 @@ pub fn recipe_check(args: RecipeArgs) -> Result<()> {
     println!(
         "ok: {} — {} {}, ~{:.2}M parameters{memory}; {} steps of {} tokens; output {}",
         args.config.display(),
-        recipe.model.arch,
+        recipe.model.arch(),
         model.summary(),
         model.num_params() as f64 / 1e6,
         recipe.training.steps,

@@ -158,14 +158,14 @@ impl<B: TrainBackend> Context<B> {
                 let turn = [Message::new("user", text)];
                 self.tokenizer.encode(&template.render(&turn, &[], true).map_err(anyhow::Error::msg)?)
             }
-            None => encode_prompt(&self.tokenizer, text, self.recipe.model.arch == Arch::T5),
+            None => encode_prompt(&self.tokenizer, text, self.recipe.model.arch() == Arch::T5),
         })
     }
 
     /// Whether the model's reply prints apart from the question (" → "): under a chat template
     /// and for an encoder-decoder, whose reply does not continue the prompt's text.
     pub fn reply_apart(&self) -> bool {
-        self.chat_template.is_some() || self.recipe.model.arch == Arch::T5
+        self.chat_template.is_some() || self.recipe.model.arch() == Arch::T5
     }
 
     /// The report's last line: where the newest checkpoint is.

@@ -249,8 +249,8 @@ pub fn with_base(mut recipe: Recipe, base: &Base) -> Result<Recipe> {
 /// Why a `[model]` section that came from `init_from` is what it is, for messages.
 pub fn describe(section: &ModelSection) -> String {
     if section.init_from.is_empty() {
-        format!("{}", section.arch)
+        format!("{}", section.arch())
     } else {
-        format!("{} from {}", section.arch, section.init_from)
+        format!("{} from {}", section.arch(), section.init_from)
     }
 }

@@ -37,10 +37,10 @@ impl Denoising {
             anyhow::anyhow!(
                 "recipe key data.tokenizer = {}: this tokenizer has no {what}, which model.arch = \"{}\" needs; leave data.tokenizer empty to train one with it, or build one with `furnace data tokenizer {flag}`",
                 recipe.data.tokenizer,
-                recipe.model.arch
+                recipe.model.arch()
             )
         };
-        Ok(match recipe.model.arch {
+        Ok(match recipe.model.arch() {
             Arch::Bert => {
                 let mask = tokenizer.mask().ok_or_else(|| needs("[MASK] token", "--masked-lm"))?;
                 Some(Self::MaskedLm(Masking {

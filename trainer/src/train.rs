@@ -323,7 +323,7 @@ impl<B: TrainBackend> Trainer<B> {
         let tokens_per_step = cx.recipe.tokens_per_step() * cx.parallel.world.size;
         cx.metrics.println(format!(
             "model: {} {}, {:.2}M parameters | {} tokens/step | peak {:.1} GFLOP/s for MFU",
-            cx.recipe.model.arch,
+            cx.recipe.model.arch(),
             cx.model_config.summary(),
             cx.model_config.num_params() as f64 / 1e6,
             tokens_per_step,

@@ -511,6 +511,20 @@ fn check_kernels<G: FusedOps + furnace_optim::FusedUpdate>() {
     same("nf4_matmul", reference::nf4_matmul::<G>(x.clone(), &nf4, false), G::nf4_matmul(x, &nf4, false), 1e-5);
     same("nf4_matmul transposed", reference::nf4_matmul::<G>(dy.clone(), &nf4, true), G::nf4_matmul(dy, &nf4, true), 1e-5);
 
+    // Mamba's causal convolution and SiLU over [batch 2, seq 37, channels 70], filters of 4.
+    let (x, weight, bias, grad) = (random(&[2, 37, 70]), random(&[70, 4]), random(&[70]), random(&[2, 37, 70]));
+    same(
+        "causal_conv_silu",
+        reference::causal_conv_silu::<G>(x.clone(), weight.clone(), bias.clone()),
+        G::causal_conv_silu(x.clone(), weight.clone(), bias.clone()),
+        1e-5,
+    );
+    let want = reference::causal_conv_silu_backward::<G>(x.clone(), weight.clone(), bias.clone(), grad.clone());
+    let got = G::causal_conv_silu_backward(x, weight, bias, grad);
+    same("causal_conv_silu backward (x)", want.0, got.0, 1e-5);
+    same("causal_conv_silu backward (weight)", want.1, got.1, 1e-4);
+    same("causal_conv_silu backward (bias)", want.2, got.2, 1e-4);
+
     // RoPE over [batch 2, seq 6, heads 3, head_dim 8], angles shared by the batch.
     let (q, cos, sin, grad_q) = (random(&[2, 6, 3, 8]), random(&[1, 6, 1, 8]), random(&[1, 6, 1, 8]), random(&[2, 6, 3, 8]));
     same("rope", reference::rope::<G>(q.clone(), cos.clone(), sin.clone()), G::rope(q.clone(), cos.clone(), sin.clone()), 1e-5);

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{bounded, default_d_ff, parse, positive, probability_and_positive, Arch, KeyError, Preset};
+use super::{bounded, default_d_ff, fill_from_preset, parse, positive, probability_and_positive, Arch, KeyError, Preset};
 use crate::blocks::MlpKind;
 use crate::section;
 
@@ -36,17 +36,16 @@ section! {
 pub(super) fn from_keys(p: &Preset, keys: &Map<String, Value>) -> Result<BertConfig, KeyError> {
     let mut c: BertConfig = parse(Arch::Bert, keys)?;
     let given = |key: &str| keys.contains_key(key);
-    for (key, field, value) in [
-        ("vocab_size", &mut c.vocab_size, p.vocab_size),
-        ("d_model", &mut c.d_model, p.d_model),
-        ("n_layers", &mut c.n_layers, p.n_layers),
-        ("n_heads", &mut c.n_heads, p.n_heads),
-        ("max_seq_len", &mut c.max_seq_len, p.max_seq_len),
-    ] {
-        if !given(key) {
-            *field = value;
-        }
-    }
+    fill_from_preset(
+        keys,
+        &mut [
+            ("vocab_size", &mut c.vocab_size, p.vocab_size),
+            ("d_model", &mut c.d_model, p.d_model),
+            ("n_layers", &mut c.n_layers, p.n_layers),
+            ("n_heads", &mut c.n_heads, p.n_heads),
+            ("max_seq_len", &mut c.max_seq_len, p.max_seq_len),
+        ],
+    );
     if !given("d_ff") {
         c.d_ff = default_d_ff(MlpKind::GeluExact, c.d_model);
     }

@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{bounded, default_d_ff, parse, positive, probability_and_positive, Arch, KeyError, ModelConfig, Preset};
+use super::{bounded, default_d_ff, fill_from_preset, parse, positive, probability_and_positive, Arch, KeyError, ModelConfig, Preset};
 use crate::blocks::{MlpKind, NormKind, PositionKind};
 use crate::schema::Section;
 use crate::section;
@@ -85,17 +85,16 @@ pub(super) fn from_keys(arch: Arch, p: &Preset, keys: &Map<String, Value>) -> Re
         keys.clone().into_iter().partition(|(k, _)| arch == Arch::Mixtral && moe_keys.contains(&k.as_str()));
     let mut c: DecoderConfig = parse(arch, &own)?;
     let given = |key: &str| keys.contains_key(key);
-    for (key, field, value) in [
-        ("vocab_size", &mut c.vocab_size, p.vocab_size),
-        ("d_model", &mut c.d_model, p.d_model),
-        ("n_layers", &mut c.n_layers, p.n_layers),
-        ("n_heads", &mut c.n_heads, p.n_heads),
-        ("max_seq_len", &mut c.max_seq_len, p.max_seq_len),
-    ] {
-        if !given(key) {
-            *field = value;
-        }
-    }
+    fill_from_preset(
+        keys,
+        &mut [
+            ("vocab_size", &mut c.vocab_size, p.vocab_size),
+            ("d_model", &mut c.d_model, p.d_model),
+            ("n_layers", &mut c.n_layers, p.n_layers),
+            ("n_heads", &mut c.n_heads, p.n_heads),
+            ("max_seq_len", &mut c.max_seq_len, p.max_seq_len),
+        ],
+    );
     if arch == Arch::Gpt2 {
         if !given("norm") {
             c.norm = NormKind::LayerNorm;

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{bounded, parse, positive, probability_and_positive, Arch, KeyError, Preset};
+use super::{bounded, fill_from_preset, parse, positive, probability_and_positive, Arch, KeyError, Preset};
 use crate::section;
 
 section! {
@@ -39,16 +39,15 @@ section! {
 pub(super) fn from_keys(p: &Preset, keys: &Map<String, Value>) -> Result<MambaConfig, KeyError> {
     let mut c: MambaConfig = parse(Arch::Mamba, keys)?;
     let given = |key: &str| keys.contains_key(key);
-    for (key, field, value) in [
-        ("vocab_size", &mut c.vocab_size, p.vocab_size),
-        ("d_model", &mut c.d_model, p.d_model),
-        ("n_layers", &mut c.n_layers, p.n_layers),
-        ("max_seq_len", &mut c.max_seq_len, p.max_seq_len),
-    ] {
-        if !given(key) {
-            *field = value;
-        }
-    }
+    fill_from_preset(
+        keys,
+        &mut [
+            ("vocab_size", &mut c.vocab_size, p.vocab_size),
+            ("d_model", &mut c.d_model, p.d_model),
+            ("n_layers", &mut c.n_layers, p.n_layers),
+            ("max_seq_len", &mut c.max_seq_len, p.max_seq_len),
+        ],
+    );
     if !given("dt_rank") {
         c.dt_rank = c.d_model.div_ceil(16);
     }

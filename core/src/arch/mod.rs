@@ -363,6 +363,15 @@ fn parse<C: Section + serde::de::DeserializeOwned>(arch: Arch, keys: &Map<String
     })
 }
 
+/// Each `(key, field, preset value)` the recipe left unset takes the flavor's value.
+fn fill_from_preset(keys: &Map<String, Value>, fields: &mut [(&str, &mut usize, usize)]) {
+    for (key, field, value) in fields.iter_mut() {
+        if !keys.contains_key(*key) {
+            **field = *value;
+        }
+    }
+}
+
 /// Positive dimensions, the first zero named.
 fn positive(dims: &[(&str, usize)]) -> Result<(), KeyError> {
     match dims.iter().find(|(_, value)| *value == 0) {

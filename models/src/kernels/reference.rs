@@ -227,7 +227,7 @@ pub fn causal_conv<B: Backend>(padded: Tensor<B, 3>, weight: Tensor<B, 2>, bias:
 }
 
 /// `x` after `width − 1` zero positions.
-fn zero_history<B: Backend>(x: Tensor<B, 3>, width: usize) -> Tensor<B, 3> {
+pub(crate) fn zero_history<B: Backend>(x: Tensor<B, 3>, width: usize) -> Tensor<B, 3> {
     let [batch, _, channels] = x.dims();
     Tensor::cat(vec![Tensor::zeros([batch, width - 1, channels], &x.device()), x], 1)
 }

@@ -4,11 +4,12 @@
 //! Every kernel computes in f32 whatever the tensors store (f32, or f16 under fp16-mixed), and
 //! each is tested against the composition in [`super::reference`] on the same device
 //! (`trainer/tests/gpu_parity.rs`, on lavapipe in CI). `FURNACE_KERNELS=reference` turns them
-//! off for the process, so that `scripts/bench_gpu.sh` can measure what they save. Mamba's
-//! convolution and the paged cache take the reference path on these backends; QLoRA's NF4
-//! weights are dequantized on the device (`nf4.rs`).
+//! off for the process, so that `scripts/bench_gpu.sh` can measure what they save. The paged
+//! cache takes the reference path on these backends; QLoRA's NF4 weights are dequantized on
+//! the device (`nf4.rs`).
 
 mod attention;
+mod conv;
 mod cross_entropy;
 mod elementwise;
 mod nf4;
@@ -189,6 +190,35 @@ where
         }
     }
 
+    fn causal_conv_silu(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !conv_fits(&x, &weight, &bias) {
+            return reference::causal_conv_silu::<Self>(x, weight, bias);
+        }
+        conv::forward(into_contiguous(x), into_contiguous(weight), into_contiguous(bias))
+    }
+
+    fn causal_conv_silu_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if !conv_fits(&x, &weight, &bias) || grad.dtype != x.dtype {
+            return reference::causal_conv_silu_backward::<Self>(x, weight, bias, grad);
+        }
+        let [channels, width] = weight.shape().dims();
+        let x = into_contiguous(x);
+        let (grad_pre, grad_x) = conv::backward(x.clone(), into_contiguous(weight), into_contiguous(bias), into_contiguous(grad));
+        // The weight's and bias's gradients sum over the batch and time: Burn's reductions.
+        let (grad_pre, x) = (super::tensor::<Self, 3>(grad_pre), super::tensor::<Self, 3>(x));
+        let seq = x.dims()[1];
+        let padded = reference::zero_history(x, width);
+        let summed = |t: burn::tensor::Tensor<Self, 3>| t.sum_dim(1).sum_dim(0).reshape([channels, 1]);
+        let grad_weight = (0..width).map(|tap| summed(grad_pre.clone() * padded.clone().narrow(1, tap, seq))).collect();
+        let grad_bias = summed(grad_pre).reshape([channels]);
+        (grad_x, super::primitive(burn::tensor::Tensor::cat(grad_weight, 1)), super::primitive(grad_bias))
+    }
+
     fn nf4_matmul(x: FloatTensor<Self>, weight: &Arc<Nf4Matrix>, transpose: bool) -> FloatTensor<Self> {
         if !fused() {
             return reference::nf4_matmul::<Self>(x, weight, transpose);
@@ -201,6 +231,12 @@ where
         let dense = nf4::dequantize(weight, &x, upload);
         Self::float_matmul(x, if transpose { Self::float_transpose(dense) } else { dense })
     }
+}
+
+/// Whether the convolution kernels take these tensors: one dtype, a filter of at most
+/// `conv::MAX_WIDTH` taps.
+fn conv_fits<R: CubeRuntime>(x: &CubeTensor<R>, weight: &CubeTensor<R>, bias: &CubeTensor<R>) -> bool {
+    fused() && weight.dtype == x.dtype && bias.dtype == x.dtype && weight.shape()[1] <= conv::MAX_WIDTH
 }
 
 /// The scan's inputs for the kernels, contiguous; or back as they came where the reference
