@@ -4,6 +4,10 @@
 //! (SFT: one conversation per row, padded, targets only where the loss counts) or
 //! encoder-decoder pairs (the encoder's input rows beside the decoder's).
 
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{LabeledPair, LabeledTokens};
@@ -105,7 +109,8 @@ enum Items {
 }
 
 pub struct Loader {
-    items: Items,
+    /// Shared with the thread that assembles the next batch ahead of its use.
+    items: Arc<Items>,
     seq_len: usize,
     batch: usize,
     seed: u64,
@@ -113,12 +118,50 @@ pub struct Loader {
     world: usize,
     shuffle: bool,
     cursor: Cursor,
-    order: Vec<usize>,
+    order: Arc<[usize]>,
     /// Examples packed several to a row (see [`Loader::with_packing`]).
     pack: bool,
-    waited: std::time::Duration,
+    waited: Duration,
     /// Windows drawn from each mixture source since [`Loader::take_source_draws`].
     source_draws: Vec<u64>,
+    /// The thread assembling the next batch while the step computes (started by the first
+    /// [`Loader::next_batch`]).
+    worker: Option<Worker>,
+}
+
+/// A thread that assembles batches ahead, as a PyTorch DataLoader's persistent worker: it is
+/// sent a copy of the loader and sends it back advanced past one batch, with the batch. It ends
+/// when its loader is dropped.
+struct Worker {
+    jobs: Sender<Loader>,
+    done: Receiver<(Batch, Loader)>,
+    /// The cursor the batch in progress starts at.
+    busy_from: Option<Cursor>,
+}
+
+impl Worker {
+    fn start() -> Option<Self> {
+        let (jobs, inbox) = channel::<Loader>();
+        let (outbox, done) = channel();
+        let assemble = move || {
+            while let Ok(mut loader) = inbox.recv() {
+                let batch = loader.assemble_next();
+                if outbox.send((batch, loader)).is_err() {
+                    break;
+                }
+            }
+        };
+        std::thread::Builder::new().name("furnace-loader".into()).spawn(assemble).ok()?;
+        Some(Self { jobs, done, busy_from: None })
+    }
+
+    /// The batch in progress, where it started and the loader advanced past it; None when
+    /// there is none or the thread has ended (a panic there: assembling in line repeats it).
+    fn finish(&mut self) -> Option<(Cursor, Batch, Loader)> {
+        let from = self.busy_from.take()?;
+        let (batch, advanced) = self.done.recv().ok()?;
+        Some((from, batch, advanced))
+    }
 }
 
 impl Loader {
@@ -159,7 +202,7 @@ impl Loader {
 
     /// Windows drawn from each mixture source since the last call, by name (none for other data).
     pub fn take_source_draws(&mut self) -> Vec<(String, u64)> {
-        let Items::Mixture(mixture) = &self.items else { return Vec::new() };
+        let Items::Mixture(mixture) = &*self.items else { return Vec::new() };
         let mut draws = std::mem::take(&mut self.source_draws);
         draws.resize(mixture.streams.len(), 0);
         mixture.streams.iter().map(|s| s.name.clone()).zip(draws).collect()
@@ -167,7 +210,7 @@ impl Loader {
 
     /// A mixture's items for `epoch`, before the split across ranks (see [`Loader::mixture`]).
     fn mixture_order(&self, epoch: u64) -> Vec<usize> {
-        let Items::Mixture(Mixture { streams, windows, starts }) = &self.items else { unreachable!("called for a mixture") };
+        let Items::Mixture(Mixture { streams, windows, starts }) = &*self.items else { unreachable!("called for a mixture") };
         let total: usize = windows.iter().sum();
         let caps: Vec<usize> =
             streams.iter().zip(windows.iter()).map(|(s, &n)| if s.epochs == 0 { usize::MAX } else { s.epochs * n }).collect();
@@ -272,7 +315,7 @@ impl Loader {
 
     fn with_items(items: Items, seq_len: usize, batch: usize, seed: u64, rank: usize, world: usize, shuffle: bool) -> Self {
         let mut loader = Self {
-            items,
+            items: Arc::new(items),
             seq_len,
             batch,
             seed,
@@ -280,10 +323,11 @@ impl Loader {
             world,
             shuffle,
             cursor: Cursor::default(),
-            order: Vec::new(),
+            order: Arc::new([]),
             pack: false,
-            waited: Default::default(),
+            waited: Duration::ZERO,
             source_draws: Vec::new(),
+            worker: None,
         };
         loader.order = loader.epoch_order(0);
         loader
@@ -291,7 +335,7 @@ impl Loader {
 
     /// Items in the whole dataset: windows, examples or pairs.
     pub fn items(&self) -> usize {
-        match &self.items {
+        match &*self.items {
             Items::Windows(shard) => shard.len().saturating_sub(1) / self.seq_len,
             Items::Mixture(mixture) => mixture.windows.iter().sum(),
             Items::Examples(examples, _) => examples.len(),
@@ -301,12 +345,12 @@ impl Loader {
     }
 
     /// This rank's windows for `epoch`, shuffled by Fisher-Yates from (seed, epoch).
-    fn epoch_order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = match self.items {
+    fn epoch_order(&self, epoch: u64) -> Arc<[usize]> {
+        let mut order: Vec<usize> = match *self.items {
             Items::Mixture(_) => self.mixture_order(epoch),
             _ => (0..self.items()).collect(),
         };
-        if self.shuffle && !matches!(self.items, Items::Mixture(_)) {
+        if self.shuffle && !matches!(*self.items, Items::Mixture(_)) {
             let mut rng = SeededRng::new(derive_seed(self.seed, Stream::Shuffle, epoch));
             for i in (1..order.len()).rev() {
                 order.swap(i, rng.below(i + 1));
@@ -323,7 +367,7 @@ impl Loader {
     /// each token's position in its example so the model resets attention and positions at each
     /// start. The cursor counts examples, so resume stays exact.
     pub fn with_packing(mut self, pack: bool) -> Self {
-        self.pack = pack && matches!(self.items, Items::Examples(..));
+        self.pack = pack && matches!(*self.items, Items::Examples(..));
         self
     }
 
@@ -338,33 +382,62 @@ impl Loader {
         self.cursor = cursor;
     }
 
-    /// The next batch; the time taken to assemble it is added to [`Loader::take_wait`].
+    /// The next batch. It was assembled on a thread while the last step computed (as a PyTorch
+    /// DataLoader's worker prepares batches ahead), reading its windows from the shards, so a
+    /// cold shard or a new epoch's order does not stall the step; the time this call takes is
+    /// added to [`Loader::take_wait`]. The batches and the cursor are those of assembling each
+    /// batch when asked: a copy of the loader assembles it from the same cursor.
     pub fn next_batch(&mut self) -> Batch {
-        let started = std::time::Instant::now();
-        let batch = self.assemble_next();
-        self.prefetch_next();
+        let started = Instant::now();
+        let batch = match self.worker.as_mut().and_then(Worker::finish) {
+            Some((from, batch, advanced)) if from == self.cursor => {
+                self.advance_to(advanced);
+                batch
+            }
+            // None ahead, or one from a cursor since moved.
+            _ => self.assemble_next(),
+        };
+        self.assemble_ahead();
         self.waited += started.elapsed();
         batch
     }
 
-    /// Have the kernel read the next batch's windows while this step computes (as a PyTorch
-    /// DataLoader's workers prefetch), so a shard not yet in memory does not stall the step.
-    fn prefetch_next(&self) {
-        let (at, seq_len) = (self.cursor.position, self.seq_len);
-        for &item in self.order.iter().skip(at).take(self.batch) {
-            match &self.items {
-                Items::Windows(tokens) => tokens.will_need(item * seq_len, seq_len + 1),
-                Items::Mixture(mixture) => {
-                    let k = mixture.stream_of(item);
-                    mixture.streams[k].tokens.will_need((item - mixture.starts[k]) * seq_len, seq_len + 1);
-                }
-                _ => {}
-            }
+    /// Have the worker assemble the batch after the cursor; where no thread runs, the next call
+    /// assembles it in line.
+    fn assemble_ahead(&mut self) {
+        if self.worker.is_none() {
+            self.worker = Worker::start();
+        }
+        let copy = Self {
+            items: self.items.clone(),
+            order: self.order.clone(),
+            source_draws: Vec::new(),
+            waited: Duration::ZERO,
+            worker: None,
+            ..*self
+        };
+        let Some(worker) = &mut self.worker else { return };
+        match worker.jobs.send(copy) {
+            Ok(()) => worker.busy_from = Some(self.cursor),
+            Err(_) => self.worker = None,
+        }
+    }
+
+    /// Take the cursor (and epoch order) of a copy that assembled the batch ahead, and count
+    /// the windows it drew.
+    fn advance_to(&mut self, advanced: Loader) {
+        self.cursor = advanced.cursor;
+        self.order = advanced.order;
+        if self.source_draws.len() < advanced.source_draws.len() {
+            self.source_draws.resize(advanced.source_draws.len(), 0);
+        }
+        for (total, drawn) in self.source_draws.iter_mut().zip(advanced.source_draws) {
+            *total += drawn;
         }
     }
 
     /// Time spent assembling batches since the last call: what the step waited for data.
-    pub fn take_wait(&mut self) -> std::time::Duration {
+    pub fn take_wait(&mut self) -> Duration {
         std::mem::take(&mut self.waited)
     }
 
@@ -372,7 +445,7 @@ impl Loader {
         if self.pack {
             return self.next_packed_batch();
         }
-        if let Items::Seq2Seq(..) = self.items {
+        if let Items::Seq2Seq(..) = *self.items {
             return self.next_seq2seq_batch();
         }
         self.next_batch_of(self.batch)
@@ -385,7 +458,7 @@ impl Loader {
         let seq_len = self.seq_len;
         // Labelled rows are padded to the batch's longest (as transformers' padding collators
         // do), cut at seq_len: the padding is masked, so only time changes.
-        let longest = match &self.items {
+        let longest = match &*self.items {
             Items::Windows(_) | Items::Mixture(_) => seq_len + 1,
             Items::Examples(examples, _) => items.iter().map(|&i| examples[i].tokens.len()).max().unwrap_or(0),
             Items::Pairs(pairs, _) => items.iter().map(|&i| pairs[i].0.tokens.len().max(pairs[i].1.tokens.len())).max().unwrap_or(0),
@@ -393,7 +466,7 @@ impl Loader {
         };
         // A row of n tokens gives n - 1 (input, target) positions.
         let row_len = longest.saturating_sub(1).clamp(1, seq_len);
-        let rows = if matches!(self.items, Items::Pairs(..)) { 2 * count } else { count };
+        let rows = if matches!(*self.items, Items::Pairs(..)) { 2 * count } else { count };
         let mut inputs = Vec::with_capacity(rows * row_len);
         let mut targets = Vec::with_capacity(rows * row_len);
         let mut window = Vec::with_capacity(seq_len + 1);
@@ -405,7 +478,7 @@ impl Loader {
             }
         };
         for &item in &items {
-            match &self.items {
+            match &*self.items {
                 Items::Windows(shard) => {
                     window.clear();
                     shard.read_into(item * seq_len, seq_len + 1, &mut window);
@@ -437,7 +510,7 @@ impl Loader {
         }
         self.cursor.position += 1;
         let item = self.order[self.cursor.position - 1];
-        if let Items::Mixture(mixture) = &self.items {
+        if let Items::Mixture(mixture) = &*self.items {
             self.source_draws.resize(mixture.streams.len(), 0);
             self.source_draws[mixture.stream_of(item)] += 1;
         }
@@ -446,7 +519,7 @@ impl Loader {
 
     fn next_seq2seq_batch(&mut self) -> Batch {
         let items: Vec<usize> = (0..self.batch).map(|_| self.next_item()).collect();
-        let Items::Seq2Seq(examples, pad) = &self.items else { unreachable!("called for encoder-decoder pairs") };
+        let Items::Seq2Seq(examples, pad) = &*self.items else { unreachable!("called for encoder-decoder pairs") };
         let (pad, seq_len) = (*pad as i64, self.seq_len);
         let rows: Vec<&Seq2SeqExample> = items.iter().map(|&i| &examples[i]).collect();
         let lengths: Vec<usize> = rows.iter().map(|e| e.input.len().min(seq_len)).collect();
@@ -487,7 +560,7 @@ impl Loader {
                     self.set_cursor(Cursor { epoch: self.cursor.epoch + 1, position: 0 });
                 }
                 let item = self.order[self.cursor.position];
-                let Items::Examples(examples, _) = &self.items else { unreachable!("packing is for examples") };
+                let Items::Examples(examples, _) = &*self.items else { unreachable!("packing is for examples") };
                 let example = &examples[item];
                 // An example of n tokens gives n − 1 (input, target) positions.
                 let length = example.tokens.len().saturating_sub(1).min(seq_len - used);
@@ -503,7 +576,7 @@ impl Loader {
                 items.push(item);
                 self.cursor.position += 1;
             }
-            let Items::Examples(_, pad) = &self.items else { unreachable!("packing is for examples") };
+            let Items::Examples(_, pad) = &*self.items else { unreachable!("packing is for examples") };
             for j in 0..seq_len - used {
                 inputs.push(*pad as i64);
                 targets.push(IGNORE);
@@ -597,6 +670,36 @@ mod tests {
         let (mut r0, mut r1) = (mixture(dir.path(), 0, 2, [0; 3]), mixture(dir.path(), 1, 2, [0; 3]));
         let (b0, b1) = (r0.next_batch(), r1.next_batch());
         assert_ne!(b0.items, b1.items);
+    }
+
+    /// Batches assembled ahead on a thread are those assembled when asked, with the same cursor
+    /// after each, across epochs and whatever moves the cursor in between.
+    #[test]
+    fn batches_assembled_ahead_are_those_assembled_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let compare = |mut ahead: Loader, mut in_line: Loader, steps: usize| {
+            for step in 0..steps {
+                if step == steps / 3 {
+                    let back = Cursor { epoch: 0, position: 17 };
+                    ahead.set_cursor(back);
+                    in_line.set_cursor(back);
+                }
+                if step == steps / 2 {
+                    assert_eq!(ahead.next_batch_of(3), in_line.next_batch_of(3));
+                }
+                assert_eq!(ahead.next_batch(), in_line.assemble_next(), "batch {step}");
+                assert_eq!(ahead.cursor(), in_line.cursor(), "cursor after batch {step}");
+                assert!(ahead.worker.as_ref().is_some_and(|w| w.busy_from.is_some()), "the next batch is being assembled");
+            }
+            assert!(ahead.cursor().epoch >= 1, "the test crosses an epoch boundary");
+            assert_eq!(ahead.take_source_draws(), in_line.take_source_draws());
+        };
+        // 5,080 windows: 1,270 batches an epoch.
+        compare(mixture(dir.path(), 0, 1, [0; 3]), mixture(dir.path(), 0, 1, [0; 3]), 2200);
+        let examples: Vec<LabeledTokens> =
+            (0..50u32).map(|i| LabeledTokens { tokens: (0..2 + i % 7).collect(), trained: vec![true; 2 + i as usize % 7] }).collect();
+        let packed = || Loader::examples(examples.clone(), 0, 12, 2, 3, 0, 1, true).unwrap().with_packing(true);
+        compare(packed(), packed(), 60);
     }
 
     #[test]

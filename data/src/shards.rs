@@ -225,18 +225,6 @@ impl Tokens {
         shard.get(start + i - self.starts[segment])
     }
 
-    /// Read tokens `start..start+len` ahead of their use (see [`Shard::will_need`]).
-    pub fn will_need(&self, mut start: usize, mut len: usize) {
-        let mut segment = self.starts.partition_point(|&s| s <= start).saturating_sub(1);
-        while len > 0 && segment < self.shards.len() {
-            let (shard, shard_start) = &self.shards[segment];
-            let segment_end = self.starts.get(segment + 1).copied().unwrap_or(self.len);
-            let n = len.min(segment_end - start);
-            shard.will_need(shard_start + start - self.starts[segment], n);
-            (start, len, segment) = (start + n, len - n, segment + 1);
-        }
-    }
-
     /// Tokens `start..start+len` widened to i64 (Burn's int input).
     pub fn read_into(&self, mut start: usize, mut len: usize, out: &mut Vec<i64>) {
         let mut segment = self.starts.partition_point(|&s| s <= start).saturating_sub(1);
@@ -348,17 +336,6 @@ impl Shard {
         match self.width {
             2 => u16::from_le_bytes([self.map[at], self.map[at + 1]]) as u32,
             _ => u32::from_le_bytes(self.map[at..at + 4].try_into().unwrap()),
-        }
-    }
-
-    /// Ask the kernel to read tokens `start..start+len` in ahead of their use (a cold shard's
-    /// random windows then cost the step nothing).
-    pub fn will_need(&self, start: usize, len: usize) {
-        #[cfg(unix)]
-        {
-            let (from, to) = (self.offset + start * self.width, self.offset + (start + len) * self.width);
-            // Advice only: a refusal changes nothing but speed.
-            let _ = self.map.advise_range(memmap2::Advice::WillNeed, from, to.min(self.map.len()) - from);
         }
     }
 

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use furnace_configs::{Backend, ModelConfig, Recipe};
+use furnace_configs::{Backend, Recipe};
 use furnace_models::kernels::FusedOps;
 use furnace_optim::FusedUpdate;
 
@@ -60,22 +60,11 @@ fn largest_tensors(recipe: &Recipe) -> Vec<(String, u64)> {
             4 * b * s * v,
         ),
     ];
-    let transformer = match &model {
-        ModelConfig::Llama(c) | ModelConfig::Gpt2(c) | ModelConfig::Mixtral(c) => Some((c.d_ff, c.n_heads)),
-        ModelConfig::Bert(c) => Some((c.d_ff, c.n_heads)),
-        ModelConfig::T5(c) => Some((c.d_ff, c.n_heads)),
-        ModelConfig::Mamba(c) => {
-            let inner = 2 * c.d_inner() as u64;
-            tensors.push((
-                format!("the input projection, model.d_model × 2·model.expand·model.d_model = {d} × {inner} floats"),
-                4 * d * inner,
-            ));
-            None
-        }
-    };
-    if let Some((f, heads)) = transformer {
-        let (f, h) = (f as u64, heads as u64);
-        tensors.push((format!("an MLP matrix, model.d_ff × model.d_model = {f} × {d} floats"), 4 * f * d));
+    let (f, width_key) = model.widest_layer();
+    let f = f as u64;
+    tensors.push((format!("the widest layer's matrix, {width_key} × model.d_model = {f} × {d} floats"), 4 * f * d));
+    if let Some(heads) = model.attention_heads() {
+        let h = heads as u64;
         tensors.push((
             format!("one micro-batch's attention scores, training.local_batch_size × model.n_heads × training.seq_len² = {b} × {h} × {s}² floats"),
             4 * b * h * s * s,

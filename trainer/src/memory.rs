@@ -2,7 +2,7 @@
 //! reports it, and the check that a recipe's estimate fits the machine before any work starts.
 
 use anyhow::{bail, Result};
-use furnace_configs::{ModelConfig, Precision, Recipe};
+use furnace_configs::{Precision, Recipe};
 use furnace_optim::Algorithm;
 
 /// `mi_option_purge_delay` in mimalloc 2's option enum (libmimalloc-sys is pinned to match).
@@ -70,13 +70,7 @@ pub fn check_fits(recipe: &Recipe) -> Result<Option<f64>> {
     let model = recipe.model.model(Some(recipe.planned_vocab_size()));
     let params = model.num_params() as f64;
     let d_model = model.d_model();
-    // The widest layer: the MLP's (Mamba: its input projection to x and the gate).
-    let (width_key, widest) = match &model {
-        ModelConfig::Llama(c) | ModelConfig::Gpt2(c) | ModelConfig::Mixtral(c) => ("model.d_ff", c.d_ff),
-        ModelConfig::Bert(c) => ("model.d_ff", c.d_ff),
-        ModelConfig::T5(c) => ("model.d_ff", c.d_ff),
-        ModelConfig::Mamba(c) => ("2 × model.expand × model.d_model", 2 * c.d_inner()),
-    };
+    let (widest, width_key) = model.widest_layer();
     // LoRA trains adapters of r·(in + out) on each targeted matrix (at most the attention's four
     // and the MLP's three per layer), held beside the frozen weights.
     let (adapters, trainable) = match recipe.lora.r {

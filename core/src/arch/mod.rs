@@ -190,6 +190,27 @@ impl ModelConfig {
         }
     }
 
+    /// The widest layer's output width and what sizes it: the MLP's `model.d_ff`, or Mamba's
+    /// input projection (x and the gate).
+    pub fn widest_layer(&self) -> (usize, &'static str) {
+        match self {
+            Self::Llama(c) | Self::Gpt2(c) | Self::Mixtral(c) => (c.d_ff, "model.d_ff"),
+            Self::Mamba(c) => (2 * c.d_inner(), "2·model.expand·model.d_model"),
+            Self::Bert(c) => (c.d_ff, "model.d_ff"),
+            Self::T5(c) => (c.d_ff, "model.d_ff"),
+        }
+    }
+
+    /// Query heads of each attention layer; None for a model without attention (Mamba).
+    pub fn attention_heads(&self) -> Option<usize> {
+        match self {
+            Self::Llama(c) | Self::Gpt2(c) | Self::Mixtral(c) => Some(c.n_heads),
+            Self::Mamba(_) => None,
+            Self::Bert(c) => Some(c.n_heads),
+            Self::T5(c) => Some(c.n_heads),
+        }
+    }
+
     pub fn max_seq_len(&self) -> usize {
         match self {
             Self::Llama(c) | Self::Gpt2(c) | Self::Mixtral(c) => c.max_seq_len,
