@@ -8,7 +8,7 @@
 #
 #   cargo build --release -p furnace-trainer --features wgpu
 #   scripts/bench_gpu.sh                     # BIN=path/to/furnace, STEPS=8, REPS=2
-#   ONLY=qlora scripts/bench_gpu.sh          # the rows whose name holds ONLY
+#   ONLY=qlora scripts/bench_gpu.sh          # the rows whose name holds ONLY (ONLY=attention: that part)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-${CARGO_TARGET_DIR:-target}/release/furnace}"
@@ -77,6 +77,7 @@ for entry in "${RUNS[@]}"; do
   printf "%-34s %14s %14s %8s\n" "$name" "$a" "$b" "$(python3 -c "print(f'{$b / $a:.2f}')")"
 done
 
+[[ "attention" == *"$ONLY"* ]] || exit 0
 echo
 for kernels in reference fused; do
   FURNACE_KERNELS="$kernels" "$BIN" bench attention --seq 2048 --heads 4 --dim 64 2>&1 | grep -v XDG_RUNTIME_DIR

@@ -8,6 +8,9 @@
 //! quantized: their mean is subtracted, and blocks of 256 are stored as 8-bit indices into the
 //! signed "dynamic" map with one f32 scale each: 4 + 8/64 + 32/(64·256) ≈ 4.127 bits per weight.
 
+use std::any::Any;
+use std::sync::{Arc, OnceLock};
+
 /// The 16 NF4 levels, as the QLoRA paper and bitsandbytes define them.
 pub const NF4_LEVELS: [f32; 16] = [
     -1.0,
@@ -136,18 +139,22 @@ pub fn dequantize_nf4_into(packed: &[u8], absmax: &[f32], out: &mut [f32]) {
 }
 
 /// A weight matrix stored in NF4 with double-quantized block maxima.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Nf4Matrix {
     pub shape: [usize; 2],
-    pub packed: Vec<u8>,
-    pub absmax: DoubleQuant,
+    pub(crate) packed: Vec<u8>,
+    pub(crate) absmax: DoubleQuant,
+    /// What a GPU backend keeps of the matrix on its device (the packed codes and decoded
+    /// block maxima, uploaded by the first matmul there), as bitsandbytes keeps its 4-bit
+    /// weights on the GPU.
+    pub(crate) resident: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Nf4Matrix {
     pub fn quantize(values: &[f32], shape: [usize; 2]) -> Self {
         assert_eq!(values.len(), shape[0] * shape[1], "values fill the shape");
         let (packed, absmax) = quantize_nf4(values);
-        Self { shape, packed, absmax: DoubleQuant::new(&absmax, &dynamic_map()) }
+        Self { shape, packed, absmax: DoubleQuant::new(&absmax, &dynamic_map()), resident: OnceLock::new() }
     }
 
     /// The dense matrix, row-major; pieces of 256 blocks dequantize in parallel.
