@@ -147,6 +147,7 @@ pub struct Nf4Matrix {
     /// What a GPU backend keeps of the matrix on its device (the packed codes and decoded
     /// block maxima, uploaded by the first matmul there), as bitsandbytes keeps its 4-bit
     /// weights on the GPU.
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
     pub(crate) resident: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
