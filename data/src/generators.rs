@@ -68,7 +68,7 @@ impl Problem {
     /// problem itself, so no held-out problem ever appears in training data.
     pub fn is_held_out(&self) -> bool {
         let mut h = SeededRng::new(self.a.wrapping_mul(1_000_003) ^ self.b.wrapping_mul(7919) ^ self.op as u64);
-        h.next_u64() % 10 == 0
+        h.next_u64().is_multiple_of(10)
     }
 }
 
@@ -107,9 +107,9 @@ pub fn number_words(n: u64) -> String {
     }
     match n {
         0..=19 => ONES[n as usize].to_string(),
-        20..=99 if n % 10 == 0 => TENS[n as usize / 10].to_string(),
+        20..=99 if n.is_multiple_of(10) => TENS[n as usize / 10].to_string(),
         20..=99 => format!("{}-{}", TENS[n as usize / 10], ONES[n as usize % 10]),
-        _ if n % 100 == 0 => format!("{} hundred", ONES[n as usize / 100]),
+        _ if n.is_multiple_of(100) => format!("{} hundred", ONES[n as usize / 100]),
         _ => format!("{} hundred {}", ONES[n as usize / 100], number_words(n % 100)),
     }
 }

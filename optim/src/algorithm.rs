@@ -108,7 +108,7 @@ impl Algorithm {
     /// (steps 1, k+1, 2k+1, ...: the paper's `t mod k = 1`).
     pub fn needs_curvature(&self, step: u64) -> bool {
         match *self {
-            Algorithm::Sophia { hessian_interval, .. } => (step - 1) % hessian_interval as u64 == 0,
+            Algorithm::Sophia { hessian_interval, .. } => (step - 1).is_multiple_of(hessian_interval as u64),
             _ => false,
         }
     }

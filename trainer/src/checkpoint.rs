@@ -58,7 +58,7 @@ impl TrainState {
     /// together have consumed the same items of the epoch) with `optimizer_shards` files.
     pub fn resharded(mut self, world_size: usize, optimizer_shards: usize) -> Self {
         let consumed = self.data_cursor.position * self.world_size;
-        if consumed % world_size != 0 {
+        if !consumed.is_multiple_of(world_size) {
             println!(
                 "resuming {} ranks' data position on {world_size}: {} item(s) of this epoch are seen again",
                 self.world_size,
@@ -101,7 +101,7 @@ impl Checkpointer {
     }
 
     pub fn should_save(&self, step: usize, last: bool) -> bool {
-        last || (self.save_every > 0 && step % self.save_every == 0)
+        last || (self.save_every > 0 && step.is_multiple_of(self.save_every))
     }
 
     /// Complete checkpoints, oldest first (hidden folders — a save in progress, a checkpoint

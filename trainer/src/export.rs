@@ -37,9 +37,9 @@ fn read_checkpoint(checkpoint: &Path) -> Result<(std::path::PathBuf, Recipe, Tex
     let config = recipe.model.model(Some(tokenizer.vocab_size()));
     // QLoRA checkpoints leave out the NF4 base layers: what trained was their dequantization.
     for (name, tensor) in base_for(&recipe)?.unwrap_or_default() {
-        if !weights.contains_key(&name) {
+        if let std::collections::btree_map::Entry::Vacant(e) = weights.entry(name) {
             let nf4 = Nf4Matrix::quantize(&tensor.data, [tensor.shape[0], tensor.shape[1]]);
-            weights.insert(name, HostTensor { shape: tensor.shape, data: nf4.dequantize() });
+            e.insert(HostTensor { shape: tensor.shape, data: nf4.dequantize() });
         }
     }
     Ok((dir, recipe, tokenizer, config, weights))
@@ -311,7 +311,7 @@ pub fn export_gguf(checkpoint: &Path, out: &Path, force: bool, quant: GgmlType, 
         let dims: Vec<usize> = tensor.shape.iter().rev().copied().collect();
         // The router and position table stay f32, as llama.cpp's converter keeps them.
         let kept_f32 = ["ffn_gate_inp.weight", "position_embd.weight"].iter().any(|s| name.ends_with(s));
-        let quantizable = dims.len() >= 2 && dims[0] % 32 == 0 && !kept_f32;
+        let quantizable = dims.len() >= 2 && dims[0].is_multiple_of(32) && !kept_f32;
         let ty = if quantizable { quant } else { GgmlType::F32 };
         g.tensors.push((name, GgufTensor { dims, ty, bytes: encode(&tensor.data, ty) }));
     }

@@ -141,7 +141,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 fn pad(out: &mut Vec<u8>) {
-    while out.len() % ALIGNMENT != 0 {
+    while !out.len().is_multiple_of(ALIGNMENT) {
         out.push(0);
     }
 }

@@ -174,7 +174,7 @@ pub fn recomputed_seq2seq_gradients<B: TrainBackend>(
     loss: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 1>,
 ) -> (GradientsParams, Tensor<B::InnerBackend, 1>) {
     let (input_len, target_len) = (input.dims()[1], decoder_input.dims()[1]);
-    let recomputed = |index: usize| (index + 1) % every == 0;
+    let recomputed = |index: usize| (index + 1).is_multiple_of(every);
     let valid = model.valid();
     let mut accumulator = GradientsAccumulator::new();
     let mut accumulate = |grads| accumulator.accumulate(model, GradientsParams::from_grads(grads, model));

@@ -198,14 +198,7 @@ pub fn rollout_means(sums: &Sums) -> Vec<(String, f64)> {
 
 /// The prompts micro-batch `micro` of `step` trains on on this rank: consecutive prompts,
 /// wrapping around; the ranks take consecutive slices of each micro-batch's global batch.
-pub fn step_prompts<'a>(
-    prompts: &'a [Prompt],
-    step: usize,
-    micro: usize,
-    micro_batches: usize,
-    per_batch: usize,
-    world: World,
-) -> Vec<&'a Prompt> {
+pub fn step_prompts(prompts: &[Prompt], step: usize, micro: usize, micro_batches: usize, per_batch: usize, world: World) -> Vec<&Prompt> {
     let first = (((step - 1) * micro_batches + micro) * world.size + world.rank) * per_batch;
     (first..first + per_batch).map(|i| &prompts[i % prompts.len()]).collect()
 }

@@ -263,7 +263,7 @@ impl<B: TrainBackend> Trainer<B> {
             window.tokens += reduced[0] as usize;
             window.steps += 1;
             let last = step == self.stop_at || stopped_by_signal;
-            if step % t.log_every == 0 || last {
+            if step.is_multiple_of(t.log_every) || last {
                 let loss = self.cx.parallel.mean(loss.into_scalar().elem::<f64>());
                 if !loss.is_finite() {
                     return Err(self.cx.diverged(format!("the training loss is {loss}")));
@@ -272,7 +272,7 @@ impl<B: TrainBackend> Trainer<B> {
                 window = Window::start();
             }
             let pause = Instant::now();
-            if t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps) {
+            if t.eval_every > 0 && (step.is_multiple_of(t.eval_every) || step == t.steps) {
                 let whole = self.cx.whole(&model);
                 if self.cx.parallel.is_main() {
                     self.objective.evaluate(&mut self.cx, &whole, step)?;

@@ -109,7 +109,7 @@ impl FusedOps for Flex {
             for first in (0..queries).step_by(ROW_BLOCK) {
                 let rows = ROW_BLOCK.min(queries - first);
                 let bias_row = |i: usize| &bias[dims.bias_offset(b, h, i)..][..keys];
-                let (lo, hi) = span((first..first + rows).map(|i| bias_row(i)), |x| x > f32::NEG_INFINITY);
+                let (lo, hi) = span((first..first + rows).map(&bias_row), |x| x > f32::NEG_INFINITY);
                 if lo >= hi {
                     continue;
                 }

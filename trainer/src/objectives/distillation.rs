@@ -86,7 +86,7 @@ impl<B: TrainBackend> Objective<B> for Distillation<B> {
         let counted = batches.iter().map(Batch::counted_targets).sum::<usize>() as f64;
         let counted = cx.parallel.mean(counted).max(1.0);
         let scale = cx.loss_scale();
-        let mut accumulated = Accumulated::new();
+        let mut accumulated = Accumulated::default();
         for batch in &batches {
             let shape = [batch.batch, batch.seq_len];
             let ids = |values: &[i64]| TensorData::new(values.to_vec(), shape);

@@ -64,7 +64,7 @@ impl<B: TrainBackend> Objective<B> for LanguageModelling {
             None => cx.recipe.tokens_per_step(),
         };
         let counted = cx.parallel.mean(counted).max(1.0);
-        let mut accumulated = Accumulated::new();
+        let mut accumulated = Accumulated::default();
         // FSDP runs every block through the recompute path, which gathers its parameters.
         let sharded = cx.parallel.fsdp().then_some(&cx.parallel);
         let recompute_every = match sharded {

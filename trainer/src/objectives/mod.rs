@@ -38,11 +38,13 @@ pub struct Accumulated<B: TrainBackend> {
     last_inputs: Option<Tensor<B, 2, Int>>,
 }
 
-impl<B: TrainBackend> Accumulated<B> {
-    pub fn new() -> Self {
+impl<B: TrainBackend> Default for Accumulated<B> {
+    fn default() -> Self {
         Self { grads: GradientsAccumulator::new(), loss: None, last_inputs: None }
     }
+}
 
+impl<B: TrainBackend> Accumulated<B> {
     /// One micro-batch: its gradients, its loss (detached) and its inputs.
     pub fn add(&mut self, model: &LanguageModel<B>, grads: GradientsParams, loss: Tensor<B::InnerBackend, 1>, inputs: Tensor<B, 2, Int>) {
         self.grads.accumulate(model, grads);

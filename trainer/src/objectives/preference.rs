@@ -68,7 +68,7 @@ impl<B: TrainBackend> Objective<B> for Preference<B> {
     fn gradients(&mut self, cx: &mut Context<B>, model: &LanguageModel<B>) -> Result<Gradients<B>> {
         let t = &cx.recipe.training;
         let scale = cx.loss_scale();
-        let (mut accumulated, mut step_stats) = (Accumulated::new(), Sums::default());
+        let (mut accumulated, mut step_stats) = (Accumulated::default(), Sums::default());
         for _ in 0..t.grad_accum_steps {
             let batch = cx.loader.next_batch();
             let shape = [batch.batch, batch.seq_len];

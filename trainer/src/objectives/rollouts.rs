@@ -117,7 +117,7 @@ impl<B: TrainBackend> Objective<B> for Rollouts<B> {
             temperature: config.temperature,
         };
         let policy = model.valid();
-        let (mut accumulated, mut tokens) = (Accumulated::new(), 0);
+        let (mut accumulated, mut tokens) = (Accumulated::default(), 0);
         for micro in 0..t.grad_accum_steps {
             let prompts = step_prompts(&self.prompts, cx.state.step, micro, t.grad_accum_steps, t.local_batch_size, cx.parallel.world);
             let seed = cx.micro_batch_seed(Stream::Rollout, micro);
